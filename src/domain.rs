@@ -259,6 +259,8 @@ status_enum!(
         Dispatched,
         /// No publish into the agent's queue succeeded.
         DispatchFailed,
+        /// The agent reported success: the task's dependents may run.
+        Succeeded,
     }
 );
 

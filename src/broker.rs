@@ -1,0 +1,375 @@
+//! RabbitMQ: the only module that imports lapin. It connects (retrying with backoff), declares
+//! the topology described by `topology`, publishes with publisher confirms (all outputs of a
+//! message awaited together), and hands out deliveries as [`Incoming`] values that the runner
+//! acknowledges once their effects are durable.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::{Stream, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::ids::AgentId;
+use crate::topology::{self, Names, Topology};
+
+/// What went wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused the message (publisher nack) for {0}")]
+    Nacked(String),
+    /// Nothing is bound to take the message: a mandatory publish came back.
+    #[error("unroutable: no queue takes messages for {routing_key} ({reply})")]
+    Unroutable { routing_key: String, reply: String },
+    #[error("invalid broker URL: {0}")]
+    Url(String),
+}
+
+impl Error {
+    /// Whether retrying can help. An unroutable message stays unroutable until someone declares
+    /// the queue, which is the caller's business; the rest is the broker being unavailable.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Error::Unroutable { .. } | Error::Url(_))
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// `""` for the default exchange, which routes by queue name.
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub priority: Option<u8>,
+    pub headers: BTreeMap<String, String>,
+    /// Ask the broker to return the message if no queue takes it.
+    pub mandatory: bool,
+}
+
+impl Outgoing {
+    /// A persistent message straight to `queue` through the default exchange.
+    pub fn to_queue(queue: impl Into<String>, body: Vec<u8>) -> Self {
+        Outgoing {
+            exchange: String::new(),
+            routing_key: queue.into(),
+            body,
+            message_id: None,
+            priority: None,
+            headers: BTreeMap::new(),
+            mandatory: false,
+        }
+    }
+}
+
+/// A received message. Dropping it without settling leaves it unacknowledged: the broker
+/// redelivers it when the channel closes.
+#[derive(Debug)]
+pub struct Incoming {
+    pub body: Vec<u8>,
+    pub message_id: Option<String>,
+    pub priority: Option<u8>,
+    pub redelivered: bool,
+    pub headers: BTreeMap<String, String>,
+    acker: lapin::Acker,
+}
+
+impl Incoming {
+    pub async fn ack(&self) -> Result<(), Error> {
+        self.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    /// Gives the message back to its queue, to be delivered again.
+    pub async fn requeue(&self) -> Result<(), Error> {
+        self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+        Ok(())
+    }
+
+    /// How many times the message went through a retry queue (from the broker's `x-death`).
+    pub fn retries(&self) -> u64 {
+        self.headers.get("x-switchyard-retries").and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+}
+
+fn header_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongUInt(n) => Some(n.to_string()),
+        AMQPValue::ShortInt(n) => Some(n.to_string()),
+        AMQPValue::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn incoming(delivery: lapin::message::Delivery) -> Incoming {
+    let props = &delivery.properties;
+    let headers = props
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(k, v)| header_text(v).map(|v| (k.as_str().to_owned(), v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Incoming {
+        message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
+        priority: *props.priority(),
+        redelivered: delivery.redelivered,
+        headers,
+        body: delivery.data,
+        acker: delivery.acker,
+    }
+}
+
+/// A connection with a publishing channel in confirm mode. Consumers get channels of their own.
+pub struct Broker {
+    connection: Connection,
+    publisher: Channel,
+    names: Names,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("namespace", self.names.namespace()).finish()
+    }
+}
+
+/// The URL with its password masked, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+impl Broker {
+    /// Connects to `url`, retrying with exponential backoff for about half a minute.
+    pub async fn connect(url: &str, names: Names) -> Result<Self, Error> {
+        let connect = || async {
+            let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+            let publisher = connection.create_channel().await?;
+            publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, Error>(Broker { connection, publisher, names: names.clone() })
+        };
+        connect
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_max_times(8)
+                    .with_jitter(),
+            )
+            .when(Error::is_transient)
+            .notify(|err, wait| tracing::warn!(broker = %redact(url), error = %err, ?wait, "broker connect failed, retrying"))
+            .await
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Declares the standard topology, resolved for this broker's namespace.
+    pub async fn declare_topology(&self) -> Result<Topology, Error> {
+        let topology = Topology::standard().resolve(self.names.namespace());
+        self.declare(&topology).await?;
+        Ok(topology)
+    }
+
+    /// Declares exchanges, queues and bindings. Idempotent.
+    pub async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        let channel = self.connection.create_channel().await?;
+        for exchange in &topology.exchanges {
+            let kind = match exchange.kind {
+                topology::ExchangeKind::Direct => ExchangeKind::Direct,
+                topology::ExchangeKind::Fanout => ExchangeKind::Fanout,
+                topology::ExchangeKind::Topic => ExchangeKind::Topic,
+            };
+            channel
+                .exchange_declare(
+                    exchange.name.as_str().into(),
+                    kind,
+                    ExchangeDeclareOptions { durable: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        for queue in &topology.queues {
+            let mut args = FieldTable::default();
+            if let Some(p) = queue.max_priority {
+                args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
+            }
+            if let Some(ttl) = queue.message_ttl_ms {
+                args.insert("x-message-ttl".into(), AMQPValue::LongUInt(ttl));
+            }
+            if let Some(dlx) = &queue.dead_letter_exchange {
+                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
+            }
+            if let Some(key) = &queue.dead_letter_routing_key {
+                args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(key.as_str().into()));
+            }
+            channel.queue_declare(queue.name.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+            for exchange in &queue.bind {
+                channel
+                    .queue_bind(
+                        queue.name.as_str().into(),
+                        exchange.as_str().into(),
+                        queue.name.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Declares the durable queue of an agent.
+    pub async fn declare_agent_queue(&self, agent: &AgentId) -> Result<String, Error> {
+        let name = self.names.agent_queue(agent);
+        let mut args = FieldTable::default();
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.names.dead_exchange().into()));
+        self.publisher.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+        Ok(name)
+    }
+
+    /// Publishes one persistent message and waits for the broker's confirm.
+    pub async fn publish(&self, message: &Outgoing) -> Result<(), Error> {
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        if let Some(id) = &message.message_id {
+            properties = properties.with_message_id(id.as_str().into());
+        }
+        if let Some(p) = message.priority {
+            properties = properties.with_priority(p);
+        }
+        if !message.headers.is_empty() {
+            let mut table = FieldTable::default();
+            for (k, v) in &message.headers {
+                table.insert(ShortString::from(k.as_str()), AMQPValue::LongString(LongString::from(v.as_str())));
+            }
+            properties = properties.with_headers(table);
+        }
+        let confirm = self
+            .publisher
+            .basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions { mandatory: message.mandatory, ..Default::default() },
+                &message.body,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(Error::Unroutable {
+                routing_key: message.routing_key.clone(),
+                reply: format!("{} {}", returned.reply_code, returned.reply_text),
+            }),
+            Confirmation::Nack(_) => Err(Error::Nacked(message.routing_key.clone())),
+        }
+    }
+
+    /// Publishes several messages and waits for all their confirms together.
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), Error> {
+        futures::future::try_join_all(messages.iter().map(|m| self.publish(m))).await?;
+        Ok(())
+    }
+
+    /// Consumes `queue` with manual acks and at most `prefetch` unacknowledged deliveries.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<impl Stream<Item = Result<Incoming, Error>> + Send + Unpin + use<>, Error> {
+        let channel = self.connection.create_channel().await?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        // The stream keeps the channel alive for as long as it is consumed.
+        Ok(consumer.map(move |delivery| {
+            let _keep = &channel;
+            delivery.map(incoming).map_err(Error::from)
+        }))
+    }
+
+    /// Takes one message from `queue` without a consumer (tests, tools). Acknowledged at once.
+    pub async fn get(&self, queue: &str) -> Result<Option<Incoming>, Error> {
+        let Some(message) = self.publisher.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(incoming(message.delivery)))
+    }
+
+    /// Number of ready messages in `queue` (passive declare: fails if it does not exist).
+    pub async fn queue_len(&self, queue: &str) -> Result<u32, Error> {
+        let channel = self.connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "checked".into()).await;
+        Ok(declared.message_count())
+    }
+
+    /// Deletes queues (test teardown, tools); a queue that does not exist is fine.
+    pub async fn delete_queues(&self, queues: &[String]) -> Result<(), Error> {
+        for queue in queues {
+            self.publisher.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes exchanges (test teardown, tools).
+    pub async fn delete_exchanges(&self, exchanges: &[String]) -> Result<(), Error> {
+        for exchange in exchanges {
+            self.publisher
+                .exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_masks_passwords_only() {
+        assert_eq!(redact("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        assert_eq!(redact("::not a url"), "<unparsable URL>");
+    }
+}

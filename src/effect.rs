@@ -1,0 +1,65 @@
+//! The state changes that stages decide and the store applies. A stage returns a list of these
+//! (pure data); `store` turns them into SQL inside one transaction, together with the message's
+//! idempotency marker and an audit-log row per change.
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{Decomposition, Plan};
+use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
+use crate::policy::FallbackDecision;
+use crate::routing::Route;
+use crate::wire::{Heartbeat, RequestMeta};
+
+/// Quota to take from a provider, atomically, or not at all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reservation {
+    pub provider: String,
+    pub amount_micros: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// A new request; nothing happens if one with its id exists.
+    Request(RequestMeta),
+    Decomposition { request_id: RequestId, decomposition: Decomposition },
+    /// A permanent failure of the request, with its reason.
+    RequestFailed { request_id: RequestId, reason: String },
+    Plan { plan: Plan, complexity: f64 },
+    /// The plan-level external-AI decision. With a reservation, the store applies it only if the
+    /// quota still covers it, else reports a conflict and the stage decides again.
+    Fallback { request_id: RequestId, decision: FallbackDecision, reserve: Option<Reservation> },
+    AwaitingApproval { request_id: RequestId, plan_id: PlanId, reason: String },
+    Approval { request_id: RequestId, plan_id: PlanId, approved: bool, by: String, reason: String },
+    /// A routing decision. When the route reserves capacity, the store applies it only if the
+    /// agent still has room, else reports a conflict and the stage decides again.
+    Route {
+        request_id: RequestId,
+        plan_id: PlanId,
+        attempt: u32,
+        decision_id: DecisionId,
+        route: Route,
+    },
+    /// The broker confirmed the task into the agent's queue.
+    Dispatched {
+        request_id: RequestId,
+        plan_id: PlanId,
+        task_id: TaskId,
+        attempt: u32,
+        decision_id: DecisionId,
+        agent_id: AgentId,
+        queue: String,
+        message_id: MessageId,
+    },
+    /// No publish into the agent's queue succeeded; capacity reserved by the decision is released.
+    DispatchFailed {
+        request_id: RequestId,
+        plan_id: PlanId,
+        task_id: TaskId,
+        attempt: u32,
+        decision_id: DecisionId,
+        agent_id: AgentId,
+        reason: String,
+    },
+    /// An agent's heartbeat, received at `received_at`.
+    Agent { heartbeat: Heartbeat, received_at: DateTime<Utc> },
+}

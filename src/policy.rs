@@ -1,0 +1,566 @@
+//! Policy: whether a plan's work goes to an external AI model, and whether a plan needs a human's
+//! approval before it runs.
+//!
+//! Pure decision logic: the caller passes the plan, its complexity, the configured policies and
+//! the provider's remaining quota, and stores the returned [`FallbackDecision`] and [`Gate`] for
+//! audit. Every decision carries a human-readable reason with the figures it was based on.
+//!
+//! The fallback decision is about a whole plan and is keyed by the plan id alone: it never takes a
+//! task id, so a plan-level decision cannot be checked against a task (the mistake of the system
+//! this replaces).
+
+use std::collections::BTreeSet;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Plan;
+use crate::ids::{PlanId, WorkType};
+
+/// An external AI model provider that can take over work the local agents would find too hard.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Provider {
+    pub name: String,
+    /// Price in millionths of the currency unit per 1,000 tokens. Integers, so that costs add up
+    /// exactly.
+    pub price_per_1k_tokens_micros: i64,
+    /// Tokens a task is expected to use: the basis of the cost estimate.
+    pub tokens_per_task: i64,
+    /// The provider's configured budget, in micros. What is left of it is a [`QuotaSnapshot`].
+    pub quota_micros: i64,
+    /// The work types the provider takes. Tasks of other types stay local.
+    pub work_types: BTreeSet<WorkType>,
+}
+
+impl Provider {
+    /// Whether the provider takes tasks of `work_type`.
+    pub fn accepts(&self, work_type: &WorkType) -> bool {
+        self.work_types.contains(work_type)
+    }
+
+    /// The estimated cost of `tasks` tasks, in micros: tasks × tokens per task × price per 1,000
+    /// tokens / 1,000, rounded up so that the estimate never undercuts the quota check.
+    ///
+    /// Computed in 128 bits and saturated to `i64`, so that no config can make it overflow (and
+    /// wrap to a cost that looks affordable).
+    pub fn estimate_cost_micros(&self, tasks: usize) -> i64 {
+        let tasks = i128::try_from(tasks).unwrap_or(i128::MAX);
+        let product = tasks
+            .saturating_mul(i128::from(self.tokens_per_task))
+            .saturating_mul(i128::from(self.price_per_1k_tokens_micros));
+        // Integer division truncates towards zero: that is the ceiling for a negative product,
+        // and one short of it for a positive one that does not divide evenly.
+        let cost = product / 1000 + i128::from(product % 1000 > 0);
+        i64::try_from(cost).unwrap_or(if cost > 0 { i64::MAX } else { i64::MIN })
+    }
+}
+
+/// When to send a plan's work to the external provider.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FallbackPolicy {
+    /// Plans at least this complex (in [0, 1]) go external, quota permitting.
+    pub complexity_threshold: f64,
+    /// `None`: everything stays local.
+    pub provider: Option<Provider>,
+}
+
+impl Default for FallbackPolicy {
+    fn default() -> Self {
+        Self { complexity_threshold: 0.7, provider: None }
+    }
+}
+
+/// What is left of a provider's quota, as last recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct QuotaSnapshot {
+    pub provider: String,
+    pub remaining_micros: i64,
+}
+
+/// Whether a plan's work goes to the external provider, and why.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
+pub struct FallbackDecision {
+    pub plan_id: PlanId,
+    pub use_external: bool,
+    /// The provider the work goes to; `None` when it stays local.
+    pub provider: Option<String>,
+    pub reason: String,
+    pub complexity: f64,
+    /// What going external costs (or would have cost) in micros; 0 without a provider.
+    pub estimated_cost_micros: i64,
+    /// The quota left after this decision: remaining − cost when going external, the remaining
+    /// quota as is when staying local; `None` when the provider's quota is unknown.
+    pub quota_left_micros: Option<i64>,
+}
+
+/// Decides whether `plan`, of the given `complexity`, goes to the external provider.
+///
+/// The cost covers only the tasks whose work type the provider accepts. In order, the work stays
+/// local when: there is no provider; the complexity is below the threshold; no task is of an
+/// accepted work type; the quota is unknown or smaller than the cost. Otherwise it goes external.
+/// A `quota` snapshot of another provider than the configured one counts as unknown: it says
+/// nothing about this provider's budget.
+pub fn decide_fallback(
+    plan: &Plan,
+    complexity: f64,
+    policy: &FallbackPolicy,
+    quota: Option<&QuotaSnapshot>,
+) -> FallbackDecision {
+    let decision = |use_external, provider, reason, cost, quota_left| FallbackDecision {
+        plan_id: plan.id,
+        use_external,
+        provider,
+        reason,
+        complexity,
+        estimated_cost_micros: cost,
+        quota_left_micros: quota_left,
+    };
+
+    let Some(provider) = &policy.provider else {
+        let remaining = quota.map(|q| q.remaining_micros);
+        return decision(false, None, "no external provider configured".to_owned(), 0, remaining);
+    };
+    let remaining = quota.filter(|q| q.provider == provider.name).map(|q| q.remaining_micros);
+    let total = plan.tasks().len();
+    let accepted = plan.tasks().iter().filter(|t| provider.accepts(&t.work_type)).count();
+    let cost = provider.estimate_cost_micros(accepted);
+    let local = |reason| decision(false, None, reason, cost, remaining);
+
+    let threshold = policy.complexity_threshold;
+    if complexity.is_nan() || threshold.is_nan() {
+        // A NaN compares false both ways; staying local is the safe reading.
+        return local(format!(
+            "complexity {complexity} cannot be compared with the threshold {threshold}"
+        ));
+    }
+    let (c, t) = figures(complexity, threshold);
+    if complexity < threshold {
+        return local(format!("complexity {c} is below the {t} threshold"));
+    }
+    if accepted == 0 {
+        let plan_types: Vec<&str> = plan.work_types().into_iter().map(WorkType::as_str).collect();
+        let accepted_types: Vec<&str> = provider.work_types.iter().map(WorkType::as_str).collect();
+        return local(format!(
+            "no task of the plan is of a work type {} accepts (plan: {}; accepted: {})",
+            provider.name,
+            plan_types.join(", "),
+            if accepted_types.is_empty() { "none".to_owned() } else { accepted_types.join(", ") },
+        ));
+    }
+    let Some(remaining) = remaining else {
+        return local(format!(
+            "quota exhausted: no quota known for {}, and the plan would cost {cost} micros",
+            provider.name
+        ));
+    };
+    if remaining < cost {
+        return local(format!(
+            "quota exhausted: {} has {remaining} micros left, and the plan would cost {cost} micros",
+            provider.name
+        ));
+    }
+    // Saturating: a (misconfigured) negative cost must not overflow.
+    let left = remaining.saturating_sub(cost);
+    decision(
+        true,
+        Some(provider.name.clone()),
+        format!(
+            "complexity {c} meets the {t} threshold; {accepted} of {total} {} {} to {} for an \
+             estimated {cost} micros, leaving {left} micros of quota",
+            if total == 1 { "task" } else { "tasks" },
+            if accepted == 1 { "goes" } else { "go" },
+            provider.name
+        ),
+        cost,
+        Some(left),
+    )
+}
+
+/// When a plan may run without a human's approval.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ApprovalPolicy {
+    /// Local plans less complex than this are approved automatically; `None`: never by complexity.
+    pub auto_approve_below: Option<f64>,
+    /// Whether a request may ask to skip approval.
+    pub allow_request_auto_approve: bool,
+}
+
+impl Default for ApprovalPolicy {
+    fn default() -> Self {
+        Self { auto_approve_below: Some(0.5), allow_request_auto_approve: true }
+    }
+}
+
+/// Whether a plan runs at once or waits for a human.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "gate", rename_all = "snake_case")]
+pub enum Gate {
+    AutoApproved { reason: String },
+    AwaitingApproval { reason: String },
+}
+
+impl Gate {
+    pub fn is_auto_approved(&self) -> bool {
+        matches!(self, Gate::AutoApproved { .. })
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            Gate::AutoApproved { reason } | Gate::AwaitingApproval { reason } => reason,
+        }
+    }
+}
+
+/// Whether the plan of `decision` needs approval.
+///
+/// Approved automatically when the request asked for it and the policy allows that (even for
+/// external work: the requester took responsibility), or when the work stays local and is less
+/// complex than the policy's limit. Otherwise it waits, with every reason that applies.
+pub fn gate(
+    request_auto_approve: bool,
+    decision: &FallbackDecision,
+    policy: &ApprovalPolicy,
+) -> Gate {
+    if request_auto_approve && policy.allow_request_auto_approve {
+        return Gate::AutoApproved {
+            reason: "the request asked for auto-approval and the policy allows it".to_owned(),
+        };
+    }
+    let complexity = decision.complexity;
+    if let Some(limit) = policy.auto_approve_below
+        && complexity < limit
+        && !decision.use_external
+    {
+        let (c, l) = figures(complexity, limit);
+        return Gate::AutoApproved {
+            reason: format!("complexity {c} is below {l} and the work stays local"),
+        };
+    }
+
+    let mut reasons = Vec::new();
+    if request_auto_approve {
+        reasons.push(
+            "the request asked for auto-approval but the policy does not allow it".to_owned(),
+        );
+    }
+    if decision.use_external {
+        reasons.push(match &decision.provider {
+            Some(provider) => format!("uses an external AI model ({provider})"),
+            None => "uses an external AI model".to_owned(),
+        });
+    }
+    match policy.auto_approve_below {
+        None => reasons.push("the policy does not auto-approve by complexity".to_owned()),
+        Some(limit) => {
+            // A NaN complexity is not below anything: it waits for a human.
+            let below = complexity < limit;
+            if !below {
+                let (c, l) = figures(complexity, limit);
+                reasons.push(format!("complexity {c} is not below {l}"));
+            }
+        }
+    }
+    // Unreachable with an empty list: not auto-approved means external, no limit, or not below.
+    debug_assert!(!reasons.is_empty());
+    Gate::AwaitingApproval { reason: reasons.join("; ") }
+}
+
+/// Two figures to be compared in a reason, with two decimals, unless two decimals would make
+/// different figures read the same ("0.70 is below the 0.70 threshold"): then in full.
+fn figures(a: f64, b: f64) -> (String, String) {
+    let (short_a, short_b) = (format!("{a:.2}"), format!("{b:.2}"));
+    if short_a == short_b && a != b { (a.to_string(), b.to_string()) } else { (short_a, short_b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::domain::{Resources, Task};
+    use crate::ids::RequestId;
+
+    fn wt(s: &str) -> WorkType {
+        WorkType::parse(s).unwrap()
+    }
+
+    /// A plan with one task per entry of `work_types`.
+    fn plan(work_types: &[&str]) -> Plan {
+        let request = RequestId::random();
+        let id = request.plan_id();
+        let tasks = work_types
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let key = format!("{i}.{w}");
+                Task {
+                    id: id.task_id(&key),
+                    key,
+                    work_type: wt(w),
+                    description: w.to_string(),
+                    estimated_duration_secs: 60,
+                    resources: Resources::default(),
+                    capabilities: BTreeSet::new(),
+                    depends_on: Vec::new(),
+                    affinity: BTreeMap::new(),
+                }
+            })
+            .collect();
+        Plan::new(id, request, tasks).unwrap()
+    }
+
+    /// 2,500 tokens per task at 1,234 micros per 1,000 tokens: 3,085 micros per task.
+    fn provider() -> Provider {
+        Provider {
+            name: "bigmodel".into(),
+            price_per_1k_tokens_micros: 1234,
+            tokens_per_task: 2500,
+            quota_micros: 1_000_000,
+            work_types: [wt("deployment"), wt("analysis")].into(),
+        }
+    }
+
+    fn policy() -> FallbackPolicy {
+        FallbackPolicy { provider: Some(provider()), ..FallbackPolicy::default() }
+    }
+
+    fn quota(remaining: i64) -> QuotaSnapshot {
+        QuotaSnapshot { provider: "bigmodel".into(), remaining_micros: remaining }
+    }
+
+    fn decision(complexity: f64, use_external: bool) -> FallbackDecision {
+        FallbackDecision {
+            plan_id: RequestId::random().plan_id(),
+            use_external,
+            provider: use_external.then(|| "bigmodel".to_owned()),
+            reason: String::new(),
+            complexity,
+            estimated_cost_micros: 0,
+            quota_left_micros: None,
+        }
+    }
+
+    #[test]
+    fn cost_counts_only_accepted_tasks_and_rounds_up() {
+        let p = provider();
+        assert_eq!(p.estimate_cost_micros(0), 0);
+        assert_eq!(p.estimate_cost_micros(1), 3085);
+        // 3 × 333 × 1001 = 999,999 → 999.999 → 1000.
+        let odd = Provider { price_per_1k_tokens_micros: 1001, tokens_per_task: 333, ..provider() };
+        assert_eq!(odd.estimate_cost_micros(3), 1000);
+        let exact =
+            Provider { price_per_1k_tokens_micros: 2000, tokens_per_task: 500, ..provider() };
+        assert_eq!(exact.estimate_cost_micros(3), 3000);
+        let huge = Provider {
+            price_per_1k_tokens_micros: i64::MAX,
+            tokens_per_task: i64::MAX,
+            ..provider()
+        };
+        assert_eq!(huge.estimate_cost_micros(2), i64::MAX);
+
+        // Two accepted tasks of three: 2 × 2500 × 1234 / 1000 = 6170.
+        let plan = plan(&["deployment", "monitoring", "analysis"]);
+        let d = decide_fallback(&plan, 0.9, &policy(), Some(&quota(1_000_000)));
+        assert_eq!(d.estimated_cost_micros, 6170);
+    }
+
+    #[test]
+    fn stays_local_without_a_provider() {
+        let plan = plan(&["deployment"]);
+        let d = decide_fallback(&plan, 0.99, &FallbackPolicy::default(), Some(&quota(500)));
+        assert_eq!(
+            d,
+            FallbackDecision {
+                plan_id: plan.id,
+                use_external: false,
+                provider: None,
+                reason: "no external provider configured".into(),
+                complexity: 0.99,
+                estimated_cost_micros: 0,
+                quota_left_micros: Some(500),
+            }
+        );
+        let d = decide_fallback(&plan, 0.99, &FallbackPolicy::default(), None);
+        assert_eq!(d.quota_left_micros, None);
+    }
+
+    #[test]
+    fn stays_local_below_the_complexity_threshold() {
+        let plan = plan(&["deployment"]);
+        let d = decide_fallback(&plan, 0.45, &policy(), Some(&quota(1_000_000)));
+        assert!(!d.use_external);
+        assert_eq!(d.provider, None);
+        assert_eq!(d.reason, "complexity 0.45 is below the 0.70 threshold");
+        assert_eq!(d.estimated_cost_micros, 3085);
+        assert_eq!(d.quota_left_micros, Some(1_000_000));
+
+        // Rounding must not make the figures read the same.
+        let d = decide_fallback(&plan, 0.699, &policy(), Some(&quota(1_000_000)));
+        assert_eq!(d.reason, "complexity 0.699 is below the 0.7 threshold");
+        // Exactly at the threshold goes external.
+        assert!(decide_fallback(&plan, 0.7, &policy(), Some(&quota(1_000_000))).use_external);
+        // A NaN complexity is no reason to spend money.
+        let d = decide_fallback(&plan, f64::NAN, &policy(), Some(&quota(1_000_000)));
+        assert!(!d.use_external);
+        assert!(d.reason.contains("cannot be compared"), "{}", d.reason);
+    }
+
+    #[test]
+    fn stays_local_when_the_provider_accepts_no_task() {
+        let plan = plan(&["monitoring", "notification"]);
+        let d = decide_fallback(&plan, 0.9, &policy(), Some(&quota(1_000_000)));
+        assert!(!d.use_external);
+        assert_eq!(
+            d.reason,
+            "no task of the plan is of a work type bigmodel accepts \
+             (plan: monitoring, notification; accepted: analysis, deployment)"
+        );
+        assert_eq!(d.estimated_cost_micros, 0);
+        assert_eq!(d.quota_left_micros, Some(1_000_000));
+    }
+
+    #[test]
+    fn stays_local_when_the_quota_is_unknown_or_short() {
+        let plan = plan(&["deployment", "analysis"]); // costs 6170
+        let d = decide_fallback(&plan, 0.9, &policy(), None);
+        assert!(!d.use_external);
+        assert!(d.reason.starts_with("quota exhausted"), "{}", d.reason);
+        assert!(d.reason.contains("6170"), "{}", d.reason);
+        assert_eq!(d.quota_left_micros, None);
+
+        // One micro short.
+        let d = decide_fallback(&plan, 0.9, &policy(), Some(&quota(6169)));
+        assert!(!d.use_external);
+        assert_eq!(
+            d.reason,
+            "quota exhausted: bigmodel has 6169 micros left, and the plan would cost 6170 micros"
+        );
+        assert_eq!(d.estimated_cost_micros, 6170);
+        assert_eq!(d.quota_left_micros, Some(6169));
+
+        // Another provider's quota says nothing about this one's.
+        let other = QuotaSnapshot { provider: "othermodel".into(), remaining_micros: 1_000_000 };
+        let d = decide_fallback(&plan, 0.9, &policy(), Some(&other));
+        assert!(!d.use_external);
+        assert!(
+            d.reason.starts_with("quota exhausted: no quota known for bigmodel"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn goes_external_when_complex_enough_and_the_quota_exactly_covers_the_cost() {
+        let plan = plan(&["deployment", "monitoring", "analysis"]); // 2 accepted: 6170
+        let d = decide_fallback(&plan, 0.85, &policy(), Some(&quota(6170)));
+        assert_eq!(
+            d,
+            FallbackDecision {
+                plan_id: plan.id,
+                use_external: true,
+                provider: Some("bigmodel".into()),
+                reason: "complexity 0.85 meets the 0.70 threshold; 2 of 3 tasks go to bigmodel \
+                         for an estimated 6170 micros, leaving 0 micros of quota"
+                    .into(),
+                complexity: 0.85,
+                estimated_cost_micros: 6170,
+                quota_left_micros: Some(0),
+            }
+        );
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(serde_json::from_value::<FallbackDecision>(json).unwrap(), d);
+    }
+
+    #[test]
+    fn fallback_policy_reads_from_toml() {
+        let policy: FallbackPolicy = toml::from_str(
+            r#"
+            [provider]
+            name = "bigmodel"
+            price_per_1k_tokens_micros = 1234
+            tokens_per_task = 2500
+            quota_micros = 1000000
+            work_types = ["deployment", "analysis"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            policy,
+            FallbackPolicy { complexity_threshold: 0.7, provider: Some(provider()) }
+        );
+        assert_eq!(toml::from_str::<ApprovalPolicy>("").unwrap(), ApprovalPolicy::default());
+        let strict: ApprovalPolicy = toml::from_str("allow_request_auto_approve = false").unwrap();
+        assert_eq!(strict.auto_approve_below, Some(0.5));
+    }
+
+    #[test]
+    fn gate_honours_an_allowed_auto_approve_request_even_for_external_work() {
+        let g = gate(true, &decision(0.95, true), &ApprovalPolicy::default());
+        assert_eq!(
+            g,
+            Gate::AutoApproved {
+                reason: "the request asked for auto-approval and the policy allows it".into()
+            }
+        );
+        assert!(g.is_auto_approved());
+    }
+
+    #[test]
+    fn gate_auto_approves_simple_local_plans() {
+        let g = gate(false, &decision(0.3, false), &ApprovalPolicy::default());
+        assert_eq!(
+            g,
+            Gate::AutoApproved {
+                reason: "complexity 0.30 is below 0.50 and the work stays local".into()
+            }
+        );
+    }
+
+    #[test]
+    fn gate_holds_external_work() {
+        let g = gate(false, &decision(0.3, true), &ApprovalPolicy::default());
+        assert_eq!(
+            g,
+            Gate::AwaitingApproval { reason: "uses an external AI model (bigmodel)".into() }
+        );
+        assert!(!g.is_auto_approved());
+    }
+
+    #[test]
+    fn gate_holds_complex_plans() {
+        let g = gate(false, &decision(0.8, false), &ApprovalPolicy::default());
+        assert_eq!(g.reason(), "complexity 0.80 is not below 0.50");
+        // Exactly at the limit is not below it.
+        let g = gate(false, &decision(0.5, false), &ApprovalPolicy::default());
+        assert_eq!(g.reason(), "complexity 0.50 is not below 0.50");
+        let never = ApprovalPolicy { auto_approve_below: None, ..ApprovalPolicy::default() };
+        let g = gate(false, &decision(0.0, false), &never);
+        assert_eq!(
+            g,
+            Gate::AwaitingApproval {
+                reason: "the policy does not auto-approve by complexity".into()
+            }
+        );
+    }
+
+    #[test]
+    fn gate_refuses_an_auto_approve_request_the_policy_forbids() {
+        let strict =
+            ApprovalPolicy { allow_request_auto_approve: false, ..ApprovalPolicy::default() };
+        let g = gate(true, &decision(0.9, true), &strict);
+        assert_eq!(
+            g.reason(),
+            "the request asked for auto-approval but the policy does not allow it; \
+             uses an external AI model (bigmodel); complexity 0.90 is not below 0.50"
+        );
+        assert!(!g.is_auto_approved());
+        // The complexity rule still applies on its own.
+        assert!(gate(true, &decision(0.1, false), &strict).is_auto_approved());
+
+        let json = serde_json::to_value(&g).unwrap();
+        assert_eq!(json["gate"], "awaiting_approval");
+        assert_eq!(serde_json::from_value::<Gate>(json).unwrap(), g);
+    }
+}

@@ -1,0 +1,763 @@
+//! Routing: which agent gets each task of a batch.
+//!
+//! Pure decision logic: the caller passes the agents' latest known state and the current time,
+//! and stores the returned [`Route`]s (with every candidate's [`Verdict`]) for audit. Nothing here
+//! reads the clock or does I/O, so a decision can be replayed and tested exactly.
+//!
+//! Routing is two steps:
+//! 1. a filter on hard requirements (capabilities, a fresh heartbeat, spare capacity, resources).
+//!    A rejection lists *every* requirement the agent misses, not only the first, so an operator
+//!    sees at once everything that would have to change for the agent to qualify;
+//! 2. a score in [0, 1] over the agents that pass: spare capacity, past success and label
+//!    affinity, weighted by the [`RoutingPolicy`]. The best score wins; ties go to the lowest id
+//!    so that the same inputs always give the same route.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Agent, Resources, Task};
+use crate::ids::{AgentId, TaskId, WorkType};
+
+/// Scores this close are equal: floating-point noise must not decide between two agents, the
+/// id order must, so that a replay gives the same route.
+const TIE_EPSILON: f64 = 1e-9;
+
+/// How tasks are routed. Every field has a default, so it can sit (partially) in a TOML config.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RoutingPolicy {
+    /// An agent whose last heartbeat is older than this is presumed gone.
+    pub heartbeat_ttl_secs: u64,
+    pub weights: Weights,
+    /// Where a task goes when no agent is eligible for it, by work type.
+    pub default_agents: BTreeMap<WorkType, AgentId>,
+}
+
+impl Default for RoutingPolicy {
+    fn default() -> Self {
+        Self {
+            heartbeat_ttl_secs: 30,
+            weights: Weights::default(),
+            default_agents: BTreeMap::new(),
+        }
+    }
+}
+
+/// The relative weights of the score's terms. Only their ratios matter: the score is divided by
+/// their sum.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Weights {
+    /// Spare capacity: prefer the least loaded agent.
+    pub load: f64,
+    /// Past success rate: prefer the agent that fails least.
+    pub success: f64,
+    /// Label affinity: prefer the agent whose labels match the task's affinity.
+    pub affinity: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self { load: 0.5, success: 0.3, affinity: 0.2 }
+    }
+}
+
+impl Weights {
+    /// The weights as applied, `[load, success, affinity]`, summing to 1.
+    ///
+    /// A negative or non-finite weight counts as 0, and if nothing positive is left the terms
+    /// weigh equally: a bad config must not produce a NaN score (it would make the ordering
+    /// meaningless and the audit JSON unreadable) or a score outside [0, 1].
+    fn normalised(&self) -> [f64; 3] {
+        let clean = |w: f64| if w.is_finite() && w > 0.0 { w } else { 0.0 };
+        let raw = [clean(self.load), clean(self.success), clean(self.affinity)];
+        let max = raw.iter().copied().fold(0.0, f64::max);
+        if max == 0.0 {
+            return [1.0 / 3.0; 3];
+        }
+        // Scale by the largest first, so that summing huge weights cannot overflow to infinity.
+        let scaled = raw.map(|w| w / max);
+        let total: f64 = scaled.iter().sum();
+        scaled.map(|w| w / total)
+    }
+}
+
+/// What the router made of one agent for one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// The agent misses at least one hard requirement; every one it misses is listed.
+    Rejected { reasons: Vec<String> },
+    /// The agent is eligible. `score` is the weighted mean of the three terms, each in [0, 1].
+    Scored { score: f64, load: f64, success: f64, affinity: f64 },
+}
+
+impl Verdict {
+    /// The score, if the agent was eligible.
+    pub fn score(&self) -> Option<f64> {
+        match self {
+            Verdict::Rejected { .. } => None,
+            Verdict::Scored { score, .. } => Some(*score),
+        }
+    }
+}
+
+/// One agent considered for a task. In JSON the verdict is flattened into the candidate:
+/// `{"agent_id": "a", "verdict": "scored", "score": 0.9, ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Candidate {
+    pub agent_id: AgentId,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+/// Where one task goes, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Route {
+    pub task_id: TaskId,
+    pub agent_id: AgentId,
+    /// The chosen agent's score; `None` when no agent was eligible and the task went to the
+    /// default agent of its work type.
+    pub score: Option<f64>,
+    /// Human-readable: why this agent.
+    pub reason: String,
+    /// Every agent, sorted by id, with its verdict.
+    pub candidates: Vec<Candidate>,
+    /// Whether the caller should reserve a slot of the agent's capacity. False for a default
+    /// agent: it was not chosen for its spare capacity, and it may not even be registered.
+    pub reserves_capacity: bool,
+}
+
+/// Why a task could not be routed at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error(
+        "no agents available for task {task_id} and no default agent configured for work type {work_type}"
+    )]
+    NoDefaultAgent { task_id: TaskId, work_type: WorkType },
+}
+
+/// Routes the tasks of one batch, in order.
+///
+/// Each chosen agent's in-flight count is raised locally before the next task is routed, so a
+/// batch never puts more on an agent than its capacity, even though `agents` is a snapshot taken
+/// before the batch. The first task that can be routed neither to an eligible agent nor to a
+/// default agent fails the whole batch, so that the caller never acts on half a batch.
+pub fn route_tasks(
+    tasks: &[&Task],
+    agents: &[Agent],
+    now: DateTime<Utc>,
+    policy: &RoutingPolicy,
+) -> Result<Vec<Route>, RouteError> {
+    // Sorted once by id: the candidates are listed in this order and ties go to the first.
+    let mut agents: Vec<&Agent> = agents.iter().collect();
+    agents.sort_by(|a, b| a.id.cmp(&b.id));
+    // In-flight counts including this batch's reservations, by position in `agents`.
+    let mut in_flight: Vec<u32> = agents.iter().map(|a| a.in_flight).collect();
+    let weights = policy.weights.normalised();
+
+    let mut routes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let candidates: Vec<Candidate> = agents
+            .iter()
+            .zip(&in_flight)
+            .map(|(agent, &busy)| Candidate {
+                agent_id: agent.id.clone(),
+                verdict: evaluate(task, agent, busy, now, policy.heartbeat_ttl_secs, weights),
+            })
+            .collect();
+        let best = best_candidates(&candidates);
+        let route = match best.first() {
+            Some(&chosen) => {
+                in_flight[chosen] = in_flight[chosen].saturating_add(1);
+                chosen_route(task, &best, candidates)
+            }
+            None => default_route(task, candidates, policy)?,
+        };
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+/// The verdict on `agent` for `task`, given the agent's in-flight count so far in the batch.
+fn evaluate(
+    task: &Task,
+    agent: &Agent,
+    in_flight: u32,
+    now: DateTime<Utc>,
+    ttl_secs: u64,
+    weights: [f64; 3],
+) -> Verdict {
+    let mut reasons = Vec::new();
+
+    let missing: Vec<&str> = task
+        .capabilities
+        .iter()
+        .filter(|c| !agent.capabilities.contains(*c))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        reasons.push(format!("missing capabilities: {}", missing.join(", ")));
+    }
+
+    if let Some(stale) = staleness(agent.last_heartbeat, now, ttl_secs) {
+        reasons.push(stale);
+    }
+
+    if in_flight >= agent.capacity {
+        reasons.push(format!("no spare capacity ({in_flight}/{} in flight)", agent.capacity));
+    }
+
+    let shortfalls = resource_shortfalls(&agent.resources, &task.resources);
+    debug_assert_eq!(shortfalls.is_empty(), agent.resources.covers(&task.resources));
+    if !shortfalls.is_empty() {
+        reasons.push(format!("insufficient resources: {}", shortfalls.join("; ")));
+    }
+
+    if !reasons.is_empty() {
+        return Verdict::Rejected { reasons };
+    }
+
+    // Capacity is > in_flight here (else rejected above), so the division is safe and load > 0.
+    let load = 1.0 - f64::from(in_flight) / f64::from(agent.capacity);
+    let success = agent.success_rate();
+    let affinity = affinity(task, agent);
+    let [w_load, w_success, w_affinity] = weights;
+    // The weights sum to 1, so this is already the weighted mean; the clamp only absorbs
+    // rounding.
+    let score = (w_load * load + w_success * success + w_affinity * affinity).clamp(0.0, 1.0);
+    Verdict::Scored { score, load, success, affinity }
+}
+
+/// Why the heartbeat is too old, or `None` if it is fresh. A heartbeat in the future (clock skew
+/// between the agent and us) counts as fresh: skew is no evidence that the agent is gone.
+fn staleness(last_heartbeat: DateTime<Utc>, now: DateTime<Utc>, ttl_secs: u64) -> Option<String> {
+    // A TTL too large for a TimeDelta means "never stale".
+    let ttl = TimeDelta::try_seconds(i64::try_from(ttl_secs).ok()?)?;
+    let age = now - last_heartbeat;
+    (age > ttl).then(|| format!("heartbeat {} old exceeds the {ttl_secs}s TTL", format_age(age)))
+}
+
+/// A positive age in seconds, with milliseconds when it is not whole, rounded *up* so that an age
+/// just over the TTL never reads as equal to it ("30.001s", not "30s").
+fn format_age(age: TimeDelta) -> String {
+    let secs = age.num_seconds();
+    let nanos = age.subsec_nanos();
+    if nanos == 0 {
+        return format!("{secs}s");
+    }
+    let millis = (i64::from(nanos) + 999_999) / 1_000_000;
+    if millis == 1000 {
+        return format!("{}s", secs + 1);
+    }
+    let text = format!("{secs}.{millis:03}");
+    format!("{}s", text.trim_end_matches('0'))
+}
+
+/// Every resource the agent lacks for the task, e.g. "needs 2 GPU, has 0".
+fn resource_shortfalls(has: &Resources, needs: &Resources) -> Vec<String> {
+    let mut shortfalls = Vec::new();
+    // Tested as "not enough" rather than "less", like `Resources::covers`, so that a NaN counts
+    // as a shortfall in both.
+    let enough_cpu = has.cpu >= needs.cpu;
+    if !enough_cpu {
+        shortfalls.push(format!("needs {} CPU, has {}", needs.cpu, has.cpu));
+    }
+    if has.memory_mb < needs.memory_mb {
+        shortfalls.push(format!("needs {} MiB memory, has {}", needs.memory_mb, has.memory_mb));
+    }
+    if has.gpu < needs.gpu {
+        shortfalls.push(format!("needs {} GPU, has {}", needs.gpu, has.gpu));
+    }
+    shortfalls
+}
+
+/// The fraction of the task's affinity pairs that the agent's labels match; 1 for a task without
+/// affinity, so that such a task does not penalise anyone.
+fn affinity(task: &Task, agent: &Agent) -> f64 {
+    if task.affinity.is_empty() {
+        return 1.0;
+    }
+    let matched =
+        task.affinity.iter().filter(|(key, value)| agent.labels.get(*key) == Some(*value)).count();
+    matched as f64 / task.affinity.len() as f64
+}
+
+/// The positions of the candidates (sorted by id) that tie for the best score, in id order: the
+/// first is the winner. Empty when no agent is eligible.
+///
+/// Takes the best score, then every agent within [`TIE_EPSILON`] of it. Done in two passes rather
+/// than with a sort, because "equal within epsilon" is not transitive and a sort comparator built
+/// on it would not be a total order.
+fn best_candidates(candidates: &[Candidate]) -> Vec<usize> {
+    let Some(best) = candidates.iter().filter_map(|c| c.verdict.score()).reduce(f64::max) else {
+        return Vec::new();
+    };
+    (0..candidates.len())
+        .filter(|&i| candidates[i].verdict.score().is_some_and(|s| s >= best - TIE_EPSILON))
+        .collect()
+}
+
+/// The route to the first of `best`, which must not be empty.
+fn chosen_route(task: &Task, best: &[usize], candidates: Vec<Candidate>) -> Route {
+    let winner = &candidates[best[0]];
+    let Verdict::Scored { score, load, success, affinity } = winner.verdict else {
+        unreachable!("best_candidates only returns scored candidates");
+    };
+    let eligible = candidates.iter().filter(|c| c.verdict.score().is_some()).count();
+    let mut reason = format!(
+        "best of {eligible} eligible {} (score {score:.2}: load {load:.2}, success {success:.2}, affinity {affinity:.2})",
+        plural(eligible, "agent", "agents")
+    );
+    if best.len() > 1 {
+        let tied: Vec<&str> = best[1..].iter().map(|&i| candidates[i].agent_id.as_str()).collect();
+        reason.push_str(&format!("; tied with {}, chosen by agent id", tied.join(", ")));
+    }
+    Route {
+        task_id: task.id,
+        agent_id: winner.agent_id.clone(),
+        score: Some(score),
+        reason,
+        candidates,
+        reserves_capacity: true,
+    }
+}
+
+fn default_route(
+    task: &Task,
+    candidates: Vec<Candidate>,
+    policy: &RoutingPolicy,
+) -> Result<Route, RouteError> {
+    let Some(agent_id) = policy.default_agents.get(&task.work_type) else {
+        return Err(RouteError::NoDefaultAgent {
+            task_id: task.id,
+            work_type: task.work_type.clone(),
+        });
+    };
+    let why = match candidates.len() {
+        0 => "no agents registered".to_owned(),
+        n => format!("{n} {} rejected", plural(n, "candidate", "candidates")),
+    };
+    Ok(Route {
+        task_id: task.id,
+        agent_id: agent_id.clone(),
+        score: None,
+        reason: format!("no agents available: {why}; default agent for {}", task.work_type),
+        candidates,
+        reserves_capacity: false,
+    })
+}
+
+fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 { one } else { many }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::ids::RequestId;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0).unwrap()
+    }
+
+    fn id(s: &str) -> AgentId {
+        AgentId::parse(s).unwrap()
+    }
+
+    fn wt(s: &str) -> WorkType {
+        WorkType::parse(s).unwrap()
+    }
+
+    fn task(key: &str) -> Task {
+        Task {
+            id: RequestId::random().plan_id().task_id(key),
+            key: key.into(),
+            work_type: wt("deployment"),
+            description: key.into(),
+            estimated_duration_secs: 60,
+            resources: Resources::default(),
+            capabilities: BTreeSet::new(),
+            depends_on: Vec::new(),
+            affinity: BTreeMap::new(),
+        }
+    }
+
+    /// A healthy, idle agent with capacity 4, no history, no labels and modest resources.
+    fn agent(name: &str) -> Agent {
+        Agent {
+            id: id(name),
+            capabilities: BTreeSet::new(),
+            capacity: 4,
+            in_flight: 0,
+            labels: BTreeMap::new(),
+            resources: Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 },
+            last_heartbeat: now() - TimeDelta::seconds(5),
+            succeeded: 0,
+            failed: 0,
+        }
+    }
+
+    fn caps(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn route_one(task: &Task, agents: &[Agent], policy: &RoutingPolicy) -> Route {
+        let mut routes = route_tasks(&[task], agents, now(), policy).unwrap();
+        assert_eq!(routes.len(), 1);
+        routes.pop().unwrap()
+    }
+
+    fn verdict_of<'a>(route: &'a Route, agent: &str) -> &'a Verdict {
+        &route.candidates.iter().find(|c| c.agent_id.as_str() == agent).unwrap().verdict
+    }
+
+    fn reasons_of(route: &Route, agent: &str) -> Vec<String> {
+        match verdict_of(route, agent) {
+            Verdict::Rejected { reasons } => reasons.clone(),
+            other => panic!("{agent} not rejected: {other:?}"),
+        }
+    }
+
+    fn with_default(work_type: &str, agent: &str) -> RoutingPolicy {
+        let mut policy = RoutingPolicy::default();
+        policy.default_agents.insert(wt(work_type), id(agent));
+        policy
+    }
+
+    #[test]
+    fn rejects_agents_missing_capabilities_and_names_them() {
+        let mut t = task("t");
+        t.capabilities = caps(&["docker", "gpu", "ssh"]);
+        let mut lacking = agent("lacking");
+        lacking.capabilities = caps(&["ssh"]);
+        let mut able = agent("able");
+        able.capabilities = caps(&["docker", "gpu", "ssh", "extra"]);
+
+        let route = route_one(&t, &[lacking, able], &RoutingPolicy::default());
+        assert_eq!(route.agent_id.as_str(), "able");
+        assert_eq!(reasons_of(&route, "lacking"), ["missing capabilities: docker, gpu"]);
+    }
+
+    #[test]
+    fn rejects_stale_heartbeats_but_not_fresh_or_future_ones() {
+        let mut stale = agent("stale");
+        stale.last_heartbeat = now() - TimeDelta::seconds(45);
+        let mut edge = agent("edge");
+        edge.last_heartbeat = now() - TimeDelta::seconds(30); // exactly the TTL: still fresh
+        let mut future = agent("future");
+        future.last_heartbeat = now() + TimeDelta::seconds(120); // clock skew
+        let mut just_over = agent("just-over");
+        just_over.last_heartbeat = now() - TimeDelta::milliseconds(30_250);
+
+        let route =
+            route_one(&task("t"), &[stale, edge, future, just_over], &RoutingPolicy::default());
+        assert_eq!(reasons_of(&route, "stale"), ["heartbeat 45s old exceeds the 30s TTL"]);
+        assert_eq!(reasons_of(&route, "just-over"), ["heartbeat 30.25s old exceeds the 30s TTL"]);
+        assert!(verdict_of(&route, "edge").score().is_some());
+        assert!(verdict_of(&route, "future").score().is_some());
+    }
+
+    #[test]
+    fn rejects_agents_at_full_capacity() {
+        let mut full = agent("full");
+        full.capacity = 3;
+        full.in_flight = 3;
+        let mut zero = agent("zero");
+        zero.capacity = 0;
+
+        let policy = with_default("deployment", "fallback");
+        let route = route_one(&task("t"), &[full, zero], &policy);
+        assert_eq!(reasons_of(&route, "full"), ["no spare capacity (3/3 in flight)"]);
+        assert_eq!(reasons_of(&route, "zero"), ["no spare capacity (0/0 in flight)"]);
+        assert_eq!(route.agent_id.as_str(), "fallback");
+    }
+
+    #[test]
+    fn rejects_agents_with_insufficient_resources() {
+        let mut t = task("t");
+        t.resources = Resources { cpu: 2.0, memory_mb: 1024, gpu: 2 };
+        let cpu_only = agent("cpu-only");
+        let mut gpu_box = agent("gpu-box");
+        gpu_box.resources.gpu = 2;
+        let mut tiny = agent("tiny");
+        tiny.resources = Resources { cpu: 0.5, memory_mb: 512, gpu: 1 };
+
+        let route = route_one(&t, &[cpu_only, gpu_box, tiny], &RoutingPolicy::default());
+        assert_eq!(route.agent_id.as_str(), "gpu-box");
+        assert_eq!(reasons_of(&route, "cpu-only"), ["insufficient resources: needs 2 GPU, has 0"]);
+        assert_eq!(
+            reasons_of(&route, "tiny"),
+            ["insufficient resources: needs 2 CPU, has 0.5; needs 1024 MiB memory, has 512; \
+                 needs 2 GPU, has 1"]
+        );
+    }
+
+    #[test]
+    fn lists_every_reason_an_agent_is_rejected() {
+        let mut t = task("t");
+        t.capabilities = caps(&["docker"]);
+        t.resources.gpu = 1;
+        let mut hopeless = agent("hopeless");
+        hopeless.last_heartbeat = now() - TimeDelta::seconds(300);
+        hopeless.capacity = 1;
+        hopeless.in_flight = 1;
+
+        let policy = with_default("deployment", "fallback");
+        let route = route_one(&t, &[hopeless], &policy);
+        assert_eq!(
+            reasons_of(&route, "hopeless"),
+            [
+                "missing capabilities: docker",
+                "heartbeat 300s old exceeds the 30s TTL",
+                "no spare capacity (1/1 in flight)",
+                "insufficient resources: needs 1 GPU, has 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn prefers_the_less_loaded_agent() {
+        let mut busy = agent("a-busy");
+        busy.in_flight = 3; // load term 0.25
+        let mut idle = agent("b-idle");
+        idle.in_flight = 1; // load term 0.75
+
+        let route = route_one(&task("t"), &[busy, idle], &RoutingPolicy::default());
+        assert_eq!(route.agent_id.as_str(), "b-idle");
+        let Verdict::Scored { load, score, .. } = *verdict_of(&route, "a-busy") else { panic!() };
+        assert_eq!(load, 0.25);
+        // 0.5 * 0.25 + 0.3 * 0.5 (no history) + 0.2 * 1.0 (no affinity)
+        assert!((score - 0.475).abs() < 1e-12, "{score}");
+        assert!((route.score.unwrap() - 0.725).abs() < 1e-12);
+        assert!(route.reserves_capacity);
+        assert_eq!(
+            route.reason,
+            "best of 2 eligible agents (score 0.73: load 0.75, success 0.50, affinity 1.00)"
+        );
+    }
+
+    #[test]
+    fn prefers_the_agent_with_the_better_track_record() {
+        let mut flaky = agent("a-flaky");
+        flaky.succeeded = 2;
+        flaky.failed = 8;
+        let mut solid = agent("b-solid");
+        solid.succeeded = 9;
+        solid.failed = 1;
+
+        let route = route_one(&task("t"), &[flaky, solid], &RoutingPolicy::default());
+        assert_eq!(route.agent_id.as_str(), "b-solid");
+        let Verdict::Scored { success, .. } = *verdict_of(&route, "b-solid") else { panic!() };
+        assert_eq!(success, 10.0 / 12.0);
+    }
+
+    #[test]
+    fn prefers_the_agent_matching_the_task_affinity() {
+        let mut t = task("t");
+        t.affinity.insert("target".into(), "homelab".into());
+        t.affinity.insert("zone".into(), "eu".into());
+        let mut half = agent("a-half");
+        half.labels.insert("target".into(), "homelab".into());
+        half.labels.insert("zone".into(), "us".into());
+        let mut full = agent("b-full");
+        full.labels.insert("target".into(), "homelab".into());
+        full.labels.insert("zone".into(), "eu".into());
+        let none = agent("c-none");
+
+        let route = route_one(&t, &[half, full, none], &RoutingPolicy::default());
+        assert_eq!(route.agent_id.as_str(), "b-full");
+        let affinity_of = |name| match *verdict_of(&route, name) {
+            Verdict::Scored { affinity, .. } => affinity,
+            ref other => panic!("{other:?}"),
+        };
+        assert_eq!(affinity_of("a-half"), 0.5);
+        assert_eq!(affinity_of("b-full"), 1.0);
+        assert_eq!(affinity_of("c-none"), 0.0);
+    }
+
+    #[test]
+    fn breaks_ties_by_agent_id_whatever_the_input_order() {
+        let agents = [agent("charlie"), agent("alpha"), agent("bravo")];
+        let route = route_one(&task("t"), &agents, &RoutingPolicy::default());
+        assert_eq!(route.agent_id.as_str(), "alpha");
+        assert!(
+            route.reason.ends_with("; tied with bravo, charlie, chosen by agent id"),
+            "{}",
+            route.reason
+        );
+
+        let reversed: Vec<Agent> = agents.iter().rev().cloned().collect();
+        let again = route_one(&task("t"), &reversed, &RoutingPolicy::default());
+        assert_eq!(again.agent_id.as_str(), "alpha");
+    }
+
+    #[test]
+    fn a_batch_does_not_overfill_an_agent() {
+        let mut small = agent("a-small");
+        small.capacity = 1;
+        small.succeeded = 50; // the better agent while it has room
+        let mut big = agent("b-big");
+        big.capacity = 10;
+        big.in_flight = 5;
+        let (first, second) = (task("first"), task("second"));
+
+        let routes = route_tasks(
+            &[&first, &second],
+            &[small.clone(), big],
+            now(),
+            &RoutingPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(routes[0].task_id, first.id);
+        assert_eq!(routes[0].agent_id.as_str(), "a-small");
+        assert_eq!(routes[1].task_id, second.id);
+        assert_eq!(routes[1].agent_id.as_str(), "b-big");
+        assert_eq!(reasons_of(&routes[1], "a-small"), ["no spare capacity (1/1 in flight)"]);
+
+        // Alone, the capacity-1 agent takes the first task and the second goes to the default.
+        let policy = with_default("deployment", "fallback");
+        let routes = route_tasks(&[&first, &second], &[small], now(), &policy).unwrap();
+        assert_eq!(routes[0].agent_id.as_str(), "a-small");
+        assert!(routes[0].reserves_capacity);
+        assert_eq!(routes[1].agent_id.as_str(), "fallback");
+        assert!(!routes[1].reserves_capacity);
+    }
+
+    #[test]
+    fn falls_back_to_the_default_agent_when_no_agent_is_eligible() {
+        let mut t = task("t");
+        t.capabilities = caps(&["docker"]);
+        let policy = with_default("deployment", "deployer");
+
+        let route = route_one(&t, &[agent("x"), agent("y")], &policy);
+        assert_eq!(route.agent_id.as_str(), "deployer");
+        assert_eq!(route.score, None);
+        assert!(!route.reserves_capacity);
+        assert!(route.reason.starts_with("no agents available"));
+        assert_eq!(
+            route.reason,
+            "no agents available: 2 candidates rejected; default agent for deployment"
+        );
+
+        let route = route_one(&t, &[], &policy);
+        assert_eq!(route.agent_id.as_str(), "deployer");
+        assert_eq!(
+            route.reason,
+            "no agents available: no agents registered; default agent for deployment"
+        );
+        assert!(route.candidates.is_empty());
+    }
+
+    #[test]
+    fn fails_when_no_agent_is_eligible_and_no_default_is_configured() {
+        let mut t = task("t");
+        t.work_type = wt("monitoring");
+        t.capabilities = caps(&["prometheus"]);
+        // A default exists, but for another work type.
+        let policy = with_default("deployment", "deployer");
+        let ok = task("ok");
+
+        let err = route_tasks(&[&ok, &t], &[agent("x")], now(), &policy).unwrap_err();
+        assert_eq!(err, RouteError::NoDefaultAgent { task_id: t.id, work_type: wt("monitoring") });
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "no agents available for task {} and no default agent configured for work type monitoring",
+                t.id
+            )
+        );
+    }
+
+    #[test]
+    fn candidates_list_every_agent_sorted_by_id_and_serialise_flat() {
+        let mut t = task("t");
+        t.capabilities = caps(&["docker"]);
+        let mut docker = agent("m-docker");
+        docker.capabilities = caps(&["docker"]);
+        let agents = [agent("z-plain"), docker, agent("a-plain")];
+
+        let route = route_one(&t, &agents, &RoutingPolicy::default());
+        let ids: Vec<&str> = route.candidates.iter().map(|c| c.agent_id.as_str()).collect();
+        assert_eq!(ids, ["a-plain", "m-docker", "z-plain"]);
+        assert_eq!(route.reason.split(" (").next().unwrap(), "best of 1 eligible agent");
+
+        let json = serde_json::to_value(&route.candidates).unwrap();
+        assert_eq!(json[0]["agent_id"], "a-plain");
+        assert_eq!(json[0]["verdict"], "rejected");
+        assert_eq!(json[0]["reasons"][0], "missing capabilities: docker");
+        assert_eq!(json[1]["verdict"], "scored");
+        assert!(json[1]["score"].is_f64());
+        let back: Vec<Candidate> = serde_json::from_value(json).unwrap();
+        assert_eq!(back, route.candidates);
+        let route_back: Route =
+            serde_json::from_value(serde_json::to_value(&route).unwrap()).unwrap();
+        assert_eq!(route_back, route);
+
+        // The audit schema describes the flattened verdict.
+        let schema = serde_json::to_string(&schemars::schema_for!(Route)).unwrap();
+        assert!(schema.contains("\"rejected\"") && schema.contains("\"scored\""), "{schema}");
+    }
+
+    #[test]
+    fn policy_reads_from_partial_toml_with_defaults() {
+        let policy: RoutingPolicy = toml::from_str(
+            r#"
+            heartbeat_ttl_secs = 60
+            [weights]
+            load = 1.0
+            [default_agents]
+            deployment = "deployer"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(policy.heartbeat_ttl_secs, 60);
+        assert_eq!(policy.weights, Weights { load: 1.0, success: 0.3, affinity: 0.2 });
+        assert_eq!(policy.default_agents[&wt("deployment")], id("deployer"));
+
+        let empty: RoutingPolicy = toml::from_str("").unwrap();
+        assert_eq!(empty, RoutingPolicy::default());
+        assert_eq!(empty.heartbeat_ttl_secs, 30);
+
+        let bad = toml::from_str::<RoutingPolicy>("[default_agents]\ndeployment = \"Not Valid\"");
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn weights_are_relative_and_bad_weights_cannot_break_the_score() {
+        assert_eq!(
+            Weights { load: 5.0, success: 3.0, affinity: 2.0 }.normalised(),
+            [0.5, 0.3, 0.2]
+        );
+        let third = 1.0 / 3.0;
+        assert_eq!(
+            Weights { load: 0.0, success: -1.0, affinity: f64::NAN }.normalised(),
+            [third; 3]
+        );
+        assert_eq!(
+            Weights { load: f64::MAX, success: f64::MAX, affinity: 0.0 }.normalised(),
+            [0.5, 0.5, 0.0]
+        );
+
+        // Only load counts: the idle agent wins despite a poor record.
+        let policy = RoutingPolicy {
+            weights: Weights { load: 1.0, success: 0.0, affinity: 0.0 },
+            ..RoutingPolicy::default()
+        };
+        let mut idle = agent("b-idle");
+        idle.failed = 20;
+        let mut busy = agent("a-busy");
+        busy.in_flight = 2;
+        busy.succeeded = 20;
+        let route = route_one(&task("t"), &[busy, idle], &policy);
+        assert_eq!(route.agent_id.as_str(), "b-idle");
+        assert_eq!(route.score, Some(1.0));
+    }
+}

@@ -1,0 +1,356 @@
+//! The one loop that runs every stage: consume → parse → load → decide → persist → publish →
+//! ack. It owns delivery semantics so that stages do not have to:
+//!
+//! - an input is acknowledged only after its writes committed and its outputs were confirmed;
+//! - a redelivered input finds its idempotency marker and republishes the recorded outputs
+//!   (same message ids) instead of deciding again;
+//! - a permanent failure is recorded in `dead_letters` and published to `<namespace>.dead` with
+//!   its reason in a header, then acknowledged: never a crash, never a silent drop;
+//! - a transient failure is retried in process with backoff, then parked in the queue's retry
+//!   queue (the broker brings it back after a delay), and if even that fails, requeued.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::broker::{self, Broker, Incoming, Outgoing};
+use crate::effect::Write;
+use crate::stages::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
+use crate::store::{self, Applied, Marker, Store};
+use crate::topology::Topology;
+use crate::wire;
+
+/// How a runner behaves. Every field has a sensible default.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Deliveries in flight per stage consumer (AMQP prefetch), processed concurrently.
+    pub prefetch: u16,
+    /// Largest accepted message body, in bytes.
+    pub max_payload_bytes: usize,
+    /// Publish attempts into an agent's queue before a task is `dispatch_failed`.
+    pub dispatch_attempts: usize,
+    /// In-process attempts on a transient failure before the message is parked for a retry.
+    pub transient_attempts: usize,
+    /// Base delay between attempts, in milliseconds; doubled each time, with jitter.
+    pub retry_base_delay_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            prefetch: 50,
+            max_payload_bytes: wire::DEFAULT_MAX_PAYLOAD_BYTES,
+            dispatch_attempts: 3,
+            transient_attempts: 3,
+            retry_base_delay_ms: 100,
+        }
+    }
+}
+
+impl Settings {
+    fn backoff(&self, attempts: usize) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.retry_base_delay_ms))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(attempts.saturating_sub(1))
+            .with_jitter()
+    }
+}
+
+/// Why a runner stopped before being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Broker(#[from] broker::Error),
+    #[error("the topology has no queue consumed by stage {0}")]
+    NoQueue(&'static str),
+    #[error("the consumer of {0} was cancelled by the broker")]
+    Cancelled(String),
+}
+
+/// What went wrong with one message.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// Retrying cannot help: dead-letter.
+    #[error("{0}")]
+    Permanent(String),
+    /// The database or the broker is unavailable: try again later.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl From<store::Error> for Failure {
+    fn from(err: store::Error) -> Self {
+        if err.is_transient() { Failure::Transient(err.to_string()) } else { Failure::Permanent(err.to_string()) }
+    }
+}
+
+impl From<broker::Error> for Failure {
+    fn from(err: broker::Error) -> Self {
+        if err.is_transient() { Failure::Transient(err.to_string()) } else { Failure::Permanent(err.to_string()) }
+    }
+}
+
+/// How many times a stage decides again after a guarded write lost a race.
+const MAX_DECISION_ROUNDS: usize = 8;
+
+/// Runs one stage against its queue.
+pub struct Runner<S: Stage> {
+    stage: Arc<S>,
+    broker: Arc<Broker>,
+    store: Store,
+    settings: Settings,
+    queue: String,
+    retry_queue: Option<String>,
+}
+
+impl<S: Stage> Runner<S> {
+    /// A runner for `stage`, on the queue that the (resolved) `topology` gives it.
+    pub fn new(
+        stage: S,
+        broker: Arc<Broker>,
+        store: Store,
+        topology: &Topology,
+        settings: Settings,
+    ) -> Result<Self, Error> {
+        let queue = topology.queue_of(S::NAME).ok_or(Error::NoQueue(S::NAME))?.name.clone();
+        let retry_queue = topology.retry_queue_of(&queue).map(|q| q.name.clone());
+        Ok(Runner { stage: Arc::new(stage), broker, store, settings, queue, retry_queue })
+    }
+
+    /// Consumes until `shutdown` is cancelled (then finishes the deliveries in hand) or the
+    /// consumer fails (then returns the error, and the unacknowledged deliveries go back to the
+    /// queue when the channel closes).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let deliveries = self.broker.consume(&self.queue, self.settings.prefetch).await?;
+        info!(stage = S::NAME, queue = %self.queue, prefetch = self.settings.prefetch, "stage consuming");
+        let this = &self;
+        deliveries
+            .take_until(shutdown.cancelled())
+            .take_while(|delivery| {
+                if let Err(err) = delivery {
+                    error!(stage = S::NAME, error = %err, "consumer failed");
+                }
+                std::future::ready(delivery.is_ok())
+            })
+            .filter_map(|delivery| std::future::ready(delivery.ok()))
+            .for_each_concurrent(usize::from(self.settings.prefetch.max(1)), |delivery| this.handle(delivery))
+            .await;
+        if shutdown.is_cancelled() {
+            info!(stage = S::NAME, "stage stopped");
+            Ok(())
+        } else {
+            Err(Error::Cancelled(self.queue.clone()))
+        }
+    }
+
+    async fn handle(&self, delivery: Incoming) {
+        let span = info_span!("message", stage = S::NAME, message_id = tracing::field::Empty);
+        async {
+            let amqp = AmqpMeta { message_id: delivery.message_id.as_deref(), priority: delivery.priority };
+            let input = match self.stage.parse(&delivery.body, &amqp, self.settings.max_payload_bytes) {
+                Ok(input) => input,
+                Err(err) => {
+                    let message_id = wire::entry_message_id(amqp.message_id, &delivery.body);
+                    let request_id = sniff_request_id(&delivery.body);
+                    return self.dead_letter(&delivery, message_id, request_id, &err.to_string()).await;
+                }
+            };
+            tracing::Span::current().record("message_id", tracing::field::display(input.message_id));
+            let attempt = || self.process(&input);
+            let result = attempt
+                .retry(self.settings.backoff(self.settings.transient_attempts))
+                .when(|f| matches!(f, Failure::Transient(_)))
+                .notify(|f, wait| warn!(error = %f, ?wait, "transient failure, retrying"))
+                .await;
+            match result {
+                Ok(()) => self.settle(delivery.ack().await),
+                Err(Failure::Permanent(reason)) => {
+                    self.dead_letter(&delivery, input.message_id, input.request_id, &reason).await
+                }
+                Err(Failure::Transient(reason)) => self.park(&delivery, &reason).await,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn settle(&self, result: Result<(), broker::Error>) {
+        if let Err(err) = result {
+            // The channel is gone: the broker redelivers the message, and the marker makes that
+            // harmless.
+            warn!(error = %err, "could not acknowledge; the message will be redelivered");
+        }
+    }
+
+    /// One attempt at the whole decision for `input`.
+    async fn process(&self, input: &Inbound<S::Input>) -> Result<(), Failure> {
+        if self.stage.deduplicates()
+            && let Some(outputs) = self.store.processed(S::NAME, input.message_id).await?
+        {
+            debug!("already processed: republishing its recorded outputs");
+            return self.republish(outputs).await;
+        }
+        for _ in 0..MAX_DECISION_ROUNDS {
+            let context = self.stage.load(&self.store, input).await?;
+            match self.stage.decide(input, context, Utc::now()) {
+                Outcome::Forward { writes, publish } => {
+                    let outputs = serde_json::to_value(&publish).expect("outputs serialize");
+                    match self.persist(input, outputs, &writes).await? {
+                        Applied::Done => return self.publish(&publish).await,
+                        Applied::Duplicate(outputs) => return self.republish(outputs).await,
+                        Applied::Conflict(reason) => debug!(%reason, "lost a race; deciding again"),
+                    }
+                }
+                Outcome::Deliver { publish, then } => {
+                    return match self.deliver(&publish).await {
+                        Ok(()) => match self.persist(input, Value::Array(Vec::new()), &then).await? {
+                            Applied::Done | Applied::Duplicate(_) => Ok(()),
+                            Applied::Conflict(reason) => Err(Failure::Transient(reason)),
+                        },
+                        Err(err @ broker::Error::Unroutable { .. }) => {
+                            let reason = format!(
+                                "{err}; gave up after {} attempts",
+                                self.settings.dispatch_attempts.max(1)
+                            );
+                            let writes = self.stage.undeliverable(input, &reason);
+                            self.store.apply(S::NAME, None, &writes).await?;
+                            Err(Failure::Permanent(reason))
+                        }
+                        Err(err) => Err(err.into()),
+                    };
+                }
+                Outcome::Reject { writes, reason } => {
+                    // No marker: the writes are idempotent, and a redelivery must dead-letter again
+                    // if the first attempt died before it could.
+                    self.store.apply(S::NAME, None, &writes).await?;
+                    return Err(Failure::Permanent(reason));
+                }
+            }
+        }
+        Err(Failure::Transient(format!("still conflicting after {MAX_DECISION_ROUNDS} decisions")))
+    }
+
+    async fn persist(&self, input: &Inbound<S::Input>, outputs: Value, writes: &[Write]) -> Result<Applied, Failure> {
+        let marker =
+            self.stage.deduplicates().then_some(Marker { stage: S::NAME, message_id: input.message_id, outputs });
+        Ok(self.store.apply(S::NAME, marker, writes).await?)
+    }
+
+    fn outgoing(&self, publish: &Publish) -> Outgoing {
+        let names = self.broker.names();
+        let (queue, mandatory) = match &publish.destination {
+            Destination::Queue(name) => (names.queue(name), false),
+            Destination::Agent(agent) => (names.agent_queue(agent), true),
+        };
+        let mut outgoing =
+            Outgoing::to_queue(queue, serde_json::to_vec(&publish.body).expect("bodies serialize"));
+        outgoing.message_id = Some(publish.message_id.to_string());
+        outgoing.priority = Some(publish.priority);
+        outgoing.mandatory = mandatory;
+        outgoing
+    }
+
+    async fn publish(&self, publish: &[Publish]) -> Result<(), Failure> {
+        let outgoing: Vec<Outgoing> = publish.iter().map(|p| self.outgoing(p)).collect();
+        Ok(self.broker.publish_all(&outgoing).await?)
+    }
+
+    async fn republish(&self, outputs: Value) -> Result<(), Failure> {
+        let publish: Vec<Publish> = serde_json::from_value(outputs)
+            .map_err(|e| Failure::Permanent(format!("recorded outputs are unreadable: {e}")))?;
+        self.publish(&publish).await
+    }
+
+    /// Publishes into an agent's queue, retrying an unroutable or failed publish with backoff.
+    async fn deliver(&self, publish: &Publish) -> Result<(), broker::Error> {
+        let outgoing = self.outgoing(publish);
+        (|| self.broker.publish(&outgoing))
+            .retry(self.settings.backoff(self.settings.dispatch_attempts))
+            .notify(|err, wait| warn!(error = %err, ?wait, queue = %outgoing.routing_key, "delivery failed, retrying"))
+            .await
+    }
+
+    /// Records the message as a dead letter, publishes it to `<namespace>.dead` with its reason,
+    /// then acknowledges it. If the record or the publish fails, the message is parked instead.
+    async fn dead_letter(
+        &self,
+        delivery: &Incoming,
+        message_id: crate::ids::MessageId,
+        request_id: Option<crate::ids::RequestId>,
+        reason: &str,
+    ) {
+        warn!(%reason, "dead-lettering message");
+        let reason = sanitize(reason);
+        let body = sanitize(&String::from_utf8_lossy(&delivery.body));
+        let recorded =
+            self.store.record_dead_letter(S::NAME, &self.queue, message_id, request_id, &reason, &body).await;
+        if let Err(err) = recorded {
+            return self.park(delivery, &format!("could not record dead letter: {err}")).await;
+        }
+        let names = self.broker.names();
+        let mut outgoing = Outgoing::to_queue(self.queue.clone(), delivery.body.clone());
+        outgoing.exchange = names.dead_exchange();
+        outgoing.message_id = delivery.message_id.clone();
+        outgoing.headers = BTreeMap::from([
+            ("x-switchyard-reason".to_owned(), reason),
+            ("x-switchyard-stage".to_owned(), S::NAME.to_owned()),
+            ("x-switchyard-queue".to_owned(), self.queue.clone()),
+            ("x-switchyard-message-id".to_owned(), message_id.to_string()),
+        ]);
+        match self.broker.publish(&outgoing).await {
+            Ok(()) => self.settle(delivery.ack().await),
+            Err(err) => self.park(delivery, &format!("could not publish dead letter: {err}")).await,
+        }
+    }
+
+    /// Puts a message that failed transiently into the retry queue (the broker brings it back
+    /// after the queue's TTL), or back into its queue if that fails too. Never drops it.
+    async fn park(&self, delivery: &Incoming, reason: &str) {
+        let retries = delivery.retries() + 1;
+        let parked = match &self.retry_queue {
+            Some(retry_queue) => {
+                let mut outgoing = Outgoing::to_queue(retry_queue.clone(), delivery.body.clone());
+                outgoing.message_id = delivery.message_id.clone();
+                outgoing.priority = delivery.priority;
+                outgoing.headers = delivery.headers.clone();
+                outgoing.headers.insert("x-switchyard-retries".into(), retries.to_string());
+                outgoing.headers.insert("x-switchyard-last-error".into(), sanitize(reason));
+                self.broker.publish(&outgoing).await
+            }
+            None => Err(broker::Error::Nacked("no retry queue".into())),
+        };
+        match parked {
+            Ok(()) => {
+                warn!(%reason, retries, "transient failure; parked for a delayed retry");
+                self.settle(delivery.ack().await);
+            }
+            Err(err) => {
+                error!(%reason, error = %err, "transient failure and the retry queue is unavailable; requeueing");
+                self.settle(delivery.requeue().await);
+            }
+        }
+    }
+}
+
+/// PostgreSQL text cannot hold NUL characters; a hostile message must not make its own dead
+/// letter unrecordable.
+fn sanitize(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+/// The request id of a message that could not be parsed, if one can be read from it, so that the
+/// dead letter shows up in the request's status.
+fn sniff_request_id(body: &[u8]) -> Option<crate::ids::RequestId> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let id = value.get("request_id")?.as_str()?;
+    id.parse().ok()
+}

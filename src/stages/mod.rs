@@ -1,0 +1,144 @@
+//! The stages of the pipeline. Each is a pure function from its input message (plus the context
+//! that the runner loads for it) to an [`Outcome`]; [`crate::runner`] owns consume, persist,
+//! publish and ack for all of them. A new stage is one new file here.
+
+mod decompose;
+mod dispatch;
+mod fallback;
+mod heartbeat;
+mod plan;
+mod route;
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use decompose::Decompose;
+pub use dispatch::Dispatch;
+pub use fallback::Fallback;
+pub use heartbeat::HeartbeatStage;
+pub use plan::PlanStage;
+pub use route::Route;
+
+use crate::effect::Write;
+use crate::ids::{AgentId, MessageId, RequestId};
+use crate::store::{self, Store};
+use crate::wire::{self, Envelope};
+
+/// A parsed input message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound<T> {
+    /// The idempotency key of this input.
+    pub message_id: MessageId,
+    pub request_id: Option<RequestId>,
+    pub priority: u8,
+    pub payload: T,
+}
+
+impl<T> Inbound<T> {
+    fn from_envelope(envelope: Envelope<T>, priority: u8) -> Self {
+        Inbound {
+            message_id: envelope.message_id,
+            request_id: Some(envelope.request_id),
+            priority,
+            payload: envelope.payload,
+        }
+    }
+}
+
+/// Where a published message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Destination {
+    /// A queue of the namespace, by relative name ("decomposed").
+    Queue(String),
+    /// The queue of an agent.
+    Agent(AgentId),
+}
+
+/// A message a stage wants published. Serializable: it is recorded with the input's idempotency
+/// marker so that a redelivered input republishes exactly the same messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Publish {
+    pub destination: Destination,
+    pub message_id: MessageId,
+    pub priority: u8,
+    pub body: serde_json::Value,
+}
+
+impl Publish {
+    pub fn envelope<P: Serialize>(destination: Destination, priority: u8, envelope: &Envelope<P>) -> Self {
+        Publish {
+            destination,
+            message_id: envelope.message_id,
+            priority,
+            body: serde_json::to_value(envelope).expect("envelopes serialize"),
+        }
+    }
+}
+
+/// What a stage decided about one input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Persist `writes` (in one transaction, with the idempotency marker), then publish, then ack.
+    Forward { writes: Vec<Write>, publish: Vec<Publish> },
+    /// Publish into an agent's queue first (mandatory: an absent queue is an error), then persist
+    /// `then` once the broker confirmed. If no attempt gets through, the stage's
+    /// [`Stage::undeliverable`] writes are persisted and the input is dead-lettered.
+    Deliver { publish: Publish, then: Vec<Write> },
+    /// A permanent failure: persist `writes` (the failure recorded where users look), then
+    /// dead-letter the input with `reason`.
+    Reject { writes: Vec<Write>, reason: String },
+}
+
+/// One stage of the pipeline.
+pub trait Stage: Send + Sync + 'static {
+    type Input: Send + Sync;
+    type Context: Send;
+
+    /// Names the stage in logs, idempotency markers and the audit log, and picks its queue from
+    /// the topology (the queue whose `consumer` it is).
+    const NAME: &'static str;
+
+    /// Parses a delivery. Stage-to-stage messages are envelopes; entry points override this.
+    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Self::Input>, wire::Error>;
+
+    /// Loads what `decide` needs from the store. The only I/O a stage has, and the runner runs it.
+    fn load(
+        &self,
+        store: &Store,
+        input: &Inbound<Self::Input>,
+    ) -> impl Future<Output = Result<Self::Context, store::Error>> + Send;
+
+    /// The decision. Pure: no I/O, the time is given.
+    fn decide(&self, input: &Inbound<Self::Input>, context: Self::Context, now: DateTime<Utc>) -> Outcome;
+
+    /// What to record when an [`Outcome::Deliver`] could not be delivered.
+    fn undeliverable(&self, _input: &Inbound<Self::Input>, _reason: &str) -> Vec<Write> {
+        Vec::new()
+    }
+
+    /// Whether the runner keeps an idempotency marker per input. Stages whose writes are
+    /// idempotent by nature and very frequent (heartbeats) do without.
+    fn deduplicates(&self) -> bool {
+        true
+    }
+}
+
+/// AMQP properties a stage may use when parsing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AmqpMeta<'a> {
+    pub message_id: Option<&'a str>,
+    pub priority: Option<u8>,
+}
+
+/// Parses an envelope carrying `P`.
+pub(crate) fn parse_envelope<P: serde::de::DeserializeOwned>(
+    body: &[u8],
+    amqp: &AmqpMeta<'_>,
+    limit: usize,
+) -> Result<Inbound<P>, wire::Error> {
+    let envelope = wire::parse_envelope::<P>(body, limit)?;
+    Ok(Inbound::from_envelope(envelope, amqp.priority.unwrap_or(0)))
+}

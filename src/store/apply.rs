@@ -1,0 +1,483 @@
+//! Applying a message's writes: one transaction holding the idempotency marker, the writes and
+//! their audit rows.
+
+use serde_json::{Value, json};
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use super::{Error, Store};
+use crate::domain::{PlanStatus, RequestStatus, TaskStatus};
+use crate::effect::Write;
+use crate::ids::{MessageId, PlanId, RequestId, TaskId};
+
+/// How applying went.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    Done,
+    /// The message was processed before; these are the outputs it published then.
+    Duplicate(Value),
+    /// A guarded write lost a race (the agent filled up, the quota ran out): nothing was written;
+    /// decide again on fresh data.
+    Conflict(String),
+}
+
+/// The idempotency marker of the input message.
+#[derive(Debug, Clone)]
+pub struct Marker<'a> {
+    pub stage: &'a str,
+    pub message_id: MessageId,
+    pub outputs: Value,
+}
+
+enum Step {
+    Ok,
+    Conflict(String),
+}
+
+impl Store {
+    /// The outputs recorded when `stage` processed `message_id`, if it did.
+    pub async fn processed(&self, stage: &str, message_id: MessageId) -> Result<Option<Value>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT outputs FROM processed_messages WHERE stage = $1 AND message_id = $2",
+                &[&stage, &message_id.as_uuid()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Applies `writes` in one transaction, with `marker` if given and an audit row per change.
+    pub async fn apply(
+        &self,
+        actor: &str,
+        marker: Option<Marker<'_>>,
+        writes: &[Write],
+    ) -> Result<Applied, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if let Some(marker) = marker {
+            // First, so that a concurrent copy of the same message waits here for this one.
+            let inserted = tx
+                .execute(
+                    "INSERT INTO processed_messages (stage, message_id, outputs) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                    &[&marker.stage, &marker.message_id.as_uuid(), &marker.outputs],
+                )
+                .await?;
+            if inserted == 0 {
+                let row = tx
+                    .query_one(
+                        "SELECT outputs FROM processed_messages WHERE stage = $1 AND message_id = $2",
+                        &[&marker.stage, &marker.message_id.as_uuid()],
+                    )
+                    .await?;
+                return Ok(Applied::Duplicate(row.get(0)));
+            }
+        }
+        for write in writes {
+            if let Step::Conflict(reason) = apply_one(&tx, actor, write).await? {
+                tx.rollback().await?;
+                return Ok(Applied::Conflict(reason));
+            }
+        }
+        tx.commit().await?;
+        Ok(Applied::Done)
+    }
+}
+
+pub(super) async fn audit(
+    tx: &Transaction<'_>,
+    actor: &str,
+    event: &str,
+    request: Option<RequestId>,
+    plan: Option<PlanId>,
+    task: Option<TaskId>,
+    detail: Value,
+) -> Result<(), Error> {
+    tx.execute(
+        "INSERT INTO audit_log (actor, event, request_id, plan_id, task_id, detail)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &actor,
+            &event,
+            &request.map(Uuid::from),
+            &plan.map(Uuid::from),
+            &task.map(Uuid::from),
+            &detail,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn set_request_status(
+    tx: &Transaction<'_>,
+    id: RequestId,
+    status: RequestStatus,
+    from: &[RequestStatus],
+) -> Result<(), Error> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    tx.execute(
+        "UPDATE requests SET status = $2, updated_at = now() WHERE id = $1 AND status = ANY($3)",
+        &[&id.as_uuid(), &status.as_str(), &from],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    match write {
+        Write::Request(meta) => {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO requests (id, text, submitted_by, priority, auto_approve, status)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                    &[
+                        &meta.request_id.as_uuid(),
+                        &meta.text,
+                        &meta.submitted_by,
+                        &i16::from(meta.priority),
+                        &meta.auto_approve,
+                        &RequestStatus::Received.as_str(),
+                    ],
+                )
+                .await?;
+            if inserted == 1 {
+                let detail = json!({ "submitted_by": meta.submitted_by, "priority": meta.priority,
+                                     "auto_approve": meta.auto_approve });
+                audit(tx, actor, "request.received", Some(meta.request_id), None, None, detail).await?;
+            }
+        }
+        Write::Decomposition { request_id, decomposition } => {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO decompositions (request_id, decomposer, intents, complexity)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &[
+                        &request_id.as_uuid(),
+                        &decomposition.decomposer,
+                        &serde_json::to_value(&decomposition.intents).expect("intents serialize"),
+                        &decomposition.complexity,
+                    ],
+                )
+                .await?;
+            if inserted == 1 {
+                set_request_status(tx, *request_id, RequestStatus::Decomposed, &[RequestStatus::Received])
+                    .await?;
+                let work_types: Vec<&str> =
+                    decomposition.intents.iter().map(|i| i.work_type.as_str()).collect();
+                let detail = json!({ "decomposer": decomposition.decomposer, "work_types": work_types,
+                                     "complexity": decomposition.complexity });
+                audit(tx, actor, "request.decomposed", Some(*request_id), None, None, detail).await?;
+            }
+        }
+        Write::RequestFailed { request_id, reason } => {
+            let updated = tx
+                .execute(
+                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
+                     WHERE id = $1 AND status <> $2",
+                    &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), reason],
+                )
+                .await?;
+            if updated == 1 {
+                let detail = json!({ "reason": reason });
+                audit(tx, actor, "request.failed", Some(*request_id), None, None, detail).await?;
+            }
+        }
+        Write::Plan { plan, complexity } => {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO plans (id, request_id, status, complexity) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT DO NOTHING",
+                    &[
+                        &plan.id.as_uuid(),
+                        &plan.request_id.as_uuid(),
+                        &PlanStatus::Planned.as_str(),
+                        complexity,
+                    ],
+                )
+                .await?;
+            if inserted == 1 {
+                let insert = tx
+                    .prepare(
+                        "INSERT INTO tasks (id, plan_id, position, key, work_type, description,
+                             estimated_duration_secs, cpu, memory_mb, gpu, capabilities, depends_on,
+                             affinity, status)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    )
+                    .await?;
+                for (position, task) in plan.tasks().iter().enumerate() {
+                    let capabilities: Vec<&str> = task.capabilities.iter().map(String::as_str).collect();
+                    let depends_on: Vec<Uuid> = task.depends_on.iter().map(|d| d.as_uuid()).collect();
+                    tx.execute(
+                        &insert,
+                        &[
+                            &task.id.as_uuid(),
+                            &plan.id.as_uuid(),
+                            &(position as i32),
+                            &task.key,
+                            &task.work_type.as_str(),
+                            &task.description,
+                            &(task.estimated_duration_secs as i32),
+                            &task.resources.cpu,
+                            &(task.resources.memory_mb as i64),
+                            &(task.resources.gpu as i32),
+                            &capabilities,
+                            &depends_on,
+                            &serde_json::to_value(&task.affinity).expect("affinity serializes"),
+                            &TaskStatus::Pending.as_str(),
+                        ],
+                    )
+                    .await?;
+                }
+                set_request_status(tx, plan.request_id, RequestStatus::Planned, &[RequestStatus::Decomposed])
+                    .await?;
+                let keys: Vec<&str> = plan.tasks().iter().map(|t| t.key.as_str()).collect();
+                let detail = json!({ "tasks": keys, "complexity": complexity });
+                audit(tx, actor, "plan.created", Some(plan.request_id), Some(plan.id), None, detail).await?;
+            }
+        }
+        Write::Fallback { request_id, decision, reserve } => {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO fallback_decisions (plan_id, use_external, provider, reason,
+                         complexity, estimated_cost_micros, quota_left_micros)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    &[
+                        &decision.plan_id.as_uuid(),
+                        &decision.use_external,
+                        &decision.provider,
+                        &decision.reason,
+                        &decision.complexity,
+                        &decision.estimated_cost_micros,
+                        &decision.quota_left_micros,
+                    ],
+                )
+                .await?;
+            if inserted == 0 {
+                return Ok(Step::Ok);
+            }
+            if let Some(reservation) = reserve {
+                let left = tx
+                    .query_opt(
+                        "UPDATE quotas SET reserved_micros = reserved_micros + $2, updated_at = now()
+                         WHERE provider = $1 AND limit_micros - reserved_micros - spent_micros >= $2
+                         RETURNING limit_micros - reserved_micros - spent_micros",
+                        &[&reservation.provider, &reservation.amount_micros],
+                    )
+                    .await?;
+                let Some(left) = left else {
+                    return Ok(Step::Conflict(format!(
+                        "quota of {} no longer covers {} micros",
+                        reservation.provider, reservation.amount_micros
+                    )));
+                };
+                let left: i64 = left.get(0);
+                tx.execute(
+                    "INSERT INTO quota_reservations (plan_id, provider, amount_micros) VALUES ($1, $2, $3)",
+                    &[&decision.plan_id.as_uuid(), &reservation.provider, &reservation.amount_micros],
+                )
+                .await?;
+                // The figure that counts is the one after this reservation, under the row lock.
+                tx.execute(
+                    "UPDATE fallback_decisions SET quota_left_micros = $2 WHERE plan_id = $1",
+                    &[&decision.plan_id.as_uuid(), &left],
+                )
+                .await?;
+            }
+            let detail = serde_json::to_value(decision).expect("decision serializes");
+            audit(tx, actor, "fallback.decided", Some(*request_id), Some(decision.plan_id), None, detail)
+                .await?;
+        }
+        Write::AwaitingApproval { request_id, plan_id, reason } => {
+            let updated = tx
+                .execute(
+                    "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
+                    &[&plan_id.as_uuid(), &PlanStatus::AwaitingApproval.as_str(), &PlanStatus::Planned.as_str()],
+                )
+                .await?;
+            if updated == 1 {
+                set_request_status(tx, *request_id, RequestStatus::AwaitingApproval, &[RequestStatus::Planned])
+                    .await?;
+                let detail = json!({ "reason": reason });
+                audit(tx, actor, "plan.awaiting_approval", Some(*request_id), Some(*plan_id), None, detail)
+                    .await?;
+            }
+        }
+        Write::Approval { request_id, plan_id, approved, by, reason } => {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO approvals (plan_id, approved, decided_by, reason) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT DO NOTHING",
+                    &[&plan_id.as_uuid(), approved, by, reason],
+                )
+                .await?;
+            if inserted == 1 {
+                let (plan_status, request_status, event) = if *approved {
+                    (PlanStatus::Approved, RequestStatus::InProgress, "plan.approved")
+                } else {
+                    (PlanStatus::Rejected, RequestStatus::Rejected, "plan.rejected")
+                };
+                tx.execute(
+                    "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1",
+                    &[&plan_id.as_uuid(), &plan_status.as_str()],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now() WHERE id = $1",
+                    &[
+                        &request_id.as_uuid(),
+                        &request_status.as_str(),
+                        &(!approved).then_some(reason.as_str()),
+                    ],
+                )
+                .await?;
+                let detail = json!({ "by": by, "reason": reason });
+                audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
+            }
+        }
+        Write::Route { request_id, plan_id, attempt, decision_id, route } => {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO routing_decisions (id, task_id, plan_id, attempt, agent_id, score, reason,
+                         candidates, reserved_capacity)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                    &[
+                        &decision_id.as_uuid(),
+                        &route.task_id.as_uuid(),
+                        &plan_id.as_uuid(),
+                        &(*attempt as i32),
+                        &route.agent_id.as_str(),
+                        &route.score,
+                        &route.reason,
+                        &serde_json::to_value(&route.candidates).expect("candidates serialize"),
+                        &route.reserves_capacity,
+                    ],
+                )
+                .await?;
+            if inserted == 0 {
+                return Ok(Step::Ok);
+            }
+            if route.reserves_capacity {
+                let reserved = tx
+                    .execute(
+                        "UPDATE agents SET in_flight = in_flight + 1 WHERE id = $1 AND in_flight < capacity",
+                        &[&route.agent_id.as_str()],
+                    )
+                    .await?;
+                if reserved == 0 {
+                    return Ok(Step::Conflict(format!("agent {} has no spare capacity left", route.agent_id)));
+                }
+            }
+            tx.execute(
+                "UPDATE tasks SET status = $2, attempt = $3, agent_id = $4, status_reason = $5, updated_at = now()
+                 WHERE id = $1",
+                &[
+                    &route.task_id.as_uuid(),
+                    &TaskStatus::Routed.as_str(),
+                    &(*attempt as i32),
+                    &route.agent_id.as_str(),
+                    &route.reason,
+                ],
+            )
+            .await?;
+            let detail = json!({ "attempt": attempt, "agent_id": route.agent_id, "score": route.score,
+                                 "reason": route.reason });
+            audit(tx, actor, "task.routed", Some(*request_id), Some(*plan_id), Some(route.task_id), detail)
+                .await?;
+        }
+        Write::Dispatched { request_id, plan_id, task_id, attempt, decision_id, agent_id, queue, message_id } => {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO dispatches (task_id, attempt, decision_id, agent_id, queue, message_id)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    &[
+                        &task_id.as_uuid(),
+                        &(*attempt as i32),
+                        &decision_id.as_uuid(),
+                        &agent_id.as_str(),
+                        queue,
+                        &message_id.as_uuid(),
+                    ],
+                )
+                .await?;
+            if inserted == 1 {
+                tx.execute(
+                    "UPDATE tasks SET status = $2, updated_at = now() WHERE id = $1 AND attempt = $3",
+                    &[&task_id.as_uuid(), &TaskStatus::Dispatched.as_str(), &(*attempt as i32)],
+                )
+                .await?;
+                let detail = json!({ "attempt": attempt, "agent_id": agent_id, "queue": queue,
+                                     "message_id": message_id });
+                audit(tx, actor, "task.dispatched", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
+                    .await?;
+            }
+        }
+        Write::DispatchFailed { request_id, plan_id, task_id, attempt, decision_id, agent_id, reason } => {
+            let updated = tx
+                .execute(
+                    "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
+                     WHERE id = $1 AND attempt = $4 AND status = $5",
+                    &[
+                        &task_id.as_uuid(),
+                        &TaskStatus::DispatchFailed.as_str(),
+                        reason,
+                        &(*attempt as i32),
+                        &TaskStatus::Routed.as_str(),
+                    ],
+                )
+                .await?;
+            if updated == 1 {
+                // Give back the capacity that the routing decision reserved.
+                tx.execute(
+                    "UPDATE agents SET in_flight = in_flight - 1
+                     WHERE id = $1 AND in_flight > 0
+                       AND EXISTS (SELECT 1 FROM routing_decisions WHERE id = $2 AND reserved_capacity)",
+                    &[&agent_id.as_str(), &decision_id.as_uuid()],
+                )
+                .await?;
+                let failure = format!("task could not be dispatched to {agent_id}: {reason}");
+                tx.execute(
+                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now() WHERE id = $1",
+                    &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), &failure],
+                )
+                .await?;
+                let detail = json!({ "attempt": attempt, "agent_id": agent_id, "reason": reason });
+                audit(tx, actor, "task.dispatch_failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
+                    .await?;
+            }
+        }
+        Write::Agent { heartbeat, received_at } => {
+            let at = heartbeat.sent_at.map_or(*received_at, |sent| sent.min(*received_at));
+            let capabilities: Vec<&str> = heartbeat.capabilities.iter().map(String::as_str).collect();
+            let inserted: bool = tx
+                .query_one(
+                    "INSERT INTO agents (id, capabilities, capacity, labels, cpu, memory_mb, gpu, last_heartbeat)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (id) DO UPDATE SET capabilities = EXCLUDED.capabilities,
+                         capacity = EXCLUDED.capacity, labels = EXCLUDED.labels, cpu = EXCLUDED.cpu,
+                         memory_mb = EXCLUDED.memory_mb, gpu = EXCLUDED.gpu,
+                         last_heartbeat = GREATEST(agents.last_heartbeat, EXCLUDED.last_heartbeat)
+                     RETURNING (xmax = 0)",
+                    &[
+                        &heartbeat.agent_id.as_str(),
+                        &capabilities,
+                        &(heartbeat.capacity as i32),
+                        &serde_json::to_value(&heartbeat.labels).expect("labels serialize"),
+                        &heartbeat.resources.cpu,
+                        &(heartbeat.resources.memory_mb as i64),
+                        &(heartbeat.resources.gpu as i32),
+                        &at,
+                    ],
+                )
+                .await?
+                .get(0);
+            if inserted {
+                let detail = serde_json::to_value(heartbeat).expect("heartbeat serializes");
+                audit(tx, actor, "agent.registered", None, None, None, detail).await?;
+            }
+        }
+    }
+    Ok(Step::Ok)
+}

@@ -1,0 +1,272 @@
+//! PostgreSQL: the only module that holds SQL. It applies the [`Write`]s that stages decide, each
+//! message's writes in one transaction with its idempotency marker and audit rows, and answers
+//! the queries that stages (their context), the command line and the audit need.
+//!
+//! [`Write`]: crate::effect::Write
+
+mod apply;
+mod read;
+
+use std::time::Duration;
+
+use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+pub use apply::{Applied, Marker};
+pub use read::*;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// What went wrong talking to PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("database migration: {0}")]
+    Migration(#[from] refinery::Error),
+    #[error("invalid database configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The operation is not allowed in the current state (approving a rejected plan, say).
+    #[error("{0}")]
+    Refused(String),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl Error {
+    /// Whether retrying later can succeed: the database is unreachable, restarting, overloaded,
+    /// or the transaction lost a race. Everything else (bad data, a refused operation) is
+    /// permanent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Pool(_) => true,
+            Error::Db(e) => match e.code() {
+                None => true, // connection closed, I/O: not an answer from the server
+                Some(code) => {
+                    let class = &code.code()[..2];
+                    matches!(class, "08" | "53" | "57" | "58" | "40")
+                        || *code == SqlState::LOCK_NOT_AVAILABLE
+                }
+            },
+            Error::Migration(_) | Error::Config(_) | Error::NotFound(_) | Error::Refused(_) => {
+                false
+            }
+            Error::Corrupt(_) => false,
+        }
+    }
+}
+
+/// A handle on the database: a connection pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("status", &self.pool.status()).finish()
+    }
+}
+
+fn pg_config(url: &str) -> Result<tokio_postgres::Config, Error> {
+    // The parse error of tokio-postgres does not echo the URL, so no password can leak from it.
+    url.parse::<tokio_postgres::Config>().map_err(|e| Error::Config(e.to_string()))
+}
+
+impl Store {
+    /// A pool of at most `max_connections` to `url`; fails if the database does not answer.
+    pub async fn connect(url: &str, max_connections: usize) -> Result<Self, Error> {
+        let mut config = pg_config(url)?;
+        config.connect_timeout(Duration::from_secs(5));
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            NoTls,
+            // Fast: a broken connection shows up as an error on use, and that error is transient.
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let mut pool_config = PoolConfig::new(max_connections.max(1));
+        pool_config.timeouts.wait = Some(Duration::from_secs(10));
+        pool_config.timeouts.create = Some(Duration::from_secs(5));
+        let pool = Pool::builder(manager)
+            .config(pool_config)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let store = Store { pool };
+        drop(store.pool.get().await?);
+        Ok(store)
+    }
+
+    /// Applies the embedded migrations. Safe to run from several processes at once: they take
+    /// turns on an advisory lock.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        const LOCK: i64 = 0x5357_4954_4348; // "SWITCH"
+        let mut client = self.pool.get().await?;
+        client.execute("SELECT pg_advisory_lock($1)", &[&LOCK]).await?;
+        let client: &mut tokio_postgres::Client = &mut client;
+        let result = embedded::migrations::runner().run_async(client).await;
+        client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await?;
+        result.map(|_| ()).map_err(Error::from)
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+/// Creates the database named in `url` if it does not exist yet, connecting to the server's
+/// `postgres` database to do so.
+pub async fn ensure_database(url: &str) -> Result<(), Error> {
+    let config = pg_config(url)?;
+    let name = config
+        .get_dbname()
+        .map(str::to_owned)
+        .or_else(|| config.get_user().map(str::to_owned))
+        .ok_or_else(|| Error::Config("no database name in the URL".into()))?;
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin.connect(NoTls).await?;
+    let task = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let sql = format!("CREATE DATABASE {}", quote_ident(&name));
+        if let Err(e) = client.execute(sql.as_str(), &[]).await {
+            // Another process may have created it in the meantime.
+            if e.code() != Some(&SqlState::DUPLICATE_DATABASE) {
+                return Err(e.into());
+            }
+        }
+    }
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}
+
+/// Quotes an SQL identifier (database names cannot be bound parameters).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Database administration for test harnesses and tooling: a template database migrated once,
+/// cloned per test.
+pub mod admin {
+    use super::*;
+
+    async fn connect_admin(url: &str) -> Result<tokio_postgres::Client, Error> {
+        let mut config = pg_config(url)?;
+        config.dbname("postgres");
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// Makes sure the migrated template `template` exists (several processes may race to create
+    /// it: an advisory lock serialises them), then creates `database` as its copy.
+    pub async fn create_from_template(
+        url: &str,
+        template: &str,
+        database: &str,
+    ) -> Result<(), Error> {
+        const LOCK: i64 = 0x5357_5445_4d50; // "SWTEMP"
+        let client = connect_admin(url).await?;
+        client.execute("SELECT pg_advisory_lock($1)", &[&LOCK]).await?;
+        let result = async {
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
+                .await?
+                .is_some();
+            if !exists {
+                let building = format!("{template}_building");
+                client
+                    .execute(format!("DROP DATABASE IF EXISTS {}", quote_ident(&building)).as_str(), &[])
+                    .await?;
+                client
+                    .execute(format!("CREATE DATABASE {}", quote_ident(&building)).as_str(), &[])
+                    .await?;
+                let store = Store::connect(&with_database(url, &building), 1).await?;
+                store.migrate().await?;
+                store.pool.close();
+                // Renamed only once migrated, so a template that exists is a complete one.
+                client
+                    .execute(
+                        format!(
+                            "ALTER DATABASE {} RENAME TO {}",
+                            quote_ident(&building),
+                            quote_ident(template)
+                        )
+                        .as_str(),
+                        &[],
+                    )
+                    .await?;
+            }
+            client
+                .execute(
+                    format!(
+                        "CREATE DATABASE {} TEMPLATE {}",
+                        quote_ident(database),
+                        quote_ident(template)
+                    )
+                    .as_str(),
+                    &[],
+                )
+                .await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await?;
+        result
+    }
+
+    /// Drops `database`, disconnecting whoever is still connected.
+    pub async fn drop_database(url: &str, database: &str) -> Result<(), Error> {
+        let client = connect_admin(url).await?;
+        client
+            .execute(
+                format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(database)).as_str(),
+                &[],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// `url` (a `postgres://` URL) pointing at `database` instead.
+pub fn with_database(url: &str, database: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.scheme().starts_with("postgres") => {
+            parsed.set_path(&format!("/{database}"));
+            parsed.to_string()
+        }
+        // A key=value connection string: a later dbname overrides an earlier one.
+        _ => format!("{url} dbname={database}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_database_replaces_the_path() {
+        assert_eq!(
+            with_database("postgres://u:p@127.0.0.1:5432/test?sslmode=disable", "t_1"),
+            "postgres://u:p@127.0.0.1:5432/t_1?sslmode=disable"
+        );
+        assert_eq!(with_database("host=/tmp user=x", "t_1"), "host=/tmp user=x dbname=t_1");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
+    }
+}

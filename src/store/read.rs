@@ -1,0 +1,565 @@
+//! Queries: the context that stages decide on, and the reports of the command line and the audit.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{Applied, Error, Store};
+use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
+use crate::effect::Write;
+use crate::ids::{AgentId, MessageId, PlanId, RequestId, TaskId, WorkType};
+use crate::policy::QuotaSnapshot;
+use crate::wire::Heartbeat;
+
+/// A plan as stored, with its state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPlan {
+    pub plan: Plan,
+    pub status: PlanStatus,
+    pub priority: u8,
+}
+
+/// Where one task stands.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskState {
+    pub id: TaskId,
+    pub key: String,
+    pub work_type: String,
+    pub description: String,
+    pub status: TaskStatus,
+    pub attempt: u32,
+    pub agent_id: Option<String>,
+    /// The routing reason, or why dispatch failed.
+    pub reason: Option<String>,
+    pub depends_on: Vec<TaskId>,
+}
+
+/// Everything `switchyard status` shows about a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestReport {
+    pub request_id: RequestId,
+    pub text: String,
+    pub submitted_by: Option<String>,
+    pub status: RequestStatus,
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub decomposer: Option<String>,
+    pub intents: Option<Value>,
+    pub plan: Option<PlanReport>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanReport {
+    pub plan_id: PlanId,
+    pub status: PlanStatus,
+    pub complexity: f64,
+    pub fallback: Option<FallbackRow>,
+    pub approval: Option<ApprovalRow>,
+    pub tasks: Vec<TaskState>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FallbackRow {
+    pub use_external: bool,
+    pub provider: Option<String>,
+    pub reason: String,
+    pub complexity: f64,
+    pub estimated_cost_micros: i64,
+    pub quota_left_micros: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalRow {
+    pub approved: bool,
+    pub decided_by: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub message_id: MessageId,
+    pub stage: String,
+    pub queue: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A routing decision as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionRow {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub agent_id: String,
+    pub score: Option<f64>,
+    pub reason: String,
+    pub candidates: Value,
+    pub reserved_capacity: bool,
+}
+
+/// A confirmed dispatch as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct DispatchRow {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub agent_id: String,
+    pub queue: String,
+    pub message_id: MessageId,
+    pub confirmed_at: DateTime<Utc>,
+}
+
+/// What the audit checks: every row about one request.
+#[derive(Debug, Clone)]
+pub struct Trail {
+    pub request_status: RequestStatus,
+    pub has_decomposition: bool,
+    pub plan: Option<StoredPlan>,
+    pub fallback_decisions: usize,
+    pub approval: Option<ApprovalRow>,
+    pub tasks: Vec<TaskState>,
+    pub decisions: Vec<DecisionRow>,
+    pub dispatches: Vec<DispatchRow>,
+}
+
+/// What `approve` or `reject` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalOutcome {
+    pub request_id: RequestId,
+    pub priority: u8,
+    /// The plan already had this verdict: nothing was changed.
+    pub already: bool,
+}
+
+fn parse_status<T: std::str::FromStr>(value: &str) -> Result<T, Error> {
+    value.parse().map_err(|_| Error::Corrupt(format!("unknown status {value:?}")))
+}
+
+fn task_from_row(row: &Row) -> Result<Task, Error> {
+    let capabilities: Vec<String> = row.get("capabilities");
+    let depends_on: Vec<Uuid> = row.get("depends_on");
+    let affinity: Value = row.get("affinity");
+    Ok(Task {
+        id: TaskId::from_uuid(row.get("id")),
+        key: row.get("key"),
+        work_type: WorkType::parse(row.get::<_, String>("work_type"))
+            .map_err(|e| Error::Corrupt(e.to_string()))?,
+        description: row.get("description"),
+        estimated_duration_secs: row.get::<_, i32>("estimated_duration_secs") as u32,
+        resources: Resources {
+            cpu: row.get("cpu"),
+            memory_mb: row.get::<_, i64>("memory_mb") as u64,
+            gpu: row.get::<_, i32>("gpu") as u32,
+        },
+        capabilities: capabilities.into_iter().collect(),
+        depends_on: depends_on.into_iter().map(TaskId::from_uuid).collect(),
+        affinity: serde_json::from_value(affinity).map_err(|e| Error::Corrupt(e.to_string()))?,
+    })
+}
+
+fn task_state_from_row(row: &Row) -> Result<TaskState, Error> {
+    let depends_on: Vec<Uuid> = row.get("depends_on");
+    Ok(TaskState {
+        id: TaskId::from_uuid(row.get("id")),
+        key: row.get("key"),
+        work_type: row.get("work_type"),
+        description: row.get("description"),
+        status: parse_status(row.get("status"))?,
+        attempt: row.get::<_, i32>("attempt") as u32,
+        agent_id: row.get("agent_id"),
+        reason: row.get("status_reason"),
+        depends_on: depends_on.into_iter().map(TaskId::from_uuid).collect(),
+    })
+}
+
+fn agent_from_row(row: &Row) -> Result<Agent, Error> {
+    let capabilities: Vec<String> = row.get("capabilities");
+    let labels: Value = row.get("labels");
+    Ok(Agent {
+        id: AgentId::parse(row.get::<_, String>("id")).map_err(|e| Error::Corrupt(e.to_string()))?,
+        capabilities: capabilities.into_iter().collect(),
+        capacity: row.get::<_, i32>("capacity") as u32,
+        in_flight: row.get::<_, i32>("in_flight") as u32,
+        labels: serde_json::from_value(labels).map_err(|e| Error::Corrupt(e.to_string()))?,
+        resources: Resources {
+            cpu: row.get("cpu"),
+            memory_mb: row.get::<_, i64>("memory_mb") as u64,
+            gpu: row.get::<_, i32>("gpu") as u32,
+        },
+        last_heartbeat: row.get("last_heartbeat"),
+        succeeded: row.get::<_, i64>("succeeded") as u64,
+        failed: row.get::<_, i64>("failed") as u64,
+    })
+}
+
+const TASK_COLUMNS: &str = "id, key, work_type, description, estimated_duration_secs, cpu, memory_mb, gpu,
+     capabilities, depends_on, affinity, status, attempt, agent_id, status_reason";
+
+impl Store {
+    /// A plan with its tasks, rebuilt and checked.
+    pub async fn plan(&self, plan_id: PlanId) -> Result<Option<StoredPlan>, Error> {
+        let client = self.client().await?;
+        let Some(row) = client
+            .query_opt(
+                "SELECT p.request_id, p.status, r.priority FROM plans p JOIN requests r ON r.id = p.request_id
+                 WHERE p.id = $1",
+                &[&plan_id.as_uuid()],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let rows = client
+            .query(
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE plan_id = $1 ORDER BY position"),
+                &[&plan_id.as_uuid()],
+            )
+            .await?;
+        let tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>, _>>()?;
+        let request_id = RequestId::from_uuid(row.get(0));
+        let plan = Plan::new(plan_id, request_id, tasks).map_err(|e| Error::Corrupt(e.to_string()))?;
+        Ok(Some(StoredPlan {
+            plan,
+            status: parse_status(row.get(1))?,
+            priority: row.get::<_, i16>(2) as u8,
+        }))
+    }
+
+    /// The state of every task of a plan, in plan order.
+    pub async fn task_states(&self, plan_id: PlanId) -> Result<Vec<TaskState>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE plan_id = $1 ORDER BY position"),
+                &[&plan_id.as_uuid()],
+            )
+            .await?;
+        rows.iter().map(task_state_from_row).collect()
+    }
+
+    /// Every known agent, by id.
+    pub async fn agents(&self) -> Result<Vec<Agent>, Error> {
+        let client = self.client().await?;
+        let rows = client.query("SELECT * FROM agents ORDER BY id", &[]).await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    /// Registers (or updates) an agent, as its heartbeat would.
+    pub async fn register_agent(&self, actor: &str, heartbeat: Heartbeat) -> Result<(), Error> {
+        let write = Write::Agent { heartbeat, received_at: Utc::now() };
+        self.apply(actor, None, std::slice::from_ref(&write)).await.map(|_| ())
+    }
+
+    /// Quota left for `provider`, if it has a quota row.
+    pub async fn quota(&self, provider: &str) -> Result<Option<QuotaSnapshot>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT limit_micros - reserved_micros - spent_micros FROM quotas WHERE provider = $1",
+                &[&provider],
+            )
+            .await?;
+        Ok(row.map(|r| QuotaSnapshot { provider: provider.to_owned(), remaining_micros: r.get(0) }))
+    }
+
+    /// Creates the quota row of a configured provider; an existing row keeps its figures.
+    pub async fn ensure_quota(&self, provider: &str, limit_micros: i64) -> Result<(), Error> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO quotas (provider, limit_micros) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&provider, &limit_micros],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Sets a provider's limit, creating its row if needed.
+    pub async fn set_quota_limit(&self, provider: &str, limit_micros: i64) -> Result<(), Error> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO quotas (provider, limit_micros) VALUES ($1, $2)
+                 ON CONFLICT (provider) DO UPDATE SET limit_micros = EXCLUDED.limit_micros, updated_at = now()",
+                &[&provider, &limit_micros],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records a dead letter; a second record of the same message at the same stage is ignored.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_dead_letter(
+        &self,
+        stage: &str,
+        queue: &str,
+        message_id: MessageId,
+        request_id: Option<RequestId>,
+        reason: &str,
+        body: &str,
+    ) -> Result<(), Error> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO dead_letters (message_id, stage, queue, request_id, reason, body)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                &[&message_id.as_uuid(), &stage, &queue, &request_id.map(Uuid::from), &reason, &body],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Dead letters recorded for `stage`, newest first.
+    pub async fn dead_letters_of_stage(&self, stage: &str) -> Result<Vec<DeadLetter>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT message_id, stage, queue, reason, created_at FROM dead_letters
+                 WHERE stage = $1 ORDER BY id DESC",
+                &[&stage],
+            )
+            .await?;
+        Ok(rows.iter().map(dead_letter_from_row).collect())
+    }
+
+    /// Approves (`approved`) or rejects a plan that awaits approval. Idempotent: the same verdict
+    /// again changes nothing; the opposite verdict is refused.
+    pub async fn decide_approval(
+        &self,
+        plan_id: PlanId,
+        approved: bool,
+        by: &str,
+        reason: &str,
+    ) -> Result<ApprovalOutcome, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT p.request_id, p.status, r.priority, a.approved
+                 FROM plans p JOIN requests r ON r.id = p.request_id
+                 LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.id = $1",
+                &[&plan_id.as_uuid()],
+            )
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no plan {plan_id}")))?;
+        let request_id = RequestId::from_uuid(row.get(0));
+        let status: PlanStatus = parse_status(row.get(1))?;
+        let priority = row.get::<_, i16>(2) as u8;
+        let existing: Option<bool> = row.get(3);
+        match existing {
+            Some(verdict) if verdict == approved => {
+                return Ok(ApprovalOutcome { request_id, priority, already: true });
+            }
+            Some(_) => {
+                return Err(Error::Refused(format!("plan {plan_id} is already {status}")));
+            }
+            None if status != PlanStatus::AwaitingApproval => {
+                return Err(Error::Refused(format!(
+                    "plan {plan_id} is {status}, not awaiting approval"
+                )));
+            }
+            None => {}
+        }
+        drop(client);
+        let write = Write::Approval {
+            request_id,
+            plan_id,
+            approved,
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        };
+        match self.apply(by, None, std::slice::from_ref(&write)).await? {
+            Applied::Done => Ok(ApprovalOutcome { request_id, priority, already: false }),
+            other => Err(Error::Corrupt(format!("approval of {plan_id} applied as {other:?}"))),
+        }
+    }
+
+    /// Everything known about a request.
+    pub async fn report(&self, request_id: RequestId) -> Result<Option<RequestReport>, Error> {
+        let client = self.client().await?;
+        let Some(request) = client
+            .query_opt(
+                "SELECT r.text, r.submitted_by, r.status, r.failure_reason, r.created_at, d.decomposer, d.intents
+                 FROM requests r LEFT JOIN decompositions d ON d.request_id = r.id WHERE r.id = $1",
+                &[&request_id.as_uuid()],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let dead_letters = client
+            .query(
+                "SELECT message_id, stage, queue, reason, created_at FROM dead_letters
+                 WHERE request_id = $1 ORDER BY id",
+                &[&request_id.as_uuid()],
+            )
+            .await?
+            .iter()
+            .map(dead_letter_from_row)
+            .collect();
+        let plan_row = client
+            .query_opt(
+                "SELECT p.id, p.status, p.complexity,
+                        f.use_external, f.provider, f.reason, f.complexity, f.estimated_cost_micros,
+                        f.quota_left_micros, a.approved, a.decided_by, a.reason, a.created_at
+                 FROM plans p LEFT JOIN fallback_decisions f ON f.plan_id = p.id
+                 LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.request_id = $1",
+                &[&request_id.as_uuid()],
+            )
+            .await?;
+        drop(client);
+        let plan = match plan_row {
+            None => None,
+            Some(row) => {
+                let plan_id = PlanId::from_uuid(row.get(0));
+                let fallback = row.get::<_, Option<bool>>(3).map(|use_external| FallbackRow {
+                    use_external,
+                    provider: row.get(4),
+                    reason: row.get(5),
+                    complexity: row.get(6),
+                    estimated_cost_micros: row.get(7),
+                    quota_left_micros: row.get(8),
+                });
+                let approval = row.get::<_, Option<bool>>(9).map(|approved| ApprovalRow {
+                    approved,
+                    decided_by: row.get(10),
+                    reason: row.get(11),
+                    at: row.get(12),
+                });
+                Some(PlanReport {
+                    plan_id,
+                    status: parse_status(row.get(1))?,
+                    complexity: row.get(2),
+                    fallback,
+                    approval,
+                    tasks: self.task_states(plan_id).await?,
+                })
+            }
+        };
+        Ok(Some(RequestReport {
+            request_id,
+            text: request.get(0),
+            submitted_by: request.get(1),
+            status: parse_status(request.get(2))?,
+            failure_reason: request.get(3),
+            created_at: request.get(4),
+            decomposer: request.get(5),
+            intents: request.get(6),
+            plan,
+            dead_letters,
+        }))
+    }
+
+    /// Every row that the audit of a request checks.
+    pub async fn trail(&self, request_id: RequestId) -> Result<Option<Trail>, Error> {
+        let client = self.client().await?;
+        let Some(request) = client
+            .query_opt(
+                "SELECT r.status, EXISTS (SELECT 1 FROM decompositions d WHERE d.request_id = r.id)
+                 FROM requests r WHERE r.id = $1",
+                &[&request_id.as_uuid()],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let plan_id = request_id.plan_id();
+        let fallback_decisions: i64 = client
+            .query_one("SELECT count(*) FROM fallback_decisions WHERE plan_id = $1", &[&plan_id.as_uuid()])
+            .await?
+            .get(0);
+        let approval = client
+            .query_opt(
+                "SELECT approved, decided_by, reason, created_at FROM approvals WHERE plan_id = $1",
+                &[&plan_id.as_uuid()],
+            )
+            .await?
+            .map(|row| ApprovalRow { approved: row.get(0), decided_by: row.get(1), reason: row.get(2), at: row.get(3) });
+        let decisions = client
+            .query(
+                "SELECT task_id, attempt, agent_id, score, reason, candidates, reserved_capacity
+                 FROM routing_decisions WHERE plan_id = $1 ORDER BY created_at, task_id",
+                &[&plan_id.as_uuid()],
+            )
+            .await?
+            .iter()
+            .map(|row| DecisionRow {
+                task_id: TaskId::from_uuid(row.get(0)),
+                attempt: row.get::<_, i32>(1) as u32,
+                agent_id: row.get(2),
+                score: row.get(3),
+                reason: row.get(4),
+                candidates: row.get(5),
+                reserved_capacity: row.get(6),
+            })
+            .collect();
+        let dispatches = self.dispatches(plan_id).await?;
+        drop(client);
+        Ok(Some(Trail {
+            request_status: parse_status(request.get(0))?,
+            has_decomposition: request.get(1),
+            plan: self.plan(plan_id).await?,
+            fallback_decisions: fallback_decisions as usize,
+            approval,
+            tasks: self.task_states(plan_id).await?,
+            decisions,
+            dispatches,
+        }))
+    }
+
+    /// The confirmed dispatches of a plan, in order of confirmation.
+    pub async fn dispatches(&self, plan_id: PlanId) -> Result<Vec<DispatchRow>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT d.task_id, d.attempt, d.agent_id, d.queue, d.message_id, d.confirmed_at
+                 FROM dispatches d JOIN tasks t ON t.id = d.task_id WHERE t.plan_id = $1
+                 ORDER BY d.confirmed_at, d.task_id",
+                &[&plan_id.as_uuid()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| DispatchRow {
+                task_id: TaskId::from_uuid(row.get(0)),
+                attempt: row.get::<_, i32>(1) as u32,
+                agent_id: row.get(2),
+                queue: row.get(3),
+                message_id: MessageId::from_uuid(row.get(4)),
+                confirmed_at: row.get(5),
+            })
+            .collect())
+    }
+
+    /// Audit-log events of a request, oldest first: (actor, event, detail).
+    pub async fn audit_events(&self, request_id: RequestId) -> Result<Vec<(String, String, Value)>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT actor, event, detail FROM audit_log WHERE request_id = $1 ORDER BY id",
+                &[&request_id.as_uuid()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    /// How many requests the store holds per status (for tools and tests).
+    pub async fn request_counts(&self) -> Result<BTreeMap<String, i64>, Error> {
+        let client = self.client().await?;
+        let rows = client.query("SELECT status, count(*) FROM requests GROUP BY status", &[]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+fn dead_letter_from_row(row: &Row) -> DeadLetter {
+    DeadLetter {
+        message_id: MessageId::from_uuid(row.get(0)),
+        stage: row.get(1),
+        queue: row.get(2),
+        reason: row.get(3),
+        at: row.get(4),
+    }
+}

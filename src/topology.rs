@@ -1,0 +1,239 @@
+//! The broker topology as data: exchanges, queues and bindings, read from `queues/topology.toml`
+//! and resolved for one namespace. `broker` declares what this module describes; nothing here
+//! talks to the broker.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+
+use crate::ids::{AgentId, Namespace};
+
+const STANDARD: &str = include_str!("../queues/topology.toml");
+
+/// Why a topology description is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("topology is not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("topology: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeKind {
+    Direct,
+    Fanout,
+    Topic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exchange {
+    pub name: String,
+    pub kind: ExchangeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Queue {
+    pub name: String,
+    /// The stage that consumes it, if any.
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// Exchanges it is bound to (with its own name as the routing key).
+    #[serde(default)]
+    pub bind: Vec<String>,
+    #[serde(default)]
+    pub max_priority: Option<u8>,
+    #[serde(default)]
+    pub message_ttl_ms: Option<u32>,
+    /// `""` is the default exchange.
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+    #[serde(default)]
+    pub dead_letter_routing_key: Option<String>,
+}
+
+/// A topology with relative names, as written in the data file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    #[serde(default, rename = "exchange")]
+    pub exchanges: Vec<Exchange>,
+    #[serde(default, rename = "queue")]
+    pub queues: Vec<Queue>,
+}
+
+impl Topology {
+    /// The topology shipped in `queues/topology.toml`.
+    pub fn standard() -> Self {
+        Self::parse(STANDARD).expect("the shipped topology is valid (checked by a unit test)")
+    }
+
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let topology: Topology = toml::from_str(text)?;
+        topology.check()?;
+        Ok(topology)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let exchanges: BTreeSet<&str> = self.exchanges.iter().map(|e| e.name.as_str()).collect();
+        let queues: BTreeSet<&str> = self.queues.iter().map(|q| q.name.as_str()).collect();
+        if queues.len() != self.queues.len() || exchanges.len() != self.exchanges.len() {
+            return Err(Error::Invalid("a name is declared twice".into()));
+        }
+        for queue in &self.queues {
+            for exchange in queue.bind.iter().chain(&queue.dead_letter_exchange) {
+                if !exchange.is_empty() && !exchanges.contains(exchange.as_str()) {
+                    return Err(Error::Invalid(format!(
+                        "queue {} refers to the undeclared exchange {exchange}",
+                        queue.name
+                    )));
+                }
+            }
+            if let Some(key) = &queue.dead_letter_routing_key
+                && !queues.contains(key.as_str())
+            {
+                return Err(Error::Invalid(format!(
+                    "queue {} dead-letters to the undeclared queue {key}",
+                    queue.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The same topology with every name prefixed by `namespace`.
+    pub fn resolve(&self, namespace: &Namespace) -> Topology {
+        let full = |name: &str| {
+            if name.is_empty() { String::new() } else { format!("{namespace}.{name}") }
+        };
+        Topology {
+            exchanges: self
+                .exchanges
+                .iter()
+                .map(|e| Exchange { name: full(&e.name), kind: e.kind })
+                .collect(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| Queue {
+                    name: full(&q.name),
+                    consumer: q.consumer.clone(),
+                    bind: q.bind.iter().map(|b| full(b)).collect(),
+                    max_priority: q.max_priority,
+                    message_ttl_ms: q.message_ttl_ms,
+                    dead_letter_exchange: q.dead_letter_exchange.as_deref().map(full),
+                    dead_letter_routing_key: q.dead_letter_routing_key.as_deref().map(full),
+                })
+                .collect(),
+        }
+    }
+
+    /// The queue that `stage` consumes.
+    pub fn queue_of(&self, stage: &str) -> Option<&Queue> {
+        self.queues.iter().find(|q| q.consumer.as_deref() == Some(stage))
+    }
+
+    /// The queue where a message that failed transiently waits before going back to `queue`.
+    pub fn retry_queue_of(&self, queue: &str) -> Option<&Queue> {
+        self.queues.iter().find(|q| {
+            q.message_ttl_ms.is_some() && q.dead_letter_routing_key.as_deref() == Some(queue)
+        })
+    }
+}
+
+/// Full names of the well-known places in a namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    namespace: Namespace,
+}
+
+impl Names {
+    pub fn new(namespace: Namespace) -> Self {
+        Self { namespace }
+    }
+
+    pub fn namespace(&self) -> &Namespace {
+        &self.namespace
+    }
+
+    /// `<namespace>.<name>`.
+    pub fn queue(&self, name: &str) -> String {
+        format!("{}.{name}", self.namespace)
+    }
+
+    pub fn requests(&self) -> String {
+        self.queue("requests")
+    }
+
+    pub fn heartbeats(&self) -> String {
+        self.queue("heartbeats")
+    }
+
+    pub fn dead_exchange(&self) -> String {
+        self.queue("dead")
+    }
+
+    pub fn dead_queue(&self) -> String {
+        self.queue("dead")
+    }
+
+    /// `<namespace>.agent.<agent_id>`.
+    pub fn agent_queue(&self, agent: &AgentId) -> String {
+        format!("{}.agent.{agent}", self.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_topology_is_valid_and_complete() {
+        let topology = Topology::standard();
+        for stage in ["decompose", "plan", "fallback", "route", "dispatch", "heartbeat"] {
+            let queue = topology.queue_of(stage).unwrap_or_else(|| panic!("no queue for {stage}"));
+            assert_eq!(queue.dead_letter_exchange.as_deref(), Some("dead"), "{stage}");
+            let retry = topology.retry_queue_of(&queue.name).expect("a retry queue");
+            assert_eq!(retry.dead_letter_exchange.as_deref(), Some(""));
+        }
+        assert!(topology.queues.iter().any(|q| q.name == "dead" && q.bind == ["dead"]));
+    }
+
+    #[test]
+    fn resolve_prefixes_every_name_but_the_default_exchange() {
+        let ns = Namespace::parse("t1").unwrap();
+        let topology = Topology::standard().resolve(&ns);
+        let requests = topology.queue_of("decompose").unwrap();
+        assert_eq!(requests.name, "t1.requests");
+        assert_eq!(requests.dead_letter_exchange.as_deref(), Some("t1.dead"));
+        let retry = topology.retry_queue_of("t1.requests").unwrap();
+        assert_eq!(retry.name, "t1.requests.retry");
+        assert_eq!(retry.dead_letter_exchange.as_deref(), Some(""));
+        assert_eq!(retry.dead_letter_routing_key.as_deref(), Some("t1.requests"));
+        assert!(topology.queues.iter().all(|q| q.name.starts_with("t1.")));
+    }
+
+    #[test]
+    fn references_to_undeclared_names_are_refused() {
+        let err = Topology::parse(
+            "[[queue]]\nname = \"a\"\ndead_letter_exchange = \"nowhere\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("undeclared exchange nowhere"), "{err}");
+        let err = Topology::parse("[[queue]]\nname = \"a\"\nbogus = 1\n").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn names_follow_the_contract() {
+        let names = Names::new(Namespace::parse("switchyard").unwrap());
+        assert_eq!(names.requests(), "switchyard.requests");
+        assert_eq!(
+            names.agent_queue(&AgentId::parse("homelab-1").unwrap()),
+            "switchyard.agent.homelab-1"
+        );
+    }
+}

@@ -1,0 +1,395 @@
+//! The messages on the wire: what anyone may publish to `<namespace>.requests` and
+//! `<namespace>.heartbeats`, and the versioned envelope that travels between stages.
+//!
+//! Parsing is where untrusted bytes become typed values, so every check that makes a message
+//! permanently unusable lives here: size, JSON syntax, schema version, schema, empty text. A
+//! [`Error`] is always permanent: the runner dead-letters the message with the error as its
+//! reason. The JSON Schemas in `queues/schemas/` are generated from these types
+//! ([`schemas`]) and a test keeps them current.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::domain::{Decomposition, Plan, Resources, Task};
+use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId};
+
+/// The envelope version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Default largest accepted message body.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// Why a message can never be processed. All of these are permanent: retrying cannot help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    #[error("unknown schema version {0} (this worker reads version {SCHEMA_VERSION})")]
+    UnknownVersion(u32),
+    #[error("schema violation: {0}")]
+    Schema(String),
+    #[error("empty request text")]
+    EmptyText,
+}
+
+/// What a client publishes to `<namespace>.requests`, with any AMQP client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The request in plain language.
+    pub text: String,
+    /// Idempotency key: the same id submitted twice makes one request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
+    /// 0 (lowest) to 9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 9))]
+    pub priority: Option<u8>,
+    /// Ask for approval without a person, if the configuration allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_approve: Option<bool>,
+}
+
+/// What travels with a request through every stage, so that no stage has to look it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RequestMeta {
+    pub request_id: RequestId,
+    pub text: String,
+    pub submitted_by: Option<String>,
+    pub priority: u8,
+    pub auto_approve: bool,
+}
+
+/// A parsed, validated submission and the id of the message that carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submission {
+    pub message_id: MessageId,
+    pub request: RequestMeta,
+}
+
+/// The version-1 envelope of every message between stages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope<P> {
+    pub message_id: MessageId,
+    pub schema_version: u32,
+    pub request_id: RequestId,
+    /// The message whose processing produced this one.
+    pub causation_id: Option<MessageId>,
+    pub timestamp: DateTime<Utc>,
+    pub payload: P,
+}
+
+impl<P> Envelope<P> {
+    /// A message caused by `cause`, with an id derived from it and `label`, so that processing
+    /// the same input twice produces the same message.
+    pub fn derived(
+        cause: MessageId,
+        label: &str,
+        request_id: RequestId,
+        now: DateTime<Utc>,
+        payload: P,
+    ) -> Self {
+        Envelope {
+            message_id: cause.derive(label),
+            schema_version: SCHEMA_VERSION,
+            request_id,
+            causation_id: Some(cause),
+            timestamp: now,
+            payload,
+        }
+    }
+}
+
+/// decompose → plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Decomposed {
+    pub request: RequestMeta,
+    pub decomposition: Decomposition,
+}
+
+/// plan → fallback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Planned {
+    pub request: RequestMeta,
+    pub complexity: f64,
+    pub plan: Plan,
+}
+
+/// fallback (auto-approval) or `switchyard approve` → route: route the plan's ready tasks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RouteTasks {
+    pub plan_id: PlanId,
+    pub priority: u8,
+    /// Who or what approved the plan ("policy", or the approver's name).
+    pub approved_by: String,
+}
+
+/// route → dispatch: one task, its chosen agent and the decision that chose it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DispatchTask {
+    pub plan_id: PlanId,
+    pub priority: u8,
+    pub attempt: u32,
+    pub decision_id: DecisionId,
+    pub agent_id: AgentId,
+    pub task: Task,
+}
+
+/// dispatch → `<namespace>.agent.<agent_id>`: what an agent receives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskAssignment {
+    pub plan_id: PlanId,
+    pub attempt: u32,
+    pub decision_id: DecisionId,
+    pub agent_id: AgentId,
+    pub task: Task,
+}
+
+/// What an agent publishes to `<namespace>.heartbeats` every few seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Heartbeat {
+    pub agent_id: AgentId,
+    pub capabilities: BTreeSet<String>,
+    #[schemars(range(min = 1))]
+    pub capacity: u32,
+    #[serde(default)]
+    pub in_flight: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: Resources,
+    /// When the agent sent it; the receiver's clock is used when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// Checks the size, and that the body is a JSON object: serde would also read a struct from an
+/// array, which the contract does not allow.
+fn check_size(body: &[u8], limit: usize) -> Result<(), Error> {
+    if body.len() > limit {
+        return Err(Error::TooLarge { size: body.len(), limit });
+    }
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(()),
+        Some(b'[') => Err(Error::Schema("expected a JSON object, found an array".into())),
+        _ => serde_json::from_slice::<serde_json::Value>(body)
+            .map_err(classify)
+            .and(Err(Error::Schema("expected a JSON object".into()))),
+    }
+}
+
+/// Tells a JSON syntax error from a well-formed document of the wrong shape.
+fn classify(err: serde_json::Error) -> Error {
+    use serde_json::error::Category;
+    match err.classify() {
+        Category::Syntax | Category::Eof | Category::Io => Error::Malformed(err.to_string()),
+        Category::Data => Error::Schema(err.to_string()),
+    }
+}
+
+/// Namespace of the ids that Switchyard derives for messages that carry none.
+const ENTRY_NAMESPACE: Uuid = Uuid::from_u128(0x6b1f_3c7e_9d2a_4e58_a1c4_0f3b_7e9d_2c51);
+
+/// The id under which an entry message (a request, a heartbeat) is deduplicated: its
+/// `request_id` if it has one, else its AMQP `message_id` property, else its bytes. A client
+/// that sets neither and publishes identical bytes twice gets one request.
+pub fn entry_message_id(key: Option<&str>, body: &[u8]) -> MessageId {
+    match key {
+        Some(key) => MessageId::from_uuid(Uuid::new_v5(&ENTRY_NAMESPACE, key.as_bytes())),
+        None => MessageId::from_uuid(Uuid::new_v5(&ENTRY_NAMESPACE, body)),
+    }
+}
+
+/// Parses a submission from `<namespace>.requests`. `amqp_message_id` is the AMQP property.
+pub fn parse_submission(
+    body: &[u8],
+    limit: usize,
+    amqp_message_id: Option<&str>,
+) -> Result<Submission, Error> {
+    check_size(body, limit)?;
+    let submit: SubmitRequest = serde_json::from_slice(body).map_err(classify)?;
+    let text = submit.text.trim();
+    if text.is_empty() {
+        return Err(Error::EmptyText);
+    }
+    let priority = submit.priority.unwrap_or(0);
+    if priority > 9 {
+        return Err(Error::Schema(format!("priority {priority} is outside 0-9")));
+    }
+    if submit.submitted_by.as_ref().is_some_and(|s| s.len() > 200) {
+        return Err(Error::Schema("submitted_by is longer than 200 characters".into()));
+    }
+    let (message_id, request_id) = match submit.request_id {
+        Some(id) => (entry_message_id(Some(&format!("request:{id}")), body), id),
+        None => {
+            let message_id = entry_message_id(amqp_message_id, body);
+            // The request id follows from the message id, so a redelivery maps to the same request.
+            (message_id, RequestId::from_uuid(message_id.as_uuid()))
+        }
+    };
+    Ok(Submission {
+        message_id,
+        request: RequestMeta {
+            request_id,
+            text: text.to_owned(),
+            submitted_by: submit.submitted_by,
+            priority,
+            auto_approve: submit.auto_approve.unwrap_or(false),
+        },
+    })
+}
+
+/// Parses a heartbeat from `<namespace>.heartbeats`.
+pub fn parse_heartbeat(body: &[u8], limit: usize) -> Result<Heartbeat, Error> {
+    check_size(body, limit)?;
+    let heartbeat: Heartbeat = serde_json::from_slice(body).map_err(classify)?;
+    if heartbeat.capacity == 0 {
+        return Err(Error::Schema("capacity must be at least 1".into()));
+    }
+    Ok(heartbeat)
+}
+
+#[derive(Deserialize)]
+struct VersionProbe<'a> {
+    schema_version: u32,
+    #[serde(borrow)]
+    #[allow(dead_code)] // only checked for being valid JSON here
+    payload: Option<&'a RawValue>,
+}
+
+/// Parses a stage-to-stage message, checking size and version before the payload's schema.
+pub fn parse_envelope<P: DeserializeOwned>(body: &[u8], limit: usize) -> Result<Envelope<P>, Error> {
+    check_size(body, limit)?;
+    let probe: VersionProbe = serde_json::from_slice(body).map_err(classify)?;
+    if probe.schema_version != SCHEMA_VERSION {
+        return Err(Error::UnknownVersion(probe.schema_version));
+    }
+    serde_json::from_slice(body).map_err(classify)
+}
+
+/// Every message type of the public contract with its JSON Schema, named as in `queues/schemas/`.
+pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
+    fn schema<T: JsonSchema>() -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(T)).expect("schemas serialize")
+    }
+    vec![
+        ("request.json", schema::<SubmitRequest>()),
+        ("heartbeat.json", schema::<Heartbeat>()),
+        ("decomposed.json", schema::<Envelope<Decomposed>>()),
+        ("planned.json", schema::<Envelope<Planned>>()),
+        ("route.json", schema::<Envelope<RouteTasks>>()),
+        ("dispatch.json", schema::<Envelope<DispatchTask>>()),
+        ("task.json", schema::<Envelope<TaskAssignment>>()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submission_with_request_id_is_keyed_by_it() {
+        let id = RequestId::random();
+        let body = serde_json::to_vec(&serde_json::json!({"text": " Deploy it ", "request_id": id}))
+            .unwrap();
+        let a = parse_submission(&body, 1024, None).unwrap();
+        let other_body =
+            serde_json::to_vec(&serde_json::json!({"request_id": id, "text": "Deploy it"})).unwrap();
+        let b = parse_submission(&other_body, 1024, Some("ignored")).unwrap();
+        assert_eq!(a.request.request_id, id);
+        assert_eq!(a.message_id, b.message_id, "same request id, same message");
+        assert_eq!(a.request.text, "Deploy it");
+        assert_eq!(a.request.priority, 0);
+        assert!(!a.request.auto_approve);
+    }
+
+    #[test]
+    fn submission_without_ids_is_keyed_by_message_id_then_bytes() {
+        let body = br#"{"text":"Deploy it"}"#;
+        let by_bytes = parse_submission(body, 1024, None).unwrap();
+        assert_eq!(by_bytes.message_id, parse_submission(body, 1024, None).unwrap().message_id);
+        let m1 = parse_submission(body, 1024, Some("m1")).unwrap();
+        let m2 = parse_submission(body, 1024, Some("m2")).unwrap();
+        assert_ne!(m1.request.request_id, m2.request.request_id);
+        assert_eq!(m1.request.request_id.as_uuid(), m1.message_id.as_uuid());
+    }
+
+    #[test]
+    fn submissions_are_refused_with_a_reason() {
+        type Expect = fn(&Error) -> bool;
+        let cases: &[(&[u8], Expect)] = &[
+            (b"{not json", |e| matches!(e, Error::Malformed(_))),
+            (br#"{"text":"   "}"#, |e| *e == Error::EmptyText),
+            (br#"{"txt":"x"}"#, |e| matches!(e, Error::Schema(m) if m.contains("txt"))),
+            (br#"{"text":"x","priority":12}"#, |e| matches!(e, Error::Schema(_))),
+            (br#"{"text":"x","request_id":"nope"}"#, |e| matches!(e, Error::Schema(_))),
+            (br#"["text"]"#, |e| matches!(e, Error::Schema(_))),
+        ];
+        for (body, expected) in cases {
+            let err = parse_submission(body, 1024, None).unwrap_err();
+            assert!(expected(&err), "{}: {err:?}", String::from_utf8_lossy(body));
+        }
+        let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(2000));
+        assert_eq!(
+            parse_submission(big.as_bytes(), 1024, None).unwrap_err(),
+            Error::TooLarge { size: big.len(), limit: 1024 }
+        );
+    }
+
+    #[test]
+    fn envelope_version_is_checked_before_the_payload() {
+        let body = br#"{"schema_version": 7, "payload": {"whatever": true}}"#;
+        assert_eq!(
+            parse_envelope::<RouteTasks>(body, 1024).unwrap_err(),
+            Error::UnknownVersion(7)
+        );
+        let cause = MessageId::random();
+        let request = RequestId::random();
+        let env = Envelope::derived(
+            cause,
+            "route",
+            request,
+            Utc::now(),
+            RouteTasks { plan_id: request.plan_id(), priority: 3, approved_by: "policy".into() },
+        );
+        assert_eq!(env.message_id, cause.derive("route"));
+        let body = serde_json::to_vec(&env).unwrap();
+        assert_eq!(parse_envelope::<RouteTasks>(&body, 4096).unwrap(), env);
+        let err = parse_envelope::<DispatchTask>(&body, 4096).unwrap_err();
+        assert!(matches!(err, Error::Schema(_)), "{err:?}");
+    }
+
+    #[test]
+    fn heartbeat_needs_capacity() {
+        let ok = br#"{"agent_id":"a1","capabilities":["deployment"],"capacity":2}"#;
+        let hb = parse_heartbeat(ok, 1024).unwrap();
+        assert_eq!(hb.in_flight, 0);
+        let zero = br#"{"agent_id":"a1","capabilities":[],"capacity":0}"#;
+        assert!(matches!(parse_heartbeat(zero, 1024), Err(Error::Schema(_))));
+        let bad_id = br#"{"agent_id":"A 1","capabilities":[],"capacity":1}"#;
+        assert!(matches!(parse_heartbeat(bad_id, 1024), Err(Error::Schema(_))));
+    }
+
+    #[test]
+    fn every_schema_names_its_fields() {
+        let schemas = schemas();
+        let request = &schemas.iter().find(|(n, _)| *n == "request.json").unwrap().1;
+        assert!(request["properties"]["text"].is_object());
+        assert_eq!(request["required"], serde_json::json!(["text"]));
+        for (name, schema) in &schemas[2..] {
+            assert!(schema["properties"]["payload"].is_object(), "{name}");
+            assert!(schema["properties"]["schema_version"].is_object(), "{name}");
+        }
+    }
+}
