@@ -4,8 +4,10 @@
 //! recognise it in a request (keywords), what an agent needs to take it (capabilities,
 //! resources) and which steps it breaks into. The default catalog is
 //! `catalog/work_types.toml`, embedded in the binary; a user file can add or replace work types
-//! ([`Catalog::extended_with`]). Everything here is pure logic: the only I/O is
-//! [`Catalog::from_file`].
+//! ([`Catalog::load`], [`Catalog::extend_from_file`]). Each file is checked on its own for what
+//! is local to a work type (steps, complexity, …); references between work types (`runs_after`)
+//! are checked against the merged catalog, so a user file may refer to the default work types.
+//! Everything here is pure logic: the only I/O is reading catalog files.
 //!
 //! - [`Catalog::decompose`] turns a request's text into a [`Decomposition`] with simple,
 //!   deterministic rules (see its documentation).
@@ -170,34 +172,72 @@ impl Default for Catalog {
 }
 
 impl Catalog {
-    /// Parses and validates a catalog in the TOML format of `catalog/work_types.toml`.
+    /// Parses and validates a complete catalog in the TOML format of `catalog/work_types.toml`:
+    /// every `runs_after` must name a work type of this text. For a file that adds to another
+    /// catalog, see [`Catalog::extend_from_toml_str`].
     pub fn from_toml_str(text: &str) -> Result<Self, Error> {
-        let raw: RawCatalog = toml::from_str(text).map_err(Error::Toml)?;
-        raw.validate()
+        Self::empty().extend_from_toml_str(text)
     }
 
-    /// Reads, parses and validates a catalog file.
+    /// Reads, parses and validates a complete catalog file (see [`Catalog::from_toml_str`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
+        Self::empty().extend_from_file(path)
+    }
+
+    /// The default catalog, extended with the file `extra` when there is one (see
+    /// [`Catalog::extend_from_file`]).
+    pub fn load(extra: Option<&Path>) -> Result<Self, Error> {
+        let catalog = Self::default();
+        match extra {
+            Some(path) => catalog.extend_from_file(path),
+            None => Ok(catalog),
+        }
+    }
+
+    /// This catalog with the work types of `text` (same format as `catalog/work_types.toml`)
+    /// added: one with the name of an existing work type replaces it in place, so catalog order
+    /// (and keyword tie-breaking) stays put; the others are appended in their order.
+    ///
+    /// `text` is checked on its own for everything local to a work type (steps, keywords,
+    /// complexity, resources, a name defined twice, …); its `runs_after` may name work types of
+    /// this catalog as well as its own, and are checked against the merged catalog.
+    pub fn extend_from_toml_str(self, text: &str) -> Result<Self, Error> {
+        let raw: RawCatalog = toml::from_str(text).map_err(Error::Toml)?;
+        self.merged(raw.validate()?)
+    }
+
+    /// Like [`Catalog::extend_from_toml_str`], with the text of the file `path`; errors name
+    /// the file.
+    pub fn extend_from_file(self, path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
         let text =
             std::fs::read_to_string(path).map_err(|error| Error::Read { path: path.to_owned(), error })?;
-        Self::from_toml_str(&text)
+        self.extend_from_toml_str(&text)
             .map_err(|error| Error::InFile { path: path.to_owned(), error: Box::new(error) })
     }
 
-    /// This catalog with `other`'s work types added; one with the name of an existing work type
-    /// replaces it in place, so catalog order (and keyword tie-breaking) stays put.
-    ///
-    /// Both catalogs are valid on their own and a work type is never removed, so every
-    /// `runs_after` still names a work type of the result.
-    pub fn extended_with(mut self, other: Catalog) -> Catalog {
-        for spec in other.work_types {
+    fn empty() -> Self {
+        Self { work_types: Vec::new() }
+    }
+
+    /// Adds or replaces `specs` (each valid on its own, names unique), then checks the references
+    /// between work types of the result.
+    fn merged(mut self, specs: Vec<WorkTypeSpec>) -> Result<Self, Error> {
+        for spec in specs {
             match self.work_types.iter_mut().find(|s| s.name == spec.name) {
                 Some(slot) => *slot = spec,
                 None => self.work_types.push(spec),
             }
         }
-        self
+        for spec in &self.work_types {
+            if let Some(missing) = spec.runs_after.iter().find(|r| self.get(r).is_none()) {
+                return Err(Error::UnknownRunsAfter {
+                    work_type: spec.name.clone(),
+                    missing: missing.to_string(),
+                });
+            }
+        }
+        Ok(self)
     }
 
     pub fn get(&self, work_type: &WorkType) -> Option<&WorkTypeSpec> {
@@ -432,7 +472,7 @@ fn valid_step_key(s: &str) -> bool {
 
 // --- Loading -------------------------------------------------------------------------------
 
-/// The file as written; [`RawCatalog::validate`] turns it into a [`Catalog`]. Unknown fields are
+/// The file as written; [`RawCatalog::validate`] turns it into work types. Unknown fields are
 /// errors, so that a typo ("depend_on") does not silently drop a dependency.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -494,24 +534,26 @@ impl RawResources {
 }
 
 impl RawCatalog {
-    fn validate(self) -> Result<Catalog, Error> {
-        let names: HashSet<&str> = self.work_type.iter().map(|w| w.name.as_str()).collect();
+    /// Validates each work type on its own and that no name is defined twice; `runs_after` is
+    /// checked against the merged catalog ([`Catalog::merged`]).
+    fn validate(self) -> Result<Vec<WorkTypeSpec>, Error> {
         let mut seen = HashSet::new();
         let mut work_types = Vec::with_capacity(self.work_type.len());
         for raw in &self.work_type {
-            let spec = raw.validate(&names)?;
+            let spec = raw.validate()?;
             if !seen.insert(spec.name.clone()) {
                 return Err(Error::DuplicateWorkType(spec.name));
             }
             work_types.push(spec);
         }
-        Ok(Catalog { work_types })
+        Ok(work_types)
     }
 }
 
 impl RawWorkType {
-    /// Validates one work type; `names` are all the work types of its file, for `runs_after`.
-    fn validate(&self, names: &HashSet<&str>) -> Result<WorkTypeSpec, Error> {
+    /// Validates one work type on its own: whether its `runs_after` name work types of the
+    /// catalog is for [`Catalog::merged`] to check.
+    fn validate(&self) -> Result<WorkTypeSpec, Error> {
         let name = WorkType::parse(&self.name).map_err(Error::InvalidName)?;
         let work_type = || name.clone();
 
@@ -593,10 +635,9 @@ impl RawWorkType {
 
         let mut runs_after: Vec<WorkType> = Vec::with_capacity(self.runs_after.len());
         for other in &self.runs_after {
-            if !names.contains(other.as_str()) {
-                return Err(Error::UnknownRunsAfter { work_type: work_type(), missing: other.clone() });
-            }
-            let other = WorkType::parse(other).map_err(Error::InvalidName)?;
+            // Not a valid name: no catalog can have such a work type.
+            let other = WorkType::parse(other)
+                .map_err(|_| Error::UnknownRunsAfter { work_type: work_type(), missing: other.clone() })?;
             if !runs_after.contains(&other) {
                 runs_after.push(other);
             }
@@ -1207,7 +1248,7 @@ mod tests {
 
     #[test]
     fn user_catalog_adds_and_replaces_work_types() {
-        let user = Catalog::from_toml_str(
+        let catalog = Catalog::default().extend_from_toml_str(
             r#"
             [[work_type]]
             name = "backup_restore"
@@ -1238,9 +1279,8 @@ mod tests {
             description = "Think about {text}"
             duration_secs = 60
             "#,
-        )
-        .unwrap();
-        let catalog = Catalog::default().extended_with(user);
+        );
+        let catalog = catalog.unwrap();
         let names: Vec<&str> = catalog.work_types().iter().map(|s| s.name.as_str()).collect();
         // Replaced in place, added at the end.
         assert_eq!(
@@ -1262,6 +1302,118 @@ mod tests {
         assert_eq!(caps, ["backup", "backup_restore"]);
         // runs_after may name the work type itself: the second restore waits for the first.
         assert_eq!(task(&plan, "2.fetch").depends_on, [restore.id]);
+    }
+
+    /// A user catalog file adding `backup_restore`, which runs after `runs_after` (TOML items).
+    fn backup_restore(runs_after: &str) -> String {
+        format!(
+            r#"
+            [[work_type]]
+            name = "backup_restore"
+            keywords = ["restore", "recover"]
+            capabilities = ["backup"]
+            base_complexity = 0.6
+            runs_after = [{runs_after}]
+
+            [[work_type.step]]
+            key = "fetch"
+            description = "Fetch the latest backup of {{entities}}"
+            duration_secs = 240
+
+            [[work_type.step]]
+            key = "restore"
+            description = "Restore {{entities}} onto {{targets}}"
+            duration_secs = 600
+            depends_on = ["fetch"]
+            "#
+        )
+    }
+
+    /// Writes `text` to a file `name` of a new temporary directory; returns the directory (to
+    /// remove) and the file.
+    fn temp_file(name: &str, text: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("switchyard-catalog-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn user_file_may_run_after_default_work_types() {
+        let (dir, user) = temp_file("user.toml", &backup_restore(r#""deployment""#));
+        let catalog = Catalog::load(Some(&user)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let names: Vec<&str> = catalog.work_types().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["deployment", "code_generation", "monitoring", "maintenance", "research", "backup_restore"]
+        );
+        assert_eq!(catalog.get(&wt("backup_restore")).unwrap().runs_after, [wt("deployment")]);
+
+        let d = catalog.decompose("Deploy Vaultwarden to the homelab, then restore Vaultwarden").unwrap();
+        assert_eq!(work_types(&d), ["deployment", "backup_restore"]);
+        let plan = catalog.plan(RequestId::random(), &d).unwrap();
+        assert_eq!(keys(&plan), ["1.prepare", "1.deploy", "1.verify", "2.fetch", "2.restore"]);
+        assert_eq!(task(&plan, "2.fetch").depends_on, [task(&plan, "1.verify").id]);
+        assert_eq!(task(&plan, "2.restore").depends_on, [task(&plan, "2.fetch").id]);
+        // Only earlier intents count: a restore before the deployment waits for nothing.
+        let d = catalog.decompose("Restore Vaultwarden, then deploy Gitea").unwrap();
+        assert_eq!(work_types(&d), ["backup_restore", "deployment"]);
+        let plan = catalog.plan(RequestId::random(), &d).unwrap();
+        assert_eq!(task(&plan, "1.fetch").depends_on, []);
+        assert_eq!(task(&plan, "2.prepare").depends_on, []);
+
+        // The same from text; without an extra file, the default catalog.
+        let text = backup_restore(r#""deployment""#);
+        assert_eq!(Catalog::default().extend_from_toml_str(&text).unwrap(), catalog);
+        assert_eq!(Catalog::load(None).unwrap(), Catalog::default());
+        // On its own, the file is no complete catalog.
+        let err = Catalog::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("backup_restore runs after \"deployment\""), "{err}");
+        // The merged catalog is complete: written out, it loads on its own.
+        let written = toml::to_string(&catalog).unwrap();
+        assert_eq!(Catalog::from_toml_str(&written).unwrap(), catalog, "{written}");
+    }
+
+    #[test]
+    fn user_file_running_after_an_unknown_work_type_is_rejected() {
+        let (dir, user) = temp_file("user.toml", &backup_restore(r#""deployment", "nonexistent""#));
+        let err = Catalog::load(Some(&user)).unwrap_err();
+        let Error::InFile { path, error } = &err else { panic!("{err:?}") };
+        assert_eq!(path, &user);
+        assert!(
+            matches!(
+                &**error,
+                Error::UnknownRunsAfter { work_type, missing }
+                    if work_type == &wt("backup_restore") && missing == "nonexistent"
+            ),
+            "{error:?}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("user.toml"), "{message}");
+        assert!(
+            message.ends_with(
+                "work type backup_restore runs after \"nonexistent\", which is not a work type of \
+                 the catalog"
+            ),
+            "{message}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // Not even a valid name.
+        let err = Catalog::default().extend_from_toml_str(&backup_restore(r#""Not Valid""#)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "work type backup_restore runs after \"Not Valid\", which is not a work type of the catalog"
+        );
+        // What is local to a work type is still checked file by file.
+        let text = backup_restore(r#""deployment""#).replace("duration_secs = 240", "duration_secs = 0");
+        let err = Catalog::default().extend_from_toml_str(&text).unwrap_err();
+        assert_eq!(err.to_string(), "work type backup_restore: step fetch needs a positive duration_secs");
+        let twice = format!("{0}\n{0}", backup_restore(""));
+        let err = Catalog::default().extend_from_toml_str(&twice).unwrap_err();
+        assert_eq!(err.to_string(), "work type backup_restore is defined twice");
     }
 
     #[test]

@@ -1,0 +1,402 @@
+//! The `switchyard` command line. Parses arguments, calls the library, prints; errors are shown
+//! with their whole cause chain.
+
+mod print;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use switchyard::broker::{Broker, redact};
+use switchyard::config::Config;
+use switchyard::ids::{AgentId, PlanId, RequestId};
+use switchyard::ops::{self, Progress};
+use switchyard::store::Store;
+use switchyard::topology::Names;
+use switchyard::wire::{Heartbeat, SubmitRequest};
+use switchyard::worker::{self, StageName, Worker};
+use switchyard::{audit, domain::Resources, wire};
+use tokio_util::sync::CancellationToken;
+
+/// Switchyard: decomposes plain-language requests, plans them as DAGs of tasks, routes every task
+/// to the best agent and dispatches it, with every decision audited in PostgreSQL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (see README.md); environment variables override it.
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the database if needed and apply the migrations.
+    Migrate,
+    /// Declare the namespace's exchanges and queues on the broker.
+    Topology,
+    /// Run pipeline stages until interrupted.
+    Worker {
+        /// Stages to run (repeatable or comma-separated): decompose, plan, fallback, route,
+        /// dispatch, heartbeat, or all.
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        stage: Vec<String>,
+    },
+    /// Submit a request and print its id.
+    Submit(SubmitArgs),
+    /// Approve a plan that awaits approval.
+    Approve {
+        plan_id: PlanId,
+        /// Who approves (recorded in the audit log).
+        #[arg(long, env = "USER", default_value = "cli")]
+        by: String,
+    },
+    /// Reject a plan that awaits approval.
+    Reject {
+        plan_id: PlanId,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, env = "USER", default_value = "cli")]
+        by: String,
+    },
+    /// Show a request, its plan and every task with its state, agent and routing reason.
+    Status {
+        request_id: RequestId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that a request's trail is complete and consistent; exit 0 only if it is.
+    Audit { request_id: RequestId },
+    /// Agents: list them, or register one.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// Print or check the JSON Schemas of the message types.
+    Schemas {
+        /// Write them into this directory.
+        #[arg(long, conflicts_with = "check")]
+        write: Option<PathBuf>,
+        /// Exit non-zero if the files in this directory differ from the current types.
+        #[arg(long)]
+        check: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// The request, in plain language.
+    text: String,
+    /// Ask for approval without a person (if the configuration allows it).
+    #[arg(long)]
+    auto_approve: bool,
+    /// Follow the request until its released tasks are dispatched, it fails, or --timeout passes.
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// 0 (lowest) to 9.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    priority: Option<u8>,
+    /// Idempotency key; a fresh one by default.
+    #[arg(long)]
+    request_id: Option<RequestId>,
+    #[arg(long, env = "USER")]
+    by: Option<String>,
+    /// Seconds to wait with --wait.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Every agent with its health, load and track record.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register an agent (as its heartbeat would) and declare its queue.
+    Register {
+        #[arg(long)]
+        id: AgentId,
+        #[arg(long, value_delimiter = ',', required = true)]
+        capabilities: Vec<String>,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        capacity: u32,
+        /// key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, default_value_t = 1.0)]
+        cpu: f64,
+        #[arg(long, default_value_t = 1024)]
+        memory_mb: u64,
+        #[arg(long, default_value_t = 0)]
+        gpu: u32,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Worker { .. }) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect_store(config: &Config) -> Result<Store> {
+    Store::connect(&config.database_url, 4)
+        .await
+        .with_context(|| format!("cannot connect to the database at {}", redact(&config.database_url)))
+}
+
+async fn connect_broker(config: &Config) -> Result<Broker> {
+    Broker::connect(&config.amqp_url, Names::new(config.namespace.clone()))
+        .await
+        .with_context(|| format!("cannot connect to the broker at {}", redact(&config.amqp_url)))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Migrate => {
+            worker::prepare_store(&config).await?;
+            println!("database migrated");
+        }
+        Command::Topology => {
+            let broker = connect_broker(&config).await?;
+            let topology = broker.declare_topology().await?;
+            for queue in &topology.queues {
+                println!("{}", queue.name);
+            }
+            broker.close().await;
+        }
+        Command::Worker { stage } => return run_worker(config, &stage).await,
+        Command::Submit(args) => return submit(&config, args).await,
+        Command::Approve { plan_id, by } => {
+            let store = connect_store(&config).await?;
+            let broker = connect_broker(&config).await?;
+            let outcome = ops::approve(&store, &broker, plan_id, &by).await?;
+            if outcome.already {
+                println!("plan {plan_id} was already approved; routing re-requested");
+            } else {
+                println!("plan {plan_id} approved by {by}");
+            }
+            broker.close().await;
+        }
+        Command::Reject { plan_id, reason, by } => {
+            let store = connect_store(&config).await?;
+            let outcome = ops::reject(&store, plan_id, &by, &reason).await?;
+            if outcome.already {
+                println!("plan {plan_id} was already rejected");
+            } else {
+                println!("plan {plan_id} rejected by {by}: {reason}");
+            }
+        }
+        Command::Status { request_id, json } => {
+            let store = connect_store(&config).await?;
+            let Some(report) = store.report(request_id).await? else {
+                bail!("no request {request_id}");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print::report(&report);
+            }
+        }
+        Command::Audit { request_id } => {
+            let store = connect_store(&config).await?;
+            let Some(trail) = store.trail(request_id).await? else {
+                bail!("no request {request_id}");
+            };
+            let findings = audit::check(&trail);
+            if findings.is_empty() {
+                println!(
+                    "audit of {request_id}: complete ({} tasks, {} routing decisions, {} dispatches)",
+                    trail.tasks.len(),
+                    trail.decisions.len(),
+                    trail.dispatches.len()
+                );
+            } else {
+                println!("audit of {request_id}: incomplete");
+                for finding in &findings {
+                    println!("  - {finding}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Agents(AgentsCommand::List { json }) => {
+            let store = connect_store(&config).await?;
+            let agents = store.agents().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&agents)?);
+            } else {
+                print::agents(&agents, config.routing.heartbeat_ttl_secs);
+            }
+        }
+        Command::Agents(AgentsCommand::Register { id, capabilities, capacity, labels, cpu, memory_mb, gpu }) => {
+            let store = connect_store(&config).await?;
+            let broker = connect_broker(&config).await?;
+            let queue = broker.declare_agent_queue(&id).await?;
+            let heartbeat = Heartbeat {
+                agent_id: id.clone(),
+                capabilities: capabilities.into_iter().collect(),
+                capacity,
+                in_flight: 0,
+                labels: labels.into_iter().collect(),
+                resources: Resources { cpu, memory_mb, gpu },
+                sent_at: None,
+            };
+            store.register_agent("cli", heartbeat).await?;
+            println!("agent {id} registered; its queue is {queue}");
+            broker.close().await;
+        }
+        Command::Schemas { write, check } => return schemas(write, check),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_worker(config: Config, stages: &[String]) -> Result<ExitCode> {
+    let stages: Vec<StageName> = if stages.iter().any(|s| s == "all") {
+        StageName::all().to_vec()
+    } else {
+        stages
+            .iter()
+            .map(|s| s.parse().map_err(|_| anyhow::anyhow!("unknown stage {s:?}")))
+            .collect::<Result<_>>()?
+    };
+    let store = worker::prepare_store(&config).await?;
+    let worker = Worker::new(config, store)?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing the messages in hand");
+        signal.cancel();
+    });
+    worker.run(&stages, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode> {
+    let broker = connect_broker(config).await?;
+    let request = SubmitRequest {
+        text: args.text,
+        request_id: args.request_id,
+        submitted_by: args.by,
+        priority: args.priority,
+        auto_approve: args.auto_approve.then_some(true),
+    };
+    let request_id = ops::submit(&broker, request).await?;
+    broker.close().await;
+    if !args.wait {
+        if args.json {
+            println!("{}", serde_json::json!({ "request_id": request_id }));
+        } else {
+            println!("{request_id}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.json {
+        println!("{request_id}");
+    }
+    let store = connect_store(config).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let mut last = String::new();
+    loop {
+        let report = store.report(request_id).await?;
+        let (line, progress) = match &report {
+            None => ("submitted".to_owned(), Progress::Waiting("submitted".into())),
+            Some(report) => (print::state_line(report), ops::progress(report)),
+        };
+        if !args.json && line != last {
+            println!("{line}");
+            last = line;
+        }
+        let done = match &progress {
+            Progress::Waiting(_) => None,
+            Progress::Dispatched => Some(true),
+            Progress::Failed(_) => Some(false),
+        };
+        if let (Some(ok), Some(report)) = (done, &report) {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(report)?);
+            } else if let Progress::Failed(reason) = &progress {
+                println!("failed: {reason}");
+            } else {
+                println!("every released task is confirmed in its agent's queue");
+            }
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!("gave up waiting after {}s; the request goes on: switchyard status {request_id}", args.timeout);
+            return Ok(ExitCode::from(3));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<ExitCode> {
+    let schemas = wire::schemas();
+    let render = |schema: &serde_json::Value| serde_json::to_string_pretty(schema).map(|s| s + "\n");
+    if let Some(dir) = write {
+        std::fs::create_dir_all(&dir)?;
+        for (name, schema) in &schemas {
+            std::fs::write(dir.join(name), render(schema)?)?;
+        }
+        println!("wrote {} schemas to {}", schemas.len(), dir.display());
+    } else if let Some(dir) = check {
+        let mut stale = Vec::new();
+        for (name, schema) in &schemas {
+            let current = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            if current != render(schema)? {
+                stale.push(*name);
+            }
+        }
+        if !stale.is_empty() {
+            println!("out of date: {} (run `switchyard schemas --write {}`)", stale.join(", "), dir.display());
+            return Ok(ExitCode::FAILURE);
+        }
+        println!("{} schemas are current", schemas.len());
+    } else {
+        let all: serde_json::Map<String, serde_json::Value> =
+            schemas.into_iter().map(|(n, s)| (n.to_owned(), s)).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

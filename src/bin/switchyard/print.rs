@@ -1,0 +1,81 @@
+//! Text output of the command line.
+
+use chrono::Utc;
+use switchyard::domain::Agent;
+use switchyard::store::RequestReport;
+
+/// One line that changes whenever the request or one of its tasks moves.
+pub fn state_line(report: &RequestReport) -> String {
+    let mut line = format!("request {}", report.status);
+    if let Some(plan) = &report.plan {
+        let tasks: Vec<String> = plan.tasks.iter().map(|t| format!("{}={}", t.key, t.status)).collect();
+        line.push_str(&format!(" | plan {} | {}", plan.status, tasks.join(" ")));
+    }
+    line
+}
+
+pub fn report(report: &RequestReport) {
+    println!("request   {}", report.request_id);
+    println!("status    {}", report.status);
+    if let Some(reason) = &report.failure_reason {
+        println!("reason    {reason}");
+    }
+    println!("text      {}", report.text);
+    if let Some(by) = &report.submitted_by {
+        println!("by        {by}");
+    }
+    if let Some(decomposer) = &report.decomposer {
+        let intents = report.intents.as_ref().and_then(|v| v.as_array()).map_or(0, Vec::len);
+        println!("decomposed by {decomposer} into {intents} intent(s)");
+    }
+    if let Some(plan) = &report.plan {
+        println!("plan      {} ({}, complexity {:.2})", plan.plan_id, plan.status, plan.complexity);
+        if let Some(f) = &plan.fallback {
+            let target = if f.use_external { "external" } else { "local" };
+            println!("fallback  {target}: {}", f.reason);
+        }
+        if let Some(a) = &plan.approval {
+            let verdict = if a.approved { "approved" } else { "rejected" };
+            println!("approval  {verdict} by {}: {}", a.decided_by, a.reason);
+        }
+        println!("tasks");
+        for t in &plan.tasks {
+            println!(
+                "  {:<24} {:<16} {:<15} attempt {} agent {}",
+                t.key,
+                t.work_type,
+                t.status.to_string(),
+                t.attempt,
+                t.agent_id.as_deref().unwrap_or("-")
+            );
+            if let Some(reason) = &t.reason {
+                println!("  {:<24} {reason}", "");
+            }
+        }
+    }
+    for dead in &report.dead_letters {
+        println!("dead letter at {} ({}): {}", dead.stage, dead.queue, dead.reason);
+    }
+}
+
+pub fn agents(agents: &[Agent], ttl_secs: u64) {
+    if agents.is_empty() {
+        println!("no agents registered");
+        return;
+    }
+    println!("{:<24} {:<8} {:>9} {:>8} {:<40}", "AGENT", "HEALTH", "LOAD", "SUCCESS", "CAPABILITIES");
+    let now = Utc::now();
+    for agent in agents {
+        let age = (now - agent.last_heartbeat).num_seconds();
+        let health = if age <= ttl_secs as i64 { "online" } else { "offline" };
+        let caps: Vec<&str> = agent.capabilities.iter().map(String::as_str).collect();
+        println!(
+            "{:<24} {:<8} {:>9} {:>7.0}% {:<40}",
+            agent.id.as_str(),
+            health,
+            format!("{}/{}", agent.in_flight, agent.capacity),
+            agent.success_rate() * 100.0,
+            caps.join(",")
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! Configuration: an optional TOML file, then environment variables (`AMQP_URL`,
+//! `DATABASE_URL`, `SWITCHYARD_NAMESPACE`) over it. Every setting has a default that works with
+//! the local services. URLs may hold passwords: `Debug` masks them, and nothing logs them whole.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::broker::redact;
+use crate::ids::Namespace;
+use crate::policy::{ApprovalPolicy, FallbackPolicy};
+use crate::routing::RoutingPolicy;
+use crate::runner;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration file {path}: {source}")]
+    Toml { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid {variable}: {source}")]
+    Env { variable: &'static str, source: crate::ids::Error },
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Prefix of every exchange and queue name.
+    pub namespace: Namespace,
+    pub amqp_url: String,
+    pub database_url: String,
+    /// Connections per process.
+    pub database_pool_size: usize,
+    /// A catalog file that extends (or overrides work types of) the built-in one.
+    pub catalog: Option<PathBuf>,
+    pub worker: runner::Settings,
+    pub routing: RoutingPolicy,
+    pub fallback: FallbackPolicy,
+    pub approval: ApprovalPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            namespace: Namespace::parse("switchyard").expect("a valid namespace"),
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            database_url: DEFAULT_DATABASE_URL.into(),
+            database_pool_size: 16,
+            catalog: None,
+            worker: runner::Settings::default(),
+            routing: RoutingPolicy::default(),
+            fallback: FallbackPolicy::default(),
+            approval: ApprovalPolicy::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("namespace", &self.namespace)
+            .field("amqp_url", &redact(&self.amqp_url))
+            .field("database_url", &redact(&self.database_url))
+            .field("database_pool_size", &self.database_pool_size)
+            .field("catalog", &self.catalog)
+            .field("worker", &self.worker)
+            .field("routing", &self.routing)
+            .field("fallback", &self.fallback)
+            .field("approval", &self.approval)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads `file` (if any) and applies the process environment over it.
+    pub fn load(file: Option<&Path>) -> Result<Self, Error> {
+        Self::load_with(file, |name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::load`], with the environment given as a function (for tests).
+    pub fn load_with(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| Error::Read { path: path.to_owned(), source })?;
+                toml::from_str(&text)
+                    .map_err(|source| Error::Toml { path: path.to_owned(), source: Box::new(source) })?
+            }
+            None => Config::default(),
+        };
+        if let Some(url) = env("AMQP_URL").filter(|v| !v.is_empty()) {
+            config.amqp_url = url;
+        }
+        if let Some(url) = env("DATABASE_URL").filter(|v| !v.is_empty()) {
+            config.database_url = url;
+        }
+        if let Some(ns) = env("SWITCHYARD_NAMESPACE").filter(|v| !v.is_empty()) {
+            config.namespace =
+                Namespace::parse(ns).map_err(|source| Error::Env { variable: "SWITCHYARD_NAMESPACE", source })?;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_the_local_services() {
+        let config = Config::load_with(None, |_| None).unwrap();
+        assert_eq!(config.namespace.as_str(), "switchyard");
+        assert!(config.amqp_url.contains("127.0.0.1:5672"));
+        assert!(config.database_url.contains("127.0.0.1:5432"));
+        assert_eq!(config.worker.max_payload_bytes, 256 * 1024);
+        assert_eq!(config.worker.dispatch_attempts, 3);
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let dir = std::env::temp_dir().join(format!("switchyard-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("switchyard.toml");
+        std::fs::write(
+            &path,
+            r#"
+namespace = "staging"
+[worker]
+prefetch = 7
+[approval]
+auto_approve_below = 0.3
+[routing.default_agents]
+deployment = "deployer"
+[fallback.provider]
+name = "cloud"
+price_per_1k_tokens_micros = 10000
+tokens_per_task = 2000
+quota_micros = 1000000
+work_types = ["code_generation"]
+"#,
+        )
+        .unwrap();
+        let env = |name: &str| match name {
+            "DATABASE_URL" => Some("postgres://u:pw@db/x".to_owned()),
+            _ => None,
+        };
+        let config = Config::load_with(Some(&path), env).unwrap();
+        assert_eq!(config.namespace.as_str(), "staging");
+        assert_eq!(config.worker.prefetch, 7);
+        assert_eq!(config.worker.dispatch_attempts, 3, "unset fields keep their defaults");
+        assert_eq!(config.approval.auto_approve_below, Some(0.3));
+        assert_eq!(config.routing.default_agents.len(), 1);
+        assert_eq!(config.fallback.provider.as_ref().unwrap().name, "cloud");
+        assert_eq!(config.database_url, "postgres://u:pw@db/x");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("pw"), "password in {debug}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let dir = std::env::temp_dir().join(format!("switchyard-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "namspace = \"x\"\n").unwrap();
+        let err = Config::load_with(Some(&path), |_| None).unwrap_err();
+        assert!(err.to_string().contains("namspace"), "{err}");
+        let err = Config::load_with(None, |n| (n == "SWITCHYARD_NAMESPACE").then(|| "Bad NS".into())).unwrap_err();
+        assert!(err.to_string().contains("SWITCHYARD_NAMESPACE"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

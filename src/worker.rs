@@ -1,0 +1,187 @@
+//! A worker process: prepares the database (create, migrate, quotas), then runs the chosen
+//! stages, each with its own consumer on a shared connection, and rebuilds the connection when a
+//! consumer fails, until shutdown. Several workers of one stage share its queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::broker::{self, Broker, redact};
+use crate::catalog::{self, Catalog};
+use crate::config::Config;
+use crate::runner::{self, Runner};
+use crate::stages::{Decompose, Dispatch, Fallback, HeartbeatStage, PlanStage, Route, Stage};
+use crate::store::{self, Store};
+use crate::topology::{Names, Topology};
+
+/// A stage that a worker can run.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, strum::EnumString, strum::Display, strum::VariantArray,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum StageName {
+    Decompose,
+    Plan,
+    Fallback,
+    Route,
+    Dispatch,
+    Heartbeat,
+}
+
+impl StageName {
+    pub fn all() -> &'static [StageName] {
+        <StageName as strum::VariantArray>::VARIANTS
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Broker(#[from] broker::Error),
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error(transparent)]
+    Runner(#[from] runner::Error),
+}
+
+/// Creates the database if needed, connects, migrates, and creates the configured provider's
+/// quota row.
+pub async fn prepare_store(config: &Config) -> Result<Store, Error> {
+    store::ensure_database(&config.database_url).await?;
+    let store = Store::connect(&config.database_url, config.database_pool_size).await?;
+    store.migrate().await?;
+    if let Some(provider) = &config.fallback.provider {
+        store.ensure_quota(&provider.name, provider.quota_micros).await?;
+    }
+    Ok(store)
+}
+
+/// Everything the stages need, injected: tests build it with their own store and namespace.
+#[derive(Clone)]
+pub struct Worker {
+    pub config: Config,
+    pub store: Store,
+    pub catalog: Arc<Catalog>,
+}
+
+impl Worker {
+    pub fn new(config: Config, store: Store) -> Result<Self, Error> {
+        let catalog = Arc::new(Catalog::load(config.catalog.as_deref())?);
+        Ok(Worker { config, store, catalog })
+    }
+
+    fn names(&self) -> Names {
+        Names::new(self.config.namespace.clone())
+    }
+
+    /// Runs `stages` until `shutdown` is cancelled. A failed connection or consumer is rebuilt
+    /// after a pause; the deliveries it held go back to their queues.
+    pub async fn run(&self, stages: &[StageName], shutdown: CancellationToken) -> Result<(), Error> {
+        let mut pause = Duration::from_millis(500);
+        loop {
+            let broker = tokio::select! {
+                broker = Broker::connect(&self.config.amqp_url, self.names()) => broker,
+                () = shutdown.cancelled() => return Ok(()),
+            };
+            let broker = match broker {
+                Ok(broker) => Arc::new(broker),
+                Err(err) => {
+                    error!(broker = %redact(&self.config.amqp_url), error = %err, "cannot reach the broker");
+                    if !sleep_unless_cancelled(pause, &shutdown).await {
+                        return Ok(());
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            let topology = broker.declare_topology().await?;
+            pause = Duration::from_millis(500);
+            let session = shutdown.child_token();
+            let mut runners = JoinSet::new();
+            for stage in stages {
+                self.spawn(&mut runners, *stage, &broker, &topology, session.clone())?;
+            }
+            info!(namespace = %self.config.namespace, stages = ?stages, "worker running");
+            let mut failed = false;
+            while let Some(result) = runners.join_next().await {
+                let failure = match result {
+                    Ok(Ok(())) => None,
+                    Ok(Err(err)) => Some(err.to_string()),
+                    Err(err) => Some(format!("stage task ended abnormally: {err}")),
+                };
+                if let Some(failure) = failure {
+                    if !shutdown.is_cancelled() {
+                        warn!(error = %failure, "a stage stopped; reconnecting");
+                        failed = true;
+                    }
+                    session.cancel();
+                }
+            }
+            broker.close().await;
+            if !failed || shutdown.is_cancelled() {
+                return Ok(());
+            }
+            if !sleep_unless_cancelled(pause, &shutdown).await {
+                return Ok(());
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        runners: &mut JoinSet<Result<(), runner::Error>>,
+        stage: StageName,
+        broker: &Arc<Broker>,
+        topology: &Topology,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        fn start<S: Stage>(
+            runners: &mut JoinSet<Result<(), runner::Error>>,
+            stage: S,
+            worker: &Worker,
+            broker: &Arc<Broker>,
+            topology: &Topology,
+            shutdown: CancellationToken,
+        ) -> Result<(), Error> {
+            let runner =
+                Runner::new(stage, broker.clone(), worker.store.clone(), topology, worker.config.worker.clone())?;
+            runners.spawn(runner.run(shutdown));
+            Ok(())
+        }
+        let config = &self.config;
+        match stage {
+            StageName::Decompose => {
+                start(runners, Decompose { catalog: self.catalog.clone() }, self, broker, topology, shutdown)
+            }
+            StageName::Plan => {
+                start(runners, PlanStage { catalog: self.catalog.clone() }, self, broker, topology, shutdown)
+            }
+            StageName::Fallback => start(
+                runners,
+                Fallback { fallback: config.fallback.clone(), approval: config.approval.clone() },
+                self,
+                broker,
+                topology,
+                shutdown,
+            ),
+            StageName::Route => {
+                start(runners, Route { policy: config.routing.clone() }, self, broker, topology, shutdown)
+            }
+            StageName::Dispatch => start(runners, Dispatch { names: self.names() }, self, broker, topology, shutdown),
+            StageName::Heartbeat => start(runners, HeartbeatStage, self, broker, topology, shutdown),
+        }
+    }
+}
+
+/// Sleeps for `pause`; false if `shutdown` came first.
+async fn sleep_unless_cancelled(pause: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(pause) => true,
+        () = shutdown.cancelled() => false,
+    }
+}
