@@ -1,0 +1,9 @@
+//! Integration tests against the real RabbitMQ and PostgreSQL (`AMQP_URL`, `DATABASE_URL`).
+//! Each test has its own namespace and database, so they run in parallel.
+
+mod contract;
+mod errors;
+mod fallback;
+mod helpers;
+mod routing;
+mod workflows;
