@@ -297,6 +297,12 @@ impl Catalog {
                 targets,
             };
             match (matched, drafts.last_mut()) {
+                // "Monitor the NAS and notify me on Telegram": a clause of the same work type
+                // that names nothing new continues the intent before it. One that names an
+                // entity of its own ("… and deploy Nextcloud") is an intent of its own.
+                (Some(m), Some(previous)) if previous.work_type == m && part.entities.is_empty() => {
+                    previous.absorb_later(part)
+                }
                 (Some(_), _) => {
                     let mut draft = part;
                     if let Some(before) = pending.take() {
@@ -870,13 +876,25 @@ fn entities_and_targets(
     starts_with_keyword: bool,
     is_verb: impl Fn(&Word) -> bool,
 ) -> (Vec<String>, Vec<String>) {
-    let (target, before) = match target(words, is_verb) {
-        Some((target, preposition)) => (Some(target), &words[..preposition]),
-        None => (None, words),
+    // A condition ("… on Telegram when it is down") ends the phrase that may hold the target.
+    let cut = words.iter().skip(1).position(|w| SUBORDINATORS.contains(&w.lower.as_str())).map_or(words.len(), |p| p + 1);
+    let (head, tail) = words.split_at(cut);
+    let (target, before) = match target(head, is_verb) {
+        Some((target, preposition)) => (Some(target), &head[..preposition]),
+        None => (None, head),
     };
     let mut entities = Vec::new();
     let mut run: Vec<&str> = Vec::new();
-    for (i, word) in before.iter().enumerate() {
+    // `None` marks the gap between the part before the target and the condition.
+    let scanned = before.iter().map(Some).chain(std::iter::once(None)).chain(tail.iter().map(Some));
+    for (i, word) in scanned.enumerate() {
+        let Some(word) = word else {
+            if !run.is_empty() {
+                entities.push(run.join(" "));
+                run.clear();
+            }
+            continue;
+        };
         let not_a_name =
             (i == 0 && (starts_with_keyword || NOT_NAMES.contains(&word.lower.as_str()))) || word.text == "I";
         if word.is_capitalised() && !not_a_name {
@@ -892,8 +910,14 @@ fn entities_and_targets(
     (entities, target.into_iter().collect())
 }
 
+/// Words that open a condition or a schedule rather than name a place.
+const SUBORDINATORS: &[&str] = &["when", "whenever", "if", "unless", "once", "every", "until", "while"];
+
 /// The target at the end of a clause and the index of the preposition introducing it.
 fn target(words: &[Word], is_verb: impl Fn(&Word) -> bool) -> Option<(String, usize)> {
+    if words.len() < 2 {
+        return None;
+    }
     let preposition =
         words[..words.len() - 1].iter().rposition(|w| PREPOSITIONS.contains(&w.lower.as_str()))?;
     let mut phrase = &words[preposition + 1..];
@@ -1116,20 +1140,32 @@ mod tests {
     }
 
     #[test]
+    fn a_condition_does_not_hide_the_target_and_a_follow_up_clause_joins_its_intent() {
+        let catalog = Catalog::default();
+        let d = catalog.decompose("Monitor the NAS and notify me on Telegram when it is down").unwrap();
+        assert_eq!(work_types(&d), ["monitoring"]);
+        assert_eq!(d.intents[0].entities, ["NAS"]);
+        assert_eq!(d.intents[0].targets, ["Telegram"]);
+    }
+
+    #[test]
     fn maintenance_request() {
         let catalog = Catalog::default();
+        // "upgrade it" names nothing new: one maintenance intent, whose steps (snapshot, apply,
+        // verify) already put the backup before the upgrade.
         let d = catalog.decompose("Back up PostgreSQL, then upgrade it on the NAS").unwrap();
-        assert_eq!(work_types(&d), ["maintenance", "maintenance"]);
+        assert_eq!(work_types(&d), ["maintenance"]);
         assert_eq!(d.intents[0].entities, ["PostgreSQL"]);
-        assert_eq!(d.intents[1].targets, ["NAS"]);
+        assert_eq!(d.intents[0].targets, ["NAS"]);
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
-        assert_eq!(plan.tasks().len(), 6);
+        assert_eq!(keys(&plan), ["1.snapshot", "1.apply", "1.verify"]);
         let apply = task(&plan, "1.apply");
         assert!(apply.capabilities.contains("shell") && apply.capabilities.contains("maintenance"));
-        assert_eq!(
-            apply.description,
-            "Apply the maintenance to PostgreSQL on the request: Back up PostgreSQL"
-        );
+        assert!(apply.description.contains("PostgreSQL"), "{}", apply.description);
+        // Two upgrades of two named things stay two intents.
+        let d = catalog.decompose("Upgrade Nextcloud and upgrade Jellyfin").unwrap();
+        assert_eq!(work_types(&d), ["maintenance", "maintenance"]);
+        assert_eq!(d.intents[1].entities, ["Jellyfin"]);
     }
 
     #[test]

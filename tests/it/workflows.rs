@@ -25,3 +25,185 @@ async fn uptime_kuma_is_deployed_to_the_homelab_agent_with_alerts_planned() {
     let audit = app.cli(&["audit", &id.to_string()]).await;
     assert!(audit.status.success(), "{}", stdout(&audit));
 }
+
+#[tokio::test]
+async fn a_code_generation_request_goes_to_the_coding_agent() {
+    let app = spawn_app().await;
+    app.register_agent("coder", &["code_generation", "code"], 2, &[]).await;
+    app.register_agent("homelab-1", &["deployment", "shell"], 2, &[]).await;
+    let id = app.submit("Write a Python script that exports Grafana dashboards", true).await;
+    let report = app.wait_settled(id).await;
+    let plan = report.plan.as_ref().expect("a plan");
+    assert!(plan.tasks.iter().all(|t| t.work_type == "code_generation"), "{plan:#?}");
+    let keys: Vec<&str> = plan.tasks.iter().map(|t| t.key.as_str()).collect();
+    assert_eq!(keys, ["1.design", "1.implement", "1.test"]);
+    let design = &plan.tasks[0];
+    assert_eq!(design.status.as_str(), "dispatched");
+    assert_eq!(design.agent_id.as_deref(), Some("coder"));
+    let coder = app.drain(&app.agent_queue("coder")).await;
+    assert_eq!(coder.len(), 1);
+    assert_eq!(coder[0].0["payload"]["task"]["work_type"], "code_generation");
+    assert!(app.drain(&app.agent_queue("homelab-1")).await.is_empty());
+    let trail = app.store.trail(id).await.unwrap().unwrap();
+    assert_eq!(trail.decisions.len(), 1);
+    assert_eq!(trail.decisions[0].agent_id, "coder");
+    assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
+}
+
+#[tokio::test]
+async fn a_monitoring_setup_configures_checks_first() {
+    let app = spawn_app().await;
+    app.register_agent("watcher", &["monitoring"], 3, &[]).await;
+    let id = app.submit("Monitor the NAS and notify me on Telegram when it is down", true).await;
+    let report = app.wait_settled(id).await;
+    let plan = report.plan.as_ref().unwrap();
+    let types: Vec<&str> = plan.tasks.iter().map(|t| t.work_type.as_str()).collect();
+    assert!(types.iter().all(|t| *t == "monitoring"), "{types:?}");
+    let messages = app.drain(&app.agent_queue("watcher")).await;
+    let keys: Vec<&str> = messages.iter().map(|(m, _)| m["payload"]["task"]["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["1.configure_checks"]);
+    let alerts = plan.tasks.iter().find(|t| t.key == "1.configure_alerts").unwrap();
+    assert_eq!(alerts.status.as_str(), "pending", "alerts wait for the checks");
+    assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
+}
+
+#[tokio::test]
+async fn two_independent_intents_are_released_together_to_their_agents() {
+    let app = spawn_app().await;
+    app.register_agent("scholar", &["research", "web"], 1, &[]).await;
+    app.register_agent("deployer", &["deployment", "shell"], 1, &[]).await;
+    let id = app.submit("Research self-hosted password managers and deploy Vaultwarden to the homelab", true).await;
+    let report = app.wait_settled(id).await;
+    let plan = report.plan.as_ref().unwrap();
+    let decomposition = report.intents.as_ref().unwrap().as_array().unwrap();
+    let intents: Vec<&str> = decomposition.iter().map(|i| i["work_type"].as_str().unwrap()).collect();
+    assert_eq!(intents, ["research", "deployment"]);
+    let dispatched: Vec<(&str, &str)> = plan
+        .tasks
+        .iter()
+        .filter(|t| t.status.as_str() == "dispatched")
+        .map(|t| (t.key.as_str(), t.agent_id.as_deref().unwrap()))
+        .collect();
+    assert_eq!(dispatched, [("1.gather", "scholar"), ("2.prepare", "deployer")]);
+    assert_eq!(app.drain(&app.agent_queue("scholar")).await.len(), 1);
+    assert_eq!(app.drain(&app.agent_queue("deployer")).await.len(), 1);
+    assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
+}
+
+#[tokio::test]
+async fn a_request_from_a_plain_amqp_client_goes_the_same_way() {
+    let app = spawn_app().await;
+    app.register_agent("homelab-1", &["deployment", "monitoring", "shell"], 4, &[("target", "homelab")]).await;
+    // No request id, no AMQP message id: the bytes are the idempotency key.
+    let body = br#"{"text": "Deploy Uptime Kuma to the homelab and send alerts to Discord", "auto_approve": true, "submitted_by": "amqp-client", "priority": 5}"#;
+    app.publish_raw("requests", body).await;
+    let id = switchyard::ids::RequestId::from_uuid(switchyard::wire::entry_message_id(None, body).as_uuid());
+    let report = app.wait_settled(id).await;
+    assert_eq!(report.submitted_by.as_deref(), Some("amqp-client"));
+    assert_eq!(report.status.as_str(), "in_progress");
+    let messages = app.drain(&app.agent_queue("homelab-1")).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].0["payload"]["task"]["key"], "1.prepare");
+    assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
+}
+
+#[tokio::test]
+async fn submit_wait_ends_when_the_released_tasks_are_in_their_queues() {
+    let app = spawn_app().await;
+    app.register_agent("homelab-1", &["deployment", "monitoring", "shell"], 4, &[("target", "homelab")]).await;
+    let output = app
+        .cli(&["submit", "Deploy Uptime Kuma to the homelab and send alerts to Discord", "--auto-approve", "--wait"])
+        .await;
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
+    let id = text.lines().next().unwrap().trim().to_owned();
+    assert!(text.contains("1.prepare=dispatched"), "{text}");
+    assert!(text.ends_with("every released task is confirmed in its agent's queue\n"), "{text}");
+    assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
+    let audit = app.cli(&["audit", &id]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
+    assert!(stdout(&audit).contains("complete (5 tasks, 1 routing decisions, 1 dispatches)"), "{}", stdout(&audit));
+    let status = app.cli(&["status", &id, "--json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["status"], "in_progress");
+    assert_eq!(json["plan"]["tasks"][0]["agent_id"], "homelab-1");
+    assert_eq!(json["plan"]["fallback"]["use_external"], false);
+    assert_eq!(json["plan"]["approval"]["decided_by"], "policy");
+}
+
+#[tokio::test]
+async fn a_plan_waits_for_approval_then_is_dispatched_once_approved() {
+    let app = spawn_app_with(|c| c.approval.allow_request_auto_approve = false).await;
+    app.register_agent("homelab-1", &["deployment", "monitoring", "shell"], 4, &[]).await;
+    let id = app.submit("Deploy Uptime Kuma to the homelab and send alerts to Discord", true).await;
+    let report = app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
+    let plan_id = report.plan.as_ref().unwrap().plan_id.to_string();
+    assert!(app.drain(&app.agent_queue("homelab-1")).await.is_empty(), "nothing dispatched before approval");
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert!(!audit.status.success());
+    assert!(stdout(&audit).contains("has no approval decision"), "{}", stdout(&audit));
+    let approve = app.cli(&["approve", &plan_id, "--by", "alice"]).await;
+    assert!(approve.status.success(), "{}", String::from_utf8_lossy(&approve.stderr));
+    let report = app.wait_settled(id).await;
+    let approval = report.plan.as_ref().unwrap().approval.as_ref().unwrap();
+    assert_eq!(approval.decided_by, "alice");
+    assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
+    let events: Vec<String> = app.store.audit_events(id).await.unwrap().into_iter().map(|(_, e, _)| e).collect();
+    assert!(events.contains(&"plan.awaiting_approval".to_owned()) && events.contains(&"plan.approved".to_owned()));
+    assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
+}
+
+#[tokio::test]
+async fn a_rejected_plan_dispatches_nothing() {
+    let app = spawn_app_with(|c| c.approval.allow_request_auto_approve = false).await;
+    app.register_agent("homelab-1", &["deployment", "monitoring", "shell"], 4, &[]).await;
+    let id = app.submit("Deploy Uptime Kuma to the homelab and send alerts to Discord", false).await;
+    let report = app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
+    let plan_id = report.plan.as_ref().unwrap().plan_id.to_string();
+    let reject = app.cli(&["reject", &plan_id, "--reason", "not during the freeze", "--by", "bob"]).await;
+    assert!(reject.status.success());
+    let report = app.wait_for(id, |r| r.status.as_str() == "rejected").await;
+    assert_eq!(report.failure_reason.as_deref(), Some("not during the freeze"));
+    assert!(report.plan.as_ref().unwrap().tasks.iter().all(|t| t.status.as_str() == "pending"));
+    let approve = app.cli(&["approve", &plan_id]).await;
+    assert!(!approve.status.success(), "a rejected plan cannot be approved");
+    assert!(String::from_utf8_lossy(&approve.stderr).contains("already rejected"));
+    assert!(app.drain(&app.agent_queue("homelab-1")).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_redelivered_stage_message_produces_no_second_row_or_dispatch() {
+    let app = spawn_app().await;
+    app.register_agent("homelab-1", &["deployment", "shell"], 4, &[]).await;
+    let id = app.submit("Deploy Gitea to the homelab", true).await;
+    app.wait_settled(id).await;
+    // Replay the plan stage's input as a redelivery would: same message id, same payload.
+    let catalog = switchyard::catalog::Catalog::default();
+    let report = app.store.report(id).await.unwrap().unwrap();
+    let decomposition = catalog.decompose(&report.text).unwrap();
+    let request = switchyard::wire::RequestMeta {
+        request_id: id,
+        text: report.text.clone(),
+        submitted_by: Some("tests".into()),
+        priority: 0,
+        auto_approve: true,
+    };
+    let envelope = switchyard::wire::Envelope::derived(
+        switchyard::ids::MessageId::random(),
+        "decomposed",
+        id,
+        chrono::Utc::now(),
+        switchyard::wire::Decomposed { request, decomposition },
+    );
+    let body = serde_json::to_vec(&envelope).unwrap();
+    app.publish_raw("decomposed", &body).await;
+    app.publish_raw("decomposed", &body).await;
+    // Let the copies go through plan → fallback → route.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let trail = app.store.trail(id).await.unwrap().unwrap();
+    assert_eq!(trail.fallback_decisions, 1);
+    assert_eq!(trail.decisions.len(), 1, "{:?}", trail.decisions);
+    assert_eq!(trail.dispatches.len(), 1);
+    assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
+    assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
+}
