@@ -240,6 +240,11 @@ pub mod admin {
     }
 }
 
+/// The database that `url` names, if it names one.
+pub fn database_name(url: &str) -> Option<String> {
+    pg_config(url).ok()?.get_dbname().map(str::to_owned)
+}
+
 /// `url` (a `postgres://` URL) pointing at `database` instead.
 pub fn with_database(url: &str, database: &str) -> String {
     match url::Url::parse(url) {

@@ -73,6 +73,12 @@ enum Command {
     /// Agents: list them, or register one.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Run the whole pipeline on a sample request, in a namespace and database of its own.
+    Demo {
+        /// The request to run.
+        #[arg(default_value = "Deploy Uptime Kuma to the homelab and send alerts to Discord")]
+        text: String,
+    },
     /// Print or check the JSON Schemas of the message types.
     Schemas {
         /// Write them into this directory.
@@ -272,6 +278,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             broker.close().await;
         }
         Command::Schemas { write, check } => return schemas(write, check),
+        Command::Demo { text } => return demo(config, text).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -336,7 +343,12 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode> {
         println!("{request_id}");
     }
     let store = connect_store(config).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    follow(&store, request_id, args.timeout, args.json).await
+}
+
+/// Prints the request's state changes until it settles; the exit code says how it ended.
+async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) -> Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     let mut last = String::new();
     loop {
         let report = store.report(request_id).await?;
@@ -344,7 +356,7 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode> {
             None => ("submitted".to_owned(), Progress::Waiting("submitted".into())),
             Some(report) => (print::state_line(report), ops::progress(report)),
         };
-        if !args.json && line != last {
+        if !json && line != last {
             println!("{line}");
             last = line;
         }
@@ -354,7 +366,7 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode> {
             Progress::Failed(_) => Some(false),
         };
         if let (Some(ok), Some(report)) = (done, &report) {
-            if args.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(report)?);
             } else if let Progress::Failed(reason) = &progress {
                 println!("failed: {reason}");
@@ -364,11 +376,76 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode> {
             return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
         if tokio::time::Instant::now() >= deadline {
-            eprintln!("gave up waiting after {}s; the request goes on: switchyard status {request_id}", args.timeout);
+            eprintln!("gave up waiting after {timeout}s; the request goes on: switchyard status {request_id}");
             return Ok(ExitCode::from(3));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The quick start: every stage in this process, one sample agent, one request, its status and
+/// its audit. Uses the namespace `switchyard-demo` and a database of its own (`<database>_demo`),
+/// so it never mixes with real work.
+async fn demo(mut config: Config, text: String) -> Result<ExitCode> {
+    config.namespace = "switchyard-demo".parse()?;
+    let database = switchyard::store::database_name(&config.database_url).unwrap_or_else(|| "switchyard".into());
+    config.database_url = switchyard::store::with_database(&config.database_url, &format!("{database}_demo"));
+    println!("namespace {}, database {database}_demo (both started afresh)", config.namespace);
+    // A fresh start each time, so that the demo is repeatable: the last run's tasks are gone.
+    switchyard::store::admin::drop_database(&config.database_url, &format!("{database}_demo")).await?;
+    let store = worker::prepare_store(&config).await?;
+    let broker = connect_broker(&config).await?;
+    let agent: AgentId = "homelab-1".parse()?;
+    let topology = switchyard::topology::Topology::standard().resolve(&config.namespace);
+    let mut queues: Vec<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
+    queues.push(broker.names().agent_queue(&agent));
+    broker.delete_queues(&queues).await?;
+    broker.declare(&topology).await?;
+    let queue = broker.declare_agent_queue(&agent).await?;
+    let heartbeat = Heartbeat {
+        agent_id: agent.clone(),
+        capabilities: ["deployment", "monitoring", "shell", "docker"].map(String::from).into_iter().collect(),
+        capacity: 4,
+        in_flight: 0,
+        labels: [("target".to_owned(), "homelab".to_owned())].into_iter().collect(),
+        resources: Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 },
+        sent_at: None,
+    };
+    store.register_agent("demo", heartbeat).await?;
+    println!("agent {agent} registered, queue {queue}");
+    let worker = Worker::new(config.clone(), store.clone())?;
+    let shutdown = CancellationToken::new();
+    let running = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { worker.run(StageName::all(), shutdown).await })
+    };
+    let request = SubmitRequest {
+        text,
+        request_id: None,
+        submitted_by: Some("demo".into()),
+        priority: None,
+        auto_approve: Some(true),
+    };
+    let request_id = ops::submit(&broker, request).await?;
+    println!("request {request_id} submitted");
+    let code = follow(&store, request_id, 60, false).await?;
+    shutdown.cancel();
+    running.await??;
+    if let Some(report) = store.report(request_id).await? {
+        println!();
+        print::report(&report);
+    }
+    let trail = store.trail(request_id).await?.context("the request's trail")?;
+    let findings = audit::check(&trail);
+    println!();
+    if findings.is_empty() {
+        println!("audit: complete; the released task waits in {queue} for the agent");
+    } else {
+        println!("audit: incomplete: {}", findings.join("; "));
+        return Ok(ExitCode::FAILURE);
+    }
+    broker.close().await;
+    Ok(code)
 }
 
 fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<ExitCode> {
