@@ -117,8 +117,6 @@ pub struct WorkTypeSpec {
     pub capabilities: BTreeSet<String>,
     /// In [0, 1].
     pub base_complexity: f64,
-    /// Whether an external AI model may take this type of work.
-    pub external_ai: bool,
     /// Work types whose intents, earlier in the same request, must finish before this one starts.
     pub runs_after: Vec<WorkType>,
     /// The default per task.
@@ -498,8 +496,6 @@ struct RawWorkType {
     capabilities: Vec<String>,
     base_complexity: f64,
     #[serde(default)]
-    external_ai: bool,
-    #[serde(default)]
     runs_after: Vec<String>,
     #[serde(default)]
     resources: RawResources,
@@ -655,7 +651,6 @@ impl RawWorkType {
             keywords,
             capabilities,
             base_complexity: self.base_complexity,
-            external_ai: self.external_ai,
             runs_after,
             resources,
             steps,
@@ -1176,7 +1171,6 @@ mod tests {
         assert_eq!(intent.entities, ["Traefik", "Caddy"]);
         assert!(intent.targets.is_empty(), "'for' introduces no target: {:?}", intent.targets);
         let catalog = Catalog::default();
-        assert!(catalog.get(&wt("research")).unwrap().external_ai);
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
         assert_eq!(keys(&plan), ["1.gather", "1.summarize"]);
         assert!(task(&plan, "1.gather").capabilities.contains("web"));
