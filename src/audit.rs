@@ -94,3 +94,126 @@ pub fn check(trail: &Trail) -> Vec<String> {
     }
     findings
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::domain::{PlanStatus, RequestStatus};
+    use crate::ids::{MessageId, RequestId};
+    use crate::store::{ApprovalRow, DecisionRow, DispatchRow, StoredPlan, TaskState};
+
+    /// The trail of an approved Uptime Kuma request whose first task went to `homelab-1`.
+    fn complete() -> Trail {
+        let catalog = Catalog::default();
+        let d = catalog.decompose("Deploy Uptime Kuma to the homelab and send alerts to Discord").unwrap();
+        let plan = catalog.plan(RequestId::random(), &d).unwrap();
+        let first = plan.tasks()[0].id;
+        let tasks = plan
+            .tasks()
+            .iter()
+            .map(|t| TaskState {
+                id: t.id,
+                key: t.key.clone(),
+                work_type: t.work_type.to_string(),
+                description: t.description.clone(),
+                status: if t.id == first { TaskStatus::Dispatched } else { TaskStatus::Pending },
+                attempt: u32::from(t.id == first),
+                agent_id: (t.id == first).then(|| "homelab-1".to_owned()),
+                reason: None,
+                depends_on: t.depends_on.clone(),
+            })
+            .collect();
+        Trail {
+            request_status: RequestStatus::InProgress,
+            has_decomposition: true,
+            plan: Some(StoredPlan { plan, status: PlanStatus::Approved, priority: 0 }),
+            fallback_decisions: 1,
+            approval: Some(ApprovalRow {
+                approved: true,
+                decided_by: "policy".into(),
+                reason: "low complexity".into(),
+                at: Utc::now(),
+            }),
+            tasks,
+            decisions: vec![DecisionRow {
+                task_id: first,
+                attempt: 1,
+                agent_id: "homelab-1".into(),
+                score: Some(0.9),
+                reason: "best".into(),
+                candidates: serde_json::json!([]),
+                reserved_capacity: true,
+            }],
+            dispatches: vec![DispatchRow {
+                task_id: first,
+                attempt: 1,
+                agent_id: "homelab-1".into(),
+                queue: "switchyard.agent.homelab-1".into(),
+                message_id: MessageId::random(),
+                confirmed_at: Utc::now(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_complete_trail_passes() {
+        assert_eq!(check(&complete()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn missing_records_are_named() {
+        let mut trail = complete();
+        trail.has_decomposition = false;
+        trail.fallback_decisions = 0;
+        trail.dispatches.clear();
+        let findings = check(&trail);
+        assert!(findings.iter().any(|f| f == "no decomposition recorded"), "{findings:?}");
+        assert!(findings.iter().any(|f| f.starts_with("no fallback decision for plan")), "{findings:?}");
+        assert!(findings.iter().any(|f| f.contains("1.prepare attempt 1 has 0 confirmed dispatches")), "{findings:?}");
+    }
+
+    #[test]
+    fn a_plan_awaiting_approval_is_incomplete() {
+        let mut trail = complete();
+        trail.approval = None;
+        let findings = check(&trail);
+        assert_eq!(findings.len(), 1);
+        assert!(findings[0].contains("has no approval decision"), "{findings:?}");
+    }
+
+    #[test]
+    fn a_task_dispatched_before_its_dependencies_succeeded_is_flagged() {
+        let mut trail = complete();
+        let second = trail.tasks[1].id;
+        let mut early = trail.dispatches[0].clone();
+        early.task_id = second;
+        trail.dispatches.push(early);
+        let findings = check(&trail);
+        assert!(findings.iter().any(|f| f.contains("1.deploy was routed or dispatched before it was released")));
+    }
+
+    #[test]
+    fn duplicates_and_contradictions_are_flagged() {
+        let mut trail = complete();
+        trail.decisions.push(trail.decisions[0].clone());
+        trail.dispatches[0].agent_id = "elsewhere".into();
+        let findings = check(&trail);
+        assert!(findings.iter().any(|f| f.contains("has 2 routing decisions")), "{findings:?}");
+        assert!(findings.iter().any(|f| f.contains("routed to homelab-1 but dispatched to elsewhere")), "{findings:?}");
+    }
+
+    #[test]
+    fn a_rejected_plan_is_complete_without_routing() {
+        let mut trail = complete();
+        trail.approval.as_mut().unwrap().approved = false;
+        trail.decisions.clear();
+        trail.dispatches.clear();
+        for task in &mut trail.tasks {
+            task.status = TaskStatus::Pending;
+        }
+        assert_eq!(check(&trail), Vec::<String>::new());
+    }
+}

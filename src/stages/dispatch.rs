@@ -71,3 +71,61 @@ impl Stage for Dispatch {
         }]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::domain::{Resources, Task};
+    use crate::ids::{AgentId, MessageId, Namespace, RequestId, WorkType};
+
+    fn input() -> Inbound<DispatchTask> {
+        let request_id = RequestId::random();
+        let plan_id = request_id.plan_id();
+        let task_id = plan_id.task_id("1.prepare");
+        Inbound {
+            message_id: MessageId::random(),
+            request_id: Some(request_id),
+            priority: 3,
+            payload: DispatchTask {
+                plan_id,
+                priority: 3,
+                attempt: 1,
+                decision_id: task_id.decision_id(1),
+                agent_id: AgentId::parse("homelab-1").unwrap(),
+                task: Task {
+                    id: task_id,
+                    key: "1.prepare".into(),
+                    work_type: WorkType::parse("deployment").unwrap(),
+                    description: "prepare".into(),
+                    estimated_duration_secs: 60,
+                    resources: Resources::default(),
+                    capabilities: BTreeSet::new(),
+                    depends_on: vec![],
+                    affinity: BTreeMap::new(),
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn a_task_is_delivered_to_its_agent_then_recorded() {
+        let stage = Dispatch { names: Names::new(Namespace::parse("ns").unwrap()) };
+        let input = input();
+        let Outcome::Deliver { publish, then } = stage.decide(&input, (), Utc::now()) else { panic!() };
+        assert_eq!(publish.destination, Destination::Agent(AgentId::parse("homelab-1").unwrap()));
+        assert_eq!(publish.message_id, input.message_id.derive("assignment"));
+        assert_eq!(publish.body["payload"]["task"]["key"], "1.prepare");
+        let Write::Dispatched { queue, message_id, attempt, .. } = &then[0] else { panic!("{then:?}") };
+        assert_eq!(queue, "ns.agent.homelab-1");
+        assert_eq!((*message_id, *attempt), (publish.message_id, 1));
+    }
+
+    #[test]
+    fn an_undeliverable_task_is_recorded_as_failed_with_the_reason() {
+        let stage = Dispatch { names: Names::new(Namespace::parse("ns").unwrap()) };
+        let writes = stage.undeliverable(&input(), "unroutable");
+        assert!(matches!(&writes[..], [Write::DispatchFailed { reason, attempt: 1, .. }] if reason == "unroutable"));
+    }
+}

@@ -92,3 +92,117 @@ impl Stage for Route {
         Outcome::Forward { writes, publish }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::domain::Resources;
+    use crate::ids::{AgentId, MessageId, RequestId, WorkType};
+
+    fn stored(status: PlanStatus) -> StoredPlan {
+        let catalog = Catalog::default();
+        let d = catalog.decompose("Deploy Uptime Kuma to the homelab and send alerts to Discord").unwrap();
+        StoredPlan { plan: catalog.plan(RequestId::random(), &d).unwrap(), status, priority: 0 }
+    }
+
+    fn states(plan: &StoredPlan) -> Vec<TaskState> {
+        plan.plan
+            .tasks()
+            .iter()
+            .map(|t| TaskState {
+                id: t.id,
+                key: t.key.clone(),
+                work_type: t.work_type.to_string(),
+                description: t.description.clone(),
+                status: TaskStatus::Pending,
+                attempt: 0,
+                agent_id: None,
+                reason: None,
+                depends_on: t.depends_on.clone(),
+            })
+            .collect()
+    }
+
+    fn agent(id: &str) -> Agent {
+        Agent {
+            id: AgentId::parse(id).unwrap(),
+            capabilities: ["deployment", "monitoring", "shell"].map(String::from).into(),
+            capacity: 4,
+            in_flight: 0,
+            labels: BTreeMap::new(),
+            resources: Resources { cpu: 8.0, memory_mb: 16_384, gpu: 0 },
+            last_heartbeat: Utc::now(),
+            succeeded: 0,
+            failed: 0,
+        }
+    }
+
+    fn input(plan: &StoredPlan) -> Inbound<RouteTasks> {
+        Inbound {
+            message_id: MessageId::random(),
+            request_id: Some(plan.plan.request_id),
+            priority: 0,
+            payload: RouteTasks { plan_id: plan.plan.id, priority: 0, approved_by: "policy".into() },
+        }
+    }
+
+    #[test]
+    fn routes_only_the_ready_pending_tasks() {
+        let plan = stored(PlanStatus::Approved);
+        let mut tasks = states(&plan);
+        let stage = Route { policy: RoutingPolicy::default() };
+        let context = RouteContext { plan: Some(plan.clone()), tasks: tasks.clone(), agents: vec![agent("a1")] };
+        let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        assert_eq!(writes.len(), 1, "only 1.prepare has no dependency");
+        let Write::Route { attempt, route, decision_id, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert_eq!((route.task_id, *attempt), (tasks[0].id, 1));
+        assert_eq!(*decision_id, tasks[0].id.decision_id(1));
+        assert_eq!(publish[0].body["payload"]["agent_id"], "a1");
+
+        // Once 1.prepare succeeded, 1.deploy is next; a routed task is not routed again.
+        tasks[0].status = TaskStatus::Succeeded;
+        tasks[1].status = TaskStatus::Routed;
+        tasks[1].attempt = 1;
+        let context = RouteContext { plan: Some(plan.clone()), tasks: tasks.clone(), agents: vec![agent("a1")] };
+        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        assert!(writes.is_empty(), "{writes:?}");
+    }
+
+    #[test]
+    fn a_plan_that_is_not_approved_is_refused() {
+        let plan = stored(PlanStatus::AwaitingApproval);
+        let stage = Route { policy: RoutingPolicy::default() };
+        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![] };
+        let Outcome::Reject { reason, .. } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        assert!(reason.contains("awaiting_approval, not approved"), "{reason}");
+    }
+
+    #[test]
+    fn no_agent_and_no_default_fails_the_request() {
+        let plan = stored(PlanStatus::Approved);
+        let stage = Route { policy: RoutingPolicy::default() };
+        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![] };
+        let Outcome::Reject { writes, reason } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        assert!(reason.contains("no default agent"), "{reason}");
+        assert!(matches!(&writes[0], Write::RequestFailed { request_id, .. } if *request_id == plan.plan.request_id));
+    }
+
+    #[test]
+    fn with_no_candidate_the_default_agent_gets_the_task_without_a_reservation() {
+        let plan = stored(PlanStatus::Approved);
+        let mut policy = RoutingPolicy::default();
+        policy.default_agents.insert(WorkType::parse("deployment").unwrap(), AgentId::parse("fallback").unwrap());
+        let stage = Route { policy };
+        let mut busy = agent("a1");
+        busy.capabilities = BTreeSet::from(["monitoring".to_owned()]);
+        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![busy] };
+        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        let Write::Route { route, .. } = &writes[0] else { panic!() };
+        assert_eq!(route.agent_id.as_str(), "fallback");
+        assert!(route.reason.starts_with("no agents available"), "{}", route.reason);
+        assert!(!route.reserves_capacity);
+    }
+}
