@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
 use crate::effect::{Reservation, Write};
-use crate::policy::{self, ApprovalPolicy, FallbackPolicy, Gate, QuotaSnapshot};
+use crate::policy::{self, ApprovalPolicy, FallbackDecision, FallbackPolicy, Gate, QuotaSnapshot};
 use crate::store::{self, Store};
 use crate::wire::{self, Envelope, Planned, RouteTasks};
 
@@ -17,34 +17,57 @@ pub struct Fallback {
 /// The approver recorded when the policy approves.
 pub const POLICY_APPROVER: &str = "policy";
 
+/// What the decision is made on.
+pub struct FallbackContext {
+    /// What is left of the provider's quota.
+    pub quota: Option<QuotaSnapshot>,
+    /// The plan's decision if one was recorded already (the plan came again in another message).
+    pub recorded: Option<FallbackDecision>,
+}
+
 impl Stage for Fallback {
     type Input = Planned;
-    /// What is left of the provider's quota.
-    type Context = Option<QuotaSnapshot>;
+    type Context = FallbackContext;
     const NAME: &'static str = "fallback";
 
     fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Planned>, wire::Error> {
         parse_envelope(body, amqp, limit)
     }
 
-    async fn load(&self, store: &Store, _: &Inbound<Planned>) -> Result<Option<QuotaSnapshot>, store::Error> {
-        match &self.fallback.provider {
-            Some(provider) => store.quota(&provider.name).await,
-            None => Ok(None),
-        }
+    async fn load(&self, store: &Store, input: &Inbound<Planned>) -> Result<FallbackContext, store::Error> {
+        let quota = match &self.fallback.provider {
+            Some(provider) => store.quota(&provider.name).await?,
+            None => None,
+        };
+        Ok(FallbackContext { quota, recorded: store.fallback_decision(input.payload.plan.id).await? })
     }
 
-    fn decide(&self, input: &Inbound<Planned>, quota: Option<QuotaSnapshot>, now: DateTime<Utc>) -> Outcome {
+    fn decide(&self, input: &Inbound<Planned>, context: FallbackContext, now: DateTime<Utc>) -> Outcome {
         let Planned { request, complexity, plan } = &input.payload;
-        let decision = policy::decide_fallback(plan, *complexity, &self.fallback, quota.as_ref());
-        let reserve = match (&decision.provider, decision.use_external) {
-            (Some(provider), true) => {
-                Some(Reservation { provider: provider.clone(), amount_micros: decision.estimated_cost_micros })
+        let mut writes = Vec::new();
+        // A plan is decided once: when it comes again, the gate follows the recorded decision,
+        // not a new one on what is left of the quota now.
+        let decision = match context.recorded {
+            Some(recorded) => recorded,
+            None => {
+                let decision =
+                    policy::decide_fallback(plan, *complexity, &self.fallback, context.quota.as_ref());
+                let reserve = match (&decision.provider, decision.use_external) {
+                    (Some(provider), true) => Some(Reservation {
+                        provider: provider.clone(),
+                        amount_micros: decision.estimated_cost_micros,
+                    }),
+                    _ => None,
+                };
+                writes.push(Write::Fallback {
+                    request_id: request.request_id,
+                    decision: decision.clone(),
+                    reserve,
+                });
+                decision
             }
-            _ => None,
         };
         let gate = policy::gate(request.auto_approve, &decision, &self.approval);
-        let mut writes = vec![Write::Fallback { request_id: request.request_id, decision, reserve }];
         let mut publish = Vec::new();
         match gate {
             Gate::AutoApproved { reason } => {
@@ -60,14 +83,126 @@ impl Stage for Fallback {
                     "route",
                     request.request_id,
                     now,
-                    RouteTasks { plan_id: plan.id, priority: input.priority, approved_by: POLICY_APPROVER.into() },
+                    RouteTasks {
+                        plan_id: plan.id,
+                        priority: input.priority,
+                        approved_by: POLICY_APPROVER.into(),
+                    },
                 );
-                publish.push(Publish::envelope(Destination::Queue("route".into()), input.priority, &envelope));
+                publish.push(Publish::envelope(
+                    Destination::Queue("route".into()),
+                    input.priority,
+                    &envelope,
+                ));
             }
             Gate::AwaitingApproval { reason } => {
-                writes.push(Write::AwaitingApproval { request_id: request.request_id, plan_id: plan.id, reason });
+                writes.push(Write::AwaitingApproval {
+                    request_id: request.request_id,
+                    plan_id: plan.id,
+                    reason,
+                });
             }
         }
         Outcome::Forward { writes, publish }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::ids::{MessageId, RequestId, WorkType};
+    use crate::policy::Provider;
+    use crate::wire::RequestMeta;
+
+    fn input(text: &str, auto_approve: bool) -> Inbound<Planned> {
+        let catalog = Catalog::default();
+        let request_id = RequestId::random();
+        let decomposition = catalog.decompose(text).unwrap();
+        let plan = catalog.plan(request_id, &decomposition).unwrap();
+        Inbound {
+            message_id: MessageId::random(),
+            request_id: Some(request_id),
+            priority: 2,
+            payload: Planned {
+                request: RequestMeta {
+                    request_id,
+                    text: text.into(),
+                    submitted_by: None,
+                    priority: 2,
+                    auto_approve,
+                },
+                complexity: decomposition.complexity,
+                plan,
+            },
+        }
+    }
+
+    fn provider() -> Provider {
+        Provider {
+            name: "cloud".into(),
+            price_per_1k_tokens_micros: 10_000,
+            tokens_per_task: 1_000,
+            quota_micros: 1_000_000,
+            work_types: BTreeSet::from([WorkType::parse("code_generation").unwrap()]),
+        }
+    }
+
+    #[test]
+    fn auto_approved_plan_goes_to_routing_with_a_policy_approval() {
+        let stage = Fallback { fallback: FallbackPolicy::default(), approval: ApprovalPolicy::default() };
+        let input = input("Deploy Gitea to the homelab", true);
+        let Outcome::Forward { writes, publish } =
+            stage.decide(&input, FallbackContext { quota: None, recorded: None }, Utc::now())
+        else {
+            panic!()
+        };
+        let Write::Fallback { decision, reserve, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert_eq!(decision.plan_id, input.payload.plan.id, "keyed by the plan");
+        assert!(!decision.use_external && reserve.is_none());
+        assert!(matches!(&writes[1], Write::Approval { approved: true, by, .. } if by == POLICY_APPROVER));
+        assert_eq!(publish.len(), 1);
+        assert_eq!(publish[0].destination, Destination::Queue("route".into()));
+        assert_eq!(publish[0].body["payload"]["plan_id"], input.payload.plan.id.to_string());
+    }
+
+    #[test]
+    fn a_plan_without_auto_approval_waits_and_publishes_nothing() {
+        let approval = ApprovalPolicy { auto_approve_below: None, allow_request_auto_approve: true };
+        let stage = Fallback { fallback: FallbackPolicy::default(), approval };
+        let input = input("Deploy Gitea to the homelab", false);
+        let Outcome::Forward { writes, publish } =
+            stage.decide(&input, FallbackContext { quota: None, recorded: None }, Utc::now())
+        else {
+            panic!()
+        };
+        assert!(
+            matches!(&writes[1], Write::AwaitingApproval { plan_id, .. } if *plan_id == input.payload.plan.id)
+        );
+        assert!(publish.is_empty());
+    }
+
+    #[test]
+    fn an_external_decision_reserves_its_estimated_cost() {
+        let fallback = FallbackPolicy { complexity_threshold: 0.1, provider: Some(provider()) };
+        let stage = Fallback { fallback, approval: ApprovalPolicy::default() };
+        let input = input("Write a Python script that exports Grafana dashboards", false);
+        let quota = QuotaSnapshot { provider: "cloud".into(), remaining_micros: 100_000 };
+        let Outcome::Forward { writes, publish } =
+            stage.decide(&input, FallbackContext { quota: Some(quota), recorded: None }, Utc::now())
+        else {
+            panic!()
+        };
+        let Write::Fallback { decision, reserve, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert!(decision.use_external);
+        // Three code-generation tasks × 1,000 tokens × 10,000 micros per 1,000 tokens.
+        assert_eq!(
+            reserve,
+            &Some(Reservation { provider: "cloud".into(), amount_micros: 30_000 }),
+            "{decision:?}"
+        );
+        assert!(publish.is_empty(), "an external plan waits for a person by default");
     }
 }

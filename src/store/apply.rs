@@ -256,7 +256,11 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 )
                 .await?;
             if inserted == 0 {
-                return Ok(Step::Ok);
+                // Another message of the same plan decided first: decide again on its decision.
+                return Ok(Step::Conflict(format!(
+                    "plan {} already has a fallback decision",
+                    decision.plan_id
+                )));
             }
             if let Some(reservation) = reserve {
                 let left = tx

@@ -12,7 +12,7 @@ use super::{Applied, Error, Store};
 use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
 use crate::effect::Write;
 use crate::ids::{AgentId, MessageId, PlanId, RequestId, TaskId, WorkType};
-use crate::policy::QuotaSnapshot;
+use crate::policy::{FallbackDecision, QuotaSnapshot};
 use crate::wire::Heartbeat;
 
 /// A plan as stored, with its state.
@@ -222,11 +222,7 @@ impl Store {
         let tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>, _>>()?;
         let request_id = RequestId::from_uuid(row.get(0));
         let plan = Plan::new(plan_id, request_id, tasks).map_err(|e| Error::Corrupt(e.to_string()))?;
-        Ok(Some(StoredPlan {
-            plan,
-            status: parse_status(row.get(1))?,
-            priority: row.get::<_, i16>(2) as u8,
-        }))
+        Ok(Some(StoredPlan { plan, status: parse_status(row.get(1))?, priority: row.get::<_, i16>(2) as u8 }))
     }
 
     /// The state of every task of a plan, in plan order.
@@ -264,6 +260,27 @@ impl Store {
             )
             .await?;
         Ok(row.map(|r| QuotaSnapshot { provider: provider.to_owned(), remaining_micros: r.get(0) }))
+    }
+
+    /// The fallback decision recorded for a plan, if one was made.
+    pub async fn fallback_decision(&self, plan_id: PlanId) -> Result<Option<FallbackDecision>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT use_external, provider, reason, complexity, estimated_cost_micros, quota_left_micros
+                 FROM fallback_decisions WHERE plan_id = $1",
+                &[&plan_id.as_uuid()],
+            )
+            .await?;
+        Ok(row.map(|r| FallbackDecision {
+            plan_id,
+            use_external: r.get(0),
+            provider: r.get(1),
+            reason: r.get(2),
+            complexity: r.get(3),
+            estimated_cost_micros: r.get(4),
+            quota_left_micros: r.get(5),
+        }))
     }
 
     /// Creates the quota row of a configured provider; an existing row keeps its figures.
@@ -357,20 +374,13 @@ impl Store {
                 return Err(Error::Refused(format!("plan {plan_id} is already {status}")));
             }
             None if status != PlanStatus::AwaitingApproval => {
-                return Err(Error::Refused(format!(
-                    "plan {plan_id} is {status}, not awaiting approval"
-                )));
+                return Err(Error::Refused(format!("plan {plan_id} is {status}, not awaiting approval")));
             }
             None => {}
         }
         drop(client);
-        let write = Write::Approval {
-            request_id,
-            plan_id,
-            approved,
-            by: by.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let write =
+            Write::Approval { request_id, plan_id, approved, by: by.to_owned(), reason: reason.to_owned() };
         match self.apply(by, None, std::slice::from_ref(&write)).await? {
             Applied::Done => Ok(ApprovalOutcome { request_id, priority, already: false }),
             other => Err(Error::Corrupt(format!("approval of {plan_id} applied as {other:?}"))),
@@ -477,7 +487,12 @@ impl Store {
                 &[&plan_id.as_uuid()],
             )
             .await?
-            .map(|row| ApprovalRow { approved: row.get(0), decided_by: row.get(1), reason: row.get(2), at: row.get(3) });
+            .map(|row| ApprovalRow {
+                approved: row.get(0),
+                decided_by: row.get(1),
+                reason: row.get(2),
+                at: row.get(3),
+            });
         let decisions = client
             .query(
                 "SELECT task_id, attempt, agent_id, score, reason, candidates, reserved_capacity
