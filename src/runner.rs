@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::broker::{self, Broker, Incoming, Outgoing};
 use crate::effect::Write;
 use crate::stages::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
-use crate::store::{self, Applied, Marker, Store};
+use crate::store::{self, Applied, Delivery, Marker, Store};
 use crate::topology::Topology;
 use crate::wire;
 
@@ -33,7 +33,8 @@ use crate::wire;
 pub struct Settings {
     /// Deliveries in flight per stage consumer (AMQP prefetch), processed concurrently.
     pub prefetch: u16,
-    /// Largest accepted message body, in bytes.
+    /// Largest accepted request or heartbeat body, in bytes. Messages between stages may be
+    /// larger, up to [`wire::MAX_ENVELOPE_BYTES`] (or this, if larger).
     pub max_payload_bytes: usize,
     /// Publish attempts into an agent's queue before a task is `dispatch_failed`.
     pub dispatch_attempts: usize,
@@ -89,14 +90,34 @@ enum Failure {
 
 impl From<store::Error> for Failure {
     fn from(err: store::Error) -> Self {
-        if err.is_transient() { Failure::Transient(err.to_string()) } else { Failure::Permanent(err.to_string()) }
+        let reason = describe(&err);
+        if err.is_transient() { Failure::Transient(reason) } else { Failure::Permanent(reason) }
     }
 }
 
 impl From<broker::Error> for Failure {
     fn from(err: broker::Error) -> Self {
-        if err.is_transient() { Failure::Transient(err.to_string()) } else { Failure::Permanent(err.to_string()) }
+        let reason = describe(&err);
+        if err.is_transient() { Failure::Transient(reason) } else { Failure::Permanent(reason) }
     }
+}
+
+/// An error with its causes ("a: b: c"). A dead letter's reason must say what went wrong, and
+/// some errors keep that in their source only: tokio-postgres says "db error", and the server's
+/// message is its source.
+fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Errors that show their source in their own message ("database: {0}") are not repeated.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// How many times a stage decides again after a guarded write lost a race.
@@ -211,12 +232,22 @@ impl<S: Stage> Runner<S> {
                     }
                 }
                 Outcome::Deliver { publish, then } => {
-                    return match self.deliver(&publish).await {
-                        Ok(()) => match self.persist(input, Value::Array(Vec::new()), &then).await? {
-                            Applied::Done | Applied::Duplicate(_) => Ok(()),
-                            Applied::Conflict(reason) => Err(Failure::Transient(reason)),
-                        },
-                        Err(err @ broker::Error::Unroutable { .. }) => {
+                    let marker = Marker {
+                        stage: S::NAME,
+                        message_id: input.message_id,
+                        outputs: Value::Array(Vec::new()),
+                    };
+                    return match self
+                        .store
+                        .deliver_once(S::NAME, marker, &then, || self.deliver(&publish))
+                        .await?
+                    {
+                        Delivery::Done | Delivery::Already => Ok(()),
+                        Delivery::Busy => {
+                            Err(Failure::Transient("a copy of this message is being delivered".into()))
+                        }
+                        Delivery::Conflict(reason) => Err(Failure::Transient(reason)),
+                        Delivery::Failed(err @ broker::Error::Unroutable { .. }) => {
                             let reason = format!(
                                 "{err}; gave up after {} attempts",
                                 self.settings.dispatch_attempts.max(1)
@@ -225,7 +256,7 @@ impl<S: Stage> Runner<S> {
                             self.store.apply(S::NAME, None, &writes).await?;
                             Err(Failure::Permanent(reason))
                         }
-                        Err(err) => Err(err.into()),
+                        Delivery::Failed(err) => Err(err.into()),
                     };
                 }
                 Outcome::Reject { writes, reason } => {
@@ -239,9 +270,17 @@ impl<S: Stage> Runner<S> {
         Err(Failure::Transient(format!("still conflicting after {MAX_DECISION_ROUNDS} decisions")))
     }
 
-    async fn persist(&self, input: &Inbound<S::Input>, outputs: Value, writes: &[Write]) -> Result<Applied, Failure> {
-        let marker =
-            self.stage.deduplicates().then_some(Marker { stage: S::NAME, message_id: input.message_id, outputs });
+    async fn persist(
+        &self,
+        input: &Inbound<S::Input>,
+        outputs: Value,
+        writes: &[Write],
+    ) -> Result<Applied, Failure> {
+        let marker = self.stage.deduplicates().then_some(Marker {
+            stage: S::NAME,
+            message_id: input.message_id,
+            outputs,
+        });
         Ok(self.store.apply(S::NAME, marker, writes).await?)
     }
 

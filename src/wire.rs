@@ -25,6 +25,13 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Default largest accepted message body.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
+/// Largest accepted message between stages, unless the configured limit is larger. A stage's
+/// message carries the request several times over (its text, its intents' clauses, its tasks'
+/// descriptions), so it cannot be held to the limit of what clients send: a request under that
+/// limit would be accepted, then refused by the next stage and left stuck. 16 MiB is the largest
+/// message that RabbitMQ accepts by default.
+pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Why a message can never be processed. All of these are permanent: retrying cannot help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -223,6 +230,10 @@ pub fn parse_submission(
     if text.is_empty() {
         return Err(Error::EmptyText);
     }
+    // PostgreSQL text cannot hold NUL: refused here with a reason, not by the database.
+    if text.contains('\0') || submit.submitted_by.as_ref().is_some_and(|s| s.contains('\0')) {
+        return Err(Error::Schema("text and submitted_by cannot contain NUL characters".into()));
+    }
     let priority = submit.priority.unwrap_or(0);
     if priority > 9 {
         return Err(Error::Schema(format!("priority {priority} is outside 0-9")));
@@ -301,8 +312,7 @@ mod tests {
     #[test]
     fn submission_with_request_id_is_keyed_by_it() {
         let id = RequestId::random();
-        let body = serde_json::to_vec(&serde_json::json!({"text": " Deploy it ", "request_id": id}))
-            .unwrap();
+        let body = serde_json::to_vec(&serde_json::json!({"text": " Deploy it ", "request_id": id})).unwrap();
         let a = parse_submission(&body, 1024, None).unwrap();
         let other_body =
             serde_json::to_vec(&serde_json::json!({"request_id": id, "text": "Deploy it"})).unwrap();
@@ -335,6 +345,11 @@ mod tests {
             (br#"{"text":"x","priority":12}"#, |e| matches!(e, Error::Schema(_))),
             (br#"{"text":"x","request_id":"nope"}"#, |e| matches!(e, Error::Schema(_))),
             (br#"["text"]"#, |e| matches!(e, Error::Schema(_))),
+            (br#"{"text":"deploy \u0000 x"}"#, |e| matches!(e, Error::Schema(m) if m.contains("NUL"))),
+            (
+                br#"{"text":"x","submitted_by":"a\u0000"}"#,
+                |e| matches!(e, Error::Schema(m) if m.contains("NUL")),
+            ),
         ];
         for (body, expected) in cases {
             let err = parse_submission(body, 1024, None).unwrap_err();
@@ -350,10 +365,7 @@ mod tests {
     #[test]
     fn envelope_version_is_checked_before_the_payload() {
         let body = br#"{"schema_version": 7, "payload": {"whatever": true}}"#;
-        assert_eq!(
-            parse_envelope::<RouteTasks>(body, 1024).unwrap_err(),
-            Error::UnknownVersion(7)
-        );
+        assert_eq!(parse_envelope::<RouteTasks>(body, 1024).unwrap_err(), Error::UnknownVersion(7));
         let cause = MessageId::random();
         let request = RequestId::random();
         let env = Envelope::derived(

@@ -102,7 +102,12 @@ pub trait Stage: Send + Sync + 'static {
     const NAME: &'static str;
 
     /// Parses a delivery. Stage-to-stage messages are envelopes; entry points override this.
-    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Self::Input>, wire::Error>;
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<Self::Input>, wire::Error>;
 
     /// Loads what `decide` needs from the store. The only I/O a stage has, and the runner runs it.
     fn load(
@@ -133,12 +138,13 @@ pub struct AmqpMeta<'a> {
     pub priority: Option<u8>,
 }
 
-/// Parses an envelope carrying `P`.
+/// Parses an envelope carrying `P`. `limit` is the configured limit of what clients send; an
+/// envelope may be larger, up to [`wire::MAX_ENVELOPE_BYTES`].
 pub(crate) fn parse_envelope<P: serde::de::DeserializeOwned>(
     body: &[u8],
     amqp: &AmqpMeta<'_>,
     limit: usize,
 ) -> Result<Inbound<P>, wire::Error> {
-    let envelope = wire::parse_envelope::<P>(body, limit)?;
+    let envelope = wire::parse_envelope::<P>(body, limit.max(wire::MAX_ENVELOPE_BYTES))?;
     Ok(Inbound::from_envelope(envelope, amqp.priority.unwrap_or(0)))
 }

@@ -34,6 +34,21 @@ enum Step {
     Conflict(String),
 }
 
+/// How [`Store::deliver_once`] went.
+#[derive(Debug)]
+pub enum Delivery<E> {
+    /// Delivered, then the marker and the writes committed.
+    Done,
+    /// The input was delivered and recorded before: nothing was sent again.
+    Already,
+    /// A copy of the input is being delivered right now: nothing was sent.
+    Busy,
+    /// Delivered, but a guarded write lost a race: nothing was written.
+    Conflict(String),
+    /// The delivery failed: nothing was written.
+    Failed(E),
+}
+
 impl Store {
     /// The outputs recorded when `stage` processed `message_id`, if it did.
     pub async fn processed(&self, stage: &str, message_id: MessageId) -> Result<Option<Value>, Error> {
@@ -84,6 +99,56 @@ impl Store {
         tx.commit().await?;
         Ok(Applied::Done)
     }
+
+    /// Delivers an input's output with `deliver`, then records `writes` with the input's marker,
+    /// in one transaction that holds a lock on the input throughout: a copy of the same input
+    /// (a republished duplicate, a redelivery) handled at the same time, in this process or in
+    /// another, finds the lock taken and sends nothing, instead of delivering a second time.
+    pub async fn deliver_once<E, F: Future<Output = Result<(), E>>>(
+        &self,
+        actor: &str,
+        marker: Marker<'_>,
+        writes: &[Write],
+        deliver: impl FnOnce() -> F,
+    ) -> Result<Delivery<E>, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let (key, _) = Uuid::new_v5(&marker.message_id.as_uuid(), marker.stage.as_bytes()).as_u64_pair();
+        let locked: bool =
+            tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&(key as i64)]).await?.get(0);
+        if !locked {
+            tx.rollback().await?;
+            return Ok(Delivery::Busy);
+        }
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM processed_messages WHERE stage = $1 AND message_id = $2",
+                &[&marker.stage, &marker.message_id.as_uuid()],
+            )
+            .await?
+            .is_some();
+        if done {
+            tx.rollback().await?;
+            return Ok(Delivery::Already);
+        }
+        if let Err(err) = deliver().await {
+            tx.rollback().await?;
+            return Ok(Delivery::Failed(err));
+        }
+        tx.execute(
+            "INSERT INTO processed_messages (stage, message_id, outputs) VALUES ($1, $2, $3)",
+            &[&marker.stage, &marker.message_id.as_uuid(), &marker.outputs],
+        )
+        .await?;
+        for write in writes {
+            if let Step::Conflict(reason) = apply_one(&tx, actor, write).await? {
+                tx.rollback().await?;
+                return Ok(Delivery::Conflict(reason));
+            }
+        }
+        tx.commit().await?;
+        Ok(Delivery::Done)
+    }
 }
 
 pub(super) async fn audit(
@@ -98,14 +163,7 @@ pub(super) async fn audit(
     tx.execute(
         "INSERT INTO audit_log (actor, event, request_id, plan_id, task_id, detail)
          VALUES ($1, $2, $3, $4, $5, $6)",
-        &[
-            &actor,
-            &event,
-            &request.map(Uuid::from),
-            &plan.map(Uuid::from),
-            &task.map(Uuid::from),
-            &detail,
-        ],
+        &[&actor, &event, &request.map(Uuid::from), &plan.map(Uuid::from), &task.map(Uuid::from), &detail],
     )
     .await?;
     Ok(())
@@ -298,12 +356,21 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             let updated = tx
                 .execute(
                     "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
-                    &[&plan_id.as_uuid(), &PlanStatus::AwaitingApproval.as_str(), &PlanStatus::Planned.as_str()],
+                    &[
+                        &plan_id.as_uuid(),
+                        &PlanStatus::AwaitingApproval.as_str(),
+                        &PlanStatus::Planned.as_str(),
+                    ],
                 )
                 .await?;
             if updated == 1 {
-                set_request_status(tx, *request_id, RequestStatus::AwaitingApproval, &[RequestStatus::Planned])
-                    .await?;
+                set_request_status(
+                    tx,
+                    *request_id,
+                    RequestStatus::AwaitingApproval,
+                    &[RequestStatus::Planned],
+                )
+                .await?;
                 let detail = json!({ "reason": reason });
                 audit(tx, actor, "plan.awaiting_approval", Some(*request_id), Some(*plan_id), None, detail)
                     .await?;
@@ -371,7 +438,10 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                     )
                     .await?;
                 if reserved == 0 {
-                    return Ok(Step::Conflict(format!("agent {} has no spare capacity left", route.agent_id)));
+                    return Ok(Step::Conflict(format!(
+                        "agent {} has no spare capacity left",
+                        route.agent_id
+                    )));
                 }
             }
             tx.execute(
@@ -391,7 +461,16 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             audit(tx, actor, "task.routed", Some(*request_id), Some(*plan_id), Some(route.task_id), detail)
                 .await?;
         }
-        Write::Dispatched { request_id, plan_id, task_id, attempt, decision_id, agent_id, queue, message_id } => {
+        Write::Dispatched {
+            request_id,
+            plan_id,
+            task_id,
+            attempt,
+            decision_id,
+            agent_id,
+            queue,
+            message_id,
+        } => {
             let inserted = tx
                 .execute(
                     "INSERT INTO dispatches (task_id, attempt, decision_id, agent_id, queue, message_id)
@@ -414,8 +493,16 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 .await?;
                 let detail = json!({ "attempt": attempt, "agent_id": agent_id, "queue": queue,
                                      "message_id": message_id });
-                audit(tx, actor, "task.dispatched", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
-                    .await?;
+                audit(
+                    tx,
+                    actor,
+                    "task.dispatched",
+                    Some(*request_id),
+                    Some(*plan_id),
+                    Some(*task_id),
+                    detail,
+                )
+                .await?;
             }
         }
         Write::DispatchFailed { request_id, plan_id, task_id, attempt, decision_id, agent_id, reason } => {
@@ -448,8 +535,16 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 )
                 .await?;
                 let detail = json!({ "attempt": attempt, "agent_id": agent_id, "reason": reason });
-                audit(tx, actor, "task.dispatch_failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
-                    .await?;
+                audit(
+                    tx,
+                    actor,
+                    "task.dispatch_failed",
+                    Some(*request_id),
+                    Some(*plan_id),
+                    Some(*task_id),
+                    detail,
+                )
+                .await?;
             }
         }
         Write::Agent { heartbeat, received_at } => {

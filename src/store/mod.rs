@@ -13,7 +13,7 @@ use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtim
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-pub use apply::{Applied, Marker};
+pub use apply::{Applied, Delivery, Marker};
 pub use read::*;
 
 mod embedded {
@@ -51,13 +51,10 @@ impl Error {
                 None => true, // connection closed, I/O: not an answer from the server
                 Some(code) => {
                     let class = &code.code()[..2];
-                    matches!(class, "08" | "53" | "57" | "58" | "40")
-                        || *code == SqlState::LOCK_NOT_AVAILABLE
+                    matches!(class, "08" | "53" | "57" | "58" | "40") || *code == SqlState::LOCK_NOT_AVAILABLE
                 }
             },
-            Error::Migration(_) | Error::Config(_) | Error::NotFound(_) | Error::Refused(_) => {
-                false
-            }
+            Error::Migration(_) | Error::Config(_) | Error::NotFound(_) | Error::Refused(_) => false,
             Error::Corrupt(_) => false,
         }
     }
@@ -134,10 +131,7 @@ pub async fn ensure_database(url: &str) -> Result<(), Error> {
     admin.dbname("postgres");
     let (client, connection) = admin.connect(NoTls).await?;
     let task = tokio::spawn(connection);
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .await?
-        .is_some();
+    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
     if !exists {
         let sql = format!("CREATE DATABASE {}", quote_ident(&name));
         if let Err(e) = client.execute(sql.as_str(), &[]).await {
@@ -172,11 +166,7 @@ pub mod admin {
 
     /// Makes sure the migrated template `template` exists (several processes may race to create
     /// it: an advisory lock serialises them), then creates `database` as its copy.
-    pub async fn create_from_template(
-        url: &str,
-        template: &str,
-        database: &str,
-    ) -> Result<(), Error> {
+    pub async fn create_from_template(url: &str, template: &str, database: &str) -> Result<(), Error> {
         const LOCK: i64 = 0x5357_5445_4d50; // "SWTEMP"
         let client = connect_admin(url).await?;
         client.execute("SELECT pg_advisory_lock($1)", &[&LOCK]).await?;
@@ -190,9 +180,7 @@ pub mod admin {
                 client
                     .execute(format!("DROP DATABASE IF EXISTS {}", quote_ident(&building)).as_str(), &[])
                     .await?;
-                client
-                    .execute(format!("CREATE DATABASE {}", quote_ident(&building)).as_str(), &[])
-                    .await?;
+                client.execute(format!("CREATE DATABASE {}", quote_ident(&building)).as_str(), &[]).await?;
                 let store = Store::connect(&with_database(url, &building), 1).await?;
                 store.migrate().await?;
                 store.pool.close();
@@ -211,12 +199,8 @@ pub mod admin {
             }
             client
                 .execute(
-                    format!(
-                        "CREATE DATABASE {} TEMPLATE {}",
-                        quote_ident(database),
-                        quote_ident(template)
-                    )
-                    .as_str(),
+                    format!("CREATE DATABASE {} TEMPLATE {}", quote_ident(database), quote_ident(template))
+                        .as_str(),
                     &[],
                 )
                 .await?;
@@ -231,10 +215,7 @@ pub mod admin {
     pub async fn drop_database(url: &str, database: &str) -> Result<(), Error> {
         let client = connect_admin(url).await?;
         client
-            .execute(
-                format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(database)).as_str(),
-                &[],
-            )
+            .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(database)).as_str(), &[])
             .await?;
         Ok(())
     }

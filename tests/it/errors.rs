@@ -1,1 +1,439 @@
-//! (being written)
+//! Error handling: every message that cannot be processed ends as a dead letter (a row in
+//! `dead_letters` and a copy in `<namespace>.dead` with its reason in a header), every request that
+//! cannot go on is failed with its reason, and a worker keeps going after bad input.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchyard::ids::RequestId;
+use switchyard::ops::{self, Progress};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+/// A `dead_letters` row as a user would read it with `psql`.
+#[derive(Debug)]
+struct DeadRow {
+    message_id: Uuid,
+    stage: String,
+    queue: String,
+    request_id: Option<Uuid>,
+    reason: String,
+    body: String,
+}
+
+/// Every `dead_letters` row of the app's database, oldest first.
+async fn dead_rows(app: &TestApp) -> Vec<DeadRow> {
+    let (client, connection) = tokio_postgres::connect(&app.config.database_url, tokio_postgres::NoTls)
+        .await
+        .expect("the test database");
+    let connection = tokio::spawn(connection);
+    let rows = client
+        .query("SELECT message_id, stage, queue, request_id, reason, body FROM dead_letters ORDER BY id", &[])
+        .await
+        .expect("dead letters");
+    drop(client);
+    let _ = connection.await;
+    rows.iter()
+        .map(|r| DeadRow {
+            message_id: r.get(0),
+            stage: r.get(1),
+            queue: r.get(2),
+            request_id: r.get(3),
+            reason: r.get(4),
+            body: r.get(5),
+        })
+        .collect()
+}
+
+/// Takes messages from `<namespace>.dead` until `count` arrived; panics after 20 s.
+async fn wait_dead_queue(app: &TestApp, count: usize) -> Vec<(Value, BTreeMap<String, String>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut messages = Vec::new();
+    loop {
+        messages.extend(app.drain(&app.names.dead_queue()).await);
+        if messages.len() >= count {
+            return messages;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} messages in the dead queue, expected {count}: {messages:#?}",
+            messages.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Takes messages from a queue (full name) for `quiet`, however many arrive.
+async fn collect_for(app: &TestApp, queue: &str, quiet: Duration) -> Vec<(Value, BTreeMap<String, String>)> {
+    let deadline = tokio::time::Instant::now() + quiet;
+    let mut messages = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        messages.extend(app.drain(queue).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    messages.extend(app.drain(queue).await);
+    messages
+}
+
+async fn request_total(app: &TestApp) -> i64 {
+    app.store.request_counts().await.unwrap().values().sum()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A deployment request body, as any AMQP client could publish it.
+fn request_body(text: &str, request_id: Option<RequestId>, auto_approve: bool) -> Vec<u8> {
+    let mut body = json!({ "text": text, "auto_approve": auto_approve });
+    if let Some(id) = request_id {
+        body["request_id"] = json!(id);
+    }
+    serde_json::to_vec(&body).unwrap()
+}
+
+#[tokio::test]
+async fn malformed_json_is_dead_lettered_with_its_reason_and_makes_no_request() {
+    let app = spawn_app().await;
+    app.publish_raw("requests", b"{\"text\": \"deploy nginx\"").await;
+
+    let dead = app.wait_dead_letters("decompose", 1).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert!(dead[0].reason.starts_with("malformed JSON"), "{}", dead[0].reason);
+    assert_eq!(dead[0].queue, app.names.requests());
+
+    let rows = dead_rows(&app).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].stage.as_str(), rows[0].queue.as_str()),
+        ("decompose", app.names.requests().as_str())
+    );
+    assert_eq!(rows[0].body, "{\"text\": \"deploy nginx\"", "the row keeps the body as received");
+    assert_eq!(rows[0].request_id, None);
+
+    let messages = wait_dead_queue(&app, 1).await;
+    assert_eq!(messages.len(), 1, "{messages:#?}");
+    let (body, headers) = &messages[0];
+    assert_eq!(body, &Value::String("{\"text\": \"deploy nginx\"".into()), "the original bytes");
+    assert_eq!(headers["x-switchyard-reason"], dead[0].reason);
+    assert_eq!(headers["x-switchyard-stage"], "decompose");
+    assert_eq!(headers["x-switchyard-queue"], app.names.requests());
+    assert_eq!(headers["x-switchyard-message-id"], rows[0].message_id.to_string());
+
+    assert_eq!(request_total(&app).await, 0, "no request row for a message that could not be read");
+}
+
+#[tokio::test]
+async fn blank_text_is_dead_lettered_as_empty_request_text() {
+    let app = spawn_app().await;
+    app.publish_raw("requests", br#"{"text":"   "}"#).await;
+
+    let dead = app.wait_dead_letters("decompose", 1).await;
+    assert_eq!(dead[0].reason, "empty request text");
+    let messages = wait_dead_queue(&app, 1).await;
+    assert_eq!(messages[0].0, json!({ "text": "   " }));
+    assert_eq!(messages[0].1["x-switchyard-reason"], "empty request text");
+    assert_eq!(request_total(&app).await, 0);
+}
+
+#[tokio::test]
+async fn a_payload_over_the_default_limit_is_dead_lettered_with_the_limit_in_its_reason() {
+    let app = spawn_app().await;
+    let text = format!("deploy {}", "x".repeat(300 * 1024));
+    let body = request_body(&text, None, true);
+    assert!(body.len() > 256 * 1024);
+    app.publish_raw("requests", &body).await;
+
+    let dead = app.wait_dead_letters("decompose", 1).await;
+    assert_eq!(
+        dead[0].reason,
+        format!("payload of {} bytes exceeds the limit of {} bytes", body.len(), 256 * 1024)
+    );
+    let messages = wait_dead_queue(&app, 1).await;
+    assert_eq!(messages[0].1["x-switchyard-reason"], dead[0].reason);
+    assert_eq!(messages[0].0["text"], text, "the whole body is kept");
+    assert_eq!(request_total(&app).await, 0);
+}
+
+#[tokio::test]
+async fn a_configured_payload_limit_is_enforced_and_requests_under_it_still_go_through() {
+    let app = spawn_app_with(|c| c.worker.max_payload_bytes = 1024).await;
+    app.register_agent("homelab-1", &["deployment", "shell"], 4, &[("target", "homelab")]).await;
+    let big = request_body(&format!("deploy {}", "y".repeat(2000)), None, true);
+    app.publish_raw("requests", &big).await;
+    let dead = app.wait_dead_letters("decompose", 1).await;
+    assert_eq!(dead[0].reason, format!("payload of {} bytes exceeds the limit of 1024 bytes", big.len()));
+
+    let id = app.submit("Deploy nginx to the homelab", true).await;
+    let report = app.wait_settled(id).await;
+    assert_eq!(ops::progress(&report), Progress::Dispatched, "{report:#?}");
+    assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
+    assert_eq!(request_total(&app).await, 1, "only the small request made a request row");
+}
+
+#[tokio::test]
+async fn an_envelope_of_an_unknown_schema_version_is_dead_lettered_by_the_plan_stage() {
+    let app = spawn_app().await;
+    let request_id = RequestId::random();
+    let envelope = json!({
+        "message_id": Uuid::new_v4(),
+        "schema_version": 99,
+        "request_id": request_id,
+        "causation_id": null,
+        "timestamp": "2025-01-01T00:00:00Z",
+        "payload": { "whatever": "a future version carries" },
+    });
+    app.publish_raw("decomposed", &serde_json::to_vec(&envelope).unwrap()).await;
+
+    let dead = app.wait_dead_letters("plan", 1).await;
+    assert_eq!(dead[0].reason, "unknown schema version 99 (this worker reads version 1)");
+    assert_eq!(dead[0].queue, app.names.queue("decomposed"));
+    let rows = dead_rows(&app).await;
+    assert_eq!(rows[0].request_id, Some(request_id.as_uuid()), "the request id is read from the envelope");
+    let messages = wait_dead_queue(&app, 1).await;
+    assert_eq!(messages[0].0, envelope);
+    assert_eq!(messages[0].1["x-switchyard-stage"], "plan");
+    assert!(messages[0].1["x-switchyard-reason"].starts_with("unknown schema version 99"));
+}
+
+#[tokio::test]
+async fn schema_violations_are_dead_lettered_and_named() {
+    let app = spawn_app().await;
+    app.publish_raw("requests", br#"{"text":"deploy nginx","colour":"red"}"#).await;
+    app.publish_raw("requests", br#"["deploy nginx"]"#).await;
+    app.publish_raw("requests", br#"{"text":"deploy nginx","priority":12}"#).await;
+
+    app.wait_dead_letters("decompose", 3).await;
+    let rows = dead_rows(&app).await;
+    let reason_of =
+        |needle: &str| rows.iter().find(|r| r.body.contains(needle)).map(|r| r.reason.clone()).expect(needle);
+    let unknown_field = reason_of("colour");
+    assert!(unknown_field.starts_with("schema violation: unknown field `colour`"), "{unknown_field}");
+    assert_eq!(reason_of("[\"deploy"), "schema violation: expected a JSON object, found an array");
+    assert_eq!(reason_of("priority"), "schema violation: priority 12 is outside 0-9");
+    let messages = wait_dead_queue(&app, 3).await;
+    assert!(
+        messages.iter().all(|(_, h)| h["x-switchyard-reason"].starts_with("schema violation")),
+        "{messages:#?}"
+    );
+    assert_eq!(request_total(&app).await, 0);
+}
+
+#[tokio::test]
+async fn a_refused_request_keeps_its_id_on_the_dead_letter_but_status_knows_no_request() {
+    let app = spawn_app().await;
+    let id = RequestId::random();
+    app.publish_raw("requests", &request_body("  ", Some(id), true)).await;
+
+    let dead = app.wait_dead_letters("decompose", 1).await;
+    assert_eq!(dead[0].reason, "empty request text");
+    let rows = dead_rows(&app).await;
+    assert_eq!(rows[0].request_id, Some(id.as_uuid()));
+    assert_eq!(app.store.report(id).await.unwrap().map(|r| r.request_id), None);
+
+    // The dead letter is only in the table and the dead queue: `status` has no request to show.
+    let status = app.cli(&["status", &id.to_string()]).await;
+    assert_eq!(status.status.code(), Some(1), "{}", stdout(&status));
+    assert_eq!(stderr(&status).trim(), format!("error: no request {id}"));
+}
+
+#[tokio::test]
+async fn a_request_id_submitted_again_makes_one_request_one_plan_and_one_task_message() {
+    let app = spawn_app().await;
+    app.register_agent("homelab-1", &["deployment", "shell"], 4, &[("target", "homelab")]).await;
+    let id = RequestId::random();
+    let first = request_body("Deploy nginx to the homelab", Some(id), true);
+    app.publish_raw("requests", &first).await;
+    app.publish_raw("requests", &first).await;
+    let report = app.wait_settled(id).await;
+    assert_eq!(ops::progress(&report), Progress::Dispatched, "{report:#?}");
+    app.publish_raw("requests", &request_body("Install grafana on the lab", Some(id), true)).await;
+
+    let queue = app.agent_queue("homelab-1");
+    let messages = collect_for(&app, &queue, Duration::from_secs(2)).await;
+    assert_eq!(messages.len(), 1, "{messages:#?}");
+    assert_eq!(messages[0].0["payload"]["task"]["key"], "1.prepare");
+    assert_eq!(request_total(&app).await, 1);
+    let report = app.store.report(id).await.unwrap().unwrap();
+    assert_eq!(report.text, "Deploy nginx to the homelab", "the first submission wins");
+    assert_eq!(report.plan.as_ref().unwrap().tasks.len(), 3);
+    assert_eq!(app.store.dispatches(id.plan_id()).await.unwrap().len(), 1);
+    assert!(dead_rows(&app).await.is_empty(), "a copy is not an error");
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
+}
+
+#[tokio::test]
+async fn with_no_agent_registered_a_task_goes_to_the_default_agent_of_its_work_type() {
+    let app = spawn_app().await;
+    app.declare_agent_queue("default-deployment").await;
+    let id = app.submit("Deploy nginx to the homelab", true).await;
+
+    let report = app.wait_settled(id).await;
+    assert_eq!(ops::progress(&report), Progress::Dispatched, "{report:#?}");
+    let task = &report.plan.as_ref().unwrap().tasks[0];
+    assert_eq!((task.key.as_str(), task.status.as_str()), ("1.prepare", "dispatched"));
+    assert_eq!(task.agent_id.as_deref(), Some("default-deployment"));
+    let reason = task.reason.as_deref().unwrap_or_default();
+    assert!(reason.starts_with("no agents available"), "{reason}");
+    let messages = app.drain(&app.agent_queue("default-deployment")).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].0["payload"]["agent_id"], "default-deployment");
+    assert_eq!(messages[0].0["payload"]["task"]["key"], "1.prepare");
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
+}
+
+#[tokio::test]
+async fn with_no_agent_and_no_default_agent_the_request_fails_at_routing() {
+    let app = spawn_app_with(|c| c.routing.default_agents.clear()).await;
+    let id = app.submit("Deploy nginx to the homelab", true).await;
+
+    let report = app.wait_for(id, |r| r.status.as_str() == "failed").await;
+    let reason = report.failure_reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("routing failed: no agents available"), "{reason}");
+    assert!(reason.contains("no default agent configured for work type deployment"), "{reason}");
+    assert_eq!(ops::progress(&report), Progress::Failed(reason.clone()));
+    let dead = app.wait_dead_letters("route", 1).await;
+    assert_eq!(dead[0].reason, reason);
+    let messages = wait_dead_queue(&app, 1).await;
+    assert_eq!(messages[0].1["x-switchyard-stage"], "route");
+    let status = app.cli(&["status", &id.to_string()]).await;
+    assert!(status.status.success());
+    let shown = stdout(&status);
+    assert!(shown.contains("status    failed"), "{shown}");
+    assert!(shown.contains("dead letter at route"), "{shown}");
+    assert!(app.store.dispatches(id.plan_id()).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_agent_without_a_queue_fails_the_dispatch_and_gets_its_capacity_back() {
+    let app = spawn_app_with(|c| c.worker.retry_base_delay_ms = 10).await;
+    // Registered in the store only: nobody declared its queue.
+    let heartbeat = app.heartbeat("ghost-1", &["deployment", "shell"], 2, &[("target", "homelab")]);
+    app.store.register_agent("tests", heartbeat).await.unwrap();
+    let id = app.submit("Deploy nginx to the homelab", true).await;
+
+    let report = app.wait_for(id, |r| r.status.as_str() == "failed").await;
+    let task = &report.plan.as_ref().unwrap().tasks[0];
+    assert_eq!((task.key.as_str(), task.status.as_str()), ("1.prepare", "dispatch_failed"), "{report:#?}");
+    let reason = task.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("unroutable"), "{reason}");
+    assert!(reason.contains(&app.agent_queue("ghost-1")), "{reason}");
+    let failure = report.failure_reason.as_deref().unwrap_or_default();
+    assert!(failure.starts_with("task could not be dispatched to ghost-1"), "{failure}");
+    match ops::progress(&report) {
+        Progress::Failed(why) => assert!(why.contains("unroutable"), "{why}"),
+        other => panic!("progress should say failed: {other:?}"),
+    }
+
+    let dead = app.wait_dead_letters("dispatch", 1).await;
+    assert!(dead[0].reason.contains("unroutable"), "{}", dead[0].reason);
+    assert!(dead[0].reason.ends_with("gave up after 3 attempts"), "{}", dead[0].reason);
+    let messages = wait_dead_queue(&app, 1).await;
+    assert_eq!(messages[0].1["x-switchyard-stage"], "dispatch");
+    assert_eq!(messages[0].0["payload"]["agent_id"], "ghost-1");
+
+    let agents = app.store.agents().await.unwrap();
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].in_flight, 0, "the reserved slot is given back");
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert_eq!(audit.status.code(), Some(1), "{}", stdout(&audit));
+    assert!(stdout(&audit).contains("task 1.prepare could not be dispatched"), "{}", stdout(&audit));
+}
+
+#[tokio::test]
+async fn a_request_no_work_type_matches_fails_with_its_reason() {
+    let app = spawn_app().await;
+    let id = app.submit("hello there", true).await;
+
+    let report = app.wait_for(id, |r| r.status.as_str() == "failed").await;
+    let reason = report.failure_reason.clone().unwrap_or_default();
+    assert!(reason.starts_with("decomposition failed"), "{reason}");
+    assert!(report.plan.is_none());
+    let dead = app.wait_dead_letters("decompose", 1).await;
+    assert_eq!(dead[0].reason, reason);
+    let rows = dead_rows(&app).await;
+    assert_eq!(rows[0].request_id, Some(id.as_uuid()));
+    let report = app.store.report(id).await.unwrap().unwrap();
+    assert_eq!(report.dead_letters.len(), 1, "status shows the dead letter");
+
+    // What `switchyard submit --wait` prints for such a request.
+    let submitted = app.cli(&["submit", "--wait", "--timeout", "20", "hello again"]).await;
+    assert_eq!(submitted.status.code(), Some(1), "{}{}", stdout(&submitted), stderr(&submitted));
+    assert!(stdout(&submitted).contains("failed: decomposition failed"), "{}", stdout(&submitted));
+}
+
+#[tokio::test]
+async fn a_nul_character_in_the_text_is_refused_with_a_reason_never_lost() {
+    let app = spawn_app().await;
+    let id = RequestId::random();
+    // `\u0000` in JSON is a NUL character in the text, which PostgreSQL text cannot hold.
+    let body = format!(r#"{{"text": "deploy \u0000 x", "auto_approve": true, "request_id": "{id}"}}"#);
+    app.publish_raw("requests", body.as_bytes()).await;
+
+    let dead = app.wait_dead_letters("decompose", 1).await;
+    assert_eq!(dead[0].reason, "schema violation: text and submitted_by cannot contain NUL characters");
+    let rows = dead_rows(&app).await;
+    assert_eq!(rows[0].request_id, Some(id.as_uuid()));
+    assert_eq!(rows[0].body, body, "the body is recorded as received (the escape is plain text)");
+    let messages = wait_dead_queue(&app, 1).await;
+    assert_eq!(messages[0].0["text"], "deploy \u{0} x");
+    assert_eq!(request_total(&app).await, 0);
+}
+
+#[tokio::test]
+async fn a_database_refusal_is_dead_lettered_with_the_database_message() {
+    let app = spawn_app().await;
+    // The heartbeat parses, but PostgreSQL refuses the NUL in a capability when it is stored.
+    let heartbeat = br#"{"agent_id":"a1","capabilities":["deploy\u0000ment"],"capacity":1}"#;
+    app.publish_raw("heartbeats", heartbeat).await;
+
+    let dead = app.wait_dead_letters("heartbeat", 1).await;
+    let reason = &dead[0].reason;
+    assert!(reason.starts_with("database: db error: ERROR: "), "{reason}");
+    assert!(reason.contains("0x00"), "the server's own message: {reason}");
+    let messages = wait_dead_queue(&app, 1).await;
+    assert_eq!(&messages[0].1["x-switchyard-reason"], reason);
+    assert!(app.store.agents().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_request_near_the_default_limit_goes_through_every_stage() {
+    let app = spawn_app().await;
+    app.register_agent("homelab-1", &["deployment", "shell"], 4, &[("target", "homelab")]).await;
+    // About 200 KB: under the 256 KiB limit of a request, but every message after decompose
+    // carries the text more than once (about 400 KB for plan), which must not be refused.
+    let names: Vec<String> = (0..30_000).map(|i| format!("w{i}")).collect();
+    let text = format!("Deploy nginx {} to the homelab", names.join(" "));
+    assert!(text.len() > 190_000 && text.len() < 256 * 1024);
+    let id = app.submit(&text, true).await;
+
+    let report = app.wait_settled(id).await;
+    assert_eq!(ops::progress(&report), Progress::Dispatched, "{:?}", report.dead_letters);
+    assert!(report.dead_letters.is_empty(), "{:?}", report.dead_letters);
+    assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_worker_keeps_going_after_bad_input() {
+    let app = spawn_app().await;
+    app.register_agent("homelab-1", &["deployment", "shell"], 4, &[("target", "homelab")]).await;
+    app.publish_raw("requests", b"{{{ not json").await;
+    app.publish_raw("requests", b"").await;
+    app.publish_raw("requests", &[0xff, 0xfe, 0x00]).await;
+    app.publish_raw("heartbeats", br#"{"agent_id":"a1","capabilities":[],"capacity":0}"#).await;
+    app.wait_dead_letters("decompose", 3).await;
+    app.wait_dead_letters("heartbeat", 1).await;
+
+    let id = app.submit("Deploy nginx to the homelab", true).await;
+    let report = app.wait_settled(id).await;
+    assert_eq!(ops::progress(&report), Progress::Dispatched, "{report:#?}");
+    assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
+    let reasons: Vec<String> = dead_rows(&app).await.into_iter().map(|r| r.reason).collect();
+    assert!(reasons.iter().filter(|r| r.starts_with("malformed JSON")).count() == 3, "{reasons:#?}");
+    assert!(reasons.contains(&"schema violation: capacity must be at least 1".to_owned()), "{reasons:#?}");
+    assert_eq!(app.store.agents().await.unwrap().len(), 1, "the bad heartbeat registered nothing");
+}
