@@ -172,7 +172,10 @@ mod tests {
         let findings = check(&trail);
         assert!(findings.iter().any(|f| f == "no decomposition recorded"), "{findings:?}");
         assert!(findings.iter().any(|f| f.starts_with("no fallback decision for plan")), "{findings:?}");
-        assert!(findings.iter().any(|f| f.contains("1.prepare attempt 1 has 0 confirmed dispatches")), "{findings:?}");
+        assert!(
+            findings.iter().any(|f| f.contains("1.prepare attempt 1 has 0 confirmed dispatches")),
+            "{findings:?}"
+        );
     }
 
     #[test]
@@ -192,7 +195,9 @@ mod tests {
         early.task_id = second;
         trail.dispatches.push(early);
         let findings = check(&trail);
-        assert!(findings.iter().any(|f| f.contains("1.deploy was routed or dispatched before it was released")));
+        assert!(
+            findings.iter().any(|f| f.contains("1.deploy was routed or dispatched before it was released"))
+        );
     }
 
     #[test]
@@ -202,7 +207,10 @@ mod tests {
         trail.dispatches[0].agent_id = "elsewhere".into();
         let findings = check(&trail);
         assert!(findings.iter().any(|f| f.contains("has 2 routing decisions")), "{findings:?}");
-        assert!(findings.iter().any(|f| f.contains("routed to homelab-1 but dispatched to elsewhere")), "{findings:?}");
+        assert!(
+            findings.iter().any(|f| f.contains("routed to homelab-1 but dispatched to elsewhere")),
+            "{findings:?}"
+        );
     }
 
     #[test]

@@ -248,16 +248,18 @@ impl Broker {
     pub async fn declare_agent_queue(&self, agent: &AgentId) -> Result<String, Error> {
         let name = self.names.agent_queue(agent);
         let mut args = FieldTable::default();
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.names.dead_exchange().into()));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.names.dead_exchange().into()),
+        );
         self.publisher.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args).await?;
         Ok(name)
     }
 
     /// Publishes one persistent message and waits for the broker's confirm.
     pub async fn publish(&self, message: &Outgoing) -> Result<(), Error> {
-        let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
+        let mut properties =
+            BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
         if let Some(id) = &message.message_id {
             properties = properties.with_message_id(id.as_str().into());
         }
@@ -267,7 +269,10 @@ impl Broker {
         if !message.headers.is_empty() {
             let mut table = FieldTable::default();
             for (k, v) in &message.headers {
-                table.insert(ShortString::from(k.as_str()), AMQPValue::LongString(LongString::from(v.as_str())));
+                table.insert(
+                    ShortString::from(k.as_str()),
+                    AMQPValue::LongString(LongString::from(v.as_str())),
+                );
             }
             properties = properties.with_headers(table);
         }

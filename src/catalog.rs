@@ -872,7 +872,11 @@ fn entities_and_targets(
     is_verb: impl Fn(&Word) -> bool,
 ) -> (Vec<String>, Vec<String>) {
     // A condition ("… on Telegram when it is down") ends the phrase that may hold the target.
-    let cut = words.iter().skip(1).position(|w| SUBORDINATORS.contains(&w.lower.as_str())).map_or(words.len(), |p| p + 1);
+    let cut = words
+        .iter()
+        .skip(1)
+        .position(|w| SUBORDINATORS.contains(&w.lower.as_str()))
+        .map_or(words.len(), |p| p + 1);
     let (head, tail) = words.split_at(cut);
     let (target, before) = match target(head, is_verb) {
         Some((target, preposition)) => (Some(target), &head[..preposition]),

@@ -99,8 +99,8 @@ impl Config {
             config.database_url = url;
         }
         if let Some(ns) = env("SWITCHYARD_NAMESPACE").filter(|v| !v.is_empty()) {
-            config.namespace =
-                Namespace::parse(ns).map_err(|source| Error::Env { variable: "SWITCHYARD_NAMESPACE", source })?;
+            config.namespace = Namespace::parse(ns)
+                .map_err(|source| Error::Env { variable: "SWITCHYARD_NAMESPACE", source })?;
         }
         Ok(config)
     }
@@ -169,7 +169,8 @@ work_types = ["code_generation"]
         std::fs::write(&path, "namspace = \"x\"\n").unwrap();
         let err = Config::load_with(Some(&path), |_| None).unwrap_err();
         assert!(err.to_string().contains("namspace"), "{err}");
-        let err = Config::load_with(None, |n| (n == "SWITCHYARD_NAMESPACE").then(|| "Bad NS".into())).unwrap_err();
+        let err =
+            Config::load_with(None, |n| (n == "SWITCHYARD_NAMESPACE").then(|| "Bad NS".into())).unwrap_err();
         assert!(err.to_string().contains("SWITCHYARD_NAMESPACE"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -313,10 +313,7 @@ mod tests {
         let selfloop = vec![task(p, "a", &["a"])];
         assert!(matches!(Plan::new(p, request, selfloop), Err(PlanError::Cycle(_))));
         let dangling = vec![task(p, "a", &["zz"])];
-        assert!(matches!(
-            Plan::new(p, request, dangling),
-            Err(PlanError::UnknownDependency { .. })
-        ));
+        assert!(matches!(Plan::new(p, request, dangling), Err(PlanError::UnknownDependency { .. })));
         let dup = vec![task(p, "a", &[]), task(p, "a", &[])];
         assert!(matches!(Plan::new(p, request, dup), Err(PlanError::DuplicateTask(_))));
     }

@@ -21,15 +21,38 @@ pub struct Reservation {
 pub enum Write {
     /// A new request; nothing happens if one with its id exists.
     Request(RequestMeta),
-    Decomposition { request_id: RequestId, decomposition: Decomposition },
+    Decomposition {
+        request_id: RequestId,
+        decomposition: Decomposition,
+    },
     /// A permanent failure of the request, with its reason.
-    RequestFailed { request_id: RequestId, reason: String },
-    Plan { plan: Plan, complexity: f64 },
+    RequestFailed {
+        request_id: RequestId,
+        reason: String,
+    },
+    Plan {
+        plan: Plan,
+        complexity: f64,
+    },
     /// The plan-level external-AI decision. With a reservation, the store applies it only if the
     /// quota still covers it, else reports a conflict and the stage decides again.
-    Fallback { request_id: RequestId, decision: FallbackDecision, reserve: Option<Reservation> },
-    AwaitingApproval { request_id: RequestId, plan_id: PlanId, reason: String },
-    Approval { request_id: RequestId, plan_id: PlanId, approved: bool, by: String, reason: String },
+    Fallback {
+        request_id: RequestId,
+        decision: FallbackDecision,
+        reserve: Option<Reservation>,
+    },
+    AwaitingApproval {
+        request_id: RequestId,
+        plan_id: PlanId,
+        reason: String,
+    },
+    Approval {
+        request_id: RequestId,
+        plan_id: PlanId,
+        approved: bool,
+        by: String,
+        reason: String,
+    },
     /// A routing decision. When the route reserves capacity, the store applies it only if the
     /// agent still has room, else reports a conflict and the stage decides again.
     Route {
@@ -61,5 +84,8 @@ pub enum Write {
         reason: String,
     },
     /// An agent's heartbeat, received at `received_at`.
-    Agent { heartbeat: Heartbeat, received_at: DateTime<Utc> },
+    Agent {
+        heartbeat: Heartbeat,
+        received_at: DateTime<Utc>,
+    },
 }

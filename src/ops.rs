@@ -24,8 +24,10 @@ pub enum Error {
 /// request without an id gets a fresh one, so that the caller can follow it.
 pub async fn submit(broker: &Broker, mut request: SubmitRequest) -> Result<RequestId, Error> {
     let request_id = *request.request_id.get_or_insert_with(RequestId::random);
-    let mut outgoing =
-        Outgoing::to_queue(broker.names().requests(), serde_json::to_vec(&request).expect("requests serialize"));
+    let mut outgoing = Outgoing::to_queue(
+        broker.names().requests(),
+        serde_json::to_vec(&request).expect("requests serialize"),
+    );
     outgoing.priority = request.priority;
     outgoing.message_id = Some(request_id.to_string());
     broker.publish(&outgoing).await?;
@@ -40,7 +42,12 @@ fn approval_message_id(plan_id: PlanId) -> MessageId {
 
 /// Approves a plan that awaits approval and sends it to routing. Approving an approved plan
 /// again publishes the same message again, which routing ignores: safe to retry.
-pub async fn approve(store: &Store, broker: &Broker, plan_id: PlanId, by: &str) -> Result<ApprovalOutcome, Error> {
+pub async fn approve(
+    store: &Store,
+    broker: &Broker,
+    plan_id: PlanId,
+    by: &str,
+) -> Result<ApprovalOutcome, Error> {
     let outcome = store.decide_approval(plan_id, true, by, "approved by a person").await?;
     let envelope = Envelope {
         message_id: approval_message_id(plan_id),
@@ -59,7 +66,12 @@ pub async fn approve(store: &Store, broker: &Broker, plan_id: PlanId, by: &str) 
 }
 
 /// Rejects a plan that awaits approval, with a reason.
-pub async fn reject(store: &Store, plan_id: PlanId, by: &str, reason: &str) -> Result<ApprovalOutcome, Error> {
+pub async fn reject(
+    store: &Store,
+    plan_id: PlanId,
+    by: &str,
+    reason: &str,
+) -> Result<ApprovalOutcome, Error> {
     Ok(store.decide_approval(plan_id, false, by, reason).await?)
 }
 
@@ -78,7 +90,9 @@ pub enum Progress {
 pub fn progress(report: &RequestReport) -> Progress {
     match report.status {
         RequestStatus::Failed | RequestStatus::Rejected => {
-            return Progress::Failed(report.failure_reason.clone().unwrap_or_else(|| report.status.to_string()));
+            return Progress::Failed(
+                report.failure_reason.clone().unwrap_or_else(|| report.status.to_string()),
+            );
         }
         RequestStatus::AwaitingApproval => {
             let plan = report.plan.as_ref().map(|p| p.plan_id.to_string()).unwrap_or_default();
@@ -91,9 +105,10 @@ pub fn progress(report: &RequestReport) -> Progress {
     };
     let succeeded: HashSet<_> =
         plan.tasks.iter().filter(|t| t.status == TaskStatus::Succeeded).map(|t| t.id).collect();
-    let waiting_release = plan.tasks.iter().any(|t| {
-        t.status == TaskStatus::Pending && t.depends_on.iter().all(|d| succeeded.contains(d))
-    });
+    let waiting_release = plan
+        .tasks
+        .iter()
+        .any(|t| t.status == TaskStatus::Pending && t.depends_on.iter().all(|d| succeeded.contains(d)));
     let routed = plan.tasks.iter().filter(|t| t.status == TaskStatus::Routed).count();
     if let Some(failed) = plan.tasks.iter().find(|t| t.status == TaskStatus::DispatchFailed) {
         return Progress::Failed(format!(
@@ -104,7 +119,9 @@ pub fn progress(report: &RequestReport) -> Progress {
     }
     if waiting_release || routed > 0 {
         let dispatched = plan.tasks.iter().filter(|t| t.status == TaskStatus::Dispatched).count();
-        return Progress::Waiting(format!("routing and dispatching: {dispatched} dispatched, {routed} routed"));
+        return Progress::Waiting(format!(
+            "routing and dispatching: {dispatched} dispatched, {routed} routed"
+        ));
     }
     Progress::Dispatched
 }

@@ -130,9 +130,7 @@ pub fn decide_fallback(
     let threshold = policy.complexity_threshold;
     if complexity.is_nan() || threshold.is_nan() {
         // A NaN compares false both ways; staying local is the safe reading.
-        return local(format!(
-            "complexity {complexity} cannot be compared with the threshold {threshold}"
-        ));
+        return local(format!("complexity {complexity} cannot be compared with the threshold {threshold}"));
     }
     let (c, t) = figures(complexity, threshold);
     if complexity < threshold {
@@ -218,11 +216,7 @@ impl Gate {
 /// Approved automatically when the request asked for it and the policy allows that (even for
 /// external work: the requester took responsibility), or when the work stays local and is less
 /// complex than the policy's limit. Otherwise it waits, with every reason that applies.
-pub fn gate(
-    request_auto_approve: bool,
-    decision: &FallbackDecision,
-    policy: &ApprovalPolicy,
-) -> Gate {
+pub fn gate(request_auto_approve: bool, decision: &FallbackDecision, policy: &ApprovalPolicy) -> Gate {
     if request_auto_approve && policy.allow_request_auto_approve {
         return Gate::AutoApproved {
             reason: "the request asked for auto-approval and the policy allows it".to_owned(),
@@ -241,9 +235,7 @@ pub fn gate(
 
     let mut reasons = Vec::new();
     if request_auto_approve {
-        reasons.push(
-            "the request asked for auto-approval but the policy does not allow it".to_owned(),
-        );
+        reasons.push("the request asked for auto-approval but the policy does not allow it".to_owned());
     }
     if decision.use_external {
         reasons.push(match &decision.provider {
@@ -350,14 +342,9 @@ mod tests {
         // 3 × 333 × 1001 = 999,999 → 999.999 → 1000.
         let odd = Provider { price_per_1k_tokens_micros: 1001, tokens_per_task: 333, ..provider() };
         assert_eq!(odd.estimate_cost_micros(3), 1000);
-        let exact =
-            Provider { price_per_1k_tokens_micros: 2000, tokens_per_task: 500, ..provider() };
+        let exact = Provider { price_per_1k_tokens_micros: 2000, tokens_per_task: 500, ..provider() };
         assert_eq!(exact.estimate_cost_micros(3), 3000);
-        let huge = Provider {
-            price_per_1k_tokens_micros: i64::MAX,
-            tokens_per_task: i64::MAX,
-            ..provider()
-        };
+        let huge = Provider { price_per_1k_tokens_micros: i64::MAX, tokens_per_task: i64::MAX, ..provider() };
         assert_eq!(huge.estimate_cost_micros(2), i64::MAX);
 
         // Two accepted tasks of three: 2 × 2500 × 1234 / 1000 = 6170.
@@ -444,11 +431,7 @@ mod tests {
         let other = QuotaSnapshot { provider: "othermodel".into(), remaining_micros: 1_000_000 };
         let d = decide_fallback(&plan, 0.9, &policy(), Some(&other));
         assert!(!d.use_external);
-        assert!(
-            d.reason.starts_with("quota exhausted: no quota known for bigmodel"),
-            "{}",
-            d.reason
-        );
+        assert!(d.reason.starts_with("quota exhausted: no quota known for bigmodel"), "{}", d.reason);
     }
 
     #[test]
@@ -486,10 +469,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(
-            policy,
-            FallbackPolicy { complexity_threshold: 0.7, provider: Some(provider()) }
-        );
+        assert_eq!(policy, FallbackPolicy { complexity_threshold: 0.7, provider: Some(provider()) });
         assert_eq!(toml::from_str::<ApprovalPolicy>("").unwrap(), ApprovalPolicy::default());
         let strict: ApprovalPolicy = toml::from_str("allow_request_auto_approve = false").unwrap();
         assert_eq!(strict.auto_approve_below, Some(0.5));
@@ -512,19 +492,14 @@ mod tests {
         let g = gate(false, &decision(0.3, false), &ApprovalPolicy::default());
         assert_eq!(
             g,
-            Gate::AutoApproved {
-                reason: "complexity 0.30 is below 0.50 and the work stays local".into()
-            }
+            Gate::AutoApproved { reason: "complexity 0.30 is below 0.50 and the work stays local".into() }
         );
     }
 
     #[test]
     fn gate_holds_external_work() {
         let g = gate(false, &decision(0.3, true), &ApprovalPolicy::default());
-        assert_eq!(
-            g,
-            Gate::AwaitingApproval { reason: "uses an external AI model (bigmodel)".into() }
-        );
+        assert_eq!(g, Gate::AwaitingApproval { reason: "uses an external AI model (bigmodel)".into() });
         assert!(!g.is_auto_approved());
     }
 
@@ -539,16 +514,13 @@ mod tests {
         let g = gate(false, &decision(0.0, false), &never);
         assert_eq!(
             g,
-            Gate::AwaitingApproval {
-                reason: "the policy does not auto-approve by complexity".into()
-            }
+            Gate::AwaitingApproval { reason: "the policy does not auto-approve by complexity".into() }
         );
     }
 
     #[test]
     fn gate_refuses_an_auto_approve_request_the_policy_forbids() {
-        let strict =
-            ApprovalPolicy { allow_request_auto_approve: false, ..ApprovalPolicy::default() };
+        let strict = ApprovalPolicy { allow_request_auto_approve: false, ..ApprovalPolicy::default() };
         let g = gate(true, &decision(0.9, true), &strict);
         assert_eq!(
             g.reason(),

@@ -38,11 +38,7 @@ pub struct RoutingPolicy {
 
 impl Default for RoutingPolicy {
     fn default() -> Self {
-        Self {
-            heartbeat_ttl_secs: 30,
-            weights: Weights::default(),
-            default_agents: BTreeMap::new(),
-        }
+        Self { heartbeat_ttl_secs: 30, weights: Weights::default(), default_agents: BTreeMap::new() }
     }
 }
 
@@ -193,12 +189,8 @@ fn evaluate(
 ) -> Verdict {
     let mut reasons = Vec::new();
 
-    let missing: Vec<&str> = task
-        .capabilities
-        .iter()
-        .filter(|c| !agent.capabilities.contains(*c))
-        .map(String::as_str)
-        .collect();
+    let missing: Vec<&str> =
+        task.capabilities.iter().filter(|c| !agent.capabilities.contains(*c)).map(String::as_str).collect();
     if !missing.is_empty() {
         reasons.push(format!("missing capabilities: {}", missing.join(", ")));
     }
@@ -281,8 +273,7 @@ fn affinity(task: &Task, agent: &Agent) -> f64 {
     if task.affinity.is_empty() {
         return 1.0;
     }
-    let matched =
-        task.affinity.iter().filter(|(key, value)| agent.labels.get(*key) == Some(*value)).count();
+    let matched = task.affinity.iter().filter(|(key, value)| agent.labels.get(*key) == Some(*value)).count();
     matched as f64 / task.affinity.len() as f64
 }
 
@@ -332,10 +323,7 @@ fn default_route(
     policy: &RoutingPolicy,
 ) -> Result<Route, RouteError> {
     let Some(agent_id) = policy.default_agents.get(&task.work_type) else {
-        return Err(RouteError::NoDefaultAgent {
-            task_id: task.id,
-            work_type: task.work_type.clone(),
-        });
+        return Err(RouteError::NoDefaultAgent { task_id: task.id, work_type: task.work_type.clone() });
     };
     let why = match candidates.len() {
         0 => "no agents registered".to_owned(),
@@ -457,8 +445,7 @@ mod tests {
         let mut just_over = agent("just-over");
         just_over.last_heartbeat = now() - TimeDelta::milliseconds(30_250);
 
-        let route =
-            route_one(&task("t"), &[stale, edge, future, just_over], &RoutingPolicy::default());
+        let route = route_one(&task("t"), &[stale, edge, future, just_over], &RoutingPolicy::default());
         assert_eq!(reasons_of(&route, "stale"), ["heartbeat 45s old exceeds the 30s TTL"]);
         assert_eq!(reasons_of(&route, "just-over"), ["heartbeat 30.25s old exceeds the 30s TTL"]);
         assert!(verdict_of(&route, "edge").score().is_some());
@@ -588,11 +575,7 @@ mod tests {
         let agents = [agent("charlie"), agent("alpha"), agent("bravo")];
         let route = route_one(&task("t"), &agents, &RoutingPolicy::default());
         assert_eq!(route.agent_id.as_str(), "alpha");
-        assert!(
-            route.reason.ends_with("; tied with bravo, charlie, chosen by agent id"),
-            "{}",
-            route.reason
-        );
+        assert!(route.reason.ends_with("; tied with bravo, charlie, chosen by agent id"), "{}", route.reason);
 
         let reversed: Vec<Agent> = agents.iter().rev().cloned().collect();
         let again = route_one(&task("t"), &reversed, &RoutingPolicy::default());
@@ -609,13 +592,8 @@ mod tests {
         big.in_flight = 5;
         let (first, second) = (task("first"), task("second"));
 
-        let routes = route_tasks(
-            &[&first, &second],
-            &[small.clone(), big],
-            now(),
-            &RoutingPolicy::default(),
-        )
-        .unwrap();
+        let routes =
+            route_tasks(&[&first, &second], &[small.clone(), big], now(), &RoutingPolicy::default()).unwrap();
         assert_eq!(routes[0].task_id, first.id);
         assert_eq!(routes[0].agent_id.as_str(), "a-small");
         assert_eq!(routes[1].task_id, second.id);
@@ -642,17 +620,11 @@ mod tests {
         assert_eq!(route.score, None);
         assert!(!route.reserves_capacity);
         assert!(route.reason.starts_with("no agents available"));
-        assert_eq!(
-            route.reason,
-            "no agents available: 2 candidates rejected; default agent for deployment"
-        );
+        assert_eq!(route.reason, "no agents available: 2 candidates rejected; default agent for deployment");
 
         let route = route_one(&t, &[], &policy);
         assert_eq!(route.agent_id.as_str(), "deployer");
-        assert_eq!(
-            route.reason,
-            "no agents available: no agents registered; default agent for deployment"
-        );
+        assert_eq!(route.reason, "no agents available: no agents registered; default agent for deployment");
         assert!(route.candidates.is_empty());
     }
 
@@ -697,8 +669,7 @@ mod tests {
         assert!(json[1]["score"].is_f64());
         let back: Vec<Candidate> = serde_json::from_value(json).unwrap();
         assert_eq!(back, route.candidates);
-        let route_back: Route =
-            serde_json::from_value(serde_json::to_value(&route).unwrap()).unwrap();
+        let route_back: Route = serde_json::from_value(serde_json::to_value(&route).unwrap()).unwrap();
         assert_eq!(route_back, route);
 
         // The audit schema describes the flattened verdict.
@@ -732,15 +703,9 @@ mod tests {
 
     #[test]
     fn weights_are_relative_and_bad_weights_cannot_break_the_score() {
-        assert_eq!(
-            Weights { load: 5.0, success: 3.0, affinity: 2.0 }.normalised(),
-            [0.5, 0.3, 0.2]
-        );
+        assert_eq!(Weights { load: 5.0, success: 3.0, affinity: 2.0 }.normalised(), [0.5, 0.3, 0.2]);
         let third = 1.0 / 3.0;
-        assert_eq!(
-            Weights { load: 0.0, success: -1.0, affinity: f64::NAN }.normalised(),
-            [third; 3]
-        );
+        assert_eq!(Weights { load: 0.0, success: -1.0, affinity: f64::NAN }.normalised(), [third; 3]);
         assert_eq!(
             Weights { load: f64::MAX, success: f64::MAX, affinity: 0.0 }.normalised(),
             [0.5, 0.5, 0.0]

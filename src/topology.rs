@@ -138,9 +138,9 @@ impl Topology {
 
     /// The queue where a message that failed transiently waits before going back to `queue`.
     pub fn retry_queue_of(&self, queue: &str) -> Option<&Queue> {
-        self.queues.iter().find(|q| {
-            q.message_ttl_ms.is_some() && q.dead_letter_routing_key.as_deref() == Some(queue)
-        })
+        self.queues
+            .iter()
+            .find(|q| q.message_ttl_ms.is_some() && q.dead_letter_routing_key.as_deref() == Some(queue))
     }
 }
 
@@ -218,10 +218,8 @@ mod tests {
 
     #[test]
     fn references_to_undeclared_names_are_refused() {
-        let err = Topology::parse(
-            "[[queue]]\nname = \"a\"\ndead_letter_exchange = \"nowhere\"\n",
-        )
-        .unwrap_err();
+        let err =
+            Topology::parse("[[queue]]\nname = \"a\"\ndead_letter_exchange = \"nowhere\"\n").unwrap_err();
         assert!(err.to_string().contains("undeclared exchange nowhere"), "{err}");
         let err = Topology::parse("[[queue]]\nname = \"a\"\nbogus = 1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
@@ -231,9 +229,6 @@ mod tests {
     fn names_follow_the_contract() {
         let names = Names::new(Namespace::parse("switchyard").unwrap());
         assert_eq!(names.requests(), "switchyard.requests");
-        assert_eq!(
-            names.agent_queue(&AgentId::parse("homelab-1").unwrap()),
-            "switchyard.agent.homelab-1"
-        );
+        assert_eq!(names.agent_queue(&AgentId::parse("homelab-1").unwrap()), "switchyard.agent.homelab-1");
     }
 }

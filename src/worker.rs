@@ -18,9 +18,7 @@ use crate::store::{self, Store};
 use crate::topology::{Names, Topology};
 
 /// A stage that a worker can run.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, strum::EnumString, strum::Display, strum::VariantArray,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::EnumString, strum::Display, strum::VariantArray)]
 #[strum(serialize_all = "snake_case")]
 pub enum StageName {
     Decompose,
@@ -148,8 +146,13 @@ impl Worker {
             topology: &Topology,
             shutdown: CancellationToken,
         ) -> Result<(), Error> {
-            let runner =
-                Runner::new(stage, broker.clone(), worker.store.clone(), topology, worker.config.worker.clone())?;
+            let runner = Runner::new(
+                stage,
+                broker.clone(),
+                worker.store.clone(),
+                topology,
+                worker.config.worker.clone(),
+            )?;
             runners.spawn(runner.run(shutdown));
             Ok(())
         }
@@ -172,7 +175,9 @@ impl Worker {
             StageName::Route => {
                 start(runners, Route { policy: config.routing.clone() }, self, broker, topology, shutdown)
             }
-            StageName::Dispatch => start(runners, Dispatch { names: self.names() }, self, broker, topology, shutdown),
+            StageName::Dispatch => {
+                start(runners, Dispatch { names: self.names() }, self, broker, topology, shutdown)
+            }
             StageName::Heartbeat => start(runners, HeartbeatStage, self, broker, topology, shutdown),
         }
     }

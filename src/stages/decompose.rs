@@ -19,7 +19,12 @@ impl Stage for Decompose {
     type Context = ();
     const NAME: &'static str = "decompose";
 
-    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<RequestMeta>, wire::Error> {
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<RequestMeta>, wire::Error> {
         let submission = wire::parse_submission(body, limit, amqp.message_id)?;
         Ok(Inbound {
             message_id: submission.message_id,
@@ -39,7 +44,10 @@ impl Stage for Decompose {
             Ok(decomposition) => {
                 let writes = vec![
                     Write::Request(request.clone()),
-                    Write::Decomposition { request_id: request.request_id, decomposition: decomposition.clone() },
+                    Write::Decomposition {
+                        request_id: request.request_id,
+                        decomposition: decomposition.clone(),
+                    },
                 ];
                 let envelope = Envelope::derived(
                     input.message_id,
@@ -48,7 +56,8 @@ impl Stage for Decompose {
                     now,
                     Decomposed { request: request.clone(), decomposition },
                 );
-                let publish = Publish::envelope(Destination::Queue("decomposed".into()), input.priority, &envelope);
+                let publish =
+                    Publish::envelope(Destination::Queue("decomposed".into()), input.priority, &envelope);
                 Outcome::Forward { writes, publish: vec![publish] }
             }
             Err(err) => {

@@ -21,7 +21,12 @@ impl Stage for Dispatch {
     type Context = ();
     const NAME: &'static str = "dispatch";
 
-    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<DispatchTask>, wire::Error> {
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<DispatchTask>, wire::Error> {
         parse_envelope(body, amqp, limit)
     }
 
@@ -126,6 +131,8 @@ mod tests {
     fn an_undeliverable_task_is_recorded_as_failed_with_the_reason() {
         let stage = Dispatch { names: Names::new(Namespace::parse("ns").unwrap()) };
         let writes = stage.undeliverable(&input(), "unroutable");
-        assert!(matches!(&writes[..], [Write::DispatchFailed { reason, attempt: 1, .. }] if reason == "unroutable"));
+        assert!(
+            matches!(&writes[..], [Write::DispatchFailed { reason, attempt: 1, .. }] if reason == "unroutable")
+        );
     }
 }

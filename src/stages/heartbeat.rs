@@ -14,7 +14,12 @@ impl Stage for HeartbeatStage {
     type Context = ();
     const NAME: &'static str = "heartbeat";
 
-    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Heartbeat>, wire::Error> {
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<Heartbeat>, wire::Error> {
         let heartbeat = wire::parse_heartbeat(body, limit)?;
         Ok(Inbound {
             message_id: wire::entry_message_id(amqp.message_id, body),

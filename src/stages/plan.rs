@@ -19,7 +19,12 @@ impl Stage for PlanStage {
     type Context = ();
     const NAME: &'static str = "plan";
 
-    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Decomposed>, wire::Error> {
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<Decomposed>, wire::Error> {
         parse_envelope(body, amqp, limit)
     }
 
@@ -42,14 +47,21 @@ impl Stage for PlanStage {
                 );
                 Outcome::Forward {
                     writes: vec![Write::Plan { plan, complexity }],
-                    publish: vec![Publish::envelope(Destination::Queue("planned".into()), input.priority, &envelope)],
+                    publish: vec![Publish::envelope(
+                        Destination::Queue("planned".into()),
+                        input.priority,
+                        &envelope,
+                    )],
                 }
             }
             Err(err) => {
                 // Never an empty plan passed on: the request fails, with the reason on it.
                 let reason = format!("planning failed: {err}");
                 Outcome::Reject {
-                    writes: vec![Write::RequestFailed { request_id: request.request_id, reason: reason.clone() }],
+                    writes: vec![Write::RequestFailed {
+                        request_id: request.request_id,
+                        reason: reason.clone(),
+                    }],
                     reason,
                 }
             }

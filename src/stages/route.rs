@@ -28,7 +28,12 @@ impl Stage for Route {
     type Context = RouteContext;
     const NAME: &'static str = "route";
 
-    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<RouteTasks>, wire::Error> {
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<RouteTasks>, wire::Error> {
         parse_envelope(body, amqp, limit)
     }
 
@@ -62,7 +67,8 @@ impl Stage for Route {
             Ok(routes) => routes,
             Err(err) => {
                 let reason = format!("routing failed: {err}");
-                let writes = vec![Write::RequestFailed { request_id: plan.request_id, reason: reason.clone() }];
+                let writes =
+                    vec![Write::RequestFailed { request_id: plan.request_id, reason: reason.clone() }];
                 return Outcome::Reject { writes, reason };
             }
         };
@@ -154,8 +160,11 @@ mod tests {
         let plan = stored(PlanStatus::Approved);
         let mut tasks = states(&plan);
         let stage = Route { policy: RoutingPolicy::default() };
-        let context = RouteContext { plan: Some(plan.clone()), tasks: tasks.clone(), agents: vec![agent("a1")] };
-        let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        let context =
+            RouteContext { plan: Some(plan.clone()), tasks: tasks.clone(), agents: vec![agent("a1")] };
+        let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
         assert_eq!(writes.len(), 1, "only 1.prepare has no dependency");
         let Write::Route { attempt, route, decision_id, .. } = &writes[0] else { panic!("{writes:?}") };
         assert_eq!((route.task_id, *attempt), (tasks[0].id, 1));
@@ -166,8 +175,11 @@ mod tests {
         tasks[0].status = TaskStatus::Succeeded;
         tasks[1].status = TaskStatus::Routed;
         tasks[1].attempt = 1;
-        let context = RouteContext { plan: Some(plan.clone()), tasks: tasks.clone(), agents: vec![agent("a1")] };
-        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        let context =
+            RouteContext { plan: Some(plan.clone()), tasks: tasks.clone(), agents: vec![agent("a1")] };
+        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
         assert!(writes.is_empty(), "{writes:?}");
     }
 
@@ -176,7 +188,9 @@ mod tests {
         let plan = stored(PlanStatus::AwaitingApproval);
         let stage = Route { policy: RoutingPolicy::default() };
         let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![] };
-        let Outcome::Reject { reason, .. } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        let Outcome::Reject { reason, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
         assert!(reason.contains("awaiting_approval, not approved"), "{reason}");
     }
 
@@ -185,21 +199,29 @@ mod tests {
         let plan = stored(PlanStatus::Approved);
         let stage = Route { policy: RoutingPolicy::default() };
         let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![] };
-        let Outcome::Reject { writes, reason } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        let Outcome::Reject { writes, reason } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
         assert!(reason.contains("no default agent"), "{reason}");
-        assert!(matches!(&writes[0], Write::RequestFailed { request_id, .. } if *request_id == plan.plan.request_id));
+        assert!(
+            matches!(&writes[0], Write::RequestFailed { request_id, .. } if *request_id == plan.plan.request_id)
+        );
     }
 
     #[test]
     fn with_no_candidate_the_default_agent_gets_the_task_without_a_reservation() {
         let plan = stored(PlanStatus::Approved);
         let mut policy = RoutingPolicy::default();
-        policy.default_agents.insert(WorkType::parse("deployment").unwrap(), AgentId::parse("fallback").unwrap());
+        policy
+            .default_agents
+            .insert(WorkType::parse("deployment").unwrap(), AgentId::parse("fallback").unwrap());
         let stage = Route { policy };
         let mut busy = agent("a1");
         busy.capabilities = BTreeSet::from(["monitoring".to_owned()]);
         let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![busy] };
-        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else { panic!() };
+        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
         let Write::Route { route, .. } = &writes[0] else { panic!() };
         assert_eq!(route.agent_id.as_str(), "fallback");
         assert!(route.reason.starts_with("no agents available"), "{}", route.reason);

@@ -18,7 +18,9 @@ async fn topology_command_declares_every_queue_under_the_namespace() {
     let queues: Vec<String> = stdout(&output).lines().map(str::to_owned).collect();
     let prefix = format!("{}.", app.names.namespace());
     assert!(queues.iter().all(|q| q.starts_with(&prefix)), "{queues:?}");
-    for queue in ["requests", "decomposed", "planned", "route", "dispatch", "heartbeats", "dead", "requests.retry"] {
+    for queue in
+        ["requests", "decomposed", "planned", "route", "dispatch", "heartbeats", "dead", "requests.retry"]
+    {
         let name = app.names.queue(queue);
         assert!(queues.contains(&name), "{name} missing from {queues:?}");
         app.broker.queue_len(&name).await.unwrap_or_else(|e| panic!("{name} is not on the broker: {e}"));

@@ -45,7 +45,12 @@ fn template_name() -> String {
 pub fn default_agents() -> BTreeMap<WorkType, AgentId> {
     ["deployment", "code_generation", "monitoring", "maintenance", "research"]
         .into_iter()
-        .map(|wt| (WorkType::parse(wt).unwrap(), AgentId::parse(format!("default-{}", wt.replace('_', "-"))).unwrap()))
+        .map(|wt| {
+            (
+                WorkType::parse(wt).unwrap(),
+                AgentId::parse(format!("default-{}", wt.replace('_', "-"))).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -129,17 +134,32 @@ impl TestApp {
 
     /// Publishes raw bytes to a queue of the namespace (relative name), as any AMQP client could.
     pub async fn publish_raw(&self, queue: &str, body: &[u8]) {
-        self.broker.publish(&Outgoing::to_queue(self.names.queue(queue), body.to_vec())).await.expect("published");
+        self.broker
+            .publish(&Outgoing::to_queue(self.names.queue(queue), body.to_vec()))
+            .await
+            .expect("published");
     }
 
     /// Registers an agent and declares its queue, as `switchyard agents register` does.
-    pub async fn register_agent(&self, id: &str, capabilities: &[&str], capacity: u32, labels: &[(&str, &str)]) {
+    pub async fn register_agent(
+        &self,
+        id: &str,
+        capabilities: &[&str],
+        capacity: u32,
+        labels: &[(&str, &str)],
+    ) {
         let heartbeat = self.heartbeat(id, capabilities, capacity, labels);
         self.declare_agent_queue(id).await;
         self.store.register_agent("tests", heartbeat).await.expect("registered");
     }
 
-    pub fn heartbeat(&self, id: &str, capabilities: &[&str], capacity: u32, labels: &[(&str, &str)]) -> Heartbeat {
+    pub fn heartbeat(
+        &self,
+        id: &str,
+        capabilities: &[&str],
+        capacity: u32,
+        labels: &[(&str, &str)],
+    ) -> Heartbeat {
         Heartbeat {
             agent_id: AgentId::parse(id).unwrap(),
             capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
@@ -158,7 +178,11 @@ impl TestApp {
     }
 
     /// Polls the request's report until `done` holds; panics with the last report after 20 s.
-    pub async fn wait_for(&self, request_id: RequestId, done: impl Fn(&RequestReport) -> bool) -> RequestReport {
+    pub async fn wait_for(
+        &self,
+        request_id: RequestId,
+        done: impl Fn(&RequestReport) -> bool,
+    ) -> RequestReport {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let report = self.store.report(request_id).await.expect("a report");
@@ -205,7 +229,11 @@ impl TestApp {
             if dead.len() >= count {
                 return dead;
             }
-            assert!(tokio::time::Instant::now() < deadline, "{stage} recorded {} dead letters, expected {count}", dead.len());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{stage} recorded {} dead letters, expected {count}",
+                dead.len()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -246,9 +274,14 @@ impl Drop for TestApp {
             worker.abort();
         }
         let queues = self.queues();
-        let exchanges: Vec<String> =
-            Topology::standard().resolve(self.names.namespace()).exchanges.into_iter().map(|e| e.name).collect();
-        let (amqp, names, database) = (self.config.amqp_url.clone(), self.names.clone(), self.database.clone());
+        let exchanges: Vec<String> = Topology::standard()
+            .resolve(self.names.namespace())
+            .exchanges
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        let (amqp, names, database) =
+            (self.config.amqp_url.clone(), self.names.clone(), self.database.clone());
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {

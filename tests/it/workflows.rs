@@ -5,8 +5,13 @@ use crate::helpers::*;
 #[tokio::test]
 async fn uptime_kuma_is_deployed_to_the_homelab_agent_with_alerts_planned() {
     let app = spawn_app().await;
-    app.register_agent("homelab-1", &["deployment", "monitoring", "shell", "docker"], 4, &[("target", "homelab")])
-        .await;
+    app.register_agent(
+        "homelab-1",
+        &["deployment", "monitoring", "shell", "docker"],
+        4,
+        &[("target", "homelab")],
+    )
+    .await;
     let id = app.submit("Deploy Uptime Kuma to the homelab and send alerts to Discord", true).await;
     let report = app.wait_settled(id).await;
     assert_eq!(report.status.as_str(), "in_progress", "{report:#?}");
@@ -60,7 +65,8 @@ async fn a_monitoring_setup_configures_checks_first() {
     let types: Vec<&str> = plan.tasks.iter().map(|t| t.work_type.as_str()).collect();
     assert!(types.iter().all(|t| *t == "monitoring"), "{types:?}");
     let messages = app.drain(&app.agent_queue("watcher")).await;
-    let keys: Vec<&str> = messages.iter().map(|(m, _)| m["payload"]["task"]["key"].as_str().unwrap()).collect();
+    let keys: Vec<&str> =
+        messages.iter().map(|(m, _)| m["payload"]["task"]["key"].as_str().unwrap()).collect();
     assert_eq!(keys, ["1.configure_checks"]);
     let alerts = plan.tasks.iter().find(|t| t.key == "1.configure_alerts").unwrap();
     assert_eq!(alerts.status.as_str(), "pending", "alerts wait for the checks");
@@ -72,7 +78,9 @@ async fn two_independent_intents_are_released_together_to_their_agents() {
     let app = spawn_app().await;
     app.register_agent("scholar", &["research", "web"], 1, &[]).await;
     app.register_agent("deployer", &["deployment", "shell"], 1, &[]).await;
-    let id = app.submit("Research self-hosted password managers and deploy Vaultwarden to the homelab", true).await;
+    let id = app
+        .submit("Research self-hosted password managers and deploy Vaultwarden to the homelab", true)
+        .await;
     let report = app.wait_settled(id).await;
     let plan = report.plan.as_ref().unwrap();
     let decomposition = report.intents.as_ref().unwrap().as_array().unwrap();
@@ -93,7 +101,8 @@ async fn two_independent_intents_are_released_together_to_their_agents() {
 #[tokio::test]
 async fn a_request_from_a_plain_amqp_client_goes_the_same_way() {
     let app = spawn_app().await;
-    app.register_agent("homelab-1", &["deployment", "monitoring", "shell"], 4, &[("target", "homelab")]).await;
+    app.register_agent("homelab-1", &["deployment", "monitoring", "shell"], 4, &[("target", "homelab")])
+        .await;
     // No request id, no AMQP message id: the bytes are the idempotency key.
     let body = br#"{"text": "Deploy Uptime Kuma to the homelab and send alerts to Discord", "auto_approve": true, "submitted_by": "amqp-client", "priority": 5}"#;
     app.publish_raw("requests", body).await;
@@ -110,9 +119,15 @@ async fn a_request_from_a_plain_amqp_client_goes_the_same_way() {
 #[tokio::test]
 async fn submit_wait_ends_when_the_released_tasks_are_in_their_queues() {
     let app = spawn_app().await;
-    app.register_agent("homelab-1", &["deployment", "monitoring", "shell"], 4, &[("target", "homelab")]).await;
+    app.register_agent("homelab-1", &["deployment", "monitoring", "shell"], 4, &[("target", "homelab")])
+        .await;
     let output = app
-        .cli(&["submit", "Deploy Uptime Kuma to the homelab and send alerts to Discord", "--auto-approve", "--wait"])
+        .cli(&[
+            "submit",
+            "Deploy Uptime Kuma to the homelab and send alerts to Discord",
+            "--auto-approve",
+            "--wait",
+        ])
         .await;
     let text = stdout(&output);
     assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
@@ -122,7 +137,11 @@ async fn submit_wait_ends_when_the_released_tasks_are_in_their_queues() {
     assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
     let audit = app.cli(&["audit", &id]).await;
     assert!(audit.status.success(), "{}", stdout(&audit));
-    assert!(stdout(&audit).contains("complete (5 tasks, 1 routing decisions, 1 dispatches)"), "{}", stdout(&audit));
+    assert!(
+        stdout(&audit).contains("complete (5 tasks, 1 routing decisions, 1 dispatches)"),
+        "{}",
+        stdout(&audit)
+    );
     let status = app.cli(&["status", &id, "--json"]).await;
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["status"], "in_progress");
@@ -148,8 +167,11 @@ async fn a_plan_waits_for_approval_then_is_dispatched_once_approved() {
     let approval = report.plan.as_ref().unwrap().approval.as_ref().unwrap();
     assert_eq!(approval.decided_by, "alice");
     assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
-    let events: Vec<String> = app.store.audit_events(id).await.unwrap().into_iter().map(|(_, e, _)| e).collect();
-    assert!(events.contains(&"plan.awaiting_approval".to_owned()) && events.contains(&"plan.approved".to_owned()));
+    let events: Vec<String> =
+        app.store.audit_events(id).await.unwrap().into_iter().map(|(_, e, _)| e).collect();
+    assert!(
+        events.contains(&"plan.awaiting_approval".to_owned()) && events.contains(&"plan.approved".to_owned())
+    );
     assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
 }
 

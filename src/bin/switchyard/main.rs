@@ -260,7 +260,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print::agents(&agents, config.routing.heartbeat_ttl_secs);
             }
         }
-        Command::Agents(AgentsCommand::Register { id, capabilities, capacity, labels, cpu, memory_mb, gpu }) => {
+        Command::Agents(AgentsCommand::Register {
+            id,
+            capabilities,
+            capacity,
+            labels,
+            cpu,
+            memory_mb,
+            gpu,
+        }) => {
             let store = connect_store(&config).await?;
             let broker = connect_broker(&config).await?;
             let queue = broker.declare_agent_queue(&id).await?;
@@ -309,8 +317,8 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -376,7 +384,9 @@ async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) 
             return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
         if tokio::time::Instant::now() >= deadline {
-            eprintln!("gave up waiting after {timeout}s; the request goes on: switchyard status {request_id}");
+            eprintln!(
+                "gave up waiting after {timeout}s; the request goes on: switchyard status {request_id}"
+            );
             return Ok(ExitCode::from(3));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -388,7 +398,8 @@ async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) 
 /// so it never mixes with real work.
 async fn demo(mut config: Config, text: String) -> Result<ExitCode> {
     config.namespace = "switchyard-demo".parse()?;
-    let database = switchyard::store::database_name(&config.database_url).unwrap_or_else(|| "switchyard".into());
+    let database =
+        switchyard::store::database_name(&config.database_url).unwrap_or_else(|| "switchyard".into());
     config.database_url = switchyard::store::with_database(&config.database_url, &format!("{database}_demo"));
     println!("namespace {}, database {database}_demo (both started afresh)", config.namespace);
     // A fresh start each time, so that the demo is repeatable: the last run's tasks are gone.
@@ -466,7 +477,11 @@ fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<ExitCode> {
             }
         }
         if !stale.is_empty() {
-            println!("out of date: {} (run `switchyard schemas --write {}`)", stale.join(", "), dir.display());
+            println!(
+                "out of date: {} (run `switchyard schemas --write {}`)",
+                stale.join(", "),
+                dir.display()
+            );
             return Ok(ExitCode::FAILURE);
         }
         println!("{} schemas are current", schemas.len());
