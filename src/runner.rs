@@ -180,8 +180,9 @@ impl<S: Stage> Runner<S> {
             let input = match self.stage.parse(&delivery.body, &amqp, self.settings.max_payload_bytes) {
                 Ok(input) => input,
                 Err(err) => {
-                    let message_id = wire::entry_message_id(amqp.message_id, &delivery.body);
-                    let request_id = sniff_request_id(&delivery.body);
+                    let (sniffed_id, request_id) = sniff_ids(&delivery.body);
+                    let message_id =
+                        sniffed_id.unwrap_or_else(|| wire::entry_message_id(amqp.message_id, &delivery.body));
                     return self.dead_letter(&delivery, message_id, request_id, &err.to_string()).await;
                 }
             };
@@ -386,10 +387,12 @@ fn sanitize(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
 
-/// The request id of a message that could not be parsed, if one can be read from it, so that the
-/// dead letter shows up in the request's status.
-fn sniff_request_id(body: &[u8]) -> Option<crate::ids::RequestId> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    let id = value.get("request_id")?.as_str()?;
-    id.parse().ok()
+/// The message id and request id of a message that could not be parsed, where they can be read
+/// from it, so that the dead letter matches the other records and shows in the request's status.
+fn sniff_ids(body: &[u8]) -> (Option<crate::ids::MessageId>, Option<crate::ids::RequestId>) {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return (None, None);
+    };
+    let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
+    (field("message_id").and_then(|id| id.parse().ok()), field("request_id").and_then(|id| id.parse().ok()))
 }

@@ -309,6 +309,8 @@ impl Store {
     }
 
     /// Records a dead letter; a second record of the same message at the same stage is ignored.
+    /// The request it belongs to, if it exists and is still under way, fails with the same reason:
+    /// whoever follows the request sees why it stopped instead of waiting for ever.
     #[allow(clippy::too_many_arguments)]
     pub async fn record_dead_letter(
         &self,
@@ -319,15 +321,57 @@ impl Store {
         reason: &str,
         body: &str,
     ) -> Result<(), Error> {
-        let client = self.client().await?;
-        client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let inserted = tx
             .execute(
                 "INSERT INTO dead_letters (message_id, stage, queue, request_id, reason, body)
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                 &[&message_id.as_uuid(), &stage, &queue, &request_id.map(Uuid::from), &reason, &body],
             )
             .await?;
+        if let (1, Some(request_id)) = (inserted, request_id) {
+            let under_way: Vec<&str> = [
+                RequestStatus::Received,
+                RequestStatus::Decomposed,
+                RequestStatus::Planned,
+                RequestStatus::AwaitingApproval,
+                RequestStatus::InProgress,
+            ]
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+            let failure = format!("a message of this request was dead-lettered at {stage}: {reason}");
+            let failed = tx
+                .execute(
+                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
+                     WHERE id = $1 AND status = ANY($4)",
+                    &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), &failure, &under_way],
+                )
+                .await?;
+            if failed == 1 {
+                let detail =
+                    serde_json::json!({ "reason": failure, "stage": stage, "message_id": message_id });
+                super::apply::audit(&tx, stage, "request.failed", Some(request_id), None, None, detail)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Dead letters recorded for messages of `request_id`, oldest first. A request refused on
+    /// arrival has these and no request row.
+    pub async fn dead_letters_of_request(&self, request_id: RequestId) -> Result<Vec<DeadLetter>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT message_id, stage, queue, reason, created_at FROM dead_letters
+                 WHERE request_id = $1 ORDER BY id",
+                &[&request_id.as_uuid()],
+            )
+            .await?;
+        Ok(rows.iter().map(dead_letter_from_row).collect())
     }
 
     /// Dead letters recorded for `stage`, newest first.

@@ -199,6 +199,36 @@ async fn an_envelope_of_an_unknown_schema_version_is_dead_lettered_by_the_plan_s
 }
 
 #[tokio::test]
+async fn a_request_whose_message_is_dead_lettered_at_a_later_stage_fails_with_the_reason() {
+    let app = spawn_app_with(|c| c.approval.auto_approve_below = None).await;
+    let id = app.submit("Deploy Gitea to the homelab", false).await;
+    let report = app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
+    let message_id = Uuid::new_v4();
+    // A message from a newer Switchyard, say, during a rolling upgrade.
+    let envelope = json!({
+        "message_id": message_id,
+        "schema_version": 2,
+        "request_id": id,
+        "causation_id": null,
+        "timestamp": "2026-01-01T00:00:00Z",
+        "payload": { "plan_id": report.plan.as_ref().unwrap().plan_id },
+    });
+    app.publish_raw("route", &serde_json::to_vec(&envelope).unwrap()).await;
+    let report = app.wait_for(id, |r| r.status.as_str() == "failed").await;
+    assert_eq!(
+        report.failure_reason.as_deref(),
+        Some(
+            "a message of this request was dead-lettered at route: unknown schema version 2 (this worker reads version 1)"
+        )
+    );
+    assert_eq!(report.dead_letters.len(), 1);
+    assert_eq!(report.dead_letters[0].message_id.as_uuid(), message_id, "the envelope's own id is kept");
+    let events: Vec<String> =
+        app.store.audit_events(id).await.unwrap().into_iter().map(|(_, e, _)| e).collect();
+    assert_eq!(events.last().map(String::as_str), Some("request.failed"));
+}
+
+#[tokio::test]
 async fn schema_violations_are_dead_lettered_and_named() {
     let app = spawn_app().await;
     app.publish_raw("requests", br#"{"text":"deploy nginx","colour":"red"}"#).await;
@@ -222,7 +252,7 @@ async fn schema_violations_are_dead_lettered_and_named() {
 }
 
 #[tokio::test]
-async fn a_refused_request_keeps_its_id_on_the_dead_letter_but_status_knows_no_request() {
+async fn a_refused_request_keeps_its_id_and_status_and_submit_wait_show_why() {
     let app = spawn_app().await;
     let id = RequestId::random();
     app.publish_raw("requests", &request_body("  ", Some(id), true)).await;
@@ -233,10 +263,22 @@ async fn a_refused_request_keeps_its_id_on_the_dead_letter_but_status_knows_no_r
     assert_eq!(rows[0].request_id, Some(id.as_uuid()));
     assert_eq!(app.store.report(id).await.unwrap().map(|r| r.request_id), None);
 
-    // The dead letter is only in the table and the dead queue: `status` has no request to show.
+    // No request row, but `status` shows the dead letter that refused it.
     let status = app.cli(&["status", &id.to_string()]).await;
     assert_eq!(status.status.code(), Some(1), "{}", stdout(&status));
-    assert_eq!(stderr(&status).trim(), format!("error: no request {id}"));
+    let text = stdout(&status);
+    assert!(text.contains("refused on arrival"), "{text}");
+    assert!(text.contains("dead letter at decompose"), "{text}");
+    assert!(text.contains("empty request text"), "{text}");
+
+    // `submit --wait` of a refused request ends at once with the reason, not at its timeout.
+    let output = app.cli(&["submit", "   ", "--wait", "--timeout", "20"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("failed: refused at decompose: empty request text"),
+        "{}",
+        stdout(&output)
+    );
 }
 
 #[tokio::test]

@@ -222,7 +222,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { request_id, json } => {
             let store = connect_store(&config).await?;
             let Some(report) = store.report(request_id).await? else {
-                bail!("no request {request_id}");
+                // Refused on arrival: no request row, but its dead letters say why.
+                let dead = store.dead_letters_of_request(request_id).await?;
+                if dead.is_empty() {
+                    bail!("no request {request_id}");
+                }
+                if json {
+                    let refused = serde_json::json!({ "request_id": request_id, "status": "refused", "dead_letters": dead });
+                    println!("{}", serde_json::to_string_pretty(&refused)?);
+                } else {
+                    println!("request   {request_id}");
+                    println!("status    refused on arrival");
+                    print::dead_letters(&dead);
+                }
+                return Ok(ExitCode::FAILURE);
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -361,7 +374,13 @@ async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) 
     loop {
         let report = store.report(request_id).await?;
         let (line, progress) = match &report {
-            None => ("submitted".to_owned(), Progress::Waiting("submitted".into())),
+            None => match store.dead_letters_of_request(request_id).await?.first() {
+                Some(dead) => (
+                    "refused".to_owned(),
+                    Progress::Failed(format!("refused at {}: {}", dead.stage, dead.reason)),
+                ),
+                None => ("submitted".to_owned(), Progress::Waiting("submitted".into())),
+            },
             Some(report) => (print::state_line(report), ops::progress(report)),
         };
         if !json && line != last {
@@ -373,9 +392,15 @@ async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) 
             Progress::Dispatched => Some(true),
             Progress::Failed(_) => Some(false),
         };
-        if let (Some(ok), Some(report)) = (done, &report) {
+        if let Some(ok) = done {
             if json {
-                println!("{}", serde_json::to_string_pretty(report)?);
+                let shown = match &report {
+                    Some(report) => serde_json::to_value(report)?,
+                    None => {
+                        serde_json::json!({ "request_id": request_id, "status": "refused", "reason": format!("{progress:?}") })
+                    }
+                };
+                println!("{}", serde_json::to_string_pretty(&shown)?);
             } else if let Progress::Failed(reason) = &progress {
                 println!("failed: {reason}");
             } else {

@@ -2,7 +2,7 @@
 
 use chrono::Utc;
 use switchyard::domain::Agent;
-use switchyard::store::RequestReport;
+use switchyard::store::{DeadLetter, RequestReport};
 
 /// One line that changes whenever the request or one of its tasks moves.
 pub fn state_line(report: &RequestReport) -> String {
@@ -53,7 +53,11 @@ pub fn report(report: &RequestReport) {
             }
         }
     }
-    for dead in &report.dead_letters {
+    dead_letters(&report.dead_letters);
+}
+
+pub fn dead_letters(dead_letters: &[DeadLetter]) {
+    for dead in dead_letters {
         println!("dead letter at {} ({}): {}", dead.stage, dead.queue, dead.reason);
     }
 }
