@@ -211,6 +211,24 @@ pub mod admin {
         result
     }
 
+    /// Opens or closes `database` to new connections; closing also ends the open ones. An
+    /// outage of one database, for tests of what happens while it is away.
+    pub async fn set_connections_allowed(url: &str, database: &str, allowed: bool) -> Result<(), Error> {
+        let client = connect_admin(url).await?;
+        let sql = format!("ALTER DATABASE {} ALLOW_CONNECTIONS {allowed}", quote_ident(database));
+        client.execute(sql.as_str(), &[]).await?;
+        if !allowed {
+            client
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[&database],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Drops `database`, disconnecting whoever is still connected.
     pub async fn drop_database(url: &str, database: &str) -> Result<(), Error> {
         let client = connect_admin(url).await?;

@@ -5,5 +5,6 @@ mod contract;
 mod errors;
 mod fallback;
 mod helpers;
+mod outage;
 mod routing;
 mod workflows;
