@@ -123,7 +123,9 @@ CREATE TABLE quota_reservations (
     plan_id        uuid PRIMARY KEY REFERENCES plans (id),
     provider       text        NOT NULL REFERENCES quotas (provider),
     amount_micros  bigint      NOT NULL CHECK (amount_micros >= 0),
-    created_at     timestamptz NOT NULL DEFAULT now()
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    -- Set when the reservation is given back (the plan was rejected).
+    released_at    timestamptz
 );
 
 CREATE TABLE dead_letters (

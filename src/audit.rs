@@ -101,7 +101,7 @@ mod tests {
 
     use super::*;
     use crate::catalog::Catalog;
-    use crate::domain::{PlanStatus, RequestStatus};
+    use crate::domain::PlanStatus;
     use crate::ids::{MessageId, RequestId};
     use crate::store::{ApprovalRow, DecisionRow, DispatchRow, StoredPlan, TaskState};
 
@@ -127,9 +127,8 @@ mod tests {
             })
             .collect();
         Trail {
-            request_status: RequestStatus::InProgress,
             has_decomposition: true,
-            plan: Some(StoredPlan { plan, status: PlanStatus::Approved, priority: 0 }),
+            plan: Some(StoredPlan { plan, status: PlanStatus::Approved }),
             fallback_decisions: 1,
             approval: Some(ApprovalRow {
                 approved: true,

@@ -7,7 +7,6 @@ use chrono::{DateTime, Utc};
 use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
 use crate::catalog::Catalog;
 use crate::effect::Write;
-use crate::store::{self, Store};
 use crate::wire::{self, Decomposed, Envelope, RequestMeta};
 
 pub struct Decompose {
@@ -32,10 +31,6 @@ impl Stage for Decompose {
             priority: submission.request.priority,
             payload: submission.request,
         })
-    }
-
-    async fn load(&self, _: &Store, _: &Inbound<RequestMeta>) -> Result<(), store::Error> {
-        Ok(())
     }
 
     fn decide(&self, input: &Inbound<RequestMeta>, _: (), now: DateTime<Utc>) -> Outcome {

@@ -2,11 +2,10 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
+use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::effect::Write;
-use crate::store::{self, Store};
 use crate::topology::Names;
-use crate::wire::{self, DispatchTask, Envelope, TaskAssignment};
+use crate::wire::{DispatchTask, Envelope, TaskAssignment};
 
 pub struct Dispatch {
     pub names: Names,
@@ -20,19 +19,6 @@ impl Stage for Dispatch {
     type Input = DispatchTask;
     type Context = ();
     const NAME: &'static str = "dispatch";
-
-    fn parse(
-        &self,
-        body: &[u8],
-        amqp: &AmqpMeta<'_>,
-        limit: usize,
-    ) -> Result<Inbound<DispatchTask>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
-
-    async fn load(&self, _: &Store, _: &Inbound<DispatchTask>) -> Result<(), store::Error> {
-        Ok(())
-    }
 
     fn decide(&self, input: &Inbound<DispatchTask>, _: (), now: DateTime<Utc>) -> Outcome {
         let task = &input.payload;

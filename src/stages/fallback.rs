@@ -3,11 +3,11 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
+use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::effect::{Reservation, Write};
 use crate::policy::{self, ApprovalPolicy, FallbackDecision, FallbackPolicy, Gate, QuotaSnapshot};
 use crate::store::{self, Store};
-use crate::wire::{self, Envelope, Planned, RouteTasks};
+use crate::wire::{Envelope, Planned, RouteTasks};
 
 pub struct Fallback {
     pub fallback: FallbackPolicy,
@@ -18,11 +18,14 @@ pub struct Fallback {
 pub const POLICY_APPROVER: &str = "policy";
 
 /// What the decision is made on.
+#[derive(Debug, Default)]
 pub struct FallbackContext {
     /// What is left of the provider's quota.
     pub quota: Option<QuotaSnapshot>,
     /// The plan's decision if one was recorded already (the plan came again in another message).
     pub recorded: Option<FallbackDecision>,
+    /// The plan's approval verdict if one was recorded already: a person may have decided since.
+    pub verdict: Option<bool>,
 }
 
 impl Stage for Fallback {
@@ -30,16 +33,17 @@ impl Stage for Fallback {
     type Context = FallbackContext;
     const NAME: &'static str = "fallback";
 
-    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Planned>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
-
     async fn load(&self, store: &Store, input: &Inbound<Planned>) -> Result<FallbackContext, store::Error> {
         let quota = match &self.fallback.provider {
             Some(provider) => store.quota(&provider.name).await?,
             None => None,
         };
-        Ok(FallbackContext { quota, recorded: store.fallback_decision(input.payload.plan.id).await? })
+        let plan_id = input.payload.plan.id;
+        Ok(FallbackContext {
+            quota,
+            recorded: store.fallback_decision(plan_id).await?,
+            verdict: store.approval_verdict(plan_id).await?,
+        })
     }
 
     fn decide(&self, input: &Inbound<Planned>, context: FallbackContext, now: DateTime<Utc>) -> Outcome {
@@ -67,17 +71,25 @@ impl Stage for Fallback {
                 decision
             }
         };
-        let gate = policy::gate(request.auto_approve, &decision, &self.approval);
+        // A verdict already recorded (by the policy before, or by a person since) stands.
+        let gate = match context.verdict {
+            None => policy::gate(request.auto_approve, &decision, &self.approval),
+            Some(true) => Gate::AutoApproved { reason: String::new() },
+            Some(false) => return Outcome::Forward { writes, publish: Vec::new() },
+        };
+        let recorded_verdict = context.verdict.is_some();
         let mut publish = Vec::new();
         match gate {
             Gate::AutoApproved { reason } => {
-                writes.push(Write::Approval {
-                    request_id: request.request_id,
-                    plan_id: plan.id,
-                    approved: true,
-                    by: POLICY_APPROVER.into(),
-                    reason,
-                });
+                if !recorded_verdict {
+                    writes.push(Write::Approval {
+                        request_id: request.request_id,
+                        plan_id: plan.id,
+                        approved: true,
+                        by: POLICY_APPROVER.into(),
+                        reason,
+                    });
+                }
                 let envelope = Envelope::derived(
                     input.message_id,
                     "route",
@@ -86,7 +98,8 @@ impl Stage for Fallback {
                     RouteTasks {
                         plan_id: plan.id,
                         priority: input.priority,
-                        approved_by: POLICY_APPROVER.into(),
+                        approved_by: if recorded_verdict { "recorded approval" } else { POLICY_APPROVER }
+                            .into(),
                     },
                 );
                 publish.push(Publish::envelope(
@@ -155,7 +168,7 @@ mod tests {
         let stage = Fallback { fallback: FallbackPolicy::default(), approval: ApprovalPolicy::default() };
         let input = input("Deploy Gitea to the homelab", true);
         let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext { quota: None, recorded: None }, Utc::now())
+            stage.decide(&input, FallbackContext::default(), Utc::now())
         else {
             panic!()
         };
@@ -174,7 +187,7 @@ mod tests {
         let stage = Fallback { fallback: FallbackPolicy::default(), approval };
         let input = input("Deploy Gitea to the homelab", false);
         let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext { quota: None, recorded: None }, Utc::now())
+            stage.decide(&input, FallbackContext::default(), Utc::now())
         else {
             panic!()
         };
@@ -191,7 +204,7 @@ mod tests {
         let input = input("Write a Python script that exports Grafana dashboards", false);
         let quota = QuotaSnapshot { provider: "cloud".into(), remaining_micros: 100_000 };
         let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext { quota: Some(quota), recorded: None }, Utc::now())
+            stage.decide(&input, FallbackContext { quota: Some(quota), ..Default::default() }, Utc::now())
         else {
             panic!()
         };

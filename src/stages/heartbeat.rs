@@ -4,7 +4,6 @@ use chrono::{DateTime, Utc};
 
 use super::{AmqpMeta, Inbound, Outcome, Stage};
 use crate::effect::Write;
-use crate::store::{self, Store};
 use crate::wire::{self, Heartbeat};
 
 pub struct HeartbeatStage;
@@ -27,10 +26,6 @@ impl Stage for HeartbeatStage {
             priority: 0,
             payload: heartbeat,
         })
-    }
-
-    async fn load(&self, _: &Store, _: &Inbound<Heartbeat>) -> Result<(), store::Error> {
-        Ok(())
     }
 
     fn decide(&self, input: &Inbound<Heartbeat>, _: (), now: DateTime<Utc>) -> Outcome {

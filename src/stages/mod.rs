@@ -94,8 +94,9 @@ pub enum Outcome {
 
 /// One stage of the pipeline.
 pub trait Stage: Send + Sync + 'static {
-    type Input: Send + Sync;
-    type Context: Send;
+    type Input: serde::de::DeserializeOwned + Send + Sync;
+    /// What `decide` needs from the store; `Default` is what a stage that reads nothing gets.
+    type Context: Default + Send;
 
     /// Names the stage in logs, idempotency markers and the audit log, and picks its queue from
     /// the topology (the queue whose `consumer` it is).
@@ -107,14 +108,19 @@ pub trait Stage: Send + Sync + 'static {
         body: &[u8],
         amqp: &AmqpMeta<'_>,
         limit: usize,
-    ) -> Result<Inbound<Self::Input>, wire::Error>;
+    ) -> Result<Inbound<Self::Input>, wire::Error> {
+        parse_envelope(body, amqp, limit)
+    }
 
     /// Loads what `decide` needs from the store. The only I/O a stage has, and the runner runs it.
+    /// By default a stage reads nothing.
     fn load(
         &self,
-        store: &Store,
-        input: &Inbound<Self::Input>,
-    ) -> impl Future<Output = Result<Self::Context, store::Error>> + Send;
+        _store: &Store,
+        _input: &Inbound<Self::Input>,
+    ) -> impl Future<Output = Result<Self::Context, store::Error>> + Send {
+        std::future::ready(Ok(Self::Context::default()))
+    }
 
     /// The decision. Pure: no I/O, the time is given.
     fn decide(&self, input: &Inbound<Self::Input>, context: Self::Context, now: DateTime<Utc>) -> Outcome;

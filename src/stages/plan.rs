@@ -4,11 +4,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
+use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::catalog::Catalog;
 use crate::effect::Write;
-use crate::store::{self, Store};
-use crate::wire::{self, Decomposed, Envelope, Planned};
+use crate::wire::{Decomposed, Envelope, Planned};
 
 pub struct PlanStage {
     pub catalog: Arc<Catalog>,
@@ -18,19 +17,6 @@ impl Stage for PlanStage {
     type Input = Decomposed;
     type Context = ();
     const NAME: &'static str = "plan";
-
-    fn parse(
-        &self,
-        body: &[u8],
-        amqp: &AmqpMeta<'_>,
-        limit: usize,
-    ) -> Result<Inbound<Decomposed>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
-
-    async fn load(&self, _: &Store, _: &Inbound<Decomposed>) -> Result<(), store::Error> {
-        Ok(())
-    }
 
     fn decide(&self, input: &Inbound<Decomposed>, _: (), now: DateTime<Utc>) -> Outcome {
         let request = &input.payload.request;

@@ -5,18 +5,19 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
+use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::domain::{Agent, PlanStatus, TaskStatus};
 use crate::effect::Write;
 use crate::routing::{self, RoutingPolicy};
 use crate::store::{self, Store, StoredPlan, TaskState};
-use crate::wire::{self, DispatchTask, Envelope, RouteTasks};
+use crate::wire::{DispatchTask, Envelope, RouteTasks};
 
 pub struct Route {
     pub policy: RoutingPolicy,
 }
 
 /// The plan, where its tasks stand, and the fleet.
+#[derive(Debug, Default)]
 pub struct RouteContext {
     pub plan: Option<StoredPlan>,
     pub tasks: Vec<TaskState>,
@@ -27,15 +28,6 @@ impl Stage for Route {
     type Input = RouteTasks;
     type Context = RouteContext;
     const NAME: &'static str = "route";
-
-    fn parse(
-        &self,
-        body: &[u8],
-        amqp: &AmqpMeta<'_>,
-        limit: usize,
-    ) -> Result<Inbound<RouteTasks>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
 
     async fn load(&self, store: &Store, input: &Inbound<RouteTasks>) -> Result<RouteContext, store::Error> {
         let plan_id = input.payload.plan_id;
@@ -111,7 +103,7 @@ mod tests {
     fn stored(status: PlanStatus) -> StoredPlan {
         let catalog = Catalog::default();
         let d = catalog.decompose("Deploy Uptime Kuma to the homelab and send alerts to Discord").unwrap();
-        StoredPlan { plan: catalog.plan(RequestId::random(), &d).unwrap(), status, priority: 0 }
+        StoredPlan { plan: catalog.plan(RequestId::random(), &d).unwrap(), status }
     }
 
     fn states(plan: &StoredPlan) -> Vec<TaskState> {

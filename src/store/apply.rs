@@ -384,28 +384,70 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                     &[&plan_id.as_uuid(), approved, by, reason],
                 )
                 .await?;
-            if inserted == 1 {
-                let (plan_status, request_status, event) = if *approved {
-                    (PlanStatus::Approved, RequestStatus::InProgress, "plan.approved")
-                } else {
-                    (PlanStatus::Rejected, RequestStatus::Rejected, "plan.rejected")
-                };
-                tx.execute(
-                    "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1",
-                    &[&plan_id.as_uuid(), &plan_status.as_str()],
-                )
-                .await?;
-                tx.execute(
-                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now() WHERE id = $1",
-                    &[
-                        &request_id.as_uuid(),
-                        &request_status.as_str(),
-                        &(!approved).then_some(reason.as_str()),
-                    ],
-                )
-                .await?;
-                let detail = json!({ "by": by, "reason": reason });
-                audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
+            if inserted == 0 {
+                // A verdict is final. The same one again is a replay; the opposite one lost a race
+                // (approve and reject at once) and must not be reported as done.
+                let recorded: bool = tx
+                    .query_one("SELECT approved FROM approvals WHERE plan_id = $1", &[&plan_id.as_uuid()])
+                    .await?
+                    .get(0);
+                if recorded != *approved {
+                    let verdict = if recorded { "approved" } else { "rejected" };
+                    return Ok(Step::Conflict(format!("plan {plan_id} is already {verdict}")));
+                }
+                return Ok(Step::Ok);
+            }
+            let (plan_status, request_status, event) = if *approved {
+                (PlanStatus::Approved, RequestStatus::InProgress, "plan.approved")
+            } else {
+                (PlanStatus::Rejected, RequestStatus::Rejected, "plan.rejected")
+            };
+            let before_approval: Vec<&str> =
+                [PlanStatus::Planned, PlanStatus::AwaitingApproval].iter().map(|s| s.as_str()).collect();
+            tx.execute(
+                "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = ANY($3)",
+                &[&plan_id.as_uuid(), &plan_status.as_str(), &before_approval],
+            )
+            .await?;
+            // Only a request still waiting moves on: an approval never revives a failed request.
+            let waiting: Vec<&str> = [RequestStatus::Planned, RequestStatus::AwaitingApproval]
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
+            tx.execute(
+                "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
+                 WHERE id = $1 AND status = ANY($4)",
+                &[
+                    &request_id.as_uuid(),
+                    &request_status.as_str(),
+                    &(!approved).then_some(reason.as_str()),
+                    &waiting,
+                ],
+            )
+            .await?;
+            let detail = json!({ "by": by, "reason": reason });
+            audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
+            if !approved {
+                // A rejected plan will not use the external model: give its quota back.
+                let released = tx
+                    .query_opt(
+                        "WITH released AS (
+                             UPDATE quota_reservations SET released_at = now()
+                             WHERE plan_id = $1 AND released_at IS NULL
+                             RETURNING provider, amount_micros)
+                         UPDATE quotas q SET reserved_micros = q.reserved_micros - released.amount_micros,
+                             updated_at = now()
+                         FROM released WHERE q.provider = released.provider
+                         RETURNING released.provider, released.amount_micros",
+                        &[&plan_id.as_uuid()],
+                    )
+                    .await?;
+                if let Some(row) = released {
+                    let (provider, amount): (String, i64) = (row.get(0), row.get(1));
+                    let detail = json!({ "provider": provider, "amount_micros": amount });
+                    audit(tx, actor, "quota.released", Some(*request_id), Some(*plan_id), None, detail)
+                        .await?;
+                }
             }
         }
         Write::Route { request_id, plan_id, attempt, decision_id, route } => {
@@ -428,7 +470,12 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 )
                 .await?;
             if inserted == 0 {
-                return Ok(Step::Ok);
+                // Another route message routed this attempt first. Going on would publish a second
+                // dispatch of it: decide again instead, and find the task routed.
+                return Ok(Step::Conflict(format!(
+                    "task {} attempt {attempt} is routed already",
+                    route.task_id
+                )));
             }
             if route.reserves_capacity {
                 let reserved = tx

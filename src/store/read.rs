@@ -20,7 +20,6 @@ use crate::wire::Heartbeat;
 pub struct StoredPlan {
     pub plan: Plan,
     pub status: PlanStatus,
-    pub priority: u8,
 }
 
 /// Where one task stands.
@@ -58,19 +57,9 @@ pub struct PlanReport {
     pub plan_id: PlanId,
     pub status: PlanStatus,
     pub complexity: f64,
-    pub fallback: Option<FallbackRow>,
+    pub fallback: Option<FallbackDecision>,
     pub approval: Option<ApprovalRow>,
     pub tasks: Vec<TaskState>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct FallbackRow {
-    pub use_external: bool,
-    pub provider: Option<String>,
-    pub reason: String,
-    pub complexity: f64,
-    pub estimated_cost_micros: i64,
-    pub quota_left_micros: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -116,7 +105,6 @@ pub struct DispatchRow {
 /// What the audit checks: every row about one request.
 #[derive(Debug, Clone)]
 pub struct Trail {
-    pub request_status: RequestStatus,
     pub has_decomposition: bool,
     pub plan: Option<StoredPlan>,
     pub fallback_decisions: usize,
@@ -204,11 +192,7 @@ impl Store {
     pub async fn plan(&self, plan_id: PlanId) -> Result<Option<StoredPlan>, Error> {
         let client = self.client().await?;
         let Some(row) = client
-            .query_opt(
-                "SELECT p.request_id, p.status, r.priority FROM plans p JOIN requests r ON r.id = p.request_id
-                 WHERE p.id = $1",
-                &[&plan_id.as_uuid()],
-            )
+            .query_opt("SELECT request_id, status FROM plans WHERE id = $1", &[&plan_id.as_uuid()])
             .await?
         else {
             return Ok(None);
@@ -222,7 +206,7 @@ impl Store {
         let tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>, _>>()?;
         let request_id = RequestId::from_uuid(row.get(0));
         let plan = Plan::new(plan_id, request_id, tasks).map_err(|e| Error::Corrupt(e.to_string()))?;
-        Ok(Some(StoredPlan { plan, status: parse_status(row.get(1))?, priority: row.get::<_, i16>(2) as u8 }))
+        Ok(Some(StoredPlan { plan, status: parse_status(row.get(1))? }))
     }
 
     /// The state of every task of a plan, in plan order.
@@ -283,29 +267,28 @@ impl Store {
         }))
     }
 
-    /// Creates the quota row of a configured provider; an existing row keeps its figures.
+    /// Creates the quota row of a configured provider, or sets its limit to the configured one;
+    /// what is reserved and spent stays as it is.
     pub async fn ensure_quota(&self, provider: &str, limit_micros: i64) -> Result<(), Error> {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO quotas (provider, limit_micros) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                "INSERT INTO quotas (provider, limit_micros) VALUES ($1, $2)
+                 ON CONFLICT (provider) DO UPDATE SET limit_micros = EXCLUDED.limit_micros, updated_at = now()
+                 WHERE quotas.limit_micros <> EXCLUDED.limit_micros",
                 &[&provider, &limit_micros],
             )
             .await?;
         Ok(())
     }
 
-    /// Sets a provider's limit, creating its row if needed.
-    pub async fn set_quota_limit(&self, provider: &str, limit_micros: i64) -> Result<(), Error> {
+    /// The verdict recorded for a plan: approved (true), rejected (false), or none yet.
+    pub async fn approval_verdict(&self, plan_id: PlanId) -> Result<Option<bool>, Error> {
         let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO quotas (provider, limit_micros) VALUES ($1, $2)
-                 ON CONFLICT (provider) DO UPDATE SET limit_micros = EXCLUDED.limit_micros, updated_at = now()",
-                &[&provider, &limit_micros],
-            )
+        let row = client
+            .query_opt("SELECT approved FROM approvals WHERE plan_id = $1", &[&plan_id.as_uuid()])
             .await?;
-        Ok(())
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Records a dead letter; a second record of the same message at the same stage is ignored.
@@ -399,7 +382,7 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT p.request_id, p.status, r.priority, a.approved
+                "SELECT p.request_id, p.status, r.priority, a.approved, r.status, r.failure_reason
                  FROM plans p JOIN requests r ON r.id = p.request_id
                  LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.id = $1",
                 &[&plan_id.as_uuid()],
@@ -410,6 +393,14 @@ impl Store {
         let status: PlanStatus = parse_status(row.get(1))?;
         let priority = row.get::<_, i16>(2) as u8;
         let existing: Option<bool> = row.get(3);
+        let request_status: RequestStatus = parse_status(row.get(4))?;
+        if existing.is_none() && request_status == RequestStatus::Failed {
+            let why: Option<String> = row.get(5);
+            return Err(Error::Refused(format!(
+                "request {request_id} has failed ({}); its plan can no longer be decided",
+                why.as_deref().unwrap_or("no reason recorded")
+            )));
+        }
         match existing {
             Some(verdict) if verdict == approved => {
                 return Ok(ApprovalOutcome { request_id, priority, already: true });
@@ -427,6 +418,8 @@ impl Store {
             Write::Approval { request_id, plan_id, approved, by: by.to_owned(), reason: reason.to_owned() };
         match self.apply(by, None, std::slice::from_ref(&write)).await? {
             Applied::Done => Ok(ApprovalOutcome { request_id, priority, already: false }),
+            // The opposite verdict was recorded between the check above and this write.
+            Applied::Conflict(reason) => Err(Error::Refused(reason)),
             other => Err(Error::Corrupt(format!("approval of {plan_id} applied as {other:?}"))),
         }
     }
@@ -444,23 +437,10 @@ impl Store {
         else {
             return Ok(None);
         };
-        let dead_letters = client
-            .query(
-                "SELECT message_id, stage, queue, reason, created_at FROM dead_letters
-                 WHERE request_id = $1 ORDER BY id",
-                &[&request_id.as_uuid()],
-            )
-            .await?
-            .iter()
-            .map(dead_letter_from_row)
-            .collect();
         let plan_row = client
             .query_opt(
-                "SELECT p.id, p.status, p.complexity,
-                        f.use_external, f.provider, f.reason, f.complexity, f.estimated_cost_micros,
-                        f.quota_left_micros, a.approved, a.decided_by, a.reason, a.created_at
-                 FROM plans p LEFT JOIN fallback_decisions f ON f.plan_id = p.id
-                 LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.request_id = $1",
+                "SELECT p.id, p.status, p.complexity, a.approved, a.decided_by, a.reason, a.created_at
+                 FROM plans p LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.request_id = $1",
                 &[&request_id.as_uuid()],
             )
             .await?;
@@ -469,25 +449,17 @@ impl Store {
             None => None,
             Some(row) => {
                 let plan_id = PlanId::from_uuid(row.get(0));
-                let fallback = row.get::<_, Option<bool>>(3).map(|use_external| FallbackRow {
-                    use_external,
-                    provider: row.get(4),
-                    reason: row.get(5),
-                    complexity: row.get(6),
-                    estimated_cost_micros: row.get(7),
-                    quota_left_micros: row.get(8),
-                });
-                let approval = row.get::<_, Option<bool>>(9).map(|approved| ApprovalRow {
+                let approval = row.get::<_, Option<bool>>(3).map(|approved| ApprovalRow {
                     approved,
-                    decided_by: row.get(10),
-                    reason: row.get(11),
-                    at: row.get(12),
+                    decided_by: row.get(4),
+                    reason: row.get(5),
+                    at: row.get(6),
                 });
                 Some(PlanReport {
                     plan_id,
                     status: parse_status(row.get(1))?,
                     complexity: row.get(2),
-                    fallback,
+                    fallback: self.fallback_decision(plan_id).await?,
                     approval,
                     tasks: self.task_states(plan_id).await?,
                 })
@@ -503,7 +475,7 @@ impl Store {
             decomposer: request.get(5),
             intents: request.get(6),
             plan,
-            dead_letters,
+            dead_letters: self.dead_letters_of_request(request_id).await?,
         }))
     }
 
@@ -512,7 +484,7 @@ impl Store {
         let client = self.client().await?;
         let Some(request) = client
             .query_opt(
-                "SELECT r.status, EXISTS (SELECT 1 FROM decompositions d WHERE d.request_id = r.id)
+                "SELECT EXISTS (SELECT 1 FROM decompositions d WHERE d.request_id = r.id)
                  FROM requests r WHERE r.id = $1",
                 &[&request_id.as_uuid()],
             )
@@ -558,8 +530,7 @@ impl Store {
         let dispatches = self.dispatches(plan_id).await?;
         drop(client);
         Ok(Some(Trail {
-            request_status: parse_status(request.get(0))?,
-            has_decomposition: request.get(1),
+            has_decomposition: request.get(0),
             plan: self.plan(plan_id).await?,
             fallback_decisions: fallback_decisions as usize,
             approval,

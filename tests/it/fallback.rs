@@ -293,7 +293,7 @@ async fn approving_an_external_plan_releases_its_first_task() {
 }
 
 #[tokio::test]
-async fn rejecting_a_plan_records_the_reason_and_routes_nothing() {
+async fn rejecting_a_plan_records_the_reason_routes_nothing_and_gives_its_quota_back() {
     let app = spawn_app_with(with_provider(100_000)).await;
     register_coder(&app, "coder-1").await;
     let id = app.submit(COMPLEX, false).await;
@@ -318,6 +318,10 @@ async fn rejecting_a_plan_records_the_reason_and_routes_nothing() {
     assert!(app.drain(&app.agent_queue("coder-1")).await.is_empty());
     let events = app.store.audit_events(id).await.unwrap();
     assert!(events.iter().any(|(actor, event, _)| actor == "bob" && event == "plan.rejected"), "{events:#?}");
+    // The external model will not be used: its reservation is given back, and said so.
+    assert_eq!(remaining(&app).await, 100_000, "the quota is whole again");
+    let released = events.iter().find(|(_, event, _)| event == "quota.released").expect("a quota.released event");
+    assert_eq!(released.2["amount_micros"], PLAN_COST);
 
     // A rejected plan is a complete trail: nothing was released, so nothing is missing.
     let audit = app.cli(&["audit", &id.to_string()]).await;

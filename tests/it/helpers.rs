@@ -88,7 +88,8 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     config.routing.default_agents = default_agents();
     config.worker.retry_base_delay_ms = 20;
     configure(&mut config);
-    let store = Store::connect(&config.database_url, 4).await.expect("the test database");
+    let store =
+        Store::connect(&config.database_url, config.database_pool_size).await.expect("the test database");
     if let Some(provider) = &config.fallback.provider {
         store.ensure_quota(&provider.name, provider.quota_micros).await.unwrap();
     }

@@ -6,5 +6,6 @@ mod errors;
 mod fallback;
 mod helpers;
 mod outage;
+mod races;
 mod routing;
 mod workflows;
