@@ -14,6 +14,7 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::ids::AgentId;
@@ -29,13 +30,15 @@ pub enum Error {
     /// Nothing is bound to take the message: a mandatory publish came back.
     #[error("unroutable: no queue takes messages for {routing_key} ({reply})")]
     Unroutable { routing_key: String, reply: String },
-    #[error("invalid broker URL: {0}")]
+    /// The URL cannot work; it is shown redacted.
+    #[error("invalid broker URL {0}")]
     Url(String),
 }
 
 impl Error {
-    /// Whether retrying can help. An unroutable message stays unroutable until someone declares
-    /// the queue, which is the caller's business; the rest is the broker being unavailable.
+    /// Whether retrying the same operation can help. An unroutable message stays unroutable until
+    /// someone declares the queue, which is the caller's business (the runner waits for it, a
+    /// dispatch gives up); a bad URL stays bad; the rest is the broker being unavailable.
     pub fn is_transient(&self) -> bool {
         !matches!(self, Error::Unroutable { .. } | Error::Url(_))
     }
@@ -51,12 +54,14 @@ pub struct Outgoing {
     pub message_id: Option<String>,
     pub priority: Option<u8>,
     pub headers: BTreeMap<String, String>,
-    /// Ask the broker to return the message if no queue takes it.
+    /// Ask the broker to return the message if no queue takes it. Without it, a message to a
+    /// queue that does not exist is confirmed, then dropped.
     pub mandatory: bool,
 }
 
 impl Outgoing {
-    /// A persistent message straight to `queue` through the default exchange.
+    /// A persistent message straight to `queue` through the default exchange, mandatory: a
+    /// missing queue is an [`Error::Unroutable`], never a silent loss.
     pub fn to_queue(queue: impl Into<String>, body: Vec<u8>) -> Self {
         Outgoing {
             exchange: String::new(),
@@ -65,7 +70,7 @@ impl Outgoing {
             message_id: None,
             priority: None,
             headers: BTreeMap::new(),
-            mandatory: false,
+            mandatory: true,
         }
     }
 }
@@ -77,7 +82,6 @@ pub struct Incoming {
     pub body: Vec<u8>,
     pub message_id: Option<String>,
     pub priority: Option<u8>,
-    pub redelivered: bool,
     pub headers: BTreeMap<String, String>,
     acker: lapin::Acker,
 }
@@ -94,7 +98,8 @@ impl Incoming {
         Ok(())
     }
 
-    /// How many times the message went through a retry queue (from the broker's `x-death`).
+    /// How many times the runner parked the message in a retry queue (the
+    /// `x-switchyard-retries` header it sets when parking).
     pub fn retries(&self) -> u64 {
         self.headers.get("x-switchyard-retries").and_then(|v| v.parse().ok()).unwrap_or(0)
     }
@@ -129,7 +134,6 @@ fn incoming(delivery: lapin::message::Delivery) -> Incoming {
     Incoming {
         message_id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
         priority: *props.priority(),
-        redelivered: delivery.redelivered,
         headers,
         body: delivery.data,
         acker: delivery.acker,
@@ -149,24 +153,60 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// The URL with its password masked, for logs and errors.
+/// The URL with anything that could be a password masked, for logs and errors.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
-            }
-            parsed.to_string()
-        }
-        Err(_) => "<unparsable URL>".into(),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "<unparsable URL>".into();
+    };
+    // Without `//` after the scheme (`amqp:user:pw@host`) the URL still parses, but as an opaque
+    // path: `password()` is None and the password would be shown as it is.
+    if parsed.cannot_be_a_base() || !parsed.has_authority() {
+        return "<URL without a host>".into();
     }
+    // A password with an unencoded `/`, `?` or `#` ends the authority early, and its rest (up to
+    // the `@`) lands after the host.
+    if parsed[url::Position::BeforePath..].contains('@') {
+        return "<URL with an @ after its host>".into();
+    }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    }
+    // PostgreSQL also takes the password as a query parameter.
+    if parsed.query_pairs().any(|(key, _)| key.eq_ignore_ascii_case("password")) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key.eq_ignore_ascii_case("password") { "***".into() } else { value };
+                (key.into_owned(), value.into_owned())
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// Parses a broker URL before lapin sees it: lapin's own error for some unusable URLs quotes the
+/// URL, password included, and a URL that cannot work should fail at once, not after retries.
+fn parse_amqp_url(url: &str) -> Result<AMQPUri, Error> {
+    let invalid = |problem: &str| Error::Url(format!("{}: {problem}", redact(url)));
+    let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+    if !matches!(parsed.scheme(), "amqp" | "amqps") {
+        return Err(invalid("the scheme must be amqp or amqps"));
+    }
+    if parsed.cannot_be_a_base() || !parsed.has_authority() || parsed.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("no host (the form is amqp://user:password@host:port/vhost)"));
+    }
+    // What is left to refuse (a bad port or query parameter) is named without the URL.
+    url.parse::<AMQPUri>().map_err(|e| invalid(&e))
 }
 
 impl Broker {
-    /// Connects to `url`, retrying with exponential backoff for about half a minute.
+    /// Connects to `url`, retrying with exponential backoff for about half a minute. A URL that
+    /// cannot work fails at once with [`Error::Url`].
     pub async fn connect(url: &str, names: Names) -> Result<Self, Error> {
+        let uri = parse_amqp_url(url)?;
         let connect = || async {
-            let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+            let connection = Connection::connect_uri(uri.clone(), ConnectionProperties::default()).await?;
             let publisher = connection.create_channel().await?;
             publisher.confirm_select(ConfirmSelectOptions::default()).await?;
             Ok::<_, Error>(Broker { connection, publisher, names: names.clone() })
@@ -186,6 +226,13 @@ impl Broker {
 
     pub fn names(&self) -> &Names {
         &self.names
+    }
+
+    /// Whether the connection and the publishing channel are both open. A channel-level error (a
+    /// publish to an exchange that does not exist, say) closes the publishing channel for good:
+    /// every later publish fails until a new `Broker` is connected.
+    pub fn is_healthy(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
     }
 
     /// Declares the standard topology, resolved for this broker's namespace.
@@ -244,15 +291,16 @@ impl Broker {
         Ok(())
     }
 
-    /// Declares the durable queue of an agent.
+    /// Declares the queue of an agent as agents themselves do (README): durable, no arguments.
+    /// Any other arguments would make the two declarations conflict (406 PRECONDITION_FAILED).
+    /// It uses a channel of its own, because such an error closes the channel it happens on.
     pub async fn declare_agent_queue(&self, agent: &AgentId) -> Result<String, Error> {
         let name = self.names.agent_queue(agent);
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.names.dead_exchange().into()),
-        );
-        self.publisher.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+        let channel = self.connection.create_channel().await?;
+        channel
+            .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
+            .await?;
+        let _ = channel.close(200, "declared".into()).await;
         Ok(name)
     }
 
@@ -375,6 +423,42 @@ mod tests {
     fn redact_masks_passwords_only() {
         assert_eq!(redact("amqp://guest:secret@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        assert_eq!(redact("postgres:///switchyard?host=/tmp"), "postgres:///switchyard?host=/tmp");
         assert_eq!(redact("::not a url"), "<unparsable URL>");
+    }
+
+    #[test]
+    fn redact_hides_urls_whose_password_is_not_in_the_authority() {
+        for (url, shown) in [
+            ("amqp:guest:s3cret@127.0.0.1:5672", "<URL without a host>"),
+            ("postgres:postgres:s3cret@host/db", "<URL without a host>"),
+            ("amqp:/guest:s3cret@host", "<URL without a host>"),
+            ("amqp://guest:12/s3cret@host", "<URL with an @ after its host>"),
+            (
+                "postgres://u@db/x?sslmode=disable&password=s3cret",
+                "postgres://u@db/x?sslmode=disable&password=***",
+            ),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn unusable_broker_urls_are_refused_without_their_password() {
+        for (url, problem) in [
+            ("amqp:guest:s3cret@127.0.0.1:5672", "no host"),
+            ("amqp:/guest:s3cret@127.0.0.1:5672", "no host"),
+            ("http://guest:s3cret@127.0.0.1:5672", "the scheme must be amqp or amqps"),
+            ("amqp://guest:s3cret@127.0.0.1:5672/%2f?heartbeat=often", "invalid digit"),
+            ("amqp://guest:s3cret@127.0.0.1:99999", "invalid port"),
+            ("guest:s3cret", "the scheme must be amqp or amqps"),
+        ] {
+            let err = parse_amqp_url(url).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, Error::Url(_)) && !err.is_transient(), "{url}: {text}");
+            assert!(text.contains(problem), "{url}: {text}");
+            assert!(!text.contains("s3cret"), "{url}: {text}");
+        }
+        assert!(parse_amqp_url("amqps://guest:s3cret@rabbit.example/prod").is_ok());
     }
 }

@@ -18,10 +18,24 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Broker(#[from] broker::Error),
+    /// A publish came back unroutable: nothing declared the queue in this namespace.
+    #[error(
+        "no queue {queue} takes {what}: is the namespace right? `switchyard topology` or a worker declares it"
+    )]
+    NoQueue { queue: String, what: &'static str },
+}
+
+/// Publishes `outgoing` (mandatory), naming the queue when it does not exist.
+async fn publish(broker: &Broker, outgoing: &Outgoing, what: &'static str) -> Result<(), Error> {
+    broker.publish(outgoing).await.map_err(|err| match err {
+        broker::Error::Unroutable { .. } => Error::NoQueue { queue: outgoing.routing_key.clone(), what },
+        err => err.into(),
+    })
 }
 
 /// Publishes a request to `<namespace>.requests`, as any client may, and returns its id. A
-/// request without an id gets a fresh one, so that the caller can follow it.
+/// request without an id gets a fresh one, so that the caller can follow it. Fails if the queue
+/// does not exist (a wrong namespace, say), instead of letting the broker drop the request.
 pub async fn submit(broker: &Broker, mut request: SubmitRequest) -> Result<RequestId, Error> {
     let request_id = *request.request_id.get_or_insert_with(RequestId::random);
     let mut outgoing = Outgoing::to_queue(
@@ -30,7 +44,7 @@ pub async fn submit(broker: &Broker, mut request: SubmitRequest) -> Result<Reque
     );
     outgoing.priority = request.priority;
     outgoing.message_id = Some(request_id.to_string());
-    broker.publish(&outgoing).await?;
+    publish(broker, &outgoing, "requests").await?;
     Ok(request_id)
 }
 
@@ -61,7 +75,7 @@ pub async fn approve(
         Outgoing::to_queue(broker.names().queue("route"), serde_json::to_vec(&envelope).expect("serializes"));
     outgoing.message_id = Some(envelope.message_id.to_string());
     outgoing.priority = Some(outcome.priority);
-    broker.publish(&outgoing).await?;
+    publish(broker, &outgoing, "approved plans").await?;
     Ok(outcome)
 }
 

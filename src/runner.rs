@@ -7,9 +7,15 @@
 //! - a permanent failure is recorded in `dead_letters` and published to `<namespace>.dead` with
 //!   its reason in a header, then acknowledged: never a crash, never a silent drop;
 //! - a transient failure is retried in process with backoff, then parked in the queue's retry
-//!   queue (the broker brings it back after a delay), and if even that fails, requeued.
+//!   queue (the broker brings it back after a delay), and if even that fails, requeued;
+//! - outputs that no queue takes (the next stage's queue was deleted, or the namespace is wrong)
+//!   are a transient failure: the input waits for the queue, it is never acknowledged and lost;
+//! - a panic in a stage's `parse` or `decide` is a permanent failure of that message only;
+//! - when the broker connection or the publishing channel is gone, the runner stops, so that the
+//!   worker connects again instead of parking and requeueing in vain.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,8 +79,12 @@ pub enum Error {
     Broker(#[from] broker::Error),
     #[error("the topology has no queue consumed by stage {0}")]
     NoQueue(&'static str),
-    #[error("the consumer of {0} was cancelled by the broker")]
-    Cancelled(String),
+    /// The delivery stream ended or failed: the broker cancelled the consumer (its queue was
+    /// deleted, say) or closed its channel or connection.
+    #[error("the consumer of {0} stopped: the broker cancelled it or closed its channel")]
+    ConsumerEnded(String),
+    #[error("the broker connection or its publishing channel is closed")]
+    BrokerBroken,
 }
 
 /// What went wrong with one message.
@@ -147,15 +157,17 @@ impl<S: Stage> Runner<S> {
         Ok(Runner { stage: Arc::new(stage), broker, store, settings, queue, retry_queue })
     }
 
-    /// Consumes until `shutdown` is cancelled (then finishes the deliveries in hand) or the
-    /// consumer fails (then returns the error, and the unacknowledged deliveries go back to the
-    /// queue when the channel closes).
+    /// Consumes until `shutdown` is cancelled (then finishes the deliveries in hand and returns
+    /// `Ok`), or the consumer fails or the broker connection breaks (then returns the error, and
+    /// the unacknowledged deliveries go back to the queue when the channel closes).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let deliveries = self.broker.consume(&self.queue, self.settings.prefetch).await?;
         info!(stage = S::NAME, queue = %self.queue, prefetch = self.settings.prefetch, "stage consuming");
+        // Cancelled by `handle` when the broker is found broken; a child, so shutdown stops too.
+        let broken = shutdown.child_token();
         let this = &self;
         deliveries
-            .take_until(shutdown.cancelled())
+            .take_until(broken.cancelled())
             .take_while(|delivery| {
                 if let Err(err) = delivery {
                     error!(stage = S::NAME, error = %err, "consumer failed");
@@ -163,53 +175,77 @@ impl<S: Stage> Runner<S> {
                 std::future::ready(delivery.is_ok())
             })
             .filter_map(|delivery| std::future::ready(delivery.ok()))
-            .for_each_concurrent(usize::from(self.settings.prefetch.max(1)), |delivery| this.handle(delivery))
+            .for_each_concurrent(usize::from(self.settings.prefetch.max(1)), |delivery| {
+                this.handle(delivery, &broken)
+            })
             .await;
         if shutdown.is_cancelled() {
             info!(stage = S::NAME, "stage stopped");
             Ok(())
+        } else if broken.is_cancelled() {
+            Err(Error::BrokerBroken)
         } else {
-            Err(Error::Cancelled(self.queue.clone()))
+            Err(Error::ConsumerEnded(self.queue.clone()))
         }
     }
 
-    async fn handle(&self, delivery: Incoming) {
+    async fn handle(&self, delivery: Incoming, broken: &CancellationToken) {
         let span = info_span!("message", stage = S::NAME, message_id = tracing::field::Empty);
         async {
-            let amqp = AmqpMeta { message_id: delivery.message_id.as_deref(), priority: delivery.priority };
-            let input = match self.stage.parse(&delivery.body, &amqp, self.settings.max_payload_bytes) {
-                Ok(input) => input,
-                Err(err) => {
-                    let (sniffed_id, request_id) = sniff_ids(&delivery.body);
-                    let message_id =
-                        sniffed_id.unwrap_or_else(|| wire::entry_message_id(amqp.message_id, &delivery.body));
-                    return self.dead_letter(&delivery, message_id, request_id, &err.to_string()).await;
-                }
-            };
-            tracing::Span::current().record("message_id", tracing::field::display(input.message_id));
-            let attempt = || self.process(&input);
-            let result = attempt
-                .retry(self.settings.backoff(self.settings.transient_attempts))
-                .when(|f| matches!(f, Failure::Transient(_)))
-                .notify(|f, wait| warn!(error = %f, ?wait, "transient failure, retrying"))
-                .await;
-            match result {
-                Ok(()) => self.settle(delivery.ack().await),
-                Err(Failure::Permanent(reason)) => {
-                    self.dead_letter(&delivery, input.message_id, input.request_id, &reason).await
-                }
-                Err(Failure::Transient(reason)) => self.park(&delivery, &reason).await,
+            let handled = self.handle_one(&delivery).await;
+            // A transient failure may be the publishing channel closed (a channel error is final)
+            // or the connection lost: then every later publish fails too, parking included, and
+            // messages would only go round. Only a new connection helps: stop, and the worker
+            // reconnects.
+            if handled == Handled::Deferred && !broken.is_cancelled() && !self.broker.is_healthy() {
+                error!("the broker connection or publishing channel is closed; stopping to reconnect");
+                broken.cancel();
             }
         }
         .instrument(span)
         .await
     }
 
-    fn settle(&self, result: Result<(), broker::Error>) {
-        if let Err(err) = result {
-            // The channel is gone: the broker redelivers the message, and the marker makes that
-            // harmless.
-            warn!(error = %err, "could not acknowledge; the message will be redelivered");
+    /// Processes one delivery and settles it.
+    async fn handle_one(&self, delivery: &Incoming) -> Handled {
+        let amqp = AmqpMeta { message_id: delivery.message_id.as_deref(), priority: delivery.priority };
+        let limit = self.settings.max_payload_bytes;
+        let parsed = catch_panic(|| self.stage.parse(&delivery.body, &amqp, limit))
+            .and_then(|parsed| parsed.map_err(|err| err.to_string()));
+        let input = match parsed {
+            Ok(input) => input,
+            Err(reason) => {
+                let (sniffed_id, request_id) = sniff_ids(&delivery.body);
+                let message_id =
+                    sniffed_id.unwrap_or_else(|| wire::entry_message_id(amqp.message_id, &delivery.body));
+                return self.dead_letter(delivery, message_id, request_id, &reason).await;
+            }
+        };
+        tracing::Span::current().record("message_id", tracing::field::display(input.message_id));
+        let attempt = || self.process(&input);
+        let result = attempt
+            .retry(self.settings.backoff(self.settings.transient_attempts))
+            .when(|f| matches!(f, Failure::Transient(_)))
+            .notify(|f, wait| warn!(error = %f, ?wait, "transient failure, retrying"))
+            .await;
+        match result {
+            Ok(()) => self.settle(delivery.ack().await),
+            Err(Failure::Permanent(reason)) => {
+                self.dead_letter(delivery, input.message_id, input.request_id, &reason).await
+            }
+            Err(Failure::Transient(reason)) => self.park(delivery, &reason).await,
+        }
+    }
+
+    fn settle(&self, result: Result<(), broker::Error>) -> Handled {
+        match result {
+            Ok(()) => Handled::Settled,
+            Err(err) => {
+                // The channel is gone: the broker redelivers the message, and the marker makes
+                // that harmless.
+                warn!(error = %err, "could not acknowledge; the message will be redelivered");
+                Handled::Deferred
+            }
         }
     }
 
@@ -223,7 +259,9 @@ impl<S: Stage> Runner<S> {
         }
         for _ in 0..MAX_DECISION_ROUNDS {
             let context = self.stage.load(&self.store, input).await?;
-            match self.stage.decide(input, context, Utc::now()) {
+            let outcome =
+                catch_panic(|| self.stage.decide(input, context, Utc::now())).map_err(Failure::Permanent)?;
+            match outcome {
                 Outcome::Forward { writes, publish } => {
                     let outputs = serde_json::to_value(&publish).expect("outputs serialize");
                     match self.persist(input, outputs, &writes).await? {
@@ -285,23 +323,31 @@ impl<S: Stage> Runner<S> {
         Ok(self.store.apply(S::NAME, marker, writes).await?)
     }
 
+    /// The message for `publish`: mandatory (as every publish), so that a missing queue is an
+    /// error instead of a confirmed and dropped message.
     fn outgoing(&self, publish: &Publish) -> Outgoing {
         let names = self.broker.names();
-        let (queue, mandatory) = match &publish.destination {
-            Destination::Queue(name) => (names.queue(name), false),
-            Destination::Agent(agent) => (names.agent_queue(agent), true),
+        let queue = match &publish.destination {
+            Destination::Queue(name) => names.queue(name),
+            Destination::Agent(agent) => names.agent_queue(agent),
         };
         let mut outgoing =
             Outgoing::to_queue(queue, serde_json::to_vec(&publish.body).expect("bodies serialize"));
         outgoing.message_id = Some(publish.message_id.to_string());
         outgoing.priority = Some(publish.priority);
-        outgoing.mandatory = mandatory;
         outgoing
     }
 
+    /// Publishes a stage's outputs. An unroutable output is transient here: the next stage's
+    /// queue was deleted or the namespace is wrong, and acknowledging the input would lose the
+    /// request; it waits in the retry queue until the queue is declared again (a worker does at
+    /// start).
     async fn publish(&self, publish: &[Publish]) -> Result<(), Failure> {
         let outgoing: Vec<Outgoing> = publish.iter().map(|p| self.outgoing(p)).collect();
-        Ok(self.broker.publish_all(&outgoing).await?)
+        self.broker.publish_all(&outgoing).await.map_err(|err| match err {
+            broker::Error::Unroutable { .. } => Failure::Transient(describe(&err)),
+            err => err.into(),
+        })
     }
 
     async fn republish(&self, outputs: Value) -> Result<(), Failure> {
@@ -320,14 +366,15 @@ impl<S: Stage> Runner<S> {
     }
 
     /// Records the message as a dead letter, publishes it to `<namespace>.dead` with its reason,
-    /// then acknowledges it. If the record or the publish fails, the message is parked instead.
+    /// then acknowledges it. If the record or the publish fails (an unroutable one included: the
+    /// dead queue is bound, so then it is missing), the message is parked instead.
     async fn dead_letter(
         &self,
         delivery: &Incoming,
         message_id: crate::ids::MessageId,
         request_id: Option<crate::ids::RequestId>,
         reason: &str,
-    ) {
+    ) -> Handled {
         warn!(%reason, "dead-lettering message");
         let reason = sanitize(reason);
         let body = sanitize(&String::from_utf8_lossy(&delivery.body));
@@ -353,8 +400,9 @@ impl<S: Stage> Runner<S> {
     }
 
     /// Puts a message that failed transiently into the retry queue (the broker brings it back
-    /// after the queue's TTL), or back into its queue if that fails too. Never drops it.
-    async fn park(&self, delivery: &Incoming, reason: &str) {
+    /// after the queue's TTL), or back into its queue if that fails too (an unroutable publish
+    /// included: the retry queue is missing). Never drops it.
+    async fn park(&self, delivery: &Incoming, reason: &str) -> Handled {
         let retries = delivery.retries() + 1;
         let parked = match &self.retry_queue {
             Some(retry_queue) => {
@@ -364,9 +412,9 @@ impl<S: Stage> Runner<S> {
                 outgoing.headers = delivery.headers.clone();
                 outgoing.headers.insert("x-switchyard-retries".into(), retries.to_string());
                 outgoing.headers.insert("x-switchyard-last-error".into(), sanitize(reason));
-                self.broker.publish(&outgoing).await
+                self.broker.publish(&outgoing).await.map_err(|err| err.to_string())
             }
-            None => Err(broker::Error::Nacked("no retry queue".into())),
+            None => Err(format!("the topology gives {} no retry queue", self.queue)),
         };
         match parked {
             Ok(()) => {
@@ -374,11 +422,37 @@ impl<S: Stage> Runner<S> {
                 self.settle(delivery.ack().await);
             }
             Err(err) => {
-                error!(%reason, error = %err, "transient failure and the retry queue is unavailable; requeueing");
+                error!(%reason, error = %err, "transient failure and the message cannot be parked; requeueing");
                 self.settle(delivery.requeue().await);
             }
         }
+        Handled::Deferred
     }
+}
+
+/// How the handling of a delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    /// Acknowledged: processed, or dead-lettered.
+    Settled,
+    /// Something failed transiently: the message was parked or requeued, or could not be
+    /// acknowledged.
+    Deferred,
+}
+
+/// Runs a stage's pure code (`parse`, `decide`), turning a panic into the reason of a permanent
+/// failure: a bug that one message triggers must dead-letter that message, not kill the runner
+/// and come back with every redelivery. Nothing is shared across the call but the stage, whose
+/// pure methods leave it as it was.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        format!("stage panicked: {message}")
+    })
 }
 
 /// PostgreSQL text cannot hold NUL characters; a hostile message must not make its own dead
@@ -395,4 +469,23 @@ fn sniff_ids(body: &[u8]) -> (Option<crate::ids::MessageId>, Option<crate::ids::
     };
     let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
     (field("message_id").and_then(|id| id.parse().ok()), field("request_id").and_then(|id| id.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_the_reason_of_a_permanent_failure() {
+        assert_eq!(catch_panic(|| 7), Ok(7));
+        assert_eq!(catch_panic(|| -> u8 { panic!("boom") }), Err("stage panicked: boom".into()));
+        let index = 3;
+        assert_eq!(
+            catch_panic(|| -> u8 { panic!("no task at {index}") }),
+            Err("stage panicked: no task at 3".into())
+        );
+        let empty: Vec<u8> = Vec::new();
+        let err = catch_panic(|| empty[index]).unwrap_err();
+        assert!(err.starts_with("stage panicked: index out of bounds"), "{err}");
+    }
 }

@@ -18,7 +18,18 @@ use crate::store::{self, Store};
 use crate::topology::{Names, Topology};
 
 /// A stage that a worker can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::EnumString, strum::Display, strum::VariantArray)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::EnumString,
+    strum::Display,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
 #[strum(serialize_all = "snake_case")]
 pub enum StageName {
     Decompose,
@@ -77,19 +88,24 @@ impl Worker {
         Names::new(self.config.namespace.clone())
     }
 
-    /// Runs `stages` until `shutdown` is cancelled. A failed connection or consumer is rebuilt
-    /// after a pause; the deliveries it held go back to their queues.
+    /// Runs `stages` until `shutdown` is cancelled. A failed connection, topology declaration or
+    /// consumer is rebuilt after a pause; the deliveries it held go back to their queues. Only a
+    /// broker URL that cannot work ends it with an error.
     pub async fn run(&self, stages: &[StageName], shutdown: CancellationToken) -> Result<(), Error> {
         let mut pause = Duration::from_millis(500);
         loop {
-            let broker = tokio::select! {
-                broker = Broker::connect(&self.config.amqp_url, self.names()) => broker,
+            let connected = tokio::select! {
+                connected = self.connect() => connected,
                 () = shutdown.cancelled() => return Ok(()),
             };
-            let broker = match broker {
-                Ok(broker) => Arc::new(broker),
+            let (broker, topology) = match connected {
+                Ok(connected) => connected,
+                // Waiting will not mend a bad URL.
+                Err(err @ broker::Error::Url(_)) => return Err(err.into()),
+                // The broker may be down or restarting, or a declaration conflicts with what an
+                // operator declared by hand (406): keep trying, loudly, as a service should.
                 Err(err) => {
-                    error!(broker = %redact(&self.config.amqp_url), error = %err, "cannot reach the broker");
+                    error!(broker = %redact(&self.config.amqp_url), error = %err, ?pause, "cannot set up the broker; trying again");
                     if !sleep_unless_cancelled(pause, &shutdown).await {
                         return Ok(());
                     }
@@ -97,7 +113,6 @@ impl Worker {
                     continue;
                 }
             };
-            let topology = broker.declare_topology().await?;
             pause = Duration::from_millis(500);
             let session = shutdown.child_token();
             let mut runners = JoinSet::new();
@@ -126,6 +141,18 @@ impl Worker {
             }
             if !sleep_unless_cancelled(pause, &shutdown).await {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Connects and declares the topology.
+    async fn connect(&self) -> Result<(Arc<Broker>, Topology), broker::Error> {
+        let broker = Broker::connect(&self.config.amqp_url, self.names()).await?;
+        match broker.declare_topology().await {
+            Ok(topology) => Ok((Arc::new(broker), topology)),
+            Err(err) => {
+                broker.close().await;
+                Err(err)
             }
         }
     }

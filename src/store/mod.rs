@@ -118,10 +118,22 @@ impl Store {
     }
 }
 
-/// Creates the database named in `url` if it does not exist yet, connecting to the server's
-/// `postgres` database to do so.
+/// Creates the database named in `url` if it does not exist yet. It connects to that database
+/// first, and only if the server says it does not exist (SQLSTATE 3D000) to the server's
+/// `postgres` database to create it: managed PostgreSQL services often refuse connections to
+/// `postgres`, and a database that exists needs nothing from it.
 pub async fn ensure_database(url: &str) -> Result<(), Error> {
     let config = pg_config(url)?;
+    match config.connect(NoTls).await {
+        Ok((client, connection)) => {
+            drop(client);
+            // Without its client the connection task ends at once.
+            let _ = connection.await;
+            return Ok(());
+        }
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+        Err(e) => return Err(e.into()),
+    }
     let name = config
         .get_dbname()
         .map(str::to_owned)
@@ -131,14 +143,11 @@ pub async fn ensure_database(url: &str) -> Result<(), Error> {
     admin.dbname("postgres");
     let (client, connection) = admin.connect(NoTls).await?;
     let task = tokio::spawn(connection);
-    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
-    if !exists {
-        let sql = format!("CREATE DATABASE {}", quote_ident(&name));
-        if let Err(e) = client.execute(sql.as_str(), &[]).await {
-            // Another process may have created it in the meantime.
-            if e.code() != Some(&SqlState::DUPLICATE_DATABASE) {
-                return Err(e.into());
-            }
+    let sql = format!("CREATE DATABASE {}", quote_ident(&name));
+    if let Err(e) = client.execute(sql.as_str(), &[]).await {
+        // Another process may have created it in the meantime.
+        if e.code() != Some(&SqlState::DUPLICATE_DATABASE) {
+            return Err(e.into());
         }
     }
     drop(client);

@@ -263,9 +263,9 @@ async fn a_refused_request_keeps_its_id_and_status_and_submit_wait_show_why() {
     assert_eq!(rows[0].request_id, Some(id.as_uuid()));
     assert_eq!(app.store.report(id).await.unwrap().map(|r| r.request_id), None);
 
-    // No request row, but `status` shows the dead letter that refused it.
+    // No request row, but `status` shows the dead letter that refused it: an answer, exit 0.
     let status = app.cli(&["status", &id.to_string()]).await;
-    assert_eq!(status.status.code(), Some(1), "{}", stdout(&status));
+    assert_eq!(status.status.code(), Some(0), "{}", stdout(&status));
     let text = stdout(&status);
     assert!(text.contains("refused on arrival"), "{text}");
     assert!(text.contains("dead letter at decompose"), "{text}");
@@ -279,6 +279,32 @@ async fn a_refused_request_keeps_its_id_and_status_and_submit_wait_show_why() {
         "{}",
         stdout(&output)
     );
+
+    // The same as JSON: the reason as text.
+    let output = app.cli(&["submit", "   ", "--wait", "--json", "--timeout", "20"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let shown: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert_eq!(shown["status"], "refused");
+    assert_eq!(shown["reason"], "refused at decompose: empty request text");
+
+    // Of a request nobody has seen there is nothing to show: an error, exit 2.
+    let unknown = app.cli(&["status", &RequestId::random().to_string()]).await;
+    assert_eq!(unknown.status.code(), Some(2), "{}", stdout(&unknown));
+    assert!(stderr(&unknown).contains("no request"), "{}", stderr(&unknown));
+}
+
+#[tokio::test]
+async fn a_bad_argument_exits_2_and_says_what_is_allowed() {
+    let app = spawn_app().await;
+    let output = app.cli(&["worker", "--stage", "plan,bogus"]).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let shown = stderr(&output);
+    assert!(shown.contains("bogus"), "{shown}");
+    for stage in ["all", "decompose", "plan", "fallback", "route", "dispatch", "heartbeat"] {
+        assert!(shown.contains(stage), "{stage} is not listed: {shown}");
+    }
+    let output = app.cli(&["audit", "not-a-uuid"]).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
 }
 
 #[tokio::test]

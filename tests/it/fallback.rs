@@ -320,7 +320,8 @@ async fn rejecting_a_plan_records_the_reason_routes_nothing_and_gives_its_quota_
     assert!(events.iter().any(|(actor, event, _)| actor == "bob" && event == "plan.rejected"), "{events:#?}");
     // The external model will not be used: its reservation is given back, and said so.
     assert_eq!(remaining(&app).await, 100_000, "the quota is whole again");
-    let released = events.iter().find(|(_, event, _)| event == "quota.released").expect("a quota.released event");
+    let released =
+        events.iter().find(|(_, event, _)| event == "quota.released").expect("a quota.released event");
     assert_eq!(released.2["amount_micros"], PLAN_COST);
 
     // A rejected plan is a complete trail: nothing was released, so nothing is missing.

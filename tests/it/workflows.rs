@@ -229,3 +229,43 @@ async fn a_redelivered_stage_message_produces_no_second_row_or_dispatch() {
     assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
     assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
 }
+
+#[tokio::test]
+async fn submit_wait_json_on_timeout_prints_where_the_request_stands() {
+    // Nobody approves: the request waits for a person until the timeout.
+    let app = spawn_app_with(|c| {
+        c.approval.auto_approve_below = None;
+        c.approval.allow_request_auto_approve = false;
+    })
+    .await;
+    let output =
+        app.cli(&["submit", "Deploy Uptime Kuma to the homelab", "--wait", "--json", "--timeout", "3"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert_eq!(shown["status"], "timeout");
+    assert_eq!(shown["last_status"], "awaiting_approval", "{shown}");
+    assert!(shown["waiting_for"].as_str().unwrap().starts_with("awaiting approval: switchyard approve"));
+    let id: switchyard::ids::RequestId = shown["request_id"].as_str().unwrap().parse().unwrap();
+    assert!(app.store.report(id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn migrate_creates_a_missing_database_then_finds_it() {
+    let database = format!("switchyard_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let url = switchyard::store::with_database(&database_url(), &database);
+    for _ in 0..2 {
+        let output = crate::broker::switchyard(&[("DATABASE_URL", &url)], &["migrate"]).await;
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(stdout(&output), "database migrated\n");
+    }
+    let store = switchyard::store::Store::connect(&url, 1).await.expect("the database exists");
+    assert!(store.agents().await.unwrap().is_empty(), "and is migrated");
+    drop(store);
+    switchyard::store::admin::drop_database(&database_url(), &database).await.unwrap();
+}

@@ -1,5 +1,5 @@
 //! The `switchyard` command line. Parses arguments, calls the library, prints; errors are shown
-//! with their whole cause chain.
+//! with their whole cause chain. The exit code tells a script how it went: see [`Exit`].
 
 mod print;
 
@@ -8,12 +8,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use clap::builder::PossibleValuesParser;
 use clap::{Args, Parser, Subcommand};
+use serde_json::json;
 use switchyard::broker::{Broker, redact};
 use switchyard::config::Config;
 use switchyard::ids::{AgentId, PlanId, RequestId};
 use switchyard::ops::{self, Progress};
-use switchyard::store::Store;
+use switchyard::store::{RequestReport, Store};
 use switchyard::topology::Names;
 use switchyard::wire::{Heartbeat, SubmitRequest};
 use switchyard::worker::{self, StageName, Worker};
@@ -40,9 +42,8 @@ enum Command {
     Topology,
     /// Run pipeline stages until interrupted.
     Worker {
-        /// Stages to run (repeatable or comma-separated): decompose, plan, fallback, route,
-        /// dispatch, heartbeat, or all.
-        #[arg(long, value_delimiter = ',', default_value = "all")]
+        /// Stages to run (repeatable or comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "all", value_parser = stage_names())]
         stage: Vec<String>,
     },
     /// Submit a request and print its id.
@@ -143,6 +144,34 @@ enum AgentsCommand {
     },
 }
 
+/// `all` and every stage: clap refuses anything else, listing these.
+fn stage_names() -> PossibleValuesParser {
+    let stages = StageName::all().iter().map(|stage| <&'static str>::from(*stage));
+    PossibleValuesParser::new(std::iter::once("all").chain(stages))
+}
+
+/// How a command ended, as its exit code (README, Commands), so that scripts can tell a "no"
+/// from a failure to find out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Done; or the answer is yes.
+    Success = 0,
+    /// The answer is no: the request failed or was rejected (`--wait`), the audit is incomplete,
+    /// the schemas are stale.
+    No = 1,
+    /// No answer: a service is unreachable, an argument is wrong (clap exits with 2 too), what
+    /// was asked about does not exist.
+    Error = 2,
+    /// `--wait` gave up before the request settled; it goes on.
+    Timeout = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -162,10 +191,10 @@ fn main() -> ExitCode {
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     match runtime.block_on(run(cli)) {
-        Ok(code) => code,
+        Ok(exit) => exit.into(),
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            Exit::Error.into()
         }
     }
 }
@@ -182,7 +211,7 @@ async fn connect_broker(config: &Config) -> Result<Broker> {
         .with_context(|| format!("cannot connect to the broker at {}", redact(&config.amqp_url)))
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
+async fn run(cli: Cli) -> Result<Exit> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => {
@@ -228,14 +257,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     bail!("no request {request_id}");
                 }
                 if json {
-                    let refused = serde_json::json!({ "request_id": request_id, "status": "refused", "dead_letters": dead });
+                    let refused =
+                        json!({ "request_id": request_id, "status": "refused", "dead_letters": dead });
                     println!("{}", serde_json::to_string_pretty(&refused)?);
                 } else {
                     println!("request   {request_id}");
                     println!("status    refused on arrival");
                     print::dead_letters(&dead);
                 }
-                return Ok(ExitCode::FAILURE);
+                // Something to show is an answer, whatever the request's fate.
+                return Ok(Exit::Success);
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -261,7 +292,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 for finding in &findings {
                     println!("  - {finding}");
                 }
-                return Ok(ExitCode::FAILURE);
+                return Ok(Exit::No);
             }
         }
         Command::Agents(AgentsCommand::List { json }) => {
@@ -301,17 +332,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Schemas { write, check } => return schemas(write, check),
         Command::Demo { text } => return demo(config, text).await,
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
 
-async fn run_worker(config: Config, stages: &[String]) -> Result<ExitCode> {
+async fn run_worker(config: Config, stages: &[String]) -> Result<Exit> {
     let stages: Vec<StageName> = if stages.iter().any(|s| s == "all") {
         StageName::all().to_vec()
     } else {
-        stages
-            .iter()
-            .map(|s| s.parse().map_err(|_| anyhow::anyhow!("unknown stage {s:?}")))
-            .collect::<Result<_>>()?
+        // clap lets only stage names through.
+        stages.iter().map(|s| s.parse()).collect::<Result<_, _>>()?
     };
     let store = worker::prepare_store(&config).await?;
     let worker = Worker::new(config, store)?;
@@ -323,7 +352,7 @@ async fn run_worker(config: Config, stages: &[String]) -> Result<ExitCode> {
         signal.cancel();
     });
     worker.run(&stages, shutdown).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
 
 async fn wait_for_signal() {
@@ -341,7 +370,7 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
-async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode> {
+async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
     let broker = connect_broker(config).await?;
     let request = SubmitRequest {
         text: args.text,
@@ -354,11 +383,11 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode> {
     broker.close().await;
     if !args.wait {
         if args.json {
-            println!("{}", serde_json::json!({ "request_id": request_id }));
+            println!("{}", json!({ "request_id": request_id }));
         } else {
             println!("{request_id}");
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Success);
     }
     if !args.json {
         println!("{request_id}");
@@ -367,8 +396,10 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<ExitCode> {
     follow(&store, request_id, args.timeout, args.json).await
 }
 
-/// Prints the request's state changes until it settles; the exit code says how it ended.
-async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) -> Result<ExitCode> {
+/// Prints the request's state changes until it settles; the exit code says how it ended. With
+/// `json`, prints one JSON object at the end instead: the request's report, why it was refused,
+/// or where it stood when the wait timed out.
+async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) -> Result<Exit> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     let mut last = String::new();
     loop {
@@ -387,17 +418,17 @@ async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) 
             println!("{line}");
             last = line;
         }
-        let done = match &progress {
+        let exit = match &progress {
             Progress::Waiting(_) => None,
-            Progress::Dispatched => Some(true),
-            Progress::Failed(_) => Some(false),
+            Progress::Dispatched => Some(Exit::Success),
+            Progress::Failed(_) => Some(Exit::No),
         };
-        if let Some(ok) = done {
+        if let Some(exit) = exit {
             if json {
                 let shown = match &report {
                     Some(report) => serde_json::to_value(report)?,
                     None => {
-                        serde_json::json!({ "request_id": request_id, "status": "refused", "reason": format!("{progress:?}") })
+                        json!({ "request_id": request_id, "status": "refused", "reason": reason(&progress) })
                     }
                 };
                 println!("{}", serde_json::to_string_pretty(&shown)?);
@@ -406,22 +437,44 @@ async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) 
             } else {
                 println!("every released task is confirmed in its agent's queue");
             }
-            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            return Ok(exit);
         }
         if tokio::time::Instant::now() >= deadline {
+            if json {
+                let timed_out = json!({
+                    "request_id": request_id,
+                    "status": "timeout",
+                    "last_status": last_status(report.as_ref()),
+                    "waiting_for": reason(&progress),
+                });
+                println!("{}", serde_json::to_string_pretty(&timed_out)?);
+            }
             eprintln!(
                 "gave up waiting after {timeout}s; the request goes on: switchyard status {request_id}"
             );
-            return Ok(ExitCode::from(3));
+            return Ok(Exit::Timeout);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
+/// The text of a progress: why it failed, or what it waits for.
+fn reason(progress: &Progress) -> &str {
+    match progress {
+        Progress::Waiting(what) | Progress::Failed(what) => what,
+        Progress::Dispatched => "dispatched",
+    }
+}
+
+/// The request's status, or `submitted` while no stage has recorded it yet.
+fn last_status(report: Option<&RequestReport>) -> String {
+    report.map_or_else(|| "submitted".to_owned(), |report| report.status.to_string())
+}
+
 /// The quick start: every stage in this process, one sample agent, one request, its status and
 /// its audit. Uses the namespace `switchyard-demo` and a database of its own (`<database>_demo`),
 /// so it never mixes with real work.
-async fn demo(mut config: Config, text: String) -> Result<ExitCode> {
+async fn demo(mut config: Config, text: String) -> Result<Exit> {
     config.namespace = "switchyard-demo".parse()?;
     let database =
         switchyard::store::database_name(&config.database_url).unwrap_or_else(|| "switchyard".into());
@@ -478,13 +531,13 @@ async fn demo(mut config: Config, text: String) -> Result<ExitCode> {
         println!("audit: complete; the released task waits in {queue} for the agent");
     } else {
         println!("audit: incomplete: {}", findings.join("; "));
-        return Ok(ExitCode::FAILURE);
+        return Ok(Exit::No);
     }
     broker.close().await;
     Ok(code)
 }
 
-fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<ExitCode> {
+fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<Exit> {
     let schemas = wire::schemas();
     let render = |schema: &serde_json::Value| serde_json::to_string_pretty(schema).map(|s| s + "\n");
     if let Some(dir) = write {
@@ -507,7 +560,7 @@ fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<ExitCode> {
                 stale.join(", "),
                 dir.display()
             );
-            return Ok(ExitCode::FAILURE);
+            return Ok(Exit::No);
         }
         println!("{} schemas are current", schemas.len());
     } else {
@@ -515,5 +568,5 @@ fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<ExitCode> {
             schemas.into_iter().map(|(n, s)| (n.to_owned(), s)).collect();
         println!("{}", serde_json::to_string_pretty(&all)?);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Success)
 }
