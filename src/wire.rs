@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::domain::{Decomposition, Plan, Resources, Task};
-use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId};
+use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
 
 /// The envelope version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -163,6 +163,29 @@ pub struct TaskAssignment {
     pub task: Task,
 }
 
+/// Largest task output carried in a result; an agent truncates longer output to this.
+pub const MAX_RESULT_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// agent → `<namespace>.results`: how one attempt of a task ended. Its message id derives from
+/// the assignment's (`assignment.derive("result")`), so an agent that runs a redelivered
+/// assignment again reports under the same id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskResult {
+    pub plan_id: PlanId,
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub agent_id: AgentId,
+    pub success: bool,
+    /// What the task printed or produced, at most [`MAX_RESULT_OUTPUT_BYTES`].
+    #[serde(default)]
+    pub output: String,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
 /// What an agent publishes to `<namespace>.heartbeats` every few seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Heartbeat {
@@ -302,6 +325,7 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
         ("route.json", schema::<Envelope<RouteTasks>>()),
         ("dispatch.json", schema::<Envelope<DispatchTask>>()),
         ("task.json", schema::<Envelope<TaskAssignment>>()),
+        ("result.json", schema::<Envelope<TaskResult>>()),
     ]
 }
 
