@@ -42,7 +42,31 @@ pub fn check(trail: &Trail) -> Vec<String> {
     for d in &trail.dispatches {
         dispatches.entry(d.task_id).or_default().push(d);
     }
+    // When each task's success was recorded: nothing that depends on it may go out before.
+    let succeeded_at: HashMap<_, _> =
+        trail.results.iter().filter(|r| r.success).map(|r| (r.task_id, r.received_at)).collect();
     for task in plan.tasks() {
+        if let Some(finished) =
+            state.get(&task.id).filter(|t| matches!(t.status, TaskStatus::Succeeded | TaskStatus::Failed))
+        {
+            let attempt = finished.attempt;
+            if !trail.results.iter().any(|r| r.task_id == task.id && r.attempt == attempt) {
+                findings.push(format!("task {} finished without a result for attempt {attempt}", task.key));
+            }
+        }
+        for dispatch in dispatches.get(&task.id).map(Vec::as_slice).unwrap_or_default() {
+            for dep in &task.depends_on {
+                match succeeded_at.get(dep) {
+                    Some(at) if *at <= dispatch.confirmed_at => {}
+                    _ => findings.push(format!(
+                        "task {} attempt {} was dispatched before its dependency {} succeeded",
+                        task.key,
+                        dispatch.attempt,
+                        plan.task(*dep).map_or("?", |d| d.key.as_str())
+                    )),
+                }
+            }
+        }
         let Some(task_state) = state.get(&task.id) else {
             findings.push(format!("task {} has no row", task.key));
             continue;
@@ -154,6 +178,7 @@ mod tests {
                 message_id: MessageId::random(),
                 confirmed_at: Utc::now(),
             }],
+            results: vec![],
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use futures::{Stream, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
@@ -98,6 +98,13 @@ impl Incoming {
         Ok(())
     }
 
+    /// Refuses the message for good (a nack without requeue). A queue with a dead-letter exchange
+    /// sends it there; a queue without one (an agent's queue) drops it.
+    pub async fn reject(&self) -> Result<(), Error> {
+        self.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
+        Ok(())
+    }
+
     /// How many times the runner parked the message in a retry queue (the
     /// `x-switchyard-retries` header it sets when parking).
     pub fn retries(&self) -> u64 {
@@ -137,6 +144,28 @@ fn incoming(delivery: lapin::message::Delivery) -> Incoming {
         headers,
         body: delivery.data,
         acker: delivery.acker,
+    }
+}
+
+/// The consumer of a [`Broker::subscribe`]. The channel stays open while this value (or its
+/// stream) lives: deliveries are acknowledged on it, and closing it gives every unacknowledged
+/// delivery back to its queue.
+pub struct Subscription {
+    channel: Channel,
+    tag: ShortString,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("tag", &self.tag.as_str()).finish()
+    }
+}
+
+impl Subscription {
+    /// Asks the broker for no more deliveries (basic.cancel). Those in hand can still be settled.
+    pub async fn cancel(&self) -> Result<(), Error> {
+        self.channel.basic_cancel(self.tag.clone(), BasicCancelOptions::default()).await?;
+        Ok(())
     }
 }
 
@@ -367,6 +396,26 @@ impl Broker {
             let _keep = &channel;
             delivery.map(incoming).map_err(Error::from)
         }))
+    }
+
+    /// As [`Broker::consume`], with a [`Subscription`] that stops the deliveries without closing
+    /// the channel, so that the deliveries in hand can still be acknowledged (an agent finishing
+    /// its tasks on shutdown). The stream ends once the broker confirms the cancellation.
+    pub async fn subscribe(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<(Subscription, impl Stream<Item = Result<Incoming, Error>> + Send + Unpin + use<>), Error> {
+        let channel = self.connection.create_channel().await?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        let subscription = Subscription { channel: channel.clone(), tag: consumer.tag() };
+        Ok((subscription, consumer.map(move |delivery| {
+            let _keep = &channel;
+            delivery.map(incoming).map_err(Error::from)
+        })))
     }
 
     /// Takes one message from `queue` without a consumer (tests, tools). Acknowledged at once.

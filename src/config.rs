@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::broker::redact;
 use crate::ids::Namespace;
+use crate::leases::LeasePolicy;
 use crate::policy::{ApprovalPolicy, FallbackPolicy};
 use crate::routing::RoutingPolicy;
 use crate::runner;
+use crate::stages::TrackingPolicy;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
@@ -41,6 +43,8 @@ pub struct Config {
     pub routing: RoutingPolicy,
     pub fallback: FallbackPolicy,
     pub approval: ApprovalPolicy,
+    pub tracking: TrackingPolicy,
+    pub leases: LeasePolicy,
 }
 
 impl Default for Config {
@@ -55,6 +59,8 @@ impl Default for Config {
             routing: RoutingPolicy::default(),
             fallback: FallbackPolicy::default(),
             approval: ApprovalPolicy::default(),
+            tracking: TrackingPolicy::default(),
+            leases: LeasePolicy::default(),
         }
     }
 }
@@ -71,6 +77,8 @@ impl std::fmt::Debug for Config {
             .field("routing", &self.routing)
             .field("fallback", &self.fallback)
             .field("approval", &self.approval)
+            .field("tracking", &self.tracking)
+            .field("leases", &self.leases)
             .finish()
     }
 }

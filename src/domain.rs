@@ -240,12 +240,23 @@ status_enum!(
         Rejected,
         /// A permanent failure, with its reason on the request.
         Failed,
+        /// Every task succeeded.
+        Completed,
     }
 );
 
 status_enum!(
     /// Where a plan stands.
-    PlanStatus { Planned, AwaitingApproval, Approved, Rejected }
+    PlanStatus {
+        Planned,
+        AwaitingApproval,
+        Approved,
+        Rejected,
+        /// Every task succeeded.
+        Completed,
+        /// A task failed every attempt.
+        Failed,
+    }
 );
 
 status_enum!(
@@ -261,6 +272,10 @@ status_enum!(
         DispatchFailed,
         /// The agent reported success: the task's dependents may run.
         Succeeded,
+        /// Every attempt failed.
+        Failed,
+        /// A task it depends on failed: it will not run.
+        Cancelled,
     }
 );
 

@@ -8,7 +8,7 @@ use crate::domain::{Decomposition, Plan};
 use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
 use crate::policy::FallbackDecision;
 use crate::routing::Route;
-use crate::wire::{Heartbeat, RequestMeta};
+use crate::wire::{Heartbeat, RequestMeta, TaskResult};
 
 /// Quota to take from a provider, atomically, or not at all.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +62,35 @@ pub enum Write {
         decision_id: DecisionId,
         route: Route,
     },
+    /// An attempt ended: its agent reported, or its lease expired. Gives back the capacity that
+    /// the attempt's routing decision reserved and counts in the agent's record. A second result
+    /// for the same attempt is a conflict: the stage decides again and finds it finished.
+    TaskFinished {
+        request_id: RequestId,
+        result: TaskResult,
+    },
+    /// A failed attempt that will be tried again, on another agent: back to pending.
+    TaskRetry {
+        request_id: RequestId,
+        plan_id: PlanId,
+        task_id: TaskId,
+        attempt: u32,
+        reason: String,
+    },
+    /// A task failed for good; the tasks that depend on it (directly or not) are cancelled.
+    TaskFailed {
+        request_id: RequestId,
+        plan_id: PlanId,
+        task_id: TaskId,
+        reason: String,
+        cancelled: Vec<TaskId>,
+    },
+    /// The plan and its request finished: completed, or failed with a reason.
+    PlanFinished {
+        request_id: RequestId,
+        plan_id: PlanId,
+        failure: Option<String>,
+    },
     /// The broker confirmed the task into the agent's queue.
     Dispatched {
         request_id: RequestId,
@@ -72,6 +101,8 @@ pub enum Write {
         agent_id: AgentId,
         queue: String,
         message_id: MessageId,
+        /// How long the agent has to report before the attempt is given up and re-routed.
+        lease_secs: u32,
     },
     /// No publish into the agent's queue succeeded; capacity reserved by the decision is released.
     DispatchFailed {

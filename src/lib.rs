@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod effect;
 pub mod ids;
+pub mod leases;
 pub mod ops;
 pub mod policy;
 pub mod routing;

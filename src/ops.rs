@@ -96,6 +96,8 @@ pub enum Progress {
     Waiting(String),
     /// Every task released so far is confirmed in its agent's queue.
     Dispatched,
+    /// Every task succeeded.
+    Completed,
     /// It will not go further, and why.
     Failed(String),
 }
@@ -108,6 +110,7 @@ pub fn progress(report: &RequestReport) -> Progress {
                 report.failure_reason.clone().unwrap_or_else(|| report.status.to_string()),
             );
         }
+        RequestStatus::Completed => return Progress::Completed,
         RequestStatus::AwaitingApproval => {
             let plan = report.plan.as_ref().map(|p| p.plan_id.to_string()).unwrap_or_default();
             return Progress::Waiting(format!("awaiting approval: switchyard approve {plan}"));

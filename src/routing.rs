@@ -12,7 +12,7 @@
 //!    affinity, weighted by the [`RoutingPolicy`]. The best score wins; ties go to the lowest id
 //!    so that the same inputs always give the same route.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use schemars::JsonSchema;
@@ -148,6 +148,18 @@ pub fn route_tasks(
     now: DateTime<Utc>,
     policy: &RoutingPolicy,
 ) -> Result<Vec<Route>, RouteError> {
+    route_tasks_excluding(tasks, agents, now, policy, &HashMap::new())
+}
+
+/// As [`route_tasks`], with agents that may not take a task: those that failed it before, so
+/// that a retry goes to another agent.
+pub fn route_tasks_excluding(
+    tasks: &[&Task],
+    agents: &[Agent],
+    now: DateTime<Utc>,
+    policy: &RoutingPolicy,
+    excluded: &HashMap<TaskId, BTreeSet<AgentId>>,
+) -> Result<Vec<Route>, RouteError> {
     // Sorted once by id: the candidates are listed in this order and ties go to the first.
     let mut agents: Vec<&Agent> = agents.iter().collect();
     agents.sort_by(|a, b| a.id.cmp(&b.id));
@@ -160,9 +172,17 @@ pub fn route_tasks(
         let candidates: Vec<Candidate> = agents
             .iter()
             .zip(&in_flight)
-            .map(|(agent, &busy)| Candidate {
-                agent_id: agent.id.clone(),
-                verdict: evaluate(task, agent, busy, now, policy.heartbeat_ttl_secs, weights),
+            .map(|(agent, &busy)| {
+                let failed_before = excluded.get(&task.id).is_some_and(|ids| ids.contains(&agent.id));
+                let verdict = match evaluate(task, agent, busy, now, policy.heartbeat_ttl_secs, weights) {
+                    Verdict::Rejected { mut reasons } if failed_before => {
+                        reasons.push(FAILED_BEFORE.to_owned());
+                        Verdict::Rejected { reasons }
+                    }
+                    _ if failed_before => Verdict::Rejected { reasons: vec![FAILED_BEFORE.to_owned()] },
+                    verdict => verdict,
+                };
+                Candidate { agent_id: agent.id.clone(), verdict }
             })
             .collect();
         let best = best_candidates(&candidates);
@@ -177,6 +197,9 @@ pub fn route_tasks(
     }
     Ok(routes)
 }
+
+/// Why an agent that failed a task is not given it again.
+const FAILED_BEFORE: &str = "failed an earlier attempt of this task";
 
 /// The verdict on `agent` for `task`, given the agent's in-flight count so far in the batch.
 fn evaluate(
@@ -345,8 +368,6 @@ fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use chrono::TimeZone;
 
     use super::*;
@@ -391,6 +412,28 @@ mod tests {
             succeeded: 0,
             failed: 0,
         }
+    }
+
+    #[test]
+    fn an_agent_that_failed_a_task_is_not_given_it_again() {
+        let task = task("t");
+        let excluded = HashMap::from([(task.id, BTreeSet::from([id("a")]))]);
+        let routes = route_tasks_excluding(
+            &[&task],
+            &[agent("a"), agent("b")],
+            now(),
+            &RoutingPolicy::default(),
+            &excluded,
+        )
+        .unwrap();
+        assert_eq!(routes[0].agent_id, id("b"));
+        let a = routes[0].candidates.iter().find(|c| c.agent_id == id("a")).unwrap();
+        assert_eq!(a.verdict, Verdict::Rejected { reasons: vec![FAILED_BEFORE.to_owned()] });
+        // With nobody else, the default agent takes it rather than the one that failed.
+        let mut policy = RoutingPolicy::default();
+        policy.default_agents.insert(wt("deployment"), id("fallback"));
+        let routes = route_tasks_excluding(&[&task], &[agent("a")], now(), &policy, &excluded).unwrap();
+        assert_eq!(routes[0].agent_id, id("fallback"));
     }
 
     fn caps(list: &[&str]) -> BTreeSet<String> {

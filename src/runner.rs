@@ -298,6 +298,13 @@ impl<S: Stage> Runner<S> {
                         Delivery::Failed(err) => Err(err.into()),
                     };
                 }
+                Outcome::Ignore { reason } => {
+                    info!(%reason, "ignored");
+                    return match self.persist(input, Value::Array(Vec::new()), &[]).await? {
+                        Applied::Done | Applied::Duplicate(_) => Ok(()),
+                        Applied::Conflict(reason) => Err(Failure::Transient(reason)),
+                    };
+                }
                 Outcome::Reject { writes, reason } => {
                     // No marker: the writes are idempotent, and a redelivery must dead-letter again
                     // if the first attempt died before it could.

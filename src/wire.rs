@@ -184,6 +184,9 @@ pub struct TaskResult {
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// Set by Switchyard, never by agents: no result came within the attempt's lease.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lease_expired: bool,
 }
 
 /// What an agent publishes to `<namespace>.heartbeats` every few seconds.

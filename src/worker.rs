@@ -12,8 +12,9 @@ use tracing::{error, info, warn};
 use crate::broker::{self, Broker, redact};
 use crate::catalog::{self, Catalog};
 use crate::config::Config;
+use crate::leases;
 use crate::runner::{self, Runner};
-use crate::stages::{Decompose, Dispatch, Fallback, HeartbeatStage, PlanStage, Route, Stage};
+use crate::stages::{Decompose, Dispatch, Fallback, HeartbeatStage, PlanStage, Route, Stage, Track};
 use crate::store::{self, Store};
 use crate::topology::{Names, Topology};
 
@@ -37,6 +38,7 @@ pub enum StageName {
     Fallback,
     Route,
     Dispatch,
+    Track,
     Heartbeat,
 }
 
@@ -118,6 +120,15 @@ impl Worker {
             let mut runners = JoinSet::new();
             for stage in stages {
                 self.spawn(&mut runners, *stage, &broker, &topology, session.clone())?;
+            }
+            if stages.contains(&StageName::Track) {
+                // Expired leases are reported by the workers that track results.
+                let (store, broker, policy, session) =
+                    (self.store.clone(), broker.clone(), self.config.leases.clone(), session.clone());
+                runners.spawn(async move {
+                    leases::sweep(store, &broker, &policy, session).await;
+                    Ok(())
+                });
             }
             info!(namespace = %self.config.namespace, stages = ?stages, "worker running");
             let mut failed = false;
@@ -202,8 +213,16 @@ impl Worker {
             StageName::Route => {
                 start(runners, Route { policy: config.routing.clone() }, self, broker, topology, shutdown)
             }
-            StageName::Dispatch => {
-                start(runners, Dispatch { names: self.names() }, self, broker, topology, shutdown)
+            StageName::Dispatch => start(
+                runners,
+                Dispatch { names: self.names(), leases: config.leases.clone() },
+                self,
+                broker,
+                topology,
+                shutdown,
+            ),
+            StageName::Track => {
+                start(runners, Track { policy: config.tracking.clone() }, self, broker, topology, shutdown)
             }
             StageName::Heartbeat => start(runners, HeartbeatStage, self, broker, topology, shutdown),
         }

@@ -4,11 +4,13 @@ use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::effect::Write;
+use crate::leases::LeasePolicy;
 use crate::topology::Names;
 use crate::wire::{DispatchTask, Envelope, TaskAssignment};
 
 pub struct Dispatch {
     pub names: Names,
+    pub leases: LeasePolicy,
 }
 
 fn request_id(input: &Inbound<DispatchTask>) -> crate::ids::RequestId {
@@ -45,6 +47,7 @@ impl Stage for Dispatch {
             agent_id: task.agent_id.clone(),
             queue: self.names.agent_queue(&task.agent_id),
             message_id: envelope.message_id,
+            lease_secs: self.leases.lease_secs(&task.task),
         }];
         Outcome::Deliver { publish, then }
     }
@@ -102,7 +105,8 @@ mod tests {
 
     #[test]
     fn a_task_is_delivered_to_its_agent_then_recorded() {
-        let stage = Dispatch { names: Names::new(Namespace::parse("ns").unwrap()) };
+        let stage =
+            Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };
         let input = input();
         let Outcome::Deliver { publish, then } = stage.decide(&input, (), Utc::now()) else { panic!() };
         assert_eq!(publish.destination, Destination::Agent(AgentId::parse("homelab-1").unwrap()));
@@ -115,7 +119,8 @@ mod tests {
 
     #[test]
     fn an_undeliverable_task_is_recorded_as_failed_with_the_reason() {
-        let stage = Dispatch { names: Names::new(Namespace::parse("ns").unwrap()) };
+        let stage =
+            Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };
         let writes = stage.undeliverable(&input(), "unroutable");
         assert!(
             matches!(&writes[..], [Write::DispatchFailed { reason, attempt: 1, .. }] if reason == "unroutable")

@@ -8,6 +8,7 @@ mod fallback;
 mod heartbeat;
 mod plan;
 mod route;
+mod track;
 
 use std::future::Future;
 
@@ -20,6 +21,7 @@ pub use fallback::Fallback;
 pub use heartbeat::HeartbeatStage;
 pub use plan::PlanStage;
 pub use route::Route;
+pub use track::{Track, TrackingPolicy};
 
 use crate::effect::Write;
 use crate::ids::{AgentId, MessageId, RequestId};
@@ -90,6 +92,8 @@ pub enum Outcome {
     /// A permanent failure: persist `writes` (the failure recorded where users look), then
     /// dead-letter the input with `reason`.
     Reject { writes: Vec<Write>, reason: String },
+    /// Nothing to do (a late or duplicate message): log `reason`, mark the input processed, ack.
+    Ignore { reason: String },
 }
 
 /// One stage of the pipeline.

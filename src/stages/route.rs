@@ -1,13 +1,14 @@
 //! route: an approved plan → an agent for every task whose dependencies are met, each decision
 //! with every candidate's verdict, capacity reserved in the same transaction.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::domain::{Agent, PlanStatus, TaskStatus};
 use crate::effect::Write;
+use crate::ids::{AgentId, TaskId};
 use crate::routing::{self, RoutingPolicy};
 use crate::store::{self, Store, StoredPlan, TaskState};
 use crate::wire::{DispatchTask, Envelope, RouteTasks};
@@ -22,6 +23,8 @@ pub struct RouteContext {
     pub plan: Option<StoredPlan>,
     pub tasks: Vec<TaskState>,
     pub agents: Vec<Agent>,
+    /// The agents that failed each task before: a retry goes elsewhere.
+    pub failed: HashMap<TaskId, BTreeSet<AgentId>>,
 }
 
 impl Stage for Route {
@@ -35,6 +38,7 @@ impl Stage for Route {
             plan: store.plan(plan_id).await?,
             tasks: store.task_states(plan_id).await?,
             agents: store.agents().await?,
+            failed: store.failed_agents(plan_id).await?,
         })
     }
 
@@ -55,15 +59,17 @@ impl Stage for Route {
         let pending: HashSet<_> =
             context.tasks.iter().filter(|t| t.status == TaskStatus::Pending).map(|t| t.id).collect();
         let ready: Vec<_> = plan.ready_tasks(&done).filter(|t| pending.contains(&t.id)).collect();
-        let routes = match routing::route_tasks(&ready, &context.agents, now, &self.policy) {
-            Ok(routes) => routes,
-            Err(err) => {
-                let reason = format!("routing failed: {err}");
-                let writes =
-                    vec![Write::RequestFailed { request_id: plan.request_id, reason: reason.clone() }];
-                return Outcome::Reject { writes, reason };
-            }
-        };
+        let routes =
+            match routing::route_tasks_excluding(&ready, &context.agents, now, &self.policy, &context.failed)
+            {
+                Ok(routes) => routes,
+                Err(err) => {
+                    let reason = format!("routing failed: {err}");
+                    let writes =
+                        vec![Write::RequestFailed { request_id: plan.request_id, reason: reason.clone() }];
+                    return Outcome::Reject { writes, reason };
+                }
+            };
         let attempts = |task_id| context.tasks.iter().find(|t| t.id == task_id).map_or(0, |t| t.attempt) + 1;
         let mut writes = Vec::with_capacity(routes.len());
         let mut publish = Vec::with_capacity(routes.len());
@@ -152,8 +158,12 @@ mod tests {
         let plan = stored(PlanStatus::Approved);
         let mut tasks = states(&plan);
         let stage = Route { policy: RoutingPolicy::default() };
-        let context =
-            RouteContext { plan: Some(plan.clone()), tasks: tasks.clone(), agents: vec![agent("a1")] };
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: tasks.clone(),
+            agents: vec![agent("a1")],
+            ..Default::default()
+        };
         let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };
@@ -167,8 +177,12 @@ mod tests {
         tasks[0].status = TaskStatus::Succeeded;
         tasks[1].status = TaskStatus::Routed;
         tasks[1].attempt = 1;
-        let context =
-            RouteContext { plan: Some(plan.clone()), tasks: tasks.clone(), agents: vec![agent("a1")] };
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: tasks.clone(),
+            agents: vec![agent("a1")],
+            ..Default::default()
+        };
         let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };
@@ -179,7 +193,7 @@ mod tests {
     fn a_plan_that_is_not_approved_is_refused() {
         let plan = stored(PlanStatus::AwaitingApproval);
         let stage = Route { policy: RoutingPolicy::default() };
-        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![] };
+        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), ..Default::default() };
         let Outcome::Reject { reason, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };
@@ -190,7 +204,7 @@ mod tests {
     fn no_agent_and_no_default_fails_the_request() {
         let plan = stored(PlanStatus::Approved);
         let stage = Route { policy: RoutingPolicy::default() };
-        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![] };
+        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), ..Default::default() };
         let Outcome::Reject { writes, reason } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };
@@ -210,7 +224,12 @@ mod tests {
         let stage = Route { policy };
         let mut busy = agent("a1");
         busy.capabilities = BTreeSet::from(["monitoring".to_owned()]);
-        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), agents: vec![busy] };
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: states(&plan),
+            agents: vec![busy],
+            ..Default::default()
+        };
         let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };

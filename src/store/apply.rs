@@ -517,6 +517,7 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             agent_id,
             queue,
             message_id,
+            lease_secs,
         } => {
             let inserted = tx
                 .execute(
@@ -533,13 +534,23 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 )
                 .await?;
             if inserted == 1 {
+                // Only a routed task becomes dispatched: a fast agent's result may have been
+                // recorded before this confirm, and a finished task stays finished.
                 tx.execute(
-                    "UPDATE tasks SET status = $2, updated_at = now() WHERE id = $1 AND attempt = $3",
-                    &[&task_id.as_uuid(), &TaskStatus::Dispatched.as_str(), &(*attempt as i32)],
+                    "UPDATE tasks SET status = $2, lease_expires_at = now() + make_interval(secs => $5),
+                         updated_at = now()
+                     WHERE id = $1 AND attempt = $3 AND status = $4",
+                    &[
+                        &task_id.as_uuid(),
+                        &TaskStatus::Dispatched.as_str(),
+                        &(*attempt as i32),
+                        &TaskStatus::Routed.as_str(),
+                        &f64::from(*lease_secs),
+                    ],
                 )
                 .await?;
                 let detail = json!({ "attempt": attempt, "agent_id": agent_id, "queue": queue,
-                                     "message_id": message_id });
+                                     "message_id": message_id, "lease_secs": lease_secs });
                 audit(
                     tx,
                     actor,
@@ -550,6 +561,124 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                     detail,
                 )
                 .await?;
+            }
+        }
+        Write::TaskFinished { request_id, result } => {
+            let source = if result.lease_expired { "lease" } else { "agent" };
+            let inserted = tx
+                .execute(
+                    "INSERT INTO task_results (task_id, attempt, agent_id, success, output, error, source,
+                         started_at, finished_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                    &[
+                        &result.task_id.as_uuid(),
+                        &(result.attempt as i32),
+                        &result.agent_id.as_str(),
+                        &result.success,
+                        &result.output,
+                        &result.error,
+                        &source,
+                        &result.started_at,
+                        &result.finished_at,
+                    ],
+                )
+                .await?;
+            if inserted == 0 {
+                // Another result of this attempt was recorded first (an agent's and its lease's
+                // expiry, say): decide again, and find the attempt finished.
+                return Ok(Step::Conflict(format!(
+                    "task {} attempt {} has a result already",
+                    result.task_id, result.attempt
+                )));
+            }
+            let status = if result.success { TaskStatus::Succeeded } else { TaskStatus::Failed };
+            tx.execute(
+                "UPDATE tasks SET status = $3, finished_at = $4, lease_expires_at = NULL, status_reason = $5,
+                     updated_at = now()
+                 WHERE id = $1 AND attempt = $2",
+                &[
+                    &result.task_id.as_uuid(),
+                    &(result.attempt as i32),
+                    &status.as_str(),
+                    &result.finished_at,
+                    &result.error,
+                ],
+            )
+            .await?;
+            // Give back what the attempt's routing decision reserved, on the agent it reserved.
+            tx.execute(
+                "UPDATE agents a SET in_flight = a.in_flight - 1
+                 FROM routing_decisions d
+                 WHERE d.task_id = $1 AND d.attempt = $2 AND d.reserved_capacity
+                   AND a.id = d.agent_id AND a.in_flight > 0",
+                &[&result.task_id.as_uuid(), &(result.attempt as i32)],
+            )
+            .await?;
+            let counter = if result.success {
+                "UPDATE agents SET succeeded = succeeded + 1 WHERE id = $1"
+            } else {
+                "UPDATE agents SET failed = failed + 1 WHERE id = $1"
+            };
+            tx.execute(counter, &[&result.agent_id.as_str()]).await?;
+            let event = if result.success { "task.succeeded" } else { "task.attempt_failed" };
+            let detail = json!({ "attempt": result.attempt, "agent_id": result.agent_id, "source": source,
+                                 "error": result.error });
+            audit(tx, actor, event, Some(*request_id), Some(result.plan_id), Some(result.task_id), detail)
+                .await?;
+        }
+        Write::TaskRetry { request_id, plan_id, task_id, attempt, reason } => {
+            tx.execute(
+                "UPDATE tasks SET status = $3, status_reason = $4, finished_at = NULL, updated_at = now()
+                 WHERE id = $1 AND attempt = $2",
+                &[&task_id.as_uuid(), &(*attempt as i32), &TaskStatus::Pending.as_str(), reason],
+            )
+            .await?;
+            let detail = json!({ "failed_attempt": attempt, "reason": reason });
+            audit(tx, actor, "task.retry", Some(*request_id), Some(*plan_id), Some(*task_id), detail).await?;
+        }
+        Write::TaskFailed { request_id, plan_id, task_id, reason, cancelled } => {
+            tx.execute(
+                "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now() WHERE id = $1",
+                &[&task_id.as_uuid(), &TaskStatus::Failed.as_str(), reason],
+            )
+            .await?;
+            let cancelled_ids: Vec<Uuid> = cancelled.iter().map(|t| t.as_uuid()).collect();
+            let why = format!("cancelled: a task it depends on failed ({reason})");
+            tx.execute(
+                "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
+                 WHERE id = ANY($1) AND status = $4",
+                &[&cancelled_ids, &TaskStatus::Cancelled.as_str(), &why, &TaskStatus::Pending.as_str()],
+            )
+            .await?;
+            let detail = json!({ "reason": reason, "cancelled": cancelled });
+            audit(tx, actor, "task.failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
+                .await?;
+        }
+        Write::PlanFinished { request_id, plan_id, failure } => {
+            let (plan_status, request_status, event) = match failure {
+                None => (PlanStatus::Completed, RequestStatus::Completed, "request.completed"),
+                Some(_) => (PlanStatus::Failed, RequestStatus::Failed, "request.failed"),
+            };
+            let updated = tx
+                .execute(
+                    "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
+                    &[&plan_id.as_uuid(), &plan_status.as_str(), &PlanStatus::Approved.as_str()],
+                )
+                .await?;
+            if updated == 1 {
+                tx.execute(
+                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
+                     WHERE id = $1 AND status = $4",
+                    &[
+                        &request_id.as_uuid(),
+                        &request_status.as_str(),
+                        failure,
+                        &RequestStatus::InProgress.as_str(),
+                    ],
+                )
+                .await?;
+                let detail = json!({ "reason": failure });
+                audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
             }
         }
         Write::DispatchFailed { request_id, plan_id, task_id, attempt, decision_id, agent_id, reason } => {

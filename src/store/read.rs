@@ -1,6 +1,6 @@
 //! Queries: the context that stages decide on, and the reports of the command line and the audit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -60,6 +60,8 @@ pub struct PlanReport {
     pub fallback: Option<FallbackDecision>,
     pub approval: Option<ApprovalRow>,
     pub tasks: Vec<TaskState>,
+    /// Every attempt's result, in the order received.
+    pub results: Vec<ResultRow>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +114,35 @@ pub struct Trail {
     pub tasks: Vec<TaskState>,
     pub decisions: Vec<DecisionRow>,
     pub dispatches: Vec<DispatchRow>,
+    pub results: Vec<ResultRow>,
+}
+
+/// A dispatched attempt whose lease ran out without a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredLease {
+    pub request_id: RequestId,
+    pub plan_id: PlanId,
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub agent_id: AgentId,
+    pub dispatched_at: DateTime<Utc>,
+    pub expired_at: DateTime<Utc>,
+}
+
+/// How one attempt of a task ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResultRow {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub agent_id: String,
+    pub success: bool,
+    pub output: String,
+    pub error: Option<String>,
+    /// "agent", or "lease" when the lease expired without a result.
+    pub source: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
 }
 
 /// What `approve` or `reject` did.
@@ -219,6 +250,82 @@ impl Store {
             )
             .await?;
         rows.iter().map(task_state_from_row).collect()
+    }
+
+    /// Dispatched attempts whose lease expired before `now`, oldest first, at most `limit`.
+    pub async fn expired_leases(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<ExpiredLease>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT p.request_id, t.plan_id, t.id, t.attempt, t.agent_id, d.confirmed_at, t.lease_expires_at
+                 FROM tasks t JOIN plans p ON p.id = t.plan_id
+                 JOIN dispatches d ON d.task_id = t.id AND d.attempt = t.attempt
+                 WHERE t.status = $1 AND t.lease_expires_at < $2
+                 ORDER BY t.lease_expires_at LIMIT $3",
+                &[&TaskStatus::Dispatched.as_str(), &now, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ExpiredLease {
+                    request_id: RequestId::from_uuid(row.get(0)),
+                    plan_id: PlanId::from_uuid(row.get(1)),
+                    task_id: TaskId::from_uuid(row.get(2)),
+                    attempt: row.get::<_, i32>(3) as u32,
+                    agent_id: AgentId::parse(row.get::<_, String>(4))
+                        .map_err(|e| Error::Corrupt(e.to_string()))?,
+                    dispatched_at: row.get(5),
+                    expired_at: row.get(6),
+                })
+            })
+            .collect()
+    }
+
+    /// The agents that failed each task of a plan (a failed attempt or an expired lease).
+    pub async fn failed_agents(&self, plan_id: PlanId) -> Result<HashMap<TaskId, BTreeSet<AgentId>>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT r.task_id, r.agent_id FROM task_results r JOIN tasks t ON t.id = r.task_id
+                 WHERE t.plan_id = $1 AND NOT r.success",
+                &[&plan_id.as_uuid()],
+            )
+            .await?;
+        let mut failed: HashMap<TaskId, BTreeSet<AgentId>> = HashMap::new();
+        for row in rows {
+            let agent = AgentId::parse(row.get::<_, String>(1)).map_err(|e| Error::Corrupt(e.to_string()))?;
+            failed.entry(TaskId::from_uuid(row.get(0))).or_default().insert(agent);
+        }
+        Ok(failed)
+    }
+
+    /// Every attempt's result for a plan, in the order they were received.
+    pub async fn results(&self, plan_id: PlanId) -> Result<Vec<ResultRow>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT r.task_id, r.attempt, r.agent_id, r.success, r.output, r.error, r.source,
+                        r.started_at, r.finished_at, r.received_at
+                 FROM task_results r JOIN tasks t ON t.id = r.task_id
+                 WHERE t.plan_id = $1 ORDER BY r.received_at, r.task_id, r.attempt",
+                &[&plan_id.as_uuid()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| ResultRow {
+                task_id: TaskId::from_uuid(row.get(0)),
+                attempt: row.get::<_, i32>(1) as u32,
+                agent_id: row.get(2),
+                success: row.get(3),
+                output: row.get(4),
+                error: row.get(5),
+                source: row.get(6),
+                started_at: row.get(7),
+                finished_at: row.get(8),
+                received_at: row.get(9),
+            })
+            .collect())
     }
 
     /// Every known agent, by id.
@@ -462,6 +569,7 @@ impl Store {
                     fallback: self.fallback_decision(plan_id).await?,
                     approval,
                     tasks: self.task_states(plan_id).await?,
+                    results: self.results(plan_id).await?,
                 })
             }
         };
@@ -537,6 +645,7 @@ impl Store {
             tasks: self.task_states(plan_id).await?,
             decisions,
             dispatches,
+            results: self.results(plan_id).await?,
         }))
     }
 

@@ -9,4 +9,5 @@ mod helpers;
 mod outage;
 mod races;
 mod routing;
+mod tracking;
 mod workflows;

@@ -420,7 +420,7 @@ async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) 
         }
         let exit = match &progress {
             Progress::Waiting(_) => None,
-            Progress::Dispatched => Some(Exit::Success),
+            Progress::Dispatched | Progress::Completed => Some(Exit::Success),
             Progress::Failed(_) => Some(Exit::No),
         };
         if let Some(exit) = exit {
@@ -434,6 +434,8 @@ async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) 
                 println!("{}", serde_json::to_string_pretty(&shown)?);
             } else if let Progress::Failed(reason) = &progress {
                 println!("failed: {reason}");
+            } else if progress == Progress::Completed {
+                println!("completed: every task succeeded");
             } else {
                 println!("every released task is confirmed in its agent's queue");
             }
@@ -463,6 +465,7 @@ fn reason(progress: &Progress) -> &str {
     match progress {
         Progress::Waiting(what) | Progress::Failed(what) => what,
         Progress::Dispatched => "dispatched",
+        Progress::Completed => "completed",
     }
 }
 

@@ -1,0 +1,159 @@
+//! Leases: every dispatched attempt must report within its lease, or it is given up. The lease
+//! is derived from the task's estimated duration; the sweeper finds expired leases and reports
+//! them to the track stage as failed attempts, which re-routes the task and releases the
+//! capacity the attempt held. A result that arrives later belongs to an older attempt and is
+//! ignored.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::broker::{Broker, Outgoing};
+use crate::domain::Task;
+use crate::ids::MessageId;
+use crate::store::{ExpiredLease, Store};
+use crate::wire::{Envelope, SCHEMA_VERSION, TaskResult};
+
+/// How long an agent has for a task.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LeasePolicy {
+    /// The lease is the estimated duration times this…
+    pub factor: f64,
+    /// …plus this many seconds.
+    pub grace_secs: u32,
+    /// How often the sweeper looks for expired leases.
+    pub sweep_every_secs: u64,
+}
+
+impl Default for LeasePolicy {
+    fn default() -> Self {
+        LeasePolicy { factor: 2.0, grace_secs: 60, sweep_every_secs: 5 }
+    }
+}
+
+impl LeasePolicy {
+    /// The lease of `task`, in seconds.
+    pub fn lease_secs(&self, task: &Task) -> u32 {
+        let scaled = f64::from(task.estimated_duration_secs) * self.factor.max(0.0);
+        // Saturating: an absurd estimate gives the longest lease, not a wrapped-around short one.
+        (scaled.min(f64::from(u32::MAX)) as u32).saturating_add(self.grace_secs)
+    }
+}
+
+/// The message that tells the track stage an attempt's lease expired. Its id derives from the
+/// task and attempt, so two sweepers (or two sweeps) report one expiry once.
+pub fn expiry_message(lease: &ExpiredLease) -> Envelope<TaskResult> {
+    let now = Utc::now();
+    let key = format!("lease:{}:{}", lease.task_id, lease.attempt);
+    Envelope {
+        message_id: MessageId::from_uuid(Uuid::new_v5(&lease.task_id.as_uuid(), key.as_bytes())),
+        schema_version: SCHEMA_VERSION,
+        request_id: lease.request_id,
+        causation_id: None,
+        timestamp: now,
+        payload: TaskResult {
+            plan_id: lease.plan_id,
+            task_id: lease.task_id,
+            attempt: lease.attempt,
+            agent_id: lease.agent_id.clone(),
+            success: false,
+            output: String::new(),
+            error: Some(format!(
+                "lease expired at {}: no result from {} in time",
+                lease.expired_at.format("%H:%M:%S"),
+                lease.agent_id
+            )),
+            started_at: lease.dispatched_at,
+            finished_at: now,
+            lease_expired: true,
+        },
+    }
+}
+
+/// Looks for expired leases every `policy.sweep_every_secs` until `shutdown`, and reports each
+/// to `<namespace>.results`. Errors are logged and the next sweep tries again.
+pub async fn sweep(store: Store, broker: &Broker, policy: &LeasePolicy, shutdown: CancellationToken) {
+    let every = Duration::from_secs(policy.sweep_every_secs.max(1));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let expired = match store.expired_leases(Utc::now(), 500).await {
+            Ok(expired) => expired,
+            Err(err) => {
+                warn!(error = %err, "lease sweep could not read the store");
+                continue;
+            }
+        };
+        for lease in &expired {
+            let envelope = expiry_message(lease);
+            let body = serde_json::to_vec(&envelope).expect("envelopes serialize");
+            let mut outgoing = Outgoing::to_queue(broker.names().queue("results"), body);
+            outgoing.message_id = Some(envelope.message_id.to_string());
+            match broker.publish(&outgoing).await {
+                Ok(()) => {
+                    info!(task = %lease.task_id, attempt = lease.attempt, agent = %lease.agent_id, "lease expired")
+                }
+                Err(err) => warn!(error = %err, "could not report an expired lease; the next sweep will"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::domain::Resources;
+    use crate::ids::{AgentId, RequestId, WorkType};
+
+    fn task(secs: u32) -> Task {
+        Task {
+            id: RequestId::random().plan_id().task_id("t"),
+            key: "t".into(),
+            work_type: WorkType::parse("deployment").unwrap(),
+            description: String::new(),
+            estimated_duration_secs: secs,
+            resources: Resources::default(),
+            capabilities: BTreeSet::new(),
+            depends_on: vec![],
+            affinity: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_lease_is_the_estimate_scaled_plus_grace() {
+        let policy = LeasePolicy { factor: 2.0, grace_secs: 60, sweep_every_secs: 5 };
+        assert_eq!(policy.lease_secs(&task(120)), 300);
+        let none = LeasePolicy { factor: 0.0, grace_secs: 2, sweep_every_secs: 1 };
+        assert_eq!(none.lease_secs(&task(120)), 2);
+        let huge = LeasePolicy { factor: 1e12, grace_secs: 60, sweep_every_secs: 5 };
+        assert_eq!(huge.lease_secs(&task(120)), u32::MAX);
+    }
+
+    #[test]
+    fn an_expiry_is_reported_once_per_attempt() {
+        let request_id = RequestId::random();
+        let lease = ExpiredLease {
+            request_id,
+            plan_id: request_id.plan_id(),
+            task_id: request_id.plan_id().task_id("1.prepare"),
+            attempt: 2,
+            agent_id: AgentId::parse("gone").unwrap(),
+            dispatched_at: Utc::now(),
+            expired_at: Utc::now(),
+        };
+        let (a, b) = (expiry_message(&lease), expiry_message(&lease));
+        assert_eq!(a.message_id, b.message_id);
+        assert!(a.payload.lease_expired && !a.payload.success);
+        let next = ExpiredLease { attempt: 3, ..lease };
+        assert_ne!(expiry_message(&next).message_id, a.message_id);
+    }
+}

@@ -1,0 +1,157 @@
+//! track: an attempt's result → the task succeeded (its dependents whose dependencies have all
+//! succeeded go to routing; the last one completes the plan and the request), or it failed (it
+//! is retried on another agent while attempts remain; then it fails, its dependents are
+//! cancelled, and the plan and the request fail). A late or duplicate result changes nothing.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Destination, Inbound, Outcome, Publish, Stage};
+use crate::domain::{PlanStatus, TaskStatus};
+use crate::effect::Write;
+use crate::ids::TaskId;
+use crate::store::{self, Store, StoredPlan, TaskState};
+use crate::wire::{Envelope, RouteTasks, TaskResult};
+
+/// How the track stage treats failures.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct TrackingPolicy {
+    /// Attempts a task gets, each on an agent that has not failed it, before it fails for good.
+    pub max_attempts: u32,
+}
+
+impl Default for TrackingPolicy {
+    fn default() -> Self {
+        TrackingPolicy { max_attempts: 3 }
+    }
+}
+
+pub struct Track {
+    pub policy: TrackingPolicy,
+}
+
+/// The plan and where its tasks stand.
+#[derive(Debug, Default)]
+pub struct TrackContext {
+    pub plan: Option<StoredPlan>,
+    pub tasks: Vec<TaskState>,
+}
+
+/// Tasks that depend on `failed`, directly or through others.
+fn dependents_of(failed: TaskId, plan: &StoredPlan) -> Vec<TaskId> {
+    let mut doomed: HashSet<TaskId> = HashSet::from([failed]);
+    // Tasks come dependencies first, so one pass in order reaches every descendant.
+    for task in plan.plan.tasks() {
+        if task.depends_on.iter().any(|d| doomed.contains(d)) {
+            doomed.insert(task.id);
+        }
+    }
+    doomed.remove(&failed);
+    plan.plan.tasks().iter().map(|t| t.id).filter(|id| doomed.contains(id)).collect()
+}
+
+impl Stage for Track {
+    type Input = TaskResult;
+    type Context = TrackContext;
+    const NAME: &'static str = "track";
+
+    async fn load(&self, store: &Store, input: &Inbound<TaskResult>) -> Result<TrackContext, store::Error> {
+        let plan_id = input.payload.plan_id;
+        Ok(TrackContext { plan: store.plan(plan_id).await?, tasks: store.task_states(plan_id).await? })
+    }
+
+    fn decide(&self, input: &Inbound<TaskResult>, context: TrackContext, now: DateTime<Utc>) -> Outcome {
+        let result = &input.payload;
+        let reject = |reason: String| Outcome::Reject { writes: Vec::new(), reason };
+        let Some(stored) = context.plan else {
+            return reject(format!(
+                "result for task {} of an unknown plan {}",
+                result.task_id, result.plan_id
+            ));
+        };
+        let (Some(task), Some(state)) =
+            (stored.plan.task(result.task_id), context.tasks.iter().find(|t| t.id == result.task_id))
+        else {
+            return reject(format!(
+                "result for a task {} that plan {} does not have",
+                result.task_id, result.plan_id
+            ));
+        };
+        let running = matches!(state.status, TaskStatus::Routed | TaskStatus::Dispatched);
+        if result.attempt != state.attempt || !running {
+            return Outcome::Ignore {
+                reason: format!(
+                    "result of task {} attempt {} from {} is late or a duplicate: the task is at attempt {} ({})",
+                    task.key, result.attempt, result.agent_id, state.attempt, state.status
+                ),
+            };
+        }
+        if state.agent_id.as_deref() != Some(result.agent_id.as_str()) {
+            return Outcome::Ignore {
+                reason: format!(
+                    "result of task {} attempt {} came from {}, but the attempt went to {}",
+                    task.key,
+                    result.attempt,
+                    result.agent_id,
+                    state.agent_id.as_deref().unwrap_or("no agent")
+                ),
+            };
+        }
+        let request_id = stored.plan.request_id;
+        let plan_id = stored.plan.id;
+        let mut writes = vec![Write::TaskFinished { request_id, result: result.clone() }];
+        // A plan that already ended (another branch failed) only records what its tasks report.
+        if stored.status != PlanStatus::Approved {
+            return Outcome::Forward { writes, publish: Vec::new() };
+        }
+        let mut status: HashMap<TaskId, TaskStatus> =
+            context.tasks.iter().map(|t| (t.id, t.status)).collect();
+        let route_message = |label: &str| {
+            let envelope = Envelope::derived(
+                input.message_id,
+                label,
+                request_id,
+                now,
+                RouteTasks { plan_id, priority: input.priority, approved_by: "track".into() },
+            );
+            Publish::envelope(Destination::Queue("route".into()), input.priority, &envelope)
+        };
+        if result.success {
+            status.insert(task.id, TaskStatus::Succeeded);
+            if status.values().all(|s| *s == TaskStatus::Succeeded) {
+                writes.push(Write::PlanFinished { request_id, plan_id, failure: None });
+                return Outcome::Forward { writes, publish: Vec::new() };
+            }
+            let done: HashSet<TaskId> =
+                status.iter().filter(|(_, s)| **s == TaskStatus::Succeeded).map(|(id, _)| *id).collect();
+            let released =
+                stored.plan.ready_tasks(&done).any(|t| status.get(&t.id) == Some(&TaskStatus::Pending));
+            let publish = if released { vec![route_message("route")] } else { Vec::new() };
+            return Outcome::Forward { writes, publish };
+        }
+        let why = result.error.clone().unwrap_or_else(|| "the agent reported a failure".into());
+        if result.attempt < self.policy.max_attempts {
+            writes.push(Write::TaskRetry {
+                request_id,
+                plan_id,
+                task_id: task.id,
+                attempt: result.attempt,
+                reason: format!("attempt {} on {} failed: {why}", result.attempt, result.agent_id),
+            });
+            return Outcome::Forward { writes, publish: vec![route_message("retry")] };
+        }
+        let reason = format!("task {} failed after {} attempts; the last: {why}", task.key, result.attempt);
+        writes.push(Write::TaskFailed {
+            request_id,
+            plan_id,
+            task_id: task.id,
+            reason: reason.clone(),
+            cancelled: dependents_of(task.id, &stored),
+        });
+        writes.push(Write::PlanFinished { request_id, plan_id, failure: Some(reason) });
+        Outcome::Forward { writes, publish: Vec::new() }
+    }
+}
