@@ -51,6 +51,19 @@ pub fn report(report: &RequestReport) {
             if let Some(reason) = &t.reason {
                 println!("  {:<24} {reason}", "");
             }
+            for r in plan.results.iter().filter(|r| r.task_id == t.id) {
+                let outcome = if r.success { "succeeded" } else { "failed" };
+                let took = (r.finished_at - r.started_at).num_milliseconds();
+                let detail = match (&r.error, r.output.lines().next()) {
+                    (Some(error), _) => error.clone(),
+                    (None, Some(first)) => first.to_owned(),
+                    (None, None) => String::new(),
+                };
+                println!(
+                    "  {:<24} attempt {} on {}: {outcome} in {took} ms ({}) {detail}",
+                    "", r.attempt, r.agent_id, r.source
+                );
+            }
         }
     }
     dead_letters(&report.dead_letters);
