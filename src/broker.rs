@@ -9,9 +9,9 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use futures::{Stream, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
@@ -405,17 +405,21 @@ impl Broker {
         &self,
         queue: &str,
         prefetch: u16,
-    ) -> Result<(Subscription, impl Stream<Item = Result<Incoming, Error>> + Send + Unpin + use<>), Error> {
+    ) -> Result<(Subscription, impl Stream<Item = Result<Incoming, Error>> + Send + Unpin + use<>), Error>
+    {
         let channel = self.connection.create_channel().await?;
         channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let consumer = channel
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
         let subscription = Subscription { channel: channel.clone(), tag: consumer.tag() };
-        Ok((subscription, consumer.map(move |delivery| {
-            let _keep = &channel;
-            delivery.map(incoming).map_err(Error::from)
-        })))
+        Ok((
+            subscription,
+            consumer.map(move |delivery| {
+                let _keep = &channel;
+                delivery.map(incoming).map_err(Error::from)
+            }),
+        ))
     }
 
     /// Takes one message from `queue` without a consumer (tests, tools). Acknowledged at once.

@@ -1,5 +1,6 @@
 //! Switchyard: a message-driven orchestrator for agent work. See `ARCHITECTURE.md`.
 
+pub mod agent;
 pub mod audit;
 pub mod broker;
 pub mod catalog;

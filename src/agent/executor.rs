@@ -72,6 +72,18 @@ impl TaskHandler for Executor {
     }
 }
 
+impl TaskHandler for Simulate {
+    fn run(&self, task: &TaskAssignment) -> impl Future<Output = Execution> + Send {
+        Simulate::run(self, task)
+    }
+}
+
+impl TaskHandler for Exec {
+    fn run(&self, task: &TaskAssignment) -> impl Future<Output = Execution> + Send {
+        Exec::run(self, task)
+    }
+}
+
 impl From<Simulate> for Executor {
     fn from(simulate: Simulate) -> Self {
         Executor::Simulate(simulate)

@@ -89,15 +89,17 @@ mod tests {
         assert_eq!(execution, Execution::succeeded("simulated 1.deploy in 0 ms"));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn the_duration_scales_with_the_speed() {
-        let task = assignment("1.deploy", "Deploy it", 120);
-        let simulate = Simulate::new(0.5, 0.0).unwrap();
-        assert_eq!(simulate.duration(&task), Duration::from_secs(60));
-        let started = tokio::time::Instant::now();
+        let task = assignment("1.deploy", "Deploy it", 2);
+        let simulate = Simulate::new(0.1, 0.0).unwrap();
+        assert_eq!(simulate.duration(&task), Duration::from_millis(200));
+        assert_eq!(Simulate::new(30.0, 0.0).unwrap().duration(&task), Duration::from_secs(60));
+        let started = std::time::Instant::now();
         let execution = simulate.run(&task).await;
-        assert_eq!(started.elapsed(), Duration::from_secs(60));
-        assert_eq!(execution.output, "simulated 1.deploy in 60000 ms");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(execution.output, "simulated 1.deploy in 200 ms");
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Integration tests against the real RabbitMQ and PostgreSQL (`AMQP_URL`, `DATABASE_URL`).
 //! Each test has its own namespace and database, so they run in parallel.
 
+mod agents;
 mod broker;
 mod contract;
 mod errors;

@@ -5,15 +5,17 @@ mod print;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::builder::PossibleValuesParser;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use switchyard::agent::{AgentBuilder, Exec, ExecCommand, ExecConfig, Executor, Simulate};
 use switchyard::broker::{Broker, redact};
 use switchyard::config::Config;
-use switchyard::ids::{AgentId, PlanId, RequestId};
+use switchyard::ids::{AgentId, PlanId, RequestId, WorkType};
 use switchyard::ops::{self, Progress};
 use switchyard::store::{RequestReport, Store};
 use switchyard::topology::Names;
@@ -74,6 +76,9 @@ enum Command {
     /// Agents: list them, or register one.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Run an agent: heartbeat, take tasks from its queue, run them, report their results. Needs
+    /// the broker only (AMQP_URL), no database. Runs until interrupted.
+    Agent(AgentArgs),
     /// Run the whole pipeline on a sample request, in a namespace and database of its own.
     Demo {
         /// The request to run.
@@ -115,6 +120,64 @@ struct SubmitArgs {
     /// Seconds to wait with --wait.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The agent's id; its queue is `<namespace>.agent.<id>`.
+    #[arg(long)]
+    id: AgentId,
+    /// What it can do (repeatable or comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    capabilities: Vec<String>,
+    /// Tasks run at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    capacity: u32,
+    /// key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    #[arg(long, default_value_t = 1.0)]
+    cpu: f64,
+    #[arg(long, default_value_t = 1024)]
+    memory_mb: u64,
+    #[arg(long, default_value_t = 0)]
+    gpu: u32,
+    /// How tasks are run.
+    #[arg(long, value_enum, default_value_t = ExecutorKind::Simulate)]
+    executor: ExecutorKind,
+    /// simulate: factor of each task's estimated duration (0 finishes at once).
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// simulate: probability that a task fails, 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// exec: the command for a work type, run without a shell: `--command deployment=/usr/bin/deploy
+    /// ARG…` (repeatable). Arguments that start with `-` would be read as options: put such
+    /// commands in --exec-config.
+    #[arg(long = "command", value_name = "WORK_TYPE=PROGRAM [ARGS]", num_args = 1..)]
+    commands: Vec<String>,
+    /// `commands`, one vector per occurrence of --command (clap's derive flattens them; `main`
+    /// fills this from the matches).
+    #[arg(skip)]
+    command_groups: Vec<Vec<String>>,
+    /// exec: a TOML file: `timeout_secs = N` and a `[commands]` table of work type =
+    /// ["program", "arg", …]. --command adds to it and overrides it.
+    #[arg(long)]
+    exec_config: Option<PathBuf>,
+    /// exec: seconds a command may run before it is killed [default: the file's, else 300].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_secs: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExecutorKind {
+    /// Wait the estimated duration times --speed, fail with --failure-rate.
+    Simulate,
+    /// Run the command configured for the task's work type.
+    Exec,
 }
 
 #[derive(Subcommand)]
@@ -180,8 +243,16 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Worker { .. }) { "info" } else { "warn" };
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Command::Agent(args) = &mut cli.command
+        && let Some(occurrences) =
+            matches.subcommand_matches("agent").and_then(|m| m.get_occurrences::<String>("commands"))
+    {
+        args.command_groups = occurrences.map(|values| values.cloned().collect()).collect();
+    }
+    let default_level =
+        if matches!(cli.command, Command::Worker { .. } | Command::Agent(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -227,6 +298,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             broker.close().await;
         }
         Command::Worker { stage } => return run_worker(config, &stage).await,
+        Command::Agent(args) => return run_agent(config, args).await,
         Command::Submit(args) => return submit(&config, args).await,
         Command::Approve { plan_id, by } => {
             let store = connect_store(&config).await?;
@@ -353,6 +425,98 @@ async fn run_worker(config: Config, stages: &[String]) -> Result<Exit> {
     });
     worker.run(&stages, shutdown).await?;
     Ok(Exit::Success)
+}
+
+/// The executor that the agent's arguments describe.
+fn executor(args: &AgentArgs) -> Result<Executor> {
+    let uses_exec = !args.command_groups.is_empty() || args.exec_config.is_some() || args.timeout.is_some();
+    match args.executor {
+        ExecutorKind::Simulate => {
+            if uses_exec {
+                bail!("--command, --exec-config and --timeout need --executor exec");
+            }
+            Ok(Simulate::new(args.speed, args.failure_rate)?.into())
+        }
+        ExecutorKind::Exec => {
+            let config = match &args.exec_config {
+                Some(path) => ExecConfig::load(path)?,
+                None => ExecConfig::default(),
+            };
+            let mut exec = Exec::from_config(config)?;
+            for argv in &args.command_groups {
+                let (work_type, program) = argv[0]
+                    .split_once('=')
+                    .with_context(|| format!("--command {:?}: expected WORK_TYPE=PROGRAM", argv[0]))?;
+                let work_type: WorkType =
+                    work_type.parse().with_context(|| format!("--command {:?}", argv[0]))?;
+                let command = ExecCommand::from_argv(
+                    std::iter::once(program.to_owned()).chain(argv[1..].iter().cloned()),
+                )
+                .with_context(|| format!("--command {:?}: no program", argv[0]))?;
+                exec = exec.command(work_type, command);
+            }
+            if let Some(secs) = args.timeout {
+                exec = exec.with_timeout(Duration::from_secs(secs));
+            }
+            if exec.commands().is_empty() {
+                bail!("--executor exec needs a --command or an --exec-config with commands");
+            }
+            for (work_type, command) in exec.commands() {
+                tracing::info!(%work_type, program = %command.program, args = ?command.args, timeout = ?exec.timeout(), "exec command");
+            }
+            Ok(exec.into())
+        }
+    }
+}
+
+/// Runs an agent until a signal; connects again when the connection is lost.
+async fn run_agent(config: Config, args: AgentArgs) -> Result<Exit> {
+    let executor = executor(&args)?;
+    let agent = AgentBuilder::new(args.id.clone())
+        .capabilities(args.capabilities)
+        .capacity(args.capacity)
+        .labels(args.labels)
+        .resources(Resources { cpu: args.cpu, memory_mb: args.memory_mb, gpu: args.gpu })
+        .heartbeat_every(Duration::from_secs(args.heartbeat_secs))
+        .build(executor)?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing the running tasks");
+        signal.cancel();
+    });
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let connected = tokio::select! {
+            connected = connect_broker(&config) => connected,
+            () = shutdown.cancelled() => return Ok(Exit::Success),
+        };
+        let error = match connected {
+            Ok(broker) => {
+                let broker = Arc::new(broker);
+                let ran = agent.clone().run(broker.clone(), shutdown.clone()).await;
+                broker.close().await;
+                match ran {
+                    Ok(()) => return Ok(Exit::Success),
+                    Err(err) => anyhow::Error::new(err),
+                }
+            }
+            // Waiting will not mend a bad URL.
+            Err(err)
+                if err.downcast_ref::<switchyard::broker::Error>().is_some_and(|e| !e.is_transient()) =>
+            {
+                return Err(err);
+            }
+            Err(err) => err,
+        };
+        tracing::error!(error = %format!("{error:#}"), ?pause, "agent stopped; connecting again");
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.cancelled() => return Ok(Exit::Success),
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
 }
 
 async fn wait_for_signal() {

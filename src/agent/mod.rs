@@ -1,0 +1,538 @@
+//! The agent runtime: what runs tasks at the end of the pipeline.
+//!
+//! An [`Agent`] declares its queue `<ns>.agent.<id>`, announces itself on `<ns>.heartbeats` at
+//! start and every few seconds, consumes its queue with a prefetch equal to its capacity, runs
+//! each assignment with its [`TaskHandler`] (up to its capacity at a time) and publishes a
+//! [`TaskResult`] to `<ns>.results` with publisher confirms. It acknowledges an assignment only
+//! once the broker confirmed its result: an agent that dies mid-task leaves the assignment to be
+//! redelivered, never lost. It speaks AMQP only; it needs no database.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use switchyard::agent::{AgentBuilder, Simulate};
+//! # async fn example(broker: Arc<switchyard::broker::Broker>) -> Result<(), switchyard::agent::Error> {
+//! let agent = AgentBuilder::new("homelab-1".parse().unwrap())
+//!     .capabilities(["deployment", "shell"])
+//!     .capacity(4)
+//!     .label("target", "homelab")
+//!     .build(Simulate::default())?;
+//! agent.run(broker, tokio_util::sync::CancellationToken::new()).await
+//! # }
+//! ```
+
+mod exec;
+mod executor;
+mod simulate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use futures::{FutureExt, StreamExt};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+pub use exec::{Exec, ExecCommand, ExecConfig, STDERR_TAIL_BYTES};
+pub use executor::{Execution, Executor, TaskHandler, truncate_utf8};
+pub use simulate::{SIMULATED_FAILURE, Simulate};
+
+use crate::broker::{self, Broker, Incoming, Outgoing};
+use crate::domain::Resources;
+use crate::ids::AgentId;
+use crate::wire::{self, Envelope, Heartbeat, MAX_RESULT_OUTPUT_BYTES, TaskAssignment, TaskResult};
+
+/// Why an agent cannot start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting is out of range; the message names it.
+    #[error("invalid agent setting: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Broker(#[from] broker::Error),
+    /// The broker stopped delivering (the connection closed, the queue was deleted): the caller
+    /// may connect again and run the agent anew.
+    #[error("the broker stopped delivering from {0}")]
+    ConsumerEnded(String),
+}
+
+/// Settings of an [`Agent`]; `build` checks them.
+#[derive(Debug, Clone)]
+pub struct AgentBuilder {
+    id: AgentId,
+    capabilities: BTreeSet<String>,
+    capacity: u32,
+    labels: BTreeMap<String, String>,
+    resources: Resources,
+    heartbeat_every: Duration,
+    shutdown_grace: Duration,
+    result_attempts: usize,
+}
+
+impl AgentBuilder {
+    /// An agent with no capabilities, a capacity of 1, no labels, 1 CPU and 1024 MiB (as
+    /// `switchyard agents register`), a heartbeat every 5 s and 30 s to finish its tasks on
+    /// shutdown.
+    pub fn new(id: AgentId) -> Self {
+        AgentBuilder {
+            id,
+            capabilities: BTreeSet::new(),
+            capacity: 1,
+            labels: BTreeMap::new(),
+            resources: Resources { cpu: 1.0, memory_mb: 1024, gpu: 0 },
+            heartbeat_every: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(30),
+            result_attempts: 5,
+        }
+    }
+
+    /// Adds capabilities (a task is routed here only if it needs none that are missing).
+    pub fn capabilities(mut self, capabilities: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.capabilities.extend(capabilities.into_iter().map(Into::into));
+        self
+    }
+
+    /// How many tasks run at once (1 to 65535): the prefetch of the agent's consumer.
+    pub fn capacity(mut self, capacity: u32) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// A label (`target=homelab`); tasks with a matching affinity prefer this agent.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn labels(mut self, labels: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.labels.extend(labels);
+        self
+    }
+
+    /// What this agent offers; tasks that need more are not routed here.
+    pub fn resources(mut self, resources: Resources) -> Self {
+        self.resources = resources;
+        self
+    }
+
+    /// How often to heartbeat; keep it well under the routing's heartbeat TTL (30 s by default).
+    pub fn heartbeat_every(mut self, every: Duration) -> Self {
+        self.heartbeat_every = every;
+        self
+    }
+
+    /// How long a shutdown waits for running tasks. Those still running then are abandoned: their
+    /// assignments go back to the queue when the channel closes.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Attempts to publish a result (with backoff) before the assignment is given back to the
+    /// queue to be run again.
+    pub fn result_attempts(mut self, attempts: usize) -> Self {
+        self.result_attempts = attempts;
+        self
+    }
+
+    /// The agent, running tasks with `handler`.
+    pub fn build<H: TaskHandler>(self, handler: H) -> Result<Agent<H>, Error> {
+        if self.capacity == 0 || self.capacity > u32::from(u16::MAX) {
+            return Err(Error::Invalid(format!("capacity must be 1 to 65535, not {}", self.capacity)));
+        }
+        if self.heartbeat_every.is_zero() {
+            return Err(Error::Invalid("the heartbeat interval must be positive".into()));
+        }
+        if self.result_attempts == 0 {
+            return Err(Error::Invalid("at least one attempt to publish a result is needed".into()));
+        }
+        if let Some(bad) = self.capabilities.iter().find(|c| c.trim().is_empty()) {
+            return Err(Error::Invalid(format!("empty capability {bad:?}")));
+        }
+        Ok(Agent { settings: Arc::new(self), handler: Arc::new(handler) })
+    }
+}
+
+/// An agent, ready to run: see the [module](self) documentation. Cloning is cheap (the handler
+/// is shared), so a caller can run it again on a new connection after [`Error::ConsumerEnded`].
+pub struct Agent<H> {
+    settings: Arc<AgentBuilder>,
+    handler: Arc<H>,
+}
+
+impl<H> Clone for Agent<H> {
+    fn clone(&self) -> Self {
+        Agent { settings: self.settings.clone(), handler: self.handler.clone() }
+    }
+}
+
+impl<H> std::fmt::Debug for Agent<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// What the running parts of an agent share.
+struct Shared<H> {
+    settings: Arc<AgentBuilder>,
+    handler: Arc<H>,
+    broker: Arc<Broker>,
+    in_flight: AtomicU32,
+}
+
+/// Counts a task in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicU32);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicU32) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<H> Agent<H> {
+    pub fn id(&self) -> &AgentId {
+        &self.settings.id
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.settings.capacity
+    }
+
+    /// The heartbeat this agent sends with `in_flight` tasks running.
+    pub fn heartbeat(&self, in_flight: u32) -> Heartbeat {
+        heartbeat(&self.settings, in_flight)
+    }
+}
+
+impl<H: TaskHandler> Agent<H> {
+    /// Runs until `shutdown` is cancelled (then returns `Ok`) or the broker stops delivering.
+    ///
+    /// On shutdown it stops consuming, gives back the deliveries it had not started, waits up to
+    /// the shutdown grace for the running tasks to finish and report, and stops heartbeating.
+    pub async fn run(self, broker: Arc<Broker>, shutdown: CancellationToken) -> Result<(), Error> {
+        let id = self.settings.id.clone();
+        let queue = broker.declare_agent_queue(&id).await?;
+        let shared = Arc::new(Shared {
+            settings: self.settings.clone(),
+            handler: self.handler.clone(),
+            broker: broker.clone(),
+            in_flight: AtomicU32::new(0),
+        });
+        let stop_heartbeats = CancellationToken::new();
+        let heartbeats = tokio::spawn(send_heartbeats(shared.clone(), stop_heartbeats.clone()));
+        // Checked in `build`.
+        let prefetch = u16::try_from(self.settings.capacity).expect("capacity fits a prefetch");
+        let (subscription, deliveries) = match broker.subscribe(&queue, prefetch).await {
+            Ok(subscribed) => subscribed,
+            Err(err) => {
+                stop_heartbeats.cancel();
+                let _ = heartbeats.await;
+                return Err(err.into());
+            }
+        };
+        let mut deliveries = deliveries.fuse();
+        info!(agent = %id, %queue, capacity = self.settings.capacity, "agent running");
+        let mut running = JoinSet::new();
+        let outcome = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                Some(joined) = running.join_next() => log_join(joined),
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        running.spawn(handle(shared.clone(), delivery));
+                    }
+                    Some(Err(err)) => break Err(Error::Broker(err)),
+                    None => break Err(Error::ConsumerEnded(queue.clone())),
+                },
+            }
+        };
+        if outcome.is_ok() {
+            info!(agent = %id, running = running.len(), "shutting down: finishing the running tasks");
+        }
+        // Stop consuming, and give back what came before the broker took the cancel in.
+        if let Err(err) = subscription.cancel().await {
+            debug!(agent = %id, error = %err, "cannot cancel the consumer");
+        }
+        let give_back = async {
+            while let Some(Ok(delivery)) = deliveries.next().await {
+                if let Err(err) = delivery.requeue().await {
+                    debug!(agent = %id, error = %err, "cannot give a delivery back");
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), give_back).await;
+        let finish = async {
+            while let Some(joined) = running.join_next().await {
+                log_join(joined);
+            }
+        };
+        if tokio::time::timeout(self.settings.shutdown_grace, finish).await.is_err() {
+            warn!(
+                agent = %id,
+                abandoned = running.len(),
+                "tasks still running after the shutdown grace; abandoned, their assignments go back to the queue"
+            );
+            running.shutdown().await;
+        }
+        stop_heartbeats.cancel();
+        let _ = heartbeats.await;
+        // Dropping the subscription and its stream closes the channel: anything left unsettled
+        // returns to the queue.
+        drop(subscription);
+        drop(deliveries);
+        info!(agent = %id, "agent stopped");
+        outcome
+    }
+}
+
+fn log_join(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = joined
+        && err.is_panic()
+    {
+        error!(error = %err, "a task of the agent panicked");
+    }
+}
+
+fn heartbeat(settings: &AgentBuilder, in_flight: u32) -> Heartbeat {
+    Heartbeat {
+        agent_id: settings.id.clone(),
+        capabilities: settings.capabilities.clone(),
+        capacity: settings.capacity,
+        in_flight,
+        labels: settings.labels.clone(),
+        resources: settings.resources,
+        sent_at: Some(Utc::now()),
+    }
+}
+
+/// Heartbeats at once, then every `heartbeat_every`, until `stop`. A failed heartbeat is logged
+/// and the next one tried in time: the agent's tasks do not depend on them.
+async fn send_heartbeats<H>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    let settings = &shared.settings;
+    let mut ticks = tokio::time::interval(settings.heartbeat_every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let queue = shared.broker.names().heartbeats();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let beat = heartbeat(settings, shared.in_flight.load(Ordering::SeqCst));
+        let outgoing =
+            Outgoing::to_queue(queue.clone(), serde_json::to_vec(&beat).expect("heartbeats serialize"));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            sent = shared.broker.publish(&outgoing) => {
+                match sent {
+                    Ok(()) => debug!(agent = %settings.id, in_flight = beat.in_flight, "heartbeat"),
+                    Err(err) => warn!(agent = %settings.id, error = %err, "heartbeat not sent"),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the handler; a panic is a failure.
+async fn execute<H: TaskHandler>(handler: &H, task: &TaskAssignment) -> Execution {
+    match AssertUnwindSafe(handler.run(task)).catch_unwind().await {
+        Ok(execution) => execution,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            error!(task = %task.task.id, panic = %what, "the task handler panicked");
+            Execution::failed(format!("the task handler panicked: {what}"))
+        }
+    }
+}
+
+/// One delivery: parse, run, report, then settle.
+async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
+    let agent = &shared.settings.id;
+    let assignment = match wire::parse_envelope::<TaskAssignment>(&delivery.body, wire::MAX_ENVELOPE_BYTES) {
+        Ok(assignment) => assignment,
+        Err(err) => {
+            error!(
+                %agent,
+                message_id = ?delivery.message_id,
+                error = %err,
+                "unusable task assignment: dropped, no result"
+            );
+            // It can never be run, and given back it would come straight back. Agent queues are
+            // declared without arguments (README, the contract), so they have no dead-letter
+            // exchange: the broker drops a rejected message. The log above is its only trace.
+            if let Err(err) = delivery.reject().await {
+                warn!(%agent, error = %err, "cannot reject the assignment");
+            }
+            return;
+        }
+    };
+    let _counted = InFlight::enter(&shared.in_flight);
+    let task = &assignment.payload;
+    if task.agent_id != *agent {
+        warn!(%agent, assigned_to = %task.agent_id, task = %task.task.id, "an assignment for another agent; running it");
+    }
+    info!(%agent, task = %task.task.id, key = %task.task.key, attempt = task.attempt, "task started");
+    let started_at = Utc::now();
+    let execution = execute(&*shared.handler, task).await;
+    let finished_at = Utc::now();
+    info!(
+        %agent,
+        task = %task.task.id,
+        attempt = task.attempt,
+        success = execution.success,
+        error = execution.error.as_deref().unwrap_or(""),
+        "task finished"
+    );
+    let result = TaskResult {
+        plan_id: task.plan_id,
+        task_id: task.task.id,
+        attempt: task.attempt,
+        agent_id: agent.clone(),
+        success: execution.success,
+        output: truncate_utf8(execution.output, MAX_RESULT_OUTPUT_BYTES),
+        error: execution.error.map(|e| truncate_utf8(e, MAX_RESULT_OUTPUT_BYTES)),
+        started_at,
+        finished_at,
+        lease_expired: false,
+    };
+    let envelope =
+        Envelope::derived(assignment.message_id, "result", assignment.request_id, finished_at, result);
+    let mut outgoing = Outgoing::to_queue(
+        shared.broker.names().queue("results"),
+        serde_json::to_vec(&envelope).expect("results serialize"),
+    );
+    outgoing.message_id = Some(envelope.message_id.to_string());
+    outgoing.priority = delivery.priority;
+    let published = (|| shared.broker.publish(&outgoing))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(shared.settings.result_attempts - 1)
+                .with_jitter(),
+        )
+        .notify(|err, wait| warn!(%agent, task = %task.task.id, error = %err, ?wait, "result not published, retrying"))
+        .await;
+    match published {
+        Ok(()) => {
+            if let Err(err) = delivery.ack().await {
+                // The broker will deliver it again; the rerun reports under the same message id.
+                warn!(%agent, task = %task.task.id, error = %err, "result published but the ack failed");
+            }
+        }
+        Err(err) => {
+            error!(
+                %agent,
+                task = %task.task.id,
+                error = %err,
+                "result not published; the assignment goes back to the queue to be run again"
+            );
+            if let Err(err) = delivery.requeue().await {
+                warn!(%agent, error = %err, "cannot give the assignment back; the broker will when the channel closes");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::domain::Task;
+    use crate::ids::{RequestId, WorkType};
+
+    /// An assignment of a deployment task to `homelab-1`, attempt 1.
+    pub(crate) fn assignment(key: &str, description: &str, duration_secs: u32) -> TaskAssignment {
+        let plan_id = RequestId::random().plan_id();
+        let task_id = plan_id.task_id(key);
+        TaskAssignment {
+            plan_id,
+            attempt: 1,
+            decision_id: task_id.decision_id(1),
+            agent_id: AgentId::parse("homelab-1").unwrap(),
+            task: Task {
+                id: task_id,
+                key: key.into(),
+                work_type: WorkType::parse("deployment").unwrap(),
+                description: description.into(),
+                estimated_duration_secs: duration_secs,
+                resources: Resources { cpu: 1.0, memory_mb: 512, gpu: 0 },
+                capabilities: ["deployment".to_owned()].into(),
+                depends_on: Vec::new(),
+                affinity: BTreeMap::new(),
+            },
+        }
+    }
+
+    fn builder() -> AgentBuilder {
+        AgentBuilder::new(AgentId::parse("homelab-1").unwrap())
+    }
+
+    #[test]
+    fn the_builder_checks_its_settings() {
+        assert!(builder().capacity(0).build(Simulate::default()).is_err());
+        assert!(builder().capacity(70_000).build(Simulate::default()).is_err());
+        assert!(builder().heartbeat_every(Duration::ZERO).build(Simulate::default()).is_err());
+        assert!(builder().result_attempts(0).build(Simulate::default()).is_err());
+        assert!(builder().capabilities([" "]).build(Simulate::default()).is_err());
+        assert!(builder().capacity(65_535).build(Simulate::default()).is_ok());
+    }
+
+    #[test]
+    fn the_heartbeat_says_what_the_agent_offers() {
+        let agent = builder()
+            .capabilities(["deployment", "shell"])
+            .capabilities(["docker"])
+            .capacity(4)
+            .label("target", "homelab")
+            .resources(Resources { cpu: 4.0, memory_mb: 8192, gpu: 1 })
+            .build(Simulate::default())
+            .unwrap();
+        let beat = agent.heartbeat(2);
+        assert_eq!(beat.agent_id.as_str(), "homelab-1");
+        assert_eq!(beat.capabilities, ["deployment", "docker", "shell"].map(String::from).into());
+        assert_eq!((beat.capacity, beat.in_flight), (4, 2));
+        assert_eq!(beat.labels["target"], "homelab");
+        assert_eq!(beat.resources.gpu, 1);
+        assert!(beat.sent_at.is_some());
+        // What the heartbeat stage accepts.
+        let body = serde_json::to_vec(&beat).unwrap();
+        assert_eq!(wire::parse_heartbeat(&body, 4096).unwrap(), beat);
+    }
+
+    struct Panics;
+
+    impl TaskHandler for Panics {
+        async fn run(&self, _: &TaskAssignment) -> Execution {
+            panic!("boom")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_a_failure() {
+        let execution = execute(&Panics, &assignment("1.deploy", "x", 1)).await;
+        assert_eq!(execution, Execution::failed("the task handler panicked: boom"));
+    }
+
+    #[tokio::test]
+    async fn the_executor_enum_dispatches() {
+        let task = assignment("1.deploy", "x", 0);
+        let simulate: Executor = Simulate::new(0.0, 1.0).unwrap().into();
+        assert_eq!(simulate.run(&task).await.error.as_deref(), Some(SIMULATED_FAILURE));
+        let exec: Executor = Exec::new(Duration::from_secs(1)).into();
+        assert!(exec.run(&task).await.error.unwrap().starts_with("no command configured"));
+    }
+}

@@ -1,0 +1,506 @@
+//! The agent runtime against the real broker: in-process agents through the library API, and the
+//! `switchyard agent` binary. An agent registers by heartbeat, takes the tasks the pipeline
+//! dispatches to it, runs them, reports their results to `<ns>.results` and acknowledges a task
+//! only after its result is confirmed.
+//!
+//! With the whole pipeline running (`spawn_app`), the track stage consumes the results: those
+//! tests read them from the store. The tests of the runtime's own delivery semantics run the
+//! agent alone in a [`Bare`] namespace (no stage, no database), where the results stay in
+//! `<ns>.results` to be read as they were published.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::Value;
+use switchyard::agent::{self, AgentBuilder, Execution, Simulate, TaskHandler};
+use switchyard::broker::{Broker, Outgoing};
+use switchyard::domain::{self, Resources, Task};
+use switchyard::ids::{AgentId, MessageId, Namespace, RequestId, WorkType};
+use switchyard::topology::{Names, Topology};
+use switchyard::wire::{self, Envelope, TaskAssignment, TaskResult};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+const UPTIME_KUMA: &str = "Deploy Uptime Kuma to the homelab and send alerts to Discord";
+const HOMELAB_CAPABILITIES: [&str; 4] = ["deployment", "monitoring", "shell", "docker"];
+
+/// An agent running in this process, on a connection of its own as a separate process would.
+struct RunningAgent {
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), agent::Error>>,
+}
+
+impl RunningAgent {
+    /// Stops it and waits for `run` to return.
+    async fn stop(mut self) -> Result<(), agent::Error> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), &mut self.handle)
+            .await
+            .expect("the agent stops in time")
+            .expect("the agent's task")
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn homelab(id: &str) -> AgentBuilder {
+    AgentBuilder::new(AgentId::parse(id).unwrap())
+        .capabilities(HOMELAB_CAPABILITIES)
+        .capacity(2)
+        .label("target", "homelab")
+        .resources(Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 })
+        .heartbeat_every(Duration::from_millis(500))
+}
+
+async fn start_agent<H: TaskHandler>(
+    amqp_url: &str,
+    names: &Names,
+    builder: AgentBuilder,
+    handler: H,
+) -> RunningAgent {
+    let broker = Arc::new(Broker::connect(amqp_url, names.clone()).await.expect("the broker"));
+    let agent = builder.build(handler).expect("a valid agent");
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(agent.run(broker, shutdown.clone()));
+    RunningAgent { shutdown, handle }
+}
+
+/// Waits until the agent's heartbeat registered it.
+async fn wait_registered(app: &TestApp, id: &str) -> domain::Agent {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let agents = app.store.agents().await.expect("the agents");
+        if let Some(agent) = agents.into_iter().find(|a| a.id.as_str() == id) {
+            return agent;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "agent {id} never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A namespace with its topology and nothing else: no stage, no database. What an agent
+/// publishes stays in the queues, to be read as it was sent. Deleted on drop.
+struct Bare {
+    amqp_url: String,
+    names: Names,
+    broker: Broker,
+    agent_queues: Vec<String>,
+}
+
+impl Bare {
+    async fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let names = Names::new(Namespace::parse(format!("a{}", &id[..12])).unwrap());
+        let amqp_url = amqp_url();
+        let broker = Broker::connect(&amqp_url, names.clone()).await.expect("the broker");
+        broker.declare_topology().await.expect("the topology");
+        Bare { amqp_url, names, broker, agent_queues: Vec::new() }
+    }
+
+    async fn declare_agent_queue(&mut self, id: &str) -> String {
+        let queue = self.broker.declare_agent_queue(&AgentId::parse(id).unwrap()).await.unwrap();
+        self.agent_queues.push(queue.clone());
+        queue
+    }
+
+    async fn publish_assignment(
+        &self,
+        agent: &str,
+        assignment: &Envelope<TaskAssignment>,
+        priority: Option<u8>,
+    ) {
+        let mut outgoing = Outgoing::to_queue(
+            self.names.agent_queue(&AgentId::parse(agent).unwrap()),
+            serde_json::to_vec(assignment).unwrap(),
+        );
+        outgoing.message_id = Some(assignment.message_id.to_string());
+        outgoing.priority = priority;
+        self.broker.publish(&outgoing).await.expect("published");
+    }
+
+    /// Every message in `queue` (full name), with its priority.
+    async fn drain(&self, queue: &str) -> Vec<(Value, Option<u8>)> {
+        let mut messages = Vec::new();
+        while let Some(message) = self.broker.get(queue).await.expect("basic.get") {
+            messages.push((serde_json::from_slice(&message.body).expect("JSON"), message.priority));
+        }
+        messages
+    }
+
+    /// Takes results from `<ns>.results` until there are `count`.
+    async fn wait_results(&self, count: usize) -> Vec<(Value, Option<u8>)> {
+        let queue = self.names.queue("results");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut results = Vec::new();
+        while results.len() < count {
+            results.extend(self.drain(&queue).await);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} results arrived, expected {count}: {results:#?}",
+                results.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        results
+    }
+
+    /// The first heartbeat in `<ns>.heartbeats`, waiting for one.
+    async fn heartbeats(&self) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some((beat, _)) = self.drain(&self.names.heartbeats()).await.into_iter().next() {
+                return beat;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no heartbeat");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        let topology = Topology::standard().resolve(self.names.namespace());
+        let mut queues: Vec<String> = topology.queues.into_iter().map(|q| q.name).collect();
+        queues.extend(self.agent_queues.iter().cloned());
+        let exchanges: Vec<String> = topology.exchanges.into_iter().map(|e| e.name).collect();
+        let (amqp_url, names) = (self.amqp_url.clone(), self.names.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok(broker) = Broker::connect(&amqp_url, names).await {
+                    let _ = broker.delete_queues(&queues).await;
+                    let _ = broker.delete_exchanges(&exchanges).await;
+                    broker.close().await;
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+/// An assignment as the dispatch stage makes it, for publishing straight into an agent's queue.
+fn assignment(agent: &str, key: &str, duration_secs: u32) -> Envelope<TaskAssignment> {
+    let request_id = RequestId::random();
+    let plan_id = request_id.plan_id();
+    let task_id = plan_id.task_id(key);
+    let payload = TaskAssignment {
+        plan_id,
+        attempt: 1,
+        decision_id: task_id.decision_id(1),
+        agent_id: AgentId::parse(agent).unwrap(),
+        task: Task {
+            id: task_id,
+            key: key.into(),
+            work_type: WorkType::parse("deployment").unwrap(),
+            description: "Deploy Uptime Kuma to the homelab".into(),
+            estimated_duration_secs: duration_secs,
+            resources: Resources { cpu: 1.0, memory_mb: 512, gpu: 0 },
+            capabilities: ["deployment".to_owned()].into(),
+            depends_on: Vec::new(),
+            affinity: Default::default(),
+        },
+    };
+    let message_id = MessageId::random();
+    Envelope::derived(message_id, "dispatch", request_id, Utc::now(), payload)
+}
+
+fn message_id(value: &Value) -> MessageId {
+    value.as_str().expect("a message id").parse().expect("a UUID")
+}
+
+#[tokio::test]
+async fn an_agent_registers_by_heartbeat_and_runs_a_whole_plan_to_completion() {
+    let app = spawn_app().await;
+    let agent =
+        start_agent(&app.config.amqp_url, &app.names, homelab("homelab-1"), Simulate::new(0.0, 0.0).unwrap())
+            .await;
+    let registered = wait_registered(&app, "homelab-1").await;
+    assert_eq!(registered.capacity, 2);
+    assert_eq!(registered.capabilities, HOMELAB_CAPABILITIES.map(String::from).into());
+    assert_eq!(registered.labels["target"], "homelab");
+    assert_eq!(registered.resources.memory_mb, 8192);
+    let queue = app.agent_queue("homelab-1");
+    app.broker.queue_len(&queue).await.expect("the agent declared its queue");
+    // Declared again (the same way) only so that the test's teardown deletes it.
+    app.declare_agent_queue("homelab-1").await;
+
+    let id = app.submit(UPTIME_KUMA, true).await;
+    let report = app.wait_for(id, |r| r.status.as_str() == "completed").await;
+    let plan = report.plan.as_ref().unwrap();
+    let results: Vec<(&str, u32, &str, bool, &str)> = plan
+        .results
+        .iter()
+        .map(|r| {
+            let key = plan.tasks.iter().find(|t| t.id == r.task_id).map(|t| t.key.as_str()).unwrap();
+            (key, r.attempt, r.agent_id.as_str(), r.success, r.source.as_str())
+        })
+        .collect();
+    assert_eq!(
+        results,
+        ["1.prepare", "1.deploy", "1.verify", "2.configure_checks", "2.configure_alerts"].map(|key| (
+            key,
+            1,
+            "homelab-1",
+            true,
+            "agent"
+        )),
+    );
+    for result in &plan.results {
+        assert!(result.output.starts_with("simulated ") && result.output.ends_with(" in 0 ms"), "{result:?}");
+        assert!(result.error.is_none() && result.started_at <= result.finished_at, "{result:?}");
+    }
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
+
+    // Every assignment was acknowledged: stopped, the agent's channel closes, and an
+    // unacknowledged delivery would be back in the queue.
+    agent.stop().await.expect("a clean stop");
+    assert_eq!(app.broker.queue_len(&queue).await.unwrap(), 0, "every assignment acknowledged");
+    let agents = app.store.agents().await.unwrap();
+    assert_eq!((agents[0].in_flight, agents[0].succeeded), (0, 5));
+}
+
+#[tokio::test]
+async fn a_failing_agent_reports_the_failure() {
+    let app = spawn_app_with(|c| c.tracking.max_attempts = 1).await;
+    let agent =
+        start_agent(&app.config.amqp_url, &app.names, homelab("homelab-1"), Simulate::new(0.0, 1.0).unwrap())
+            .await;
+    wait_registered(&app, "homelab-1").await;
+    app.declare_agent_queue("homelab-1").await;
+    let id = app.submit(UPTIME_KUMA, true).await;
+    let report = app.wait_for(id, |r| r.status.as_str() == "failed").await;
+    let plan = report.plan.as_ref().unwrap();
+    assert_eq!(plan.results.len(), 1, "{:?}", plan.results);
+    let result = &plan.results[0];
+    assert_eq!(result.task_id, id.plan_id().task_id("1.prepare"));
+    assert_eq!((result.attempt, result.agent_id.as_str(), result.success), (1, "homelab-1", false));
+    assert_eq!(result.error.as_deref(), Some(agent::SIMULATED_FAILURE));
+    assert_eq!(result.output, "simulated 1.prepare in 0 ms");
+    let reason = report.failure_reason.as_deref().unwrap();
+    assert!(reason.contains(agent::SIMULATED_FAILURE), "{reason}");
+    agent.stop().await.unwrap();
+    assert_eq!(app.broker.queue_len(&app.agent_queue("homelab-1")).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_result_is_an_envelope_derived_from_its_assignment() {
+    let mut bare = Bare::new().await;
+    let queue = bare.declare_agent_queue("homelab-1").await;
+    let agent =
+        start_agent(&bare.amqp_url, &bare.names, homelab("homelab-1"), Simulate::new(0.0, 0.0).unwrap())
+            .await;
+    let task = assignment("homelab-1", "1.prepare", 5);
+    bare.publish_assignment("homelab-1", &task, Some(7)).await;
+    let results = bare.wait_results(1).await;
+    let (result, priority) = &results[0];
+    assert_eq!(result["schema_version"], 1);
+    assert_eq!(message_id(&result["message_id"]), task.message_id.derive("result"));
+    assert_eq!(message_id(&result["causation_id"]), task.message_id);
+    assert_eq!(result["request_id"], task.request_id.to_string());
+    assert_eq!(*priority, Some(7), "the assignment's priority");
+    let payload = &result["payload"];
+    assert_eq!(payload["plan_id"], task.payload.plan_id.to_string());
+    assert_eq!(payload["task_id"], task.payload.task.id.to_string());
+    assert_eq!(payload["attempt"], 1);
+    assert_eq!(payload["agent_id"], "homelab-1");
+    assert_eq!(payload["success"], true);
+    assert_eq!(payload["output"], "simulated 1.prepare in 0 ms");
+    assert!(payload.get("error").is_none() && payload.get("lease_expired").is_none(), "{payload:#}");
+    // What the track stage reads.
+    let body = serde_json::to_vec(result).unwrap();
+    wire::parse_envelope::<TaskResult>(&body, wire::MAX_ENVELOPE_BYTES).expect("a valid result");
+    let heartbeat = bare.heartbeats().await;
+    assert_eq!(heartbeat["agent_id"], "homelab-1");
+    assert_eq!(heartbeat["capacity"], 2);
+    agent.stop().await.unwrap();
+    assert_eq!(bare.broker.queue_len(&queue).await.unwrap(), 0, "acknowledged");
+}
+
+#[tokio::test]
+async fn an_unusable_assignment_is_dropped_and_the_agent_carries_on() {
+    let mut bare = Bare::new().await;
+    let queue = bare.declare_agent_queue("homelab-1").await;
+    for garbage in [&b"{not json"[..], br#"{"schema_version": 1, "payload": {}}"#, b"[]"] {
+        bare.broker.publish(&Outgoing::to_queue(queue.clone(), garbage.to_vec())).await.unwrap();
+    }
+    let agent =
+        start_agent(&bare.amqp_url, &bare.names, homelab("homelab-1"), Simulate::new(0.0, 0.0).unwrap())
+            .await;
+    let task = assignment("homelab-1", "1.prepare", 5);
+    bare.publish_assignment("homelab-1", &task, None).await;
+    let results = bare.wait_results(1).await;
+    assert_eq!(results[0].0["payload"]["task_id"], task.payload.task.id.to_string());
+    assert!(!agent.handle.is_finished(), "the agent still runs");
+    agent.stop().await.unwrap();
+    assert_eq!(bare.broker.queue_len(&queue).await.unwrap(), 0, "rejected, not given back");
+    assert!(bare.drain(&bare.names.queue("results")).await.is_empty(), "no result for the garbage");
+}
+
+/// A handler that says when it started, works for a while, and counts its runs and how many
+/// ran at once.
+#[derive(Default)]
+struct Slow {
+    started: Arc<Notify>,
+    runs: Arc<AtomicU32>,
+    running: Arc<AtomicU32>,
+    most_at_once: Arc<AtomicU32>,
+    work: Duration,
+}
+
+impl TaskHandler for Slow {
+    async fn run(&self, task: &TaskAssignment) -> Execution {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        self.started.notify_one();
+        tokio::time::sleep(self.work).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Execution::succeeded(format!("done {}", task.task.key))
+    }
+}
+
+#[tokio::test]
+async fn tasks_run_concurrently_up_to_the_capacity() {
+    let mut bare = Bare::new().await;
+    bare.declare_agent_queue("homelab-1").await;
+    let most_at_once = Arc::new(AtomicU32::new(0));
+    let handler =
+        Slow { most_at_once: most_at_once.clone(), work: Duration::from_millis(300), ..Slow::default() };
+    let agent = start_agent(&bare.amqp_url, &bare.names, homelab("homelab-1").capacity(2), handler).await;
+    for n in 0..5 {
+        bare.publish_assignment("homelab-1", &assignment("homelab-1", &format!("1.step{n}"), 5), None).await;
+    }
+    let results = bare.wait_results(5).await;
+    assert!(results.iter().all(|(r, _)| r["payload"]["success"] == true));
+    assert_eq!(most_at_once.load(Ordering::SeqCst), 2, "two at a time, never more");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn on_shutdown_the_running_task_finishes_and_reports() {
+    let mut bare = Bare::new().await;
+    let queue = bare.declare_agent_queue("homelab-1").await;
+    let started = Arc::new(Notify::new());
+    let handler = Slow { started: started.clone(), work: Duration::from_millis(1500), ..Slow::default() };
+    let agent = start_agent(&bare.amqp_url, &bare.names, homelab("homelab-1"), handler).await;
+    let task = assignment("homelab-1", "1.prepare", 5);
+    bare.publish_assignment("homelab-1", &task, None).await;
+    tokio::time::timeout(Duration::from_secs(10), started.notified()).await.expect("the task started");
+    // Stopped mid-task: `run` returns once the task finished and its result is confirmed.
+    let stopping = tokio::time::Instant::now();
+    agent.stop().await.expect("a clean stop");
+    assert!(stopping.elapsed() >= Duration::from_millis(500), "it waited for the task");
+    let results = bare.drain(&bare.names.queue("results")).await;
+    assert_eq!(results.len(), 1, "the result was published before the agent stopped");
+    assert_eq!(results[0].0["payload"]["output"], "done 1.prepare");
+    assert_eq!(bare.broker.queue_len(&queue).await.unwrap(), 0, "and the task acknowledged");
+}
+
+#[tokio::test]
+async fn a_task_still_running_after_the_grace_goes_back_to_the_queue() {
+    let mut bare = Bare::new().await;
+    let queue = bare.declare_agent_queue("homelab-1").await;
+    let started = Arc::new(Notify::new());
+    let handler = Slow { started: started.clone(), work: Duration::from_secs(60), ..Slow::default() };
+    let builder = homelab("homelab-1").shutdown_grace(Duration::from_millis(200));
+    let agent = start_agent(&bare.amqp_url, &bare.names, builder, handler).await;
+    bare.publish_assignment("homelab-1", &assignment("homelab-1", "1.prepare", 5), None).await;
+    tokio::time::timeout(Duration::from_secs(10), started.notified()).await.expect("the task started");
+    agent.stop().await.expect("a clean stop");
+    assert!(bare.drain(&bare.names.queue("results")).await.is_empty(), "no result");
+    // Not acknowledged: the broker gives it back once the agent's channel is closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bare.broker.queue_len(&queue).await.unwrap() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the abandoned task never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_result_that_cannot_be_published_sends_the_task_back_until_it_can() {
+    let mut bare = Bare::new().await;
+    bare.declare_agent_queue("homelab-1").await;
+    // No results queue: every publish of a result is unroutable.
+    bare.broker.delete_queues(&[bare.names.queue("results")]).await.unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = Slow { runs: runs.clone(), ..Slow::default() };
+    let agent =
+        start_agent(&bare.amqp_url, &bare.names, homelab("homelab-1").result_attempts(2), handler).await;
+    let task = assignment("homelab-1", "1.prepare", 5);
+    bare.publish_assignment("homelab-1", &task, None).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while runs.load(Ordering::SeqCst) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the task was never given back and run again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The queue is back: a later run's result goes through, under the same message id.
+    bare.broker.declare_topology().await.unwrap();
+    let results = bare.wait_results(1).await;
+    assert_eq!(message_id(&results[0].0["message_id"]), task.message_id.derive("result"));
+    assert_eq!(results[0].0["payload"]["success"], true);
+    agent.stop().await.unwrap();
+    assert_eq!(bare.broker.queue_len(&bare.agent_queues[0]).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn the_agent_command_registers_and_runs_a_plan_with_exec() {
+    let app = spawn_app().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["agent", "--id", "cli-agent", "--capabilities", "deployment,monitoring"])
+        .args(["--capabilities", "shell,docker", "--capacity", "2", "--label", "target=homelab"])
+        .args(["--cpu", "4", "--memory-mb", "8192", "--executor", "exec"])
+        // No shell: each program gets the task on its standard input.
+        .args(["--command", "deployment=/bin/cat", "--command", "monitoring=/usr/bin/tr", "a-z", "A-Z"])
+        .args(["--timeout", "10", "--heartbeat-secs", "1"])
+        .env("AMQP_URL", &app.config.amqp_url)
+        // An agent needs no database: a wrong URL changes nothing.
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("SWITCHYARD_NAMESPACE", app.config.namespace.as_str())
+        .env_remove("SWITCHYARD_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the switchyard binary starts");
+    let registered = wait_registered(&app, "cli-agent").await;
+    app.declare_agent_queue("cli-agent").await;
+    assert_eq!(registered.capacity, 2);
+    assert_eq!(registered.capabilities, HOMELAB_CAPABILITIES.map(String::from).into());
+    assert_eq!(registered.labels["target"], "homelab");
+
+    let id = app.submit(UPTIME_KUMA, true).await;
+    let report = app.wait_for(id, |r| r.status.as_str() == "completed").await;
+    let plan = report.plan.as_ref().unwrap();
+    assert_eq!(plan.results.len(), 5);
+    for result in &plan.results {
+        assert_eq!((result.agent_id.as_str(), result.success), ("cli-agent", true), "{result:?}");
+        let task = plan.tasks.iter().find(|t| t.id == result.task_id).unwrap();
+        if task.work_type == "deployment" {
+            // `/bin/cat` echoed the task it was given on standard input.
+            let echoed: TaskAssignment = serde_json::from_str(&result.output).expect("the task as JSON");
+            assert_eq!((echoed.task.id, echoed.agent_id.as_str()), (task.id, "cli-agent"));
+        } else {
+            // `tr a-z A-Z`: its arguments reached it as they were.
+            let shouted = format!("\"ID\":\"{}\"", task.id.to_string().to_uppercase());
+            assert!(result.output.contains(&shouted), "{}", result.output);
+            assert!(result.output.contains("\"WORK_TYPE\":\"MONITORING\""), "{}", result.output);
+        }
+    }
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
+    assert!(child.try_wait().unwrap().is_none(), "the agent still runs");
+    child.kill().await.unwrap();
+}
