@@ -445,6 +445,20 @@ impl Broker {
         Ok(declared.message_count())
     }
 
+    /// Number of consumers of `queue` (passive declare: fails if it does not exist).
+    pub async fn consumer_count(&self, queue: &str) -> Result<u32, Error> {
+        let channel = self.connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "checked".into()).await;
+        Ok(declared.consumer_count())
+    }
+
     /// Deletes queues (test teardown, tools); a queue that does not exist is fine.
     pub async fn delete_queues(&self, queues: &[String]) -> Result<(), Error> {
         for queue in queues {

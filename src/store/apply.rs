@@ -593,8 +593,8 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             }
             let status = if result.success { TaskStatus::Succeeded } else { TaskStatus::Failed };
             tx.execute(
-                "UPDATE tasks SET status = $3, finished_at = $4, lease_expires_at = NULL, status_reason = $5,
-                     updated_at = now()
+                "UPDATE tasks SET status = $3, finished_at = $4, lease_expires_at = NULL,
+                     status_reason = COALESCE($5, status_reason), updated_at = now()
                  WHERE id = $1 AND attempt = $2",
                 &[
                     &result.task_id.as_uuid(),

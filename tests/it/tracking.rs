@@ -181,10 +181,7 @@ async fn an_attempt_whose_lease_expires_is_rerouted_and_its_late_result_ignored(
     assert_eq!(retried[0]["payload"]["attempt"], 2);
     let report_now = app.store.report(id).await.unwrap().unwrap();
     let expiry = &report_now.plan.as_ref().unwrap().results[0];
-    assert_eq!(
-        (expiry.source.as_str(), expiry.success, expiry.agent_id.as_str()),
-        ("lease", false, "mute")
-    );
+    assert_eq!((expiry.source.as_str(), expiry.success, expiry.agent_id.as_str()), ("lease", false, "mute"));
     let mute = app.store.agents().await.unwrap().into_iter().find(|a| a.id.as_str() == "mute").unwrap();
     assert_eq!(mute.in_flight, 0, "the expired attempt's capacity is given back");
     // The lost attempt's result arrives after all: ignored.

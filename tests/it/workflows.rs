@@ -133,7 +133,15 @@ async fn submit_wait_ends_when_the_released_tasks_are_in_their_queues() {
     assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
     let id = text.lines().next().unwrap().trim().to_owned();
     assert!(text.contains("1.prepare=dispatched"), "{text}");
-    assert!(text.ends_with("every released task is confirmed in its agent's queue\n"), "{text}");
+    // No agent process consumes homelab-1's queue here: the wait ends there, and says so.
+    assert!(text.contains("every released task is confirmed in its agent's queue\n"), "{text}");
+    assert!(
+        text.ends_with(&format!(
+            "no agent consumes {}: the tasks wait there for one\n",
+            app.agent_queue("homelab-1")
+        )),
+        "{text}"
+    );
     assert_eq!(app.drain(&app.agent_queue("homelab-1")).await.len(), 1);
     let audit = app.cli(&["audit", &id]).await;
     assert!(audit.status.success(), "{}", stdout(&audit));
@@ -268,4 +276,87 @@ async fn migrate_creates_a_missing_database_then_finds_it() {
     assert!(store.agents().await.unwrap().is_empty(), "and is migrated");
     drop(store);
     switchyard::store::admin::drop_database(&database_url(), &database).await.unwrap();
+}
+
+/// Starts `switchyard agent` with the simulate executor, as a separate process.
+fn agent_process(app: &TestApp, id: &str, speed: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "agent",
+            "--id",
+            id,
+            "--capabilities",
+            "deployment,monitoring,shell,docker",
+            "--capacity",
+            "2",
+        ])
+        .args(["--executor", "simulate", "--speed", speed, "--heartbeat-secs", "1"])
+        .env("AMQP_URL", &app.config.amqp_url)
+        .env("SWITCHYARD_NAMESPACE", app.config.namespace.as_str())
+        .env_remove("SWITCHYARD_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the switchyard binary starts")
+}
+
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_two_agent_processes_a_request_completes_even_when_one_is_killed_mid_task() {
+    let app = spawn_app_with(|c| {
+        // Short leases and a short heartbeat TTL, so that the test sees the killed agent's task
+        // re-routed within seconds; the agents heartbeat every second.
+        c.leases.factor = 0.05;
+        c.leases.grace_secs = 2;
+        c.leases.sweep_every_secs = 1;
+        c.routing.heartbeat_ttl_secs = 3;
+    })
+    .await;
+    // Each simulated task takes a fiftieth of its estimate: 1.2 s to 3 s.
+    let mut doomed = agent_process(&app, "agent-a", "0.02");
+    let _survivor = agent_process(&app, "agent-b", "0.02");
+    wait_until("both agents to register", async || app.store.agents().await.unwrap().len() == 2).await;
+
+    let submit = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["submit", "Deploy Uptime Kuma to the homelab and send alerts to Discord", "--auto-approve"])
+        .args(["--wait", "--timeout", "90"])
+        .env("AMQP_URL", &app.config.amqp_url)
+        .env("DATABASE_URL", &app.config.database_url)
+        .env("SWITCHYARD_NAMESPACE", app.config.namespace.as_str())
+        .env_remove("SWITCHYARD_CONFIG")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let submit = tokio::spawn(submit);
+
+    // Ties go to the lower id: agent-a takes the first task. Kill it while it runs.
+    wait_until("agent-a to hold a task", async || {
+        app.store.agents().await.unwrap().iter().any(|a| a.id.as_str() == "agent-a" && a.in_flight > 0)
+    })
+    .await;
+    doomed.kill().await.unwrap();
+
+    let output = submit.await.unwrap().unwrap();
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(text.ends_with("completed: every task succeeded\n"), "{text}");
+    let id: switchyard::ids::RequestId = text.lines().next().unwrap().trim().parse().unwrap();
+    let report = app.store.report(id).await.unwrap().unwrap();
+    let plan = report.plan.as_ref().unwrap();
+    let lost: Vec<_> = plan.results.iter().filter(|r| r.source == "lease").collect();
+    assert!(!lost.is_empty(), "the killed agent's attempt ended by its lease: {:?}", plan.results);
+    assert!(lost.iter().all(|r| r.agent_id == "agent-a"));
+    let retried = plan.tasks.iter().find(|t| t.id == lost[0].task_id).unwrap();
+    assert_eq!((retried.status.as_str(), retried.agent_id.as_deref()), ("succeeded", Some("agent-b")));
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
 }

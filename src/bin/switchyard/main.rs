@@ -1,6 +1,7 @@
 //! The `switchyard` command line. Parses arguments, calls the library, prints; errors are shown
 //! with their whole cause chain. The exit code tells a script how it went: see [`Exit`].
 
+mod follow;
 mod print;
 
 use std::path::PathBuf;
@@ -16,8 +17,8 @@ use switchyard::agent::{AgentBuilder, Exec, ExecCommand, ExecConfig, Executor, S
 use switchyard::broker::{Broker, redact};
 use switchyard::config::Config;
 use switchyard::ids::{AgentId, PlanId, RequestId, WorkType};
-use switchyard::ops::{self, Progress};
-use switchyard::store::{RequestReport, Store};
+use switchyard::ops;
+use switchyard::store::Store;
 use switchyard::topology::Names;
 use switchyard::wire::{Heartbeat, SubmitRequest};
 use switchyard::worker::{self, StageName, Worker};
@@ -544,8 +545,8 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
         auto_approve: args.auto_approve.then_some(true),
     };
     let request_id = ops::submit(&broker, request).await?;
-    broker.close().await;
     if !args.wait {
+        broker.close().await;
         if args.json {
             println!("{}", json!({ "request_id": request_id }));
         } else {
@@ -557,90 +558,14 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
         println!("{request_id}");
     }
     let store = connect_store(config).await?;
-    follow(&store, request_id, args.timeout, args.json).await
+    let exit = follow::follow(&store, &broker, request_id, args.timeout, args.json).await;
+    broker.close().await;
+    exit
 }
 
-/// Prints the request's state changes until it settles; the exit code says how it ended. With
-/// `json`, prints one JSON object at the end instead: the request's report, why it was refused,
-/// or where it stood when the wait timed out.
-async fn follow(store: &Store, request_id: RequestId, timeout: u64, json: bool) -> Result<Exit> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
-    let mut last = String::new();
-    loop {
-        let report = store.report(request_id).await?;
-        let (line, progress) = match &report {
-            None => match store.dead_letters_of_request(request_id).await?.first() {
-                Some(dead) => (
-                    "refused".to_owned(),
-                    Progress::Failed(format!("refused at {}: {}", dead.stage, dead.reason)),
-                ),
-                None => ("submitted".to_owned(), Progress::Waiting("submitted".into())),
-            },
-            Some(report) => (print::state_line(report), ops::progress(report)),
-        };
-        if !json && line != last {
-            println!("{line}");
-            last = line;
-        }
-        let exit = match &progress {
-            Progress::Waiting(_) => None,
-            Progress::Dispatched | Progress::Completed => Some(Exit::Success),
-            Progress::Failed(_) => Some(Exit::No),
-        };
-        if let Some(exit) = exit {
-            if json {
-                let shown = match &report {
-                    Some(report) => serde_json::to_value(report)?,
-                    None => {
-                        json!({ "request_id": request_id, "status": "refused", "reason": reason(&progress) })
-                    }
-                };
-                println!("{}", serde_json::to_string_pretty(&shown)?);
-            } else if let Progress::Failed(reason) = &progress {
-                println!("failed: {reason}");
-            } else if progress == Progress::Completed {
-                println!("completed: every task succeeded");
-            } else {
-                println!("every released task is confirmed in its agent's queue");
-            }
-            return Ok(exit);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            if json {
-                let timed_out = json!({
-                    "request_id": request_id,
-                    "status": "timeout",
-                    "last_status": last_status(report.as_ref()),
-                    "waiting_for": reason(&progress),
-                });
-                println!("{}", serde_json::to_string_pretty(&timed_out)?);
-            }
-            eprintln!(
-                "gave up waiting after {timeout}s; the request goes on: switchyard status {request_id}"
-            );
-            return Ok(Exit::Timeout);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The text of a progress: why it failed, or what it waits for.
-fn reason(progress: &Progress) -> &str {
-    match progress {
-        Progress::Waiting(what) | Progress::Failed(what) => what,
-        Progress::Dispatched => "dispatched",
-        Progress::Completed => "completed",
-    }
-}
-
-/// The request's status, or `submitted` while no stage has recorded it yet.
-fn last_status(report: Option<&RequestReport>) -> String {
-    report.map_or_else(|| "submitted".to_owned(), |report| report.status.to_string())
-}
-
-/// The quick start: every stage in this process, one sample agent, one request, its status and
-/// its audit. Uses the namespace `switchyard-demo` and a database of its own (`<database>_demo`),
-/// so it never mixes with real work.
+/// The quick start: every stage and one simulated agent in this process, one request followed
+/// to completion, then its status and its audit. Uses the namespace `switchyard-demo` and a
+/// database of its own (`<database>_demo`), started afresh, so it never mixes with real work.
 async fn demo(mut config: Config, text: String) -> Result<Exit> {
     config.namespace = "switchyard-demo".parse()?;
     let database =
@@ -650,31 +575,37 @@ async fn demo(mut config: Config, text: String) -> Result<Exit> {
     // A fresh start each time, so that the demo is repeatable: the last run's tasks are gone.
     switchyard::store::admin::drop_database(&config.database_url, &format!("{database}_demo")).await?;
     let store = worker::prepare_store(&config).await?;
-    let broker = connect_broker(&config).await?;
-    let agent: AgentId = "homelab-1".parse()?;
+    let broker = Arc::new(connect_broker(&config).await?);
+    let agent_id: AgentId = "homelab-1".parse()?;
     let topology = switchyard::topology::Topology::standard().resolve(&config.namespace);
     let mut queues: Vec<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
-    queues.push(broker.names().agent_queue(&agent));
+    queues.push(broker.names().agent_queue(&agent_id));
     broker.delete_queues(&queues).await?;
     broker.declare(&topology).await?;
-    let queue = broker.declare_agent_queue(&agent).await?;
-    let heartbeat = Heartbeat {
-        agent_id: agent.clone(),
-        capabilities: ["deployment", "monitoring", "shell", "docker"].map(String::from).into_iter().collect(),
-        capacity: 4,
-        in_flight: 0,
-        labels: [("target".to_owned(), "homelab".to_owned())].into_iter().collect(),
-        resources: Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 },
-        sent_at: None,
-    };
-    store.register_agent("demo", heartbeat).await?;
-    println!("agent {agent} registered, queue {queue}");
-    let worker = Worker::new(config.clone(), store.clone())?;
+
     let shutdown = CancellationToken::new();
-    let running = {
+    let worker = Worker::new(config.clone(), store.clone())?;
+    let stages = tokio::spawn({
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { worker.run(StageName::all(), shutdown).await })
-    };
+        async move { worker.run(StageName::all(), shutdown).await }
+    });
+    // A simulated agent that takes a hundredth of each task's estimated time.
+    let agent = AgentBuilder::new(agent_id.clone())
+        .capabilities(["deployment", "monitoring", "shell", "docker"])
+        .capacity(4)
+        .label("target", "homelab")
+        .resources(Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 })
+        .heartbeat_every(Duration::from_millis(500))
+        .build(Simulate::new(0.005, 0.0)?)?;
+    let agent_run = tokio::spawn(agent.run(broker.clone(), shutdown.clone()));
+    // Its first heartbeat registers it; the request is routed only to a registered agent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !store.agents().await?.iter().any(|a| a.id == agent_id) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the demo agent did not register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("agent {agent_id} running (simulated), queue {}", broker.names().agent_queue(&agent_id));
+
     let request = SubmitRequest {
         text,
         request_id: None,
@@ -684,9 +615,10 @@ async fn demo(mut config: Config, text: String) -> Result<Exit> {
     };
     let request_id = ops::submit(&broker, request).await?;
     println!("request {request_id} submitted");
-    let code = follow(&store, request_id, 60, false).await?;
+    let code = follow::follow(&store, &broker, request_id, 120, false).await?;
     shutdown.cancel();
-    running.await??;
+    agent_run.await??;
+    stages.await??;
     if let Some(report) = store.report(request_id).await? {
         println!();
         print::report(&report);
@@ -695,7 +627,7 @@ async fn demo(mut config: Config, text: String) -> Result<Exit> {
     let findings = audit::check(&trail);
     println!();
     if findings.is_empty() {
-        println!("audit: complete; the released task waits in {queue} for the agent");
+        println!("audit: complete");
     } else {
         println!("audit: incomplete: {}", findings.join("; "));
         return Ok(Exit::No);
