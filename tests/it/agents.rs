@@ -17,41 +17,16 @@ use chrono::Utc;
 use serde_json::Value;
 use switchyard::agent::{self, AgentBuilder, Execution, Simulate, TaskHandler};
 use switchyard::broker::{Broker, Outgoing};
-use switchyard::domain::{self, Resources, Task};
+use switchyard::domain::{Resources, Task};
 use switchyard::ids::{AgentId, MessageId, Namespace, RequestId, WorkType};
 use switchyard::topology::{Names, Topology};
 use switchyard::wire::{self, Envelope, TaskAssignment, TaskResult};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
 const UPTIME_KUMA: &str = "Deploy Uptime Kuma to the homelab and send alerts to Discord";
 const HOMELAB_CAPABILITIES: [&str; 4] = ["deployment", "monitoring", "shell", "docker"];
-
-/// An agent running in this process, on a connection of its own as a separate process would.
-struct RunningAgent {
-    shutdown: CancellationToken,
-    handle: JoinHandle<Result<(), agent::Error>>,
-}
-
-impl RunningAgent {
-    /// Stops it and waits for `run` to return.
-    async fn stop(mut self) -> Result<(), agent::Error> {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), &mut self.handle)
-            .await
-            .expect("the agent stops in time")
-            .expect("the agent's task")
-    }
-}
-
-impl Drop for RunningAgent {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
 
 fn homelab(id: &str) -> AgentBuilder {
     AgentBuilder::new(AgentId::parse(id).unwrap())
@@ -60,32 +35,6 @@ fn homelab(id: &str) -> AgentBuilder {
         .label("target", "homelab")
         .resources(Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 })
         .heartbeat_every(Duration::from_millis(500))
-}
-
-async fn start_agent<H: TaskHandler>(
-    amqp_url: &str,
-    names: &Names,
-    builder: AgentBuilder,
-    handler: H,
-) -> RunningAgent {
-    let broker = Arc::new(Broker::connect(amqp_url, names.clone()).await.expect("the broker"));
-    let agent = builder.build(handler).expect("a valid agent");
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(agent.run(broker, shutdown.clone()));
-    RunningAgent { shutdown, handle }
-}
-
-/// Waits until the agent's heartbeat registered it.
-async fn wait_registered(app: &TestApp, id: &str) -> domain::Agent {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let agents = app.store.agents().await.expect("the agents");
-        if let Some(agent) = agents.into_iter().find(|a| a.id.as_str() == id) {
-            return agent;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "agent {id} never registered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A namespace with its topology and nothing else: no stage, no database. What an agent

@@ -9,15 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
+use switchyard::agent::{self, Agent, AgentBuilder, TaskHandler};
 use switchyard::broker::{Broker, Outgoing};
 use switchyard::config::Config;
-use switchyard::domain::Resources;
+use switchyard::domain::{self, Resources};
 use switchyard::ids::{AgentId, Namespace, RequestId, WorkType};
 use switchyard::ops::{self, Progress};
 use switchyard::store::{self, RequestReport, Store};
 use switchyard::topology::{Names, Topology};
 use switchyard::wire::{Heartbeat, SubmitRequest};
 use switchyard::worker::{StageName, Worker};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub fn amqp_url() -> String {
@@ -253,12 +255,74 @@ impl TestApp {
             .expect("the switchyard binary runs")
     }
 
+    /// Starts an in-process agent against this app's namespace (see [`start_agent`]), its queue
+    /// declared first so that the teardown deletes it.
+    pub async fn start_agent<H: TaskHandler>(&self, builder: AgentBuilder, handler: H) -> RunningAgent {
+        let agent = builder.build(handler).expect("a valid agent");
+        self.declare_agent_queue(agent.id().as_str()).await;
+        run_agent(&self.config.amqp_url, &self.names, agent).await
+    }
+
     /// Every queue this app declared.
     fn queues(&self) -> Vec<String> {
         let mut queues: Vec<String> =
             Topology::standard().resolve(self.names.namespace()).queues.into_iter().map(|q| q.name).collect();
         queues.extend(self.extra_queues.lock().unwrap().iter().cloned());
         queues
+    }
+}
+
+/// An agent running in this process, on a connection of its own as a separate process would.
+pub struct RunningAgent {
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<Result<(), agent::Error>>,
+}
+
+impl RunningAgent {
+    /// Stops it and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), agent::Error> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), &mut self.handle)
+            .await
+            .expect("the agent stops in time")
+            .expect("the agent's task")
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Builds the agent and runs it in the namespace of `names` (see [`run_agent`]).
+pub async fn start_agent<H: TaskHandler>(
+    amqp_url: &str,
+    names: &Names,
+    builder: AgentBuilder,
+    handler: H,
+) -> RunningAgent {
+    run_agent(amqp_url, names, builder.build(handler).expect("a valid agent")).await
+}
+
+/// Runs the agent (`Agent::run`) on a broker connection of its own, until stopped.
+pub async fn run_agent<H: TaskHandler>(amqp_url: &str, names: &Names, agent: Agent<H>) -> RunningAgent {
+    let broker = Arc::new(Broker::connect(amqp_url, names.clone()).await.expect("the broker"));
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(agent.run(broker, shutdown.clone()));
+    RunningAgent { shutdown, handle }
+}
+
+/// Waits until the agent's heartbeat registered it.
+pub async fn wait_registered(app: &TestApp, id: &str) -> domain::Agent {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let agents = app.store.agents().await.expect("the agents");
+        if let Some(agent) = agents.into_iter().find(|a| a.id.as_str() == id) {
+            return agent;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "agent {id} never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod agents;
 mod broker;
+mod completion;
 mod contract;
 mod errors;
 mod fallback;
