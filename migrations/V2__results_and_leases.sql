@@ -15,6 +15,10 @@ CREATE TABLE task_results (
     PRIMARY KEY (task_id, attempt)
 );
 
+-- Bumped by every recorded result: the track stage decides on a plan as it saw it, and a result
+-- recorded meanwhile makes it decide again (two last results at once must complete the plan).
+ALTER TABLE plans ADD COLUMN version bigint NOT NULL DEFAULT 0;
+
 ALTER TABLE tasks ADD COLUMN lease_expires_at timestamptz;
 ALTER TABLE tasks ADD COLUMN finished_at timestamptz;
 

@@ -152,7 +152,7 @@ mod tests {
             .collect();
         Trail {
             has_decomposition: true,
-            plan: Some(StoredPlan { plan, status: PlanStatus::Approved }),
+            plan: Some(StoredPlan { plan, status: PlanStatus::Approved, version: 0 }),
             fallback_decisions: 1,
             approval: Some(ApprovalRow {
                 approved: true,

@@ -64,10 +64,13 @@ pub enum Write {
     },
     /// An attempt ended: its agent reported, or its lease expired. Gives back the capacity that
     /// the attempt's routing decision reserved and counts in the agent's record. A second result
-    /// for the same attempt is a conflict: the stage decides again and finds it finished.
+    /// for the same attempt is a conflict: the stage decides again and finds it finished. Guarded
+    /// by the plan's version as the stage saw it: a result of the same plan recorded meanwhile is
+    /// a conflict too, so two results at once are decided one after the other.
     TaskFinished {
         request_id: RequestId,
         result: TaskResult,
+        plan_version: i64,
     },
     /// A failed attempt that will be tried again, on another agent: back to pending.
     TaskRetry {

@@ -84,7 +84,7 @@ pub async fn sweep(store: Store, broker: &Broker, policy: &LeasePolicy, shutdown
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
-        let expired = match store.expired_leases(Utc::now(), 500).await {
+        let expired = match store.expired_leases(500).await {
             Ok(expired) => expired,
             Err(err) => {
                 warn!(error = %err, "lease sweep could not read the store");

@@ -109,7 +109,7 @@ mod tests {
     fn stored(status: PlanStatus) -> StoredPlan {
         let catalog = Catalog::default();
         let d = catalog.decompose("Deploy Uptime Kuma to the homelab and send alerts to Discord").unwrap();
-        StoredPlan { plan: catalog.plan(RequestId::random(), &d).unwrap(), status }
+        StoredPlan { plan: catalog.plan(RequestId::random(), &d).unwrap(), status, version: 0 }
     }
 
     fn states(plan: &StoredPlan) -> Vec<TaskState> {

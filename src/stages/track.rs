@@ -102,7 +102,8 @@ impl Stage for Track {
         }
         let request_id = stored.plan.request_id;
         let plan_id = stored.plan.id;
-        let mut writes = vec![Write::TaskFinished { request_id, result: result.clone() }];
+        let mut writes =
+            vec![Write::TaskFinished { request_id, result: result.clone(), plan_version: stored.version }];
         // A plan that already ended (another branch failed) only records what its tasks report.
         if stored.status != PlanStatus::Approved {
             return Outcome::Forward { writes, publish: Vec::new() };

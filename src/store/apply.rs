@@ -563,7 +563,19 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 .await?;
             }
         }
-        Write::TaskFinished { request_id, result } => {
+        Write::TaskFinished { request_id, result, plan_version } => {
+            let bumped = tx
+                .execute(
+                    "UPDATE plans SET version = version + 1 WHERE id = $1 AND version = $2",
+                    &[&result.plan_id.as_uuid(), plan_version],
+                )
+                .await?;
+            if bumped == 0 {
+                return Ok(Step::Conflict(format!(
+                    "plan {} recorded another result since this decision",
+                    result.plan_id
+                )));
+            }
             let source = if result.lease_expired { "lease" } else { "agent" };
             let inserted = tx
                 .execute(

@@ -20,6 +20,8 @@ use crate::wire::Heartbeat;
 pub struct StoredPlan {
     pub plan: Plan,
     pub status: PlanStatus,
+    /// Bumped by every recorded result; see `Write::TaskFinished`.
+    pub version: i64,
 }
 
 /// Where one task stands.
@@ -223,7 +225,7 @@ impl Store {
     pub async fn plan(&self, plan_id: PlanId) -> Result<Option<StoredPlan>, Error> {
         let client = self.client().await?;
         let Some(row) = client
-            .query_opt("SELECT request_id, status FROM plans WHERE id = $1", &[&plan_id.as_uuid()])
+            .query_opt("SELECT request_id, status, version FROM plans WHERE id = $1", &[&plan_id.as_uuid()])
             .await?
         else {
             return Ok(None);
@@ -237,7 +239,7 @@ impl Store {
         let tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>, _>>()?;
         let request_id = RequestId::from_uuid(row.get(0));
         let plan = Plan::new(plan_id, request_id, tasks).map_err(|e| Error::Corrupt(e.to_string()))?;
-        Ok(Some(StoredPlan { plan, status: parse_status(row.get(1))? }))
+        Ok(Some(StoredPlan { plan, status: parse_status(row.get(1))?, version: row.get(2) }))
     }
 
     /// The state of every task of a plan, in plan order.
@@ -252,17 +254,18 @@ impl Store {
         rows.iter().map(task_state_from_row).collect()
     }
 
-    /// Dispatched attempts whose lease expired before `now`, oldest first, at most `limit`.
-    pub async fn expired_leases(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<ExpiredLease>, Error> {
+    /// Dispatched attempts whose lease has expired, oldest first, at most `limit`. Leases are set
+    /// and compared by the database's clock, so the workers' clocks do not matter.
+    pub async fn expired_leases(&self, limit: i64) -> Result<Vec<ExpiredLease>, Error> {
         let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT p.request_id, t.plan_id, t.id, t.attempt, t.agent_id, d.confirmed_at, t.lease_expires_at
                  FROM tasks t JOIN plans p ON p.id = t.plan_id
                  JOIN dispatches d ON d.task_id = t.id AND d.attempt = t.attempt
-                 WHERE t.status = $1 AND t.lease_expires_at < $2
-                 ORDER BY t.lease_expires_at LIMIT $3",
-                &[&TaskStatus::Dispatched.as_str(), &now, &limit],
+                 WHERE t.status = 'dispatched' AND t.lease_expires_at < now()
+                 ORDER BY t.lease_expires_at LIMIT $1",
+                &[&limit],
             )
             .await?;
         rows.iter()

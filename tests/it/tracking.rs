@@ -197,3 +197,34 @@ async fn an_attempt_whose_lease_expires_is_rerouted_and_its_late_result_ignored(
     assert_eq!((first_task.attempt, first_task.agent_id.as_deref()), (2, Some("worker")));
     assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
 }
+
+/// The last two results of a plan arriving together: each decision sees the other task still
+/// running, so without a guard neither completes the plan.
+#[tokio::test]
+async fn the_last_two_results_arriving_together_complete_the_plan() {
+    let app = spawn_app().await;
+    app.register_agent("scholar", &["research", "web"], 2, &[]).await;
+    app.register_agent("deployer", &["deployment", "shell"], 2, &[]).await;
+    for _ in 0..3 {
+        let id = app
+            .submit("Research self-hosted password managers and deploy Vaultwarden to the homelab", true)
+            .await;
+        let mut held = Vec::new();
+        while held.len() < 2 {
+            for agent in ["scholar", "deployer"] {
+                for assignment in app.drain(&app.agent_queue(agent)).await.into_iter().map(|(m, _)| m) {
+                    if matches!(key(&assignment), "1.summarize" | "2.verify") {
+                        held.push(assignment);
+                    } else {
+                        report(&app, &assignment, true).await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::join!(report(&app, &held[0], true), report(&app, &held[1], true));
+        let done = app.wait_for(id, |r| r.status.as_str() != "in_progress").await;
+        assert_eq!(done.status.as_str(), "completed", "{done:#?}");
+        assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
+    }
+}
