@@ -237,6 +237,68 @@ mod tests {
         );
     }
 
+    fn result(task_id: crate::ids::TaskId, at: chrono::DateTime<Utc>) -> crate::store::ResultRow {
+        crate::store::ResultRow {
+            task_id,
+            attempt: 1,
+            agent_id: "homelab-1".into(),
+            success: true,
+            output: String::new(),
+            error: None,
+            source: "agent".into(),
+            started_at: at,
+            finished_at: at,
+            received_at: at,
+        }
+    }
+
+    #[test]
+    fn a_finished_task_without_its_result_is_flagged() {
+        let mut trail = complete();
+        trail.tasks[0].status = TaskStatus::Succeeded;
+        let findings = check(&trail);
+        assert!(
+            findings.iter().any(|f| f == "task 1.prepare finished without a result for attempt 1"),
+            "{findings:?}"
+        );
+        let first = trail.tasks[0].id;
+        trail.results.push(result(first, Utc::now()));
+        // With its result it is finished properly; its dependent is released and now missing.
+        let findings = check(&trail);
+        assert!(!findings.iter().any(|f| f.contains("without a result")), "{findings:?}");
+        assert!(
+            findings.iter().any(|f| f.contains("1.deploy attempt 1 has 0 routing decisions")),
+            "{findings:?}"
+        );
+    }
+
+    #[test]
+    fn a_dispatch_before_its_dependency_succeeded_is_flagged_from_the_recorded_times() {
+        let mut trail = complete();
+        let (first, second) = (trail.tasks[0].id, trail.tasks[1].id);
+        let succeeded_at = Utc::now();
+        trail.tasks[0].status = TaskStatus::Succeeded;
+        trail.results.push(result(first, succeeded_at));
+        trail.tasks[1].status = TaskStatus::Dispatched;
+        trail.tasks[1].attempt = 1;
+        let mut decision = trail.decisions[0].clone();
+        decision.task_id = second;
+        trail.decisions.push(decision);
+        let mut dispatch = trail.dispatches[0].clone();
+        dispatch.task_id = second;
+        // Confirmed a second before the dependency's result was received.
+        dispatch.confirmed_at = succeeded_at - chrono::TimeDelta::seconds(1);
+        trail.dispatches.push(dispatch.clone());
+        let findings = check(&trail);
+        assert_eq!(
+            findings,
+            ["task 1.deploy attempt 1 was dispatched before its dependency 1.prepare succeeded"],
+            "{findings:?}"
+        );
+        trail.dispatches[1].confirmed_at = succeeded_at + chrono::TimeDelta::seconds(1);
+        assert_eq!(check(&trail), Vec::<String>::new());
+    }
+
     #[test]
     fn a_rejected_plan_is_complete_without_routing() {
         let mut trail = complete();

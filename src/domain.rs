@@ -179,6 +179,18 @@ impl Plan {
         wave
     }
 
+    /// Tasks that depend on `task`, directly or through others, in plan order.
+    pub fn dependents_of(&self, task: TaskId) -> Vec<TaskId> {
+        let mut doomed = HashSet::from([task]);
+        // Tasks come dependencies first, so one pass in order reaches every descendant.
+        for t in &self.tasks {
+            if t.depends_on.iter().any(|d| doomed.contains(d)) {
+                doomed.insert(t.id);
+            }
+        }
+        self.tasks.iter().map(|t| t.id).filter(|id| *id != task && doomed.contains(id)).collect()
+    }
+
     /// The set of distinct work types the plan needs.
     pub fn work_types(&self) -> BTreeSet<&WorkType> {
         self.tasks.iter().map(|t| &t.work_type).collect()

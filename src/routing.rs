@@ -198,6 +198,14 @@ pub fn route_tasks_excluding(
     Ok(routes)
 }
 
+/// Whether `agent` could ever take `task`: it has the capabilities and the resources, and (when
+/// `failed_before` is false) has not failed it. Load and health come and go; these do not.
+pub fn capable(task: &Task, agent: &Agent, failed_before: bool) -> bool {
+    !failed_before
+        && task.capabilities.iter().all(|c| agent.capabilities.contains(c))
+        && agent.resources.covers(&task.resources)
+}
+
 /// Why an agent that failed a task is not given it again.
 const FAILED_BEFORE: &str = "failed an earlier attempt of this task";
 

@@ -298,6 +298,7 @@ impl<S: Stage> Runner<S> {
                         Delivery::Failed(err) => Err(err.into()),
                     };
                 }
+                Outcome::Defer { reason } => return Err(Failure::Transient(reason)),
                 Outcome::Ignore { reason } => {
                     info!(%reason, "ignored");
                     return match self.persist(input, Value::Array(Vec::new()), &[]).await? {
@@ -385,8 +386,18 @@ impl<S: Stage> Runner<S> {
         warn!(%reason, "dead-lettering message");
         let reason = sanitize(reason);
         let body = sanitize(&String::from_utf8_lossy(&delivery.body));
-        let recorded =
-            self.store.record_dead_letter(S::NAME, &self.queue, message_id, request_id, &reason, &body).await;
+        let recorded = self
+            .store
+            .record_dead_letter(
+                S::NAME,
+                &self.queue,
+                message_id,
+                request_id,
+                &reason,
+                &body,
+                self.stage.dead_letter_fails_request(),
+            )
+            .await;
         if let Err(err) = recorded {
             return self.park(delivery, &format!("could not record dead letter: {err}")).await;
         }

@@ -54,15 +54,26 @@ impl Stage for Dispatch {
 
     fn undeliverable(&self, input: &Inbound<DispatchTask>, reason: &str) -> Vec<Write> {
         let task = &input.payload;
-        vec![Write::DispatchFailed {
-            request_id: request_id(input),
-            plan_id: task.plan_id,
-            task_id: task.task.id,
-            attempt: task.attempt,
-            decision_id: task.decision_id,
-            agent_id: task.agent_id.clone(),
-            reason: reason.to_owned(),
-        }]
+        vec![
+            Write::DispatchFailed {
+                request_id: request_id(input),
+                plan_id: task.plan_id,
+                task_id: task.task.id,
+                attempt: task.attempt,
+                decision_id: task.decision_id,
+                agent_id: task.agent_id.clone(),
+                reason: reason.to_owned(),
+            },
+            // Nothing takes the agent's messages: the plan cannot go on as planned.
+            Write::PlanFinished {
+                request_id: request_id(input),
+                plan_id: task.plan_id,
+                failure: Some(format!(
+                    "task {} could not be dispatched to {}: {reason}",
+                    task.task.key, task.agent_id
+                )),
+            },
+        ]
     }
 }
 
@@ -123,7 +134,10 @@ mod tests {
             Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };
         let writes = stage.undeliverable(&input(), "unroutable");
         assert!(
-            matches!(&writes[..], [Write::DispatchFailed { reason, attempt: 1, .. }] if reason == "unroutable")
+            matches!(&writes[0], Write::DispatchFailed { reason, attempt: 1, .. } if reason == "unroutable")
+        );
+        assert!(
+            matches!(&writes[1], Write::PlanFinished { failure: Some(f), .. } if f.contains("unroutable"))
         );
     }
 }

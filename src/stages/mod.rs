@@ -94,6 +94,9 @@ pub enum Outcome {
     Reject { writes: Vec<Write>, reason: String },
     /// Nothing to do (a late or duplicate message): log `reason`, mark the input processed, ack.
     Ignore { reason: String },
+    /// Not yet (an agent that could take the work is busy or silent): write nothing and have the
+    /// input come back later, as after a transient failure.
+    Defer { reason: String },
 }
 
 /// One stage of the pipeline.
@@ -137,6 +140,13 @@ pub trait Stage: Send + Sync + 'static {
     /// Whether the runner keeps an idempotency marker per input. Stages whose writes are
     /// idempotent by nature and very frequent (heartbeats) do without.
     fn deduplicates(&self) -> bool {
+        true
+    }
+
+    /// Whether a dead-lettered input fails the request it belongs to. True where an unusable
+    /// message means the request cannot go on; false where it is a stray (a result for a task
+    /// that does not exist says nothing about the request's own tasks).
+    fn dead_letter_fails_request(&self) -> bool {
         true
     }
 }

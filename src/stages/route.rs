@@ -47,11 +47,18 @@ impl Stage for Route {
         let Some(stored) = context.plan else {
             return Outcome::Reject { writes: Vec::new(), reason: format!("no plan {plan_id}") };
         };
-        if stored.status != PlanStatus::Approved {
-            return Outcome::Reject {
-                writes: Vec::new(),
-                reason: format!("plan {plan_id} is {}, not approved", stored.status),
-            };
+        match stored.status {
+            PlanStatus::Approved => {}
+            // A plan that ended has nothing left to route: a late message, not an error.
+            PlanStatus::Completed | PlanStatus::Failed | PlanStatus::Rejected => {
+                return Outcome::Ignore { reason: format!("plan {plan_id} is {}", stored.status) };
+            }
+            PlanStatus::Planned | PlanStatus::AwaitingApproval => {
+                return Outcome::Reject {
+                    writes: Vec::new(),
+                    reason: format!("plan {plan_id} is {}, not approved", stored.status),
+                };
+            }
         }
         let plan = &stored.plan;
         let done: HashSet<_> =
@@ -59,10 +66,45 @@ impl Stage for Route {
         let pending: HashSet<_> =
             context.tasks.iter().filter(|t| t.status == TaskStatus::Pending).map(|t| t.id).collect();
         let ready: Vec<_> = plan.ready_tasks(&done).filter(|t| pending.contains(&t.id)).collect();
+        let state = |task_id| context.tasks.iter().find(|t| t.id == task_id);
+        let is_retry = |task_id| state(task_id).is_some_and(|t| t.attempt > 0);
+        // A retry goes to an agent that has not failed the task, never to a default agent. If no
+        // agent could ever take it, the task has failed for good; its plan with it.
+        for task in ready.iter().filter(|t| is_retry(t.id)) {
+            let failed = context.failed.get(&task.id);
+            let able = context
+                .agents
+                .iter()
+                .any(|a| routing::capable(task, a, failed.is_some_and(|f| f.contains(&a.id))));
+            if !able {
+                let tried: Vec<&str> = failed.into_iter().flatten().map(|a| a.as_str()).collect();
+                let reason = format!(
+                    "task {} failed on {} and no other agent has what it needs",
+                    task.key,
+                    tried.join(", ")
+                );
+                let writes = vec![
+                    Write::TaskFailed {
+                        request_id: plan.request_id,
+                        plan_id,
+                        task_id: task.id,
+                        reason: reason.clone(),
+                        cancelled: plan.dependents_of(task.id),
+                    },
+                    Write::PlanFinished { request_id: plan.request_id, plan_id, failure: Some(reason) },
+                ];
+                return Outcome::Forward { writes, publish: Vec::new() };
+            }
+        }
         let routes =
             match routing::route_tasks_excluding(&ready, &context.agents, now, &self.policy, &context.failed)
             {
                 Ok(routes) => routes,
+                Err(routing::RouteError::NoDefaultAgent { task_id, .. }) if is_retry(task_id) => {
+                    return Outcome::Defer {
+                        reason: format!("task {task_id} waits for an agent that has not failed it"),
+                    };
+                }
                 Err(err) => {
                     let reason = format!("routing failed: {err}");
                     let writes =
@@ -70,7 +112,16 @@ impl Stage for Route {
                     return Outcome::Reject { writes, reason };
                 }
             };
-        let attempts = |task_id| context.tasks.iter().find(|t| t.id == task_id).map_or(0, |t| t.attempt) + 1;
+        if let Some((task, _)) = ready.iter().zip(&routes).find(|(t, r)| is_retry(t.id) && r.score.is_none())
+        {
+            return Outcome::Defer {
+                reason: format!(
+                    "task {} waits for an agent that has not failed it: those that could are busy or silent",
+                    task.key
+                ),
+            };
+        }
+        let attempts = |task_id| state(task_id).map_or(0, |t| t.attempt) + 1;
         let mut writes = Vec::with_capacity(routes.len());
         let mut publish = Vec::with_capacity(routes.len());
         for (task, route) in ready.iter().zip(routes) {

@@ -40,19 +40,6 @@ pub struct TrackContext {
     pub tasks: Vec<TaskState>,
 }
 
-/// Tasks that depend on `failed`, directly or through others.
-fn dependents_of(failed: TaskId, plan: &StoredPlan) -> Vec<TaskId> {
-    let mut doomed: HashSet<TaskId> = HashSet::from([failed]);
-    // Tasks come dependencies first, so one pass in order reaches every descendant.
-    for task in plan.plan.tasks() {
-        if task.depends_on.iter().any(|d| doomed.contains(d)) {
-            doomed.insert(task.id);
-        }
-    }
-    doomed.remove(&failed);
-    plan.plan.tasks().iter().map(|t| t.id).filter(|id| doomed.contains(id)).collect()
-}
-
 impl Stage for Track {
     type Input = TaskResult;
     type Context = TrackContext;
@@ -150,9 +137,13 @@ impl Stage for Track {
             plan_id,
             task_id: task.id,
             reason: reason.clone(),
-            cancelled: dependents_of(task.id, &stored),
+            cancelled: stored.plan.dependents_of(task.id),
         });
         writes.push(Write::PlanFinished { request_id, plan_id, failure: Some(reason) });
         Outcome::Forward { writes, publish: Vec::new() }
+    }
+
+    fn dead_letter_fails_request(&self) -> bool {
+        false
     }
 }

@@ -678,6 +678,20 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 )
                 .await?;
             if updated == 1 {
+                if let Some(reason) = failure {
+                    // Nothing else of a failed plan will run.
+                    tx.execute(
+                        "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
+                         WHERE plan_id = $1 AND status = $4",
+                        &[
+                            &plan_id.as_uuid(),
+                            &TaskStatus::Cancelled.as_str(),
+                            &format!("cancelled: the plan failed ({reason})"),
+                            &TaskStatus::Pending.as_str(),
+                        ],
+                    )
+                    .await?;
+                }
                 tx.execute(
                     "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
                      WHERE id = $1 AND status = $4",
@@ -714,12 +728,6 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                      WHERE id = $1 AND in_flight > 0
                        AND EXISTS (SELECT 1 FROM routing_decisions WHERE id = $2 AND reserved_capacity)",
                     &[&agent_id.as_str(), &decision_id.as_uuid()],
-                )
-                .await?;
-                let failure = format!("task could not be dispatched to {agent_id}: {reason}");
-                tx.execute(
-                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now() WHERE id = $1",
-                    &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), &failure],
                 )
                 .await?;
                 let detail = json!({ "attempt": attempt, "agent_id": agent_id, "reason": reason });

@@ -402,8 +402,9 @@ impl Store {
     }
 
     /// Records a dead letter; a second record of the same message at the same stage is ignored.
-    /// The request it belongs to, if it exists and is still under way, fails with the same reason:
-    /// whoever follows the request sees why it stopped instead of waiting for ever.
+    /// With `fail_request`, the request it belongs to, if it exists and is still under way, fails
+    /// with the same reason: whoever follows the request sees why it stopped instead of waiting
+    /// for ever.
     #[allow(clippy::too_many_arguments)]
     pub async fn record_dead_letter(
         &self,
@@ -413,6 +414,7 @@ impl Store {
         request_id: Option<RequestId>,
         reason: &str,
         body: &str,
+        fail_request: bool,
     ) -> Result<(), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -423,7 +425,7 @@ impl Store {
                 &[&message_id.as_uuid(), &stage, &queue, &request_id.map(Uuid::from), &reason, &body],
             )
             .await?;
-        if let (1, Some(request_id)) = (inserted, request_id) {
+        if let (1, Some(request_id), true) = (inserted, request_id, fail_request) {
             let under_way: Vec<&str> = [
                 RequestStatus::Received,
                 RequestStatus::Decomposed,

@@ -391,7 +391,11 @@ async fn an_agent_without_a_queue_fails_the_dispatch_and_gets_its_capacity_back(
     assert!(reason.contains("unroutable"), "{reason}");
     assert!(reason.contains(&app.agent_queue("ghost-1")), "{reason}");
     let failure = report.failure_reason.as_deref().unwrap_or_default();
-    assert!(failure.starts_with("task could not be dispatched to ghost-1"), "{failure}");
+    assert!(failure.starts_with("task 1.prepare could not be dispatched to ghost-1"), "{failure}");
+    // The plan cannot go on: it failed, and what was still to run is cancelled.
+    let plan = report.plan.as_ref().unwrap();
+    assert_eq!(plan.status.as_str(), "failed");
+    assert!(plan.tasks[1..].iter().all(|t| t.status.as_str() == "cancelled"), "{:?}", plan.tasks);
     match ops::progress(&report) {
         Progress::Failed(why) => assert!(why.contains("unroutable"), "{why}"),
         other => panic!("progress should say failed: {other:?}"),

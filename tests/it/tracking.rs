@@ -162,6 +162,9 @@ async fn duplicate_and_late_results_change_nothing_and_unknown_tasks_are_dead_le
     report(&app, &unknown, true).await;
     let dead = app.wait_dead_letters("track", 1).await;
     assert!(dead[0].reason.contains("does not have"), "{}", dead[0].reason);
+    // A stray result says nothing about this request's own tasks: it goes on.
+    let report_now = app.store.report(id).await.unwrap().unwrap();
+    assert_eq!(report_now.status.as_str(), "in_progress", "{:?}", report_now.failure_reason);
 }
 
 #[tokio::test]
@@ -227,4 +230,27 @@ async fn the_last_two_results_arriving_together_complete_the_plan() {
         assert_eq!(done.status.as_str(), "completed", "{done:#?}");
         assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
     }
+}
+
+#[tokio::test]
+async fn a_failed_task_that_no_other_agent_can_take_fails_the_plan_at_once() {
+    // The only deployment agent fails; a monitoring agent cannot take the retry.
+    let app = spawn_app().await;
+    app.register_agent("deployer", &["deployment", "shell"], 2, &[]).await;
+    app.register_agent("watcher", &["monitoring"], 2, &[]).await;
+    let id = app.submit("Deploy Uptime Kuma to the homelab and send alerts to Discord", true).await;
+    let first = assignments(&app, "deployer").await;
+    report(&app, &first[0], false).await;
+    let done = app.wait_for(id, |r| r.status.as_str() == "failed").await;
+    let reason = done.failure_reason.as_deref().unwrap();
+    assert!(reason.contains("failed on deployer and no other agent has what it needs"), "{reason}");
+    let plan = done.plan.as_ref().unwrap();
+    assert_eq!(plan.status.as_str(), "failed");
+    let statuses: Vec<&str> = plan.tasks.iter().map(|t| t.status.as_str()).collect();
+    assert_eq!(statuses, ["failed", "cancelled", "cancelled", "cancelled", "cancelled"]);
+    // Not routed to a default agent, not dispatched again.
+    let trail = app.store.trail(id).await.unwrap().unwrap();
+    assert_eq!(trail.decisions.len(), 1);
+    assert!(app.drain(&app.agent_queue("deployer")).await.is_empty());
+    assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
 }

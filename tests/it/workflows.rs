@@ -130,7 +130,12 @@ async fn submit_wait_ends_when_the_released_tasks_are_in_their_queues() {
         ])
         .await;
     let text = stdout(&output);
-    assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "not completed: {text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let id = text.lines().next().unwrap().trim().to_owned();
     assert!(text.contains("1.prepare=dispatched"), "{text}");
     // No agent process consumes homelab-1's queue here: the wait ends there, and says so.
