@@ -169,6 +169,14 @@ impl Subscription {
     }
 }
 
+/// What [`Broker::queue_state`] tells of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    /// Messages ready for delivery (not those delivered and not yet acknowledged).
+    pub messages: u32,
+    pub consumers: u32,
+}
+
 /// A connection with a publishing channel in confirm mode. Consumers get channels of their own.
 pub struct Broker {
     connection: Connection,
@@ -431,8 +439,9 @@ impl Broker {
         Ok(Some(incoming(message.delivery)))
     }
 
-    /// Number of ready messages in `queue` (passive declare: fails if it does not exist).
-    pub async fn queue_len(&self, queue: &str) -> Result<u32, Error> {
+    /// The ready messages and the consumers of `queue`, by a passive declare: an error if the
+    /// queue does not exist. The declare runs on a channel of its own, which that error closes.
+    pub async fn queue_state(&self, queue: &str) -> Result<QueueState, Error> {
         let channel = self.connection.create_channel().await?;
         let declared = channel
             .queue_declare(
@@ -442,21 +451,17 @@ impl Broker {
             )
             .await?;
         let _ = channel.close(200, "checked".into()).await;
-        Ok(declared.message_count())
+        Ok(QueueState { messages: declared.message_count(), consumers: declared.consumer_count() })
     }
 
-    /// Number of consumers of `queue` (passive declare: fails if it does not exist).
+    /// The number of ready messages in `queue`: see [`Broker::queue_state`].
+    pub async fn queue_len(&self, queue: &str) -> Result<u32, Error> {
+        Ok(self.queue_state(queue).await?.messages)
+    }
+
+    /// The number of consumers of `queue`: see [`Broker::queue_state`].
     pub async fn consumer_count(&self, queue: &str) -> Result<u32, Error> {
-        let channel = self.connection.create_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, "checked".into()).await;
-        Ok(declared.consumer_count())
+        Ok(self.queue_state(queue).await?.consumers)
     }
 
     /// Deletes queues (test teardown, tools); a queue that does not exist is fine.

@@ -4,7 +4,18 @@
 //! task reaches it only as JSON on standard input: nothing in a task's text can become a command
 //! line, however it is quoted. Exit code 0 is success. Standard output, up to
 //! [`MAX_RESULT_OUTPUT_BYTES`], is the result's output; the end of standard error explains a
-//! failure. A command that outlives the timeout is killed.
+//! failure.
+//!
+//! The command starts in a process group of its own (on Unix). A command that outlives the
+//! timeout is killed with everything it started in that group, and so is a command whose run is
+//! dropped (the agent aborted the task). A command that exits on its own is done: what it left
+//! running in the background is its business, and its output is read only for a moment
+//! ([`OUTPUT_DRAIN`]) after it exited, so that a background process holding its standard output
+//! open neither holds up the result nor loses it.
+//!
+//! Its environment is not the agent's: only [`PASSED_ENV`] and the task's `SWITCHYARD_TASK_ID`,
+//! `SWITCHYARD_WORK_TYPE` and `SWITCHYARD_ATTEMPT`. The agent's own settings (its broker URL with
+//! its credentials, say) never reach a task's command.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,9 +33,13 @@ use crate::wire::{MAX_RESULT_OUTPUT_BYTES, TaskAssignment};
 /// How much of the end of standard error a failure reports.
 pub const STDERR_TAIL_BYTES: usize = 8 * 1024;
 
-/// Environment variables a command does not inherit: they may hold Switchyard's credentials,
-/// which a task's command has no business with.
-const WITHHELD_ENV: &[&str] = &["AMQP_URL", "DATABASE_URL", "SWITCHYARD_CONFIG"];
+/// The agent's environment variables that a command gets (those the agent has); everything else
+/// is withheld.
+pub const PASSED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER"];
+
+/// How long the output of a command that exited is still read: enough for what is left in the
+/// pipes, and a bound when a background process it left holds them open.
+pub const OUTPUT_DRAIN: Duration = Duration::from_millis(250);
 
 /// A program and its arguments. No shell is involved: `args` reach the program as they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,8 +145,13 @@ impl Exec {
         };
         let input = serde_json::to_vec(task).expect("a task assignment serializes");
         let mut process = tokio::process::Command::new(&command.program);
+        process.args(&command.args).env_clear();
+        for name in PASSED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                process.env(name, value);
+            }
+        }
         process
-            .args(&command.args)
             .env("SWITCHYARD_TASK_ID", task.task.id.to_string())
             .env("SWITCHYARD_WORK_TYPE", work_type.as_str())
             .env("SWITCHYARD_ATTEMPT", task.attempt.to_string())
@@ -139,13 +159,14 @@ impl Exec {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for name in WITHHELD_ENV {
-            process.env_remove(name);
-        }
+        #[cfg(unix)]
+        process.process_group(0);
         let mut child = match process.spawn() {
             Ok(child) => child,
             Err(err) => return Execution::failed(format!("cannot start {}: {err}", command.program)),
         };
+        // From here on, a dropped run kills the command and all it started.
+        let mut group = ProcessGroup::of(&child);
         let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
         let write_input = async move {
             if let Some(mut stdin) = stdin {
@@ -155,29 +176,46 @@ impl Exec {
                 // Dropped here: the command sees the end of its input.
             }
         };
-        let finished = tokio::time::timeout(self.timeout, async {
-            let ((), stdout, stderr, status) = tokio::join!(
-                write_input,
-                read_head(stdout, MAX_RESULT_OUTPUT_BYTES),
-                read_tail(stderr, STDERR_TAIL_BYTES),
-                child.wait(),
-            );
-            (stdout, stderr, status)
-        })
-        .await;
-        let (stdout, stderr, status) = match finished {
-            Ok(finished) => finished,
-            Err(_) => {
+        // Kept outside the readers, so that what they read survives when they are given up.
+        let (mut stdout_kept, mut stderr_kept) = (Vec::new(), Vec::new());
+        let status = {
+            let io = async {
+                tokio::join!(
+                    write_input,
+                    read_head(stdout, MAX_RESULT_OUTPUT_BYTES, &mut stdout_kept),
+                    read_tail(stderr, STDERR_TAIL_BYTES, &mut stderr_kept),
+                )
+            };
+            tokio::pin!(io);
+            let mut io_done = false;
+            let deadline = tokio::time::sleep(self.timeout);
+            tokio::pin!(deadline);
+            let exited = loop {
+                tokio::select! {
+                    status = child.wait() => break Some(status),
+                    _ = &mut io, if !io_done => io_done = true,
+                    () = &mut deadline => break None,
+                }
+            };
+            let Some(status) = exited else {
+                group.kill();
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 return Execution::failed(format!("timed out after {}", seconds(self.timeout)));
+            };
+            // The command is gone: nothing is left to kill on its behalf.
+            group.disarm();
+            if !io_done {
+                let _ = tokio::time::timeout(OUTPUT_DRAIN, &mut io).await;
             }
+            status
         };
         let status = match status {
             Ok(status) => status,
             Err(err) => return Execution::failed(format!("cannot wait for {}: {err}", command.program)),
         };
-        let output = truncate_utf8(String::from_utf8_lossy(&stdout).into_owned(), MAX_RESULT_OUTPUT_BYTES);
+        let output =
+            truncate_utf8(String::from_utf8_lossy(&stdout_kept).into_owned(), MAX_RESULT_OUTPUT_BYTES);
         if status.success() {
             return Execution::succeeded(output);
         }
@@ -185,10 +223,58 @@ impl Exec {
             Some(code) => format!("exit code {code}"),
             None => status.to_string(),
         };
-        let stderr = String::from_utf8_lossy(&stderr);
+        let stderr = String::from_utf8_lossy(tail(&stderr_kept, STDERR_TAIL_BYTES));
         let stderr = stderr.trim();
         let error = if stderr.is_empty() { how } else { format!("{how}: {stderr}") };
         Execution::failed(error).with_output(output)
+    }
+}
+
+/// The process group of a command started with `process_group(0)`, whose id is the command's
+/// process id. Dropped while armed, it kills the whole group: the command and whatever it
+/// started that did not leave the group.
+struct ProcessGroup {
+    #[cfg(unix)]
+    id: Option<libc::pid_t>,
+}
+
+impl ProcessGroup {
+    fn of(child: &tokio::process::Child) -> Self {
+        #[cfg(unix)]
+        {
+            ProcessGroup { id: child.id().and_then(|id| libc::pid_t::try_from(id).ok()) }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = child;
+            ProcessGroup {}
+        }
+    }
+
+    /// Kills every process in the group (SIGKILL), once.
+    fn kill(&mut self) {
+        #[cfg(unix)]
+        if let Some(id) = self.id.take() {
+            // SAFETY: killpg has no memory-safety preconditions. The group still exists: its
+            // leader, the command, has not been waited for yet (`disarm` is called once it has).
+            unsafe {
+                libc::killpg(id, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// The command exited and was waited for: the group is no longer ours to kill.
+    fn disarm(&mut self) {
+        #[cfg(unix)]
+        {
+            self.id = None;
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -201,15 +287,14 @@ fn seconds(duration: Duration) -> String {
     }
 }
 
-/// Reads to the end, keeping the first `limit` bytes. The rest is read and dropped, so that a
-/// command printing without end neither blocks on a full pipe nor fills the agent's memory.
-async fn read_head(reader: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let Some(mut reader) = reader else { return kept };
+/// Reads to the end into `kept`, keeping the first `limit` bytes. The rest is read and dropped, so
+/// that a command printing without end neither blocks on a full pipe nor fills the agent's memory.
+async fn read_head(reader: Option<impl AsyncRead + Unpin>, limit: usize, kept: &mut Vec<u8>) {
+    let Some(mut reader) = reader else { return };
     let mut buffer = vec![0; 16 * 1024];
     loop {
         match reader.read(&mut buffer).await {
-            Ok(0) | Err(_) => return kept,
+            Ok(0) | Err(_) => return,
             Ok(n) => {
                 let room = limit - kept.len();
                 kept.extend_from_slice(&buffer[..n.min(room)]);
@@ -218,14 +303,14 @@ async fn read_head(reader: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<
     }
 }
 
-/// Reads to the end, keeping the last `limit` bytes.
-async fn read_tail(reader: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let Some(mut reader) = reader else { return kept };
+/// Reads to the end into `kept`, keeping at least the last `limit` bytes (and at most twice as
+/// many: [`tail`] cuts them).
+async fn read_tail(reader: Option<impl AsyncRead + Unpin>, limit: usize, kept: &mut Vec<u8>) {
+    let Some(mut reader) = reader else { return };
     let mut buffer = vec![0; 16 * 1024];
     loop {
         match reader.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return,
             Ok(n) => {
                 kept.extend_from_slice(&buffer[..n]);
                 if kept.len() > 2 * limit {
@@ -234,10 +319,11 @@ async fn read_tail(reader: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<
             }
         }
     }
-    if kept.len() > limit {
-        kept.drain(..kept.len() - limit);
-    }
-    kept
+}
+
+/// The last `limit` bytes of `bytes`.
+fn tail(bytes: &[u8], limit: usize) -> &[u8] {
+    &bytes[bytes.len().saturating_sub(limit)..]
 }
 
 #[cfg(test)]
@@ -362,14 +448,93 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_command_gets_the_task_ids_but_not_the_credentials() {
+    async fn the_command_gets_the_task_ids_and_an_allowed_environment_only() {
         let task = assignment("1.deploy", "x", 60);
-        // The test process may or may not have them (the integration tests do): either way the
-        // command does not.
-        let script =
-            "echo \"${AMQP_URL:-none} ${DATABASE_URL:-none} $SWITCHYARD_WORK_TYPE $SWITCHYARD_ATTEMPT\"";
-        let execution = exec("/bin/sh", &["-c", script], Duration::from_secs(10)).run(&task).await;
-        assert_eq!(execution.output, "none none deployment 1\n");
+        // Whatever the test process has (the integration tests have AMQP_URL and DATABASE_URL),
+        // the command sees the allowed variables and its task's, nothing else.
+        let execution = exec("/usr/bin/env", &[], Duration::from_secs(10)).run(&task).await;
+        assert!(execution.success, "{execution:?}");
+        let env: BTreeMap<&str, &str> =
+            execution.output.lines().map(|line| line.split_once('=').expect("NAME=value")).collect();
+        let task_id = task.task.id.to_string();
+        assert_eq!(env["SWITCHYARD_TASK_ID"], task_id);
+        assert_eq!(env["SWITCHYARD_WORK_TYPE"], "deployment");
+        assert_eq!(env["SWITCHYARD_ATTEMPT"], "1");
+        for name in env.keys() {
+            assert!(
+                PASSED_ENV.contains(name) || name.starts_with("SWITCHYARD_"),
+                "{name} reached the command: {env:?}"
+            );
+        }
+        for name in PASSED_ENV {
+            assert_eq!(env.get(name).copied(), std::env::var(name).ok().as_deref(), "{name} is passed on");
+        }
+        assert_eq!(env.keys().filter(|name| name.starts_with("SWITCHYARD_")).count(), 3, "{env:?}");
+    }
+
+    /// A marker file that a test's command may create; removed on drop.
+    struct Marker(std::path::PathBuf);
+
+    impl Marker {
+        fn new() -> Self {
+            Marker(std::env::temp_dir().join(format!("switchyard-exec-{}", uuid::Uuid::new_v4())))
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().expect("a UTF-8 temporary directory")
+        }
+    }
+
+    impl Drop for Marker {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_what_the_command_started_too() {
+        // The command's script is the test's; the executor still runs a configured program.
+        let marker = Marker::new();
+        let task = assignment("1.deploy", "x", 60);
+        let script = format!("(sleep 2; touch '{}') & sleep 30", marker.path());
+        let started = std::time::Instant::now();
+        let execution = exec("/bin/sh", &["-c", &script], Duration::from_secs(1)).run(&task).await;
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert_eq!(execution.error.as_deref(), Some("timed out after 1s"));
+        // Longer than the background child's sleep: had it survived, it would have touched it.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!marker.0.exists(), "the command's child outlived the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_run_kills_the_command_and_what_it_started() {
+        let marker = Marker::new();
+        let task = assignment("1.deploy", "x", 60);
+        let script = format!("(sleep 2; touch '{}') & sleep 30", marker.path());
+        let exec = exec("/bin/sh", &["-c", &script], Duration::from_secs(60));
+        // As when the agent aborts the task.
+        let run = tokio::time::timeout(Duration::from_millis(500), exec.run(&task)).await;
+        assert!(run.is_err(), "the run was given up, not finished");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!marker.0.exists(), "the command's child outlived the run");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_leaves_a_child_in_the_background_completes_with_its_output() {
+        let task = assignment("1.deploy", "x", 60);
+        // The background `sleep` holds the command's standard output open long after it exited.
+        let script = "cat >/dev/null; sleep 30 & echo \"started $!\"";
+        let started = std::time::Instant::now();
+        let execution = exec("/bin/sh", &["-c", script], Duration::from_secs(20)).run(&task).await;
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert!(execution.success, "{execution:?}");
+        let pid = execution.output.strip_prefix("started ").and_then(|rest| rest.trim().parse::<i32>().ok());
+        let pid = pid.unwrap_or_else(|| panic!("the output: {:?}", execution.output));
+        // Left running: the command exited on its own, its background process is its business.
+        // SAFETY: kill has no memory-safety preconditions.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(alive, "only a timed-out or dropped run kills what the command started");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! each assignment with its [`TaskHandler`] (up to its capacity at a time) and publishes a
 //! [`TaskResult`] to `<ns>.results` with publisher confirms. It acknowledges an assignment only
 //! once the broker confirmed its result: an agent that dies mid-task leaves the assignment to be
-//! redelivered, never lost. It speaks AMQP only; it needs no database.
+//! redelivered, never lost; one that loses its connection aborts its running tasks at once, since
+//! their assignments come back anyway. An assignment addressed to another agent is rejected
+//! unrun. It speaks AMQP only; it needs no database.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -32,7 +34,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -41,7 +43,7 @@ pub use exec::{Exec, ExecCommand, ExecConfig, STDERR_TAIL_BYTES};
 pub use executor::{Execution, Executor, TaskHandler, truncate_utf8};
 pub use simulate::{SIMULATED_FAILURE, Simulate};
 
-use crate::broker::{self, Broker, Incoming, Outgoing};
+use crate::broker::{self, Broker, Incoming, Outgoing, Subscription};
 use crate::domain::Resources;
 use crate::ids::AgentId;
 use crate::wire::{self, Envelope, Heartbeat, MAX_RESULT_OUTPUT_BYTES, TaskAssignment, TaskResult};
@@ -125,8 +127,9 @@ impl AgentBuilder {
         self
     }
 
-    /// How long a shutdown waits for running tasks. Those still running then are abandoned: their
-    /// assignments go back to the queue when the channel closes.
+    /// How long a requested shutdown waits for running tasks. Those still running then are
+    /// abandoned: their assignments go back to the queue when the channel closes. When the broker
+    /// stops delivering, there is no grace: the running tasks are aborted at once.
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
         self
@@ -139,8 +142,16 @@ impl AgentBuilder {
         self
     }
 
-    /// The agent, running tasks with `handler`.
+    /// The agent, running tasks with `handler`, if the settings pass [`AgentBuilder::check`].
     pub fn build<H: TaskHandler>(self, handler: H) -> Result<Agent<H>, Error> {
+        self.check()?;
+        Ok(Agent { settings: Arc::new(self), handler: Arc::new(handler) })
+    }
+
+    /// Whether the settings are in range: a capacity of 1 to 65535, a positive heartbeat
+    /// interval, at least one attempt to publish a result, no empty capability and a CPU count
+    /// that is a number, not negative. `build` checks them, and so does `switchyard agents register`.
+    pub fn check(&self) -> Result<(), Error> {
         if self.capacity == 0 || self.capacity > u32::from(u16::MAX) {
             return Err(Error::Invalid(format!("capacity must be 1 to 65535, not {}", self.capacity)));
         }
@@ -153,7 +164,20 @@ impl AgentBuilder {
         if let Some(bad) = self.capabilities.iter().find(|c| c.trim().is_empty()) {
             return Err(Error::Invalid(format!("empty capability {bad:?}")));
         }
-        Ok(Agent { settings: Arc::new(self), handler: Arc::new(handler) })
+        let cpu = self.resources.cpu;
+        if !cpu.is_finite() || cpu < 0.0 {
+            return Err(Error::Invalid(format!("cpu must be a number of cores, 0 or more, not {cpu}")));
+        }
+        Ok(())
+    }
+
+    pub fn id(&self) -> &AgentId {
+        &self.id
+    }
+
+    /// The heartbeat of an agent with these settings and `in_flight` tasks running.
+    pub fn heartbeat(&self, in_flight: u32) -> Heartbeat {
+        heartbeat(self, in_flight)
     }
 }
 
@@ -220,6 +244,9 @@ impl<H: TaskHandler> Agent<H> {
     ///
     /// On shutdown it stops consuming, gives back the deliveries it had not started, waits up to
     /// the shutdown grace for the running tasks to finish and report, and stops heartbeating.
+    /// When the broker stops delivering (the connection is lost, say), it aborts the running tasks
+    /// at once, since their deliveries can no longer be acknowledged: the broker gives them back
+    /// and they are run again.
     pub async fn run(self, broker: Arc<Broker>, shutdown: CancellationToken) -> Result<(), Error> {
         let id = self.settings.id.clone();
         let queue = broker.declare_agent_queue(&id).await?;
@@ -257,33 +284,30 @@ impl<H: TaskHandler> Agent<H> {
                 },
             }
         };
-        if outcome.is_ok() {
-            info!(agent = %id, running = running.len(), "shutting down: finishing the running tasks");
-        }
-        // Stop consuming, and give back what came before the broker took the cancel in.
-        if let Err(err) = subscription.cancel().await {
-            debug!(agent = %id, error = %err, "cannot cancel the consumer");
-        }
-        let give_back = async {
-            while let Some(Ok(delivery)) = deliveries.next().await {
-                if let Err(err) = delivery.requeue().await {
-                    debug!(agent = %id, error = %err, "cannot give a delivery back");
-                }
+        match &outcome {
+            Ok(()) => {
+                info!(agent = %id, running = running.len(), "shutting down: finishing the running tasks");
+                finish_running(
+                    &id,
+                    &subscription,
+                    &mut deliveries,
+                    &mut running,
+                    self.settings.shutdown_grace,
+                )
+                .await;
             }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), give_back).await;
-        let finish = async {
-            while let Some(joined) = running.join_next().await {
-                log_join(joined);
+            Err(err) => {
+                // The deliveries of the running tasks cannot be acknowledged any more: their results
+                // would be published for nothing. They come back to the queue and are run again
+                // (their results keep their message ids, which the track stage deduplicates).
+                warn!(
+                    agent = %id,
+                    error = %err,
+                    aborted = running.len(),
+                    "the broker stopped delivering: running tasks aborted, their assignments go back to the queue"
+                );
+                running.shutdown().await;
             }
-        };
-        if tokio::time::timeout(self.settings.shutdown_grace, finish).await.is_err() {
-            warn!(
-                agent = %id,
-                abandoned = running.len(),
-                "tasks still running after the shutdown grace; abandoned, their assignments go back to the queue"
-            );
-            running.shutdown().await;
         }
         stop_heartbeats.cancel();
         let _ = heartbeats.await;
@@ -293,6 +317,42 @@ impl<H: TaskHandler> Agent<H> {
         drop(deliveries);
         info!(agent = %id, "agent stopped");
         outcome
+    }
+}
+
+/// A requested shutdown: stops consuming, gives back the deliveries not started, and waits up to
+/// `grace` for the running tasks to report; those still running then are aborted.
+async fn finish_running(
+    id: &AgentId,
+    subscription: &Subscription,
+    deliveries: &mut (impl Stream<Item = Result<Incoming, broker::Error>> + Unpin),
+    running: &mut JoinSet<()>,
+    grace: Duration,
+) {
+    // Stop consuming, and give back what came before the broker took the cancel in.
+    if let Err(err) = subscription.cancel().await {
+        debug!(agent = %id, error = %err, "cannot cancel the consumer");
+    }
+    let give_back = async {
+        while let Some(Ok(delivery)) = deliveries.next().await {
+            if let Err(err) = delivery.requeue().await {
+                debug!(agent = %id, error = %err, "cannot give a delivery back");
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), give_back).await;
+    let finish = async {
+        while let Some(joined) = running.join_next().await {
+            log_join(joined);
+        }
+    };
+    if tokio::time::timeout(grace, finish).await.is_err() {
+        warn!(
+            agent = %id,
+            abandoned = running.len(),
+            "tasks still running after the shutdown grace; abandoned, their assignments go back to the queue"
+        );
+        running.shutdown().await;
     }
 }
 
@@ -380,11 +440,24 @@ async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
             return;
         }
     };
-    let _counted = InFlight::enter(&shared.in_flight);
     let task = &assignment.payload;
     if task.agent_id != *agent {
-        warn!(%agent, assigned_to = %task.agent_id, task = %task.task.id, "an assignment for another agent; running it");
+        // Its result would be reported under this agent's id, and the track stage ignores a result
+        // from an agent other than the one the task was routed to: running it would be for nothing.
+        // Given back, it would come straight back here.
+        error!(
+            %agent,
+            assigned_to = %task.agent_id,
+            task = %task.task.id,
+            message_id = ?delivery.message_id,
+            "an assignment for another agent: dropped, not run, no result"
+        );
+        if let Err(err) = delivery.reject().await {
+            warn!(%agent, error = %err, "cannot reject the assignment");
+        }
+        return;
     }
+    let _counted = InFlight::enter(&shared.in_flight);
     info!(%agent, task = %task.task.id, key = %task.task.key, attempt = task.attempt, "task started");
     let started_at = Utc::now();
     let execution = execute(&*shared.handler, task).await;
@@ -488,6 +561,11 @@ pub(crate) mod tests {
         assert!(builder().heartbeat_every(Duration::ZERO).build(Simulate::default()).is_err());
         assert!(builder().result_attempts(0).build(Simulate::default()).is_err());
         assert!(builder().capabilities([" "]).build(Simulate::default()).is_err());
+        for cpu in [-1.0, f64::NAN, f64::INFINITY] {
+            let resources = Resources { cpu, memory_mb: 1024, gpu: 0 };
+            assert!(builder().resources(resources).check().is_err(), "{cpu}");
+        }
+        assert!(builder().resources(Resources { cpu: 0.0, memory_mb: 0, gpu: 0 }).check().is_ok());
         assert!(builder().capacity(65_535).build(Simulate::default()).is_ok());
     }
 

@@ -297,6 +297,83 @@ async fn an_unusable_assignment_is_dropped_and_the_agent_carries_on() {
     assert!(bare.drain(&bare.names.queue("results")).await.is_empty(), "no result for the garbage");
 }
 
+#[tokio::test]
+async fn an_assignment_for_another_agent_is_rejected_without_running_it() {
+    let mut bare = Bare::new().await;
+    let queue = bare.declare_agent_queue("homelab-1").await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = Slow { runs: runs.clone(), ..Slow::default() };
+    let agent = start_agent(&bare.amqp_url, &bare.names, homelab("homelab-1"), handler).await;
+    // In homelab-1's queue, but routed to homelab-2: its result would be reported under the wrong
+    // agent, and the track stage would ignore it.
+    let stray = assignment("homelab-2", "1.prepare", 5);
+    bare.publish_assignment("homelab-1", &stray, None).await;
+    let task = assignment("homelab-1", "1.deploy", 5);
+    bare.publish_assignment("homelab-1", &task, None).await;
+    let results = bare.wait_results(1).await;
+    assert_eq!(results[0].0["payload"]["task_id"], task.payload.task.id.to_string());
+    agent.stop().await.expect("a clean stop");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "only the agent's own assignment ran");
+    assert!(bare.drain(&bare.names.queue("results")).await.is_empty(), "no result for the stray one");
+    assert_eq!(bare.broker.queue_len(&queue).await.unwrap(), 0, "rejected, not given back");
+}
+
+/// A handler that never finishes on its own, and says when it started and when it was dropped
+/// unfinished (aborted).
+#[derive(Default)]
+struct Endless {
+    started: Arc<Notify>,
+    aborted: Arc<Notify>,
+}
+
+struct NotifyOnDrop(Arc<Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+impl TaskHandler for Endless {
+    async fn run(&self, _: &TaskAssignment) -> Execution {
+        let _aborted = NotifyOnDrop(self.aborted.clone());
+        self.started.notify_one();
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_lost_connection_aborts_the_running_tasks_at_once_and_gives_them_back() {
+    let mut bare = Bare::new().await;
+    let queue = bare.declare_agent_queue("homelab-1").await;
+    let handler = Endless::default();
+    let (started, aborted) = (handler.started.clone(), handler.aborted.clone());
+    // A long grace: were it waited for, the test would time out.
+    let agent = homelab("homelab-1").shutdown_grace(Duration::from_secs(120)).build(handler).unwrap();
+    let broker = Arc::new(Broker::connect(&bare.amqp_url, bare.names.clone()).await.unwrap());
+    let running = tokio::spawn(agent.run(broker.clone(), tokio_util::sync::CancellationToken::new()));
+    bare.publish_assignment("homelab-1", &assignment("homelab-1", "1.prepare", 5), None).await;
+    tokio::time::timeout(Duration::from_secs(10), started.notified()).await.expect("the task started");
+
+    // The agent's connection goes: its deliveries can no longer be acknowledged.
+    broker.close().await;
+    let ran = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the agent returns at once, without waiting for its running task")
+        .expect("the agent's task");
+    assert!(ran.is_err(), "a lost connection is an error for the caller to reconnect on: {ran:?}");
+    tokio::time::timeout(Duration::from_secs(1), aborted.notified())
+        .await
+        .expect("the running task was aborted");
+    // Not acknowledged: the broker gives it back, to be run again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bare.broker.queue_len(&queue).await.unwrap() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the aborted task never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(bare.drain(&bare.names.queue("results")).await.is_empty(), "no result");
+}
+
 /// A handler that says when it started, works for a while, and counts its runs and how many
 /// ran at once.
 #[derive(Default)]
@@ -452,4 +529,42 @@ async fn the_agent_command_registers_and_runs_a_plan_with_exec() {
     assert!(audit.status.success(), "{}", stdout(&audit));
     assert!(child.try_wait().unwrap().is_none(), "the agent still runs");
     child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn agent_and_agents_register_take_the_same_agent_flags_checked_the_same_way() {
+    let namespace = format!("t{}-flags", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let env = [("SWITCHYARD_NAMESPACE", namespace.as_str())];
+    let base = ["--id", "homelab-1", "--capabilities", "deployment,shell"];
+    for command in [&["agent"][..], &["agents", "register"]] {
+        let run = |extra: &'static [&'static str]| {
+            let args: Vec<&str> = command.iter().chain(&base).chain(extra).copied().collect();
+            async move { crate::broker::switchyard(&env, &args).await }
+        };
+        let too_many = run(&["--capacity", "70000"]).await;
+        assert_eq!(too_many.status.code(), Some(2), "{command:?}: {}", stderr_text(&too_many));
+        assert!(
+            stderr_text(&too_many).contains("70000 is not in 1..=65535"),
+            "{command:?}: {}",
+            stderr_text(&too_many)
+        );
+        let negative = run(&["--cpu=-1"]).await;
+        assert_eq!(negative.status.code(), Some(2), "{command:?}: {}", stderr_text(&negative));
+        assert!(
+            stderr_text(&negative).contains("cpu must be a number of cores, 0 or more, not -1"),
+            "{command:?}: {}",
+            stderr_text(&negative)
+        );
+        let empty = run(&["--capabilities", "docker,"]).await;
+        assert_eq!(empty.status.code(), Some(2), "{command:?}: {}", stderr_text(&empty));
+        assert!(
+            stderr_text(&empty).contains("empty capability \"\""),
+            "{command:?}: {}",
+            stderr_text(&empty)
+        );
+    }
+}
+
+fn stderr_text(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use switchyard::broker::{Broker, Outgoing};
+use switchyard::broker::{Broker, Outgoing, QueueState};
 use switchyard::ids::{AgentId, MessageId, Namespace, RequestId};
 use switchyard::ops::{self, Progress};
 use switchyard::runner::Runner;
@@ -255,6 +255,36 @@ async fn an_agent_queue_declared_by_the_agent_is_compatible_and_a_conflict_break
     let id = app.submit("Deploy nginx to the homelab", true).await;
     let report = app.wait_settled(id).await;
     assert_eq!(ops::progress(&report), Progress::Dispatched, "{report:#?}");
+}
+
+#[tokio::test]
+async fn the_state_of_a_queue_counts_its_ready_messages_and_its_consumers() {
+    let namespace = Namespace::parse(format!("t{}-state", &uuid::Uuid::new_v4().simple().to_string()[..12]));
+    let broker = Broker::connect(&amqp_url(), Names::new(namespace.unwrap())).await.expect("the broker");
+    let queue = broker.declare_agent_queue(&AgentId::parse("homelab-1").unwrap()).await.unwrap();
+    assert_eq!(broker.queue_state(&queue).await.unwrap(), QueueState { messages: 0, consumers: 0 });
+    for body in ["one", "two"] {
+        broker.publish(&Outgoing::to_queue(queue.clone(), body.as_bytes().to_vec())).await.unwrap();
+    }
+    assert_eq!(broker.queue_state(&queue).await.unwrap(), QueueState { messages: 2, consumers: 0 });
+    // A consumer with a prefetch of 1 holds one message unacknowledged: one is left ready.
+    let (subscription, _deliveries) = broker.subscribe(&queue, 1).await.unwrap();
+    let expected = QueueState { messages: 1, consumers: 1 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.queue_state(&queue).await.unwrap() != expected {
+        assert!(Instant::now() < deadline, "{:?}", broker.queue_state(&queue).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        (broker.queue_len(&queue).await.unwrap(), broker.consumer_count(&queue).await.unwrap()),
+        (1, 1)
+    );
+    drop(subscription);
+    let missing = broker.names().queue("missing");
+    assert!(broker.queue_state(&missing).await.unwrap_err().to_string().contains("NOT_FOUND"));
+    assert!(broker.is_healthy(), "the passive declare failed on a channel of its own");
+    broker.delete_queues(&[queue]).await.unwrap();
+    broker.close().await;
 }
 
 /// A stage with bugs: it panics parsing `parse` and deciding about `decide`.

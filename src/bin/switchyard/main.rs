@@ -123,8 +123,10 @@ struct SubmitArgs {
     timeout: u64,
 }
 
+/// Who an agent is and what it offers: the same for `agent` and `agents register`, checked by
+/// [`AgentBuilder::check`] for both.
 #[derive(Args)]
-struct AgentArgs {
+struct AgentSpec {
     /// The agent's id; its queue is `<namespace>.agent.<id>`.
     #[arg(long)]
     id: AgentId,
@@ -143,6 +145,26 @@ struct AgentArgs {
     memory_mb: u64,
     #[arg(long, default_value_t = 0)]
     gpu: u32,
+}
+
+impl AgentSpec {
+    /// The agent's settings, checked.
+    fn builder(self) -> Result<AgentBuilder> {
+        let AgentSpec { id, capabilities, capacity, labels, cpu, memory_mb, gpu } = self;
+        let builder = AgentBuilder::new(id)
+            .capabilities(capabilities)
+            .capacity(capacity)
+            .labels(labels)
+            .resources(Resources { cpu, memory_mb, gpu });
+        builder.check()?;
+        Ok(builder)
+    }
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    spec: AgentSpec,
     /// How tasks are run.
     #[arg(long, value_enum, default_value_t = ExecutorKind::Simulate)]
     executor: ExecutorKind,
@@ -189,23 +211,7 @@ enum AgentsCommand {
         json: bool,
     },
     /// Register an agent (as its heartbeat would) and declare its queue.
-    Register {
-        #[arg(long)]
-        id: AgentId,
-        #[arg(long, value_delimiter = ',', required = true)]
-        capabilities: Vec<String>,
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-        capacity: u32,
-        /// key=value (repeatable).
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        #[arg(long, default_value_t = 1.0)]
-        cpu: f64,
-        #[arg(long, default_value_t = 1024)]
-        memory_mb: u64,
-        #[arg(long, default_value_t = 0)]
-        gpu: u32,
-    },
+    Register(AgentSpec),
 }
 
 /// `all` and every stage: clap refuses anything else, listing these.
@@ -377,27 +383,13 @@ async fn run(cli: Cli) -> Result<Exit> {
                 print::agents(&agents, config.routing.heartbeat_ttl_secs);
             }
         }
-        Command::Agents(AgentsCommand::Register {
-            id,
-            capabilities,
-            capacity,
-            labels,
-            cpu,
-            memory_mb,
-            gpu,
-        }) => {
+        Command::Agents(AgentsCommand::Register(spec)) => {
+            let builder = spec.builder()?;
             let store = connect_store(&config).await?;
             let broker = connect_broker(&config).await?;
-            let queue = broker.declare_agent_queue(&id).await?;
-            let heartbeat = Heartbeat {
-                agent_id: id.clone(),
-                capabilities: capabilities.into_iter().collect(),
-                capacity,
-                in_flight: 0,
-                labels: labels.into_iter().collect(),
-                resources: Resources { cpu, memory_mb, gpu },
-                sent_at: None,
-            };
+            let id = builder.id();
+            let queue = broker.declare_agent_queue(id).await?;
+            let heartbeat = Heartbeat { sent_at: None, ..builder.heartbeat(0) };
             store.register_agent("cli", heartbeat).await?;
             println!("agent {id} registered; its queue is {queue}");
             broker.close().await;
@@ -473,13 +465,8 @@ fn executor(args: &AgentArgs) -> Result<Executor> {
 /// Runs an agent until a signal; connects again when the connection is lost.
 async fn run_agent(config: Config, args: AgentArgs) -> Result<Exit> {
     let executor = executor(&args)?;
-    let agent = AgentBuilder::new(args.id.clone())
-        .capabilities(args.capabilities)
-        .capacity(args.capacity)
-        .labels(args.labels)
-        .resources(Resources { cpu: args.cpu, memory_mb: args.memory_mb, gpu: args.gpu })
-        .heartbeat_every(Duration::from_secs(args.heartbeat_secs))
-        .build(executor)?;
+    let agent =
+        args.spec.builder()?.heartbeat_every(Duration::from_secs(args.heartbeat_secs)).build(executor)?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
