@@ -193,6 +193,19 @@ pub mod admin {
                 let store = Store::connect(&with_database(url, &building), 1).await?;
                 store.migrate().await?;
                 store.pool.close();
+                // Templates of earlier migrations (same name but for the part after the last
+                // '_') are of no use any more.
+                if let Some((family, _)) = template.rsplit_once('_') {
+                    let family = format!("{family}_");
+                    for row in client.query("SELECT datname FROM pg_database", &[]).await? {
+                        let name: String = row.get(0);
+                        if name.starts_with(&family) && name != template && !name.ends_with("_building") {
+                            let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&name));
+                            // A test run of an older build may still be using it: then it stays.
+                            let _ = client.execute(sql.as_str(), &[]).await;
+                        }
+                    }
+                }
                 // Renamed only once migrated, so a template that exists is a complete one.
                 client
                     .execute(

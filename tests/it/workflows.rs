@@ -326,6 +326,9 @@ async fn with_two_agent_processes_a_request_completes_even_when_one_is_killed_mi
         c.routing.heartbeat_ttl_secs = 3;
     })
     .await;
+    // Declared here too, so that the test's teardown deletes them.
+    app.declare_agent_queue("agent-a").await;
+    app.declare_agent_queue("agent-b").await;
     // Each simulated task takes a fiftieth of its estimate: 1.2 s to 3 s.
     let mut doomed = agent_process(&app, "agent-a", "0.02");
     let _survivor = agent_process(&app, "agent-b", "0.02");
