@@ -63,11 +63,19 @@ pub fn expiry_message(lease: &ExpiredLease) -> Envelope<TaskResult> {
             agent_id: lease.agent_id.clone(),
             success: false,
             output: String::new(),
-            error: Some(format!(
-                "lease expired at {}: no result from {} in time",
-                lease.expired_at.format("%H:%M:%S"),
-                lease.agent_id
-            )),
+            error: Some(if lease.agent_silent {
+                format!(
+                    "agent {} went silent (no heartbeat since {}) before reporting",
+                    lease.agent_id,
+                    lease.expired_at.format("%H:%M:%S")
+                )
+            } else {
+                format!(
+                    "lease expired at {}: no result from {} in time",
+                    lease.expired_at.format("%H:%M:%S"),
+                    lease.agent_id
+                )
+            }),
             started_at: lease.dispatched_at,
             finished_at: now,
             lease_expired: true,
@@ -77,14 +85,20 @@ pub fn expiry_message(lease: &ExpiredLease) -> Envelope<TaskResult> {
 
 /// Looks for expired leases every `policy.sweep_every_secs` until `shutdown`, and reports each
 /// to `<namespace>.results`. Errors are logged and the next sweep tries again.
-pub async fn sweep(store: Store, broker: &Broker, policy: &LeasePolicy, shutdown: CancellationToken) {
+pub async fn sweep(
+    store: Store,
+    broker: &Broker,
+    policy: &LeasePolicy,
+    heartbeat_ttl_secs: u64,
+    shutdown: CancellationToken,
+) {
     let every = Duration::from_secs(policy.sweep_every_secs.max(1));
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
-        let expired = match store.expired_leases(500).await {
+        let expired = match store.expired_leases(heartbeat_ttl_secs, 500).await {
             Ok(expired) => expired,
             Err(err) => {
                 warn!(error = %err, "lease sweep could not read the store");
@@ -149,6 +163,7 @@ mod tests {
             agent_id: AgentId::parse("gone").unwrap(),
             dispatched_at: Utc::now(),
             expired_at: Utc::now(),
+            agent_silent: false,
         };
         let (a, b) = (expiry_message(&lease), expiry_message(&lease));
         assert_eq!(a.message_id, b.message_id);

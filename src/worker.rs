@@ -125,8 +125,9 @@ impl Worker {
                 // Expired leases are reported by the workers that track results.
                 let (store, broker, policy, session) =
                     (self.store.clone(), broker.clone(), self.config.leases.clone(), session.clone());
+                let ttl = self.config.routing.heartbeat_ttl_secs;
                 runners.spawn(async move {
-                    leases::sweep(store, &broker, &policy, session).await;
+                    leases::sweep(store, &broker, &policy, ttl, session).await;
                     Ok(())
                 });
             }

@@ -129,6 +129,8 @@ pub struct ExpiredLease {
     pub agent_id: AgentId,
     pub dispatched_at: DateTime<Utc>,
     pub expired_at: DateTime<Utc>,
+    /// The lease may still run, but the agent stopped heartbeating: it is gone.
+    pub agent_silent: bool,
 }
 
 /// How one attempt of a task ended.
@@ -254,18 +256,29 @@ impl Store {
         rows.iter().map(task_state_from_row).collect()
     }
 
-    /// Dispatched attempts whose lease has expired, oldest first, at most `limit`. Leases are set
-    /// and compared by the database's clock, so the workers' clocks do not matter.
-    pub async fn expired_leases(&self, limit: i64) -> Result<Vec<ExpiredLease>, Error> {
+    /// Dispatched attempts whose lease has expired, or whose agent has not heartbeaten for
+    /// `heartbeat_ttl_secs` (it is gone: waiting out the lease would only delay the retry),
+    /// oldest first, at most `limit`. Compared by the database's clock, which also set them.
+    pub async fn expired_leases(
+        &self,
+        heartbeat_ttl_secs: u64,
+        limit: i64,
+    ) -> Result<Vec<ExpiredLease>, Error> {
         let client = self.client().await?;
+        let ttl = heartbeat_ttl_secs as f64;
         let rows = client
             .query(
-                "SELECT p.request_id, t.plan_id, t.id, t.attempt, t.agent_id, d.confirmed_at, t.lease_expires_at
+                "SELECT p.request_id, t.plan_id, t.id, t.attempt, t.agent_id, d.confirmed_at,
+                        LEAST(t.lease_expires_at, a.last_heartbeat + make_interval(secs => $2)),
+                        t.lease_expires_at >= now()
                  FROM tasks t JOIN plans p ON p.id = t.plan_id
                  JOIN dispatches d ON d.task_id = t.id AND d.attempt = t.attempt
-                 WHERE t.status = 'dispatched' AND t.lease_expires_at < now()
+                 LEFT JOIN agents a ON a.id = t.agent_id
+                 WHERE t.status = 'dispatched'
+                   AND (t.lease_expires_at < now()
+                        OR a.last_heartbeat < now() - make_interval(secs => $2))
                  ORDER BY t.lease_expires_at LIMIT $1",
-                &[&limit],
+                &[&limit, &ttl],
             )
             .await?;
         rows.iter()
@@ -279,6 +292,7 @@ impl Store {
                         .map_err(|e| Error::Corrupt(e.to_string()))?,
                     dispatched_at: row.get(5),
                     expired_at: row.get(6),
+                    agent_silent: row.get(7),
                 })
             })
             .collect()

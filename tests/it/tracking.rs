@@ -254,3 +254,50 @@ async fn a_failed_task_that_no_other_agent_can_take_fails_the_plan_at_once() {
     assert!(app.drain(&app.agent_queue("deployer")).await.is_empty());
     assert!(app.cli(&["audit", &id.to_string()]).await.status.success());
 }
+
+/// Publishes `agent`'s heartbeat every 300 ms until aborted, as a running agent would.
+fn beat(app: &TestApp, agent: &str, capabilities: &[&str]) -> tokio::task::JoinHandle<()> {
+    let body = serde_json::to_vec(&app.heartbeat(agent, capabilities, 1, &[])).unwrap();
+    let (amqp, names) = (app.config.amqp_url.clone(), app.names.clone());
+    tokio::spawn(async move {
+        let broker = switchyard::broker::Broker::connect(&amqp, names).await.unwrap();
+        loop {
+            let beat = switchyard::broker::Outgoing::to_queue(broker.names().heartbeats(), body.clone());
+            broker.publish(&beat).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn an_agent_that_goes_silent_loses_its_task_before_the_lease_runs_out() {
+    // A lease of minutes, a heartbeat TTL of one second: the silence decides.
+    let app = spawn_app_with(|c| {
+        c.routing.heartbeat_ttl_secs = 1;
+        c.leases.sweep_every_secs = 1;
+    })
+    .await;
+    const CAPABILITIES: [&str; 2] = ["maintenance", "shell"];
+    app.declare_agent_queue("mute").await;
+    app.declare_agent_queue("worker").await;
+    let mute = beat(&app, "mute", &CAPABILITIES);
+    let worker = beat(&app, "worker", &CAPABILITIES);
+    for agent in ["mute", "worker"] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !app.store.agents().await.unwrap().iter().any(|a| a.id.as_str() == agent) {
+            assert!(tokio::time::Instant::now() < deadline, "{agent} did not register");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let id = app.submit("Restart Jellyfin", true).await;
+    // Equal agents: the lower id, "mute", gets the task; then it stops beating.
+    assignments(&app, "mute").await;
+    mute.abort();
+    let retried = assignments(&app, "worker").await;
+    worker.abort();
+    assert_eq!(retried[0]["payload"]["attempt"], 2);
+    let report_now = app.store.report(id).await.unwrap().unwrap();
+    let given_up = &report_now.plan.as_ref().unwrap().results[0];
+    assert_eq!((given_up.source.as_str(), given_up.agent_id.as_str()), ("lease", "mute"));
+    assert!(given_up.error.as_deref().unwrap().contains("went silent"), "{given_up:?}");
+}

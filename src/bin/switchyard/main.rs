@@ -119,7 +119,7 @@ struct SubmitArgs {
     #[arg(long, env = "USER")]
     by: Option<String>,
     /// Seconds to wait with --wait.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 600)]
     timeout: u64,
 }
 
