@@ -249,6 +249,9 @@ impl<H: TaskHandler> Agent<H> {
     /// and they are run again.
     pub async fn run(self, broker: Arc<Broker>, shutdown: CancellationToken) -> Result<(), Error> {
         let id = self.settings.id.clone();
+        // The namespace's topology too (idempotent): an agent that starts before any worker must
+        // not lose its first heartbeats and results to queues that do not exist yet.
+        broker.declare_topology().await?;
         let queue = broker.declare_agent_queue(&id).await?;
         let shared = Arc::new(Shared {
             settings: self.settings.clone(),

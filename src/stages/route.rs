@@ -106,9 +106,14 @@ impl Stage for Route {
                     };
                 }
                 Err(err) => {
+                    // The plan cannot go on: it fails, what it had left is cancelled, and the
+                    // input is dead-lettered so that the failure is also seen where operators look.
                     let reason = format!("routing failed: {err}");
-                    let writes =
-                        vec![Write::RequestFailed { request_id: plan.request_id, reason: reason.clone() }];
+                    let writes = vec![Write::PlanFinished {
+                        request_id: plan.request_id,
+                        plan_id,
+                        failure: Some(reason.clone()),
+                    }];
                     return Outcome::Reject { writes, reason };
                 }
             };
@@ -260,9 +265,10 @@ mod tests {
             panic!()
         };
         assert!(reason.contains("no default agent"), "{reason}");
-        assert!(
-            matches!(&writes[0], Write::RequestFailed { request_id, .. } if *request_id == plan.plan.request_id)
-        );
+        assert!(matches!(
+            &writes[0],
+            Write::PlanFinished { request_id, failure: Some(_), .. } if *request_id == plan.plan.request_id
+        ));
     }
 
     #[test]

@@ -458,12 +458,18 @@ async fn a_task_still_running_after_the_grace_goes_back_to_the_queue() {
 async fn a_result_that_cannot_be_published_sends_the_task_back_until_it_can() {
     let mut bare = Bare::new().await;
     bare.declare_agent_queue("homelab-1").await;
-    // No results queue: every publish of a result is unroutable.
-    bare.broker.delete_queues(&[bare.names.queue("results")]).await.unwrap();
     let runs = Arc::new(AtomicU32::new(0));
     let handler = Slow { runs: runs.clone(), ..Slow::default() };
     let agent =
         start_agent(&bare.amqp_url, &bare.names, homelab("homelab-1").result_attempts(2), handler).await;
+    // Once it consumes, the agent has declared the topology it starts with; then the results
+    // queue goes away, and every publish of a result is unroutable.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bare.broker.consumer_count(&bare.agent_queues[0]).await.unwrap() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the agent never started consuming");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bare.broker.delete_queues(&[bare.names.queue("results")]).await.unwrap();
     let task = assignment("homelab-1", "1.prepare", 5);
     bare.publish_assignment("homelab-1", &task, None).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

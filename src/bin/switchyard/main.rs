@@ -263,7 +263,12 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                // lapin logs every returned message with its body; Switchyard reports them itself.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(format!(
+                        "{default_level},lapin::returned_messages=error"
+                    ))
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
