@@ -111,9 +111,13 @@ pub async fn follow(
     let mut last_line = String::new();
     let mut waiting_for: String;
     let (end, report) = loop {
+        // Dead letters first: a stage records the request (if it records it at all) before it
+        // dead-letters the message, so a dead letter read first and no request read after means
+        // the request was refused on arrival, not that it is about to appear.
+        let dead_letters = store.dead_letters_of_request(request_id).await?;
         let report = store.report(request_id).await?;
         let progress = match &report {
-            None => match store.dead_letters_of_request(request_id).await?.first() {
+            None => match dead_letters.first() {
                 Some(dead) => Progress::Failed(format!("refused at {}: {}", dead.stage, dead.reason)),
                 None => Progress::Waiting("submitted".into()),
             },
