@@ -65,7 +65,7 @@ pub fn expiry_message(lease: &ExpiredLease) -> Envelope<TaskResult> {
             output: String::new(),
             error: Some(if lease.agent_silent {
                 format!(
-                    "agent {} went silent (no heartbeat since {}) before reporting",
+                    "agent {} went silent before reporting (its heartbeat expired at {})",
                     lease.agent_id,
                     lease.expired_at.format("%H:%M:%S")
                 )
