@@ -45,6 +45,7 @@ fn stderr(output: &Output) -> String {
 struct Side {
     names: Names,
     broker: Broker,
+    amqp_url: String,
 }
 
 impl Side {
@@ -52,7 +53,7 @@ impl Side {
         let namespace = Namespace::parse(format!("{}-side", app.names.namespace())).unwrap();
         let names = Names::new(namespace);
         let broker = Broker::connect(&app.config.amqp_url, names.clone()).await.expect("the broker");
-        Side { names, broker }
+        Side { names, broker, amqp_url: app.config.amqp_url.clone() }
     }
 
     /// A worker running `stages` in this namespace on the app's database.
@@ -82,9 +83,12 @@ impl Side {
         let topology = Topology::standard().resolve(self.names.namespace());
         let queues: Vec<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
         let exchanges: Vec<String> = topology.exchanges.iter().map(|e| e.name.clone()).collect();
-        let _ = self.broker.delete_queues(&queues).await;
-        let _ = self.broker.delete_exchanges(&exchanges).await;
         self.broker.close().await;
+        // A connection of its own: a test may have broken the side broker's channel on purpose.
+        let broker = Broker::connect(&self.amqp_url, self.names.clone()).await.expect("the broker");
+        let _ = broker.delete_queues(&queues).await;
+        let _ = broker.delete_exchanges(&exchanges).await;
+        broker.close().await;
     }
 }
 
