@@ -18,3 +18,12 @@ pub mod store;
 pub mod topology;
 pub mod wire;
 pub mod worker;
+
+/// The text of a caught panic: what `panic!` was given, when it was a string.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}

@@ -463,14 +463,8 @@ enum Handled {
 /// and come back with every redelivery. Nothing is shared across the call but the stage, whose
 /// pure methods leave it as it was.
 fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned());
-        format!("stage panicked: {message}")
-    })
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+        .map_err(|payload| format!("stage panicked: {}", crate::panic_message(payload.as_ref())))
 }
 
 /// PostgreSQL text cannot hold NUL characters; a hostile message must not make its own dead

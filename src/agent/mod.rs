@@ -411,11 +411,7 @@ async fn execute<H: TaskHandler>(handler: &H, task: &TaskAssignment) -> Executio
     match AssertUnwindSafe(handler.run(task)).catch_unwind().await {
         Ok(execution) => execution,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
+            let what = crate::panic_message(panic.as_ref());
             error!(task = %task.task.id, panic = %what, "the task handler panicked");
             Execution::failed(format!("the task handler panicked: {what}"))
         }

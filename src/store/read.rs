@@ -83,6 +83,14 @@ pub struct DeadLetter {
     pub at: DateTime<Utc>,
 }
 
+/// What [`Store::lookup`] found.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Request(Box<RequestReport>),
+    /// No request row: the request was refused on arrival, for these reasons.
+    Refused(Vec<DeadLetter>),
+}
+
 /// A routing decision as stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionRow {
@@ -548,6 +556,19 @@ impl Store {
             Applied::Conflict(reason) => Err(Error::Refused(reason)),
             other => Err(Error::Corrupt(format!("approval of {plan_id} applied as {other:?}"))),
         }
+    }
+
+    /// What is known of a request: its report, or, for a request refused on arrival (it has no
+    /// row), the dead letters that say why. Dead letters are read first: a stage records a
+    /// request, if at all, before it dead-letters its message, so a dead letter read first and no
+    /// request read after means a refusal, not a request about to appear.
+    pub async fn lookup(&self, request_id: RequestId) -> Result<Option<Lookup>, Error> {
+        let dead_letters = self.dead_letters_of_request(request_id).await?;
+        Ok(match self.report(request_id).await? {
+            Some(report) => Some(Lookup::Request(Box::new(report))),
+            None if dead_letters.is_empty() => None,
+            None => Some(Lookup::Refused(dead_letters)),
+        })
     }
 
     /// Everything known about a request.

@@ -12,7 +12,7 @@ use switchyard::broker::Broker;
 use switchyard::domain::TaskStatus;
 use switchyard::ids::{AgentId, RequestId, TaskId};
 use switchyard::ops::{self, Progress};
-use switchyard::store::{RequestReport, Store, TaskState};
+use switchyard::store::{Lookup, RequestReport, Store, TaskState};
 
 use crate::{Exit, print};
 
@@ -111,17 +111,15 @@ pub async fn follow(
     let mut last_line = String::new();
     let mut waiting_for: String;
     let (end, report) = loop {
-        // Dead letters first: a stage records the request (if it records it at all) before it
-        // dead-letters the message, so a dead letter read first and no request read after means
-        // the request was refused on arrival, not that it is about to appear.
-        let dead_letters = store.dead_letters_of_request(request_id).await?;
-        let report = store.report(request_id).await?;
-        let progress = match &report {
-            None => match dead_letters.first() {
-                Some(dead) => Progress::Failed(format!("refused at {}: {}", dead.stage, dead.reason)),
-                None => Progress::Waiting("submitted".into()),
-            },
-            Some(report) => ops::progress(report),
+        let (report, progress) = match store.lookup(request_id).await? {
+            None => (None, Progress::Waiting("submitted".into())),
+            Some(Lookup::Refused(dead)) => {
+                (None, Progress::Failed(format!("refused at {}: {}", dead[0].stage, dead[0].reason)))
+            }
+            Some(Lookup::Request(report)) => {
+                let progress = ops::progress(&report);
+                (Some(*report), progress)
+            }
         };
         if let Some(report) = &report {
             let line = print::state_line(report);

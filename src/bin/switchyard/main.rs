@@ -18,7 +18,7 @@ use switchyard::broker::{Broker, redact};
 use switchyard::config::Config;
 use switchyard::ids::{AgentId, PlanId, RequestId, WorkType};
 use switchyard::ops;
-use switchyard::store::Store;
+use switchyard::store::{Lookup, Store};
 use switchyard::topology::Names;
 use switchyard::wire::{Heartbeat, SubmitRequest};
 use switchyard::worker::{self, StageName, Worker};
@@ -334,23 +334,22 @@ async fn run(cli: Cli) -> Result<Exit> {
         }
         Command::Status { request_id, json } => {
             let store = connect_store(&config).await?;
-            let Some(report) = store.report(request_id).await? else {
-                // Refused on arrival: no request row, but its dead letters say why.
-                let dead = store.dead_letters_of_request(request_id).await?;
-                if dead.is_empty() {
-                    bail!("no request {request_id}");
+            let report = match store.lookup(request_id).await? {
+                None => bail!("no request {request_id}"),
+                Some(Lookup::Request(report)) => *report,
+                Some(Lookup::Refused(dead)) => {
+                    if json {
+                        let refused =
+                            json!({ "request_id": request_id, "status": "refused", "dead_letters": dead });
+                        println!("{}", serde_json::to_string_pretty(&refused)?);
+                    } else {
+                        println!("request   {request_id}");
+                        println!("status    refused on arrival");
+                        print::dead_letters(&dead);
+                    }
+                    // Something to show is an answer, whatever the request's fate.
+                    return Ok(Exit::Success);
                 }
-                if json {
-                    let refused =
-                        json!({ "request_id": request_id, "status": "refused", "dead_letters": dead });
-                    println!("{}", serde_json::to_string_pretty(&refused)?);
-                } else {
-                    println!("request   {request_id}");
-                    println!("status    refused on arrival");
-                    print::dead_letters(&dead);
-                }
-                // Something to show is an answer, whatever the request's fate.
-                return Ok(Exit::Success);
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
