@@ -79,6 +79,7 @@ pub fn expiry_message(lease: &ExpiredLease) -> Envelope<TaskResult> {
             started_at: lease.dispatched_at,
             finished_at: now,
             lease_expired: true,
+            usage: None,
         },
     }
 }

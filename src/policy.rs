@@ -11,23 +11,39 @@
 
 use std::collections::BTreeSet;
 
+use chrono::{DateTime, Datelike, Days, Months, NaiveTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Plan;
-use crate::ids::{PlanId, WorkType};
+use crate::ids::{PlanId, TaskId, WorkType};
 
-/// An external AI model provider that can take over work the local agents would find too hard.
+/// An external AI model provider that can take over work the local agents would find too hard,
+/// or cannot do at all. Its work is done by agents of the `llm` executor that serve it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Provider {
     pub name: String,
-    /// Price in millionths of the currency unit per 1,000 tokens. Integers, so that costs add up
+    /// Base URL of its OpenAI-compatible API (`https://api.example.com/v1`).
+    pub endpoint: String,
+    pub model: String,
+    /// The environment variable that holds its API key; `None` for an endpoint without one. The
+    /// key itself is never part of the configuration, so it cannot end up where the
+    /// configuration is shown.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Prices in millionths of the currency unit per 1,000 tokens. Integers, so that costs add up
     /// exactly.
-    pub price_per_1k_tokens_micros: i64,
-    /// Tokens a task is expected to use: the basis of the cost estimate.
-    pub tokens_per_task: i64,
-    /// The provider's configured budget, in micros. What is left of it is a [`QuotaSnapshot`].
+    pub price_per_1k_input_tokens_micros: i64,
+    pub price_per_1k_output_tokens_micros: i64,
+    /// Tokens a task is expected to use: the basis of the cost estimate that is reserved.
+    pub input_tokens_per_task: i64,
+    pub output_tokens_per_task: i64,
+    /// The budget per window, in micros. The database holds what is reserved and spent of it.
     pub quota_micros: i64,
+    /// How often the budget starts afresh.
+    #[serde(default)]
+    pub window: Window,
     /// The work types the provider takes. Tasks of other types stay local.
     pub work_types: BTreeSet<WorkType>,
 }
@@ -38,141 +54,235 @@ impl Provider {
         self.work_types.contains(work_type)
     }
 
-    /// The estimated cost of `tasks` tasks, in micros: tasks × tokens per task × price per 1,000
-    /// tokens / 1,000, rounded up so that the estimate never undercuts the quota check.
+    /// What `input` and `output` tokens cost, in micros, rounded up so that an estimate never
+    /// undercuts the quota check.
     ///
     /// Computed in 128 bits and saturated to `i64`, so that no config can make it overflow (and
     /// wrap to a cost that looks affordable).
-    pub fn estimate_cost_micros(&self, tasks: usize) -> i64 {
-        let tasks = i128::try_from(tasks).unwrap_or(i128::MAX);
-        let product = tasks
-            .saturating_mul(i128::from(self.tokens_per_task))
-            .saturating_mul(i128::from(self.price_per_1k_tokens_micros));
+    pub fn cost_micros(&self, input_tokens: i64, output_tokens: i64) -> i64 {
+        let product = i128::from(input_tokens)
+            .saturating_mul(i128::from(self.price_per_1k_input_tokens_micros))
+            .saturating_add(
+                i128::from(output_tokens).saturating_mul(i128::from(self.price_per_1k_output_tokens_micros)),
+            );
         // Integer division truncates towards zero: that is the ceiling for a negative product,
         // and one short of it for a positive one that does not divide evenly.
         let cost = product / 1000 + i128::from(product % 1000 > 0);
         i64::try_from(cost).unwrap_or(if cost > 0 { i64::MAX } else { i64::MIN })
     }
+
+    /// The estimated cost of `tasks` tasks, in micros: each task's expected input and output
+    /// tokens at the provider's prices.
+    pub fn estimate_cost_micros(&self, tasks: usize) -> i64 {
+        let tasks = i64::try_from(tasks).unwrap_or(i64::MAX);
+        self.cost_micros(
+            tasks.saturating_mul(self.input_tokens_per_task),
+            tasks.saturating_mul(self.output_tokens_per_task),
+        )
+    }
 }
 
-/// When to send a plan's work to the external provider.
+/// The period after which a provider's quota starts afresh. Windows are aligned to UTC: a daily
+/// window starts at midnight, a monthly one at midnight on the first of the month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, strum::Display, strum::EnumString)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum Window {
+    Daily,
+    #[default]
+    Monthly,
+}
+
+impl Window {
+    /// The start of the window that `at` falls in.
+    pub fn start(self, at: DateTime<Utc>) -> DateTime<Utc> {
+        let day = at.date_naive();
+        let first = match self {
+            Window::Daily => day,
+            Window::Monthly => day.with_day(1).expect("every month has a first day"),
+        };
+        first.and_time(NaiveTime::MIN).and_utc()
+    }
+
+    /// The start of the window after the one that starts at `start`.
+    pub fn next(self, start: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Window::Daily => start + Days::new(1),
+            Window::Monthly => start + Months::new(1),
+        }
+    }
+}
+
+/// When to send a plan's work to an external provider.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FallbackPolicy {
     /// Plans at least this complex (in [0, 1]) go external, quota permitting.
     pub complexity_threshold: f64,
-    /// `None`: everything stays local.
-    pub provider: Option<Provider>,
+    /// In order of preference. Empty: everything stays local, and a task that no agent could
+    /// run makes its plan infeasible.
+    pub providers: Vec<Provider>,
 }
 
 impl Default for FallbackPolicy {
     fn default() -> Self {
-        Self { complexity_threshold: 0.7, provider: None }
+        Self { complexity_threshold: 0.7, providers: Vec::new() }
     }
 }
 
-/// What is left of a provider's quota, as last recorded.
+impl FallbackPolicy {
+    pub fn provider(&self, name: &str) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+/// What is left of a provider's quota in the current window.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct QuotaSnapshot {
     pub provider: String,
     pub remaining_micros: i64,
 }
 
-/// Whether a plan's work goes to the external provider, and why.
+/// A task that no agent of the fleet (nor of the configured inventory) could ever run, and why.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
+pub struct Infeasible {
+    pub task_id: TaskId,
+    pub key: String,
+    pub work_type: WorkType,
+    pub reason: String,
+}
+
+/// Whether a plan's work goes to an external provider, and why.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
 pub struct FallbackDecision {
     pub plan_id: PlanId,
     pub use_external: bool,
     /// The provider the work goes to; `None` when it stays local.
     pub provider: Option<String>,
+    /// The tasks that go to the provider: empty when the work stays local.
+    #[serde(default)]
+    pub external_tasks: Vec<TaskId>,
+    /// The plan cannot run: a task needs what no agent offers, and no provider could take it.
+    #[serde(default)]
+    pub infeasible: bool,
     pub reason: String,
     pub complexity: f64,
-    /// What going external costs (or would have cost) in micros; 0 without a provider.
+    /// What going external costs in micros (the amount reserved); 0 when the work stays local.
     pub estimated_cost_micros: i64,
-    /// The quota left after this decision: remaining − cost when going external, the remaining
-    /// quota as is when staying local; `None` when the provider's quota is unknown.
+    /// The provider's quota left after the reservation; `None` when the work stays local.
     pub quota_left_micros: Option<i64>,
 }
 
-/// Decides whether `plan`, of the given `complexity`, goes to the external provider.
+/// Decides whether `plan`, of the given `complexity`, goes to an external provider.
 ///
-/// The cost covers only the tasks whose work type the provider accepts. In order, the work stays
-/// local when: there is no provider; the complexity is below the threshold; no task is of an
-/// accepted work type; the quota is unknown or smaller than the cost. Otherwise it goes external.
-/// A `quota` snapshot of another provider than the configured one counts as unknown: it says
-/// nothing about this provider's budget.
+/// Going external is called for when the complexity meets the threshold (then every task of a
+/// work type the provider accepts goes) or when some tasks are `infeasible` locally (then at
+/// least those go, and a provider must accept all of them). The providers are tried in order; the
+/// first that accepts the work and whose remaining `quotas` cover the estimated cost takes it.
+/// When none does, the work stays local, or, with infeasible tasks, the plan is infeasible; the
+/// reason names what each provider lacked ("quota exhausted: …"). A provider without a quota
+/// snapshot has no budget known, and is not used.
 pub fn decide_fallback(
     plan: &Plan,
     complexity: f64,
+    infeasible: &[Infeasible],
     policy: &FallbackPolicy,
-    quota: Option<&QuotaSnapshot>,
+    quotas: &[QuotaSnapshot],
 ) -> FallbackDecision {
-    let decision = |use_external, provider, reason, cost, quota_left| FallbackDecision {
+    let local = |reason: String| FallbackDecision {
         plan_id: plan.id,
-        use_external,
-        provider,
+        use_external: false,
+        provider: None,
+        external_tasks: Vec::new(),
+        infeasible: false,
         reason,
         complexity,
-        estimated_cost_micros: cost,
-        quota_left_micros: quota_left,
+        estimated_cost_micros: 0,
+        quota_left_micros: None,
     };
-
-    let Some(provider) = &policy.provider else {
-        let remaining = quota.map(|q| q.remaining_micros);
-        return decision(false, None, "no external provider configured".to_owned(), 0, remaining);
-    };
-    let remaining = quota.filter(|q| q.provider == provider.name).map(|q| q.remaining_micros);
-    let total = plan.tasks().len();
-    let accepted = plan.tasks().iter().filter(|t| provider.accepts(&t.work_type)).count();
-    let cost = provider.estimate_cost_micros(accepted);
-    let local = |reason| decision(false, None, reason, cost, remaining);
-
     let threshold = policy.complexity_threshold;
-    if complexity.is_nan() || threshold.is_nan() {
-        // A NaN compares false both ways; staying local is the safe reading.
-        return local(format!("complexity {complexity} cannot be compared with the threshold {threshold}"));
-    }
     let (c, t) = figures(complexity, threshold);
-    if complexity < threshold {
-        return local(format!("complexity {c} is below the {t} threshold"));
+    // A NaN compares false both ways: it is no reason to spend money.
+    let complex = complexity >= threshold;
+    let mut why = Vec::new();
+    if complex {
+        why.push(format!("complexity {c} meets the {t} threshold"));
     }
-    if accepted == 0 {
-        let plan_types: Vec<&str> = plan.work_types().into_iter().map(WorkType::as_str).collect();
-        let accepted_types: Vec<&str> = provider.work_types.iter().map(WorkType::as_str).collect();
-        return local(format!(
-            "no task of the plan is of a work type {} accepts (plan: {}; accepted: {})",
-            provider.name,
-            plan_types.join(", "),
-            if accepted_types.is_empty() { "none".to_owned() } else { accepted_types.join(", ") },
-        ));
+    let stuck: Vec<String> = infeasible.iter().map(|i| format!("task {} {}", i.key, i.reason)).collect();
+    why.extend(stuck.iter().cloned());
+    if why.is_empty() {
+        return local(if complexity.is_nan() || threshold.is_nan() {
+            format!("complexity {complexity} cannot be compared with the threshold {threshold}")
+        } else {
+            format!("complexity {c} is below the {t} threshold")
+        });
     }
-    let Some(remaining) = remaining else {
-        return local(format!(
-            "quota exhausted: no quota known for {}, and the plan would cost {cost} micros",
-            provider.name
-        ));
-    };
-    if remaining < cost {
-        return local(format!(
-            "quota exhausted: {} has {remaining} micros left, and the plan would cost {cost} micros",
-            provider.name
-        ));
+
+    let mut lacks = Vec::new();
+    for provider in &policy.providers {
+        if let Some(refused) = infeasible.iter().find(|i| !provider.accepts(&i.work_type)) {
+            lacks.push(format!("{} does not take {} work", provider.name, refused.work_type));
+            continue;
+        }
+        let external: Vec<TaskId> = plan
+            .tasks()
+            .iter()
+            .filter(|task| {
+                (complex && provider.accepts(&task.work_type)) || infeasible.iter().any(|i| i.task_id == task.id)
+            })
+            .map(|task| task.id)
+            .collect();
+        if external.is_empty() {
+            let types: Vec<&str> = plan.work_types().into_iter().map(WorkType::as_str).collect();
+            lacks.push(format!("{} takes none of the plan's work types ({})", provider.name, types.join(", ")));
+            continue;
+        }
+        let cost = provider.estimate_cost_micros(external.len());
+        let Some(remaining) = quotas.iter().find(|q| q.provider == provider.name).map(|q| q.remaining_micros)
+        else {
+            lacks.push(format!("no quota known for {}", provider.name));
+            continue;
+        };
+        if remaining < cost {
+            lacks.push(format!(
+                "quota exhausted: {} has {remaining} micros left, and the plan would cost {cost} micros",
+                provider.name
+            ));
+            continue;
+        }
+        // Saturating: a (misconfigured) negative cost must not overflow.
+        let left = remaining.saturating_sub(cost);
+        let total = plan.tasks().len();
+        let n = external.len();
+        return FallbackDecision {
+            plan_id: plan.id,
+            use_external: true,
+            provider: Some(provider.name.clone()),
+            reason: format!(
+                "{}; {n} of {total} {} {} to {} for an estimated {cost} micros, leaving {left} micros of quota",
+                why.join("; "),
+                if total == 1 { "task" } else { "tasks" },
+                if n == 1 { "goes" } else { "go" },
+                provider.name
+            ),
+            external_tasks: external,
+            infeasible: false,
+            complexity,
+            estimated_cost_micros: cost,
+            quota_left_micros: Some(left),
+        };
     }
-    // Saturating: a (misconfigured) negative cost must not overflow.
-    let left = remaining.saturating_sub(cost);
-    decision(
-        true,
-        Some(provider.name.clone()),
-        format!(
-            "complexity {c} meets the {t} threshold; {accepted} of {total} {} {} to {} for an \
-             estimated {cost} micros, leaving {left} micros of quota",
-            if total == 1 { "task" } else { "tasks" },
-            if accepted == 1 { "goes" } else { "go" },
-            provider.name
-        ),
-        cost,
-        Some(left),
-    )
+    if policy.providers.is_empty() {
+        lacks.push("no external provider is configured".to_owned());
+    }
+    if stuck.is_empty() {
+        local(format!("{}, but the work stays local: {}", why.join("; "), lacks.join("; ")))
+    } else {
+        FallbackDecision {
+            infeasible: true,
+            ..local(format!("infeasible: {}; and no provider can take it: {}", stuck.join("; "), lacks.join("; ")))
+        }
+    }
 }
 
 /// When a plan may run without a human's approval.

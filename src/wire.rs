@@ -187,6 +187,17 @@ pub struct TaskResult {
     /// Set by Switchyard, never by agents: no result came within the attempt's lease.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lease_expired: bool,
+    /// The tokens an external model really used for this attempt, as its API reported them.
+    /// Settles the plan's quota reservation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TokenUsage>,
+}
+
+/// Tokens used by a model, as its API reported them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct TokenUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
 }
 
 /// What an agent publishes to `<namespace>.heartbeats` every few seconds.

@@ -66,7 +66,7 @@ pub async fn prepare_store(config: &Config) -> Result<Store, Error> {
     store::ensure_database(&config.database_url).await?;
     let store = Store::connect(&config.database_url, config.database_pool_size).await?;
     store.migrate().await?;
-    if let Some(provider) = &config.fallback.provider {
+    for provider in &config.fallback.providers {
         store.ensure_quota(&provider.name, provider.quota_micros).await?;
     }
     Ok(store)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::exec::Exec;
 use super::simulate::Simulate;
-use crate::wire::TaskAssignment;
+use crate::wire::{TaskAssignment, TokenUsage};
 
 /// How one attempt of a task ended, as the handler reports it. The runtime turns it into a
 /// [`crate::wire::TaskResult`], truncating `output` and `error` to
@@ -18,17 +18,25 @@ pub struct Execution {
     pub output: String,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// The tokens an external model used, for executors that call one.
+    pub usage: Option<TokenUsage>,
 }
 
 impl Execution {
     /// A success with its output.
     pub fn succeeded(output: impl Into<String>) -> Self {
-        Execution { success: true, output: output.into(), error: None }
+        Execution { success: true, output: output.into(), error: None, usage: None }
     }
 
     /// A failure with its reason.
     pub fn failed(error: impl Into<String>) -> Self {
-        Execution { success: false, output: String::new(), error: Some(error.into()) }
+        Execution { success: false, output: String::new(), error: Some(error.into()), usage: None }
+    }
+
+    /// The same, with the tokens a model used.
+    pub fn with_usage(mut self, usage: TokenUsage) -> Self {
+        self.usage = Some(usage);
+        self
     }
 
     /// The same, with `output`.

@@ -480,6 +480,7 @@ async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
         started_at,
         finished_at,
         lease_expired: false,
+        usage: execution.usage,
     };
     let envelope =
         Envelope::derived(assignment.message_id, "result", assignment.request_id, finished_at, result);

@@ -20,8 +20,8 @@ pub const POLICY_APPROVER: &str = "policy";
 /// What the decision is made on.
 #[derive(Debug, Default)]
 pub struct FallbackContext {
-    /// What is left of the provider's quota.
-    pub quota: Option<QuotaSnapshot>,
+    /// What is left of each provider's quota.
+    pub quotas: Vec<QuotaSnapshot>,
     /// The plan's decision if one was recorded already (the plan came again in another message).
     pub recorded: Option<FallbackDecision>,
     /// The plan's approval verdict if one was recorded already: a person may have decided since.
@@ -34,13 +34,13 @@ impl Stage for Fallback {
     const NAME: &'static str = "fallback";
 
     async fn load(&self, store: &Store, input: &Inbound<Planned>) -> Result<FallbackContext, store::Error> {
-        let quota = match &self.fallback.provider {
-            Some(provider) => store.quota(&provider.name).await?,
-            None => None,
-        };
+        let mut quotas = Vec::with_capacity(self.fallback.providers.len());
+        for provider in &self.fallback.providers {
+            quotas.extend(store.quota(&provider.name).await?);
+        }
         let plan_id = input.payload.plan.id;
         Ok(FallbackContext {
-            quota,
+            quotas,
             recorded: store.fallback_decision(plan_id).await?,
             verdict: store.approval_verdict(plan_id).await?,
         })
@@ -55,7 +55,7 @@ impl Stage for Fallback {
             Some(recorded) => recorded,
             None => {
                 let decision =
-                    policy::decide_fallback(plan, *complexity, &self.fallback, context.quota.as_ref());
+                    policy::decide_fallback(plan, *complexity, &[], &self.fallback, &context.quotas);
                 let reserve = match (&decision.provider, decision.use_external) {
                     (Some(provider), true) => Some(Reservation {
                         provider: provider.clone(),

@@ -300,8 +300,8 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             let inserted = tx
                 .execute(
                     "INSERT INTO fallback_decisions (plan_id, use_external, provider, reason,
-                         complexity, estimated_cost_micros, quota_left_micros)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                         complexity, estimated_cost_micros, quota_left_micros, external_tasks, infeasible)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
                     &[
                         &decision.plan_id.as_uuid(),
                         &decision.use_external,
@@ -310,6 +310,8 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                         &decision.complexity,
                         &decision.estimated_cost_micros,
                         &decision.quota_left_micros,
+                        &decision.external_tasks.iter().map(|t| t.as_uuid()).collect::<Vec<_>>(),
+                        &decision.infeasible,
                     ],
                 )
                 .await?;

@@ -383,7 +383,8 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT use_external, provider, reason, complexity, estimated_cost_micros, quota_left_micros
+                "SELECT use_external, provider, reason, complexity, estimated_cost_micros, quota_left_micros,
+                        external_tasks, infeasible
                  FROM fallback_decisions WHERE plan_id = $1",
                 &[&plan_id.as_uuid()],
             )
@@ -396,6 +397,8 @@ impl Store {
             complexity: r.get(3),
             estimated_cost_micros: r.get(4),
             quota_left_micros: r.get(5),
+            external_tasks: r.get::<_, Vec<uuid::Uuid>>(6).into_iter().map(TaskId::from_uuid).collect(),
+            infeasible: r.get(7),
         }))
     }
 
