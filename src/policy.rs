@@ -49,6 +49,12 @@ pub struct Provider {
 }
 
 impl Provider {
+    /// The capability that an agent serving this provider (an `llm` executor) offers, and that
+    /// the tasks sent to the provider require instead of their own.
+    pub fn capability(&self) -> String {
+        provider_capability(&self.name)
+    }
+
     /// Whether the provider takes tasks of `work_type`.
     pub fn accepts(&self, work_type: &WorkType) -> bool {
         self.work_types.contains(work_type)
@@ -80,6 +86,11 @@ impl Provider {
             tasks.saturating_mul(self.output_tokens_per_task),
         )
     }
+}
+
+/// The capability of agents that serve the provider `name`: `provider:<name>`.
+pub fn provider_capability(name: &str) -> String {
+    format!("provider:{name}")
 }
 
 /// The period after which a provider's quota starts afresh. Windows are aligned to UTC: a daily
