@@ -2,6 +2,7 @@
 -- complexity of a plan term by term, what no agent could run, where estimated durations came
 -- from, and which tasks a fallback decision sends to an external provider.
 
+ALTER TABLE decompositions DROP COLUMN complexity;
 ALTER TABLE decompositions ADD COLUMN confidence double precision NOT NULL DEFAULT 1
     CHECK (confidence BETWEEN 0 AND 1);
 -- Why the configured decomposer's answer was not used (NULL when it was).

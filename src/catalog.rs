@@ -117,6 +117,9 @@ pub struct WorkTypeSpec {
     pub capabilities: BTreeSet<String>,
     /// In [0, 1].
     pub base_complexity: f64,
+    /// Things this work type has been written for ("Gitea"): an entity that no work type knows
+    /// adds to a plan's complexity.
+    pub known_entities: Vec<String>,
     /// Work types whose intents, earlier in the same request, must finish before this one starts.
     pub runs_after: Vec<WorkType>,
     /// The default per task.
@@ -267,15 +270,14 @@ impl Catalog {
     /// 5. **Entities.** Runs of capitalised words outside the target ("Uptime Kuma"), leaving
     ///    out a clause's first word when it is a keyword or a common verb or function word
     ///    ("Deploy", "Please"), and anything that is also a target of the intent.
-    /// 6. **Complexity.** Per intent: the work type's base complexity, plus 0.05 per entity or
-    ///    target beyond the first, plus 0.1 when the intent's text is longer than 12 words.
-    ///    Per request: the intents' maximum plus 0.1 per intent beyond the first. Both are
-    ///    clamped to [0, 1] and rounded to three decimals.
+    /// 6. **Confidence.** The share of clauses that matched a keyword, where a clause folded into
+    ///    an intent counts half ("Deploy Gitea and PostgreSQL": 0.75), rounded to three decimals.
     pub fn decompose(&self, text: &str) -> Result<Decomposition, DecomposeError> {
         if text.trim().is_empty() {
             return Err(DecomposeError::Empty);
         }
         let mut drafts: Vec<Draft> = Vec::new();
+        let (mut clause_count, mut matched_count) = (0usize, 0usize);
         // Clauses before the first intent, waiting for it.
         let mut pending: Option<Draft> = None;
         for clause in clauses(text) {
@@ -286,6 +288,10 @@ impl Catalog {
                 NOT_NAMES.contains(&w.lower.as_str()) || self.keyword_at_start(&LowerClause(w.lower.clone()))
             };
             let (entities, targets) = entities_and_targets(&clause, starts_with_keyword, is_verb);
+            clause_count += 1;
+            if matched.is_some() {
+                matched_count += 1;
+            }
             let part = Draft {
                 work_type: matched.unwrap_or(usize::MAX),
                 start: clause[0].start,
@@ -321,9 +327,24 @@ impl Catalog {
             return Err(DecomposeError::NoMatch { known });
         }
         let intents: Vec<Intent> = drafts.into_iter().map(|d| self.intent(text, d)).collect();
-        let max = intents.iter().map(|i| i.complexity).fold(0.0, f64::max);
-        let complexity = clamp_round(max + 0.1 * (intents.len() - 1) as f64);
-        Ok(Decomposition { decomposer: DECOMPOSER.to_owned(), intents, complexity })
+        let folded = clause_count - matched_count;
+        let confidence = clamp_round((matched_count as f64 + 0.5 * folded as f64) / clause_count as f64);
+        Ok(Decomposition { decomposer: DECOMPOSER.to_owned(), intents, confidence, fallback_reason: None })
+    }
+
+    /// The entities of `decomposition` that no work type of the catalog lists among its known
+    /// entities (compared case-insensitively), each once, in order of appearance.
+    pub fn unknown_entities(&self, decomposition: &Decomposition) -> Vec<String> {
+        let known: HashSet<String> =
+            self.work_types.iter().flat_map(|s| &s.known_entities).map(|e| e.to_lowercase()).collect();
+        let mut unknown: Vec<String> = Vec::new();
+        for entity in decomposition.intents.iter().flat_map(|i| &i.entities) {
+            let lower = entity.to_lowercase();
+            if !known.contains(&lower) && !unknown.iter().any(|u| u.to_lowercase() == lower) {
+                unknown.push(entity.clone());
+            }
+        }
+        unknown
     }
 
     /// Turns a decomposition into a plan of `request_id`.
@@ -402,17 +423,11 @@ impl Catalog {
 
     fn intent(&self, text: &str, draft: Draft) -> Intent {
         let spec = &self.work_types[draft.work_type];
-        let mentions = draft.entities.len() + draft.targets.len();
-        let mut complexity = spec.base_complexity + 0.05 * mentions.saturating_sub(1) as f64;
-        if draft.words > 12 {
-            complexity += 0.1;
-        }
         Intent {
             work_type: spec.name.clone(),
             text: text[draft.start..draft.end].to_owned(),
             entities: draft.entities,
             targets: draft.targets,
-            complexity: clamp_round(complexity),
         }
     }
 }
@@ -495,6 +510,8 @@ struct RawWorkType {
     #[serde(default)]
     capabilities: Vec<String>,
     base_complexity: f64,
+    #[serde(default)]
+    known_entities: Vec<String>,
     #[serde(default)]
     runs_after: Vec<String>,
     #[serde(default)]
@@ -651,6 +668,12 @@ impl RawWorkType {
             keywords,
             capabilities,
             base_complexity: self.base_complexity,
+            known_entities: self
+                .known_entities
+                .iter()
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect(),
             runs_after,
             resources,
             steps,
@@ -1057,9 +1080,8 @@ mod tests {
         assert_eq!(monitor.text, "send alerts to Discord");
         assert!(monitor.entities.is_empty(), "{:?}", monitor.entities);
         assert_eq!(monitor.targets, ["Discord"]);
-        assert_eq!(deploy.complexity, 0.45);
-        assert_eq!(monitor.complexity, 0.3);
-        assert_eq!(d.complexity, 0.55);
+        assert_eq!(d.confidence, 1.0, "every clause matched a keyword");
+        assert_eq!(d.fallback_reason, None);
     }
 
     #[test]
@@ -1247,37 +1269,30 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "no work type in the catalog matches the request; known work types: \
-             deployment, code_generation, monitoring, maintenance, research"
+             deployment, code_generation, monitoring, maintenance, research, transcription"
         );
         assert!(catalog.decompose(" , and ; then .").is_err());
     }
 
     #[test]
-    fn complexity_stays_in_bounds() {
-        let long = "Deploy Gitea, Grafana, Prometheus, Loki, Tempo, Mimir, Alloy, Pyroscope, \
-                    Jaeger, Zipkin, Vector, Fluentd, Kibana and Elasticsearch to the homelab \
-                    on a very big and busy server that has a lot of disks";
-        let d = decompose(&format!("{long}. Monitor them. Back up them. Research Loki. Write code."));
-        assert_eq!(d.intents[0].complexity, 1.0);
-        assert_eq!(d.complexity, 1.0);
-        for text in ["Deploy it", UPTIME_KUMA, long, "Summarize this article"] {
-            let d = decompose(text);
-            assert!((0.0..=1.0).contains(&d.complexity), "{text}: {}", d.complexity);
-            for intent in &d.intents {
-                assert!((0.0..=1.0).contains(&intent.complexity), "{text}: {}", intent.complexity);
-                let base = Catalog::default().get(&intent.work_type).unwrap().base_complexity;
-                assert!(intent.complexity >= base);
-            }
-        }
-        // More than 12 words adds 0.1.
-        let d = decompose(
-            "Research how the three largest open home automation projects handle their plugin systems",
-        );
-        assert_eq!(d.intents[0].complexity, 0.4);
-        assert_eq!(d.complexity, 0.4);
-        // Each mention beyond the first adds 0.05: Gitea, Grafana and the homelab make three.
-        let d = decompose("Deploy Gitea and Grafana to the homelab");
-        assert_eq!(d.intents[0].complexity, 0.5);
+    fn confidence_is_the_share_of_clauses_that_matched() {
+        // "PostgreSQL" matches nothing and is folded into the deployment: it counts half.
+        let d = decompose("Deploy Gitea and PostgreSQL");
+        assert_eq!(d.confidence, 0.75);
+        let d = decompose("Please, for the team. Deploy Gitea to the homelab");
+        assert_eq!(d.confidence, 0.667, "{d:?}");
+        assert_eq!(decompose(UPTIME_KUMA).confidence, 1.0);
+    }
+
+    #[test]
+    fn entities_no_work_type_knows_are_unknown() {
+        let catalog = Catalog::default();
+        let d = catalog.decompose("Deploy Gitea and Frobnicator to the homelab").unwrap();
+        assert_eq!(catalog.unknown_entities(&d), ["Frobnicator"]);
+        let d = catalog.decompose("Deploy uptime kuma. Deploy GITEA").unwrap();
+        assert!(catalog.unknown_entities(&d).is_empty(), "case does not matter: {d:?}");
+        let d = catalog.decompose("Deploy Zorg. Monitor Zorg").unwrap();
+        assert_eq!(catalog.unknown_entities(&d), ["Zorg"], "each once");
     }
 
     #[test]
@@ -1319,7 +1334,15 @@ mod tests {
         // Replaced in place, added at the end.
         assert_eq!(
             names,
-            ["deployment", "code_generation", "monitoring", "maintenance", "research", "backup_restore"]
+            [
+                "deployment",
+                "code_generation",
+                "monitoring",
+                "maintenance",
+                "research",
+                "transcription",
+                "backup_restore"
+            ]
         );
         assert_eq!(catalog.get(&wt("research")).unwrap().steps.len(), 1);
         assert!(catalog.decompose("Compare A and B").is_err(), "the old research keywords are gone");
@@ -1381,7 +1404,15 @@ mod tests {
         let names: Vec<&str> = catalog.work_types().iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["deployment", "code_generation", "monitoring", "maintenance", "research", "backup_restore"]
+            [
+                "deployment",
+                "code_generation",
+                "monitoring",
+                "maintenance",
+                "research",
+                "transcription",
+                "backup_restore"
+            ]
         );
         assert_eq!(catalog.get(&wt("backup_restore")).unwrap().runs_after, [wt("deployment")]);
 
@@ -1592,7 +1623,6 @@ mod tests {
             text: "about {targets}".into(),
             entities: vec!["A".into(), "B".into()],
             targets: vec![],
-            complexity: 0.3,
         };
         assert_eq!(
             describe("{entities} on {targets}: {text} {other} {", &intent),

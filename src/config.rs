@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::redact;
+use crate::fleet::PlanningPolicy;
 use crate::ids::Namespace;
 use crate::leases::LeasePolicy;
 use crate::policy::{ApprovalPolicy, FallbackPolicy};
@@ -40,6 +41,7 @@ pub struct Config {
     /// A catalog file that extends (or overrides work types of) the built-in one.
     pub catalog: Option<PathBuf>,
     pub worker: runner::Settings,
+    pub planning: PlanningPolicy,
     pub routing: RoutingPolicy,
     pub fallback: FallbackPolicy,
     pub approval: ApprovalPolicy,
@@ -56,6 +58,7 @@ impl Default for Config {
             database_pool_size: 16,
             catalog: None,
             worker: runner::Settings::default(),
+            planning: PlanningPolicy::default(),
             routing: RoutingPolicy::default(),
             fallback: FallbackPolicy::default(),
             approval: ApprovalPolicy::default(),
@@ -74,6 +77,7 @@ impl std::fmt::Debug for Config {
             .field("database_pool_size", &self.database_pool_size)
             .field("catalog", &self.catalog)
             .field("worker", &self.worker)
+            .field("planning", &self.planning)
             .field("routing", &self.routing)
             .field("fallback", &self.fallback)
             .field("approval", &self.approval)

@@ -38,18 +38,19 @@ pub struct Intent {
     pub entities: Vec<String>,
     /// Where the work happens or goes ("homelab", "Discord").
     pub targets: Vec<String>,
-    /// In [0, 1].
-    pub complexity: f64,
 }
 
 /// A request broken into intents. Never empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Decomposition {
-    /// Which decomposer produced it ("rules").
+    /// Which decomposer produced it: "rules" or "llm".
     pub decomposer: String,
     pub intents: Vec<Intent>,
-    /// The request's complexity in [0, 1], from its intents.
-    pub complexity: f64,
+    /// How sure the decomposer is of its reading, in [0, 1]. A term of the plan's complexity.
+    pub confidence: f64,
+    /// Why the configured decomposer's reading was not used, when the rules stood in for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
 }
 
 /// A unit of work for one agent.
@@ -191,6 +192,15 @@ impl Plan {
         self.tasks.iter().map(|t| t.id).filter(|id| *id != task && doomed.contains(id)).collect()
     }
 
+    /// Replaces the estimated duration of the tasks that `estimate` gives one for.
+    pub fn estimate_durations(&mut self, estimate: impl Fn(&Task) -> Option<u32>) {
+        for task in &mut self.tasks {
+            if let Some(secs) = estimate(task) {
+                task.estimated_duration_secs = secs;
+            }
+        }
+    }
+
     /// The set of distinct work types the plan needs.
     pub fn work_types(&self) -> BTreeSet<&WorkType> {
         self.tasks.iter().map(|t| &t.work_type).collect()
@@ -268,6 +278,8 @@ status_enum!(
         Completed,
         /// A task failed every attempt.
         Failed,
+        /// A task needs what no agent offers, and no external provider could take it.
+        Infeasible,
     }
 );
 

@@ -2,11 +2,14 @@
 //! (pure data); `store` turns them into SQL inside one transaction, together with the message's
 //! idempotency marker and an audit-log row per change.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 
+use crate::complexity::Complexity;
 use crate::domain::{Decomposition, Plan};
 use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
-use crate::policy::FallbackDecision;
+use crate::policy::{FallbackDecision, Infeasible};
 use crate::routing::Route;
 use crate::wire::{Heartbeat, RequestMeta, TaskResult};
 
@@ -30,9 +33,20 @@ pub enum Write {
         request_id: RequestId,
         reason: String,
     },
+    /// A new plan, with its complexity term by term, the tasks that no agent could run, and the
+    /// basis of each task's estimated duration that did not come from the catalog.
     Plan {
         plan: Plan,
-        complexity: f64,
+        complexity: Complexity,
+        infeasible: Vec<Infeasible>,
+        duration_basis: BTreeMap<TaskId, String>,
+    },
+    /// The plan cannot run (see [`crate::policy::FallbackDecision::infeasible`]): it and its
+    /// request end with `reason`, and its tasks are cancelled.
+    PlanInfeasible {
+        request_id: RequestId,
+        plan_id: PlanId,
+        reason: String,
     },
     /// The plan-level external-AI decision. With a reservation, the store applies it only if the
     /// quota still covers it, else reports a conflict and the stage decides again.

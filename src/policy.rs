@@ -93,6 +93,12 @@ pub fn provider_capability(name: &str) -> String {
     format!("provider:{name}")
 }
 
+/// The id of the agent that serves the provider `name` by default (`llm-<name>`): where the
+/// provider's tasks wait when none of its agents is up.
+pub fn provider_agent(name: &str) -> String {
+    format!("llm-{name}")
+}
+
 /// The period after which a provider's quota starts afresh. Windows are aligned to UTC: a daily
 /// window starts at midnight, a monthly one at midnight on the first of the month.
 #[derive(
@@ -149,7 +155,7 @@ pub struct FallbackPolicy {
 
 impl Default for FallbackPolicy {
     fn default() -> Self {
-        Self { complexity_threshold: 0.7, providers: Vec::new() }
+        Self { complexity_threshold: 0.3, providers: Vec::new() }
     }
 }
 
@@ -329,7 +335,7 @@ pub struct ApprovalPolicy {
 
 impl Default for ApprovalPolicy {
     fn default() -> Self {
-        Self { auto_approve_below: Some(0.5), allow_request_auto_approve: true }
+        Self { auto_approve_below: Some(0.2), allow_request_auto_approve: true }
     }
 }
 
@@ -464,7 +470,7 @@ mod tests {
     }
 
     fn policy() -> FallbackPolicy {
-        FallbackPolicy { providers: vec![provider()], ..FallbackPolicy::default() }
+        FallbackPolicy { complexity_threshold: 0.7, providers: vec![provider()] }
     }
 
     fn quota(remaining: i64) -> Vec<QuotaSnapshot> {
@@ -479,6 +485,11 @@ mod tests {
             work_type: task.work_type.clone(),
             reason: reason.into(),
         }
+    }
+
+    /// Auto-approval below 0.5.
+    fn approval() -> ApprovalPolicy {
+        ApprovalPolicy { auto_approve_below: Some(0.5), allow_request_auto_approve: true }
     }
 
     fn decision(complexity: f64, use_external: bool) -> FallbackDecision {
@@ -534,7 +545,13 @@ mod tests {
     #[test]
     fn stays_local_without_a_provider() {
         let plan = plan(&["deployment"]);
-        let d = decide_fallback(&plan, 0.99, &[], &FallbackPolicy::default(), &quota(500));
+        let d = decide_fallback(
+            &plan,
+            0.99,
+            &[],
+            &FallbackPolicy { complexity_threshold: 0.7, ..FallbackPolicy::default() },
+            &quota(500),
+        );
         assert_eq!(
             d,
             FallbackDecision {
@@ -671,7 +688,7 @@ mod tests {
     fn the_first_provider_with_quota_takes_the_work() {
         let plan = plan(&["deployment"]);
         let second = Provider { name: "backup".into(), ..provider() };
-        let policy = FallbackPolicy { providers: vec![provider(), second], ..FallbackPolicy::default() };
+        let policy = FallbackPolicy { providers: vec![provider(), second], complexity_threshold: 0.7 };
         let quotas = vec![
             QuotaSnapshot { provider: "bigmodel".into(), remaining_micros: 10 },
             QuotaSnapshot { provider: "backup".into(), remaining_micros: 5000 },
@@ -699,17 +716,17 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(policy, FallbackPolicy { complexity_threshold: 0.7, providers: vec![provider()] });
+        assert_eq!(policy, FallbackPolicy { complexity_threshold: 0.3, providers: vec![provider()] });
         assert_eq!(policy.provider("bigmodel"), Some(&provider()));
         assert_eq!(provider().capability(), "provider:bigmodel");
         assert_eq!(toml::from_str::<ApprovalPolicy>("").unwrap(), ApprovalPolicy::default());
         let strict: ApprovalPolicy = toml::from_str("allow_request_auto_approve = false").unwrap();
-        assert_eq!(strict.auto_approve_below, Some(0.5));
+        assert_eq!(strict.auto_approve_below, Some(0.2));
     }
 
     #[test]
     fn gate_honours_an_allowed_auto_approve_request_even_for_external_work() {
-        let g = gate(true, &decision(0.95, true), &ApprovalPolicy::default());
+        let g = gate(true, &decision(0.95, true), &approval());
         assert_eq!(
             g,
             Gate::AutoApproved {
@@ -721,7 +738,7 @@ mod tests {
 
     #[test]
     fn gate_auto_approves_simple_local_plans() {
-        let g = gate(false, &decision(0.3, false), &ApprovalPolicy::default());
+        let g = gate(false, &decision(0.3, false), &approval());
         assert_eq!(
             g,
             Gate::AutoApproved { reason: "complexity 0.30 is below 0.50 and the work stays local".into() }
@@ -730,19 +747,19 @@ mod tests {
 
     #[test]
     fn gate_holds_external_work() {
-        let g = gate(false, &decision(0.3, true), &ApprovalPolicy::default());
+        let g = gate(false, &decision(0.3, true), &approval());
         assert_eq!(g, Gate::AwaitingApproval { reason: "uses an external AI model (bigmodel)".into() });
         assert!(!g.is_auto_approved());
     }
 
     #[test]
     fn gate_holds_complex_plans() {
-        let g = gate(false, &decision(0.8, false), &ApprovalPolicy::default());
+        let g = gate(false, &decision(0.8, false), &approval());
         assert_eq!(g.reason(), "complexity 0.80 is not below 0.50");
         // Exactly at the limit is not below it.
-        let g = gate(false, &decision(0.5, false), &ApprovalPolicy::default());
+        let g = gate(false, &decision(0.5, false), &approval());
         assert_eq!(g.reason(), "complexity 0.50 is not below 0.50");
-        let never = ApprovalPolicy { auto_approve_below: None, ..ApprovalPolicy::default() };
+        let never = ApprovalPolicy { auto_approve_below: None, ..approval() };
         let g = gate(false, &decision(0.0, false), &never);
         assert_eq!(
             g,
@@ -752,7 +769,7 @@ mod tests {
 
     #[test]
     fn gate_refuses_an_auto_approve_request_the_policy_forbids() {
-        let strict = ApprovalPolicy { allow_request_auto_approve: false, ..ApprovalPolicy::default() };
+        let strict = ApprovalPolicy { allow_request_auto_approve: false, ..approval() };
         let g = gate(true, &decision(0.9, true), &strict);
         assert_eq!(
             g.reason(),

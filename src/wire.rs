@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::complexity::Complexity;
 use crate::domain::{Decomposition, Plan, Resources, Task};
 use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
+use crate::policy::Infeasible;
 
 /// The envelope version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -129,8 +131,12 @@ pub struct Decomposed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Planned {
     pub request: RequestMeta,
-    pub complexity: f64,
+    pub complexity: Complexity,
     pub plan: Plan,
+    /// Tasks that no agent of the fleet could run: the fallback stage sends them to an external
+    /// provider or marks the plan infeasible.
+    #[serde(default)]
+    pub infeasible: Vec<Infeasible>,
 }
 
 /// fallback (auto-approval) or `switchyard approve` → route: route the plan's ready tasks.

@@ -200,9 +200,14 @@ impl Worker {
             StageName::Decompose => {
                 start(runners, Decompose { catalog: self.catalog.clone() }, self, broker, topology, shutdown)
             }
-            StageName::Plan => {
-                start(runners, PlanStage { catalog: self.catalog.clone() }, self, broker, topology, shutdown)
-            }
+            StageName::Plan => start(
+                runners,
+                PlanStage { catalog: self.catalog.clone(), policy: self.config.planning.clone() },
+                self,
+                broker,
+                topology,
+                shutdown,
+            ),
             StageName::Fallback => start(
                 runners,
                 Fallback { fallback: config.fallback.clone(), approval: config.approval.clone() },

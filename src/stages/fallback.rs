@@ -1,5 +1,6 @@
 //! fallback: a plan → the plan-level decision on an external AI model (quota reserved
-//! atomically), then the approval gate: approved by policy, or waiting for a person.
+//! atomically), then the approval gate: approved by policy, or waiting for a person. A plan with
+//! tasks that no agent could run and that no provider can take ends here, infeasible.
 
 use chrono::{DateTime, Utc};
 
@@ -47,15 +48,20 @@ impl Stage for Fallback {
     }
 
     fn decide(&self, input: &Inbound<Planned>, context: FallbackContext, now: DateTime<Utc>) -> Outcome {
-        let Planned { request, complexity, plan } = &input.payload;
+        let Planned { request, complexity, plan, infeasible } = &input.payload;
         let mut writes = Vec::new();
         // A plan is decided once: when it comes again, the gate follows the recorded decision,
         // not a new one on what is left of the quota now.
         let decision = match context.recorded {
             Some(recorded) => recorded,
             None => {
-                let decision =
-                    policy::decide_fallback(plan, *complexity, &[], &self.fallback, &context.quotas);
+                let decision = policy::decide_fallback(
+                    plan,
+                    complexity.score,
+                    infeasible,
+                    &self.fallback,
+                    &context.quotas,
+                );
                 let reserve = match (&decision.provider, decision.use_external) {
                     (Some(provider), true) => Some(Reservation {
                         provider: provider.clone(),
@@ -71,6 +77,15 @@ impl Stage for Fallback {
                 decision
             }
         };
+        if decision.infeasible {
+            // Nothing to approve: the plan cannot run, and its request fails with the reason.
+            writes.push(Write::PlanInfeasible {
+                request_id: request.request_id,
+                plan_id: plan.id,
+                reason: format!("plan {}", decision.reason),
+            });
+            return Outcome::Forward { writes, publish: Vec::new() };
+        }
         // A verdict already recorded (by the policy before, or by a person since) stands.
         let gate = match context.verdict {
             None => policy::gate(request.auto_approve, &decision, &self.approval),
@@ -126,6 +141,7 @@ mod tests {
 
     use super::*;
     use crate::catalog::Catalog;
+    use crate::complexity::Complexity;
     use crate::ids::{MessageId, RequestId, WorkType};
     use crate::policy::Provider;
     use crate::wire::RequestMeta;
@@ -147,8 +163,9 @@ mod tests {
                     priority: 2,
                     auto_approve,
                 },
-                complexity: decomposition.complexity,
+                complexity: Complexity { score: 0.5, terms: Vec::new() },
                 plan,
+                infeasible: Vec::new(),
             },
         }
     }

@@ -1,56 +1,196 @@
-//! plan: a decomposition → a work plan (a DAG of at least one task), from the catalog's steps.
+//! plan: a decomposition → a work plan (a DAG of at least one task) from the catalog's steps,
+//! fitted to the fleet: estimated durations learnt from finished tasks, the tasks that no agent
+//! could run named, and the plan's complexity computed term by term.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::catalog::Catalog;
+use crate::complexity::{self, Inputs};
+use crate::domain::Agent;
 use crate::effect::Write;
+use crate::fleet::{self, DurationStats, Fleet, PlanningPolicy};
+use crate::store::{self, Store};
 use crate::wire::{Decomposed, Envelope, Planned};
 
 pub struct PlanStage {
     pub catalog: Arc<Catalog>,
+    pub policy: PlanningPolicy,
+}
+
+/// The fleet and its history, as the plan is made.
+#[derive(Debug, Default)]
+pub struct PlanContext {
+    /// Every agent seen, live or not: what the fleet can do, not what it is doing.
+    pub agents: Vec<Agent>,
+    pub durations: Vec<DurationStats>,
 }
 
 impl Stage for PlanStage {
     type Input = Decomposed;
-    type Context = ();
+    type Context = PlanContext;
     const NAME: &'static str = "plan";
 
-    fn decide(&self, input: &Inbound<Decomposed>, _: (), now: DateTime<Utc>) -> Outcome {
+    async fn load(&self, store: &Store, input: &Inbound<Decomposed>) -> Result<PlanContext, store::Error> {
+        let work_types: Vec<&str> =
+            input.payload.decomposition.intents.iter().map(|i| i.work_type.as_str()).collect();
+        Ok(PlanContext {
+            agents: store.agents().await?,
+            durations: store.duration_history(&work_types).await?,
+        })
+    }
+
+    fn decide(&self, input: &Inbound<Decomposed>, context: PlanContext, now: DateTime<Utc>) -> Outcome {
         let request = &input.payload.request;
         let decomposition = &input.payload.decomposition;
-        match self.catalog.plan(request.request_id, decomposition) {
-            Ok(plan) => {
-                let complexity = decomposition.complexity;
-                let envelope = Envelope::derived(
-                    input.message_id,
-                    "planned",
-                    request.request_id,
-                    now,
-                    Planned { request: request.clone(), complexity, plan: plan.clone() },
-                );
-                Outcome::Forward {
-                    writes: vec![Write::Plan { plan, complexity }],
-                    publish: vec![Publish::envelope(
-                        Destination::Queue("planned".into()),
-                        input.priority,
-                        &envelope,
-                    )],
-                }
-            }
+        let mut plan = match self.catalog.plan(request.request_id, decomposition) {
+            Ok(plan) => plan,
             Err(err) => {
                 // Never an empty plan passed on: the request fails, with the reason on it.
                 let reason = format!("planning failed: {err}");
-                Outcome::Reject {
+                return Outcome::Reject {
                     writes: vec![Write::RequestFailed {
                         request_id: request.request_id,
                         reason: reason.clone(),
                     }],
                     reason,
-                }
+                };
             }
+        };
+        let learnt = fleet::learnt_durations(&plan, &context.durations, self.policy.min_duration_samples);
+        plan.estimate_durations(|task| learnt.get(&task.id).map(|(secs, _)| *secs));
+        let duration_basis: BTreeMap<_, _> = learnt.into_iter().map(|(id, (_, basis))| (id, basis)).collect();
+
+        let work = plan
+            .work_types()
+            .into_iter()
+            .filter_map(|w| self.catalog.get(w))
+            .map(|spec| spec.base_complexity)
+            .fold(0.0, f64::max);
+        let inputs = Inputs {
+            work,
+            unknown_entities: self.catalog.unknown_entities(decomposition).len(),
+            confidence: decomposition.confidence,
+        };
+        let complexity = complexity::assess(&plan, &inputs);
+        let infeasible = Fleet::new(&context.agents, &self.policy.inventory).infeasible(&plan);
+
+        let envelope = Envelope::derived(
+            input.message_id,
+            "planned",
+            request.request_id,
+            now,
+            Planned {
+                request: request.clone(),
+                complexity: complexity.clone(),
+                plan: plan.clone(),
+                infeasible: infeasible.clone(),
+            },
+        );
+        Outcome::Forward {
+            writes: vec![Write::Plan { plan, complexity, infeasible, duration_basis }],
+            publish: vec![Publish::envelope(Destination::Queue("planned".into()), input.priority, &envelope)],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::domain::Resources;
+    use crate::ids::{AgentId, MessageId, RequestId, WorkType};
+    use crate::wire::RequestMeta;
+
+    fn input(text: &str) -> Inbound<Decomposed> {
+        let request_id = RequestId::random();
+        Inbound {
+            message_id: MessageId::random(),
+            request_id: Some(request_id),
+            priority: 1,
+            payload: Decomposed {
+                request: RequestMeta {
+                    request_id,
+                    text: text.into(),
+                    submitted_by: None,
+                    priority: 1,
+                    auto_approve: false,
+                },
+                decomposition: Catalog::default().decompose(text).unwrap(),
+            },
+        }
+    }
+
+    fn stage() -> PlanStage {
+        PlanStage { catalog: Arc::new(Catalog::default()), policy: PlanningPolicy::default() }
+    }
+
+    fn agent(gpu: u32) -> Agent {
+        Agent {
+            id: AgentId::parse("a1").unwrap(),
+            capabilities: Default::default(),
+            capacity: 1,
+            in_flight: 0,
+            labels: BTreeMap::new(),
+            resources: Resources { cpu: 8.0, memory_mb: 16_384, gpu },
+            last_heartbeat: Utc::now(),
+            succeeded: 0,
+            failed: 0,
+        }
+    }
+
+    fn planned(outcome: Outcome) -> (Vec<Write>, Planned) {
+        let Outcome::Forward { writes, publish } = outcome else { panic!("{outcome:?}") };
+        let planned = serde_json::from_value(publish[0].body["payload"].clone()).unwrap();
+        (writes, planned)
+    }
+
+    #[test]
+    fn the_plan_carries_its_complexity_term_by_term() {
+        let (writes, planned) = planned(stage().decide(
+            &input("Deploy Uptime Kuma to the homelab and send alerts to Discord"),
+            PlanContext::default(),
+            Utc::now(),
+        ));
+        // deployment (0.4) + 5 tasks, 5 waves, 2 types, nothing unknown, full confidence.
+        assert_eq!(planned.complexity.score, 0.254, "{}", planned.complexity.explain());
+        assert!(planned.infeasible.is_empty());
+        let Write::Plan { complexity, duration_basis, .. } = &writes[0] else { panic!() };
+        assert_eq!(complexity, &planned.complexity);
+        assert!(duration_basis.is_empty(), "no history: the catalog's estimates");
+    }
+
+    #[test]
+    fn a_gpu_task_is_named_infeasible_on_a_fleet_without_gpus() {
+        let text = "Transcribe the Whisper meeting recordings";
+        let on = |agents| {
+            planned(stage().decide(&input(text), PlanContext { agents, ..Default::default() }, Utc::now())).1
+        };
+        let without = on(vec![agent(0)]);
+        assert_eq!(without.infeasible.len(), 1, "{:?}", without.infeasible);
+        assert_eq!(without.infeasible[0].key, "1.transcribe");
+        assert!(on(vec![agent(1)]).infeasible.is_empty());
+    }
+
+    #[test]
+    fn durations_come_from_history_once_there_is_enough() {
+        let wt = WorkType::parse("deployment").unwrap();
+        let durations =
+            vec![DurationStats { work_type: wt, step: "deploy".into(), samples: 7, median_secs: 95.5 }];
+        let (writes, planned) = planned(stage().decide(
+            &input("Deploy Gitea to the homelab"),
+            PlanContext { durations, ..Default::default() },
+            Utc::now(),
+        ));
+        let deploy = planned.plan.tasks().iter().find(|t| t.key == "1.deploy").unwrap();
+        assert_eq!(deploy.estimated_duration_secs, 96);
+        let prepare = planned.plan.tasks().iter().find(|t| t.key == "1.prepare").unwrap();
+        assert_eq!(prepare.estimated_duration_secs, 120, "the catalog's estimate");
+        let Write::Plan { duration_basis, .. } = &writes[0] else { panic!() };
+        assert_eq!(duration_basis[&deploy.id], "median of 7 finished tasks");
     }
 }

@@ -6,10 +6,11 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
-use crate::domain::{Agent, PlanStatus, TaskStatus};
+use crate::domain::{Agent, PlanStatus, Resources, Task, TaskStatus};
 use crate::effect::Write;
 use crate::ids::{AgentId, TaskId};
-use crate::routing::{self, RoutingPolicy};
+use crate::policy::{self, FallbackDecision};
+use crate::routing::{self, Route as Routed, RoutingPolicy};
 use crate::store::{self, Store, StoredPlan, TaskState};
 use crate::wire::{DispatchTask, Envelope, RouteTasks};
 
@@ -25,6 +26,8 @@ pub struct RouteContext {
     pub agents: Vec<Agent>,
     /// The agents that failed each task before: a retry goes elsewhere.
     pub failed: HashMap<TaskId, BTreeSet<AgentId>>,
+    /// The plan's fallback decision, which names the tasks that go to an external provider.
+    pub fallback: Option<FallbackDecision>,
 }
 
 impl Stage for Route {
@@ -39,6 +42,7 @@ impl Stage for Route {
             tasks: store.task_states(plan_id).await?,
             agents: store.agents().await?,
             failed: store.failed_agents(plan_id).await?,
+            fallback: store.fallback_decision(plan_id).await?,
         })
     }
 
@@ -50,7 +54,7 @@ impl Stage for Route {
         match stored.status {
             PlanStatus::Approved => {}
             // A plan that ended has nothing left to route: a late message, not an error.
-            PlanStatus::Completed | PlanStatus::Failed | PlanStatus::Rejected => {
+            PlanStatus::Completed | PlanStatus::Failed | PlanStatus::Rejected | PlanStatus::Infeasible => {
                 return Outcome::Ignore { reason: format!("plan {plan_id} is {}", stored.status) };
             }
             PlanStatus::Planned | PlanStatus::AwaitingApproval => {
@@ -61,11 +65,16 @@ impl Stage for Route {
             }
         }
         let plan = &stored.plan;
+        let external = External::of(context.fallback.as_ref());
         let done: HashSet<_> =
             context.tasks.iter().filter(|t| t.status == TaskStatus::Succeeded).map(|t| t.id).collect();
         let pending: HashSet<_> =
             context.tasks.iter().filter(|t| t.status == TaskStatus::Pending).map(|t| t.id).collect();
-        let ready: Vec<_> = plan.ready_tasks(&done).filter(|t| pending.contains(&t.id)).collect();
+        let ready: Vec<Task> = plan
+            .ready_tasks(&done)
+            .filter(|t| pending.contains(&t.id))
+            .map(|t| external.as_ref().map_or_else(|| t.clone(), |e| e.adapt(t)))
+            .collect();
         let state = |task_id| context.tasks.iter().find(|t| t.id == task_id);
         let is_retry = |task_id| state(task_id).is_some_and(|t| t.attempt > 0);
         // A retry goes to an agent that has not failed the task, never to a default agent. If no
@@ -96,27 +105,42 @@ impl Stage for Route {
                 return Outcome::Forward { writes, publish: Vec::new() };
             }
         }
-        let routes =
-            match routing::route_tasks_excluding(&ready, &context.agents, now, &self.policy, &context.failed)
-            {
-                Ok(routes) => routes,
-                Err(routing::RouteError::NoDefaultAgent { task_id, .. }) if is_retry(task_id) => {
-                    return Outcome::Defer {
-                        reason: format!("task {task_id} waits for an agent that has not failed it"),
-                    };
-                }
-                Err(err) => {
-                    // The plan cannot go on: it fails, what it had left is cancelled, and the
-                    // input is dead-lettered so that the failure is also seen where operators look.
-                    let reason = format!("routing failed: {err}");
-                    let writes = vec![Write::PlanFinished {
-                        request_id: plan.request_id,
-                        plan_id,
-                        failure: Some(reason.clone()),
-                    }];
-                    return Outcome::Reject { writes, reason };
-                }
-            };
+        // External tasks are routed on their own, so that their default agent is the provider's
+        // and not the work type's local one.
+        let (outside, inside): (Vec<usize>, Vec<usize>) = (0..ready.len())
+            .partition(|&i| external.as_ref().is_some_and(|e| e.tasks.contains(&ready[i].id)));
+        let route_group = |indices: &[usize], policy: &RoutingPolicy| {
+            let tasks: Vec<&Task> = indices.iter().map(|&i| &ready[i]).collect();
+            routing::route_tasks_excluding(&tasks, &context.agents, now, policy, &context.failed)
+        };
+        let routed = route_group(&inside, &self.policy).and_then(|mut local| {
+            let Some(external) = &external else { return Ok(local) };
+            let remote = route_group(&outside, &external.policy(&self.policy, &ready))?;
+            let mut all: Vec<Option<Routed>> = (0..ready.len()).map(|_| None).collect();
+            for (i, route) in inside.iter().zip(local.drain(..)).chain(outside.iter().zip(remote)) {
+                all[*i] = Some(route);
+            }
+            Ok(all.into_iter().map(|r| r.expect("every task routed once")).collect())
+        });
+        let routes = match routed {
+            Ok(routes) => routes,
+            Err(routing::RouteError::NoDefaultAgent { task_id, .. }) if is_retry(task_id) => {
+                return Outcome::Defer {
+                    reason: format!("task {task_id} waits for an agent that has not failed it"),
+                };
+            }
+            Err(err) => {
+                // The plan cannot go on: it fails, what it had left is cancelled, and the
+                // input is dead-lettered so that the failure is also seen where operators look.
+                let reason = format!("routing failed: {err}");
+                let writes = vec![Write::PlanFinished {
+                    request_id: plan.request_id,
+                    plan_id,
+                    failure: Some(reason.clone()),
+                }];
+                return Outcome::Reject { writes, reason };
+            }
+        };
         if let Some((task, _)) = ready.iter().zip(&routes).find(|(t, r)| is_retry(t.id) && r.score.is_none())
         {
             return Outcome::Defer {
@@ -150,6 +174,52 @@ impl Stage for Route {
             writes.push(Write::Route { request_id: plan.request_id, plan_id, attempt, decision_id, route });
         }
         Outcome::Forward { writes, publish }
+    }
+}
+
+/// The tasks that a plan's fallback decision sends to an external provider. They are done by
+/// the provider's agents (the `llm` executor), so they need the provider's capability instead of
+/// their own, and none of the resources that a local agent would need: the model runs elsewhere.
+#[derive(Debug)]
+struct External {
+    tasks: HashSet<TaskId>,
+    capability: String,
+    /// Where an external task waits when no agent of the provider is up.
+    default_agent: Option<AgentId>,
+}
+
+impl External {
+    fn of(decision: Option<&FallbackDecision>) -> Option<Self> {
+        let decision = decision.filter(|d| d.use_external)?;
+        let provider = decision.provider.as_deref()?;
+        Some(External {
+            tasks: decision.external_tasks.iter().copied().collect(),
+            capability: policy::provider_capability(provider),
+            default_agent: AgentId::parse(policy::provider_agent(provider)).ok(),
+        })
+    }
+
+    fn adapt(&self, task: &Task) -> Task {
+        if !self.tasks.contains(&task.id) {
+            return task.clone();
+        }
+        Task {
+            capabilities: BTreeSet::from([self.capability.clone()]),
+            resources: Resources::default(),
+            ..task.clone()
+        }
+    }
+
+    /// `base`, with the provider's agent as the default agent of the external tasks' work types.
+    fn policy(&self, base: &RoutingPolicy, ready: &[Task]) -> RoutingPolicy {
+        let mut policy = base.clone();
+        policy.default_agents.clear();
+        if let Some(agent) = &self.default_agent {
+            for task in ready.iter().filter(|t| self.tasks.contains(&t.id)) {
+                policy.default_agents.insert(task.work_type.clone(), agent.clone());
+            }
+        }
+        policy
     }
 }
 
@@ -293,6 +363,68 @@ mod tests {
         let Write::Route { route, .. } = &writes[0] else { panic!() };
         assert_eq!(route.agent_id.as_str(), "fallback");
         assert!(route.reason.starts_with("no agents available"), "{}", route.reason);
+        assert!(!route.reserves_capacity);
+    }
+
+    /// The plan's first task (1.prepare) goes to the provider `cloud`.
+    fn external(plan: &StoredPlan) -> FallbackDecision {
+        FallbackDecision {
+            plan_id: plan.plan.id,
+            use_external: true,
+            provider: Some("cloud".into()),
+            external_tasks: vec![plan.plan.tasks()[0].id],
+            infeasible: false,
+            reason: String::new(),
+            complexity: 0.9,
+            estimated_cost_micros: 10,
+            quota_left_micros: Some(0),
+        }
+    }
+
+    #[test]
+    fn an_external_task_goes_to_an_agent_of_its_provider_whatever_its_resources() {
+        let plan = stored(PlanStatus::Approved);
+        let stage = Route { policy: RoutingPolicy::default() };
+        let mut model = agent("model-1");
+        model.capabilities = BTreeSet::from(["provider:cloud".to_owned()]);
+        model.resources = Resources::default();
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: states(&plan),
+            agents: vec![agent("a1"), model],
+            fallback: Some(external(&plan)),
+            ..Default::default()
+        };
+        let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
+        let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert_eq!(route.agent_id.as_str(), "model-1", "{route:?}");
+        let task = &publish[0].body["payload"]["task"];
+        assert_eq!(task["capabilities"], serde_json::json!(["provider:cloud"]));
+        assert_eq!(task["resources"]["memory_mb"], 0);
+    }
+
+    #[test]
+    fn an_external_task_waits_for_its_provider_agent_never_a_local_default() {
+        let plan = stored(PlanStatus::Approved);
+        let mut policy = RoutingPolicy::default();
+        policy
+            .default_agents
+            .insert(WorkType::parse("deployment").unwrap(), AgentId::parse("fallback").unwrap());
+        let stage = Route { policy };
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: states(&plan),
+            agents: vec![agent("a1")],
+            fallback: Some(external(&plan)),
+            ..Default::default()
+        };
+        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
+        let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert_eq!(route.agent_id.as_str(), "llm-cloud");
         assert!(!route.reserves_capacity);
     }
 }

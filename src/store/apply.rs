@@ -210,13 +210,14 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
         Write::Decomposition { request_id, decomposition } => {
             let inserted = tx
                 .execute(
-                    "INSERT INTO decompositions (request_id, decomposer, intents, complexity)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    "INSERT INTO decompositions (request_id, decomposer, intents, confidence, fallback_reason)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                     &[
                         &request_id.as_uuid(),
                         &decomposition.decomposer,
                         &serde_json::to_value(&decomposition.intents).expect("intents serialize"),
-                        &decomposition.complexity,
+                        &decomposition.confidence.clamp(0.0, 1.0),
+                        &decomposition.fallback_reason,
                     ],
                 )
                 .await?;
@@ -226,7 +227,8 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 let work_types: Vec<&str> =
                     decomposition.intents.iter().map(|i| i.work_type.as_str()).collect();
                 let detail = json!({ "decomposer": decomposition.decomposer, "work_types": work_types,
-                                     "complexity": decomposition.complexity });
+                                     "confidence": decomposition.confidence,
+                                     "fallback_reason": decomposition.fallback_reason });
                 audit(tx, actor, "request.decomposed", Some(*request_id), None, None, detail).await?;
             }
         }
@@ -243,16 +245,19 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 audit(tx, actor, "request.failed", Some(*request_id), None, None, detail).await?;
             }
         }
-        Write::Plan { plan, complexity } => {
+        Write::Plan { plan, complexity, infeasible, duration_basis } => {
+            let terms = serde_json::to_value(&complexity.terms).expect("terms serialize");
             let inserted = tx
                 .execute(
-                    "INSERT INTO plans (id, request_id, status, complexity) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT DO NOTHING",
+                    "INSERT INTO plans (id, request_id, status, complexity, complexity_terms, infeasible)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                     &[
                         &plan.id.as_uuid(),
                         &plan.request_id.as_uuid(),
                         &PlanStatus::Planned.as_str(),
-                        complexity,
+                        &complexity.score,
+                        &terms,
+                        &serde_json::to_value(infeasible).expect("infeasible tasks serialize"),
                     ],
                 )
                 .await?;
@@ -261,8 +266,8 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                     .prepare(
                         "INSERT INTO tasks (id, plan_id, position, key, work_type, description,
                              estimated_duration_secs, cpu, memory_mb, gpu, capabilities, depends_on,
-                             affinity, status)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                             affinity, status, duration_basis)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                     )
                     .await?;
                 for (position, task) in plan.tasks().iter().enumerate() {
@@ -285,6 +290,7 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                             &depends_on,
                             &serde_json::to_value(&task.affinity).expect("affinity serializes"),
                             &TaskStatus::Pending.as_str(),
+                            &duration_basis.get(&task.id).map_or("catalog", String::as_str),
                         ],
                     )
                     .await?;
@@ -292,7 +298,8 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 set_request_status(tx, plan.request_id, RequestStatus::Planned, &[RequestStatus::Decomposed])
                     .await?;
                 let keys: Vec<&str> = plan.tasks().iter().map(|t| t.key.as_str()).collect();
-                let detail = json!({ "tasks": keys, "complexity": complexity });
+                let detail = json!({ "tasks": keys, "complexity": complexity.score, "terms": terms,
+                                     "infeasible": infeasible, "learnt_durations": duration_basis });
                 audit(tx, actor, "plan.created", Some(plan.request_id), Some(plan.id), None, detail).await?;
             }
         }
@@ -300,8 +307,11 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             let inserted = tx
                 .execute(
                     "INSERT INTO fallback_decisions (plan_id, use_external, provider, reason,
-                         complexity, estimated_cost_micros, quota_left_micros, external_tasks, infeasible)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                         complexity, estimated_cost_micros, quota_left_micros, external_tasks, infeasible,
+                         complexity_terms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                             (SELECT complexity_terms FROM plans WHERE id = $1))
+                     ON CONFLICT DO NOTHING",
                     &[
                         &decision.plan_id.as_uuid(),
                         &decision.use_external,
@@ -353,6 +363,34 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             let detail = serde_json::to_value(decision).expect("decision serializes");
             audit(tx, actor, "fallback.decided", Some(*request_id), Some(decision.plan_id), None, detail)
                 .await?;
+        }
+        Write::PlanInfeasible { request_id, plan_id, reason } => {
+            let updated = tx
+                .execute(
+                    "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
+                    &[&plan_id.as_uuid(), &PlanStatus::Infeasible.as_str(), &PlanStatus::Planned.as_str()],
+                )
+                .await?;
+            if updated == 1 {
+                tx.execute(
+                    "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
+                     WHERE plan_id = $1 AND status = $4",
+                    &[
+                        &plan_id.as_uuid(),
+                        &TaskStatus::Cancelled.as_str(),
+                        &"cancelled: the plan is infeasible",
+                        &TaskStatus::Pending.as_str(),
+                    ],
+                )
+                .await?;
+                tx.execute(
+                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now() WHERE id = $1",
+                    &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), reason],
+                )
+                .await?;
+                let detail = json!({ "reason": reason });
+                audit(tx, actor, "plan.infeasible", Some(*request_id), Some(*plan_id), None, detail).await?;
+            }
         }
         Write::AwaitingApproval { request_id, plan_id, reason } => {
             let updated = tx

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::{Applied, Error, Store};
 use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
 use crate::effect::Write;
+use crate::fleet::DurationStats;
 use crate::ids::{AgentId, MessageId, PlanId, RequestId, TaskId, WorkType};
 use crate::policy::{FallbackDecision, QuotaSnapshot};
 use crate::wire::Heartbeat;
@@ -376,6 +377,37 @@ impl Store {
             )
             .await?;
         Ok(row.map(|r| QuotaSnapshot { provider: provider.to_owned(), remaining_micros: r.get(0) }))
+    }
+
+    /// How long the tasks of `work_types` that succeeded in the last 30 days took, by work type
+    /// and step: what the planner learns estimated durations from. Recent history only, so that
+    /// the estimate follows the fleet as it changes.
+    pub async fn duration_history(&self, work_types: &[&str]) -> Result<Vec<DurationStats>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT t.work_type, split_part(t.key, '.', 2) AS step, count(*)::bigint,
+                        percentile_cont(0.5) WITHIN GROUP (
+                            ORDER BY extract(epoch FROM r.finished_at - r.started_at))::float8
+                 FROM tasks t JOIN task_results r ON r.task_id = t.id AND r.attempt = t.attempt
+                 WHERE t.status = 'succeeded' AND r.success AND r.source = 'agent'
+                   AND t.work_type = ANY($1) AND r.finished_at > now() - interval '30 days'
+                 GROUP BY 1, 2",
+                &[&work_types],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let work_type: String = r.get(0);
+                Ok(DurationStats {
+                    work_type: WorkType::parse(&work_type)
+                        .map_err(|e| Error::Corrupt(format!("work type {work_type:?}: {e}")))?,
+                    step: r.get(1),
+                    samples: u32::try_from(r.get::<_, i64>(2)).unwrap_or(u32::MAX),
+                    median_secs: r.get(3),
+                })
+            })
+            .collect()
     }
 
     /// The fallback decision recorded for a plan, if one was made.

@@ -12,13 +12,13 @@ use switchyard::wire::{self, Envelope, Planned, RequestMeta, SCHEMA_VERSION, Sub
 
 use crate::helpers::*;
 
-/// Code generation with four entities and a target: complexity 0.80 (0.50 + 4 × 0.05 + 0.10 for
-/// more than 12 words), above the default 0.70 threshold; three code_generation tasks.
+/// Code generation with an entity no work type knows (Postgres) and a clause folded in:
+/// complexity 0.296 (see `complexity`), over the tests' 0.25 threshold; three code_generation tasks.
 const COMPLEX: &str = "Write a Python script that exports Postgres, Redis and Nextcloud metrics to the NAS";
-const COMPLEX_COMPLEXITY: f64 = 0.8;
-/// Maintenance of one entity: complexity 0.35, below the default auto-approval limit of 0.50.
+const COMPLEX_COMPLEXITY: f64 = 0.296;
+/// Maintenance of one known entity: complexity 0.160, below the default auto-approval limit of 0.20.
 const SIMPLE: &str = "Restart Jellyfin";
-/// Code generation without mentions: complexity 0.50, not below the auto-approval limit.
+/// Code generation without mentions: complexity 0.213, not below the auto-approval limit.
 const MEDIUM: &str = "Write a backup script";
 
 const PROVIDER: &str = "bigmodel";
@@ -45,7 +45,7 @@ fn provider(quota_micros: i64) -> Provider {
 fn with_provider(quota_micros: i64) -> impl FnOnce(&mut Config) {
     move |c: &mut Config| {
         c.fallback.providers = vec![provider(quota_micros)];
-        c.fallback.complexity_threshold = 0.7;
+        c.fallback.complexity_threshold = 0.25;
     }
 }
 
@@ -58,8 +58,11 @@ async fn remaining(app: &TestApp) -> i64 {
 }
 
 /// Registers an agent able to take every task of [`COMPLEX`].
-async fn register_coder(app: &TestApp, id: &str) {
-    app.register_agent(id, &["code", "code_generation"], 4, &[]).await;
+/// The agent that serves [`PROVIDER`]: external tasks go to it, never to a local coder.
+const MODEL_AGENT: &str = "llm-bigmodel";
+
+async fn register_model_agent(app: &TestApp) {
+    app.register_agent(MODEL_AGENT, &["provider:bigmodel"], 4, &[]).await;
 }
 
 /// Submits `text` under a chosen request id, as `switchyard submit --request-id` does.
@@ -93,8 +96,16 @@ fn planned_envelope(request_id: RequestId, text: &str, message_id: MessageId) ->
                 priority: 0,
                 auto_approve: false,
             },
-            complexity: decomposition.complexity,
+            complexity: switchyard::complexity::assess(
+                &plan,
+                &switchyard::complexity::Inputs {
+                    work: 0.5,
+                    unknown_entities: catalog.unknown_entities(&decomposition).len(),
+                    confidence: decomposition.confidence,
+                },
+            ),
             plan,
+            infeasible: Vec::new(),
         },
     };
     serde_json::to_vec(&envelope).unwrap()
@@ -127,7 +138,7 @@ async fn a_complex_plan_with_quota_left_goes_external_and_reserves_its_cost() {
     assert_eq!(
         fallback.reason,
         format!(
-            "complexity 0.80 meets the 0.70 threshold; 3 of 3 tasks go to {PROVIDER} for an estimated \
+            "complexity 0.30 meets the 0.25 threshold; 3 of 3 tasks go to {PROVIDER} for an estimated \
              {PLAN_COST} micros, leaving {} micros of quota",
             100_000 - PLAN_COST
         )
@@ -163,7 +174,7 @@ async fn an_exhausted_quota_keeps_the_plan_local_and_reserves_nothing() {
     assert_eq!(
         fallback.reason,
         format!(
-            "complexity 0.80 meets the 0.70 threshold, but the work stays local: quota exhausted: \
+            "complexity 0.30 meets the 0.25 threshold, but the work stays local: quota exhausted: \
              {PROVIDER} has {limit} micros left, and the plan would cost {PLAN_COST} micros"
         )
     );
@@ -171,7 +182,7 @@ async fn an_exhausted_quota_keeps_the_plan_local_and_reserves_nothing() {
     assert_eq!(fallback.quota_left_micros, None);
     assert_eq!(remaining(&app).await, limit, "nothing reserved");
 
-    // Local, but at 0.80 too complex for the policy to approve on its own.
+    // Local, but at 0.296 too complex for the policy to approve on its own.
     let report = app.wait_settled(id).await;
     assert_eq!(report.status.as_str(), "awaiting_approval");
 }
@@ -212,13 +223,13 @@ async fn a_plan_gets_exactly_one_fallback_decision_however_often_it_is_planned()
 
 #[tokio::test]
 async fn a_replayed_plan_keeps_its_first_decision_when_the_quota_has_run_out_since() {
-    // Research of two entities: complexity 0.35, under the 0.50 auto-approval limit, and over a
-    // threshold of 0.30. The quota covers its two tasks exactly once.
+    // Research of two entities: complexity 0.162, under the 0.20 auto-approval limit, and over a
+    // threshold of 0.15. The quota covers its two tasks exactly once.
     const RESEARCH: &str = "Research Traefik and Caddy";
     let app = spawn_app_with(|c| {
         c.fallback.providers =
             vec![Provider { work_types: [WorkType::parse("research").unwrap()].into(), ..provider(3003) }];
-        c.fallback.complexity_threshold = 0.3;
+        c.fallback.complexity_threshold = 0.15;
     })
     .await;
     let id = RequestId::random();
@@ -272,12 +283,12 @@ async fn two_plans_racing_for_the_last_quota_get_one_external_decision() {
 #[tokio::test]
 async fn approving_an_external_plan_releases_its_first_task() {
     let app = spawn_app_with(with_provider(100_000)).await;
-    register_coder(&app, "coder-1").await;
+    register_model_agent(&app).await;
     let id = app.submit(COMPLEX, false).await;
     let report = app.wait_settled(id).await;
     assert_eq!(report.status.as_str(), "awaiting_approval");
     assert!(report.plan.as_ref().unwrap().fallback.as_ref().unwrap().use_external);
-    assert!(app.drain(&app.agent_queue("coder-1")).await.is_empty(), "nothing routed before approval");
+    assert!(app.drain(&app.agent_queue(MODEL_AGENT)).await.is_empty(), "nothing routed before approval");
     let plan_id = id.plan_id().to_string();
 
     let approve = app.cli(&["approve", &plan_id, "--by", "alice"]).await;
@@ -290,7 +301,7 @@ async fn approving_an_external_plan_releases_its_first_task() {
     let approval = plan.approval.unwrap();
     assert!(approval.approved);
     assert_eq!(approval.decided_by, "alice");
-    let messages = app.drain(&app.agent_queue("coder-1")).await;
+    let messages = app.drain(&app.agent_queue(MODEL_AGENT)).await;
     let keys: Vec<&str> =
         messages.iter().map(|(m, _)| m["payload"]["task"]["key"].as_str().unwrap()).collect();
     assert_eq!(keys, ["1.design"], "only the task without dependencies is released");
@@ -308,7 +319,7 @@ async fn approving_an_external_plan_releases_its_first_task() {
 #[tokio::test]
 async fn rejecting_a_plan_records_the_reason_routes_nothing_and_gives_its_quota_back() {
     let app = spawn_app_with(with_provider(100_000)).await;
-    register_coder(&app, "coder-1").await;
+    register_model_agent(&app).await;
     let id = app.submit(COMPLEX, false).await;
     assert_eq!(app.wait_settled(id).await.status.as_str(), "awaiting_approval");
     let plan_id = id.plan_id().to_string();
@@ -328,7 +339,7 @@ async fn rejecting_a_plan_records_the_reason_routes_nothing_and_gives_its_quota_
     assert!(plan.tasks.iter().all(|t| t.status.as_str() == "pending"));
     let trail = app.store.trail(id).await.unwrap().unwrap();
     assert!(trail.decisions.is_empty() && trail.dispatches.is_empty());
-    assert!(app.drain(&app.agent_queue("coder-1")).await.is_empty());
+    assert!(app.drain(&app.agent_queue(MODEL_AGENT)).await.is_empty());
     let events = app.store.audit_events(id).await.unwrap();
     assert!(events.iter().any(|(actor, event, _)| actor == "bob" && event == "plan.rejected"), "{events:#?}");
     // The external model will not be used: its reservation is given back, and said so.
@@ -354,11 +365,11 @@ async fn a_simple_local_plan_is_approved_by_the_policy() {
     let report = app.wait_settled(id).await;
     assert_eq!(report.status.as_str(), "in_progress", "{report:#?}");
     let plan = report.plan.unwrap();
-    assert_eq!(plan.fallback.unwrap().reason, "complexity 0.35 is below the 0.70 threshold");
+    assert_eq!(plan.fallback.unwrap().reason, "complexity 0.16 is below the 0.30 threshold");
     let approval = plan.approval.unwrap();
     assert!(approval.approved);
     assert_eq!(approval.decided_by, "policy");
-    assert_eq!(approval.reason, "complexity 0.35 is below 0.50 and the work stays local");
+    assert_eq!(approval.reason, "complexity 0.16 is below 0.20 and the work stays local");
     let messages = app.drain(&app.agent_queue("default-maintenance")).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].0["payload"]["task"]["key"], "1.snapshot");
@@ -397,7 +408,7 @@ async fn the_policy_can_refuse_what_a_request_asks_for_with_auto_approve() {
     let (_, _, detail) = events.iter().find(|(_, event, _)| event == "plan.awaiting_approval").unwrap();
     assert_eq!(
         detail["reason"],
-        "the request asked for auto-approval but the policy does not allow it; complexity 0.50 is not below 0.50"
+        "the request asked for auto-approval but the policy does not allow it; complexity 0.21 is not below 0.20"
     );
     assert!(app.drain(&app.agent_queue("default-code-generation")).await.is_empty());
 }
@@ -405,7 +416,7 @@ async fn the_policy_can_refuse_what_a_request_asks_for_with_auto_approve() {
 #[tokio::test]
 async fn approving_twice_is_idempotent_and_a_rejected_plan_cannot_be_approved() {
     let app = spawn_app_with(with_provider(100_000)).await;
-    register_coder(&app, "coder-1").await;
+    register_model_agent(&app).await;
     let (approved, rejected) = tokio::join!(app.submit(COMPLEX, false), app.submit(COMPLEX, false));
     app.wait_settled(approved).await;
     app.wait_settled(rejected).await;
@@ -429,7 +440,7 @@ async fn approving_twice_is_idempotent_and_a_rejected_plan_cannot_be_approved() 
     let trail = app.store.trail(approved).await.unwrap().unwrap();
     assert_eq!(trail.decisions.len(), 1, "one routing decision per released task: {:#?}", trail.decisions);
     assert_eq!(trail.dispatches.len(), 1);
-    assert_eq!(app.drain(&app.agent_queue("coder-1")).await.len(), 1);
+    assert_eq!(app.drain(&app.agent_queue(MODEL_AGENT)).await.len(), 1);
     let audit = app.cli(&["audit", &approved.to_string()]).await;
     assert!(audit.status.success(), "{}", stdout(&audit));
 
