@@ -36,7 +36,7 @@ impl Stage for Fallback {
     async fn load(&self, store: &Store, input: &Inbound<Planned>) -> Result<FallbackContext, store::Error> {
         let mut quotas = Vec::with_capacity(self.fallback.providers.len());
         for provider in &self.fallback.providers {
-            quotas.extend(store.quota(&provider.name).await?);
+            quotas.extend(store.quota(&provider.name, Utc::now()).await?);
         }
         let plan_id = input.payload.plan.id;
         Ok(FallbackContext {
@@ -60,6 +60,7 @@ impl Stage for Fallback {
                     (Some(provider), true) => Some(Reservation {
                         provider: provider.clone(),
                         amount_micros: decision.estimated_cost_micros,
+                        window_start: self.fallback.provider(provider).map_or(now, |p| p.window.start(now)),
                     }),
                     _ => None,
                 };

@@ -12,7 +12,7 @@ use super::{Applied, Error, Store};
 use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
 use crate::effect::Write;
 use crate::ids::{AgentId, MessageId, PlanId, RequestId, TaskId, WorkType};
-use crate::policy::{FallbackDecision, QuotaSnapshot};
+use crate::policy::FallbackDecision;
 use crate::wire::Heartbeat;
 
 /// A plan as stored, with its state.
@@ -60,6 +60,8 @@ pub struct PlanReport {
     pub status: PlanStatus,
     pub complexity: f64,
     pub fallback: Option<FallbackDecision>,
+    /// The quota its fallback decision reserved, and how it was used and settled.
+    pub reservation: Option<super::StoredReservation>,
     pub approval: Option<ApprovalRow>,
     pub tasks: Vec<TaskState>,
     /// Every attempt's result, in the order received.
@@ -366,18 +368,6 @@ impl Store {
         self.apply(actor, None, std::slice::from_ref(&write)).await.map(|_| ())
     }
 
-    /// Quota left for `provider`, if it has a quota row.
-    pub async fn quota(&self, provider: &str) -> Result<Option<QuotaSnapshot>, Error> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT limit_micros - reserved_micros - spent_micros FROM quotas WHERE provider = $1",
-                &[&provider],
-            )
-            .await?;
-        Ok(row.map(|r| QuotaSnapshot { provider: provider.to_owned(), remaining_micros: r.get(0) }))
-    }
-
     /// The fallback decision recorded for a plan, if one was made.
     pub async fn fallback_decision(&self, plan_id: PlanId) -> Result<Option<FallbackDecision>, Error> {
         let client = self.client().await?;
@@ -400,21 +390,6 @@ impl Store {
             external_tasks: r.get::<_, Vec<uuid::Uuid>>(6).into_iter().map(TaskId::from_uuid).collect(),
             infeasible: r.get(7),
         }))
-    }
-
-    /// Creates the quota row of a configured provider, or sets its limit to the configured one;
-    /// what is reserved and spent stays as it is.
-    pub async fn ensure_quota(&self, provider: &str, limit_micros: i64) -> Result<(), Error> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO quotas (provider, limit_micros) VALUES ($1, $2)
-                 ON CONFLICT (provider) DO UPDATE SET limit_micros = EXCLUDED.limit_micros, updated_at = now()
-                 WHERE quotas.limit_micros <> EXCLUDED.limit_micros",
-                &[&provider, &limit_micros],
-            )
-            .await?;
-        Ok(())
     }
 
     /// The verdict recorded for a plan: approved (true), rejected (false), or none yet.
@@ -610,6 +585,7 @@ impl Store {
                     status: parse_status(row.get(1))?,
                     complexity: row.get(2),
                     fallback: self.fallback_decision(plan_id).await?,
+                    reservation: self.reservation(plan_id).await?,
                     approval,
                     tasks: self.task_states(plan_id).await?,
                     results: self.results(plan_id).await?,
