@@ -210,8 +210,9 @@ mod tests {
         let stage = Fallback { fallback, approval: ApprovalPolicy::default() };
         let input = input("Write a Python script that exports Grafana dashboards", false);
         let quota = QuotaSnapshot { provider: "cloud".into(), remaining_micros: 100_000 };
+        let now = Utc::now();
         let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext { quotas: vec![quota], ..Default::default() }, Utc::now())
+            stage.decide(&input, FallbackContext { quotas: vec![quota], ..Default::default() }, now)
         else {
             panic!()
         };
@@ -220,7 +221,11 @@ mod tests {
         // Three code-generation tasks × 1,000 tokens × 10,000 micros per 1,000 tokens.
         assert_eq!(
             reserve,
-            &Some(Reservation { provider: "cloud".into(), amount_micros: 30_000 }),
+            &Some(Reservation {
+                provider: "cloud".into(),
+                amount_micros: 30_000,
+                window_start: provider().window.start(now)
+            }),
             "{decision:?}"
         );
         assert!(publish.is_empty(), "an external plan waits for a person by default");
