@@ -359,6 +359,18 @@ async fn switchyard_quota_shows_and_sets_limits() {
     let alpha: Value = serde_json::from_slice(&set_json.stdout).unwrap();
     assert_eq!((&alpha["provider"], &alpha["limit_micros"]), (&Value::from("alpha"), &Value::from(1000)));
 
+    // `status` shows the plan's reservation and its use.
+    let status = stdout(&app.cli(&["status", &request_id.to_string()]).await);
+    let line = status.lines().find(|l| l.starts_with("quota ")).unwrap_or_else(|| panic!("{status}"));
+    let month = Window::Monthly.start(now).format("%Y-%m-%d");
+    assert_eq!(
+        line,
+        format!(
+            "quota     30000 micros of bigmodel reserved in the monthly window from {month}; \
+             7000 spent (1200 input, 350 output tokens); 23000 still reserved"
+        )
+    );
+
     let unknown = app.cli(&["quota", "set", "nosuch", "1"]).await;
     assert_eq!(unknown.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&unknown.stderr);
