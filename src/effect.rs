@@ -11,13 +11,15 @@ use crate::domain::{Decomposition, Plan};
 use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
 use crate::policy::{FallbackDecision, Infeasible};
 use crate::routing::Route;
-use crate::wire::{Heartbeat, RequestMeta, TaskResult};
+use crate::wire::{Heartbeat, RequestMeta, TaskResult, TokenUsage};
 
-/// Quota to take from a provider, atomically, or not at all.
+/// Quota to take from a provider, atomically, or not at all, in the window that `window_start`
+/// falls in (of the provider's window kind as stored: normally the window that starts there).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
     pub provider: String,
     pub amount_micros: i64,
+    pub window_start: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,7 +51,9 @@ pub enum Write {
         reason: String,
     },
     /// The plan-level external-AI decision. With a reservation, the store applies it only if the
-    /// quota still covers it, else reports a conflict and the stage decides again.
+    /// quota still covers it in the reservation's window (limit - reserved - spent >= amount),
+    /// else reports a conflict and the stage decides again. Of two decisions racing for the last
+    /// of a quota, exactly one reserves it.
     Fallback {
         request_id: RequestId,
         decision: FallbackDecision,
@@ -60,6 +64,8 @@ pub enum Write {
         plan_id: PlanId,
         reason: String,
     },
+    /// A person's or the policy's verdict on a plan. A rejection settles the plan's quota
+    /// reservation at once, all of it going back (audited as `quota.released`).
     Approval {
         request_id: RequestId,
         plan_id: PlanId,
@@ -102,11 +108,30 @@ pub enum Write {
         reason: String,
         cancelled: Vec<TaskId>,
     },
-    /// The plan and its request finished: completed, or failed with a reason.
+    /// The plan and its request finished: completed, or failed with a reason. Settles the plan's
+    /// quota reservation, if it has one: what was reserved and not spent goes back to its window
+    /// (audited as `quota.settled`). Once: a second settlement changes nothing. The plan's
+    /// `QuotaUsed` writes go before it (a use recorded after settlement still counts as spent).
     PlanFinished {
         request_id: RequestId,
         plan_id: PlanId,
         failure: Option<String>,
+    },
+    /// What an attempt of a task sent to an external provider really used, as the provider's API
+    /// reported it, and what that cost. The cost counts as spent in the window of the plan's
+    /// reservation (or, without a reservation of this provider, in the provider's current
+    /// window), and as much of it as the reservation still holds is taken off what is reserved:
+    /// use beyond the reservation is spent all the same, the reservation's part just reaches 0.
+    /// Once per (task, attempt): a redelivered result counts nothing again. Audited as
+    /// `quota.used`.
+    QuotaUsed {
+        request_id: RequestId,
+        plan_id: PlanId,
+        task_id: TaskId,
+        attempt: u32,
+        provider: String,
+        usage: TokenUsage,
+        cost_micros: i64,
     },
     /// The broker confirmed the task into the agent's queue.
     Dispatched {

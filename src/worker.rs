@@ -60,14 +60,14 @@ pub enum Error {
     Runner(#[from] runner::Error),
 }
 
-/// Creates the database if needed, connects, migrates, and creates the configured provider's
-/// quota row.
+/// Creates the database if needed, connects, migrates, and creates or updates the quota row of
+/// every configured provider (see [`Store::ensure_quota`]).
 pub async fn prepare_store(config: &Config) -> Result<Store, Error> {
     store::ensure_database(&config.database_url).await?;
     let store = Store::connect(&config.database_url, config.database_pool_size).await?;
     store.migrate().await?;
     for provider in &config.fallback.providers {
-        store.ensure_quota(&provider.name, provider.quota_micros).await?;
+        store.ensure_quota(&provider.name, provider.quota_micros, provider.window).await?;
     }
     Ok(store)
 }

@@ -37,7 +37,7 @@ impl Stage for Fallback {
     async fn load(&self, store: &Store, input: &Inbound<Planned>) -> Result<FallbackContext, store::Error> {
         let mut quotas = Vec::with_capacity(self.fallback.providers.len());
         for provider in &self.fallback.providers {
-            quotas.extend(store.quota(&provider.name).await?);
+            quotas.extend(store.quota(&provider.name, Utc::now()).await?);
         }
         let plan_id = input.payload.plan.id;
         Ok(FallbackContext {
@@ -66,6 +66,7 @@ impl Stage for Fallback {
                     (Some(provider), true) => Some(Reservation {
                         provider: provider.clone(),
                         amount_micros: decision.estimated_cost_micros,
+                        window_start: self.fallback.provider(provider).map_or(now, |p| p.window.start(now)),
                     }),
                     _ => None,
                 };
@@ -226,8 +227,9 @@ mod tests {
         let stage = Fallback { fallback, approval: ApprovalPolicy::default() };
         let input = input("Write a Python script that exports Grafana dashboards", false);
         let quota = QuotaSnapshot { provider: "cloud".into(), remaining_micros: 100_000 };
+        let now = Utc::now();
         let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext { quotas: vec![quota], ..Default::default() }, Utc::now())
+            stage.decide(&input, FallbackContext { quotas: vec![quota], ..Default::default() }, now)
         else {
             panic!()
         };
@@ -236,7 +238,11 @@ mod tests {
         // Three code-generation tasks × 1,000 tokens × 10,000 micros per 1,000 tokens.
         assert_eq!(
             reserve,
-            &Some(Reservation { provider: "cloud".into(), amount_micros: 30_000 }),
+            &Some(Reservation {
+                provider: "cloud".into(),
+                amount_micros: 30_000,
+                window_start: provider().window.start(now)
+            }),
             "{decision:?}"
         );
         assert!(publish.is_empty(), "an external plan waits for a person by default");

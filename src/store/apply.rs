@@ -333,26 +333,10 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 )));
             }
             if let Some(reservation) = reserve {
-                let left = tx
-                    .query_opt(
-                        "UPDATE quotas SET reserved_micros = reserved_micros + $2, updated_at = now()
-                         WHERE provider = $1 AND limit_micros - reserved_micros - spent_micros >= $2
-                         RETURNING limit_micros - reserved_micros - spent_micros",
-                        &[&reservation.provider, &reservation.amount_micros],
-                    )
-                    .await?;
-                let Some(left) = left else {
-                    return Ok(Step::Conflict(format!(
-                        "quota of {} no longer covers {} micros",
-                        reservation.provider, reservation.amount_micros
-                    )));
+                let left = match super::quota::reserve(tx, decision.plan_id, reservation).await? {
+                    Ok(left) => left,
+                    Err(conflict) => return Ok(Step::Conflict(conflict)),
                 };
-                let left: i64 = left.get(0);
-                tx.execute(
-                    "INSERT INTO quota_reservations (plan_id, provider, amount_micros) VALUES ($1, $2, $3)",
-                    &[&decision.plan_id.as_uuid(), &reservation.provider, &reservation.amount_micros],
-                )
-                .await?;
                 // The figure that counts is the one after this reservation, under the row lock.
                 tx.execute(
                     "UPDATE fallback_decisions SET quota_left_micros = $2 WHERE plan_id = $1",
@@ -469,25 +453,7 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
             if !approved {
                 // A rejected plan will not use the external model: give its quota back.
-                let released = tx
-                    .query_opt(
-                        "WITH released AS (
-                             UPDATE quota_reservations SET released_at = now()
-                             WHERE plan_id = $1 AND released_at IS NULL
-                             RETURNING provider, amount_micros)
-                         UPDATE quotas q SET reserved_micros = q.reserved_micros - released.amount_micros,
-                             updated_at = now()
-                         FROM released WHERE q.provider = released.provider
-                         RETURNING released.provider, released.amount_micros",
-                        &[&plan_id.as_uuid()],
-                    )
-                    .await?;
-                if let Some(row) = released {
-                    let (provider, amount): (String, i64) = (row.get(0), row.get(1));
-                    let detail = json!({ "provider": provider, "amount_micros": amount });
-                    audit(tx, actor, "quota.released", Some(*request_id), Some(*plan_id), None, detail)
-                        .await?;
-                }
+                super::quota::settle(tx, actor, *request_id, *plan_id, "quota.released").await?;
             }
         }
         Write::Route { request_id, plan_id, attempt, decision_id, route } => {
@@ -746,6 +712,23 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 let detail = json!({ "reason": failure });
                 audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
             }
+            // Whatever the plan's reservation still holds goes back; once, even if the plan
+            // was finished before.
+            super::quota::settle(tx, actor, *request_id, *plan_id, "quota.settled").await?;
+        }
+        Write::QuotaUsed { request_id, plan_id, task_id, attempt, provider, usage, cost_micros } => {
+            super::quota::record_use(
+                tx,
+                actor,
+                *request_id,
+                *plan_id,
+                *task_id,
+                *attempt,
+                provider,
+                usage,
+                *cost_micros,
+            )
+            .await?;
         }
         Write::DispatchFailed { request_id, plan_id, task_id, attempt, decision_id, agent_id, reason } => {
             let updated = tx

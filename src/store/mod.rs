@@ -5,6 +5,7 @@
 //! [`Write`]: crate::effect::Write
 
 mod apply;
+mod quota;
 mod read;
 
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 pub use apply::{Applied, Delivery, Marker};
+pub use quota::{QuotaReport, StoredReservation};
 pub use read::*;
 
 mod embedded {

@@ -13,7 +13,7 @@ use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, Tas
 use crate::effect::Write;
 use crate::fleet::DurationStats;
 use crate::ids::{AgentId, MessageId, PlanId, RequestId, TaskId, WorkType};
-use crate::policy::{FallbackDecision, QuotaSnapshot};
+use crate::policy::FallbackDecision;
 use crate::wire::Heartbeat;
 
 /// A plan as stored, with its state.
@@ -61,6 +61,8 @@ pub struct PlanReport {
     pub status: PlanStatus,
     pub complexity: f64,
     pub fallback: Option<FallbackDecision>,
+    /// The quota its fallback decision reserved, and how it was used and settled.
+    pub reservation: Option<super::StoredReservation>,
     pub approval: Option<ApprovalRow>,
     pub tasks: Vec<TaskState>,
     /// Every attempt's result, in the order received.
@@ -367,18 +369,6 @@ impl Store {
         self.apply(actor, None, std::slice::from_ref(&write)).await.map(|_| ())
     }
 
-    /// Quota left for `provider`, if it has a quota row.
-    pub async fn quota(&self, provider: &str) -> Result<Option<QuotaSnapshot>, Error> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT limit_micros - reserved_micros - spent_micros FROM quotas WHERE provider = $1",
-                &[&provider],
-            )
-            .await?;
-        Ok(row.map(|r| QuotaSnapshot { provider: provider.to_owned(), remaining_micros: r.get(0) }))
-    }
-
     /// How long the tasks of `work_types` that succeeded in the last 30 days took, by work type
     /// and step: what the planner learns estimated durations from. Recent history only, so that
     /// the estimate follows the fleet as it changes.
@@ -432,21 +422,6 @@ impl Store {
             external_tasks: r.get::<_, Vec<uuid::Uuid>>(6).into_iter().map(TaskId::from_uuid).collect(),
             infeasible: r.get(7),
         }))
-    }
-
-    /// Creates the quota row of a configured provider, or sets its limit to the configured one;
-    /// what is reserved and spent stays as it is.
-    pub async fn ensure_quota(&self, provider: &str, limit_micros: i64) -> Result<(), Error> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO quotas (provider, limit_micros) VALUES ($1, $2)
-                 ON CONFLICT (provider) DO UPDATE SET limit_micros = EXCLUDED.limit_micros, updated_at = now()
-                 WHERE quotas.limit_micros <> EXCLUDED.limit_micros",
-                &[&provider, &limit_micros],
-            )
-            .await?;
-        Ok(())
     }
 
     /// The verdict recorded for a plan: approved (true), rejected (false), or none yet.
@@ -642,6 +617,7 @@ impl Store {
                     status: parse_status(row.get(1))?,
                     complexity: row.get(2),
                     fallback: self.fallback_decision(plan_id).await?,
+                    reservation: self.reservation(plan_id).await?,
                     approval,
                     tasks: self.task_states(plan_id).await?,
                     results: self.results(plan_id).await?,

@@ -54,7 +54,7 @@ fn has_fallback(report: &RequestReport) -> bool {
 }
 
 async fn remaining(app: &TestApp) -> i64 {
-    app.store.quota(PROVIDER).await.unwrap().expect("the provider's quota row").remaining_micros
+    app.store.quota(PROVIDER, Utc::now()).await.unwrap().expect("the provider's quota row").remaining_micros
 }
 
 /// Registers an agent able to take every task of [`COMPLEX`].

@@ -93,7 +93,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     let store =
         Store::connect(&config.database_url, config.database_pool_size).await.expect("the test database");
     for provider in &config.fallback.providers {
-        store.ensure_quota(&provider.name, provider.quota_micros).await.unwrap();
+        store.ensure_quota(&provider.name, provider.quota_micros, provider.window).await.unwrap();
     }
     let names = Names::new(namespace);
     let broker = Broker::connect(&config.amqp_url, names.clone()).await.expect("the broker");

@@ -9,6 +9,7 @@ mod errors;
 mod fallback;
 mod helpers;
 mod outage;
+mod quota;
 mod races;
 mod routing;
 mod tracking;

@@ -2,7 +2,7 @@
 
 use chrono::Utc;
 use switchyard::domain::Agent;
-use switchyard::store::{DeadLetter, RequestReport};
+use switchyard::store::{DeadLetter, QuotaReport, RequestReport, StoredReservation};
 
 /// One line that changes whenever the request or one of its tasks moves.
 pub fn state_line(report: &RequestReport) -> String {
@@ -33,6 +33,9 @@ pub fn report(report: &RequestReport) {
         if let Some(f) = &plan.fallback {
             let target = if f.use_external { "external" } else { "local" };
             println!("fallback  {target}: {}", f.reason);
+        }
+        if let Some(r) = &plan.reservation {
+            println!("quota     {}", reservation(r));
         }
         if let Some(a) = &plan.approval {
             let verdict = if a.approved { "approved" } else { "rejected" };
@@ -95,4 +98,61 @@ pub fn agents(agents: &[Agent], ttl_secs: u64) {
             caps.join(",")
         );
     }
+}
+
+/// A plan's reservation in one line: how much, in which window, what was used, what went back.
+pub fn reservation(r: &StoredReservation) -> String {
+    let mut line = format!(
+        "{} micros of {} reserved in the {} window from {}; {} spent ({} input, {} output tokens)",
+        r.amount_micros,
+        r.provider,
+        r.window,
+        r.window_start.format("%Y-%m-%d"),
+        r.spent_micros,
+        r.input_tokens,
+        r.output_tokens
+    );
+    match (r.settled_at, r.released_micros) {
+        (Some(at), Some(released)) => {
+            line.push_str(&format!("; settled {}, {released} released", at.format("%Y-%m-%d %H:%M:%S UTC")));
+        }
+        _ => line.push_str(&format!("; {} still reserved", r.outstanding_micros())),
+    }
+    line
+}
+
+/// Each provider's quota in its current window, one line each.
+pub fn quotas(quotas: &[QuotaReport]) {
+    if quotas.is_empty() {
+        println!(
+            "no provider has a quota: configure [[fallback.providers]] and start a worker (or run `switchyard migrate`)"
+        );
+        return;
+    }
+    println!(
+        "{:<20} {:<8} {:>14} {:>14} {:>14} {:>14}  RESETS",
+        "PROVIDER", "WINDOW", "LIMIT", "RESERVED", "SPENT", "REMAINING"
+    );
+    for q in quotas {
+        println!("{}", quota_line(q));
+    }
+}
+
+/// One provider's quota: figures in micros, and when the window ends. A limit set by `quota set`
+/// that differs from the configured one says so.
+pub fn quota_line(q: &QuotaReport) -> String {
+    let mut line = format!(
+        "{:<20} {:<8} {:>14} {:>14} {:>14} {:>14}  {}",
+        q.provider,
+        q.window.to_string(),
+        q.limit_micros,
+        q.reserved_micros,
+        q.spent_micros,
+        q.remaining_micros,
+        q.window_end.format("%Y-%m-%d %H:%M UTC")
+    );
+    if q.limit_micros != q.configured_micros {
+        line.push_str(&format!(" (configured limit {})", q.configured_micros));
+    }
+    line
 }
