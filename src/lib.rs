@@ -9,6 +9,7 @@ pub mod domain;
 pub mod effect;
 pub mod ids;
 pub mod leases;
+pub mod llm;
 pub mod ops;
 pub mod policy;
 pub mod routing;
