@@ -143,10 +143,15 @@ prefetch = 7
 auto_approve_below = 0.3
 [routing.default_agents]
 deployment = "deployer"
-[fallback.provider]
+[[fallback.providers]]
 name = "cloud"
-price_per_1k_tokens_micros = 10000
-tokens_per_task = 2000
+endpoint = "https://models.example.com/v1"
+model = "big-1"
+api_key_env = "CLOUD_API_KEY"
+price_per_1k_input_tokens_micros = 10000
+price_per_1k_output_tokens_micros = 30000
+input_tokens_per_task = 2000
+output_tokens_per_task = 500
 quota_micros = 1000000
 work_types = ["code_generation"]
 "#,
@@ -162,7 +167,7 @@ work_types = ["code_generation"]
         assert_eq!(config.worker.dispatch_attempts, 3, "unset fields keep their defaults");
         assert_eq!(config.approval.auto_approve_below, Some(0.3));
         assert_eq!(config.routing.default_agents.len(), 1);
-        assert_eq!(config.fallback.provider.as_ref().unwrap().name, "cloud");
+        assert_eq!(config.fallback.providers[0].name, "cloud");
         assert_eq!(config.database_url, "postgres://u:pw@db/x");
         let debug = format!("{config:?}");
         assert!(!debug.contains("pw"), "password in {debug}");

@@ -95,7 +95,19 @@ pub fn provider_capability(name: &str) -> String {
 
 /// The period after which a provider's quota starts afresh. Windows are aligned to UTC: a daily
 /// window starts at midnight, a monthly one at midnight on the first of the month.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, strum::Display, strum::EnumString)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    Deserialize,
+    Serialize,
+    strum::Display,
+    strum::EnumString,
+)]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
 pub enum Window {
@@ -239,13 +251,18 @@ pub fn decide_fallback(
             .tasks()
             .iter()
             .filter(|task| {
-                (complex && provider.accepts(&task.work_type)) || infeasible.iter().any(|i| i.task_id == task.id)
+                (complex && provider.accepts(&task.work_type))
+                    || infeasible.iter().any(|i| i.task_id == task.id)
             })
             .map(|task| task.id)
             .collect();
         if external.is_empty() {
             let types: Vec<&str> = plan.work_types().into_iter().map(WorkType::as_str).collect();
-            lacks.push(format!("{} takes none of the plan's work types ({})", provider.name, types.join(", ")));
+            lacks.push(format!(
+                "{} takes none of the plan's work types ({})",
+                provider.name,
+                types.join(", ")
+            ));
             continue;
         }
         let cost = provider.estimate_cost_micros(external.len());
@@ -291,7 +308,11 @@ pub fn decide_fallback(
     } else {
         FallbackDecision {
             infeasible: true,
-            ..local(format!("infeasible: {}; and no provider can take it: {}", stuck.join("; "), lacks.join("; ")))
+            ..local(format!(
+                "infeasible: {}; and no provider can take it: {}",
+                stuck.join("; "),
+                lacks.join("; ")
+            ))
         }
     }
 }
@@ -424,23 +445,40 @@ mod tests {
         Plan::new(id, request, tasks).unwrap()
     }
 
-    /// 2,500 tokens per task at 1,234 micros per 1,000 tokens: 3,085 micros per task.
+    /// 2,000 input tokens at 1,000 micros and 500 output tokens at 2,170 micros per 1,000:
+    /// 2,000 + 1,085 = 3,085 micros per task.
     fn provider() -> Provider {
         Provider {
             name: "bigmodel".into(),
-            price_per_1k_tokens_micros: 1234,
-            tokens_per_task: 2500,
+            endpoint: "https://models.example.com/v1".into(),
+            model: "big-1".into(),
+            api_key_env: Some("BIGMODEL_API_KEY".into()),
+            price_per_1k_input_tokens_micros: 1000,
+            price_per_1k_output_tokens_micros: 2170,
+            input_tokens_per_task: 2000,
+            output_tokens_per_task: 500,
             quota_micros: 1_000_000,
+            window: Window::Monthly,
             work_types: [wt("deployment"), wt("analysis")].into(),
         }
     }
 
     fn policy() -> FallbackPolicy {
-        FallbackPolicy { provider: Some(provider()), ..FallbackPolicy::default() }
+        FallbackPolicy { providers: vec![provider()], ..FallbackPolicy::default() }
     }
 
-    fn quota(remaining: i64) -> QuotaSnapshot {
-        QuotaSnapshot { provider: "bigmodel".into(), remaining_micros: remaining }
+    fn quota(remaining: i64) -> Vec<QuotaSnapshot> {
+        vec![QuotaSnapshot { provider: "bigmodel".into(), remaining_micros: remaining }]
+    }
+
+    fn stuck(plan: &Plan, index: usize, reason: &str) -> Infeasible {
+        let task = &plan.tasks()[index];
+        Infeasible {
+            task_id: task.id,
+            key: task.key.clone(),
+            work_type: task.work_type.clone(),
+            reason: reason.into(),
+        }
     }
 
     fn decision(complexity: f64, use_external: bool) -> FallbackDecision {
@@ -448,6 +486,8 @@ mod tests {
             plan_id: RequestId::random().plan_id(),
             use_external,
             provider: use_external.then(|| "bigmodel".to_owned()),
+            external_tasks: Vec::new(),
+            infeasible: false,
             reason: String::new(),
             complexity,
             estimated_cost_micros: 0,
@@ -456,61 +496,79 @@ mod tests {
     }
 
     #[test]
-    fn cost_counts_only_accepted_tasks_and_rounds_up() {
+    fn cost_prices_input_and_output_tokens_and_rounds_up() {
         let p = provider();
         assert_eq!(p.estimate_cost_micros(0), 0);
         assert_eq!(p.estimate_cost_micros(1), 3085);
-        // 3 × 333 × 1001 = 999,999 → 999.999 → 1000.
-        let odd = Provider { price_per_1k_tokens_micros: 1001, tokens_per_task: 333, ..provider() };
-        assert_eq!(odd.estimate_cost_micros(3), 1000);
-        let exact = Provider { price_per_1k_tokens_micros: 2000, tokens_per_task: 500, ..provider() };
-        assert_eq!(exact.estimate_cost_micros(3), 3000);
-        let huge = Provider { price_per_1k_tokens_micros: i64::MAX, tokens_per_task: i64::MAX, ..provider() };
-        assert_eq!(huge.estimate_cost_micros(2), i64::MAX);
+        assert_eq!(p.cost_micros(1000, 0), 1000);
+        assert_eq!(p.cost_micros(0, 1000), 2170);
+        // 333 × 1001 = 333,333 → 333.333 → 334.
+        let odd = Provider { price_per_1k_input_tokens_micros: 1001, ..provider() };
+        assert_eq!(odd.cost_micros(333, 0), 334);
+        let huge = Provider { price_per_1k_input_tokens_micros: i64::MAX, ..provider() };
+        assert_eq!(huge.cost_micros(i64::MAX, i64::MAX), i64::MAX);
+        assert_eq!(huge.estimate_cost_micros(usize::MAX), i64::MAX);
 
-        // Two accepted tasks of three: 2 × 2500 × 1234 / 1000 = 6170.
+        // Two accepted tasks of three go when the plan is complex: 2 × 3085.
         let plan = plan(&["deployment", "monitoring", "analysis"]);
-        let d = decide_fallback(&plan, 0.9, &policy(), Some(&quota(1_000_000)));
+        let d = decide_fallback(&plan, 0.9, &[], &policy(), &quota(1_000_000));
         assert_eq!(d.estimated_cost_micros, 6170);
+        assert_eq!(d.external_tasks, [plan.tasks()[0].id, plan.tasks()[2].id]);
+    }
+
+    #[test]
+    fn windows_start_at_utc_midnight_and_roll_over() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let day = Window::Daily.start(at("2026-01-31T23:59:59Z"));
+        assert_eq!(day, at("2026-01-31T00:00:00Z"));
+        assert_eq!(Window::Daily.next(day), at("2026-02-01T00:00:00Z"));
+        let month = Window::Monthly.start(at("2026-01-31T23:59:59Z"));
+        assert_eq!(month, at("2026-01-01T00:00:00Z"));
+        assert_eq!(Window::Monthly.next(month), at("2026-02-01T00:00:00Z"));
+        assert_eq!(Window::Monthly.start(at("2026-02-01T00:00:00Z")), at("2026-02-01T00:00:00Z"));
+        assert_eq!(Window::Monthly.next(at("2026-12-01T00:00:00Z")), at("2027-01-01T00:00:00Z"));
+        assert_eq!("daily".parse::<Window>().unwrap(), Window::Daily);
+        assert_eq!(Window::default().to_string(), "monthly");
     }
 
     #[test]
     fn stays_local_without_a_provider() {
         let plan = plan(&["deployment"]);
-        let d = decide_fallback(&plan, 0.99, &FallbackPolicy::default(), Some(&quota(500)));
+        let d = decide_fallback(&plan, 0.99, &[], &FallbackPolicy::default(), &quota(500));
         assert_eq!(
             d,
             FallbackDecision {
                 plan_id: plan.id,
                 use_external: false,
                 provider: None,
-                reason: "no external provider configured".into(),
+                external_tasks: Vec::new(),
+                infeasible: false,
+                reason: "complexity 0.99 meets the 0.70 threshold, but the work stays local: \
+                         no external provider is configured"
+                    .into(),
                 complexity: 0.99,
                 estimated_cost_micros: 0,
-                quota_left_micros: Some(500),
+                quota_left_micros: None,
             }
         );
-        let d = decide_fallback(&plan, 0.99, &FallbackPolicy::default(), None);
-        assert_eq!(d.quota_left_micros, None);
     }
 
     #[test]
     fn stays_local_below_the_complexity_threshold() {
         let plan = plan(&["deployment"]);
-        let d = decide_fallback(&plan, 0.45, &policy(), Some(&quota(1_000_000)));
+        let d = decide_fallback(&plan, 0.45, &[], &policy(), &quota(1_000_000));
         assert!(!d.use_external);
         assert_eq!(d.provider, None);
         assert_eq!(d.reason, "complexity 0.45 is below the 0.70 threshold");
-        assert_eq!(d.estimated_cost_micros, 3085);
-        assert_eq!(d.quota_left_micros, Some(1_000_000));
+        assert_eq!(d.estimated_cost_micros, 0);
 
         // Rounding must not make the figures read the same.
-        let d = decide_fallback(&plan, 0.699, &policy(), Some(&quota(1_000_000)));
+        let d = decide_fallback(&plan, 0.699, &[], &policy(), &quota(1_000_000));
         assert_eq!(d.reason, "complexity 0.699 is below the 0.7 threshold");
         // Exactly at the threshold goes external.
-        assert!(decide_fallback(&plan, 0.7, &policy(), Some(&quota(1_000_000))).use_external);
+        assert!(decide_fallback(&plan, 0.7, &[], &policy(), &quota(1_000_000)).use_external);
         // A NaN complexity is no reason to spend money.
-        let d = decide_fallback(&plan, f64::NAN, &policy(), Some(&quota(1_000_000)));
+        let d = decide_fallback(&plan, f64::NAN, &[], &policy(), &quota(1_000_000));
         assert!(!d.use_external);
         assert!(d.reason.contains("cannot be compared"), "{}", d.reason);
     }
@@ -518,53 +576,50 @@ mod tests {
     #[test]
     fn stays_local_when_the_provider_accepts_no_task() {
         let plan = plan(&["monitoring", "notification"]);
-        let d = decide_fallback(&plan, 0.9, &policy(), Some(&quota(1_000_000)));
+        let d = decide_fallback(&plan, 0.9, &[], &policy(), &quota(1_000_000));
         assert!(!d.use_external);
         assert_eq!(
             d.reason,
-            "no task of the plan is of a work type bigmodel accepts \
-             (plan: monitoring, notification; accepted: analysis, deployment)"
+            "complexity 0.90 meets the 0.70 threshold, but the work stays local: \
+             bigmodel takes none of the plan's work types (monitoring, notification)"
         );
         assert_eq!(d.estimated_cost_micros, 0);
-        assert_eq!(d.quota_left_micros, Some(1_000_000));
     }
 
     #[test]
     fn stays_local_when_the_quota_is_unknown_or_short() {
         let plan = plan(&["deployment", "analysis"]); // costs 6170
-        let d = decide_fallback(&plan, 0.9, &policy(), None);
+        let d = decide_fallback(&plan, 0.9, &[], &policy(), &[]);
         assert!(!d.use_external);
-        assert!(d.reason.starts_with("quota exhausted"), "{}", d.reason);
-        assert!(d.reason.contains("6170"), "{}", d.reason);
-        assert_eq!(d.quota_left_micros, None);
+        assert!(d.reason.ends_with("no quota known for bigmodel"), "{}", d.reason);
 
         // One micro short.
-        let d = decide_fallback(&plan, 0.9, &policy(), Some(&quota(6169)));
-        assert!(!d.use_external);
+        let d = decide_fallback(&plan, 0.9, &[], &policy(), &quota(6169));
+        assert!(!d.use_external && !d.infeasible);
         assert_eq!(
             d.reason,
-            "quota exhausted: bigmodel has 6169 micros left, and the plan would cost 6170 micros"
+            "complexity 0.90 meets the 0.70 threshold, but the work stays local: \
+             quota exhausted: bigmodel has 6169 micros left, and the plan would cost 6170 micros"
         );
-        assert_eq!(d.estimated_cost_micros, 6170);
-        assert_eq!(d.quota_left_micros, Some(6169));
+        assert_eq!(d.quota_left_micros, None);
 
         // Another provider's quota says nothing about this one's.
-        let other = QuotaSnapshot { provider: "othermodel".into(), remaining_micros: 1_000_000 };
-        let d = decide_fallback(&plan, 0.9, &policy(), Some(&other));
-        assert!(!d.use_external);
-        assert!(d.reason.starts_with("quota exhausted: no quota known for bigmodel"), "{}", d.reason);
+        let other = vec![QuotaSnapshot { provider: "othermodel".into(), remaining_micros: 1_000_000 }];
+        assert!(!decide_fallback(&plan, 0.9, &[], &policy(), &other).use_external);
     }
 
     #[test]
     fn goes_external_when_complex_enough_and_the_quota_exactly_covers_the_cost() {
         let plan = plan(&["deployment", "monitoring", "analysis"]); // 2 accepted: 6170
-        let d = decide_fallback(&plan, 0.85, &policy(), Some(&quota(6170)));
+        let d = decide_fallback(&plan, 0.85, &[], &policy(), &quota(6170));
         assert_eq!(
             d,
             FallbackDecision {
                 plan_id: plan.id,
                 use_external: true,
                 provider: Some("bigmodel".into()),
+                external_tasks: vec![plan.tasks()[0].id, plan.tasks()[2].id],
+                infeasible: false,
                 reason: "complexity 0.85 meets the 0.70 threshold; 2 of 3 tasks go to bigmodel \
                          for an estimated 6170 micros, leaving 0 micros of quota"
                     .into(),
@@ -578,19 +633,75 @@ mod tests {
     }
 
     #[test]
+    fn an_infeasible_task_goes_external_alone_when_the_plan_is_simple() {
+        let plan = plan(&["deployment", "analysis", "monitoring"]);
+        let stuck = [stuck(&plan, 1, "needs 1 GPU, and no agent has one")];
+        let d = decide_fallback(&plan, 0.2, &stuck, &policy(), &quota(1_000_000));
+        assert!(d.use_external && !d.infeasible);
+        assert_eq!(d.external_tasks, [plan.tasks()[1].id], "only the task that cannot run here");
+        assert_eq!(d.estimated_cost_micros, 3085);
+        assert_eq!(
+            d.reason,
+            "task 1.analysis needs 1 GPU, and no agent has one; 1 of 3 tasks goes to bigmodel \
+             for an estimated 3085 micros, leaving 996915 micros of quota"
+        );
+    }
+
+    #[test]
+    fn an_infeasible_task_without_quota_makes_the_plan_infeasible() {
+        let plan = plan(&["deployment", "analysis"]);
+        let stuck = [stuck(&plan, 1, "needs 1 GPU, and no agent has one")];
+        let d = decide_fallback(&plan, 0.2, &stuck, &policy(), &quota(100));
+        assert!(d.infeasible && !d.use_external);
+        assert_eq!(
+            d.reason,
+            "infeasible: task 1.analysis needs 1 GPU, and no agent has one; and no provider can take \
+             it: quota exhausted: bigmodel has 100 micros left, and the plan would cost 3085 micros"
+        );
+        // A provider that does not take the work type cannot help either.
+        let stuck = [Infeasible { work_type: wt("transcription"), ..stuck[0].clone() }];
+        let d = decide_fallback(&plan, 0.2, &stuck, &policy(), &quota(1_000_000));
+        assert!(d.infeasible);
+        assert!(d.reason.ends_with("bigmodel does not take transcription work"), "{}", d.reason);
+        let d = decide_fallback(&plan, 0.2, &stuck, &FallbackPolicy::default(), &[]);
+        assert!(d.reason.ends_with("no external provider is configured"), "{}", d.reason);
+    }
+
+    #[test]
+    fn the_first_provider_with_quota_takes_the_work() {
+        let plan = plan(&["deployment"]);
+        let second = Provider { name: "backup".into(), ..provider() };
+        let policy = FallbackPolicy { providers: vec![provider(), second], ..FallbackPolicy::default() };
+        let quotas = vec![
+            QuotaSnapshot { provider: "bigmodel".into(), remaining_micros: 10 },
+            QuotaSnapshot { provider: "backup".into(), remaining_micros: 5000 },
+        ];
+        let d = decide_fallback(&plan, 0.9, &[], &policy, &quotas);
+        assert_eq!(d.provider.as_deref(), Some("backup"));
+        assert_eq!(d.quota_left_micros, Some(5000 - 3085));
+    }
+
+    #[test]
     fn fallback_policy_reads_from_toml() {
         let policy: FallbackPolicy = toml::from_str(
             r#"
-            [provider]
+            [[providers]]
             name = "bigmodel"
-            price_per_1k_tokens_micros = 1234
-            tokens_per_task = 2500
+            endpoint = "https://models.example.com/v1"
+            model = "big-1"
+            api_key_env = "BIGMODEL_API_KEY"
+            price_per_1k_input_tokens_micros = 1000
+            price_per_1k_output_tokens_micros = 2170
+            input_tokens_per_task = 2000
+            output_tokens_per_task = 500
             quota_micros = 1000000
             work_types = ["deployment", "analysis"]
             "#,
         )
         .unwrap();
-        assert_eq!(policy, FallbackPolicy { complexity_threshold: 0.7, provider: Some(provider()) });
+        assert_eq!(policy, FallbackPolicy { complexity_threshold: 0.7, providers: vec![provider()] });
+        assert_eq!(policy.provider("bigmodel"), Some(&provider()));
+        assert_eq!(provider().capability(), "provider:bigmodel");
         assert_eq!(toml::from_str::<ApprovalPolicy>("").unwrap(), ApprovalPolicy::default());
         let strict: ApprovalPolicy = toml::from_str("allow_request_auto_approve = false").unwrap();
         assert_eq!(strict.auto_approve_below, Some(0.5));

@@ -156,9 +156,15 @@ mod tests {
     fn provider() -> Provider {
         Provider {
             name: "cloud".into(),
-            price_per_1k_tokens_micros: 10_000,
-            tokens_per_task: 1_000,
+            endpoint: "http://127.0.0.1:9/v1".into(),
+            model: "m".into(),
+            api_key_env: None,
+            price_per_1k_input_tokens_micros: 10_000,
+            price_per_1k_output_tokens_micros: 0,
+            input_tokens_per_task: 1_000,
+            output_tokens_per_task: 0,
             quota_micros: 1_000_000,
+            window: crate::policy::Window::Monthly,
             work_types: BTreeSet::from([WorkType::parse("code_generation").unwrap()]),
         }
     }
@@ -199,12 +205,12 @@ mod tests {
 
     #[test]
     fn an_external_decision_reserves_its_estimated_cost() {
-        let fallback = FallbackPolicy { complexity_threshold: 0.1, provider: Some(provider()) };
+        let fallback = FallbackPolicy { complexity_threshold: 0.1, providers: vec![provider()] };
         let stage = Fallback { fallback, approval: ApprovalPolicy::default() };
         let input = input("Write a Python script that exports Grafana dashboards", false);
         let quota = QuotaSnapshot { provider: "cloud".into(), remaining_micros: 100_000 };
         let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext { quota: Some(quota), ..Default::default() }, Utc::now())
+            stage.decide(&input, FallbackContext { quotas: vec![quota], ..Default::default() }, Utc::now())
         else {
             panic!()
         };

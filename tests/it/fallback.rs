@@ -6,7 +6,7 @@ use switchyard::catalog::Catalog;
 use switchyard::config::Config;
 use switchyard::ids::{MessageId, RequestId, WorkType};
 use switchyard::ops;
-use switchyard::policy::Provider;
+use switchyard::policy::{Provider, Window};
 use switchyard::store::RequestReport;
 use switchyard::wire::{self, Envelope, Planned, RequestMeta, SCHEMA_VERSION, SubmitRequest};
 
@@ -29,16 +29,22 @@ const PLAN_COST: i64 = 4505;
 fn provider(quota_micros: i64) -> Provider {
     Provider {
         name: PROVIDER.into(),
-        price_per_1k_tokens_micros: 1001,
-        tokens_per_task: 1500,
+        endpoint: "http://127.0.0.1:9/v1".into(),
+        model: "big-1".into(),
+        api_key_env: None,
+        price_per_1k_input_tokens_micros: 1001,
+        price_per_1k_output_tokens_micros: 0,
+        input_tokens_per_task: 1500,
+        output_tokens_per_task: 0,
         quota_micros,
+        window: Window::Monthly,
         work_types: [WorkType::parse("code_generation").unwrap()].into(),
     }
 }
 
 fn with_provider(quota_micros: i64) -> impl FnOnce(&mut Config) {
     move |c: &mut Config| {
-        c.fallback.provider = Some(provider(quota_micros));
+        c.fallback.providers = vec![provider(quota_micros)];
         c.fallback.complexity_threshold = 0.7;
     }
 }
@@ -157,11 +163,12 @@ async fn an_exhausted_quota_keeps_the_plan_local_and_reserves_nothing() {
     assert_eq!(
         fallback.reason,
         format!(
-            "quota exhausted: {PROVIDER} has {limit} micros left, and the plan would cost {PLAN_COST} micros"
+            "complexity 0.80 meets the 0.70 threshold, but the work stays local: quota exhausted: \
+             {PROVIDER} has {limit} micros left, and the plan would cost {PLAN_COST} micros"
         )
     );
-    assert_eq!(fallback.estimated_cost_micros, PLAN_COST);
-    assert_eq!(fallback.quota_left_micros, Some(limit));
+    assert_eq!(fallback.estimated_cost_micros, 0, "nothing reserved");
+    assert_eq!(fallback.quota_left_micros, None);
     assert_eq!(remaining(&app).await, limit, "nothing reserved");
 
     // Local, but at 0.80 too complex for the policy to approve on its own.
@@ -209,8 +216,8 @@ async fn a_replayed_plan_keeps_its_first_decision_when_the_quota_has_run_out_sin
     // threshold of 0.30. The quota covers its two tasks exactly once.
     const RESEARCH: &str = "Research Traefik and Caddy";
     let app = spawn_app_with(|c| {
-        c.fallback.provider =
-            Some(Provider { work_types: [WorkType::parse("research").unwrap()].into(), ..provider(3003) });
+        c.fallback.providers =
+            vec![Provider { work_types: [WorkType::parse("research").unwrap()].into(), ..provider(3003) }];
         c.fallback.complexity_threshold = 0.3;
     })
     .await;
@@ -251,8 +258,14 @@ async fn two_plans_racing_for_the_last_quota_get_one_external_decision() {
     assert_eq!(external.len(), 1, "{decisions:#?}");
     assert_eq!(local.len(), 1, "{decisions:#?}");
     assert_eq!(external[0].quota_left_micros, Some(PLAN_COST / 2));
-    assert!(local[0].reason.starts_with("quota exhausted"), "{}", local[0].reason);
-    assert_eq!(local[0].quota_left_micros, Some(PLAN_COST / 2), "decided on the quota left by the other");
+    assert!(
+        local[0].reason.ends_with(&format!(
+            "{PROVIDER} has {} micros left, and the plan would cost {PLAN_COST} micros",
+            PLAN_COST / 2
+        )),
+        "decided on the quota left by the other: {}",
+        local[0].reason
+    );
     assert_eq!(remaining(&app).await, PLAN_COST / 2, "one reservation only");
 }
 
@@ -341,7 +354,7 @@ async fn a_simple_local_plan_is_approved_by_the_policy() {
     let report = app.wait_settled(id).await;
     assert_eq!(report.status.as_str(), "in_progress", "{report:#?}");
     let plan = report.plan.unwrap();
-    assert_eq!(plan.fallback.unwrap().reason, "no external provider configured");
+    assert_eq!(plan.fallback.unwrap().reason, "complexity 0.35 is below the 0.70 threshold");
     let approval = plan.approval.unwrap();
     assert!(approval.approved);
     assert_eq!(approval.decided_by, "policy");

@@ -92,7 +92,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     configure(&mut config);
     let store =
         Store::connect(&config.database_url, config.database_pool_size).await.expect("the test database");
-    if let Some(provider) = &config.fallback.provider {
+    for provider in &config.fallback.providers {
         store.ensure_quota(&provider.name, provider.quota_micros).await.unwrap();
     }
     let names = Names::new(namespace);

@@ -32,6 +32,7 @@ async fn report(app: &TestApp, assignment: &Value, success: bool) {
             started_at: Utc::now(),
             finished_at: Utc::now(),
             lease_expired: false,
+            usage: None,
         },
     };
     app.publish_raw("results", &serde_json::to_vec(&envelope).unwrap()).await;
