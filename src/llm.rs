@@ -624,8 +624,10 @@ mod tests {
             redact_url("https://api.example.com/v1?key=abc&x=1"),
             "https://api.example.com/v1?key=***&x=***"
         );
-        assert_eq!(redact_url("https:me:pw@host"), "<URL without a host>");
-        assert_eq!(redact_url("https://me:p/w@host/v1"), "<URL with an @ after its host>");
+        // Special schemes are normalised: the credentials still go.
+        assert_eq!(redact_url("https:me:pw@host"), "https://***@host/");
+        assert_eq!(redact_url("mailto:me:pw@host"), "<URL without a host>");
+        assert_eq!(redact_url("https://tok/en@host/v1"), "<URL with an @ after its host>");
         assert_eq!(redact_url("not a url"), "<unparsable URL>");
     }
 
