@@ -450,9 +450,10 @@ fn executor(args: &AgentArgs, config: &Config) -> Result<(Executor, Vec<String>)
         ExecutorKind::Llm => {
             let name = args.provider.as_deref().context("--executor llm needs --provider NAME")?;
             let timeout = Duration::from_secs(args.timeout.unwrap_or(120));
-            let (endpoint, capability) = llm_endpoint(config, name, timeout, |var| std::env::var_os(var))?;
+            let (endpoint, capability) = llm_endpoint(config, name, timeout)?;
             tracing::info!(provider = name, ?endpoint, %capability, "llm executor");
-            Ok((Llm::new(llm::Client::new(endpoint)?).into(), vec![capability]))
+            let client = llm::Client::new(endpoint).with_context(|| format!("provider {name:?}"))?;
+            Ok((Llm::new(client).into(), vec![capability]))
         }
         ExecutorKind::Exec => {
             let config = match &args.exec_config {
@@ -487,13 +488,8 @@ fn executor(args: &AgentArgs, config: &Config) -> Result<(Executor, Vec<String>)
 }
 
 /// The endpoint of the configured provider `name`, its API key read from the environment
-/// variable its `api_key_env` names (through `env`), and the capability of agents that serve it.
-fn llm_endpoint(
-    config: &Config,
-    name: &str,
-    timeout: Duration,
-    env: impl Fn(&str) -> Option<std::ffi::OsString>,
-) -> Result<(llm::Endpoint, String)> {
+/// variable its `api_key_env` names, and the capability of agents that serve it.
+fn llm_endpoint(config: &Config, name: &str, timeout: Duration) -> Result<(llm::Endpoint, String)> {
     let providers = &config.fallback.providers;
     let Some(provider) = config.fallback.provider(name) else {
         if providers.is_empty() {
@@ -505,7 +501,7 @@ fn llm_endpoint(
     let api_key = match &provider.api_key_env {
         None => None,
         Some(var) => {
-            let key = env(var).filter(|value| !value.is_empty()).with_context(|| {
+            let key = std::env::var_os(var).filter(|value| !value.is_empty()).with_context(|| {
                 format!("the API key of provider {name:?} is read from the environment variable {var}, which is not set or empty")
             })?;
             let key = key.into_string().map_err(|_| {
