@@ -11,6 +11,7 @@ pub mod effect;
 pub mod fleet;
 pub mod ids;
 pub mod leases;
+pub mod llm;
 pub mod ops;
 pub mod policy;
 pub mod routing;

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::exec::Exec;
+use super::llm::Llm;
 use super::simulate::Simulate;
 use crate::wire::{TaskAssignment, TokenUsage};
 
@@ -69,6 +70,7 @@ impl<H: TaskHandler> TaskHandler for Arc<H> {
 pub enum Executor {
     Simulate(Simulate),
     Exec(Exec),
+    Llm(Llm),
 }
 
 impl TaskHandler for Executor {
@@ -76,6 +78,7 @@ impl TaskHandler for Executor {
         match self {
             Executor::Simulate(simulate) => simulate.run(task).await,
             Executor::Exec(exec) => exec.run(task).await,
+            Executor::Llm(llm) => llm.run(task).await,
         }
     }
 }
@@ -92,6 +95,12 @@ impl TaskHandler for Exec {
     }
 }
 
+impl TaskHandler for Llm {
+    fn run(&self, task: &TaskAssignment) -> impl Future<Output = Execution> + Send {
+        Llm::run(self, task)
+    }
+}
+
 impl From<Simulate> for Executor {
     fn from(simulate: Simulate) -> Self {
         Executor::Simulate(simulate)
@@ -101,6 +110,12 @@ impl From<Simulate> for Executor {
 impl From<Exec> for Executor {
     fn from(exec: Exec) -> Self {
         Executor::Exec(exec)
+    }
+}
+
+impl From<Llm> for Executor {
+    fn from(llm: Llm) -> Self {
+        Executor::Llm(llm)
     }
 }
 

@@ -24,6 +24,7 @@
 
 mod exec;
 mod executor;
+mod llm;
 mod simulate;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,6 +42,7 @@ use tracing::{debug, error, info, warn};
 
 pub use exec::{Exec, ExecCommand, ExecConfig, STDERR_TAIL_BYTES};
 pub use executor::{Execution, Executor, TaskHandler, truncate_utf8};
+pub use llm::{Llm, SYSTEM_PROMPT};
 pub use simulate::{SIMULATED_FAILURE, Simulate};
 
 use crate::broker::{self, Broker, Incoming, Outgoing, Subscription};

@@ -39,15 +39,15 @@ fn homelab(id: &str) -> AgentBuilder {
 
 /// A namespace with its topology and nothing else: no stage, no database. What an agent
 /// publishes stays in the queues, to be read as it was sent. Deleted on drop.
-struct Bare {
-    amqp_url: String,
-    names: Names,
-    broker: Broker,
-    agent_queues: Vec<String>,
+pub(crate) struct Bare {
+    pub(crate) amqp_url: String,
+    pub(crate) names: Names,
+    pub(crate) broker: Broker,
+    pub(crate) agent_queues: Vec<String>,
 }
 
 impl Bare {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let names = Names::new(Namespace::parse(format!("a{}", &id[..12])).unwrap());
         let amqp_url = amqp_url();
@@ -56,13 +56,13 @@ impl Bare {
         Bare { amqp_url, names, broker, agent_queues: Vec::new() }
     }
 
-    async fn declare_agent_queue(&mut self, id: &str) -> String {
+    pub(crate) async fn declare_agent_queue(&mut self, id: &str) -> String {
         let queue = self.broker.declare_agent_queue(&AgentId::parse(id).unwrap()).await.unwrap();
         self.agent_queues.push(queue.clone());
         queue
     }
 
-    async fn publish_assignment(
+    pub(crate) async fn publish_assignment(
         &self,
         agent: &str,
         assignment: &Envelope<TaskAssignment>,
@@ -78,7 +78,7 @@ impl Bare {
     }
 
     /// Every message in `queue` (full name), with its priority.
-    async fn drain(&self, queue: &str) -> Vec<(Value, Option<u8>)> {
+    pub(crate) async fn drain(&self, queue: &str) -> Vec<(Value, Option<u8>)> {
         let mut messages = Vec::new();
         while let Some(message) = self.broker.get(queue).await.expect("basic.get") {
             messages.push((serde_json::from_slice(&message.body).expect("JSON"), message.priority));
@@ -87,7 +87,7 @@ impl Bare {
     }
 
     /// Takes results from `<ns>.results` until there are `count`.
-    async fn wait_results(&self, count: usize) -> Vec<(Value, Option<u8>)> {
+    pub(crate) async fn wait_results(&self, count: usize) -> Vec<(Value, Option<u8>)> {
         let queue = self.names.queue("results");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let mut results = Vec::new();
@@ -104,7 +104,7 @@ impl Bare {
     }
 
     /// The first heartbeat in `<ns>.heartbeats`, waiting for one.
-    async fn heartbeats(&self) -> Value {
+    pub(crate) async fn heartbeats(&self) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some((beat, _)) = self.drain(&self.names.heartbeats()).await.into_iter().next() {
@@ -139,7 +139,7 @@ impl Drop for Bare {
 }
 
 /// An assignment as the dispatch stage makes it, for publishing straight into an agent's queue.
-fn assignment(agent: &str, key: &str, duration_secs: u32) -> Envelope<TaskAssignment> {
+pub(crate) fn assignment(agent: &str, key: &str, duration_secs: u32) -> Envelope<TaskAssignment> {
     let request_id = RequestId::random();
     let plan_id = request_id.plan_id();
     let task_id = plan_id.task_id(key);

@@ -14,16 +14,16 @@ use chrono::Utc;
 use clap::builder::PossibleValuesParser;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use switchyard::agent::{AgentBuilder, Exec, ExecCommand, ExecConfig, Executor, Simulate};
+use switchyard::agent::{AgentBuilder, Exec, ExecCommand, ExecConfig, Executor, Llm, Simulate};
 use switchyard::broker::{Broker, redact};
 use switchyard::config::Config;
 use switchyard::ids::{AgentId, PlanId, RequestId, WorkType};
-use switchyard::ops;
 use switchyard::store::{Lookup, Store};
 use switchyard::topology::Names;
 use switchyard::wire::{Heartbeat, SubmitRequest};
 use switchyard::worker::{self, StageName, Worker};
 use switchyard::{audit, domain::Resources, wire};
+use switchyard::{llm, ops};
 use tokio_util::sync::CancellationToken;
 
 /// Switchyard: decomposes plain-language requests, plans them as DAGs of tasks, routes every task
@@ -193,8 +193,13 @@ struct AgentArgs {
     #[arg(long)]
     exec_config: Option<PathBuf>,
     /// exec: seconds a command may run before it is killed [default: the file's, else 300].
+    /// llm: seconds to wait for each answer of the model [default: 120].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     timeout: Option<u64>,
+    /// llm: the provider to serve, by its name in the configuration's `[[fallback.providers]]`.
+    /// The agent gets the capability `provider:<name>`.
+    #[arg(long)]
+    provider: Option<String>,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_secs: u64,
@@ -206,6 +211,8 @@ enum ExecutorKind {
     Simulate,
     /// Run the command configured for the task's work type.
     Exec,
+    /// Ask the model of the --provider (an OpenAI-compatible API) to do the task.
+    Llm,
 }
 
 #[derive(Args)]
@@ -515,15 +522,29 @@ async fn run_worker(config: Config, stages: &[String]) -> Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// The executor that the agent's arguments describe.
-fn executor(args: &AgentArgs) -> Result<Executor> {
-    let uses_exec = !args.command_groups.is_empty() || args.exec_config.is_some() || args.timeout.is_some();
+/// The executor that the agent's arguments describe, and the capabilities it adds to the agent's.
+fn executor(args: &AgentArgs, config: &Config) -> Result<(Executor, Vec<String>)> {
+    let uses_exec = !args.command_groups.is_empty() || args.exec_config.is_some();
+    if uses_exec && args.executor != ExecutorKind::Exec {
+        bail!("--command and --exec-config need --executor exec");
+    }
+    if args.provider.is_some() && args.executor != ExecutorKind::Llm {
+        bail!("--provider needs --executor llm");
+    }
     match args.executor {
         ExecutorKind::Simulate => {
-            if uses_exec {
-                bail!("--command, --exec-config and --timeout need --executor exec");
+            if args.timeout.is_some() {
+                bail!("--timeout needs --executor exec or llm");
             }
-            Ok(Simulate::new(args.speed, args.failure_rate)?.into())
+            Ok((Simulate::new(args.speed, args.failure_rate)?.into(), Vec::new()))
+        }
+        ExecutorKind::Llm => {
+            let name = args.provider.as_deref().context("--executor llm needs --provider NAME")?;
+            let timeout = Duration::from_secs(args.timeout.unwrap_or(120));
+            let (endpoint, capability) = llm_endpoint(config, name, timeout)?;
+            tracing::info!(provider = name, ?endpoint, %capability, "llm executor");
+            let client = llm::Client::new(endpoint).with_context(|| format!("provider {name:?}"))?;
+            Ok((Llm::new(client).into(), vec![capability]))
         }
         ExecutorKind::Exec => {
             let config = match &args.exec_config {
@@ -552,16 +573,54 @@ fn executor(args: &AgentArgs) -> Result<Executor> {
             for (work_type, command) in exec.commands() {
                 tracing::info!(%work_type, program = %command.program, args = ?command.args, timeout = ?exec.timeout(), "exec command");
             }
-            Ok(exec.into())
+            Ok((exec.into(), Vec::new()))
         }
     }
 }
 
+/// The endpoint of the configured provider `name`, its API key read from the environment
+/// variable its `api_key_env` names, and the capability of agents that serve it.
+fn llm_endpoint(config: &Config, name: &str, timeout: Duration) -> Result<(llm::Endpoint, String)> {
+    let providers = &config.fallback.providers;
+    let Some(provider) = config.fallback.provider(name) else {
+        if providers.is_empty() {
+            bail!("no provider {name:?}: the configuration has no [[fallback.providers]]");
+        }
+        let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+        bail!("no provider {name:?} in the configuration; its providers are {}", names.join(", "));
+    };
+    let api_key = match &provider.api_key_env {
+        None => None,
+        Some(var) => {
+            let key = std::env::var_os(var).filter(|value| !value.is_empty()).with_context(|| {
+                format!("the API key of provider {name:?} is read from the environment variable {var}, which is not set or empty")
+            })?;
+            let key = key.into_string().map_err(|_| {
+                anyhow::anyhow!(
+                    "the environment variable {var} (the API key of provider {name:?}) is not valid UTF-8"
+                )
+            })?;
+            Some(llm::Secret::new(key))
+        }
+    };
+    let endpoint = llm::Endpoint {
+        base_url: provider.endpoint.clone(),
+        model: provider.model.clone(),
+        api_key,
+        timeout,
+    };
+    Ok((endpoint, provider.capability()))
+}
+
 /// Runs an agent until a signal; connects again when the connection is lost.
 async fn run_agent(config: Config, args: AgentArgs) -> Result<Exit> {
-    let executor = executor(&args)?;
-    let agent =
-        args.spec.builder()?.heartbeat_every(Duration::from_secs(args.heartbeat_secs)).build(executor)?;
+    let (executor, capabilities) = executor(&args, &config)?;
+    let agent = args
+        .spec
+        .builder()?
+        .capabilities(capabilities)
+        .heartbeat_every(Duration::from_secs(args.heartbeat_secs))
+        .build(executor)?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
