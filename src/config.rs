@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::redact;
+use crate::decomposer;
 use crate::fleet::PlanningPolicy;
 use crate::ids::Namespace;
 use crate::leases::LeasePolicy;
@@ -40,6 +41,8 @@ pub struct Config {
     pub database_pool_size: usize,
     /// A catalog file that extends (or overrides work types of) the built-in one.
     pub catalog: Option<PathBuf>,
+    /// Which decomposer reads requests: the rules, or a model with the rules standing in.
+    pub decomposer: decomposer::Settings,
     pub worker: runner::Settings,
     pub planning: PlanningPolicy,
     pub routing: RoutingPolicy,
@@ -57,6 +60,7 @@ impl Default for Config {
             database_url: DEFAULT_DATABASE_URL.into(),
             database_pool_size: 16,
             catalog: None,
+            decomposer: decomposer::Settings::default(),
             worker: runner::Settings::default(),
             planning: PlanningPolicy::default(),
             routing: RoutingPolicy::default(),
@@ -76,6 +80,7 @@ impl std::fmt::Debug for Config {
             .field("database_url", &redact(&self.database_url))
             .field("database_pool_size", &self.database_pool_size)
             .field("catalog", &self.catalog)
+            .field("decomposer", &self.decomposer)
             .field("worker", &self.worker)
             .field("planning", &self.planning)
             .field("routing", &self.routing)
@@ -176,6 +181,20 @@ work_types = ["code_generation"]
         let debug = format!("{config:?}");
         assert!(!debug.contains("pw"), "password in {debug}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_decomposer_section_names_the_key_s_variable_and_hides_credentials() {
+        let config: Config = toml::from_str(
+            "[decomposer]\nkind = \"llm\"\nendpoint = \"https://u:pw@models.example.com/v1\"\n\
+             model = \"small-1\"\napi_key_env = \"DECOMPOSER_API_KEY\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.decomposer.kind, decomposer::Kind::Llm);
+        assert_eq!(config.decomposer.timeout_secs, 20, "unset fields keep their defaults");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("pw") && debug.contains("DECOMPOSER_API_KEY"), "{debug}");
+        assert_eq!(Config::default().decomposer.kind, decomposer::Kind::Rules);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod broker;
 pub mod catalog;
 pub mod complexity;
 pub mod config;
+pub mod decomposer;
 pub mod domain;
 pub mod effect;
 pub mod fleet;

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::broker::{self, Broker, redact};
 use crate::catalog::{self, Catalog};
 use crate::config::Config;
+use crate::decomposer::{self, Decomposer};
 use crate::leases;
 use crate::runner::{self, Runner};
 use crate::stages::{Decompose, Dispatch, Fallback, HeartbeatStage, PlanStage, Route, Stage, Track};
@@ -58,6 +59,8 @@ pub enum Error {
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
     Runner(#[from] runner::Error),
+    #[error(transparent)]
+    Decomposer(#[from] decomposer::ConfigError),
 }
 
 /// Creates the database if needed, connects, migrates, and creates or updates the quota row of
@@ -78,12 +81,20 @@ pub struct Worker {
     pub config: Config,
     pub store: Store,
     pub catalog: Arc<Catalog>,
+    /// The configured decomposer, when it is not the rules.
+    pub decomposer: Option<Arc<dyn Decomposer>>,
 }
 
 impl Worker {
+    /// Loads the catalog and builds the configured decomposer, its API key read from the
+    /// environment: settings that cannot work are an error here, at startup.
     pub fn new(config: Config, store: Store) -> Result<Self, Error> {
         let catalog = Arc::new(Catalog::load(config.catalog.as_deref())?);
-        Ok(Worker { config, store, catalog })
+        let decomposer = config
+            .decomposer
+            .build(catalog.clone(), |name| std::env::var(name))?
+            .map(|llm| Arc::new(llm) as Arc<dyn Decomposer>);
+        Ok(Worker { config, store, catalog, decomposer })
     }
 
     fn names(&self) -> Names {
@@ -197,9 +208,14 @@ impl Worker {
         }
         let config = &self.config;
         match stage {
-            StageName::Decompose => {
-                start(runners, Decompose { catalog: self.catalog.clone() }, self, broker, topology, shutdown)
-            }
+            StageName::Decompose => start(
+                runners,
+                Decompose { catalog: self.catalog.clone(), decomposer: self.decomposer.clone() },
+                self,
+                broker,
+                topology,
+                shutdown,
+            ),
             StageName::Plan => start(
                 runners,
                 PlanStage { catalog: self.catalog.clone(), policy: self.config.planning.clone() },

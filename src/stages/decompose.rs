@@ -1,21 +1,64 @@
-//! decompose: a submitted request → its intents, by the rule catalog.
+//! decompose: a submitted request → its intents, by the configured decomposer, with the rules
+//! standing in when it fails.
+//!
+//! With `rules` configured, `decide` runs the catalog's rules itself: they need no I/O. With a
+//! decomposer that asks a model, `load` asks it (I/O belongs there) and hands `decide` what it
+//! answered or why it did not; `decide` uses its decomposition, or the rules' with the reason
+//! recorded in `fallback_reason`. A request that neither can read fails, with both reasons.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tracing::warn;
 
 use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
 use crate::catalog::Catalog;
+use crate::decomposer::{self, Decomposer};
+use crate::domain::Decomposition;
 use crate::effect::Write;
+use crate::store::{self, Store};
 use crate::wire::{self, Decomposed, Envelope, RequestMeta};
 
 pub struct Decompose {
     pub catalog: Arc<Catalog>,
+    /// The decomposer that `load` asks; `None` for the rules, which `decide` runs itself.
+    pub decomposer: Option<Arc<dyn Decomposer>>,
+}
+
+/// What the configured decomposer made of the request, when it is not the rules.
+#[derive(Debug, Default)]
+pub struct DecomposeContext {
+    pub reading: Option<Reading>,
+}
+
+/// A decomposer's answer: its decomposition, or why there is none.
+#[derive(Debug)]
+pub struct Reading {
+    pub decomposer: &'static str,
+    pub outcome: Result<Decomposition, decomposer::Error>,
+}
+
+impl Decompose {
+    /// The decomposition to use, or why there is none: the reading if it succeeded, else the
+    /// rules', with the reading's failure as its fallback reason.
+    fn decomposition(&self, text: &str, reading: Option<Reading>) -> Result<Decomposition, String> {
+        match reading {
+            None => self.catalog.decompose(text).map_err(|err| err.to_string()),
+            Some(Reading { outcome: Ok(decomposition), .. }) => Ok(decomposition),
+            Some(Reading { decomposer, outcome: Err(err) }) => {
+                let reason = format!("{decomposer}: {err}");
+                match self.catalog.decompose(text) {
+                    Ok(rules) => Ok(Decomposition { fallback_reason: Some(reason), ..rules }),
+                    Err(rules) => Err(format!("{reason}; and the rules: {rules}")),
+                }
+            }
+        }
+    }
 }
 
 impl Stage for Decompose {
     type Input = RequestMeta;
-    type Context = ();
+    type Context = DecomposeContext;
     const NAME: &'static str = "decompose";
 
     fn parse(
@@ -33,9 +76,32 @@ impl Stage for Decompose {
         })
     }
 
-    fn decide(&self, input: &Inbound<RequestMeta>, _: (), now: DateTime<Utc>) -> Outcome {
+    /// Asks the configured decomposer, if it is not the rules. Its failure is not an error of
+    /// the stage: the rules stand in, in `decide`.
+    async fn load(
+        &self,
+        _store: &Store,
+        input: &Inbound<RequestMeta>,
+    ) -> Result<DecomposeContext, store::Error> {
+        let Some(decomposer) = &self.decomposer else {
+            return Ok(DecomposeContext::default());
+        };
+        let outcome = decomposer.decompose(&input.payload.text).await;
+        if let Err(err) = &outcome {
+            // The error never holds the API key (see `llm`).
+            warn!(
+                request_id = %input.payload.request_id,
+                decomposer = decomposer.name(),
+                error = %err,
+                "the decomposer failed; the rules read the request instead"
+            );
+        }
+        Ok(DecomposeContext { reading: Some(Reading { decomposer: decomposer.name(), outcome }) })
+    }
+
+    fn decide(&self, input: &Inbound<RequestMeta>, context: DecomposeContext, now: DateTime<Utc>) -> Outcome {
         let request = &input.payload;
-        match self.catalog.decompose(&request.text) {
+        match self.decomposition(&request.text, context.reading) {
             Ok(decomposition) => {
                 let writes = vec![
                     Write::Request(request.clone()),
@@ -90,11 +156,31 @@ mod tests {
         }
     }
 
+    fn rules() -> Decompose {
+        Decompose { catalog: Arc::new(Catalog::default()), decomposer: None }
+    }
+
+    fn read_by_llm(outcome: Result<Decomposition, decomposer::Error>) -> DecomposeContext {
+        DecomposeContext { reading: Some(Reading { decomposer: "llm", outcome }) }
+    }
+
+    /// The decomposition the stage writes and publishes (they agree).
+    fn forwarded(outcome: Outcome) -> Decomposition {
+        let Outcome::Forward { writes, publish } = outcome else { panic!("expected forward: {outcome:?}") };
+        let Write::Decomposition { decomposition, .. } = &writes[1] else { panic!("{writes:?}") };
+        let published: Decomposition =
+            serde_json::from_value(publish[0].body["payload"]["decomposition"].clone()).unwrap();
+        assert_eq!(&published, decomposition);
+        published
+    }
+
     #[test]
     fn a_request_becomes_a_decomposition_for_the_plan_queue() {
-        let stage = Decompose { catalog: Arc::new(Catalog::default()) };
+        let stage = rules();
         let input = input("Deploy Uptime Kuma to the homelab and send alerts to Discord");
-        let Outcome::Forward { writes, publish } = stage.decide(&input, (), Utc::now()) else {
+        let Outcome::Forward { writes, publish } =
+            stage.decide(&input, DecomposeContext::default(), Utc::now())
+        else {
             panic!("expected forward");
         };
         assert!(matches!(&writes[0], Write::Request(r) if r.request_id == input.payload.request_id));
@@ -110,12 +196,68 @@ mod tests {
 
     #[test]
     fn an_unrecognised_request_fails_with_its_reason() {
-        let stage = Decompose { catalog: Arc::new(Catalog::default()) };
         let input = input("hello there");
-        let Outcome::Reject { writes, reason } = stage.decide(&input, (), Utc::now()) else {
+        let Outcome::Reject { writes, reason } =
+            rules().decide(&input, DecomposeContext::default(), Utc::now())
+        else {
             panic!("expected reject");
         };
         assert!(reason.starts_with("decomposition failed: "), "{reason}");
+        assert!(matches!(&writes[1], Write::RequestFailed { reason: r, .. } if *r == reason));
+    }
+
+    #[test]
+    fn the_model_s_decomposition_is_used() {
+        let model = Decomposition {
+            decomposer: "llm".into(),
+            intents: vec![crate::domain::Intent {
+                work_type: crate::ids::WorkType::parse("maintenance").unwrap(),
+                text: "Make my photo library searchable by faces".into(),
+                entities: vec![],
+                targets: vec![],
+            }],
+            confidence: 0.7,
+            fallback_reason: None,
+        };
+        let input = input("Make my photo library searchable by faces");
+        let decomposition = forwarded(rules().decide(&input, read_by_llm(Ok(model.clone())), Utc::now()));
+        assert_eq!(decomposition, model);
+    }
+
+    #[test]
+    fn the_rules_stand_in_for_a_failed_model_and_say_why() {
+        let text = "Deploy Gitea to the homelab";
+        let failure = crate::llm::Error::Timeout { after: std::time::Duration::from_secs(1) };
+        let outcome = rules().decide(&input(text), read_by_llm(Err(failure.into())), Utc::now());
+        let decomposition = forwarded(outcome);
+        assert_eq!(decomposition.decomposer, "rules");
+        assert_eq!(decomposition.fallback_reason.as_deref(), Some("llm: no answer within 1s"));
+        let by_rules = Catalog::default().decompose(text).unwrap();
+        assert_eq!(
+            decomposition,
+            Decomposition { fallback_reason: decomposition.fallback_reason.clone(), ..by_rules }
+        );
+        let invalid = decomposer::Error::Schema("intents is empty".into());
+        let decomposition = forwarded(rules().decide(&input(text), read_by_llm(Err(invalid)), Utc::now()));
+        assert_eq!(
+            decomposition.fallback_reason.as_deref(),
+            Some("llm: the model's answer does not match the schema: intents is empty")
+        );
+    }
+
+    #[test]
+    fn a_request_neither_can_read_fails_naming_both() {
+        let failure = crate::llm::Error::Status { status: 500, message: "boom".into() };
+        let input = input("hello there");
+        let outcome = rules().decide(&input, read_by_llm(Err(failure.into())), Utc::now());
+        let Outcome::Reject { writes, reason } = outcome else { panic!("expected reject: {outcome:?}") };
+        assert!(
+            reason.starts_with(
+                "decomposition failed: llm: the model server answered 500 Internal Server Error: boom; \
+                 and the rules: no work type in the catalog matches the request"
+            ),
+            "{reason}"
+        );
         assert!(matches!(&writes[1], Write::RequestFailed { reason: r, .. } if *r == reason));
     }
 }

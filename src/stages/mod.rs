@@ -15,7 +15,7 @@ use std::future::Future;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use decompose::Decompose;
+pub use decompose::{Decompose, DecomposeContext, Reading};
 pub use dispatch::Dispatch;
 pub use fallback::Fallback;
 pub use heartbeat::HeartbeatStage;
