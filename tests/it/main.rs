@@ -5,6 +5,7 @@ mod agents;
 mod broker;
 mod completion;
 mod contract;
+mod decomposer;
 mod errors;
 mod fake_model;
 mod fallback;
