@@ -6,6 +6,7 @@ mod broker;
 mod completion;
 mod contract;
 mod errors;
+mod external;
 mod fake_model;
 mod fallback;
 mod helpers;
