@@ -267,6 +267,13 @@ status_enum!(
     }
 );
 
+impl RequestStatus {
+    /// Whether the request has ended: nothing will change it any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RequestStatus::Rejected | RequestStatus::Failed | RequestStatus::Completed)
+    }
+}
+
 status_enum!(
     /// Where a plan stands.
     PlanStatus {

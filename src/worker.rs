@@ -243,9 +243,14 @@ impl Worker {
                 topology,
                 shutdown,
             ),
-            StageName::Track => {
-                start(runners, Track { policy: config.tracking.clone() }, self, broker, topology, shutdown)
-            }
+            StageName::Track => start(
+                runners,
+                Track { policy: config.tracking.clone(), fallback: config.fallback.clone() },
+                self,
+                broker,
+                topology,
+                shutdown,
+            ),
             StageName::Heartbeat => start(runners, HeartbeatStage, self, broker, topology, shutdown),
         }
     }

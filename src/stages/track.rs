@@ -12,6 +12,7 @@ use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::domain::{PlanStatus, TaskStatus};
 use crate::effect::Write;
 use crate::ids::TaskId;
+use crate::policy::{FallbackDecision, FallbackPolicy};
 use crate::store::{self, Store, StoredPlan, TaskState};
 use crate::wire::{Envelope, RouteTasks, TaskResult};
 
@@ -31,6 +32,8 @@ impl Default for TrackingPolicy {
 
 pub struct Track {
     pub policy: TrackingPolicy,
+    /// The providers, whose prices turn the tokens an external task used into what it cost.
+    pub fallback: FallbackPolicy,
 }
 
 /// The plan and where its tasks stand.
@@ -38,6 +41,8 @@ pub struct Track {
 pub struct TrackContext {
     pub plan: Option<StoredPlan>,
     pub tasks: Vec<TaskState>,
+    /// The plan's fallback decision, loaded for results that report tokens used.
+    pub fallback: Option<FallbackDecision>,
 }
 
 impl Stage for Track {
@@ -47,7 +52,15 @@ impl Stage for Track {
 
     async fn load(&self, store: &Store, input: &Inbound<TaskResult>) -> Result<TrackContext, store::Error> {
         let plan_id = input.payload.plan_id;
-        Ok(TrackContext { plan: store.plan(plan_id).await?, tasks: store.task_states(plan_id).await? })
+        let fallback = match input.payload.usage {
+            Some(_) => store.fallback_decision(plan_id).await?,
+            None => None,
+        };
+        Ok(TrackContext {
+            plan: store.plan(plan_id).await?,
+            tasks: store.task_states(plan_id).await?,
+            fallback,
+        })
     }
 
     fn decide(&self, input: &Inbound<TaskResult>, context: TrackContext, now: DateTime<Utc>) -> Outcome {
@@ -67,8 +80,16 @@ impl Stage for Track {
                 result.task_id, result.plan_id
             ));
         };
+        let request_id = stored.plan.request_id;
+        let plan_id = stored.plan.id;
+        // Tokens an external model used are spent whatever becomes of the result: a late one
+        // is still paid for.
+        let used = self.quota_used(result, context.fallback.as_ref(), request_id);
         let running = matches!(state.status, TaskStatus::Routed | TaskStatus::Dispatched);
         if result.attempt != state.attempt || !running {
+            if let Some(used) = used {
+                return Outcome::Forward { writes: vec![used], publish: Vec::new() };
+            }
             return Outcome::Ignore {
                 reason: format!(
                     "result of task {} attempt {} from {} is late or a duplicate: the task is at attempt {} ({})",
@@ -77,6 +98,9 @@ impl Stage for Track {
             };
         }
         if state.agent_id.as_deref() != Some(result.agent_id.as_str()) {
+            if let Some(used) = used {
+                return Outcome::Forward { writes: vec![used], publish: Vec::new() };
+            }
             return Outcome::Ignore {
                 reason: format!(
                     "result of task {} attempt {} came from {}, but the attempt went to {}",
@@ -87,10 +111,10 @@ impl Stage for Track {
                 ),
             };
         }
-        let request_id = stored.plan.request_id;
-        let plan_id = stored.plan.id;
         let mut writes =
             vec![Write::TaskFinished { request_id, result: result.clone(), plan_version: stored.version }];
+        // Before the plan may finish: its settlement releases only what was not spent.
+        writes.extend(used);
         // A plan that already ended (another branch failed) only records what its tasks report.
         if stored.status != PlanStatus::Approved {
             return Outcome::Forward { writes, publish: Vec::new() };
@@ -145,5 +169,34 @@ impl Stage for Track {
 
     fn dead_letter_fails_request(&self) -> bool {
         false
+    }
+}
+
+impl Track {
+    /// What the tokens that `result` reports cost, when its task went to an external provider
+    /// by the plan's `decision`. A provider no longer configured has no prices: its use is
+    /// recorded at no cost rather than not at all, so that the tokens stay on record.
+    fn quota_used(
+        &self,
+        result: &TaskResult,
+        decision: Option<&FallbackDecision>,
+        request_id: crate::ids::RequestId,
+    ) -> Option<Write> {
+        let usage = result.usage?;
+        let decision = decision.filter(|d| d.use_external && d.external_tasks.contains(&result.task_id))?;
+        let provider = decision.provider.clone()?;
+        let cost_micros = self.fallback.provider(&provider).map_or(0, |p| {
+            let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            p.cost_micros(tokens(usage.input_tokens), tokens(usage.output_tokens))
+        });
+        Some(Write::QuotaUsed {
+            request_id,
+            plan_id: result.plan_id,
+            task_id: result.task_id,
+            attempt: result.attempt,
+            provider,
+            usage,
+            cost_micros,
+        })
     }
 }

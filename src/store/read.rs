@@ -9,11 +9,12 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{Applied, Error, Store};
+use crate::complexity::Term;
 use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
 use crate::effect::Write;
 use crate::fleet::DurationStats;
 use crate::ids::{AgentId, MessageId, PlanId, RequestId, TaskId, WorkType};
-use crate::policy::FallbackDecision;
+use crate::policy::{FallbackDecision, Infeasible};
 use crate::wire::Heartbeat;
 
 /// A plan as stored, with its state.
@@ -51,6 +52,10 @@ pub struct RequestReport {
     pub created_at: DateTime<Utc>,
     pub decomposer: Option<String>,
     pub intents: Option<Value>,
+    /// How sure the decomposer was.
+    pub confidence: Option<f64>,
+    /// Why the configured decomposer's reading was not used, when the rules stood in.
+    pub decomposer_fallback: Option<String>,
     pub plan: Option<PlanReport>,
     pub dead_letters: Vec<DeadLetter>,
 }
@@ -60,6 +65,10 @@ pub struct PlanReport {
     pub plan_id: PlanId,
     pub status: PlanStatus,
     pub complexity: f64,
+    /// The terms of the complexity formula, as computed when the plan was made.
+    pub complexity_terms: Vec<Term>,
+    /// The tasks that no agent could run when the plan was made.
+    pub infeasible: Vec<Infeasible>,
     pub fallback: Option<FallbackDecision>,
     /// The quota its fallback decision reserved, and how it was used and settled.
     pub reservation: Option<super::StoredReservation>,
@@ -121,8 +130,16 @@ pub struct DispatchRow {
 #[derive(Debug, Clone)]
 pub struct Trail {
     pub has_decomposition: bool,
+    /// Which decomposer's reading the plan was made from.
+    pub decomposer: Option<String>,
     pub plan: Option<StoredPlan>,
+    /// The plan's complexity and its terms.
+    pub complexity: Option<(f64, Vec<Term>)>,
     pub fallback_decisions: usize,
+    pub fallback: Option<FallbackDecision>,
+    pub reservation: Option<super::StoredReservation>,
+    /// The external use recorded for each attempt: (task, attempt, cost in micros).
+    pub usage: Vec<(TaskId, u32, i64)>,
     pub approval: Option<ApprovalRow>,
     pub tasks: Vec<TaskState>,
     pub decisions: Vec<DecisionRow>,
@@ -586,7 +603,8 @@ impl Store {
         let client = self.client().await?;
         let Some(request) = client
             .query_opt(
-                "SELECT r.text, r.submitted_by, r.status, r.failure_reason, r.created_at, d.decomposer, d.intents
+                "SELECT r.text, r.submitted_by, r.status, r.failure_reason, r.created_at, d.decomposer, d.intents,
+                        d.confidence, d.fallback_reason
                  FROM requests r LEFT JOIN decompositions d ON d.request_id = r.id WHERE r.id = $1",
                 &[&request_id.as_uuid()],
             )
@@ -596,7 +614,8 @@ impl Store {
         };
         let plan_row = client
             .query_opt(
-                "SELECT p.id, p.status, p.complexity, a.approved, a.decided_by, a.reason, a.created_at
+                "SELECT p.id, p.status, p.complexity, a.approved, a.decided_by, a.reason, a.created_at,
+                        p.complexity_terms, p.infeasible
                  FROM plans p LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.request_id = $1",
                 &[&request_id.as_uuid()],
             )
@@ -616,6 +635,10 @@ impl Store {
                     plan_id,
                     status: parse_status(row.get(1))?,
                     complexity: row.get(2),
+                    complexity_terms: serde_json::from_value(row.get(7))
+                        .map_err(|e| Error::Corrupt(format!("complexity terms of plan {plan_id}: {e}")))?,
+                    infeasible: serde_json::from_value(row.get(8))
+                        .map_err(|e| Error::Corrupt(format!("infeasible tasks of plan {plan_id}: {e}")))?,
                     fallback: self.fallback_decision(plan_id).await?,
                     reservation: self.reservation(plan_id).await?,
                     approval,
@@ -633,6 +656,8 @@ impl Store {
             created_at: request.get(4),
             decomposer: request.get(5),
             intents: request.get(6),
+            confidence: request.get(7),
+            decomposer_fallback: request.get(8),
             plan,
             dead_letters: self.dead_letters_of_request(request_id).await?,
         }))
@@ -643,7 +668,10 @@ impl Store {
         let client = self.client().await?;
         let Some(request) = client
             .query_opt(
-                "SELECT EXISTS (SELECT 1 FROM decompositions d WHERE d.request_id = r.id)
+                "SELECT EXISTS (SELECT 1 FROM decompositions d WHERE d.request_id = r.id),
+                        (SELECT decomposer FROM decompositions d WHERE d.request_id = r.id),
+                        (SELECT complexity FROM plans p WHERE p.request_id = r.id),
+                        (SELECT complexity_terms FROM plans p WHERE p.request_id = r.id)
                  FROM requests r WHERE r.id = $1",
                 &[&request_id.as_uuid()],
             )
@@ -687,11 +715,33 @@ impl Store {
             })
             .collect();
         let dispatches = self.dispatches(plan_id).await?;
+        let usage = client
+            .query(
+                "SELECT task_id, attempt, cost_micros FROM quota_usage WHERE plan_id = $1",
+                &[&plan_id.as_uuid()],
+            )
+            .await?
+            .iter()
+            .map(|row| (TaskId::from_uuid(row.get(0)), row.get::<_, i32>(1) as u32, row.get::<_, i64>(2)))
+            .collect();
         drop(client);
+        let complexity = match (request.get::<_, Option<f64>>(2), request.get::<_, Option<Value>>(3)) {
+            (Some(score), Some(terms)) => Some((
+                score,
+                serde_json::from_value(terms)
+                    .map_err(|e| Error::Corrupt(format!("complexity terms of plan {plan_id}: {e}")))?,
+            )),
+            _ => None,
+        };
         Ok(Some(Trail {
             has_decomposition: request.get(0),
+            decomposer: request.get(1),
             plan: self.plan(plan_id).await?,
+            complexity,
             fallback_decisions: fallback_decisions as usize,
+            fallback: self.fallback_decision(plan_id).await?,
+            reservation: self.reservation(plan_id).await?,
+            usage,
             approval,
             tasks: self.task_states(plan_id).await?,
             decisions,

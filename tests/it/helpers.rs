@@ -220,6 +220,30 @@ impl TestApp {
         messages
     }
 
+    /// Every row of every table of the test's database, as text: what a search for something
+    /// that must never be stored (a credential) looks through.
+    pub async fn dump_rows(&self) -> Vec<String> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.config.database_url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let tables = client
+            .query(
+                "SELECT quote_ident(table_name) FROM information_schema.tables
+                 WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut rows = Vec::new();
+        for table in tables {
+            let table: String = table.get(0);
+            for row in client.query(&format!("SELECT t::text FROM {table} t"), &[]).await.unwrap() {
+                rows.push(row.get(0));
+            }
+        }
+        rows
+    }
+
     pub fn agent_queue(&self, id: &str) -> String {
         self.names.agent_queue(&AgentId::parse(id).unwrap())
     }

@@ -7,6 +7,7 @@ mod completion;
 mod contract;
 mod decomposer;
 mod errors;
+mod external;
 mod fake_model;
 mod fallback;
 mod helpers;

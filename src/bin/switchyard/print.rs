@@ -1,6 +1,7 @@
 //! Text output of the command line.
 
 use chrono::Utc;
+use switchyard::complexity::Complexity;
 use switchyard::domain::Agent;
 use switchyard::store::{DeadLetter, QuotaReport, RequestReport, StoredReservation};
 
@@ -26,10 +27,21 @@ pub fn report(report: &RequestReport) {
     }
     if let Some(decomposer) = &report.decomposer {
         let intents = report.intents.as_ref().and_then(|v| v.as_array()).map_or(0, Vec::len);
-        println!("decomposed by {decomposer} into {intents} intent(s)");
+        let confidence = report.confidence.map_or(String::new(), |c| format!(", confidence {c:.2}"));
+        println!("decomposed by {decomposer} into {intents} intent(s){confidence}");
+        if let Some(why) = &report.decomposer_fallback {
+            println!("          {why}");
+        }
     }
     if let Some(plan) = &report.plan {
         println!("plan      {} ({}, complexity {:.2})", plan.plan_id, plan.status, plan.complexity);
+        if !plan.complexity_terms.is_empty() {
+            let complexity = Complexity { score: plan.complexity, terms: plan.complexity_terms.clone() };
+            println!("          complexity {}", complexity.explain());
+        }
+        for stuck in &plan.infeasible {
+            println!("          no agent can run {}: {}", stuck.key, stuck.reason);
+        }
         if let Some(f) = &plan.fallback {
             let target = if f.use_external { "external" } else { "local" };
             println!("fallback  {target}: {}", f.reason);
