@@ -16,4 +16,5 @@ mod quota;
 mod races;
 mod routing;
 mod tracking;
+mod understanding;
 mod workflows;
