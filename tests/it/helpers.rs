@@ -107,7 +107,7 @@ pub async fn spawn_bare_app(configure: impl FnOnce(&mut Config)) -> TestApp {
     let broker = Broker::connect(&config.amqp_url, names.clone()).await.expect("the broker");
     // Declared before the worker starts, so that nothing a test publishes can go nowhere.
     broker.declare_topology().await.expect("the topology");
-    let app = TestApp {
+    TestApp {
         config,
         names,
         store,
@@ -116,8 +116,7 @@ pub async fn spawn_bare_app(configure: impl FnOnce(&mut Config)) -> TestApp {
         shutdown: CancellationToken::new(),
         workers: Vec::new(),
         extra_queues: Arc::new(Mutex::new(Vec::new())),
-    };
-    app
+    }
 }
 
 impl TestApp {
