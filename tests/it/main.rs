@@ -12,6 +12,7 @@ mod fallback;
 mod helpers;
 mod llm;
 mod outage;
+mod planning;
 mod quota;
 mod races;
 mod routing;
