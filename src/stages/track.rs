@@ -200,3 +200,127 @@ impl Track {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::ids::{AgentId, MessageId, RequestId, WorkType};
+    use crate::policy::{Provider, Window};
+    use crate::wire::TokenUsage;
+
+    fn stage() -> Track {
+        let provider = Provider {
+            name: "cloud".into(),
+            endpoint: "http://127.0.0.1:9/v1".into(),
+            model: "m".into(),
+            api_key_env: None,
+            price_per_1k_input_tokens_micros: 1_000,
+            price_per_1k_output_tokens_micros: 4_000,
+            input_tokens_per_task: 2_000,
+            output_tokens_per_task: 1_000,
+            quota_micros: 1_000_000,
+            window: Window::Monthly,
+            work_types: BTreeSet::from([WorkType::parse("deployment").unwrap()]),
+        };
+        Track {
+            policy: TrackingPolicy::default(),
+            fallback: FallbackPolicy { providers: vec![provider], ..FallbackPolicy::default() },
+        }
+    }
+
+    /// "Deploy Gitea": 1.prepare dispatched to `llm-cloud` at attempt 1, its result reporting
+    /// 1,200 input and 300 output tokens; the plan sends 1.prepare to the provider.
+    fn setup(attempt: u32) -> (Inbound<TaskResult>, TrackContext) {
+        let catalog = Catalog::default();
+        let request = RequestId::random();
+        let plan = catalog.plan(request, &catalog.decompose("Deploy Gitea").unwrap()).unwrap();
+        let first = plan.tasks()[0].clone();
+        let tasks = plan
+            .tasks()
+            .iter()
+            .map(|t| TaskState {
+                id: t.id,
+                key: t.key.clone(),
+                work_type: t.work_type.to_string(),
+                description: t.description.clone(),
+                status: if t.id == first.id { TaskStatus::Dispatched } else { TaskStatus::Pending },
+                attempt: u32::from(t.id == first.id),
+                agent_id: (t.id == first.id).then(|| "llm-cloud".to_owned()),
+                reason: None,
+                depends_on: t.depends_on.clone(),
+            })
+            .collect();
+        let decision = FallbackDecision {
+            plan_id: plan.id,
+            use_external: true,
+            provider: Some("cloud".into()),
+            external_tasks: vec![first.id],
+            infeasible: false,
+            reason: String::new(),
+            complexity: 0.5,
+            estimated_cost_micros: 6_000,
+            quota_left_micros: Some(994_000),
+        };
+        let result = TaskResult {
+            plan_id: plan.id,
+            task_id: first.id,
+            attempt,
+            agent_id: AgentId::parse("llm-cloud").unwrap(),
+            success: true,
+            output: "done".into(),
+            error: None,
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            lease_expired: false,
+            usage: Some(TokenUsage { input_tokens: 1_200, output_tokens: 300 }),
+        };
+        let input = Inbound {
+            message_id: MessageId::random(),
+            request_id: Some(request),
+            priority: 0,
+            payload: result,
+        };
+        let context = TrackContext {
+            plan: Some(StoredPlan { plan, status: PlanStatus::Approved, version: 3 }),
+            tasks,
+            fallback: Some(decision),
+        };
+        (input, context)
+    }
+
+    #[test]
+    fn an_external_result_records_what_its_tokens_cost() {
+        let (input, context) = setup(1);
+        let Outcome::Forward { writes, publish } = stage().decide(&input, context, Utc::now()) else {
+            panic!()
+        };
+        // 1,200 × 1,000 / 1,000 + 300 × 4,000 / 1,000.
+        assert!(
+            matches!(&writes[1], Write::QuotaUsed { cost_micros: 2_400, provider, attempt: 1, .. } if provider == "cloud"),
+            "{writes:?}"
+        );
+        assert_eq!(publish.len(), 1, "the next wave is released");
+    }
+
+    #[test]
+    fn a_late_result_is_still_paid_for_and_changes_nothing_else() {
+        let (input, mut context) = setup(1);
+        context.tasks[0].attempt = 2;
+        let Outcome::Forward { writes, publish } = stage().decide(&input, context, Utc::now()) else {
+            panic!()
+        };
+        assert!(matches!(writes.as_slice(), [Write::QuotaUsed { cost_micros: 2_400, .. }]), "{writes:?}");
+        assert!(publish.is_empty());
+    }
+
+    #[test]
+    fn tokens_of_a_local_task_cost_nothing() {
+        let (input, mut context) = setup(1);
+        context.fallback.as_mut().unwrap().external_tasks.clear();
+        let Outcome::Forward { writes, .. } = stage().decide(&input, context, Utc::now()) else { panic!() };
+        assert!(!writes.iter().any(|w| matches!(w, Write::QuotaUsed { .. })), "{writes:?}");
+    }
+}

@@ -74,6 +74,14 @@ pub async fn spawn_app() -> TestApp {
 
 /// Builds a test app after `configure` adjusted its configuration.
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
+    let mut app = spawn_bare_app(configure).await;
+    app.start_worker(StageName::all()).await;
+    app
+}
+
+/// A test app (namespace, database, topology) with no stage running in this process: for tests
+/// that run `switchyard worker` as a process of its own.
+pub async fn spawn_bare_app(configure: impl FnOnce(&mut Config)) -> TestApp {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let namespace = Namespace::parse(format!("t{}", &id[..12])).unwrap();
     let database = format!("switchyard_t_{}", &id[..16]);
@@ -99,7 +107,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     let broker = Broker::connect(&config.amqp_url, names.clone()).await.expect("the broker");
     // Declared before the worker starts, so that nothing a test publishes can go nowhere.
     broker.declare_topology().await.expect("the topology");
-    let mut app = TestApp {
+    TestApp {
         config,
         names,
         store,
@@ -108,9 +116,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
         shutdown: CancellationToken::new(),
         workers: Vec::new(),
         extra_queues: Arc::new(Mutex::new(Vec::new())),
-    };
-    app.start_worker(StageName::all()).await;
-    app
+    }
 }
 
 impl TestApp {
