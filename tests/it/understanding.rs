@@ -76,22 +76,34 @@ fn process(app: &TestApp, config: &std::path::Path, args: &[&str]) -> Child {
         .expect("the switchyard binary starts")
 }
 
+/// A process started with [`start`]: its output is read as it comes, since a pipe that nobody reads
+/// fills up (64 KiB) and blocks a process that logs at debug level.
+struct Running {
+    child: Child,
+    output: tokio::task::JoinHandle<String>,
+}
+
+/// `switchyard ARGS` (see [`process`]), its standard output and error read as they come.
+fn start(app: &TestApp, config: &std::path::Path, args: &[&str]) -> Running {
+    let mut child = process(app, config, args);
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let output = tokio::spawn(async move {
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        let _ = tokio::join!(out.read_to_string(&mut stdout), err.read_to_string(&mut stderr));
+        stdout + &stderr
+    });
+    Running { child, output }
+}
+
 /// Stops a process with SIGTERM and returns everything it printed.
-async fn stop(mut child: Child) -> String {
-    if let Some(pid) = child.id() {
+async fn stop(mut running: Running) -> String {
+    if let Some(pid) = running.child.id() {
         // SAFETY: kill(2) on a child of ours that has not been waited for.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     }
-    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-    let _ = child.start_kill();
-    let mut text = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_string(&mut text).await.unwrap();
-    }
-    if let Some(mut err) = child.stderr.take() {
-        err.read_to_string(&mut text).await.unwrap();
-    }
-    text
+    let _ = tokio::time::timeout(Duration::from_secs(10), running.child.wait()).await;
+    let _ = running.child.start_kill();
+    running.output.await.unwrap()
 }
 
 #[tokio::test]
@@ -120,8 +132,8 @@ async fn a_request_the_rules_do_not_know_is_decomposed_by_the_model_and_goes_ext
     let config_file = dir.join("switchyard.toml");
     std::fs::write(&config_file, config(&decomposer, &provider)).unwrap();
 
-    let worker = process(&app, &config_file, &["worker"]);
-    let model_agent = process(
+    let worker = start(&app, &config_file, &["worker"]);
+    let model_agent = start(
         &app,
         &config_file,
         &[
@@ -138,7 +150,7 @@ async fn a_request_the_rules_do_not_know_is_decomposed_by_the_model_and_goes_ext
             "1",
         ],
     );
-    let scribe = process(
+    let scribe = start(
         &app,
         &config_file,
         &[
