@@ -57,6 +57,8 @@ pub enum Error {
     #[error(transparent)]
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
+    Policy(#[from] crate::policy::Error),
+    #[error(transparent)]
     Runner(#[from] runner::Error),
 }
 
@@ -83,6 +85,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(config: Config, store: Store) -> Result<Self, Error> {
         let catalog = Arc::new(Catalog::load(config.catalog.as_deref())?);
+        config.fallback.validate(|w| catalog.get(w).is_some())?;
         Ok(Worker { config, store, catalog })
     }
 
