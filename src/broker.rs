@@ -192,34 +192,7 @@ impl std::fmt::Debug for Broker {
 
 /// The URL with anything that could be a password masked, for logs and errors.
 pub fn redact(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return "<unparsable URL>".into();
-    };
-    // Without `//` after the scheme (`amqp:user:pw@host`) the URL still parses, but as an opaque
-    // path: `password()` is None and the password would be shown as it is.
-    if parsed.cannot_be_a_base() || !parsed.has_authority() {
-        return "<URL without a host>".into();
-    }
-    // A password with an unencoded `/`, `?` or `#` ends the authority early, and its rest (up to
-    // the `@`) lands after the host.
-    if parsed[url::Position::BeforePath..].contains('@') {
-        return "<URL with an @ after its host>".into();
-    }
-    if parsed.password().is_some() {
-        let _ = parsed.set_password(Some("***"));
-    }
-    // PostgreSQL also takes the password as a query parameter.
-    if parsed.query_pairs().any(|(key, _)| key.eq_ignore_ascii_case("password")) {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(key, value)| {
-                let value = if key.eq_ignore_ascii_case("password") { "***".into() } else { value };
-                (key.into_owned(), value.into_owned())
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.to_string()
+    crate::redact::password(url)
 }
 
 /// Parses a broker URL before lapin sees it: lapin's own error for some unusable URLs quotes the

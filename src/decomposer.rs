@@ -453,7 +453,7 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
             .field("kind", &self.kind)
-            .field("endpoint", &self.endpoint.as_deref().map(llm::redact_url))
+            .field("endpoint", &self.endpoint.as_deref().map(crate::redact::everything))
             .field("model", &self.model)
             .field("api_key_env", &self.api_key_env)
             .field("timeout_secs", &self.timeout_secs)

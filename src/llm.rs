@@ -321,17 +321,7 @@ impl Client {
 
 /// The error and its sources, joined by `": "`.
 fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let next = cause.to_string();
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = cause.source();
-    }
-    text
+    crate::error_chain(err)
 }
 
 /// The body, or `None` when it exceeds [`MAX_ANSWER_BYTES`].
@@ -462,28 +452,7 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
 /// The URL with its user name, password and query values masked, for logs and errors; a URL that
 /// does not parse as one with a host is not shown at all.
 pub fn redact_url(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return "<unparsable URL>".into();
-    };
-    if parsed.cannot_be_a_base() || !parsed.has_authority() {
-        return "<URL without a host>".into();
-    }
-    // A password with an unencoded `/`, `?` or `#` ends the authority early, and its rest (up to
-    // the `@`) lands after the host.
-    if parsed[url::Position::BeforePath..].contains('@') {
-        return "<URL with an @ after its host>".into();
-    }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        let _ = parsed.set_username("***");
-        let _ = parsed.set_password(None);
-    }
-    // Some APIs take the key as a query parameter (`?key=`).
-    if parsed.query().is_some() {
-        let keys: Vec<String> = parsed.query_pairs().map(|(key, _)| key.into_owned()).collect();
-        parsed.query_pairs_mut().clear().extend_pairs(keys.iter().map(|key| (key.as_str(), "***")));
-    }
-    parsed.set_fragment(None);
-    parsed.to_string()
+    crate::redact::everything(url)
 }
 
 #[cfg(test)]

@@ -163,6 +163,57 @@ impl FallbackPolicy {
     pub fn provider(&self, name: &str) -> Option<&Provider> {
         self.providers.iter().find(|p| p.name == name)
     }
+
+    /// Refuses a configuration that cannot work, naming the provider and what is wrong with it:
+    /// a name that cannot name an agent (`llm-<name>`) or that is used twice, an endpoint that is
+    /// not an http(s) URL, a negative price, estimate or quota, a work type `known` does not have.
+    pub fn validate(&self, known: impl Fn(&WorkType) -> bool) -> Result<(), Error> {
+        if !self.complexity_threshold.is_finite() {
+            return Err(Error::Threshold(self.complexity_threshold));
+        }
+        let mut seen = BTreeSet::new();
+        for p in &self.providers {
+            let invalid = |problem: String| Error::Provider { name: p.name.clone(), problem };
+            if crate::ids::AgentId::parse(provider_agent(&p.name)).is_err() {
+                return Err(invalid("the name must be 1 to 60 characters of a-z, 0-9, '-' and '_', starting with a letter or digit".into()));
+            }
+            if !seen.insert(p.name.as_str()) {
+                return Err(invalid("the name is used twice".into()));
+            }
+            match url::Url::parse(&p.endpoint) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "endpoint {} is not an http(s) URL",
+                        crate::redact::everything(&p.endpoint)
+                    )));
+                }
+            }
+            let figures = [
+                ("price_per_1k_input_tokens_micros", p.price_per_1k_input_tokens_micros),
+                ("price_per_1k_output_tokens_micros", p.price_per_1k_output_tokens_micros),
+                ("input_tokens_per_task", p.input_tokens_per_task),
+                ("output_tokens_per_task", p.output_tokens_per_task),
+                ("quota_micros", p.quota_micros),
+            ];
+            if let Some((field, value)) = figures.iter().find(|(_, v)| *v < 0) {
+                return Err(invalid(format!("{field} is {value}; it may not be negative")));
+            }
+            if let Some(unknown) = p.work_types.iter().find(|w| !known(w)) {
+                return Err(invalid(format!("work type {unknown} is not in the catalog")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a policy's configuration cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("fallback: the complexity threshold {0} is not a number")]
+    Threshold(f64),
+    #[error("fallback provider {name:?}: {problem}")]
+    Provider { name: String, problem: String },
 }
 
 /// What is left of a provider's quota in the current window.
@@ -696,6 +747,26 @@ mod tests {
         let d = decide_fallback(&plan, 0.9, &[], &policy, &quotas);
         assert_eq!(d.provider.as_deref(), Some("backup"));
         assert_eq!(d.quota_left_micros, Some(5000 - 3085));
+    }
+
+    #[test]
+    fn provider_configurations_that_cannot_work_are_refused() {
+        let known = |w: &WorkType| ["deployment", "analysis"].contains(&w.as_str());
+        assert!(policy().validate(known).is_ok());
+        let with = |p: Provider| FallbackPolicy { providers: vec![p], ..policy() };
+        let err = |p: Provider| with(p).validate(known).unwrap_err().to_string();
+        assert_eq!(
+            err(Provider { name: "Big Model".into(), ..provider() }),
+            "fallback provider \"Big Model\": the name must be 1 to 60 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+        );
+        assert!(
+            err(Provider { endpoint: "ftp://u:secret@x/".into(), ..provider() }).contains("ftp://***@x/")
+        );
+        assert!(!err(Provider { endpoint: "ftp://u:secret@x/".into(), ..provider() }).contains("secret"));
+        assert!(err(Provider { quota_micros: -1, ..provider() }).contains("quota_micros is -1"));
+        assert!(err(Provider { work_types: [wt("cooking")].into(), ..provider() }).contains("cooking"));
+        let twice = FallbackPolicy { providers: vec![provider(), provider()], ..policy() };
+        assert!(twice.validate(known).unwrap_err().to_string().contains("used twice"));
     }
 
     #[test]

@@ -116,18 +116,7 @@ impl From<broker::Error> for Failure {
 /// some errors keep that in their source only: tokio-postgres says "db error", and the server's
 /// message is its source.
 fn describe(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Errors that show their source in their own message ("database: {0}") are not repeated.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+    crate::error_chain(err)
 }
 
 /// How many times a stage decides again after a guarded write lost a race.

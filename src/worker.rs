@@ -58,6 +58,8 @@ pub enum Error {
     #[error(transparent)]
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
+    Policy(#[from] crate::policy::Error),
+    #[error(transparent)]
     Runner(#[from] runner::Error),
     #[error(transparent)]
     Decomposer(#[from] decomposer::ConfigError),
@@ -86,10 +88,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Loads the catalog and builds the configured decomposer, its API key read from the
-    /// environment: settings that cannot work are an error here, at startup.
+    /// Loads the catalog, checks the fallback policy and builds the configured decomposer, its API
+    /// key read from the environment: settings that cannot work are an error here, at startup.
     pub fn new(config: Config, store: Store) -> Result<Self, Error> {
         let catalog = Arc::new(Catalog::load(config.catalog.as_deref())?);
+        config.fallback.validate(|w| catalog.get(w).is_some())?;
         let decomposer = config
             .decomposer
             .build(catalog.clone(), |name| std::env::var(name))?
