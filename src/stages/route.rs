@@ -239,21 +239,7 @@ mod tests {
     }
 
     fn states(plan: &StoredPlan) -> Vec<TaskState> {
-        plan.plan
-            .tasks()
-            .iter()
-            .map(|t| TaskState {
-                id: t.id,
-                key: t.key.clone(),
-                work_type: t.work_type.to_string(),
-                description: t.description.clone(),
-                status: TaskStatus::Pending,
-                attempt: 0,
-                agent_id: None,
-                reason: None,
-                depends_on: t.depends_on.clone(),
-            })
-            .collect()
+        plan.plan.tasks().iter().map(TaskState::pending).collect()
     }
 
     fn agent(id: &str) -> Agent {

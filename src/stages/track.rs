@@ -241,16 +241,14 @@ mod tests {
         let tasks = plan
             .tasks()
             .iter()
-            .map(|t| TaskState {
-                id: t.id,
-                key: t.key.clone(),
-                work_type: t.work_type.to_string(),
-                description: t.description.clone(),
-                status: if t.id == first.id { TaskStatus::Dispatched } else { TaskStatus::Pending },
-                attempt: u32::from(t.id == first.id),
-                agent_id: (t.id == first.id).then(|| "llm-cloud".to_owned()),
-                reason: None,
-                depends_on: t.depends_on.clone(),
+            .map(|t| match t.id == first.id {
+                true => TaskState {
+                    status: TaskStatus::Dispatched,
+                    attempt: 1,
+                    agent_id: Some("llm-cloud".to_owned()),
+                    ..TaskState::pending(t)
+                },
+                false => TaskState::pending(t),
             })
             .collect();
         let decision = FallbackDecision {

@@ -41,6 +41,24 @@ pub struct TaskState {
     pub depends_on: Vec<TaskId>,
 }
 
+#[cfg(test)]
+impl TaskState {
+    /// A task as planned: pending, never attempted. For the tests of the stages and the audit.
+    pub(crate) fn pending(task: &Task) -> Self {
+        TaskState {
+            id: task.id,
+            key: task.key.clone(),
+            work_type: task.work_type.to_string(),
+            description: task.description.clone(),
+            status: TaskStatus::Pending,
+            attempt: 0,
+            agent_id: None,
+            reason: None,
+            depends_on: task.depends_on.clone(),
+        }
+    }
+}
+
 /// Everything `switchyard status` shows about a request.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestReport {
