@@ -90,8 +90,16 @@ impl Provider {
 
 /// The capability of agents that serve the provider `name`: `provider:<name>`.
 pub fn provider_capability(name: &str) -> String {
-    format!("provider:{name}")
+    format!("{PROVIDER_CAPABILITY_PREFIX}{name}")
 }
+
+/// Whether an agent with `capabilities` serves an external provider: it takes that provider's
+/// tasks only.
+pub fn serves_a_provider(capabilities: &BTreeSet<String>) -> bool {
+    capabilities.iter().any(|c| c.starts_with(PROVIDER_CAPABILITY_PREFIX))
+}
+
+const PROVIDER_CAPABILITY_PREFIX: &str = "provider:";
 
 /// The id of the agent that serves the provider `name` by default (`llm-<name>`): where the
 /// provider's tasks wait when none of its agents is up.
@@ -322,12 +330,23 @@ pub fn decide_fallback(
             ));
             continue;
         }
-        let cost = provider.estimate_cost_micros(external.len());
         let Some(remaining) = quotas.iter().find(|q| q.provider == provider.name).map(|q| q.remaining_micros)
         else {
             lacks.push(format!("no quota known for {}", provider.name));
             continue;
         };
+        let mut external = external;
+        let mut cost = provider.estimate_cost_micros(external.len());
+        if remaining < cost && complex && !infeasible.is_empty() && infeasible.len() < external.len() {
+            // The complex plan does not fit, but what cannot run here may still go alone.
+            lacks.push(format!(
+                "quota short: {} has {remaining} micros left, and all {} tasks it takes would cost {cost} micros",
+                provider.name,
+                external.len()
+            ));
+            external.retain(|id| infeasible.iter().any(|i| i.task_id == *id));
+            cost = provider.estimate_cost_micros(external.len());
+        }
         if remaining < cost {
             lacks.push(format!(
                 "quota exhausted: {} has {remaining} micros left, and the plan would cost {cost} micros",
@@ -339,12 +358,14 @@ pub fn decide_fallback(
         let left = remaining.saturating_sub(cost);
         let total = plan.tasks().len();
         let n = external.len();
+        // What was given up on the way (a complex plan sent out only in part) is said too.
+        let given_up = lacks.iter().map(|l| format!("; {l}")).collect::<String>();
         return FallbackDecision {
             plan_id: plan.id,
             use_external: true,
             provider: Some(provider.name.clone()),
             reason: format!(
-                "{}; {n} of {total} {} {} to {} for an estimated {cost} micros, leaving {left} micros of quota",
+                "{}{given_up}; {n} of {total} {} {} to {} for an estimated {cost} micros, leaving {left} micros of quota",
                 why.join("; "),
                 if total == 1 { "task" } else { "tasks" },
                 if n == 1 { "goes" } else { "go" },
@@ -733,6 +754,22 @@ mod tests {
         assert!(d.reason.ends_with("bigmodel does not take transcription work"), "{}", d.reason);
         let d = decide_fallback(&plan, 0.2, &stuck, &FallbackPolicy::default(), &[]);
         assert!(d.reason.ends_with("no external provider is configured"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_complex_plan_that_does_not_fit_still_sends_out_what_cannot_run_here() {
+        let plan = plan(&["deployment", "deployment", "analysis"]);
+        let stuck = [stuck(&plan, 2, "needs 1 GPU, and no agent has one")];
+        // Three accepted tasks cost 9255; the quota covers one.
+        let d = decide_fallback(&plan, 0.9, &stuck, &policy(), &quota(5000));
+        assert!(d.use_external && !d.infeasible, "{d:#?}");
+        assert_eq!(d.external_tasks, [plan.tasks()[2].id]);
+        assert_eq!(
+            d.reason,
+            "complexity 0.90 meets the 0.70 threshold; task 2.analysis needs 1 GPU, and no agent has one; \
+             quota short: bigmodel has 5000 micros left, and all 3 tasks it takes would cost 9255 micros; \
+             1 of 3 tasks goes to bigmodel for an estimated 3085 micros, leaving 1915 micros of quota"
+        );
     }
 
     #[test]

@@ -105,17 +105,20 @@ impl Stage for Route {
                 return Outcome::Forward { writes, publish: Vec::new() };
             }
         }
-        // External tasks are routed on their own, so that their default agent is the provider's
-        // and not the work type's local one.
+        // External tasks are routed on their own, among the agents that serve a provider, so that
+        // their default agent is the provider's and not the work type's local one. Local tasks
+        // never go to those agents: what they ran would be paid for outside any reservation.
         let (outside, inside): (Vec<usize>, Vec<usize>) = (0..ready.len())
             .partition(|&i| external.as_ref().is_some_and(|e| e.tasks.contains(&ready[i].id)));
-        let route_group = |indices: &[usize], policy: &RoutingPolicy| {
+        let (serving, local_agents): (Vec<Agent>, Vec<Agent>) =
+            context.agents.iter().cloned().partition(|a| policy::serves_a_provider(&a.capabilities));
+        let route_group = |indices: &[usize], agents: &[Agent], policy: &RoutingPolicy| {
             let tasks: Vec<&Task> = indices.iter().map(|&i| &ready[i]).collect();
-            routing::route_tasks_excluding(&tasks, &context.agents, now, policy, &context.failed)
+            routing::route_tasks_excluding(&tasks, agents, now, policy, &context.failed)
         };
-        let routed = route_group(&inside, &self.policy).and_then(|mut local| {
+        let routed = route_group(&inside, &local_agents, &self.policy).and_then(|mut local| {
             let Some(external) = &external else { return Ok(local) };
-            let remote = route_group(&outside, &external.policy(&self.policy, &ready))?;
+            let remote = route_group(&outside, &serving, &external.policy(&self.policy, &ready))?;
             let mut all: Vec<Option<Routed>> = (0..ready.len()).map(|_| None).collect();
             for (i, route) in inside.iter().zip(local.drain(..)).chain(outside.iter().zip(remote)) {
                 all[*i] = Some(route);
@@ -412,5 +415,28 @@ mod tests {
         let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
         assert_eq!(route.agent_id.as_str(), "llm-cloud");
         assert!(!route.reserves_capacity);
+    }
+
+    #[test]
+    fn an_agent_that_serves_a_provider_takes_no_local_task() {
+        let plan = stored(PlanStatus::Approved);
+        let stage = Route { policy: RoutingPolicy::default() };
+        // It could run the task, and it is idle: it would still bill the provider for it.
+        let mut model = agent("aaa-model");
+        model.capabilities.insert("provider:cloud".into());
+        let mut busy = agent("zzz-local");
+        busy.in_flight = 3;
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: states(&plan),
+            agents: vec![model, busy],
+            ..Default::default()
+        };
+        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
+        let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert_eq!(route.agent_id.as_str(), "zzz-local");
+        assert!(!route.candidates.iter().any(|c| c.agent_id.as_str() == "aaa-model"), "{route:?}");
     }
 }
