@@ -13,6 +13,20 @@ ALTER TABLE quotas ADD COLUMN window_kind text NOT NULL DEFAULT 'monthly'
     CHECK (window_kind IN ('daily', 'monthly'));
 ALTER TABLE quotas ALTER COLUMN window_kind DROP DEFAULT;
 
+-- Before V4 a reservation went back only on rejection: those of plans that ended otherwise
+-- (completed, failed, or whose request failed) still held quota. Nothing recorded what they
+-- really used, so they are released whole, and kept as history.
+WITH ended AS (
+    UPDATE quota_reservations r SET released_at = now()
+    FROM plans p JOIN requests q ON q.id = p.request_id
+    WHERE r.plan_id = p.id AND r.released_at IS NULL
+      AND (p.status IN ('completed', 'failed', 'rejected') OR q.status IN ('completed', 'failed', 'rejected'))
+    RETURNING r.provider, r.amount_micros
+)
+UPDATE quotas q SET reserved_micros = greatest(q.reserved_micros - s.total, 0)
+FROM (SELECT provider, sum(amount_micros) AS total FROM ended GROUP BY provider) s
+WHERE q.provider = s.provider;
+
 -- What is reserved and spent in each window of a provider, a row created by the first reservation
 -- or use in it. Remaining = the provider's limit - reserved - spent. A new window has no row, so
 -- it starts whole: that is the rollover, with no job to run. The window kind is part of the key:

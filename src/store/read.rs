@@ -516,6 +516,36 @@ impl Store {
                     serde_json::json!({ "reason": failure, "stage": stage, "message_id": message_id });
                 super::apply::audit(&tx, stage, "request.failed", Some(request_id), None, None, detail)
                     .await?;
+                // Its plan, if it has one under way, ends with it: nothing more of it will run,
+                // and what it reserved of a provider's quota goes back.
+                let ended = tx
+                    .query_opt(
+                        "UPDATE plans SET status = $2, updated_at = now()
+                         WHERE request_id = $1 AND status = ANY($3) RETURNING id",
+                        &[
+                            &request_id.as_uuid(),
+                            &PlanStatus::Failed.as_str(),
+                            &[PlanStatus::Planned, PlanStatus::AwaitingApproval, PlanStatus::Approved]
+                                .map(|s| s.as_str())
+                                .as_slice(),
+                        ],
+                    )
+                    .await?;
+                if let Some(row) = ended {
+                    let plan_id = PlanId::from_uuid(row.get(0));
+                    tx.execute(
+                        "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
+                         WHERE plan_id = $1 AND status = $4",
+                        &[
+                            &plan_id.as_uuid(),
+                            &TaskStatus::Cancelled.as_str(),
+                            &"cancelled: the request failed",
+                            &TaskStatus::Pending.as_str(),
+                        ],
+                    )
+                    .await?;
+                    super::quota::settle(&tx, stage, request_id, plan_id, "quota.settled").await?;
+                }
             }
         }
         tx.commit().await?;
