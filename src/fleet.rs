@@ -35,7 +35,7 @@ pub struct Machine {
 pub struct PlanningPolicy {
     /// Machines that may run agents, on top of the agents seen.
     pub inventory: Vec<Machine>,
-    /// Finished tasks of a work type and step needed before their median duration replaces the
+    /// Finished tasks of a work type and step needed before their 90th percentile duration replaces the
     /// catalog's estimate.
     pub min_duration_samples: u32,
 }
@@ -127,7 +127,7 @@ pub struct DurationStats {
     pub work_type: WorkType,
     pub step: String,
     pub samples: u32,
-    pub median_secs: f64,
+    pub p90_secs: f64,
 }
 
 /// The step of a task key ("2.deploy" → "deploy").
@@ -136,8 +136,9 @@ pub fn step_of(key: &str) -> &str {
 }
 
 /// Learnt estimates: for each task whose work type and step have at least `min_samples` finished
-/// tasks, their median duration (at least one second), with the basis to record; tasks without
-/// enough history keep the catalog's estimate.
+/// tasks, the duration that 90% of them finished within (at least one second), with the basis to
+/// record; tasks without enough history keep the catalog's estimate. Not the median: leases are
+/// built on the estimate, and one built on a typical figure would cut the slower half short.
 pub fn learnt_durations(
     plan: &Plan,
     history: &[DurationStats],
@@ -151,8 +152,8 @@ pub fn learnt_durations(
                     && s.step == step_of(&task.key)
                     && s.samples >= min_samples.max(1)
             })?;
-            let secs = stats.median_secs.ceil().clamp(1.0, f64::from(u32::MAX)) as u32;
-            Some((task.id, (secs, format!("median of {} finished tasks", stats.samples))))
+            let secs = stats.p90_secs.ceil().clamp(1.0, f64::from(u32::MAX)) as u32;
+            Some((task.id, (secs, format!("90th percentile of {} finished tasks", stats.samples))))
         })
         .collect()
 }
@@ -254,13 +255,13 @@ mod tests {
         let plan = plan(&[SMALL, SMALL]);
         let wt = WorkType::parse("transcription").unwrap();
         let history = vec![
-            DurationStats { work_type: wt.clone(), step: "s0".into(), samples: 5, median_secs: 41.2 },
-            DurationStats { work_type: wt.clone(), step: "s1".into(), samples: 4, median_secs: 10.0 },
+            DurationStats { work_type: wt.clone(), step: "s0".into(), samples: 5, p90_secs: 41.2 },
+            DurationStats { work_type: wt.clone(), step: "s1".into(), samples: 4, p90_secs: 10.0 },
         ];
         let learnt = learnt_durations(&plan, &history, 5);
         assert_eq!(learnt.len(), 1, "s1 has too few samples");
-        assert_eq!(learnt[&plan.tasks()[0].id], (42, "median of 5 finished tasks".to_owned()));
-        let zero = vec![DurationStats { work_type: wt, step: "s0".into(), samples: 9, median_secs: 0.01 }];
+        assert_eq!(learnt[&plan.tasks()[0].id], (42, "90th percentile of 5 finished tasks".to_owned()));
+        let zero = vec![DurationStats { work_type: wt, step: "s0".into(), samples: 9, p90_secs: 0.01 }];
         assert_eq!(learnt_durations(&plan, &zero, 5)[&plan.tasks()[0].id].0, 1, "never zero");
         assert_eq!(step_of("12.deploy"), "deploy");
     }

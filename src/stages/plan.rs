@@ -180,7 +180,7 @@ mod tests {
     fn durations_come_from_history_once_there_is_enough() {
         let wt = WorkType::parse("deployment").unwrap();
         let durations =
-            vec![DurationStats { work_type: wt, step: "deploy".into(), samples: 7, median_secs: 95.5 }];
+            vec![DurationStats { work_type: wt, step: "deploy".into(), samples: 7, p90_secs: 95.5 }];
         let (writes, planned) = planned(stage().decide(
             &input("Deploy Gitea to the homelab"),
             PlanContext { durations, ..Default::default() },
@@ -191,6 +191,6 @@ mod tests {
         let prepare = planned.plan.tasks().iter().find(|t| t.key == "1.prepare").unwrap();
         assert_eq!(prepare.estimated_duration_secs, 120, "the catalog's estimate");
         let Write::Plan { duration_basis, .. } = &writes[0] else { panic!() };
-        assert_eq!(duration_basis[&deploy.id], "median of 7 finished tasks");
+        assert_eq!(duration_basis[&deploy.id], "90th percentile of 7 finished tasks");
     }
 }

@@ -405,18 +405,21 @@ impl Store {
     }
 
     /// How long the tasks of `work_types` that succeeded in the last 30 days took, by work type
-    /// and step: what the planner learns estimated durations from. Recent history only, so that
-    /// the estimate follows the fleet as it changes.
+    /// and step (the 90th percentile): what the planner learns estimated durations from. Recent
+    /// history only, so that the estimate follows the fleet as it changes; local work only, since
+    /// a model's speed says nothing of how long an agent takes.
     pub async fn duration_history(&self, work_types: &[&str]) -> Result<Vec<DurationStats>, Error> {
         let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT t.work_type, split_part(t.key, '.', 2) AS step, count(*)::bigint,
-                        percentile_cont(0.5) WITHIN GROUP (
+                        percentile_cont(0.9) WITHIN GROUP (
                             ORDER BY extract(epoch FROM r.finished_at - r.started_at))::float8
                  FROM tasks t JOIN task_results r ON r.task_id = t.id AND r.attempt = t.attempt
                  WHERE t.status = 'succeeded' AND r.success AND r.source = 'agent'
                    AND t.work_type = ANY($1) AND r.finished_at > now() - interval '30 days'
+                   AND NOT EXISTS (SELECT 1 FROM fallback_decisions f
+                                   WHERE f.plan_id = t.plan_id AND t.id = ANY(f.external_tasks))
                  GROUP BY 1, 2",
                 &[&work_types],
             )
@@ -429,7 +432,7 @@ impl Store {
                         .map_err(|e| Error::Corrupt(format!("work type {work_type:?}: {e}")))?,
                     step: r.get(1),
                     samples: u32::try_from(r.get::<_, i64>(2)).unwrap_or(u32::MAX),
-                    median_secs: r.get(3),
+                    p90_secs: r.get(3),
                 })
             })
             .collect()

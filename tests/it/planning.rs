@@ -24,11 +24,15 @@ async fn estimates_are_learnt_from_finished_tasks_once_there_are_enough() {
         let plan = app.store.plan(id.plan_id()).await.unwrap().unwrap().plan;
         estimates.push(plan.tasks().iter().map(|t| t.estimated_duration_secs).collect::<Vec<_>>());
     }
-    // The catalog's 120 s, 300 s and 60 s until three of each step finished, then their median,
+    // The catalog's 120 s, 300 s and 60 s until three of each step finished, then the duration 90% of them finished within,
     // at least a second.
     assert_eq!(estimates[..3], [vec![120, 300, 60], vec![120, 300, 60], vec![120, 300, 60]]);
     assert_eq!(estimates[3], [1, 1, 1]);
     let rows = app.dump_rows().await;
     // Recorded on each of the three tasks, and in the audit log's account of the plan.
-    assert_eq!(rows.iter().filter(|r| r.contains("median of 3 finished tasks")).count(), 4, "{rows:#?}");
+    assert_eq!(
+        rows.iter().filter(|r| r.contains("90th percentile of 3 finished tasks")).count(),
+        4,
+        "{rows:#?}"
+    );
 }
