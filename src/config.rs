@@ -154,7 +154,7 @@ auto_approve_below = 0.3
 deployment = "deployer"
 [[fallback.providers]]
 name = "cloud"
-endpoint = "https://models.example.com/v1"
+endpoint = "https://proxyuser:proxypw@models.example.com/v1?key=querysecret"
 model = "big-1"
 api_key_env = "CLOUD_API_KEY"
 price_per_1k_input_tokens_micros = 10000
@@ -180,6 +180,8 @@ work_types = ["code_generation"]
         assert_eq!(config.database_url, "postgres://u:pw@db/x");
         let debug = format!("{config:?}");
         assert!(!debug.contains("pw"), "password in {debug}");
+        assert!(!debug.contains("querysecret") && !debug.contains("proxyuser"), "{debug}");
+        assert!(debug.contains("models.example.com"), "{debug}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -19,8 +19,9 @@ use crate::domain::Plan;
 use crate::ids::{PlanId, TaskId, WorkType};
 
 /// An external AI model provider that can take over work the local agents would find too hard,
-/// or cannot do at all. Its work is done by agents of the `llm` executor that serve it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// or cannot do at all. Its work is done by agents of the `llm` executor that serve it. `Debug`
+/// shows the endpoint without user, password or query values.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Provider {
     pub name: String,
@@ -46,6 +47,24 @@ pub struct Provider {
     pub window: Window,
     /// The work types the provider takes. Tasks of other types stay local.
     pub work_types: BTreeSet<WorkType>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("endpoint", &crate::redact::everything(&self.endpoint))
+            .field("model", &self.model)
+            .field("api_key_env", &self.api_key_env)
+            .field("price_per_1k_input_tokens_micros", &self.price_per_1k_input_tokens_micros)
+            .field("price_per_1k_output_tokens_micros", &self.price_per_1k_output_tokens_micros)
+            .field("input_tokens_per_task", &self.input_tokens_per_task)
+            .field("output_tokens_per_task", &self.output_tokens_per_task)
+            .field("quota_micros", &self.quota_micros)
+            .field("window", &self.window)
+            .field("work_types", &self.work_types)
+            .finish()
+    }
 }
 
 impl Provider {

@@ -68,6 +68,9 @@ pub enum Error {
 /// Creates the database if needed, connects, migrates, and creates or updates the quota row of
 /// every configured provider (see [`Store::ensure_quota`]).
 pub async fn prepare_store(config: &Config) -> Result<Store, Error> {
+    // A provider that would be refused gets no quota row.
+    let catalog = Catalog::load(config.catalog.as_deref())?;
+    config.fallback.validate(|w| catalog.get(w).is_some())?;
     store::ensure_database(&config.database_url).await?;
     let store = Store::connect(&config.database_url, config.database_pool_size).await?;
     store.migrate().await?;

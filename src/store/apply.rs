@@ -367,13 +367,25 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                     ],
                 )
                 .await?;
-                tx.execute(
-                    "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now() WHERE id = $1",
-                    &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), reason],
-                )
-                .await?;
                 let detail = json!({ "reason": reason });
-                audit(tx, actor, "plan.infeasible", Some(*request_id), Some(*plan_id), None, detail).await?;
+                audit(tx, actor, "plan.infeasible", Some(*request_id), Some(*plan_id), None, detail.clone())
+                    .await?;
+                let failed = tx
+                    .execute(
+                        "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
+                         WHERE id = $1 AND status = $4",
+                        &[
+                            &request_id.as_uuid(),
+                            &RequestStatus::Failed.as_str(),
+                            reason,
+                            &RequestStatus::Planned.as_str(),
+                        ],
+                    )
+                    .await?;
+                if failed == 1 {
+                    audit(tx, actor, "request.failed", Some(*request_id), Some(*plan_id), None, detail)
+                        .await?;
+                }
             }
         }
         Write::AwaitingApproval { request_id, plan_id, reason } => {
