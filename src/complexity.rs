@@ -101,6 +101,21 @@ fn round(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
 
+/// Reads a complexity with its terms, or a bare score (as messages carried it before the terms
+/// were kept): a score without terms.
+pub fn score_or_terms<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Complexity, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Terms(Complexity),
+        Score(f64),
+    }
+    Ok(match Either::deserialize(deserializer)? {
+        Either::Terms(complexity) => complexity,
+        Either::Score(score) => Complexity { score, terms: Vec::new() },
+    })
+}
+
 impl Complexity {
     /// The formula with this plan's figures: "0.35×0.40 work + 0.15×0.11 size (3) + …".
     pub fn explain(&self) -> String {
@@ -146,6 +161,20 @@ mod tests {
 
     fn inputs(work: f64, unknown: usize, confidence: f64) -> Inputs {
         Inputs { work, unknown_entities: unknown, confidence }
+    }
+
+    #[test]
+    fn a_planned_message_from_before_the_terms_reads_as_a_bare_score() {
+        #[derive(Deserialize)]
+        struct Old {
+            #[serde(deserialize_with = "score_or_terms")]
+            complexity: Complexity,
+        }
+        let old: Old = serde_json::from_str(r#"{"complexity": 0.55}"#).unwrap();
+        assert_eq!(old.complexity, Complexity { score: 0.55, terms: Vec::new() });
+        let new = assess(&chain(2, &["a"]), &inputs(0.4, 0, 1.0));
+        let json = serde_json::json!({ "complexity": new });
+        assert_eq!(serde_json::from_value::<Old>(json).unwrap().complexity, new);
     }
 
     #[test]

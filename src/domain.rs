@@ -47,10 +47,16 @@ pub struct Decomposition {
     pub decomposer: String,
     pub intents: Vec<Intent>,
     /// How sure the decomposer is of its reading, in [0, 1]. A term of the plan's complexity.
+    /// Messages from before it existed were read by the rules, which were sure of them.
+    #[serde(default = "full_confidence")]
     pub confidence: f64,
     /// Why the configured decomposer's reading was not used, when the rules stood in for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<String>,
+}
+
+fn full_confidence() -> f64 {
+    1.0
 }
 
 /// A unit of work for one agent.

@@ -131,6 +131,8 @@ pub struct Decomposed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Planned {
     pub request: RequestMeta,
+    /// A bare score in messages from before the terms were kept.
+    #[serde(deserialize_with = "crate::complexity::score_or_terms")]
     pub complexity: Complexity,
     pub plan: Plan,
     /// Tasks that no agent of the fleet could run: the fallback stage sends them to an external

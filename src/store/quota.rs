@@ -210,10 +210,14 @@ pub(super) async fn record_use(
         // This attempt's use is counted already (a redelivered result).
         return Ok(());
     }
+    // Sums saturate: a model server reporting absurd usage must not make a finished attempt's
+    // result fail to record (an overflowing bigint is a permanent error).
     if reservation.is_some() {
         tx.execute(
-            "UPDATE quota_reservations SET spent_micros = spent_micros + $3, input_tokens = input_tokens + $4,
-                 output_tokens = output_tokens + $5
+            "UPDATE quota_reservations
+             SET spent_micros = LEAST(spent_micros::numeric + $3::bigint, 9223372036854775807)::bigint,
+                 input_tokens = LEAST(input_tokens::numeric + $4::bigint, 9223372036854775807)::bigint,
+                 output_tokens = LEAST(output_tokens::numeric + $5::bigint, 9223372036854775807)::bigint
              WHERE plan_id = $1 AND provider = $2",
             &[&plan_id.as_uuid(), &provider, &cost, &input, &output],
         )
@@ -222,7 +226,7 @@ pub(super) async fn record_use(
     if let Some((window, start)) = window {
         open_window(tx, provider, window, start).await?;
         tx.execute(
-            "UPDATE quota_windows SET spent_micros = spent_micros + $4,
+            "UPDATE quota_windows SET spent_micros = LEAST(spent_micros::numeric + $4::bigint, 9223372036854775807)::bigint,
                  reserved_micros = GREATEST(reserved_micros - $5, 0), updated_at = now()
              WHERE provider = $1 AND window_kind = $2 AND window_start = $3",
             &[&provider, &window.to_string(), &start, &cost, &taken],

@@ -234,6 +234,21 @@ async fn real_use_moves_its_cost_from_reserved_to_spent_once_per_attempt() {
 }
 
 #[tokio::test]
+async fn absurd_reported_use_saturates_instead_of_losing_the_result() {
+    let app = spawn_app().await;
+    app.store.ensure_quota(PROVIDER, 100_000, Window::Monthly).await.unwrap();
+    let now = Utc::now();
+    let (request_id, plan) = reserved_plan(&app, 30_000, now).await;
+    // Two attempts that each claim to have cost all the money there is.
+    for attempt in [1, 2] {
+        let huge = used(request_id, &plan, 0, attempt, i64::MAX);
+        assert_eq!(app.store.apply("track", None, &[huge]).await.unwrap(), Applied::Done);
+    }
+    let reservation = app.store.reservation(plan.id).await.unwrap().unwrap();
+    assert_eq!((reservation.spent_micros, reservation.outstanding_micros()), (i64::MAX, 0));
+}
+
+#[tokio::test]
 async fn the_end_of_a_plan_gives_back_what_it_reserved_and_did_not_spend() {
     let app = spawn_app().await;
     let limit = 100_000;
