@@ -33,6 +33,10 @@ pub enum Error {
     /// The URL cannot work; it is shown redacted.
     #[error("invalid broker URL {0}")]
     Url(String),
+    /// A consumer's deliveries stopped without an error (the broker cancelled it, say) while its
+    /// owner still expected messages from the queue named.
+    #[error("the consumer of {0} ended")]
+    ConsumerEnded(String),
 }
 
 impl Error {
@@ -306,12 +310,17 @@ impl Broker {
     /// It uses a channel of its own, because such an error closes the channel it happens on.
     pub async fn declare_agent_queue(&self, agent: &AgentId) -> Result<String, Error> {
         let name = self.names.agent_queue(agent);
-        let channel = self.connection.create_channel().await?;
-        channel
-            .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
-            .await?;
-        let _ = channel.close(200, "declared".into()).await;
+        self.declare_queue(&name).await?;
         Ok(name)
+    }
+
+    /// Declares a durable queue without arguments, named in full (no namespace is added), on a
+    /// channel of its own: a conflicting declaration (406) closes that channel only. Idempotent.
+    pub async fn declare_queue(&self, name: &str) -> Result<(), Error> {
+        let channel = self.connection.create_channel().await?;
+        channel.queue_declare(name.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
     }
 
     /// Publishes one persistent message and waits for the broker's confirm.
