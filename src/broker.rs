@@ -96,6 +96,14 @@ impl Incoming {
         Ok(())
     }
 
+    /// Acknowledges this delivery and, with it, every earlier delivery of its consumer that is
+    /// not settled yet (`basic.ack` with `multiple`): one frame for many messages. Only for a
+    /// consumer that settles its deliveries in the order they came.
+    pub async fn ack_up_to(&self) -> Result<(), Error> {
+        self.acker.ack(BasicAckOptions { multiple: true }).await?;
+        Ok(())
+    }
+
     /// Gives the message back to its queue, to be delivered again.
     pub async fn requeue(&self) -> Result<(), Error> {
         self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
