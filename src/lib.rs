@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod bench;
 pub mod broker;
 pub mod catalog;
 pub mod complexity;

@@ -3,6 +3,7 @@
 
 mod agents;
 mod broker;
+mod ceiling;
 mod completion;
 mod contract;
 mod decomposer;

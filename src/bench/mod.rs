@@ -1,0 +1,3 @@
+//! Benchmarks of Switchyard against the broker it runs on.
+
+pub mod ceiling;
