@@ -459,11 +459,11 @@ async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
         return;
     }
     let _counted = InFlight::enter(&shared.in_flight);
-    info!(%agent, task = %task.task.id, key = %task.task.key, attempt = task.attempt, "task started");
+    debug!(%agent, task = %task.task.id, key = %task.task.key, attempt = task.attempt, "task started");
     let started_at = Utc::now();
     let execution = execute(&*shared.handler, task).await;
     let finished_at = Utc::now();
-    info!(
+    debug!(
         %agent,
         task = %task.task.id,
         attempt = task.attempt,

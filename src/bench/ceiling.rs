@@ -24,13 +24,18 @@ pub struct CeilingSettings {
     pub body_bytes: usize,
 }
 
+fn secs<S: serde::Serializer>(elapsed: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64((elapsed.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
 /// What [`measure`] found.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Ceiling {
     pub messages: usize,
     pub hops: usize,
     /// From the first publish into the first queue to the arrival of the last message in the
     /// last one.
+    #[serde(rename = "elapsed_secs", serialize_with = "secs")]
     pub elapsed: Duration,
     /// Messages through all hops per second.
     pub messages_per_sec: f64,

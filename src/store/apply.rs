@@ -90,11 +90,16 @@ impl Store {
                 return Ok(Applied::Duplicate(row.get(0)));
             }
         }
+        let mut agents = AgentLedger::default();
         for write in writes {
-            if let Step::Conflict(reason) = apply_one(&tx, actor, write).await? {
+            if let Step::Conflict(reason) = apply_one(&tx, actor, write, &mut agents).await? {
                 tx.rollback().await?;
                 return Ok(Applied::Conflict(reason));
             }
+        }
+        if let Step::Conflict(reason) = agents.apply(&tx).await? {
+            tx.rollback().await?;
+            return Ok(Applied::Conflict(reason));
         }
         tx.commit().await?;
         Ok(Applied::Done)
@@ -140,14 +145,81 @@ impl Store {
             &[&marker.stage, &marker.message_id.as_uuid(), &marker.outputs],
         )
         .await?;
+        let mut agents = AgentLedger::default();
         for write in writes {
-            if let Step::Conflict(reason) = apply_one(&tx, actor, write).await? {
+            if let Step::Conflict(reason) = apply_one(&tx, actor, write, &mut agents).await? {
                 tx.rollback().await?;
                 return Ok(Delivery::Conflict(reason));
             }
         }
+        if let Step::Conflict(reason) = agents.apply(&tx).await? {
+            tx.rollback().await?;
+            return Ok(Delivery::Conflict(reason));
+        }
         tx.commit().await?;
         Ok(Delivery::Done)
+    }
+}
+
+/// What a transaction changes of agents' rows, applied last and in the order of the agents' ids.
+///
+/// Every routing decision reserves capacity on an agent and every result gives it back, so a few
+/// agent rows are the hottest rows there are. Updated as the writes come, each would stay locked
+/// for the rest of its transaction, and two transactions could each hold the agent the other
+/// waits for (PostgreSQL breaks such a deadlock only after `deadlock_timeout`, a second, failing
+/// one of them). Collected here and applied just before the commit, in one order for everyone,
+/// they are locked briefly and never in a cycle.
+#[derive(Default)]
+struct AgentLedger {
+    changes: std::collections::BTreeMap<String, AgentChange>,
+}
+
+#[derive(Default)]
+struct AgentChange {
+    in_flight: i32,
+    succeeded: i64,
+    failed: i64,
+}
+
+impl AgentLedger {
+    fn entry(&mut self, agent: &str) -> &mut AgentChange {
+        self.changes.entry(agent.to_owned()).or_default()
+    }
+
+    /// One more task on `agent`, if it has room: a conflict at [`AgentLedger::apply`] if not.
+    fn reserve(&mut self, agent: &str) {
+        self.entry(agent).in_flight += 1;
+    }
+
+    /// One task fewer on `agent` (never below none).
+    fn release(&mut self, agent: &str) {
+        self.entry(agent).in_flight -= 1;
+    }
+
+    fn finished(&mut self, agent: &str, success: bool) {
+        let change = self.entry(agent);
+        if success {
+            change.succeeded += 1;
+        } else {
+            change.failed += 1;
+        }
+    }
+
+    async fn apply(self, tx: &Transaction<'_>) -> Result<Step, Error> {
+        for (agent, change) in &self.changes {
+            let updated = tx
+                .execute(
+                    "UPDATE agents SET in_flight = GREATEST(in_flight + $2, 0),
+                         succeeded = succeeded + $3, failed = failed + $4
+                     WHERE id = $1 AND ($2 <= 0 OR in_flight + $2 <= capacity)",
+                    &[agent, &change.in_flight, &change.succeeded, &change.failed],
+                )
+                .await?;
+            if updated == 0 && change.in_flight > 0 {
+                return Ok(Step::Conflict(format!("agent {agent} has no spare capacity left")));
+            }
+        }
+        Ok(Step::Ok)
     }
 }
 
@@ -184,7 +256,12 @@ async fn set_request_status(
     Ok(())
 }
 
-async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+async fn apply_one(
+    tx: &Transaction<'_>,
+    actor: &str,
+    write: &Write,
+    agents: &mut AgentLedger,
+) -> Result<Step, Error> {
     match write {
         Write::Request(meta) => {
             let inserted = tx
@@ -496,18 +573,7 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 )));
             }
             if route.reserves_capacity {
-                let reserved = tx
-                    .execute(
-                        "UPDATE agents SET in_flight = in_flight + 1 WHERE id = $1 AND in_flight < capacity",
-                        &[&route.agent_id.as_str()],
-                    )
-                    .await?;
-                if reserved == 0 {
-                    return Ok(Step::Conflict(format!(
-                        "agent {} has no spare capacity left",
-                        route.agent_id
-                    )));
-                }
+                agents.reserve(route.agent_id.as_str());
             }
             tx.execute(
                 "UPDATE tasks SET status = $2, attempt = $3, agent_id = $4, status_reason = $5, updated_at = now()
@@ -636,20 +702,17 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
             )
             .await?;
             // Give back what the attempt's routing decision reserved, on the agent it reserved.
-            tx.execute(
-                "UPDATE agents a SET in_flight = a.in_flight - 1
-                 FROM routing_decisions d
-                 WHERE d.task_id = $1 AND d.attempt = $2 AND d.reserved_capacity
-                   AND a.id = d.agent_id AND a.in_flight > 0",
-                &[&result.task_id.as_uuid(), &(result.attempt as i32)],
-            )
-            .await?;
-            let counter = if result.success {
-                "UPDATE agents SET succeeded = succeeded + 1 WHERE id = $1"
-            } else {
-                "UPDATE agents SET failed = failed + 1 WHERE id = $1"
-            };
-            tx.execute(counter, &[&result.agent_id.as_str()]).await?;
+            let reserved = tx
+                .query_opt(
+                    "SELECT agent_id FROM routing_decisions
+                     WHERE task_id = $1 AND attempt = $2 AND reserved_capacity",
+                    &[&result.task_id.as_uuid(), &(result.attempt as i32)],
+                )
+                .await?;
+            if let Some(row) = reserved {
+                agents.release(row.get(0));
+            }
+            agents.finished(result.agent_id.as_str(), result.success);
             let event = if result.success { "task.succeeded" } else { "task.attempt_failed" };
             let detail = json!({ "attempt": result.attempt, "agent_id": result.agent_id, "source": source,
                                  "error": result.error });
@@ -758,13 +821,15 @@ async fn apply_one(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<S
                 .await?;
             if updated == 1 {
                 // Give back the capacity that the routing decision reserved.
-                tx.execute(
-                    "UPDATE agents SET in_flight = in_flight - 1
-                     WHERE id = $1 AND in_flight > 0
-                       AND EXISTS (SELECT 1 FROM routing_decisions WHERE id = $2 AND reserved_capacity)",
-                    &[&agent_id.as_str(), &decision_id.as_uuid()],
-                )
-                .await?;
+                let reserved = tx
+                    .query_opt(
+                        "SELECT 1 FROM routing_decisions WHERE id = $1 AND reserved_capacity",
+                        &[&decision_id.as_uuid()],
+                    )
+                    .await?;
+                if reserved.is_some() {
+                    agents.release(agent_id.as_str());
+                }
                 let detail = json!({ "attempt": attempt, "agent_id": agent_id, "reason": reason });
                 audit(
                     tx,

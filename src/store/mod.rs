@@ -7,6 +7,7 @@
 mod apply;
 mod quota;
 mod read;
+mod stats;
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tokio_postgres::error::SqlState;
 pub use apply::{Applied, Delivery, Marker};
 pub use quota::{QuotaReport, StoredReservation};
 pub use read::*;
+pub use stats::RequestTiming;
 
 mod embedded {
     refinery::embed_migrations!("migrations");

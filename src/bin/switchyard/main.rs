@@ -91,6 +91,11 @@ enum Command {
         #[arg(default_value = "Deploy Uptime Kuma to the homelab and send alerts to Discord")]
         text: String,
     },
+    /// Measure the whole pipeline against the broker's own ceiling, in a namespace and database
+    /// of its own: N auto-approved requests of T tasks, every stage and simulated agents of zero
+    /// duration, then the same deliveries through as many hops by plain relays. Ends with one
+    /// JSON line holding every figure.
+    Bench(BenchArgs),
     /// Print or check the JSON Schemas of the message types.
     Schemas {
         /// Write them into this directory.
@@ -164,6 +169,38 @@ impl AgentSpec {
         builder.check()?;
         Ok(builder)
     }
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Requests to submit.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+    /// Tasks per request (independent: one wave).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+    tasks: u64,
+    /// Simulated agents (zero-duration tasks).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=100))]
+    agents: u64,
+    /// Tasks each agent runs at once (its prefetch).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    capacity: u32,
+    /// Submit at this many requests per second, to measure latency at a given load; by default
+    /// as fast as the broker takes them.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Run the stages and agents in this process instead of as `worker` and `agent` processes.
+    #[arg(long)]
+    in_process: bool,
+    /// `worker --stage all` processes (without --in-process).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    workers: u64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+    /// Keep the run's queues and database afterwards.
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Args)]
@@ -498,6 +535,7 @@ async fn run(cli: Cli) -> Result<Exit> {
         }
         Command::Schemas { write, check } => return schemas(write, check),
         Command::Demo { text } => return demo(config, text).await,
+        Command::Bench(args) => return bench(config, args).await,
     }
     Ok(Exit::Success)
 }
@@ -808,6 +846,54 @@ fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<Exit> {
             schemas.into_iter().map(|(n, s)| (n.to_owned(), s)).collect();
         println!("{}", serde_json::to_string_pretty(&all)?);
     }
+    Ok(Exit::Success)
+}
+
+async fn bench(config: Config, args: BenchArgs) -> Result<Exit> {
+    let processes = if args.in_process {
+        None
+    } else {
+        let exe = std::env::current_exe().context("finding the switchyard executable")?;
+        Some(switchyard::bench::Processes { exe, workers: args.workers as usize })
+    };
+    let settings = switchyard::bench::Settings {
+        requests: args.requests as usize,
+        tasks: args.tasks as usize,
+        agents: args.agents as usize,
+        agent_capacity: args.capacity,
+        rate: args.rate,
+        processes,
+        timeout: Duration::from_secs(args.timeout),
+        keep: args.keep,
+    };
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(settings.requests as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} requests completed {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let report = switchyard::bench::run(&config, &settings, |completed, failed| {
+        if let Some(bar) = &bar {
+            bar.set_position(completed);
+            if failed > 0 {
+                bar.set_message(format!("({failed} failed)"));
+            }
+        }
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = report?;
+    print::bench(&report);
+    println!("{}", serde_json::to_string(&report).expect("the report serializes"));
     Ok(Exit::Success)
 }
 

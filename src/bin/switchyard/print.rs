@@ -168,3 +168,32 @@ pub fn quota_line(q: &QuotaReport) -> String {
     }
     line
 }
+
+/// The figures of a benchmark run, one per line.
+pub fn bench(r: &switchyard::bench::Report) {
+    let rate = r.rate.map_or("full speed".to_owned(), |rate| format!("{rate} requests/s"));
+    println!(
+        "{} requests of {} tasks, {}, {}: {:.2} s",
+        r.requests, r.tasks_per_request, r.mode, rate, r.elapsed_secs
+    );
+    println!("throughput       {:.1} requests/s, {:.1} tasks/s", r.requests_per_sec, r.tasks_per_sec);
+    for (what, l) in
+        [("to last dispatch", &r.latency_to_last_dispatch), ("to completed", &r.latency_to_completed)]
+    {
+        println!(
+            "latency {what:<16} p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
+        );
+    }
+    let rss: Vec<String> = r.peak_rss_mib.iter().map(|m| format!("{m:.1} MiB")).collect();
+    println!("peak memory      {}", rss.join(", "));
+    println!(
+        "pipeline         {} deliveries, {:.0} deliveries/s",
+        r.pipeline_deliveries, r.pipeline_deliveries_per_sec
+    );
+    println!(
+        "ceiling          {} messages through {} hops, {:.0} deliveries/s",
+        r.ceiling.messages, r.ceiling.hops, r.ceiling.hop_messages_per_sec
+    );
+    println!("ratio            {:.1}% of the ceiling", r.ratio_to_ceiling * 100.0);
+}
