@@ -13,6 +13,7 @@
 //!    so that the same inputs always give the same route.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use schemars::JsonSchema;
@@ -163,18 +164,22 @@ pub fn route_tasks_excluding(
     // Sorted once by id: the candidates are listed in this order and ties go to the first.
     let mut agents: Vec<&Agent> = agents.iter().collect();
     agents.sort_by(|a, b| a.id.cmp(&b.id));
-    // In-flight counts including this batch's reservations, by position in `agents`.
-    let mut in_flight: Vec<u32> = agents.iter().map(|a| a.in_flight).collect();
+    // The slots this batch has reserved so far, by position in `agents`: an agent's in-flight
+    // count is its own plus these (kept apart so that building this reads no agent).
+    let mut reserved: Vec<u32> = vec![0; agents.len()];
+    let clock = Clock::new(now, policy.heartbeat_ttl_secs);
     let weights = policy.weights.normalised();
 
     let mut routes = Vec::with_capacity(tasks.len());
     for task in tasks {
+        let failed = excluded.get(&task.id);
         let candidates: Vec<Candidate> = agents
             .iter()
-            .zip(&in_flight)
-            .map(|(agent, &busy)| {
-                let failed_before = excluded.get(&task.id).is_some_and(|ids| ids.contains(&agent.id));
-                let verdict = match evaluate(task, agent, busy, now, policy.heartbeat_ttl_secs, weights) {
+            .zip(&reserved)
+            .map(|(agent, &more)| {
+                let failed_before = failed.is_some_and(|ids| ids.contains(&agent.id));
+                let busy = agent.in_flight.saturating_add(more);
+                let verdict = match evaluate(task, agent, busy, &clock, weights) {
                     Verdict::Rejected { mut reasons } if failed_before => {
                         reasons.push(FAILED_BEFORE.to_owned());
                         Verdict::Rejected { reasons }
@@ -188,7 +193,7 @@ pub fn route_tasks_excluding(
         let best = best_candidates(&candidates);
         let route = match best.first() {
             Some(&chosen) => {
-                in_flight[chosen] = in_flight[chosen].saturating_add(1);
+                reserved[chosen] = reserved[chosen].saturating_add(1);
                 chosen_route(task, &best, candidates)
             }
             None => default_route(task, candidates, policy)?,
@@ -209,38 +214,54 @@ pub fn capable(task: &Task, agent: &Agent, failed_before: bool) -> bool {
 /// Why an agent that failed a task is not given it again.
 const FAILED_BEFORE: &str = "failed an earlier attempt of this task";
 
-/// The verdict on `agent` for `task`, given the agent's in-flight count so far in the batch.
-fn evaluate(
-    task: &Task,
-    agent: &Agent,
-    in_flight: u32,
+/// The clock of one routing decision, with what follows from it for every agent worked out once.
+struct Clock {
     now: DateTime<Utc>,
     ttl_secs: u64,
-    weights: [f64; 3],
-) -> Verdict {
-    let mut reasons = Vec::new();
+    /// A heartbeat before this instant is stale; `None` when none can be (a TTL too large for a
+    /// `TimeDelta` means "never stale", and so does one reaching back before the earliest instant).
+    stale_before: Option<DateTime<Utc>>,
+}
 
-    let missing: Vec<&str> =
-        task.capabilities.iter().filter(|c| !agent.capabilities.contains(*c)).map(String::as_str).collect();
-    if !missing.is_empty() {
-        reasons.push(format!("missing capabilities: {}", missing.join(", ")));
+impl Clock {
+    fn new(now: DateTime<Utc>, ttl_secs: u64) -> Self {
+        let ttl = i64::try_from(ttl_secs).ok().and_then(TimeDelta::try_seconds);
+        // `now - heartbeat > ttl` exactly when `heartbeat < now - ttl`: chrono's arithmetic is exact.
+        let stale_before = ttl.and_then(|ttl| now.checked_sub_signed(ttl));
+        Self { now, ttl_secs, stale_before }
     }
 
-    if let Some(stale) = staleness(agent.last_heartbeat, now, ttl_secs) {
-        reasons.push(stale);
+    /// Whether a heartbeat at `last_heartbeat` is too old. A heartbeat in the future (clock skew
+    /// between the agent and us) counts as fresh: skew is no evidence that the agent is gone.
+    fn is_stale(&self, last_heartbeat: DateTime<Utc>) -> bool {
+        self.stale_before.is_some_and(|limit| last_heartbeat < limit)
     }
+}
 
-    if in_flight >= agent.capacity {
-        reasons.push(format!("no spare capacity ({in_flight}/{} in flight)", agent.capacity));
-    }
-
-    let shortfalls = resource_shortfalls(&agent.resources, &task.resources);
-    debug_assert_eq!(shortfalls.is_empty(), agent.resources.covers(&task.resources));
-    if !shortfalls.is_empty() {
-        reasons.push(format!("insufficient resources: {}", shortfalls.join("; ")));
-    }
-
-    if !reasons.is_empty() {
+/// The verdict on `agent` for `task`, given the agent's in-flight count so far in the batch.
+///
+/// Most agents pass, and a decision looks at every agent, so the requirements are first tested
+/// without allocating; the reasons are written only for an agent that misses one.
+fn evaluate(task: &Task, agent: &Agent, in_flight: u32, clock: &Clock, weights: [f64; 3]) -> Verdict {
+    let capable = task.capabilities.iter().all(|c| agent.capabilities.contains(c));
+    let stale = clock.is_stale(agent.last_heartbeat);
+    let full = in_flight >= agent.capacity;
+    let covered = agent.resources.covers(&task.resources);
+    let misses = usize::from(!capable) + usize::from(stale) + usize::from(full) + usize::from(!covered);
+    if misses > 0 {
+        let mut reasons = Vec::with_capacity(misses);
+        if !capable {
+            reasons.push(missing_capabilities(task, agent));
+        }
+        if stale {
+            reasons.push(staleness(clock.now - agent.last_heartbeat, clock.ttl_secs));
+        }
+        if full {
+            reasons.push(format!("no spare capacity ({in_flight}/{} in flight)", agent.capacity));
+        }
+        if !covered {
+            reasons.push(resource_shortfalls(&agent.resources, &task.resources));
+        }
         return Verdict::Rejected { reasons };
     }
 
@@ -255,13 +276,24 @@ fn evaluate(
     Verdict::Scored { score, load, success, affinity }
 }
 
-/// Why the heartbeat is too old, or `None` if it is fresh. A heartbeat in the future (clock skew
-/// between the agent and us) counts as fresh: skew is no evidence that the agent is gone.
-fn staleness(last_heartbeat: DateTime<Utc>, now: DateTime<Utc>, ttl_secs: u64) -> Option<String> {
-    // A TTL too large for a TimeDelta means "never stale".
-    let ttl = TimeDelta::try_seconds(i64::try_from(ttl_secs).ok()?)?;
-    let age = now - last_heartbeat;
-    (age > ttl).then(|| format!("heartbeat {} old exceeds the {ttl_secs}s TTL", format_age(age)))
+/// "missing capabilities: docker, gpu": the task's capabilities that the agent lacks, in order.
+fn missing_capabilities(task: &Task, agent: &Agent) -> String {
+    const PREFIX: &str = "missing capabilities: ";
+    let at_most = task.capabilities.iter().map(|c| c.len() + 2).sum::<usize>();
+    let mut text = String::with_capacity(PREFIX.len() + at_most);
+    text.push_str(PREFIX);
+    for (i, missing) in task.capabilities.iter().filter(|c| !agent.capabilities.contains(*c)).enumerate() {
+        if i > 0 {
+            text.push_str(", ");
+        }
+        text.push_str(missing);
+    }
+    text
+}
+
+/// Why a heartbeat `age` old is too old.
+fn staleness(age: TimeDelta, ttl_secs: u64) -> String {
+    format!("heartbeat {} old exceeds the {ttl_secs}s TTL", format_age(age))
 }
 
 /// A positive age in seconds, with milliseconds when it is not whole, rounded *up* so that an age
@@ -280,22 +312,30 @@ fn format_age(age: TimeDelta) -> String {
     format!("{}s", text.trim_end_matches('0'))
 }
 
-/// Every resource the agent lacks for the task, e.g. "needs 2 GPU, has 0".
-fn resource_shortfalls(has: &Resources, needs: &Resources) -> Vec<String> {
-    let mut shortfalls = Vec::new();
+/// "insufficient resources: needs 2 GPU, has 0": every resource the agent lacks for the task.
+/// Written straight into one string: a decision may write this for thousands of agents.
+fn resource_shortfalls(has: &Resources, needs: &Resources) -> String {
+    const PREFIX: &str = "insufficient resources: ";
+    let mut text = String::with_capacity(96);
+    text.push_str(PREFIX);
+    let mut separator = "";
     // Tested as "not enough" rather than "less", like `Resources::covers`, so that a NaN counts
     // as a shortfall in both.
     let enough_cpu = has.cpu >= needs.cpu;
+    // Writing into a String cannot fail.
     if !enough_cpu {
-        shortfalls.push(format!("needs {} CPU, has {}", needs.cpu, has.cpu));
+        let _ = write!(text, "needs {} CPU, has {}", needs.cpu, has.cpu);
+        separator = "; ";
     }
     if has.memory_mb < needs.memory_mb {
-        shortfalls.push(format!("needs {} MiB memory, has {}", needs.memory_mb, has.memory_mb));
+        let _ = write!(text, "{separator}needs {} MiB memory, has {}", needs.memory_mb, has.memory_mb);
+        separator = "; ";
     }
     if has.gpu < needs.gpu {
-        shortfalls.push(format!("needs {} GPU, has {}", needs.gpu, has.gpu));
+        let _ = write!(text, "{separator}needs {} GPU, has {}", needs.gpu, has.gpu);
     }
-    shortfalls
+    debug_assert_eq!(text.len() == PREFIX.len(), has.covers(needs));
+    text
 }
 
 /// The fraction of the task's affinity pairs that the agent's labels match; 1 for a task without
@@ -501,6 +541,18 @@ mod tests {
         assert_eq!(reasons_of(&route, "just-over"), ["heartbeat 30.25s old exceeds the 30s TTL"]);
         assert!(verdict_of(&route, "edge").score().is_some());
         assert!(verdict_of(&route, "future").score().is_some());
+    }
+
+    #[test]
+    fn a_ttl_reaching_back_before_the_earliest_instant_never_makes_a_heartbeat_stale() {
+        let mut ancient = agent("ancient");
+        ancient.last_heartbeat = DateTime::<Utc>::MIN_UTC;
+        let policy = with_default("deployment", "fallback");
+        assert_eq!(route_one(&task("t"), &[ancient.clone()], &policy).agent_id.as_str(), "fallback");
+        for ttl in [1 << 50, u64::MAX] {
+            let policy = RoutingPolicy { heartbeat_ttl_secs: ttl, ..RoutingPolicy::default() };
+            assert_eq!(route_one(&task("t"), &[ancient.clone()], &policy).agent_id.as_str(), "ancient");
+        }
     }
 
     #[test]
