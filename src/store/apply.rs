@@ -223,6 +223,18 @@ impl AgentLedger {
     }
 }
 
+/// Cancels the tasks of `plan_id` that never started, with `reason`: nothing more of the plan
+/// will run.
+pub(super) async fn cancel_pending(tx: &Transaction<'_>, plan_id: PlanId, reason: &str) -> Result<(), Error> {
+    tx.execute(
+        "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
+         WHERE plan_id = $1 AND status = $4",
+        &[&plan_id.as_uuid(), &TaskStatus::Cancelled.as_str(), &reason, &TaskStatus::Pending.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
 pub(super) async fn audit(
     tx: &Transaction<'_>,
     actor: &str,
@@ -433,17 +445,7 @@ async fn apply_one(
                 )
                 .await?;
             if updated == 1 {
-                tx.execute(
-                    "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
-                     WHERE plan_id = $1 AND status = $4",
-                    &[
-                        &plan_id.as_uuid(),
-                        &TaskStatus::Cancelled.as_str(),
-                        &"cancelled: the plan is infeasible",
-                        &TaskStatus::Pending.as_str(),
-                    ],
-                )
-                .await?;
+                cancel_pending(tx, *plan_id, "cancelled: the plan is infeasible").await?;
                 let detail = json!({ "reason": reason });
                 audit(tx, actor, "plan.infeasible", Some(*request_id), Some(*plan_id), None, detail.clone())
                     .await?;
@@ -761,17 +763,7 @@ async fn apply_one(
             if updated == 1 {
                 if let Some(reason) = failure {
                     // Nothing else of a failed plan will run.
-                    tx.execute(
-                        "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
-                         WHERE plan_id = $1 AND status = $4",
-                        &[
-                            &plan_id.as_uuid(),
-                            &TaskStatus::Cancelled.as_str(),
-                            &format!("cancelled: the plan failed ({reason})"),
-                            &TaskStatus::Pending.as_str(),
-                        ],
-                    )
-                    .await?;
+                    cancel_pending(tx, *plan_id, &format!("cancelled: the plan failed ({reason})")).await?;
                 }
                 tx.execute(
                     "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()

@@ -536,17 +536,7 @@ impl Store {
                     .await?;
                 if let Some(row) = ended {
                     let plan_id = PlanId::from_uuid(row.get(0));
-                    tx.execute(
-                        "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
-                         WHERE plan_id = $1 AND status = $4",
-                        &[
-                            &plan_id.as_uuid(),
-                            &TaskStatus::Cancelled.as_str(),
-                            &"cancelled: the request failed",
-                            &TaskStatus::Pending.as_str(),
-                        ],
-                    )
-                    .await?;
+                    super::apply::cancel_pending(&tx, plan_id, "cancelled: the request failed").await?;
                     super::quota::settle(&tx, stage, request_id, plan_id, "quota.settled").await?;
                 }
             }
