@@ -11,6 +11,9 @@
 //! - outputs that no queue takes (the next stage's queue was deleted, or the namespace is wrong)
 //!   are a transient failure: the input waits for the queue, it is never acknowledged and lost;
 //! - a panic in a stage's `parse` or `decide` is a permanent failure of that message only;
+//! - writes are committed in batches: each message's writes (under a savepoint of their own)
+//!   share one transaction and one commit with the other messages decided meanwhile, and each
+//!   message is published and acknowledged only after that commit;
 //! - when the broker connection or the publishing channel is gone, the runner stops, so that the
 //!   worker connects again instead of parking and requeueing in vain.
 
@@ -23,6 +26,7 @@ use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -88,7 +92,7 @@ pub enum Error {
 }
 
 /// What went wrong with one message.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 enum Failure {
     /// Retrying cannot help: dead-letter.
     #[error("{0}")]
@@ -122,6 +126,28 @@ fn describe(err: &(dyn std::error::Error + 'static)) -> String {
 /// How many times a stage decides again after a guarded write lost a race.
 const MAX_DECISION_ROUNDS: usize = 8;
 
+/// Batches of writes committed at once by a runner: while one waits for its commit to reach the
+/// disk, the next gathers the messages decided meanwhile.
+const COMMITTERS: usize = 2;
+
+/// The most messages whose writes go into one transaction.
+const MAX_BATCH: usize = 128;
+
+type WritesDone = oneshot::Sender<Result<Applied, Failure>>;
+type DeliveryDone = oneshot::Sender<Result<Delivery<broker::Error>, Failure>>;
+
+fn stopping() -> Failure {
+    Failure::Transient("the runner is stopping".into())
+}
+
+/// What one message waits for a batch to commit.
+enum Commit {
+    /// Its marker and writes.
+    Writes { marker: Option<Marker<'static>>, writes: Vec<Write>, done: WritesDone },
+    /// Its delivery into an agent's queue, then its marker and writes.
+    Delivery { marker: Marker<'static>, publish: Publish, then: Vec<Write>, done: DeliveryDone },
+}
+
 /// Runs one stage against its queue.
 pub struct Runner<S: Stage> {
     stage: Arc<S>,
@@ -130,6 +156,32 @@ pub struct Runner<S: Stage> {
     settings: Settings,
     queue: String,
     retry_queue: Option<String>,
+    turns: Turns,
+    commits: mpsc::Sender<Commit>,
+    /// What the committers take their batches from.
+    pending: tokio::sync::Mutex<mpsc::Receiver<Commit>>,
+}
+
+/// Turns for inputs that contend (see [`Stage::contention_key`]): a fixed set of locks, a key
+/// taking the one its hash picks. Bounded whatever the number of keys; two keys sharing a lock
+/// only wait for each other, which is rare with far more locks than inputs in flight.
+struct Turns {
+    locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl Turns {
+    const LOCKS: usize = 256;
+
+    fn new() -> Self {
+        Turns { locks: (0..Self::LOCKS).map(|_| tokio::sync::Mutex::new(())).collect() }
+    }
+
+    async fn take(&self, key: uuid::Uuid) -> tokio::sync::MutexGuard<'_, ()> {
+        let (high, low) = key.as_u64_pair();
+        // Ids are random (v4) or hashes (v5): any of their bits spread well.
+        let index = ((high ^ low) % self.locks.len() as u64) as usize;
+        self.locks[index].lock().await
+    }
 }
 
 impl<S: Stage> Runner<S> {
@@ -143,7 +195,18 @@ impl<S: Stage> Runner<S> {
     ) -> Result<Self, Error> {
         let queue = topology.queue_of(S::NAME).ok_or(Error::NoQueue(S::NAME))?.name.clone();
         let retry_queue = topology.retry_queue_of(&queue).map(|q| q.name.clone());
-        Ok(Runner { stage: Arc::new(stage), broker, store, settings, queue, retry_queue })
+        let (commits, pending) = mpsc::channel(MAX_BATCH);
+        Ok(Runner {
+            stage: Arc::new(stage),
+            broker,
+            store,
+            settings,
+            queue,
+            retry_queue,
+            turns: Turns::new(),
+            commits,
+            pending: tokio::sync::Mutex::new(pending),
+        })
     }
 
     /// Consumes until `shutdown` is cancelled (then finishes the deliveries in hand and returns
@@ -155,7 +218,7 @@ impl<S: Stage> Runner<S> {
         // Cancelled by `handle` when the broker is found broken; a child, so shutdown stops too.
         let broken = shutdown.child_token();
         let this = &self;
-        deliveries
+        let consuming = deliveries
             .take_until(broken.cancelled())
             .take_while(|delivery| {
                 if let Err(err) = delivery {
@@ -166,8 +229,14 @@ impl<S: Stage> Runner<S> {
             .filter_map(|delivery| std::future::ready(delivery.ok()))
             .for_each_concurrent(usize::from(self.settings.prefetch.max(1)), |delivery| {
                 this.handle(delivery, &broken)
-            })
-            .await;
+            });
+        // The committers never stop on their own; once every delivery was handled, none of them
+        // holds a batch that anyone waits for, and they can be dropped.
+        let committing = futures::future::join_all((0..COMMITTERS).map(|_| this.commit_batches()));
+        tokio::select! {
+            () = consuming => {}
+            _ = committing => {}
+        }
         if shutdown.is_cancelled() {
             info!(stage = S::NAME, "stage stopped");
             Ok(())
@@ -211,7 +280,14 @@ impl<S: Stage> Runner<S> {
             }
         };
         tracing::Span::current().record("message_id", tracing::field::display(input.message_id));
-        let attempt = || self.process(&input);
+        let key = self.stage.contention_key(&input);
+        let attempt = || async {
+            let _turn = match key {
+                Some(key) => Some(self.turns.take(key).await),
+                None => None,
+            };
+            self.process(&input).await
+        };
         let result = attempt
             .retry(self.settings.backoff(self.settings.transient_attempts))
             .when(|f| matches!(f, Failure::Transient(_)))
@@ -253,7 +329,7 @@ impl<S: Stage> Runner<S> {
             match outcome {
                 Outcome::Forward { writes, publish } => {
                     let outputs = serde_json::to_value(&publish).expect("outputs serialize");
-                    match self.persist(input, outputs, &writes).await? {
+                    match self.persist(input, outputs, writes).await? {
                         Applied::Done => return self.publish(&publish).await,
                         Applied::Duplicate(outputs) => return self.republish(outputs).await,
                         Applied::Conflict(reason) => debug!(%reason, "lost a race; deciding again"),
@@ -265,11 +341,12 @@ impl<S: Stage> Runner<S> {
                         message_id: input.message_id,
                         outputs: Value::Array(Vec::new()),
                     };
-                    return match self
-                        .store
-                        .deliver_once(S::NAME, marker, &then, || self.deliver(&publish))
-                        .await?
-                    {
+                    let (done, delivered) = oneshot::channel();
+                    self.commits
+                        .send(Commit::Delivery { marker, publish, then, done })
+                        .await
+                        .map_err(|_| stopping())?;
+                    return match delivered.await.map_err(|_| stopping())?? {
                         Delivery::Done | Delivery::Already => Ok(()),
                         Delivery::Busy => {
                             Err(Failure::Transient("a copy of this message is being delivered".into()))
@@ -290,7 +367,7 @@ impl<S: Stage> Runner<S> {
                 Outcome::Defer { reason } => return Err(Failure::Transient(reason)),
                 Outcome::Ignore { reason } => {
                     info!(%reason, "ignored");
-                    return match self.persist(input, Value::Array(Vec::new()), &[]).await? {
+                    return match self.persist(input, Value::Array(Vec::new()), Vec::new()).await? {
                         Applied::Done | Applied::Duplicate(_) => Ok(()),
                         Applied::Conflict(reason) => Err(Failure::Transient(reason)),
                     };
@@ -306,18 +383,100 @@ impl<S: Stage> Runner<S> {
         Err(Failure::Transient(format!("still conflicting after {MAX_DECISION_ROUNDS} decisions")))
     }
 
+    /// Has the next batch commit the input's marker and `writes`.
     async fn persist(
         &self,
         input: &Inbound<S::Input>,
         outputs: Value,
-        writes: &[Write],
+        writes: Vec<Write>,
     ) -> Result<Applied, Failure> {
         let marker = self.stage.deduplicates().then_some(Marker {
             stage: S::NAME,
             message_id: input.message_id,
             outputs,
         });
-        Ok(self.store.apply(S::NAME, marker, writes).await?)
+        let (done, applied) = oneshot::channel();
+        self.commits.send(Commit::Writes { marker, writes, done }).await.map_err(|_| stopping())?;
+        applied.await.map_err(|_| stopping())?
+    }
+
+    /// Takes what messages wait to be committed (at least one, waiting for it, at most
+    /// [`MAX_BATCH`]) and commits them in one transaction, then tells each how it went.
+    async fn commit_batches(&self) {
+        loop {
+            let batch = {
+                let mut pending = self.pending.lock().await;
+                let Some(first) = pending.recv().await else { return };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match pending.try_recv() {
+                        Ok(commit) => batch.push(commit),
+                        Err(_) => break,
+                    }
+                }
+                batch
+            };
+            let mut writes = Vec::new();
+            let mut deliveries = Vec::new();
+            for commit in batch {
+                match commit {
+                    Commit::Writes { marker, writes: w, done } => writes.push((marker, w, done)),
+                    Commit::Delivery { marker, publish, then, done } => {
+                        deliveries.push((marker, publish, then, done))
+                    }
+                }
+            }
+            tokio::join!(self.commit_writes(writes), self.commit_deliveries(deliveries));
+        }
+    }
+
+    async fn commit_writes(&self, batch: Vec<(Option<Marker<'static>>, Vec<Write>, WritesDone)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let jobs: Vec<(Option<&Marker<'_>>, &[Write])> =
+            batch.iter().map(|(marker, writes, _)| (marker.as_ref(), writes.as_slice())).collect();
+        let outcomes = self.store.apply_batch(S::NAME, &jobs).await;
+        drop(jobs);
+        debug!(messages = batch.len(), "committed a batch of writes");
+        match outcomes {
+            Ok(outcomes) => {
+                for ((_, _, done), outcome) in batch.into_iter().zip(outcomes) {
+                    // The handler waits for this answer: it is never gone.
+                    let _ = done.send(outcome.map_err(Failure::from));
+                }
+            }
+            Err(err) => {
+                let failure = Failure::from(err);
+                for (_, _, done) in batch {
+                    let _ = done.send(Err(failure.clone()));
+                }
+            }
+        }
+    }
+
+    async fn commit_deliveries(&self, batch: Vec<(Marker<'static>, Publish, Vec<Write>, DeliveryDone)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let jobs: Vec<(Marker<'_>, &[Write])> =
+            batch.iter().map(|(marker, _, then, _)| (marker.clone(), then.as_slice())).collect();
+        let outcomes = self.store.deliver_batch(S::NAME, &jobs, |i| self.deliver(&batch[i].1)).await;
+        drop(jobs);
+        debug!(messages = batch.len(), "delivered and committed a batch");
+        match outcomes {
+            Ok(outcomes) => {
+                for ((_, _, _, done), outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = done.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                let failure = Failure::from(err);
+                for (_, _, _, done) in batch {
+                    let _ = done.send(Err(failure.clone()));
+                }
+            }
+        }
     }
 
     /// The message for `publish`: mandatory (as every publish), so that a missing queue is an

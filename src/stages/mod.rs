@@ -137,6 +137,14 @@ pub trait Stage: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Inputs with the same key contend for the same guarded rows (results of one plan, each
+    /// guarded by the plan's version). The runner decides such inputs one at a time within its
+    /// process: decided together, all but one would lose the race and decide again, over and
+    /// over. Other processes still race, and the guard still settles that.
+    fn contention_key(&self, _input: &Inbound<Self::Input>) -> Option<uuid::Uuid> {
+        None
+    }
+
     /// Whether the runner keeps an idempotency marker per input. Stages whose writes are
     /// idempotent by nature and very frequent (heartbeats) do without.
     fn deduplicates(&self) -> bool {

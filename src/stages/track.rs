@@ -63,6 +63,10 @@ impl Stage for Track {
         })
     }
 
+    fn contention_key(&self, input: &Inbound<TaskResult>) -> Option<uuid::Uuid> {
+        Some(input.payload.plan_id.as_uuid())
+    }
+
     fn decide(&self, input: &Inbound<TaskResult>, context: TrackContext, now: DateTime<Utc>) -> Outcome {
         let result = &input.payload;
         let reject = |reason: String| Outcome::Reject { writes: Vec::new(), reason };

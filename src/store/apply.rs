@@ -1,10 +1,13 @@
 //! Applying a message's writes: one transaction holding the idempotency marker, the writes and
 //! their audit rows.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use deadpool_postgres::Transaction;
 use serde_json::{Value, json};
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
+use super::cached::Cached;
 use super::{Error, Store};
 use crate::domain::{PlanStatus, RequestStatus, TaskStatus};
 use crate::effect::Write;
@@ -54,7 +57,7 @@ impl Store {
     pub async fn processed(&self, stage: &str, message_id: MessageId) -> Result<Option<Value>, Error> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT outputs FROM processed_messages WHERE stage = $1 AND message_id = $2",
                 &[&stage, &message_id.as_uuid()],
             )
@@ -69,96 +72,269 @@ impl Store {
         marker: Option<Marker<'_>>,
         writes: &[Write],
     ) -> Result<Applied, Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        if let Some(marker) = marker {
-            // First, so that a concurrent copy of the same message waits here for this one.
-            let inserted = tx
-                .execute(
-                    "INSERT INTO processed_messages (stage, message_id, outputs) VALUES ($1, $2, $3)
-                     ON CONFLICT DO NOTHING",
-                    &[&marker.stage, &marker.message_id.as_uuid(), &marker.outputs],
-                )
-                .await?;
-            if inserted == 0 {
-                let row = tx
-                    .query_one(
-                        "SELECT outputs FROM processed_messages WHERE stage = $1 AND message_id = $2",
-                        &[&marker.stage, &marker.message_id.as_uuid()],
-                    )
-                    .await?;
-                return Ok(Applied::Duplicate(row.get(0)));
-            }
-        }
-        let mut agents = AgentLedger::default();
-        for write in writes {
-            if let Step::Conflict(reason) = apply_one(&tx, actor, write, &mut agents).await? {
-                tx.rollback().await?;
-                return Ok(Applied::Conflict(reason));
-            }
-        }
-        if let Step::Conflict(reason) = agents.apply(&tx).await? {
-            tx.rollback().await?;
-            return Ok(Applied::Conflict(reason));
-        }
-        tx.commit().await?;
-        Ok(Applied::Done)
+        self.apply_alone(actor, marker.as_ref(), writes).await
     }
 
-    /// Delivers an input's output with `deliver`, then records `writes` with the input's marker,
-    /// in one transaction that holds a lock on the input throughout: a copy of the same input
-    /// (a republished duplicate, a redelivery) handled at the same time, in this process or in
-    /// another, finds the lock taken and sends nothing, instead of delivering a second time.
-    pub async fn deliver_once<E, F: Future<Output = Result<(), E>>>(
+    async fn apply_alone(
         &self,
         actor: &str,
-        marker: Marker<'_>,
+        marker: Option<&Marker<'_>>,
         writes: &[Write],
-        deliver: impl FnOnce() -> F,
-    ) -> Result<Delivery<E>, Error> {
+    ) -> Result<Applied, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let (key, _) = Uuid::new_v5(&marker.message_id.as_uuid(), marker.stage.as_bytes()).as_u64_pair();
-        let locked: bool =
-            tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&(key as i64)]).await?.get(0);
-        if !locked {
-            tx.rollback().await?;
-            return Ok(Delivery::Busy);
+        let applied = match apply_in(&tx, actor, marker, writes).await? {
+            (Applied::Done, agents) => match agents.apply(&tx).await? {
+                Step::Ok => Applied::Done,
+                Step::Conflict(reason) => Applied::Conflict(reason),
+            },
+            (applied, _) => applied,
+        };
+        match applied {
+            Applied::Done => tx.commit().await?,
+            // A duplicate wrote nothing; a conflict must leave nothing written.
+            Applied::Duplicate(_) | Applied::Conflict(_) => tx.rollback().await?,
         }
-        let done = tx
-            .query_opt(
-                "SELECT 1 FROM processed_messages WHERE stage = $1 AND message_id = $2",
-                &[&marker.stage, &marker.message_id.as_uuid()],
+        Ok(applied)
+    }
+
+    /// Applies the writes of many messages in one transaction and one commit, each message's
+    /// writes all or nothing (a savepoint each): what one message's conflict or error undoes is
+    /// its own writes, not the others'.
+    ///
+    /// A commit waits for the write-ahead log to reach the disk, and one transaction per message
+    /// spends most of its time in that wait. The agent rows are the hottest rows there are
+    /// (every routing decision reserves capacity on one, every result gives it back), so the
+    /// batch changes them last, all at once: locked in the order of their ids (two batches never
+    /// wait for each other in a cycle), only for the end of the transaction. A message whose
+    /// reservation no longer fits then is a conflict, and the batch is done again without it.
+    ///
+    /// The outer error is the batch's (the connection or the commit failed: nothing was
+    /// written); the inner ones are single messages', whose writes were undone.
+    pub async fn apply_batch(
+        &self,
+        actor: &str,
+        batch: &[(Option<&Marker<'_>>, &[Write])],
+    ) -> Result<Vec<Result<Applied, Error>>, Error> {
+        if let [(marker, writes)] = batch {
+            return match self.apply_alone(actor, *marker, writes).await {
+                Err(err) if err.is_transient() => Err(err),
+                outcome => Ok(vec![outcome]),
+            };
+        }
+        // Messages found not to fit on their agent, with why; each round leaves out more.
+        let mut full: BTreeMap<usize, String> = BTreeMap::new();
+        let order = lock_order(batch.iter().map(|(_, writes)| *writes));
+        loop {
+            let mut client = self.client().await?;
+            let mut tx = client.transaction().await?;
+            let mut outcomes: Vec<Option<Result<Applied, Error>>> = batch.iter().map(|_| None).collect();
+            let mut ledgers = Vec::with_capacity(batch.len());
+            for &index in &order {
+                let (marker, writes) = &batch[index];
+                if let Some(reason) = full.get(&index) {
+                    outcomes[index] = Some(Ok(Applied::Conflict(reason.clone())));
+                    continue;
+                }
+                let savepoint = tx.transaction().await?;
+                let outcome = match apply_in(&savepoint, actor, *marker, writes).await {
+                    Ok((Applied::Done, agents)) => {
+                        savepoint.commit().await?;
+                        ledgers.push((index, agents));
+                        Ok(Applied::Done)
+                    }
+                    Ok((other, _)) => {
+                        savepoint.rollback().await?;
+                        Ok(other)
+                    }
+                    // The connection or the server failed the whole transaction: retry all of it.
+                    Err(err) if err.is_transient() => return Err(err),
+                    Err(err) => {
+                        savepoint.rollback().await?;
+                        Err(err)
+                    }
+                };
+                outcomes[index] = Some(outcome);
+            }
+            let rejected = AgentLedger::apply_all(&tx, &ledgers).await?;
+            if rejected.is_empty() {
+                tx.commit().await?;
+                return Ok(outcomes.into_iter().map(|o| o.expect("every message has an outcome")).collect());
+            }
+            tx.rollback().await?;
+            full.extend(rejected);
+        }
+    }
+
+    /// Delivers the outputs of many inputs with `deliver` (by position in `batch`, all at once),
+    /// then records each delivered input's `writes` with its marker, in one transaction that
+    /// holds a lock on every input of the batch throughout: a copy of one of them (a
+    /// republished duplicate, a redelivery) handled at the same time, in this process or in
+    /// another, finds the lock taken and sends nothing, instead of delivering a second time.
+    /// One transaction and one commit for the batch, as in [`Store::apply_batch`].
+    pub async fn deliver_batch<E, F: Future<Output = Result<(), E>>>(
+        &self,
+        actor: &str,
+        batch: &[(Marker<'_>, &[Write])],
+        deliver: impl Fn(usize) -> F,
+    ) -> Result<Vec<Delivery<E>>, Error> {
+        let Some((first, _)) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let stage = first.stage;
+        let mut client = self.client().await?;
+        let mut tx = client.transaction().await?;
+        let keys: Vec<i64> = batch
+            .iter()
+            .map(|(marker, _)| {
+                let (key, _) =
+                    Uuid::new_v5(&marker.message_id.as_uuid(), marker.stage.as_bytes()).as_u64_pair();
+                key as i64
+            })
+            .collect();
+        let locked: Vec<bool> = tx
+            .query_cached(
+                "SELECT pg_try_advisory_xact_lock(key) FROM unnest($1::bigint[]) WITH ORDINALITY AS k (key, n)
+                 ORDER BY n",
+                &[&keys],
             )
             .await?
-            .is_some();
-        if done {
-            tx.rollback().await?;
-            return Ok(Delivery::Already);
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let ids: Vec<Uuid> = batch.iter().map(|(marker, _)| marker.message_id.as_uuid()).collect();
+        let done: BTreeSet<Uuid> = tx
+            .query_cached(
+                "SELECT message_id FROM processed_messages WHERE stage = $1 AND message_id = ANY($2)",
+                &[&stage, &ids],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut outcomes: Vec<Option<Delivery<E>>> = Vec::with_capacity(batch.len());
+        let mut seen = BTreeSet::new();
+        for (index, key) in keys.iter().enumerate() {
+            outcomes.push(if !locked[index] || !seen.insert(*key) {
+                // Another transaction holds it, or it is a second copy within this batch (whose
+                // lock this session already holds, so taking it again succeeded).
+                Some(Delivery::Busy)
+            } else if done.contains(&ids[index]) {
+                Some(Delivery::Already)
+            } else {
+                None
+            });
         }
-        if let Err(err) = deliver().await {
-            tx.rollback().await?;
-            return Ok(Delivery::Failed(err));
-        }
-        tx.execute(
-            "INSERT INTO processed_messages (stage, message_id, outputs) VALUES ($1, $2, $3)",
-            &[&marker.stage, &marker.message_id.as_uuid(), &marker.outputs],
-        )
-        .await?;
-        let mut agents = AgentLedger::default();
-        for write in writes {
-            if let Step::Conflict(reason) = apply_one(&tx, actor, write, &mut agents).await? {
-                tx.rollback().await?;
-                return Ok(Delivery::Conflict(reason));
+        let sending: Vec<usize> = lock_order(batch.iter().map(|(_, writes)| *writes))
+            .into_iter()
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        let sent = futures::future::join_all(sending.iter().map(|&i| deliver(i))).await;
+        let mut ledgers = Vec::new();
+        for (&index, result) in sending.iter().zip(sent) {
+            if let Err(err) = result {
+                outcomes[index] = Some(Delivery::Failed(err));
+                continue;
             }
+            let (marker, writes) = &batch[index];
+            let savepoint = tx.transaction().await?;
+            outcomes[index] = Some(match apply_in(&savepoint, actor, Some(marker), writes).await? {
+                (Applied::Done, agents) => {
+                    savepoint.commit().await?;
+                    ledgers.push((index, agents));
+                    Delivery::Done
+                }
+                (Applied::Duplicate(_), _) => {
+                    savepoint.rollback().await?;
+                    Delivery::Already
+                }
+                (Applied::Conflict(reason), _) => {
+                    savepoint.rollback().await?;
+                    Delivery::Conflict(reason)
+                }
+            });
         }
-        if let Step::Conflict(reason) = agents.apply(&tx).await? {
+        let rejected = AgentLedger::apply_all(&tx, &ledgers).await?;
+        if !rejected.is_empty() {
+            // Nothing that a delivery records reserves capacity; should it ever, the delivered
+            // inputs are decided again, as after any conflict.
             tx.rollback().await?;
-            return Ok(Delivery::Conflict(reason));
+            return Ok(outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    Some(Delivery::Done) => Delivery::Conflict("an agent has no spare capacity left".into()),
+                    other => other.expect("every input has an outcome"),
+                })
+                .collect());
         }
         tx.commit().await?;
-        Ok(Delivery::Done)
+        Ok(outcomes.into_iter().map(|outcome| outcome.expect("every input has an outcome")).collect())
     }
+}
+
+/// The order in which to apply the writes of a batch's messages (positions in the batch): by
+/// the first task that each message's writes update. Results and dispatches of the same tasks
+/// are recorded at the same moments (an agent may report before the dispatch that sent it the
+/// task committed), and two batches that update the same task rows in opposite orders would
+/// wait for each other until the server broke the deadlock, a second later, failing one.
+fn lock_order<'a>(batch: impl Iterator<Item = &'a [Write]>) -> Vec<usize> {
+    let mut keyed: Vec<(Option<Uuid>, usize)> = batch
+        .enumerate()
+        .map(|(index, writes)| (writes.iter().filter_map(task_updated).min(), index))
+        .collect();
+    keyed.sort();
+    keyed.into_iter().map(|(_, index)| index).collect()
+}
+
+/// The task whose row `write` updates, if it updates one.
+fn task_updated(write: &Write) -> Option<Uuid> {
+    let task = match write {
+        Write::Route { route, .. } => route.task_id,
+        Write::TaskFinished { result, .. } => result.task_id,
+        Write::Dispatched { task_id, .. }
+        | Write::DispatchFailed { task_id, .. }
+        | Write::TaskRetry { task_id, .. }
+        | Write::TaskFailed { task_id, .. } => *task_id,
+        _ => return None,
+    };
+    Some(task.as_uuid())
+}
+
+/// One message's writes within `tx`: its marker first (a duplicate writes nothing more), then
+/// each write with its audit row. What they change of agents' rows is returned, for the caller
+/// to apply last. On a conflict, the caller must undo what was written.
+async fn apply_in(
+    tx: &Transaction<'_>,
+    actor: &str,
+    marker: Option<&Marker<'_>>,
+    writes: &[Write],
+) -> Result<(Applied, AgentLedger), Error> {
+    if let Some(marker) = marker {
+        // First, so that a concurrent copy of the same message waits here for this one.
+        let inserted = tx
+            .execute_cached(
+                "INSERT INTO processed_messages (stage, message_id, outputs) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&marker.stage, &marker.message_id.as_uuid(), &marker.outputs],
+            )
+            .await?;
+        if inserted == 0 {
+            let row = tx
+                .query_one_cached(
+                    "SELECT outputs FROM processed_messages WHERE stage = $1 AND message_id = $2",
+                    &[&marker.stage, &marker.message_id.as_uuid()],
+                )
+                .await?;
+            return Ok((Applied::Duplicate(row.get(0)), AgentLedger::default()));
+        }
+    }
+    let mut agents = AgentLedger::default();
+    for write in writes {
+        if let Step::Conflict(reason) = apply_one(tx, actor, write, &mut agents).await? {
+            return Ok((Applied::Conflict(reason), agents));
+        }
+    }
+    Ok((Applied::Done, agents))
 }
 
 /// What a transaction changes of agents' rows, applied last and in the order of the agents' ids.
@@ -205,10 +381,77 @@ impl AgentLedger {
         }
     }
 
+    /// Applies the ledgers of a batch's messages (by position in the batch), in their order, and
+    /// returns the messages whose reservation did not fit, with why; if there are any, nothing
+    /// was changed.
+    async fn apply_all(
+        tx: &Transaction<'_>,
+        ledgers: &[(usize, AgentLedger)],
+    ) -> Result<BTreeMap<usize, String>, Error> {
+        let ids: BTreeSet<&str> =
+            ledgers.iter().flat_map(|(_, ledger)| ledger.changes.keys().map(String::as_str)).collect();
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let ids: Vec<&str> = ids.into_iter().collect();
+        let rows = tx
+            .query_cached(
+                "SELECT id, in_flight, capacity FROM agents WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                &[&ids],
+            )
+            .await?;
+        // Each agent's row as it will be: (in flight, capacity, succeeded, failed).
+        let mut agents: BTreeMap<&str, (i32, i32, i64, i64)> = rows
+            .iter()
+            .filter_map(|row| {
+                let id: &str = row.get(0);
+                let id = ids.iter().find(|known| **known == id)?;
+                Some((*id, (row.get(1), row.get(2), 0, 0)))
+            })
+            .collect();
+        let mut rejected = BTreeMap::new();
+        for (index, ledger) in ledgers {
+            let fits = ledger.changes.iter().all(|(agent, change)| match agents.get(agent.as_str()) {
+                Some((in_flight, capacity, ..)) => {
+                    change.in_flight <= 0 || in_flight + change.in_flight <= *capacity
+                }
+                None => change.in_flight <= 0,
+            });
+            if !fits {
+                let agent = ledger.changes.iter().find(|(_, c)| c.in_flight > 0).map_or("", |(a, _)| a);
+                rejected.insert(*index, format!("agent {agent} has no spare capacity left"));
+                continue;
+            }
+            for (agent, change) in &ledger.changes {
+                if let Some((in_flight, _, succeeded, failed)) = agents.get_mut(agent.as_str()) {
+                    *in_flight = (*in_flight + change.in_flight).max(0);
+                    *succeeded += change.succeeded;
+                    *failed += change.failed;
+                }
+            }
+        }
+        if !rejected.is_empty() {
+            return Ok(rejected);
+        }
+        let ids: Vec<&str> = agents.keys().copied().collect();
+        let in_flight: Vec<i32> = agents.values().map(|a| a.0).collect();
+        let succeeded: Vec<i64> = agents.values().map(|a| a.2).collect();
+        let failed: Vec<i64> = agents.values().map(|a| a.3).collect();
+        tx.execute_cached(
+            "UPDATE agents a SET in_flight = d.in_flight, succeeded = a.succeeded + d.succeeded,
+                 failed = a.failed + d.failed
+             FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[]) AS d (id, in_flight, succeeded, failed)
+             WHERE a.id = d.id",
+            &[&ids, &in_flight, &succeeded, &failed],
+        )
+        .await?;
+        Ok(rejected)
+    }
+
     async fn apply(self, tx: &Transaction<'_>) -> Result<Step, Error> {
         for (agent, change) in &self.changes {
             let updated = tx
-                .execute(
+                .execute_cached(
                     "UPDATE agents SET in_flight = GREATEST(in_flight + $2, 0),
                          succeeded = succeeded + $3, failed = failed + $4
                      WHERE id = $1 AND ($2 <= 0 OR in_flight + $2 <= capacity)",
@@ -226,7 +469,7 @@ impl AgentLedger {
 /// Cancels the tasks of `plan_id` that never started, with `reason`: nothing more of the plan
 /// will run.
 pub(super) async fn cancel_pending(tx: &Transaction<'_>, plan_id: PlanId, reason: &str) -> Result<(), Error> {
-    tx.execute(
+    tx.execute_cached(
         "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
          WHERE plan_id = $1 AND status = $4",
         &[&plan_id.as_uuid(), &TaskStatus::Cancelled.as_str(), &reason, &TaskStatus::Pending.as_str()],
@@ -244,7 +487,7 @@ pub(super) async fn audit(
     task: Option<TaskId>,
     detail: Value,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO audit_log (actor, event, request_id, plan_id, task_id, detail)
          VALUES ($1, $2, $3, $4, $5, $6)",
         &[&actor, &event, &request.map(Uuid::from), &plan.map(Uuid::from), &task.map(Uuid::from), &detail],
@@ -260,7 +503,7 @@ async fn set_request_status(
     from: &[RequestStatus],
 ) -> Result<(), Error> {
     let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-    tx.execute(
+    tx.execute_cached(
         "UPDATE requests SET status = $2, updated_at = now() WHERE id = $1 AND status = ANY($3)",
         &[&id.as_uuid(), &status.as_str(), &from],
     )
@@ -277,7 +520,7 @@ async fn apply_one(
     match write {
         Write::Request(meta) => {
             let inserted = tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO requests (id, text, submitted_by, priority, auto_approve, status)
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
                     &[
@@ -298,7 +541,7 @@ async fn apply_one(
         }
         Write::Decomposition { request_id, decomposition } => {
             let inserted = tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO decompositions (request_id, decomposer, intents, confidence, fallback_reason)
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                     &[
@@ -323,7 +566,7 @@ async fn apply_one(
         }
         Write::RequestFailed { request_id, reason } => {
             let updated = tx
-                .execute(
+                .execute_cached(
                     "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
                      WHERE id = $1 AND status <> $2",
                     &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), reason],
@@ -337,7 +580,7 @@ async fn apply_one(
         Write::Plan { plan, complexity, infeasible, duration_basis } => {
             let terms = serde_json::to_value(&complexity.terms).expect("terms serialize");
             let inserted = tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO plans (id, request_id, status, complexity, complexity_terms, infeasible)
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                     &[
@@ -352,7 +595,7 @@ async fn apply_one(
                 .await?;
             if inserted == 1 {
                 let insert = tx
-                    .prepare(
+                    .prepare_cached(
                         "INSERT INTO tasks (id, plan_id, position, key, work_type, description,
                              estimated_duration_secs, cpu, memory_mb, gpu, capabilities, depends_on,
                              affinity, status, duration_basis)
@@ -394,7 +637,7 @@ async fn apply_one(
         }
         Write::Fallback { request_id, decision, reserve } => {
             let inserted = tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO fallback_decisions (plan_id, use_external, provider, reason,
                          complexity, estimated_cost_micros, quota_left_micros, external_tasks, infeasible,
                          complexity_terms)
@@ -427,7 +670,7 @@ async fn apply_one(
                     Err(conflict) => return Ok(Step::Conflict(conflict)),
                 };
                 // The figure that counts is the one after this reservation, under the row lock.
-                tx.execute(
+                tx.execute_cached(
                     "UPDATE fallback_decisions SET quota_left_micros = $2 WHERE plan_id = $1",
                     &[&decision.plan_id.as_uuid(), &left],
                 )
@@ -439,7 +682,7 @@ async fn apply_one(
         }
         Write::PlanInfeasible { request_id, plan_id, reason } => {
             let updated = tx
-                .execute(
+                .execute_cached(
                     "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
                     &[&plan_id.as_uuid(), &PlanStatus::Infeasible.as_str(), &PlanStatus::Planned.as_str()],
                 )
@@ -450,7 +693,7 @@ async fn apply_one(
                 audit(tx, actor, "plan.infeasible", Some(*request_id), Some(*plan_id), None, detail.clone())
                     .await?;
                 let failed = tx
-                    .execute(
+                    .execute_cached(
                         "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
                          WHERE id = $1 AND status = $4",
                         &[
@@ -469,7 +712,7 @@ async fn apply_one(
         }
         Write::AwaitingApproval { request_id, plan_id, reason } => {
             let updated = tx
-                .execute(
+                .execute_cached(
                     "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
                     &[
                         &plan_id.as_uuid(),
@@ -493,7 +736,7 @@ async fn apply_one(
         }
         Write::Approval { request_id, plan_id, approved, by, reason } => {
             let inserted = tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO approvals (plan_id, approved, decided_by, reason) VALUES ($1, $2, $3, $4)
                      ON CONFLICT DO NOTHING",
                     &[&plan_id.as_uuid(), approved, by, reason],
@@ -503,7 +746,10 @@ async fn apply_one(
                 // A verdict is final. The same one again is a replay; the opposite one lost a race
                 // (approve and reject at once) and must not be reported as done.
                 let recorded: bool = tx
-                    .query_one("SELECT approved FROM approvals WHERE plan_id = $1", &[&plan_id.as_uuid()])
+                    .query_one_cached(
+                        "SELECT approved FROM approvals WHERE plan_id = $1",
+                        &[&plan_id.as_uuid()],
+                    )
                     .await?
                     .get(0);
                 if recorded != *approved {
@@ -519,7 +765,7 @@ async fn apply_one(
             };
             let before_approval: Vec<&str> =
                 [PlanStatus::Planned, PlanStatus::AwaitingApproval].iter().map(|s| s.as_str()).collect();
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = ANY($3)",
                 &[&plan_id.as_uuid(), &plan_status.as_str(), &before_approval],
             )
@@ -529,7 +775,7 @@ async fn apply_one(
                 .iter()
                 .map(|s| s.as_str())
                 .collect();
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
                  WHERE id = $1 AND status = ANY($4)",
                 &[
@@ -549,7 +795,7 @@ async fn apply_one(
         }
         Write::Route { request_id, plan_id, attempt, decision_id, route } => {
             let inserted = tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO routing_decisions (id, task_id, plan_id, attempt, agent_id, score, reason,
                          candidates, reserved_capacity)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
@@ -577,7 +823,7 @@ async fn apply_one(
             if route.reserves_capacity {
                 agents.reserve(route.agent_id.as_str());
             }
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE tasks SET status = $2, attempt = $3, agent_id = $4, status_reason = $5, updated_at = now()
                  WHERE id = $1",
                 &[
@@ -606,7 +852,7 @@ async fn apply_one(
             lease_secs,
         } => {
             let inserted = tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO dispatches (task_id, attempt, decision_id, agent_id, queue, message_id)
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                     &[
@@ -622,7 +868,7 @@ async fn apply_one(
             if inserted == 1 {
                 // Only a routed task becomes dispatched: a fast agent's result may have been
                 // recorded before this confirm, and a finished task stays finished.
-                tx.execute(
+                tx.execute_cached(
                     "UPDATE tasks SET status = $2, lease_expires_at = now() + make_interval(secs => $5),
                          updated_at = now()
                      WHERE id = $1 AND attempt = $3 AND status = $4",
@@ -651,7 +897,7 @@ async fn apply_one(
         }
         Write::TaskFinished { request_id, result, plan_version } => {
             let bumped = tx
-                .execute(
+                .execute_cached(
                     "UPDATE plans SET version = version + 1 WHERE id = $1 AND version = $2",
                     &[&result.plan_id.as_uuid(), plan_version],
                 )
@@ -664,7 +910,7 @@ async fn apply_one(
             }
             let source = if result.lease_expired { "lease" } else { "agent" };
             let inserted = tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO task_results (task_id, attempt, agent_id, success, output, error, source,
                          started_at, finished_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
@@ -690,7 +936,7 @@ async fn apply_one(
                 )));
             }
             let status = if result.success { TaskStatus::Succeeded } else { TaskStatus::Failed };
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE tasks SET status = $3, finished_at = $4, lease_expires_at = NULL,
                      status_reason = COALESCE($5, status_reason), updated_at = now()
                  WHERE id = $1 AND attempt = $2",
@@ -705,7 +951,7 @@ async fn apply_one(
             .await?;
             // Give back what the attempt's routing decision reserved, on the agent it reserved.
             let reserved = tx
-                .query_opt(
+                .query_opt_cached(
                     "SELECT agent_id FROM routing_decisions
                      WHERE task_id = $1 AND attempt = $2 AND reserved_capacity",
                     &[&result.task_id.as_uuid(), &(result.attempt as i32)],
@@ -722,7 +968,7 @@ async fn apply_one(
                 .await?;
         }
         Write::TaskRetry { request_id, plan_id, task_id, attempt, reason } => {
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE tasks SET status = $3, status_reason = $4, finished_at = NULL, updated_at = now()
                  WHERE id = $1 AND attempt = $2",
                 &[&task_id.as_uuid(), &(*attempt as i32), &TaskStatus::Pending.as_str(), reason],
@@ -732,14 +978,14 @@ async fn apply_one(
             audit(tx, actor, "task.retry", Some(*request_id), Some(*plan_id), Some(*task_id), detail).await?;
         }
         Write::TaskFailed { request_id, plan_id, task_id, reason, cancelled } => {
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now() WHERE id = $1",
                 &[&task_id.as_uuid(), &TaskStatus::Failed.as_str(), reason],
             )
             .await?;
             let cancelled_ids: Vec<Uuid> = cancelled.iter().map(|t| t.as_uuid()).collect();
             let why = format!("cancelled: a task it depends on failed ({reason})");
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
                  WHERE id = ANY($1) AND status = $4",
                 &[&cancelled_ids, &TaskStatus::Cancelled.as_str(), &why, &TaskStatus::Pending.as_str()],
@@ -755,7 +1001,7 @@ async fn apply_one(
                 Some(_) => (PlanStatus::Failed, RequestStatus::Failed, "request.failed"),
             };
             let updated = tx
-                .execute(
+                .execute_cached(
                     "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
                     &[&plan_id.as_uuid(), &plan_status.as_str(), &PlanStatus::Approved.as_str()],
                 )
@@ -765,7 +1011,7 @@ async fn apply_one(
                     // Nothing else of a failed plan will run.
                     cancel_pending(tx, *plan_id, &format!("cancelled: the plan failed ({reason})")).await?;
                 }
-                tx.execute(
+                tx.execute_cached(
                     "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
                      WHERE id = $1 AND status = $4",
                     &[
@@ -799,7 +1045,7 @@ async fn apply_one(
         }
         Write::DispatchFailed { request_id, plan_id, task_id, attempt, decision_id, agent_id, reason } => {
             let updated = tx
-                .execute(
+                .execute_cached(
                     "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
                      WHERE id = $1 AND attempt = $4 AND status = $5",
                     &[
@@ -814,7 +1060,7 @@ async fn apply_one(
             if updated == 1 {
                 // Give back the capacity that the routing decision reserved.
                 let reserved = tx
-                    .query_opt(
+                    .query_opt_cached(
                         "SELECT 1 FROM routing_decisions WHERE id = $1 AND reserved_capacity",
                         &[&decision_id.as_uuid()],
                     )
@@ -839,7 +1085,7 @@ async fn apply_one(
             let at = heartbeat.sent_at.map_or(*received_at, |sent| sent.min(*received_at));
             let capabilities: Vec<&str> = heartbeat.capabilities.iter().map(String::as_str).collect();
             let inserted: bool = tx
-                .query_one(
+                .query_one_cached(
                     "INSERT INTO agents (id, capabilities, capacity, labels, cpu, memory_mb, gpu, last_heartbeat)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                      ON CONFLICT (id) DO UPDATE SET capabilities = EXCLUDED.capabilities,
@@ -867,4 +1113,27 @@ async fn apply_one(
         }
     }
     Ok(Step::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry(task_id: TaskId) -> Write {
+        let plan_id = RequestId::random().plan_id();
+        Write::TaskRetry { request_id: RequestId::random(), plan_id, task_id, attempt: 1, reason: "x".into() }
+    }
+
+    #[test]
+    fn a_batch_is_applied_in_the_order_of_the_tasks_it_updates() {
+        let plan = RequestId::random().plan_id();
+        let mut tasks: Vec<TaskId> = ["a", "b", "c"].iter().map(|k| plan.task_id(k)).collect();
+        tasks.sort_by_key(|t| t.as_uuid());
+        let [low, mid, high] = [tasks[0], tasks[1], tasks[2]];
+        let no_task = Write::RequestFailed { request_id: RequestId::random(), reason: "x".into() };
+        let batch: Vec<Vec<Write>> =
+            vec![vec![retry(high)], vec![retry(high), retry(low)], vec![no_task], vec![retry(mid)]];
+        // Messages that update no task first; a message goes by the lowest task it updates.
+        assert_eq!(lock_order(batch.iter().map(Vec::as_slice)), [2, 1, 3, 0]);
+    }
 }

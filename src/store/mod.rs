@@ -5,6 +5,7 @@
 //! [`Write`]: crate::effect::Write
 
 mod apply;
+mod cached;
 mod quota;
 mod read;
 mod stats;

@@ -9,11 +9,12 @@
 //! worker start): reads and reservations use it, so that every process agrees on the windows.
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 use serde::Serialize;
 use serde_json::json;
-use tokio_postgres::Transaction;
 
 use super::apply::audit;
+use super::cached::Cached;
 use super::{Error, Store};
 use crate::effect::Reservation;
 use crate::ids::{PlanId, RequestId, TaskId};
@@ -95,7 +96,7 @@ fn parse_window(value: &str) -> Result<Window, Error> {
 
 /// The window kind of `provider`'s quota, if it has one.
 async fn window_of(tx: &Transaction<'_>, provider: &str) -> Result<Option<Window>, Error> {
-    let row = tx.query_opt("SELECT window_kind FROM quotas WHERE provider = $1", &[&provider]).await?;
+    let row = tx.query_opt_cached("SELECT window_kind FROM quotas WHERE provider = $1", &[&provider]).await?;
     row.map(|r| parse_window(r.get(0))).transpose()
 }
 
@@ -106,7 +107,7 @@ async fn open_window(
     window: Window,
     start: DateTime<Utc>,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO quota_windows (provider, window_kind, window_start) VALUES ($1, $2, $3)
          ON CONFLICT DO NOTHING",
         &[&provider, &window.to_string(), &start],
@@ -131,7 +132,7 @@ pub(super) async fn reserve(
     // Under the window row's lock: of two reservations for the last of a quota, the second finds
     // the first's and fails the guard.
     let left = tx
-        .query_opt(
+        .query_opt_cached(
             "UPDATE quota_windows w SET reserved_micros = w.reserved_micros + $4, updated_at = now()
              FROM quotas q
              WHERE w.provider = $1 AND w.window_kind = $2 AND w.window_start = $3 AND q.provider = w.provider
@@ -145,7 +146,7 @@ pub(super) async fn reserve(
             "quota of {provider} no longer covers {amount_micros} micros in the {window} window from {start}"
         )));
     };
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO quota_reservations (plan_id, provider, amount_micros, window_kind, window_start)
          VALUES ($1, $2, $3, $4, $5)",
         &[&plan_id.as_uuid(), provider, amount_micros, &window.to_string(), &start],
@@ -171,7 +172,7 @@ pub(super) async fn record_use(
     let (input, output) = (tokens(usage.input_tokens), tokens(usage.output_tokens));
     // Locked: the plan's other uses and its settlement wait for this one.
     let reservation = tx
-        .query_opt(
+        .query_opt_cached(
             "SELECT window_kind, window_start, amount_micros, spent_micros, settled_at IS NOT NULL
              FROM quota_reservations WHERE plan_id = $1 AND provider = $2 FOR UPDATE",
             &[&plan_id.as_uuid(), &provider],
@@ -188,7 +189,7 @@ pub(super) async fn record_use(
         None => (window_of(tx, provider).await?.map(|w| (w, w.start(Utc::now()))), 0),
     };
     let inserted = tx
-        .execute(
+        .execute_cached(
             "INSERT INTO quota_usage (task_id, attempt, plan_id, provider, input_tokens, output_tokens,
                  cost_micros, window_kind, window_start, from_reserved_micros)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
@@ -213,7 +214,7 @@ pub(super) async fn record_use(
     // Sums saturate: a model server reporting absurd usage must not make a finished attempt's
     // result fail to record (an overflowing bigint is a permanent error).
     if reservation.is_some() {
-        tx.execute(
+        tx.execute_cached(
             "UPDATE quota_reservations
              SET spent_micros = LEAST(spent_micros::numeric + $3::bigint, 9223372036854775807)::bigint,
                  input_tokens = LEAST(input_tokens::numeric + $4::bigint, 9223372036854775807)::bigint,
@@ -225,7 +226,7 @@ pub(super) async fn record_use(
     }
     if let Some((window, start)) = window {
         open_window(tx, provider, window, start).await?;
-        tx.execute(
+        tx.execute_cached(
             "UPDATE quota_windows SET spent_micros = LEAST(spent_micros::numeric + $4::bigint, 9223372036854775807)::bigint,
                  reserved_micros = GREATEST(reserved_micros - $5, 0), updated_at = now()
              WHERE provider = $1 AND window_kind = $2 AND window_start = $3",
@@ -251,7 +252,7 @@ pub(super) async fn settle(
     event: &str,
 ) -> Result<(), Error> {
     let Some(row) = tx
-        .query_opt(
+        .query_opt_cached(
             "SELECT provider, window_kind, window_start, amount_micros, spent_micros
              FROM quota_reservations WHERE plan_id = $1 AND settled_at IS NULL FOR UPDATE",
             &[&plan_id.as_uuid()],
@@ -263,12 +264,12 @@ pub(super) async fn settle(
     let (provider, window, start): (String, String, DateTime<Utc>) = (row.get(0), row.get(1), row.get(2));
     let (amount, spent): (i64, i64) = (row.get(3), row.get(4));
     let released = outstanding(amount, spent);
-    tx.execute(
+    tx.execute_cached(
         "UPDATE quota_reservations SET settled_at = now(), released_micros = $2 WHERE plan_id = $1",
         &[&plan_id.as_uuid(), &released],
     )
     .await?;
-    tx.execute(
+    tx.execute_cached(
         "UPDATE quota_windows SET reserved_micros = GREATEST(reserved_micros - $4, 0), updated_at = now()
          WHERE provider = $1 AND window_kind = $2 AND window_start = $3",
         &[&provider, &window, &start, &released],
@@ -310,7 +311,7 @@ impl Store {
         let starts: Vec<DateTime<Utc>> = WINDOWS.iter().map(|w| w.start(now)).collect();
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT q.provider, q.window_kind, q.limit_micros, q.configured_micros,
                         COALESCE(w.reserved_micros, 0), COALESCE(w.spent_micros, 0)
                  FROM quotas q
@@ -355,7 +356,7 @@ impl Store {
         }
         let client = self.client().await?;
         client
-            .execute(
+            .execute_cached(
                 "INSERT INTO quotas (provider, limit_micros, configured_micros, window_kind) VALUES ($1, $2, $2, $3)
                  ON CONFLICT (provider) DO UPDATE SET
                      limit_micros = CASE WHEN quotas.configured_micros <> EXCLUDED.configured_micros
@@ -381,7 +382,7 @@ impl Store {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let Some(row) = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT limit_micros, configured_micros FROM quotas WHERE provider = $1 FOR UPDATE",
                 &[&provider],
             )
@@ -390,7 +391,7 @@ impl Store {
             return Ok(false);
         };
         let (before, configured): (i64, i64) = (row.get(0), row.get(1));
-        tx.execute(
+        tx.execute_cached(
             "UPDATE quotas SET limit_micros = $2, updated_at = now() WHERE provider = $1",
             &[&provider, &limit_micros],
         )
@@ -406,7 +407,7 @@ impl Store {
     pub async fn reservation(&self, plan_id: PlanId) -> Result<Option<StoredReservation>, Error> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT provider, window_kind, window_start, amount_micros, spent_micros, input_tokens,
                         output_tokens, settled_at, released_micros
                  FROM quota_reservations WHERE plan_id = $1",

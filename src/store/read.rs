@@ -8,6 +8,7 @@ use serde_json::Value;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::cached::Cached;
 use super::{Applied, Error, Store};
 use crate::complexity::Term;
 use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
@@ -273,13 +274,16 @@ impl Store {
     pub async fn plan(&self, plan_id: PlanId) -> Result<Option<StoredPlan>, Error> {
         let client = self.client().await?;
         let Some(row) = client
-            .query_opt("SELECT request_id, status, version FROM plans WHERE id = $1", &[&plan_id.as_uuid()])
+            .query_opt_cached(
+                "SELECT request_id, status, version FROM plans WHERE id = $1",
+                &[&plan_id.as_uuid()],
+            )
             .await?
         else {
             return Ok(None);
         };
         let rows = client
-            .query(
+            .query_cached(
                 &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE plan_id = $1 ORDER BY position"),
                 &[&plan_id.as_uuid()],
             )
@@ -294,7 +298,7 @@ impl Store {
     pub async fn task_states(&self, plan_id: PlanId) -> Result<Vec<TaskState>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE plan_id = $1 ORDER BY position"),
                 &[&plan_id.as_uuid()],
             )
@@ -313,7 +317,7 @@ impl Store {
         let client = self.client().await?;
         let ttl = heartbeat_ttl_secs as f64;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT p.request_id, t.plan_id, t.id, t.attempt, t.agent_id, d.confirmed_at,
                         LEAST(t.lease_expires_at, a.last_heartbeat + make_interval(secs => $2)),
                         t.lease_expires_at >= now()
@@ -348,7 +352,7 @@ impl Store {
     pub async fn failed_agents(&self, plan_id: PlanId) -> Result<HashMap<TaskId, BTreeSet<AgentId>>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT r.task_id, r.agent_id FROM task_results r JOIN tasks t ON t.id = r.task_id
                  WHERE t.plan_id = $1 AND NOT r.success",
                 &[&plan_id.as_uuid()],
@@ -366,7 +370,7 @@ impl Store {
     pub async fn results(&self, plan_id: PlanId) -> Result<Vec<ResultRow>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT r.task_id, r.attempt, r.agent_id, r.success, r.output, r.error, r.source,
                         r.started_at, r.finished_at, r.received_at
                  FROM task_results r JOIN tasks t ON t.id = r.task_id
@@ -394,7 +398,7 @@ impl Store {
     /// Every known agent, by id.
     pub async fn agents(&self) -> Result<Vec<Agent>, Error> {
         let client = self.client().await?;
-        let rows = client.query("SELECT * FROM agents ORDER BY id", &[]).await?;
+        let rows = client.query_cached("SELECT * FROM agents ORDER BY id", &[]).await?;
         rows.iter().map(agent_from_row).collect()
     }
 
@@ -411,7 +415,7 @@ impl Store {
     pub async fn duration_history(&self, work_types: &[&str]) -> Result<Vec<DurationStats>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT t.work_type, split_part(t.key, '.', 2) AS step, count(*)::bigint,
                         percentile_cont(0.9) WITHIN GROUP (
                             ORDER BY extract(epoch FROM r.finished_at - r.started_at))::float8
@@ -442,7 +446,7 @@ impl Store {
     pub async fn fallback_decision(&self, plan_id: PlanId) -> Result<Option<FallbackDecision>, Error> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT use_external, provider, reason, complexity, estimated_cost_micros, quota_left_micros,
                         external_tasks, infeasible
                  FROM fallback_decisions WHERE plan_id = $1",
@@ -466,7 +470,7 @@ impl Store {
     pub async fn approval_verdict(&self, plan_id: PlanId) -> Result<Option<bool>, Error> {
         let client = self.client().await?;
         let row = client
-            .query_opt("SELECT approved FROM approvals WHERE plan_id = $1", &[&plan_id.as_uuid()])
+            .query_opt_cached("SELECT approved FROM approvals WHERE plan_id = $1", &[&plan_id.as_uuid()])
             .await?;
         Ok(row.map(|r| r.get(0)))
     }
@@ -489,7 +493,7 @@ impl Store {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let inserted = tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO dead_letters (message_id, stage, queue, request_id, reason, body)
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                 &[&message_id.as_uuid(), &stage, &queue, &request_id.map(Uuid::from), &reason, &body],
@@ -508,7 +512,7 @@ impl Store {
             .collect();
             let failure = format!("a message of this request was dead-lettered at {stage}: {reason}");
             let failed = tx
-                .execute(
+                .execute_cached(
                     "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
                      WHERE id = $1 AND status = ANY($4)",
                     &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), &failure, &under_way],
@@ -522,7 +526,7 @@ impl Store {
                 // Its plan, if it has one under way, ends with it: nothing more of it will run,
                 // and what it reserved of a provider's quota goes back.
                 let ended = tx
-                    .query_opt(
+                    .query_opt_cached(
                         "UPDATE plans SET status = $2, updated_at = now()
                          WHERE request_id = $1 AND status = ANY($3) RETURNING id",
                         &[
@@ -550,7 +554,7 @@ impl Store {
     pub async fn dead_letters_of_request(&self, request_id: RequestId) -> Result<Vec<DeadLetter>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT message_id, stage, queue, reason, created_at FROM dead_letters
                  WHERE request_id = $1 ORDER BY id",
                 &[&request_id.as_uuid()],
@@ -563,7 +567,7 @@ impl Store {
     pub async fn dead_letters_of_stage(&self, stage: &str) -> Result<Vec<DeadLetter>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT message_id, stage, queue, reason, created_at FROM dead_letters
                  WHERE stage = $1 ORDER BY id DESC",
                 &[&stage],
@@ -583,7 +587,7 @@ impl Store {
     ) -> Result<ApprovalOutcome, Error> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT p.request_id, p.status, r.priority, a.approved, r.status, r.failure_reason
                  FROM plans p JOIN requests r ON r.id = p.request_id
                  LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.id = $1",
@@ -643,7 +647,7 @@ impl Store {
     pub async fn report(&self, request_id: RequestId) -> Result<Option<RequestReport>, Error> {
         let client = self.client().await?;
         let Some(request) = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT r.text, r.submitted_by, r.status, r.failure_reason, r.created_at, d.decomposer, d.intents,
                         d.confidence, d.fallback_reason
                  FROM requests r LEFT JOIN decompositions d ON d.request_id = r.id WHERE r.id = $1",
@@ -654,7 +658,7 @@ impl Store {
             return Ok(None);
         };
         let plan_row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT p.id, p.status, p.complexity, a.approved, a.decided_by, a.reason, a.created_at,
                         p.complexity_terms, p.infeasible
                  FROM plans p LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.request_id = $1",
@@ -708,7 +712,7 @@ impl Store {
     pub async fn trail(&self, request_id: RequestId) -> Result<Option<Trail>, Error> {
         let client = self.client().await?;
         let Some(request) = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT EXISTS (SELECT 1 FROM decompositions d WHERE d.request_id = r.id),
                         (SELECT decomposer FROM decompositions d WHERE d.request_id = r.id),
                         (SELECT complexity FROM plans p WHERE p.request_id = r.id),
@@ -722,11 +726,14 @@ impl Store {
         };
         let plan_id = request_id.plan_id();
         let fallback_decisions: i64 = client
-            .query_one("SELECT count(*) FROM fallback_decisions WHERE plan_id = $1", &[&plan_id.as_uuid()])
+            .query_one_cached(
+                "SELECT count(*) FROM fallback_decisions WHERE plan_id = $1",
+                &[&plan_id.as_uuid()],
+            )
             .await?
             .get(0);
         let approval = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT approved, decided_by, reason, created_at FROM approvals WHERE plan_id = $1",
                 &[&plan_id.as_uuid()],
             )
@@ -738,7 +745,7 @@ impl Store {
                 at: row.get(3),
             });
         let decisions = client
-            .query(
+            .query_cached(
                 "SELECT task_id, attempt, agent_id, score, reason, candidates, reserved_capacity
                  FROM routing_decisions WHERE plan_id = $1 ORDER BY created_at, task_id",
                 &[&plan_id.as_uuid()],
@@ -757,7 +764,7 @@ impl Store {
             .collect();
         let dispatches = self.dispatches(plan_id).await?;
         let usage = client
-            .query(
+            .query_cached(
                 "SELECT task_id, attempt, cost_micros FROM quota_usage WHERE plan_id = $1",
                 &[&plan_id.as_uuid()],
             )
@@ -795,7 +802,7 @@ impl Store {
     pub async fn dispatches(&self, plan_id: PlanId) -> Result<Vec<DispatchRow>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT d.task_id, d.attempt, d.agent_id, d.queue, d.message_id, d.confirmed_at
                  FROM dispatches d JOIN tasks t ON t.id = d.task_id WHERE t.plan_id = $1
                  ORDER BY d.confirmed_at, d.task_id",
@@ -819,7 +826,7 @@ impl Store {
     pub async fn audit_events(&self, request_id: RequestId) -> Result<Vec<(String, String, Value)>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT actor, event, detail FROM audit_log WHERE request_id = $1 ORDER BY id",
                 &[&request_id.as_uuid()],
             )
@@ -830,7 +837,7 @@ impl Store {
     /// How many requests the store holds per status (for tools and tests).
     pub async fn request_counts(&self) -> Result<BTreeMap<String, i64>, Error> {
         let client = self.client().await?;
-        let rows = client.query("SELECT status, count(*) FROM requests GROUP BY status", &[]).await?;
+        let rows = client.query_cached("SELECT status, count(*) FROM requests GROUP BY status", &[]).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }

@@ -2,6 +2,7 @@
 //! Each test has its own namespace and database, so they run in parallel.
 
 mod agents;
+mod batches;
 mod bench;
 mod broker;
 mod ceiling;
