@@ -123,10 +123,10 @@ impl Store {
             };
         }
         // Messages found not to fit on their agent, with why; each round leaves out more.
-        let mut full: BTreeMap<usize, String> = BTreeMap::new();
         let order = lock_order(batch.iter().map(|(_, writes)| *writes));
+        let mut client = self.client().await?;
+        let mut full = overbooked(&client, batch, &order).await?;
         loop {
-            let mut client = self.client().await?;
             let mut tx = client.transaction().await?;
             let mut outcomes: Vec<Option<Result<Applied, Error>>> = batch.iter().map(|_| None).collect();
             let mut ledgers = Vec::with_capacity(batch.len());
@@ -298,6 +298,60 @@ fn task_updated(write: &Write) -> Option<Uuid> {
         _ => return None,
     };
     Some(task.as_uuid())
+}
+
+/// The messages of a batch that would book an agent beyond its capacity, as the agents stand
+/// now, with why. The messages of a batch were decided on the same view of the agents, and
+/// several may have chosen the last slot of the same one: found out before anything is written,
+/// such a message is a conflict at once, instead of making the whole batch be done again when
+/// the agents' rows are locked at its end (which still catches what changed meanwhile).
+async fn overbooked(
+    client: &deadpool_postgres::Object,
+    batch: &[(Option<&Marker<'_>>, &[Write])],
+    order: &[usize],
+) -> Result<BTreeMap<usize, String>, Error> {
+    let reserving = |writes: &'_ [Write]| -> Vec<String> {
+        writes
+            .iter()
+            .filter_map(|write| match write {
+                Write::Route { route, .. } if route.reserves_capacity => Some(route.agent_id.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    let wanted: Vec<Vec<String>> = batch.iter().map(|(_, writes)| reserving(writes)).collect();
+    let ids: Vec<&str> =
+        wanted.iter().flatten().map(String::as_str).collect::<BTreeSet<_>>().into_iter().collect();
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut room: BTreeMap<String, i32> = client
+        .query_cached("SELECT id, capacity - in_flight FROM agents WHERE id = ANY($1)", &[&ids])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut full = BTreeMap::new();
+    for &index in order {
+        let mut needs: BTreeMap<&str, i32> = BTreeMap::new();
+        for agent in &wanted[index] {
+            *needs.entry(agent).or_default() += 1;
+        }
+        // An agent not registered is for the end of the batch to judge, as for a single message.
+        match needs.iter().find(|(agent, n)| room.get(**agent).is_some_and(|left| left < *n)) {
+            Some((agent, _)) => {
+                full.insert(index, format!("agent {agent} has no spare capacity left"));
+            }
+            None => {
+                for (agent, n) in needs {
+                    if let Some(left) = room.get_mut(agent) {
+                        *left -= n;
+                    }
+                }
+            }
+        }
+    }
+    Ok(full)
 }
 
 /// One message's writes within `tx`: its marker first (a duplicate writes nothing more), then

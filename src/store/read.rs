@@ -266,6 +266,9 @@ fn agent_from_row(row: &Row) -> Result<Agent, Error> {
     })
 }
 
+/// The most recently finished tasks of a work type that its learnt durations are taken from.
+pub const DURATION_SAMPLES: i64 = 200;
+
 const TASK_COLUMNS: &str = "id, key, work_type, description, estimated_duration_secs, cpu, memory_mb, gpu,
      capabilities, depends_on, affinity, status, attempt, agent_id, status_reason";
 
@@ -408,10 +411,12 @@ impl Store {
         self.apply(actor, None, std::slice::from_ref(&write)).await.map(|_| ())
     }
 
-    /// How long the tasks of `work_types` that succeeded in the last 30 days took, by work type
-    /// and step (the 90th percentile): what the planner learns estimated durations from. Recent
-    /// history only, so that the estimate follows the fleet as it changes; local work only, since
-    /// a model's speed says nothing of how long an agent takes.
+    /// How long the tasks of `work_types` that succeeded most recently took (the last
+    /// [`DURATION_SAMPLES`] of each work type within 30 days), by work type and step (the 90th
+    /// percentile): what the planner learns estimated durations from. Recent history only, so
+    /// that the estimate follows the fleet as it changes and planning costs the same however
+    /// much history is kept; local work only, since a model's speed says nothing of how long an
+    /// agent takes.
     pub async fn duration_history(&self, work_types: &[&str]) -> Result<Vec<DurationStats>, Error> {
         let client = self.client().await?;
         let rows = client
@@ -419,13 +424,18 @@ impl Store {
                 "SELECT t.work_type, split_part(t.key, '.', 2) AS step, count(*)::bigint,
                         percentile_cont(0.9) WITHIN GROUP (
                             ORDER BY extract(epoch FROM r.finished_at - r.started_at))::float8
-                 FROM tasks t JOIN task_results r ON r.task_id = t.id AND r.attempt = t.attempt
-                 WHERE t.status = 'succeeded' AND r.success AND r.source = 'agent'
-                   AND t.work_type = ANY($1) AND r.finished_at > now() - interval '30 days'
+                 FROM unnest($1::text[]) AS w (work_type)
+                 CROSS JOIN LATERAL (
+                     SELECT id, plan_id, key, work_type, attempt FROM tasks
+                     WHERE status = 'succeeded' AND work_type = w.work_type
+                       AND finished_at > now() - interval '30 days'
+                     ORDER BY finished_at DESC LIMIT $2) AS t
+                 JOIN task_results r ON r.task_id = t.id AND r.attempt = t.attempt
+                 WHERE r.success AND r.source = 'agent'
                    AND NOT EXISTS (SELECT 1 FROM fallback_decisions f
                                    WHERE f.plan_id = t.plan_id AND t.id = ANY(f.external_tasks))
                  GROUP BY 1, 2",
-                &[&work_types],
+                &[&work_types, &DURATION_SAMPLES],
             )
             .await?;
         rows.iter()
