@@ -38,11 +38,15 @@ pub struct PlanningPolicy {
     /// Finished tasks of a work type and step needed before their 90th percentile duration replaces the
     /// catalog's estimate.
     pub min_duration_samples: u32,
+    /// How long a planner goes on using the durations it learnt before reading them again, in
+    /// seconds: they move slowly, and reading them for every plan costs the database more than
+    /// anything else the planner does. 0 reads them for every plan.
+    pub history_refresh_secs: u64,
 }
 
 impl Default for PlanningPolicy {
     fn default() -> Self {
-        Self { inventory: Vec::new(), min_duration_samples: 5 }
+        Self { inventory: Vec::new(), min_duration_samples: 5, history_refresh_secs: 10 }
     }
 }
 

@@ -224,7 +224,7 @@ impl Worker {
             ),
             StageName::Plan => start(
                 runners,
-                PlanStage { catalog: self.catalog.clone(), policy: self.config.planning.clone() },
+                PlanStage::new(self.catalog.clone(), self.config.planning.clone()),
                 self,
                 broker,
                 topology,

@@ -2,8 +2,9 @@
 //! fitted to the fleet: estimated durations learnt from finished tasks, the tasks that no agent
 //! could run named, and the plan's complexity computed term by term.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -17,8 +18,41 @@ use crate::store::{self, Store};
 use crate::wire::{Decomposed, Envelope, Planned};
 
 pub struct PlanStage {
-    pub catalog: Arc<Catalog>,
-    pub policy: PlanningPolicy,
+    catalog: Arc<Catalog>,
+    policy: PlanningPolicy,
+    /// The durations learnt, by work type, with when they were read.
+    history: Mutex<HashMap<String, (Instant, Vec<DurationStats>)>>,
+}
+
+impl PlanStage {
+    pub fn new(catalog: Arc<Catalog>, policy: PlanningPolicy) -> Self {
+        PlanStage { catalog, policy, history: Mutex::new(HashMap::new()) }
+    }
+
+    /// The durations learnt for `work_types`: read again where older than the policy allows.
+    async fn durations(
+        &self,
+        store: &Store,
+        work_types: &[&str],
+    ) -> Result<Vec<DurationStats>, store::Error> {
+        let refresh = Duration::from_secs(self.policy.history_refresh_secs);
+        let now = Instant::now();
+        let stale: Vec<&str> = {
+            let history = self.history.lock().expect("history lock");
+            work_types
+                .iter()
+                .copied()
+                .filter(|w| history.get(*w).is_none_or(|(read, _)| now.duration_since(*read) >= refresh))
+                .collect()
+        };
+        let fresh = if stale.is_empty() { Vec::new() } else { store.duration_history(&stale).await? };
+        let mut history = self.history.lock().expect("history lock");
+        for work_type in stale {
+            let stats = fresh.iter().filter(|s| s.work_type.as_str() == work_type).cloned().collect();
+            history.insert(work_type.to_owned(), (now, stats));
+        }
+        Ok(work_types.iter().filter_map(|w| history.get(*w)).flat_map(|(_, stats)| stats.clone()).collect())
+    }
 }
 
 /// The fleet and its history, as the plan is made.
@@ -39,7 +73,7 @@ impl Stage for PlanStage {
             input.payload.decomposition.intents.iter().map(|i| i.work_type.as_str()).collect();
         Ok(PlanContext {
             agents: store.agents().await?,
-            durations: store.duration_history(&work_types).await?,
+            durations: self.durations(store, &work_types).await?,
         })
     }
 
@@ -126,7 +160,7 @@ mod tests {
     }
 
     fn stage() -> PlanStage {
-        PlanStage { catalog: Arc::new(Catalog::default()), policy: PlanningPolicy::default() }
+        PlanStage::new(Arc::new(Catalog::default()), PlanningPolicy::default())
     }
 
     fn agent(gpu: u32) -> Agent {

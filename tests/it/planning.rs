@@ -6,7 +6,11 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn estimates_are_learnt_from_finished_tasks_once_there_are_enough() {
-    let app = spawn_app_with(|c| c.planning.min_duration_samples = 3).await;
+    let app = spawn_app_with(|c| {
+        c.planning.min_duration_samples = 3;
+        c.planning.history_refresh_secs = 0;
+    })
+    .await;
     let builder = switchyard::agent::AgentBuilder::new(switchyard::ids::AgentId::parse("deployer").unwrap())
         .capabilities(["deployment", "shell", "docker"])
         .capacity(4)
