@@ -237,15 +237,20 @@ impl Clock {
 /// Passes the verdicts on the agents for one task, with what follows from the task worked out once.
 struct Judge<'a> {
     task: &'a Task,
+    /// The task's capabilities and affinity pairs, in order, as plain slices: walking the task's
+    /// B-trees again for every agent cost as much as the checks themselves.
+    capabilities: Vec<&'a str>,
+    affinity: Vec<(&'a str, &'a str)>,
     /// The agents that failed this task before.
     failed: Option<&'a BTreeSet<AgentId>>,
     clock: &'a Clock,
     weights: [f64; 3],
-    /// The missing capabilities reported so far, by the names missing: agents that lack the same
+    /// Which of `capabilities` the agent at hand lacks, as a bit set (bit `i % 64` of word
+    /// `i / 64` for the `i`-th). Kept across agents to reuse its allocation.
+    lacking: Vec<u64>,
+    /// The lists of missing capabilities given so far, by their bit set: agents that lack the same
     /// ones (most of those that lack any) share one list instead of each getting a copy.
-    missing: HashMap<Vec<&'a str>, Arc<[String]>>,
-    /// The names missing from the agent at hand, kept to reuse its allocation.
-    scratch: Vec<&'a str>,
+    missing: BTreeMap<Vec<u64>, Arc<[String]>>,
 }
 
 impl<'a> Judge<'a> {
@@ -255,7 +260,17 @@ impl<'a> Judge<'a> {
         clock: &'a Clock,
         weights: [f64; 3],
     ) -> Self {
-        Self { task, failed, clock, weights, missing: HashMap::new(), scratch: Vec::new() }
+        let capabilities: Vec<&str> = task.capabilities.iter().map(String::as_str).collect();
+        Self {
+            task,
+            lacking: vec![0; capabilities.len().div_ceil(64)],
+            capabilities,
+            affinity: task.affinity.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect(),
+            failed,
+            clock,
+            weights,
+            missing: BTreeMap::new(),
+        }
     }
 
     /// The verdict on `agent`, given its in-flight count so far in the batch.
@@ -264,7 +279,7 @@ impl<'a> Judge<'a> {
     /// without allocating; the reasons are recorded only for an agent that misses one.
     fn verdict(&mut self, agent: &Agent, in_flight: u32) -> Verdict {
         let task = self.task;
-        let capable = task.capabilities.iter().all(|c| agent.capabilities.contains(c));
+        let capable = self.check_capabilities(agent);
         let stale = self.clock.is_stale(agent.last_heartbeat);
         let full = in_flight >= agent.capacity;
         let covered = agent.resources.covers(&task.resources);
@@ -277,7 +292,7 @@ impl<'a> Judge<'a> {
         if misses > 0 {
             let mut reasons = Vec::with_capacity(misses);
             if !capable {
-                reasons.push(Reason::MissingCapabilities(self.missing_capabilities(agent)));
+                reasons.push(Reason::MissingCapabilities(self.missing_capabilities()));
             }
             if stale {
                 reasons.push(Reason::StaleHeartbeat {
@@ -300,7 +315,7 @@ impl<'a> Judge<'a> {
         // Capacity is > in_flight here (else rejected above), so the division is safe and load > 0.
         let load = 1.0 - f64::from(in_flight) / f64::from(agent.capacity);
         let success = agent.success_rate();
-        let affinity = affinity(task, agent);
+        let affinity = self.affinity(agent);
         let [w_load, w_success, w_affinity] = self.weights;
         // The weights sum to 1, so this is already the weighted mean; the clamp only absorbs
         // rounding.
@@ -308,20 +323,42 @@ impl<'a> Judge<'a> {
         Verdict::Scored { score, load, success, affinity }
     }
 
-    /// The task's capabilities that `agent` lacks, in order: shared with every agent of this
-    /// decision that lacks the same ones.
-    fn missing_capabilities(&mut self, agent: &Agent) -> Arc<[String]> {
-        self.scratch.clear();
-        let task = self.task;
-        self.scratch.extend(
-            task.capabilities.iter().filter(|c| !agent.capabilities.contains(*c)).map(String::as_str),
-        );
-        if let Some(names) = self.missing.get(self.scratch.as_slice()) {
+    /// Whether `agent` has every capability of the task; notes in `lacking` those it lacks.
+    fn check_capabilities(&mut self, agent: &Agent) -> bool {
+        self.lacking.fill(0);
+        for (i, capability) in self.capabilities.iter().enumerate() {
+            if !agent.capabilities.contains(*capability) {
+                self.lacking[i / 64] |= 1 << (i % 64);
+            }
+        }
+        self.lacking.iter().all(|&word| word == 0)
+    }
+
+    /// The capabilities that the last agent checked lacks, in the task's order: shared with every
+    /// agent of this decision that lacks the same ones.
+    fn missing_capabilities(&mut self) -> Arc<[String]> {
+        if let Some(names) = self.missing.get(self.lacking.as_slice()) {
             return Arc::clone(names);
         }
-        let names: Arc<[String]> = self.scratch.iter().map(|&name| name.to_owned()).collect();
-        self.missing.insert(self.scratch.clone(), Arc::clone(&names));
+        let lacking = &self.lacking;
+        let names: Arc<[String]> = (self.capabilities.iter().enumerate())
+            .filter(|(i, _)| lacking[i / 64] & (1 << (i % 64)) != 0)
+            .map(|(_, name)| (*name).to_owned())
+            .collect();
+        self.missing.insert(self.lacking.clone(), Arc::clone(&names));
         names
+    }
+
+    /// The fraction of the task's affinity pairs that the agent's labels match; 1 for a task
+    /// without affinity, so that such a task does not penalise anyone.
+    fn affinity(&self, agent: &Agent) -> f64 {
+        if self.affinity.is_empty() {
+            return 1.0;
+        }
+        let matched = (self.affinity.iter())
+            .filter(|(key, value)| agent.labels.get(*key).is_some_and(|label| label == value))
+            .count();
+        matched as f64 / self.affinity.len() as f64
     }
 }
 
@@ -345,16 +382,6 @@ fn shortfall(has: &Resources, needs: &Resources) -> Shortfall {
     };
     debug_assert_eq!(shortfall == Shortfall::default(), has.covers(needs));
     shortfall
-}
-
-/// The fraction of the task's affinity pairs that the agent's labels match; 1 for a task without
-/// affinity, so that such a task does not penalise anyone.
-fn affinity(task: &Task, agent: &Agent) -> f64 {
-    if task.affinity.is_empty() {
-        return 1.0;
-    }
-    let matched = task.affinity.iter().filter(|(key, value)| agent.labels.get(*key) == Some(*value)).count();
-    matched as f64 / task.affinity.len() as f64
 }
 
 /// The positions of the candidates (sorted by id) that tie for the best score, in id order: the
@@ -590,6 +617,23 @@ mod tests {
         assert!(Arc::ptr_eq(&missing("first"), &missing("second")));
         assert_eq!(*missing("first"), ["docker".to_owned(), "gpu".to_owned()]);
         assert_eq!(*missing("other"), ["gpu".to_owned(), "ssh".to_owned()]);
+    }
+
+    #[test]
+    fn a_task_may_need_more_capabilities_than_fit_in_one_word() {
+        let names: Vec<String> = (0..70).map(|i| format!("c{i:02}")).collect();
+        let mut t = task("t");
+        t.capabilities = names.iter().cloned().collect();
+        let mut all = agent("all");
+        all.capabilities = t.capabilities.clone();
+        let mut most = agent("most");
+        most.capabilities = t.capabilities.clone();
+        most.capabilities.remove("c00");
+        most.capabilities.remove("c65");
+
+        let route = route_one(&t, &[all, most], &RoutingPolicy::default());
+        assert_eq!(route.agent_id.as_str(), "all");
+        assert_eq!(reasons_of(&route, "most"), ["missing capabilities: c00, c65"]);
     }
 
     #[test]
