@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -123,20 +124,22 @@ fn valid_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
+/// A validated name, shared rather than copied: cloning one only bumps a reference count, which
+/// matters because a routing decision clones an agent id into every candidate of its audit record,
+/// thousands of times per decision. In JSON it is a plain string, validated when read.
 macro_rules! name_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
-        #[derive(
-            Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-        )]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, JsonSchema)]
+        #[serde(try_from = "String")]
+        #[schemars(with = "String")]
+        pub struct $name(Arc<str>);
 
         impl $name {
             pub fn parse(s: impl Into<String>) -> Result<Self, Error> {
                 let s = s.into();
                 if valid_name(&s) {
-                    Ok(Self(s))
+                    Ok(Self(s.into()))
                 } else {
                     Err(Error::InvalidName { kind: $kind, value: s })
                 }
@@ -169,7 +172,14 @@ macro_rules! name_id {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.as_ref().to_owned()
+            }
+        }
+
+        /// Written straight from the shared text, with no copy into a `String` first.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
             }
         }
     };
@@ -214,6 +224,19 @@ mod tests {
         }
         let err = serde_json::from_str::<AgentId>("\"a b\"").unwrap_err();
         assert!(err.to_string().contains("invalid agent id"), "{err}");
+    }
+
+    #[test]
+    fn names_are_plain_strings_in_json_and_clones_share_their_text() {
+        let id = AgentId::parse("homelab-1").unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"homelab-1\"");
+        assert_eq!(serde_json::from_str::<AgentId>("\"homelab-1\"").unwrap(), id);
+        let schema = serde_json::to_value(schemars::schema_for!(AgentId)).unwrap();
+        assert_eq!(schema["type"], "string", "{schema}");
+
+        let copy = id.clone();
+        assert!(std::ptr::eq(copy.as_str(), id.as_str()));
+        assert_eq!(String::from(copy), "homelab-1");
     }
 
     #[test]

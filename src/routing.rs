@@ -11,14 +11,22 @@
 //! 2. a score in [0, 1] over the agents that pass: spare capacity, past success and label
 //!    affinity, weighted by the [`RoutingPolicy`]. The best score wins; ties go to the lowest id
 //!    so that the same inputs always give the same route.
+//!
+//! A decision looks at every agent of the fleet for every task, and records a verdict on each for
+//! the audit, so the per-agent work is kept small: agent ids are shared rather than copied, and a
+//! rejection records its [`Reason`]s as values, which become text only when the audit record is
+//! serialised.
+
+mod reason;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
+use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use self::reason::{Lack, Reason, Shortfall};
 use crate::domain::{Agent, Resources, Task};
 use crate::ids::{AgentId, TaskId, WorkType};
 
@@ -87,7 +95,7 @@ impl Weights {
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum Verdict {
     /// The agent misses at least one hard requirement; every one it misses is listed.
-    Rejected { reasons: Vec<String> },
+    Rejected { reasons: Vec<Reason> },
     /// The agent is eligible. `score` is the weighted mean of the three terms, each in [0, 1].
     Scored { score: f64, load: f64, success: f64, affinity: f64 },
 }
@@ -172,22 +180,13 @@ pub fn route_tasks_excluding(
 
     let mut routes = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let failed = excluded.get(&task.id);
+        let mut judge = Judge::new(task, excluded.get(&task.id), &clock, weights);
         let candidates: Vec<Candidate> = agents
             .iter()
             .zip(&reserved)
-            .map(|(agent, &more)| {
-                let failed_before = failed.is_some_and(|ids| ids.contains(&agent.id));
-                let busy = agent.in_flight.saturating_add(more);
-                let verdict = match evaluate(task, agent, busy, &clock, weights) {
-                    Verdict::Rejected { mut reasons } if failed_before => {
-                        reasons.push(FAILED_BEFORE.to_owned());
-                        Verdict::Rejected { reasons }
-                    }
-                    _ if failed_before => Verdict::Rejected { reasons: vec![FAILED_BEFORE.to_owned()] },
-                    verdict => verdict,
-                };
-                Candidate { agent_id: agent.id.clone(), verdict }
+            .map(|(agent, &more)| Candidate {
+                agent_id: agent.id.clone(),
+                verdict: judge.verdict(agent, agent.in_flight.saturating_add(more)),
             })
             .collect();
         let best = best_candidates(&candidates);
@@ -210,9 +209,6 @@ pub fn capable(task: &Task, agent: &Agent, failed_before: bool) -> bool {
         && task.capabilities.iter().all(|c| agent.capabilities.contains(c))
         && agent.resources.covers(&task.resources)
 }
-
-/// Why an agent that failed a task is not given it again.
-const FAILED_BEFORE: &str = "failed an earlier attempt of this task";
 
 /// The clock of one routing decision, with what follows from it for every agent worked out once.
 struct Clock {
@@ -238,114 +234,154 @@ impl Clock {
     }
 }
 
-/// The verdict on `agent` for `task`, given the agent's in-flight count so far in the batch.
-///
-/// Most agents pass, and a decision looks at every agent, so the requirements are first tested
-/// without allocating; the reasons are written only for an agent that misses one.
-fn evaluate(task: &Task, agent: &Agent, in_flight: u32, clock: &Clock, weights: [f64; 3]) -> Verdict {
-    let capable = task.capabilities.iter().all(|c| agent.capabilities.contains(c));
-    let stale = clock.is_stale(agent.last_heartbeat);
-    let full = in_flight >= agent.capacity;
-    let covered = agent.resources.covers(&task.resources);
-    let misses = usize::from(!capable) + usize::from(stale) + usize::from(full) + usize::from(!covered);
-    if misses > 0 {
-        let mut reasons = Vec::with_capacity(misses);
-        if !capable {
-            reasons.push(missing_capabilities(task, agent));
-        }
-        if stale {
-            reasons.push(staleness(clock.now - agent.last_heartbeat, clock.ttl_secs));
-        }
-        if full {
-            reasons.push(format!("no spare capacity ({in_flight}/{} in flight)", agent.capacity));
-        }
-        if !covered {
-            reasons.push(resource_shortfalls(&agent.resources, &task.resources));
-        }
-        return Verdict::Rejected { reasons };
-    }
-
-    // Capacity is > in_flight here (else rejected above), so the division is safe and load > 0.
-    let load = 1.0 - f64::from(in_flight) / f64::from(agent.capacity);
-    let success = agent.success_rate();
-    let affinity = affinity(task, agent);
-    let [w_load, w_success, w_affinity] = weights;
-    // The weights sum to 1, so this is already the weighted mean; the clamp only absorbs
-    // rounding.
-    let score = (w_load * load + w_success * success + w_affinity * affinity).clamp(0.0, 1.0);
-    Verdict::Scored { score, load, success, affinity }
+/// Passes the verdicts on the agents for one task, with what follows from the task worked out once.
+struct Judge<'a> {
+    task: &'a Task,
+    /// The task's capabilities and affinity pairs, in order, as plain slices: walking the task's
+    /// B-trees again for every agent cost as much as the checks themselves.
+    capabilities: Vec<&'a str>,
+    affinity: Vec<(&'a str, &'a str)>,
+    /// The agents that failed this task before.
+    failed: Option<&'a BTreeSet<AgentId>>,
+    clock: &'a Clock,
+    weights: [f64; 3],
+    /// Which of `capabilities` the agent at hand lacks, as a bit set (bit `i % 64` of word
+    /// `i / 64` for the `i`-th). Kept across agents to reuse its allocation.
+    lacking: Vec<u64>,
+    /// The lists of missing capabilities given so far, by their bit set: agents that lack the same
+    /// ones (most of those that lack any) share one list instead of each getting a copy.
+    missing: BTreeMap<Vec<u64>, Arc<[String]>>,
 }
 
-/// "missing capabilities: docker, gpu": the task's capabilities that the agent lacks, in order.
-fn missing_capabilities(task: &Task, agent: &Agent) -> String {
-    const PREFIX: &str = "missing capabilities: ";
-    let at_most = task.capabilities.iter().map(|c| c.len() + 2).sum::<usize>();
-    let mut text = String::with_capacity(PREFIX.len() + at_most);
-    text.push_str(PREFIX);
-    for (i, missing) in task.capabilities.iter().filter(|c| !agent.capabilities.contains(*c)).enumerate() {
-        if i > 0 {
-            text.push_str(", ");
+impl<'a> Judge<'a> {
+    fn new(
+        task: &'a Task,
+        failed: Option<&'a BTreeSet<AgentId>>,
+        clock: &'a Clock,
+        weights: [f64; 3],
+    ) -> Self {
+        let capabilities: Vec<&str> = task.capabilities.iter().map(String::as_str).collect();
+        Self {
+            task,
+            lacking: vec![0; capabilities.len().div_ceil(64)],
+            capabilities,
+            affinity: task.affinity.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect(),
+            failed,
+            clock,
+            weights,
+            missing: BTreeMap::new(),
         }
-        text.push_str(missing);
     }
-    text
+
+    /// The verdict on `agent`, given its in-flight count so far in the batch.
+    ///
+    /// Most agents pass, and a decision looks at every agent, so the requirements are first tested
+    /// without allocating; the reasons are recorded only for an agent that misses one.
+    fn verdict(&mut self, agent: &Agent, in_flight: u32) -> Verdict {
+        let task = self.task;
+        let capable = self.check_capabilities(agent);
+        let stale = self.clock.is_stale(agent.last_heartbeat);
+        let full = in_flight >= agent.capacity;
+        let covered = agent.resources.covers(&task.resources);
+        let failed_before = self.failed.is_some_and(|ids| ids.contains(&agent.id));
+        let misses = usize::from(!capable)
+            + usize::from(stale)
+            + usize::from(full)
+            + usize::from(!covered)
+            + usize::from(failed_before);
+        if misses > 0 {
+            let mut reasons = Vec::with_capacity(misses);
+            if !capable {
+                reasons.push(Reason::MissingCapabilities(self.missing_capabilities()));
+            }
+            if stale {
+                reasons.push(Reason::StaleHeartbeat {
+                    age_millis: millis_rounded_up(self.clock.now - agent.last_heartbeat),
+                    ttl_secs: self.clock.ttl_secs,
+                });
+            }
+            if full {
+                reasons.push(Reason::NoSpareCapacity { in_flight, capacity: agent.capacity });
+            }
+            if !covered {
+                reasons.push(Reason::InsufficientResources(shortfall(&agent.resources, &task.resources)));
+            }
+            if failed_before {
+                reasons.push(Reason::FailedBefore);
+            }
+            return Verdict::Rejected { reasons };
+        }
+
+        // Capacity is > in_flight here (else rejected above), so the division is safe and load > 0.
+        let load = 1.0 - f64::from(in_flight) / f64::from(agent.capacity);
+        let success = agent.success_rate();
+        let affinity = self.affinity(agent);
+        let [w_load, w_success, w_affinity] = self.weights;
+        // The weights sum to 1, so this is already the weighted mean; the clamp only absorbs
+        // rounding.
+        let score = (w_load * load + w_success * success + w_affinity * affinity).clamp(0.0, 1.0);
+        Verdict::Scored { score, load, success, affinity }
+    }
+
+    /// Whether `agent` has every capability of the task; notes in `lacking` those it lacks.
+    fn check_capabilities(&mut self, agent: &Agent) -> bool {
+        self.lacking.fill(0);
+        for (i, capability) in self.capabilities.iter().enumerate() {
+            if !agent.capabilities.contains(*capability) {
+                self.lacking[i / 64] |= 1 << (i % 64);
+            }
+        }
+        self.lacking.iter().all(|&word| word == 0)
+    }
+
+    /// The capabilities that the last agent checked lacks, in the task's order: shared with every
+    /// agent of this decision that lacks the same ones.
+    fn missing_capabilities(&mut self) -> Arc<[String]> {
+        if let Some(names) = self.missing.get(self.lacking.as_slice()) {
+            return Arc::clone(names);
+        }
+        let lacking = &self.lacking;
+        let names: Arc<[String]> = (self.capabilities.iter().enumerate())
+            .filter(|(i, _)| lacking[i / 64] & (1 << (i % 64)) != 0)
+            .map(|(_, name)| (*name).to_owned())
+            .collect();
+        self.missing.insert(self.lacking.clone(), Arc::clone(&names));
+        names
+    }
+
+    /// The fraction of the task's affinity pairs that the agent's labels match; 1 for a task
+    /// without affinity, so that such a task does not penalise anyone.
+    fn affinity(&self, agent: &Agent) -> f64 {
+        if self.affinity.is_empty() {
+            return 1.0;
+        }
+        let matched = (self.affinity.iter())
+            .filter(|(key, value)| agent.labels.get(*key).is_some_and(|label| label == value))
+            .count();
+        matched as f64 / self.affinity.len() as f64
+    }
 }
 
-/// Why a heartbeat `age` old is too old.
-fn staleness(age: TimeDelta, ttl_secs: u64) -> String {
-    format!("heartbeat {} old exceeds the {ttl_secs}s TTL", format_age(age))
+/// A positive age in whole milliseconds, rounded *up* so that an age just over the TTL never reads
+/// as equal to it.
+fn millis_rounded_up(age: TimeDelta) -> u64 {
+    let partial = age.subsec_nanos() % 1_000_000 != 0;
+    u64::try_from(age.num_milliseconds()).unwrap_or(0) + u64::from(partial)
 }
 
-/// A positive age in seconds, with milliseconds when it is not whole, rounded *up* so that an age
-/// just over the TTL never reads as equal to it ("30.001s", not "30s").
-fn format_age(age: TimeDelta) -> String {
-    let secs = age.num_seconds();
-    let nanos = age.subsec_nanos();
-    if nanos == 0 {
-        return format!("{secs}s");
-    }
-    let millis = (i64::from(nanos) + 999_999) / 1_000_000;
-    if millis == 1000 {
-        return format!("{}s", secs + 1);
-    }
-    let text = format!("{secs}.{millis:03}");
-    format!("{}s", text.trim_end_matches('0'))
-}
-
-/// "insufficient resources: needs 2 GPU, has 0": every resource the agent lacks for the task.
-/// Written straight into one string: a decision may write this for thousands of agents.
-fn resource_shortfalls(has: &Resources, needs: &Resources) -> String {
-    const PREFIX: &str = "insufficient resources: ";
-    let mut text = String::with_capacity(96);
-    text.push_str(PREFIX);
-    let mut separator = "";
+/// Every resource that `has` lacks to cover `needs`.
+fn shortfall(has: &Resources, needs: &Resources) -> Shortfall {
     // Tested as "not enough" rather than "less", like `Resources::covers`, so that a NaN counts
     // as a shortfall in both.
     let enough_cpu = has.cpu >= needs.cpu;
-    // Writing into a String cannot fail.
-    if !enough_cpu {
-        let _ = write!(text, "needs {} CPU, has {}", needs.cpu, has.cpu);
-        separator = "; ";
-    }
-    if has.memory_mb < needs.memory_mb {
-        let _ = write!(text, "{separator}needs {} MiB memory, has {}", needs.memory_mb, has.memory_mb);
-        separator = "; ";
-    }
-    if has.gpu < needs.gpu {
-        let _ = write!(text, "{separator}needs {} GPU, has {}", needs.gpu, has.gpu);
-    }
-    debug_assert_eq!(text.len() == PREFIX.len(), has.covers(needs));
-    text
-}
-
-/// The fraction of the task's affinity pairs that the agent's labels match; 1 for a task without
-/// affinity, so that such a task does not penalise anyone.
-fn affinity(task: &Task, agent: &Agent) -> f64 {
-    if task.affinity.is_empty() {
-        return 1.0;
-    }
-    let matched = task.affinity.iter().filter(|(key, value)| agent.labels.get(*key) == Some(*value)).count();
-    matched as f64 / task.affinity.len() as f64
+    let shortfall = Shortfall {
+        cpu: (!enough_cpu).then_some(Lack { needs: needs.cpu, has: has.cpu }),
+        memory_mb: (has.memory_mb < needs.memory_mb)
+            .then_some(Lack { needs: needs.memory_mb, has: has.memory_mb }),
+        gpu: (has.gpu < needs.gpu).then_some(Lack { needs: needs.gpu, has: has.gpu }),
+    };
+    debug_assert_eq!(shortfall == Shortfall::default(), has.covers(needs));
+    shortfall
 }
 
 /// The positions of the candidates (sorted by id) that tie for the best score, in id order: the
@@ -476,7 +512,8 @@ mod tests {
         .unwrap();
         assert_eq!(routes[0].agent_id, id("b"));
         let a = routes[0].candidates.iter().find(|c| c.agent_id == id("a")).unwrap();
-        assert_eq!(a.verdict, Verdict::Rejected { reasons: vec![FAILED_BEFORE.to_owned()] });
+        assert_eq!(a.verdict, Verdict::Rejected { reasons: vec![Reason::FailedBefore] });
+        assert_eq!(reasons_of(&routes[0], "a"), ["failed an earlier attempt of this task"]);
         // With nobody else, the default agent takes it rather than the one that failed.
         let mut policy = RoutingPolicy::default();
         policy.default_agents.insert(wt("deployment"), id("fallback"));
@@ -498,9 +535,10 @@ mod tests {
         &route.candidates.iter().find(|c| c.agent_id.as_str() == agent).unwrap().verdict
     }
 
+    /// The reasons as the audit record reads them.
     fn reasons_of(route: &Route, agent: &str) -> Vec<String> {
         match verdict_of(route, agent) {
-            Verdict::Rejected { reasons } => reasons.clone(),
+            Verdict::Rejected { reasons } => reasons.iter().map(Reason::to_string).collect(),
             other => panic!("{agent} not rejected: {other:?}"),
         }
     }
@@ -541,6 +579,61 @@ mod tests {
         assert_eq!(reasons_of(&route, "just-over"), ["heartbeat 30.25s old exceeds the 30s TTL"]);
         assert!(verdict_of(&route, "edge").score().is_some());
         assert!(verdict_of(&route, "future").score().is_some());
+    }
+
+    #[test]
+    fn a_heartbeat_age_is_rounded_up_to_the_millisecond() {
+        let aged = |name: &str, nanos: i64| {
+            let mut agent = agent(name);
+            agent.last_heartbeat = now() - TimeDelta::nanoseconds(nanos);
+            agent
+        };
+        let agents = [aged("a", 30_000_000_001), aged("b", 30_999_999_999), aged("c", 30_010_000_000)];
+        let route = route_one(&task("t"), &agents, &with_default("deployment", "fallback"));
+        assert_eq!(reasons_of(&route, "a"), ["heartbeat 30.001s old exceeds the 30s TTL"]);
+        assert_eq!(reasons_of(&route, "b"), ["heartbeat 31s old exceeds the 30s TTL"]);
+        assert_eq!(reasons_of(&route, "c"), ["heartbeat 30.01s old exceeds the 30s TTL"]);
+    }
+
+    #[test]
+    fn agents_lacking_the_same_capabilities_share_one_list_of_them() {
+        let mut t = task("t");
+        t.capabilities = caps(&["docker", "gpu", "ssh"]);
+        let mut first = agent("first");
+        first.capabilities = caps(&["ssh"]);
+        let mut second = agent("second");
+        second.capabilities = caps(&["ssh", "extra"]);
+        let mut other = agent("other");
+        other.capabilities = caps(&["docker"]);
+
+        let route = route_one(&t, &[first, second, other], &with_default("deployment", "fallback"));
+        let missing = |name| match verdict_of(&route, name) {
+            Verdict::Rejected { reasons } => match &reasons[..] {
+                [Reason::MissingCapabilities(names)] => Arc::clone(names),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        };
+        assert!(Arc::ptr_eq(&missing("first"), &missing("second")));
+        assert_eq!(*missing("first"), ["docker".to_owned(), "gpu".to_owned()]);
+        assert_eq!(*missing("other"), ["gpu".to_owned(), "ssh".to_owned()]);
+    }
+
+    #[test]
+    fn a_task_may_need_more_capabilities_than_fit_in_one_word() {
+        let names: Vec<String> = (0..70).map(|i| format!("c{i:02}")).collect();
+        let mut t = task("t");
+        t.capabilities = names.iter().cloned().collect();
+        let mut all = agent("all");
+        all.capabilities = t.capabilities.clone();
+        let mut most = agent("most");
+        most.capabilities = t.capabilities.clone();
+        most.capabilities.remove("c00");
+        most.capabilities.remove("c65");
+
+        let route = route_one(&t, &[all, most], &RoutingPolicy::default());
+        assert_eq!(route.agent_id.as_str(), "all");
+        assert_eq!(reasons_of(&route, "most"), ["missing capabilities: c00, c65"]);
     }
 
     #[test]
