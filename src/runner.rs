@@ -130,6 +130,10 @@ const MAX_DECISION_ROUNDS: usize = 8;
 /// disk, the next gathers the messages decided meanwhile.
 const COMMITTERS: usize = 2;
 
+/// How long a stopping runner goes on handling the deliveries that the broker sent before it
+/// took the consumer's cancellation in.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// The most messages whose writes go into one transaction.
 const MAX_BATCH: usize = 128;
 
@@ -213,13 +217,25 @@ impl<S: Stage> Runner<S> {
     /// `Ok`), or the consumer fails or the broker connection breaks (then returns the error, and
     /// the unacknowledged deliveries go back to the queue when the channel closes).
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let deliveries = self.broker.consume(&self.queue, self.settings.prefetch).await?;
+        // The subscription keeps the consumer's channel open until the end of this function, after
+        // the deliveries in hand were settled: their acknowledgements go on that channel.
+        let (subscription, deliveries) = self.broker.subscribe(&self.queue, self.settings.prefetch).await?;
         info!(stage = S::NAME, queue = %self.queue, prefetch = self.settings.prefetch, "stage consuming");
         // Cancelled by `handle` when the broker is found broken; a child, so shutdown stops too.
         let broken = shutdown.child_token();
+        // On stopping, the broker is asked for no more deliveries; those it sent before it took
+        // that in are still handled, for a while, then the stream is cut (what is left unacked
+        // goes back to the queue when the channel closes).
+        let stopped = async {
+            broken.cancelled().await;
+            if let Err(err) = subscription.cancel().await {
+                debug!(stage = S::NAME, error = %err, "cannot cancel the consumer");
+            }
+            tokio::time::sleep(STOP_GRACE).await;
+        };
         let this = &self;
         let consuming = deliveries
-            .take_until(broken.cancelled())
+            .take_until(stopped)
             .take_while(|delivery| {
                 if let Err(err) = delivery {
                     error!(stage = S::NAME, error = %err, "consumer failed");
@@ -237,6 +253,7 @@ impl<S: Stage> Runner<S> {
             () = consuming => {}
             _ = committing => {}
         }
+        drop(subscription);
         if shutdown.is_cancelled() {
             info!(stage = S::NAME, "stage stopped");
             Ok(())

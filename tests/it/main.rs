@@ -20,6 +20,7 @@ mod planning;
 mod quota;
 mod races;
 mod routing;
+mod shutdown;
 mod tracking;
 mod understanding;
 mod workflows;

@@ -550,12 +550,7 @@ async fn run_worker(config: Config, stages: &[String]) -> Result<Exit> {
     let store = worker::prepare_store(&config).await?;
     let worker = Worker::new(config, store)?;
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: finishing the messages in hand");
-        signal.cancel();
-    });
+    stop_on_signals(shutdown.clone(), "finishing the messages in hand");
     worker.run(&stages, shutdown).await?;
     Ok(Exit::Success)
 }
@@ -660,12 +655,7 @@ async fn run_agent(config: Config, args: AgentArgs) -> Result<Exit> {
         .heartbeat_every(Duration::from_secs(args.heartbeat_secs))
         .build(executor)?;
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: finishing the running tasks");
-        signal.cancel();
-    });
+    stop_on_signals(shutdown.clone(), "finishing the running tasks");
     let mut pause = Duration::from_millis(500);
     loop {
         let connected = tokio::select! {
@@ -699,19 +689,63 @@ async fn run_agent(config: Config, args: AgentArgs) -> Result<Exit> {
     }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+/// The exit status after a second signal: the shell's for a process ended by SIGINT.
+const EXIT_INTERRUPTED: i32 = 130;
+
+/// On the first SIGTERM or SIGINT (Ctrl-C), cancels `shutdown`: the process stops taking work,
+/// finishes what it holds and exits 0. On a second one it exits at once, with
+/// [`EXIT_INTERRUPTED`]: what it had not acknowledged goes back to its queues when the broker sees
+/// the connection drop.
+fn stop_on_signals(shutdown: CancellationToken, finishing: &'static str) {
+    // Listening from now on, not from the first signal: a second one that came meanwhile counts.
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for signals; stop the process with SIGKILL");
+            return;
         }
+    };
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::info!("shutting down: {finishing} (a second signal exits at once)");
+        shutdown.cancel();
+        signals.next().await;
+        tracing::warn!("second signal: exiting now; unacknowledged messages go back to their queues");
+        std::process::exit(EXIT_INTERRUPTED);
+    });
+}
+
+/// SIGTERM and SIGINT, as they come.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
