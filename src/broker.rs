@@ -46,6 +46,19 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         !matches!(self, Error::Unroutable { .. } | Error::Url(_))
     }
+
+    /// Whether the broker refused the operation to this user (403, ACCESS_REFUSED): its
+    /// permissions do not cover the exchange or queue.
+    pub fn is_access_refused(&self) -> bool {
+        match self {
+            Error::Amqp(err) => matches!(
+                err.kind(),
+                lapin::ErrorKind::ProtocolError(amqp)
+                    if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED))
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// A message to publish.
@@ -214,6 +227,11 @@ fn parse_amqp_url(url: &str) -> Result<AMQPUri, Error> {
     let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
     if !matches!(parsed.scheme(), "amqp" | "amqps") {
         return Err(invalid("the scheme must be amqp or amqps"));
+    }
+    // Without a TLS stack lapin would speak plain AMQP to an amqps:// URL: asked for encryption,
+    // refuse rather than send the password in clear.
+    if parsed.scheme() == "amqps" && !cfg!(feature = "tls") {
+        return Err(invalid("amqps needs Switchyard built with TLS (cargo build --release --features tls)"));
     }
     if parsed.cannot_be_a_base() || !parsed.has_authority() || parsed.host_str().is_none_or(str::is_empty) {
         return Err(invalid("no host (the form is amqp://user:password@host:port/vhost)"));
@@ -521,6 +539,15 @@ mod tests {
             assert!(text.contains(problem), "{url}: {text}");
             assert!(!text.contains("s3cret"), "{url}: {text}");
         }
-        assert!(parse_amqp_url("amqps://guest:s3cret@rabbit.example/prod").is_ok());
+        let amqps = parse_amqp_url("amqps://guest:s3cret@rabbit.example/prod");
+        if cfg!(feature = "tls") {
+            assert!(amqps.is_ok());
+        } else {
+            let text = amqps.unwrap_err().to_string();
+            assert!(
+                text.contains("amqps needs Switchyard built with TLS") && !text.contains("s3cret"),
+                "{text}"
+            );
+        }
     }
 }

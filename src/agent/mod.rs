@@ -252,8 +252,15 @@ impl<H: TaskHandler> Agent<H> {
     pub async fn run(self, broker: Arc<Broker>, shutdown: CancellationToken) -> Result<(), Error> {
         let id = self.settings.id.clone();
         // The namespace's topology too (idempotent): an agent that starts before any worker must
-        // not lose its first heartbeats and results to queues that do not exist yet.
-        broker.declare_topology().await?;
+        // not lose its first heartbeats and results to queues that do not exist yet. An agent
+        // whose account may not declare them (least privilege) relies on the workers to.
+        match broker.declare_topology().await {
+            Ok(_) => {}
+            Err(err) if err.is_access_refused() => {
+                info!(agent = %id, "not permitted to declare the namespace's queues; the workers declare them");
+            }
+            Err(err) => return Err(err.into()),
+        }
         let queue = broker.declare_agent_queue(&id).await?;
         let shared = Arc::new(Shared {
             settings: self.settings.clone(),

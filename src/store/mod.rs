@@ -13,8 +13,14 @@ mod stats;
 use std::time::Duration;
 
 use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime};
+use std::sync::Arc;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use apply::{Applied, Delivery, Marker};
 pub use quota::{QuotaReport, StoredReservation};
@@ -82,17 +88,49 @@ fn pg_config(url: &str) -> Result<tokio_postgres::Config, Error> {
     url.parse::<tokio_postgres::Config>().map_err(|e| Error::Config(e.to_string()))
 }
 
+/// The TLS of connections to the server that `config` names: none unless its `sslmode` is
+/// `require`, then encrypted and the server's certificate verified against the system's roots
+/// and, as for `psql`, the certificates of the file that `PGSSLROOTCERT` names (a private CA).
+/// Stricter than `psql`'s `require`, which encrypts without verifying: an encrypted connection to
+/// an impostor protects nothing.
+fn tls_for(config: &tokio_postgres::Config) -> Result<Option<MakeRustlsConnect>, Error> {
+    if config.get_ssl_mode() != SslMode::Require {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    // Certificates the system has that cannot be read are skipped, as every TLS client does.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = std::env::var_os("PGSSLROOTCERT") {
+        let shown = std::path::Path::new(&path).display().to_string();
+        let certs = CertificateDer::pem_file_iter(&path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Error::Config(format!("PGSSLROOTCERT {shown}: {e}")))?;
+        for cert in certs {
+            roots.add(cert).map_err(|e| Error::Config(format!("PGSSLROOTCERT {shown}: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(MakeRustlsConnect::new(tls)))
+}
+
 impl Store {
     /// A pool of at most `max_connections` to `url`; fails if the database does not answer.
     pub async fn connect(url: &str, max_connections: usize) -> Result<Self, Error> {
         let mut config = pg_config(url)?;
         config.connect_timeout(Duration::from_secs(5));
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            NoTls,
-            // Fast: a broken connection shows up as an error on use, and that error is transient.
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        // Fast: a broken connection shows up as an error on use, and that error is transient.
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match tls_for(&config)? {
+            Some(tls) => deadpool_postgres::Manager::from_config(config, tls, recycling),
+            None => deadpool_postgres::Manager::from_config(config, NoTls, recycling),
+        };
         let mut pool_config = PoolConfig::new(max_connections.max(1));
         pool_config.timeouts.wait = Some(Duration::from_secs(10));
         pool_config.timeouts.create = Some(Duration::from_secs(5));
@@ -129,13 +167,20 @@ impl Store {
 /// `postgres`, and a database that exists needs nothing from it.
 pub async fn ensure_database(url: &str) -> Result<(), Error> {
     let config = pg_config(url)?;
-    match config.connect(NoTls).await {
-        Ok((client, connection)) => {
+    let tls = tls_for(&config)?;
+    // Without its client a connection task ends at once.
+    let connected = match &tls {
+        Some(tls) => config.connect(tls.clone()).await.map(|(client, connection)| {
             drop(client);
-            // Without its client the connection task ends at once.
-            let _ = connection.await;
-            return Ok(());
-        }
+            tokio::spawn(connection);
+        }),
+        None => config.connect(NoTls).await.map(|(client, connection)| {
+            drop(client);
+            tokio::spawn(connection);
+        }),
+    };
+    match connected {
+        Ok(()) => return Ok(()),
         Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
         Err(e) => return Err(e.into()),
     }
@@ -146,8 +191,16 @@ pub async fn ensure_database(url: &str) -> Result<(), Error> {
         .ok_or_else(|| Error::Config("no database name in the URL".into()))?;
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let (client, connection) = admin.connect(NoTls).await?;
-    let task = tokio::spawn(connection);
+    let (client, task) = match tls {
+        Some(tls) => {
+            let (client, connection) = admin.connect(tls).await?;
+            (client, tokio::spawn(async move { drop(connection.await) }))
+        }
+        None => {
+            let (client, connection) = admin.connect(NoTls).await?;
+            (client, tokio::spawn(async move { drop(connection.await) }))
+        }
+    };
     let sql = format!("CREATE DATABASE {}", quote_ident(&name));
     if let Err(e) = client.execute(sql.as_str(), &[]).await {
         // Another process may have created it in the meantime.
