@@ -547,8 +547,6 @@ async fn run_worker(config: Config, stages: &[String]) -> Result<Exit> {
         // clap lets only stage names through.
         stages.iter().map(|s| s.parse()).collect::<Result<_, _>>()?
     };
-    let store = worker::prepare_store(&config).await?;
-    let worker = Worker::new(config, store)?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -556,6 +554,11 @@ async fn run_worker(config: Config, stages: &[String]) -> Result<Exit> {
         tracing::info!("shutting down: finishing the messages in hand");
         signal.cancel();
     });
+    // A worker started while the database restarts waits for it, as it waits for the broker.
+    let Some(store) = worker::prepare_store_patiently(&config, &shutdown).await? else {
+        return Ok(Exit::Success);
+    };
+    let worker = Worker::new(config, store)?;
     worker.run(&stages, shutdown).await?;
     Ok(Exit::Success)
 }
