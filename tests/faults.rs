@@ -15,7 +15,8 @@
 //! The broker and the database server are private (free ports, a scratch directory), so that
 //! restarting them disturbs no other test; they are stopped and their files removed however the
 //! suite ends. The faults come from a seeded generator: the seed is printed, and
-//! `SWITCHYARD_FAULTS_SEED=N` replays a run's schedule.
+//! `SWITCHYARD_FAULTS_SEED=N` replays a run's schedule; `SWITCHYARD_FAULTS_LOGS=DIR` keeps the
+//! processes' logs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
@@ -190,6 +191,7 @@ async fn nothing_is_lost_or_done_twice_under_kills_restarts_and_duplicates() {
     let exits = fleet.stop().await;
     println!("processes that exited by themselves (not killed by the suite): {exits}");
     println!("warnings and errors logged: {}", fleet.log_summary());
+    fleet.keep_logs();
     println!("total run time {:.1} s", started.elapsed().as_secs_f64());
     if verdict.lost > 0 || verdict.duplicated > 0 || !verdict.findings.is_empty() || exits > 0 {
         fleet.show_logs();
@@ -717,6 +719,18 @@ impl Fleet {
             .collect();
         counts.sort();
         counts.join(" ")
+    }
+
+    /// Copies the processes' logs into `SWITCHYARD_FAULTS_LOGS`, if set, before the scratch
+    /// directory goes.
+    fn keep_logs(&self) {
+        let Some(target) = std::env::var_os("SWITCHYARD_FAULTS_LOGS") else { return };
+        let target = PathBuf::from(target);
+        std::fs::create_dir_all(&target).unwrap();
+        for entry in std::fs::read_dir(&self.logs).unwrap().flatten() {
+            let _ = std::fs::copy(entry.path(), target.join(entry.file_name()));
+        }
+        println!("process logs copied to {}", target.display());
     }
 
     /// The last lines each process logged, for a failed run.
