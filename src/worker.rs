@@ -80,6 +80,34 @@ pub async fn prepare_store(config: &Config) -> Result<Store, Error> {
     Ok(store)
 }
 
+/// [`prepare_store`], waiting for the database while it is unreachable or restarting (retrying
+/// with backoff, as the broker connection does), so that a worker started during a database
+/// restart comes up once the database is back instead of exiting. `None` if `shutdown` came
+/// first; an error only if waiting cannot help (a bad URL, a refused migration).
+pub async fn prepare_store_patiently(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<Store>, Error> {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let prepared = tokio::select! {
+            prepared = prepare_store(config) => prepared,
+            () = shutdown.cancelled() => return Ok(None),
+        };
+        match prepared {
+            Ok(store) => return Ok(Some(store)),
+            Err(Error::Store(err)) if err.is_transient() => {
+                error!(database = %redact(&config.database_url), error = %crate::error_chain(&err), ?pause, "cannot prepare the database; trying again");
+                if !sleep_unless_cancelled(pause, shutdown).await {
+                    return Ok(None);
+                }
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 /// Everything the stages need, injected: tests build it with their own store and namespace.
 #[derive(Clone)]
 pub struct Worker {

@@ -58,15 +58,27 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Pool(_) => true,
-            Error::Db(e) => match e.code() {
-                None => true, // connection closed, I/O: not an answer from the server
-                Some(code) => {
-                    let class = &code.code()[..2];
-                    matches!(class, "08" | "53" | "57" | "58" | "40") || *code == SqlState::LOCK_NOT_AVAILABLE
+            Error::Db(e) => db_error_is_transient(e),
+            // A migration that lost its connection (the server restarting) can run again; one
+            // that the server refused, or that is invalid, cannot.
+            Error::Migration(e) => match e.kind() {
+                refinery::error::Kind::Connection(_, source) => {
+                    source.downcast_ref::<tokio_postgres::Error>().is_some_and(db_error_is_transient)
                 }
+                _ => false,
             },
-            Error::Migration(_) | Error::Config(_) | Error::NotFound(_) | Error::Refused(_) => false,
+            Error::Config(_) | Error::NotFound(_) | Error::Refused(_) => false,
             Error::Corrupt(_) => false,
+        }
+    }
+}
+
+fn db_error_is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true, // connection closed, I/O: not an answer from the server
+        Some(code) => {
+            let class = &code.code()[..2];
+            matches!(class, "08" | "53" | "57" | "58" | "40") || *code == SqlState::LOCK_NOT_AVAILABLE
         }
     }
 }

@@ -42,7 +42,8 @@ fn rabbitmqctl(args: &[&str]) {
 async fn an_agent_allowed_only_its_own_queue_runs_its_tasks_and_reads_nothing_else() {
     let app = spawn_app().await;
     let agent = format!("lp-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let own_queue = regex_quote(&app.agent_queue(&agent));
+    // Declared here too, so that the test removes it afterwards.
+    let own_queue = regex_quote(&app.declare_agent_queue(&agent).await);
     let user = BrokerUser::create(&agent, "agent-password", &own_queue, "^amq\\.default$", &own_queue);
     let url = app.config.amqp_url.replacen("guest:guest", &format!("{}:agent-password", user.name), 1);
     assert_ne!(url, app.config.amqp_url, "the test broker URL names the guest account");

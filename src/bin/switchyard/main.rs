@@ -547,10 +547,13 @@ async fn run_worker(config: Config, stages: &[String]) -> Result<Exit> {
         // clap lets only stage names through.
         stages.iter().map(|s| s.parse()).collect::<Result<_, _>>()?
     };
-    let store = worker::prepare_store(&config).await?;
-    let worker = Worker::new(config, store)?;
     let shutdown = CancellationToken::new();
     stop_on_signals(shutdown.clone(), "finishing the messages in hand");
+    // A worker started while the database restarts waits for it, as it waits for the broker.
+    let Some(store) = worker::prepare_store_patiently(&config, &shutdown).await? else {
+        return Ok(Exit::Success);
+    };
+    let worker = Worker::new(config, store)?;
     worker.run(&stages, shutdown).await?;
     Ok(Exit::Success)
 }
