@@ -353,6 +353,7 @@ impl<S: Stage> Runner<S> {
                             Err(Failure::Transient("a copy of this message is being delivered".into()))
                         }
                         Delivery::Conflict(reason) => Err(Failure::Transient(reason)),
+                        Delivery::Refused(err) => Err(err.into()),
                         Delivery::Failed(err @ broker::Error::Unroutable { .. }) => {
                             let reason = format!(
                                 "{err}; gave up after {} attempts",
