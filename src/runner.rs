@@ -535,7 +535,7 @@ impl<S: Stage> Runner<S> {
     ) -> Handled {
         let reason = bounded_reason(reason);
         warn!(%reason, "dead-lettering message");
-        let body = sanitize(&String::from_utf8_lossy(&delivery.body));
+        let body = recorded_body(&delivery.body);
         let recorded = self
             .store
             .record_dead_letter(
@@ -645,6 +645,31 @@ fn bounded_reason(reason: &str) -> String {
     format!("{} […{cut} bytes cut…] {}", &reason[..head_end], &reason[tail_start..])
 }
 
+/// The most of a dead letter's body that its row keeps, in bytes. The copy in `<ns>.dead` is
+/// the whole message; the row is what people read, and a client may send up to the broker's
+/// largest message (128 MiB by default), which the database would otherwise hold as text.
+const MAX_RECORDED_BODY_BYTES: usize = 64 * 1024;
+
+/// A dead letter's body as its row keeps it: as text (bytes that are not UTF-8 replaced, NUL
+/// characters too), at most [`MAX_RECORDED_BODY_BYTES`] of it, with how much more there was.
+fn recorded_body(body: &[u8]) -> String {
+    let mut end = body.len().min(MAX_RECORDED_BODY_BYTES);
+    // Not in the middle of a character: a UTF-8 character has at most 3 continuation bytes.
+    for _ in 0..3 {
+        if end < body.len() && end > 0 && body[end] & 0xC0 == 0x80 {
+            end -= 1;
+        }
+    }
+    let mut text = sanitize(&String::from_utf8_lossy(&body[..end]));
+    if end < body.len() {
+        text.push_str(&format!(
+            " […{} more bytes; the whole message is in the dead queue]",
+            body.len() - end
+        ));
+    }
+    text
+}
+
 fn floor_char_boundary(text: &str, mut index: usize) -> usize {
     while !text.is_char_boundary(index) {
         index -= 1;
@@ -709,6 +734,19 @@ mod tests {
         for unreadable in [&b"not json"[..], b"", b"[1,2]", b"{\"message_id\": \"x\"", b"\xff\xfe"] {
             assert_eq!(sniff_ids(unreadable), (None, None), "{}", String::from_utf8_lossy(unreadable));
         }
+    }
+
+    #[test]
+    fn a_dead_letter_s_row_keeps_the_start_of_a_large_body() {
+        assert_eq!(recorded_body(b"{\"text\": \"deploy\""), "{\"text\": \"deploy\"");
+        assert_eq!(recorded_body(b"a\0\xffb"), "a\u{FFFD}\u{FFFD}b");
+        let large = format!("{}{}", "x".repeat(MAX_RECORDED_BODY_BYTES - 1), "é".repeat(5_000_000));
+        let kept = recorded_body(large.as_bytes());
+        // The "é" across the limit is left out whole, not cut into a replacement character.
+        let head = "x".repeat(MAX_RECORDED_BODY_BYTES - 1);
+        assert_eq!(kept, format!("{head} […10000000 more bytes; the whole message is in the dead queue]"));
+        let exactly = "y".repeat(MAX_RECORDED_BODY_BYTES);
+        assert_eq!(recorded_body(exactly.as_bytes()), exactly);
     }
 
     #[test]
