@@ -462,6 +462,41 @@ mod tests {
     }
 
     #[test]
+    fn nesting_deeper_than_any_stack_is_refused_or_skipped_without_recursing() {
+        // On a stack smaller than a tokio worker's (2 MiB): 100,000 levels handled by recursion
+        // would overflow it and abort the process, not fail a test.
+        let checked = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(|| {
+                let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+                let limit = 1 << 20;
+                // A field that the message does not have is refused at once.
+                let body = format!(r#"{{"text":"Deploy Gitea","deep":{deep}}}"#);
+                let err = parse_submission(body.as_bytes(), limit, None).unwrap_err();
+                assert!(matches!(&err, Error::Schema(m) if m.contains("unknown field `deep`")), "{err}");
+                // One that a newer version may add is skipped, without recursion.
+                let heartbeat = format!(r#"{{"agent_id":"a1","capabilities":[],"capacity":1,"deep":{deep}}}"#);
+                assert!(parse_heartbeat(heartbeat.as_bytes(), limit).is_ok());
+                let plan = RequestId::random().plan_id();
+                let route = format!(
+                    r#"{{"message_id":"{}","schema_version":1,"request_id":"{}","causation_id":null,
+                        "timestamp":"2025-01-01T00:00:00Z",
+                        "payload":{{"plan_id":"{plan}","priority":0,"approved_by":"policy","deep":{deep}}}}}"#,
+                    MessageId::random(),
+                    RequestId::random()
+                );
+                assert_eq!(parse_envelope::<RouteTasks>(route.as_bytes(), limit).unwrap().payload.plan_id, plan);
+                // What is read as a value stops at serde_json's recursion limit (128).
+                let planned = route.replace(r#""plan_id""#, &format!(r#""complexity":{deep},"plan_id""#));
+                let err = parse_envelope::<Planned>(planned.as_bytes(), limit).unwrap_err();
+                assert!(matches!(&err, Error::Malformed(m) if m.starts_with("recursion limit exceeded")), "{err}");
+            })
+            .unwrap()
+            .join();
+        assert!(checked.is_ok(), "the checks failed: see above");
+    }
+
+    #[test]
     fn heartbeat_figures_fit_where_they_are_stored() {
         let with = |fields: &str| format!(r#"{{"agent_id":"a1","capabilities":[],"capacity":1,{fields}}}"#);
         let largest = with(r#""resources":{"cpu":64.5,"memory_mb":9223372036854775807,"gpu":2147483647}"#);
