@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Decomposition, Intent, Plan, PlanError, Resources, Task};
+use crate::domain::{Decomposition, Intent, MAX_INTENTS, Plan, PlanError, Resources, Task};
 use crate::ids::{self, RequestId, TaskId, WorkType};
 
 /// The default catalog, embedded so that the binary works without any file.
@@ -92,6 +92,11 @@ pub enum DecomposeError {
         /// The catalog's work types, comma-separated.
         known: String,
     },
+    #[error(
+        "the request asks for {0} things, more than the {MAX_INTENTS} one request may ask for: \
+         split it into smaller requests"
+    )]
+    TooManyIntents(usize),
 }
 
 /// Why a decomposition yields no plan.
@@ -99,6 +104,8 @@ pub enum DecomposeError {
 pub enum PlanningError {
     #[error("work type {0} is not in the catalog")]
     UnknownWorkType(WorkType),
+    #[error("the decomposition has {0} intents, more than the {MAX_INTENTS} a plan may be made of")]
+    TooManyIntents(usize),
     #[error(transparent)]
     Plan(#[from] PlanError),
 }
@@ -326,6 +333,9 @@ impl Catalog {
             let known = if known.is_empty() { "(none)".to_owned() } else { known.join(", ") };
             return Err(DecomposeError::NoMatch { known });
         }
+        if drafts.len() > MAX_INTENTS {
+            return Err(DecomposeError::TooManyIntents(drafts.len()));
+        }
         let intents: Vec<Intent> = drafts.into_iter().map(|d| self.intent(text, d)).collect();
         let folded = clause_count - matched_count;
         let confidence = clamp_round((matched_count as f64 + 0.5 * folded as f64) / clause_count as f64);
@@ -357,6 +367,11 @@ impl Catalog {
     /// intent's `runs_after` ("deploy, then monitor"). An intent with a target prefers agents
     /// labelled `target=<first target, lowercased>`.
     pub fn plan(&self, request_id: RequestId, decomposition: &Decomposition) -> Result<Plan, PlanningError> {
+        // Each intent's root steps may depend on every earlier intent's leaves: bounded here, not
+        // by the size of whatever message carried the decomposition.
+        if decomposition.intents.len() > MAX_INTENTS {
+            return Err(PlanningError::TooManyIntents(decomposition.intents.len()));
+        }
         let plan_id = request_id.plan_id();
         let specs = decomposition
             .intents
@@ -1614,6 +1629,37 @@ mod tests {
         let err = catalog.plan(RequestId::random(), &d).unwrap_err();
         assert_eq!(err, PlanningError::Plan(PlanError::NoTasks));
         assert_eq!(err.to_string(), "the request yields no task");
+    }
+
+    #[test]
+    fn a_request_that_asks_for_too_many_things_is_refused_before_it_is_planned() {
+        let catalog = Catalog::default();
+        let asking = |pairs: usize| -> String {
+            let clauses: Vec<String> =
+                (0..pairs).map(|i| format!("write script{i} and deploy app{i}")).collect();
+            clauses.join(" and ")
+        };
+        let most = catalog.decompose(&asking(MAX_INTENTS / 2)).unwrap();
+        assert_eq!(most.intents.len(), MAX_INTENTS);
+        assert!(catalog.plan(RequestId::random(), &most).is_ok());
+        // Each deployment waits for every script before it: the plan would grow with the square
+        // of what the request asks for.
+        let err = catalog.decompose(&asking(3000)).unwrap_err();
+        assert_eq!(err, DecomposeError::TooManyIntents(6000));
+        assert_eq!(
+            err.to_string(),
+            "the request asks for 6000 things, more than the 20 one request may ask for: split it into \
+             smaller requests"
+        );
+        // The same bound holds for a decomposition that arrives in a message.
+        let mut many = most.clone();
+        many.intents.extend(most.intents.iter().cloned());
+        let err = catalog.plan(RequestId::random(), &many).unwrap_err();
+        assert_eq!(err, PlanningError::TooManyIntents(40));
+        assert_eq!(
+            err.to_string(),
+            "the decomposition has 40 intents, more than the 20 a plan may be made of"
+        );
     }
 
     #[test]

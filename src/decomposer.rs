@@ -36,8 +36,8 @@ use crate::llm::{self, ChatRequest, Client, Endpoint, RetryPolicy, Secret};
 /// The name the [`Llm`] decomposer puts in [`Decomposition::decomposer`].
 pub const LLM: &str = "llm";
 
-/// The most intents an answer may have.
-pub const MAX_INTENTS: usize = 20;
+/// The most intents an answer may have: as many as any decomposition.
+pub use crate::domain::MAX_INTENTS;
 /// The longest intent text, in characters.
 pub const MAX_TEXT_CHARS: usize = 2000;
 /// The most entities, and the most targets, of one intent.

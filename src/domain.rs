@@ -40,7 +40,16 @@ pub struct Intent {
     pub targets: Vec<String>,
 }
 
-/// A request broken into intents. Never empty.
+/// The most intents one request may be read into, by any decomposer: a plan grows with the
+/// intents (and their dependencies on earlier intents with the square of them), so a request
+/// that asks for more is refused, to be split into smaller ones.
+pub const MAX_INTENTS: usize = 20;
+
+/// The most tasks a plan may have. Plans from the catalog stay far below it (a few steps per
+/// intent, at most [`MAX_INTENTS`] intents); a message that carries a larger one is refused.
+pub const MAX_TASKS: usize = 1000;
+
+/// A request broken into intents: at least one, at most 20.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Decomposition {
     /// Which decomposer produced it: "rules" or "llm".
@@ -81,6 +90,8 @@ pub struct Task {
 pub enum PlanError {
     #[error("the request yields no task")]
     NoTasks,
+    #[error("the plan has {0} tasks, more than the {MAX_TASKS} a plan may have")]
+    TooManyTasks(usize),
     #[error("task id {0} appears twice in the plan")]
     DuplicateTask(TaskId),
     #[error("task {task} depends on {missing}, which is not in the plan")]
@@ -89,7 +100,7 @@ pub enum PlanError {
     Cycle(TaskId),
 }
 
-/// A work plan: a non-empty DAG of tasks.
+/// A work plan: a DAG of 1 to 1,000 tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(try_from = "PlanUnchecked")]
 pub struct Plan {
@@ -114,11 +125,15 @@ impl TryFrom<PlanUnchecked> for Plan {
 }
 
 impl Plan {
-    /// Checks that there is at least one task, that ids are unique, that dependencies exist and
-    /// that there is no cycle; orders the tasks topologically (stable: ties keep their order).
+    /// Checks that there are 1 to [`MAX_TASKS`] tasks, that ids are unique, that dependencies
+    /// exist and that there is no cycle; orders the tasks topologically (stable: ties keep their
+    /// order).
     pub fn new(id: PlanId, request_id: RequestId, tasks: Vec<Task>) -> Result<Self, PlanError> {
         if tasks.is_empty() {
             return Err(PlanError::NoTasks);
+        }
+        if tasks.len() > MAX_TASKS {
+            return Err(PlanError::TooManyTasks(tasks.len()));
         }
         let mut index = HashMap::with_capacity(tasks.len());
         for (i, task) in tasks.iter().enumerate() {
@@ -368,6 +383,13 @@ mod tests {
         assert!(matches!(Plan::new(p, request, dangling), Err(PlanError::UnknownDependency { .. })));
         let dup = vec![task(p, "a", &[]), task(p, "a", &[])];
         assert!(matches!(Plan::new(p, request, dup), Err(PlanError::DuplicateTask(_))));
+        let most: Vec<Task> = (0..MAX_TASKS).map(|i| task(p, &format!("t{i}"), &[])).collect();
+        assert_eq!(Plan::new(p, request, most.clone()).unwrap().tasks().len(), MAX_TASKS);
+        let mut too_many = most;
+        too_many.push(task(p, "one-more", &[]));
+        let err = Plan::new(p, request, too_many).unwrap_err();
+        assert_eq!(err, PlanError::TooManyTasks(MAX_TASKS + 1));
+        assert_eq!(err.to_string(), "the plan has 1001 tasks, more than the 1000 a plan may have");
     }
 
     #[test]

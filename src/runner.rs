@@ -26,6 +26,7 @@ use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -369,6 +370,7 @@ impl<S: Stage> Runner<S> {
                             Err(Failure::Transient("a copy of this message is being delivered".into()))
                         }
                         Delivery::Conflict(reason) => Err(Failure::Transient(reason)),
+                        Delivery::Refused(err) => Err(err.into()),
                         Delivery::Failed(err @ broker::Error::Unroutable { .. }) => {
                             let reason = format!(
                                 "{err}; gave up after {} attempts",
@@ -548,9 +550,9 @@ impl<S: Stage> Runner<S> {
         request_id: Option<crate::ids::RequestId>,
         reason: &str,
     ) -> Handled {
+        let reason = bounded_reason(reason);
         warn!(%reason, "dead-lettering message");
-        let reason = sanitize(reason);
-        let body = sanitize(&String::from_utf8_lossy(&delivery.body));
+        let body = recorded_body(&delivery.body);
         let recorded = self
             .store
             .record_dead_letter(
@@ -594,7 +596,7 @@ impl<S: Stage> Runner<S> {
                 outgoing.priority = delivery.priority;
                 outgoing.headers = delivery.headers.clone();
                 outgoing.headers.insert("x-switchyard-retries".into(), retries.to_string());
-                outgoing.headers.insert("x-switchyard-last-error".into(), sanitize(reason));
+                outgoing.headers.insert("x-switchyard-last-error".into(), bounded_reason(reason));
                 self.broker.publish(&outgoing).await.map_err(|err| err.to_string())
             }
             None => Err(format!("the topology gives {} no retry queue", self.queue)),
@@ -638,19 +640,149 @@ fn sanitize(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
 
+/// The longest reason a dead letter (or a parked message) carries, in bytes. The reason travels
+/// in a header, and AMQP carries all of a message's headers in one frame (128 KiB by default):
+/// a longer header makes the broker close the whole connection, every stage of the worker with
+/// it, and the message comes back to do it again. A reason may quote the message (an unknown
+/// field's name, an invalid agent id), so it can be as long as the message.
+const MAX_REASON_BYTES: usize = 2048;
+
+/// `reason` as a dead letter records it: no NUL characters, and at most [`MAX_REASON_BYTES`],
+/// the start and the end of a longer one kept with how much was cut between them (an error
+/// says what is wrong first, and often what was expected last).
+fn bounded_reason(reason: &str) -> String {
+    let reason = sanitize(reason);
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason;
+    }
+    let (head, tail) = (MAX_REASON_BYTES * 3 / 4, MAX_REASON_BYTES / 8);
+    let head_end = floor_char_boundary(&reason, head);
+    let tail_start = ceil_char_boundary(&reason, reason.len() - tail);
+    let cut = tail_start - head_end;
+    format!("{} […{cut} bytes cut…] {}", &reason[..head_end], &reason[tail_start..])
+}
+
+/// The most of a dead letter's body that its row keeps, in bytes. The copy in `<ns>.dead` is
+/// the whole message; the row is what people read, and a client may send up to the broker's
+/// largest message (128 MiB by default), which the database would otherwise hold as text.
+const MAX_RECORDED_BODY_BYTES: usize = 64 * 1024;
+
+/// A dead letter's body as its row keeps it: as text (bytes that are not UTF-8 replaced, NUL
+/// characters too), at most [`MAX_RECORDED_BODY_BYTES`] of it, with how much more there was.
+fn recorded_body(body: &[u8]) -> String {
+    let mut end = body.len().min(MAX_RECORDED_BODY_BYTES);
+    // Not in the middle of a character: a UTF-8 character has at most 3 continuation bytes.
+    for _ in 0..3 {
+        if end < body.len() && end > 0 && body[end] & 0xC0 == 0x80 {
+            end -= 1;
+        }
+    }
+    let mut text = sanitize(&String::from_utf8_lossy(&body[..end]));
+    if end < body.len() {
+        text.push_str(&format!(
+            " […{} more bytes; the whole message is in the dead queue]",
+            body.len() - end
+        ));
+    }
+    text
+}
+
+fn floor_char_boundary(text: &str, mut index: usize) -> usize {
+    while !text.is_char_boundary(index) {
+        index -= 1;
+    }
+    index
+}
+
+fn ceil_char_boundary(text: &str, mut index: usize) -> usize {
+    while !text.is_char_boundary(index) {
+        index += 1;
+    }
+    index
+}
+
 /// The message id and request id of a message that could not be parsed, where they can be read
 /// from it, so that the dead letter matches the other records and shows in the request's status.
+///
+/// Only these two fields are read: the rest of the message is skipped without being built, so a
+/// body over the size limit costs no memory beyond itself, and what made the message unusable
+/// elsewhere in it (nesting deeper than a parser recurses, bytes that are not UTF-8 in another
+/// field) does not hide its ids.
 fn sniff_ids(body: &[u8]) -> (Option<crate::ids::MessageId>, Option<crate::ids::RequestId>) {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+    #[derive(serde::Deserialize)]
+    struct Ids<'a> {
+        #[serde(borrow, default)]
+        message_id: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        request_id: Option<&'a RawValue>,
+    }
+    fn text(raw: Option<&RawValue>) -> Option<String> {
+        serde_json::from_str(raw?.get()).ok()
+    }
+    let Ok(ids) = serde_json::from_slice::<Ids>(body) else {
         return (None, None);
     };
-    let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
-    (field("message_id").and_then(|id| id.parse().ok()), field("request_id").and_then(|id| id.parse().ok()))
+    (text(ids.message_id).and_then(|id| id.parse().ok()), text(ids.request_id).and_then(|id| id.parse().ok()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ids_of_an_unusable_message_are_read_past_what_makes_it_unusable() {
+        let (message, request) = (crate::ids::MessageId::random(), crate::ids::RequestId::random());
+        let ids = |rest: &str| -> Vec<u8> {
+            format!(r#"{{"message_id":"{message}",{rest},"request_id":"{request}"}}"#).into_bytes()
+        };
+        let both = (Some(message), Some(request));
+        assert_eq!(sniff_ids(&ids(r#""payload":{"plan_id":7}"#)), both);
+        // Deeper than serde_json recurses (128): skipped without recursion.
+        let deep = format!(r#""payload":{}{}"#, "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(sniff_ids(&ids(&deep)), both);
+        // Bytes that are not UTF-8, in a field that is not read.
+        let mut body = ids(r#""payload":"PLACEHOLDER""#);
+        let at = body.windows(11).position(|w| w == b"PLACEHOLDER").unwrap();
+        body.splice(at..at + 11, [0xff, 0xfe]);
+        assert_eq!(sniff_ids(&body), both);
+        // Ids that are not UUIDs, or not strings, are not ids.
+        assert_eq!(sniff_ids(br#"{"message_id":"42; DROP TABLE x","request_id":[[1]]}"#), (None, None));
+        assert_eq!(sniff_ids(br#"{"message_id":null}"#), (None, None));
+        for unreadable in [&b"not json"[..], b"", b"[1,2]", b"{\"message_id\": \"x\"", b"\xff\xfe"] {
+            assert_eq!(sniff_ids(unreadable), (None, None), "{}", String::from_utf8_lossy(unreadable));
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_s_row_keeps_the_start_of_a_large_body() {
+        assert_eq!(recorded_body(b"{\"text\": \"deploy\""), "{\"text\": \"deploy\"");
+        assert_eq!(recorded_body(b"a\0\xffb"), "a\u{FFFD}\u{FFFD}b");
+        let large = format!("{}{}", "x".repeat(MAX_RECORDED_BODY_BYTES - 1), "é".repeat(5_000_000));
+        let kept = recorded_body(large.as_bytes());
+        // The "é" across the limit is left out whole, not cut into a replacement character.
+        let head = "x".repeat(MAX_RECORDED_BODY_BYTES - 1);
+        assert_eq!(kept, format!("{head} […10000000 more bytes; the whole message is in the dead queue]"));
+        let exactly = "y".repeat(MAX_RECORDED_BODY_BYTES);
+        assert_eq!(recorded_body(exactly.as_bytes()), exactly);
+    }
+
+    #[test]
+    fn a_reason_is_bounded_keeping_its_start_and_end() {
+        assert_eq!(bounded_reason("malformed JSON: EOF"), "malformed JSON: EOF");
+        assert_eq!(bounded_reason("a\0b"), "a\u{FFFD}b");
+        // What serde says of a field named with 200,000 characters.
+        let name = "é".repeat(100_000);
+        let reason =
+            format!("schema violation: unknown field `{name}`, expected one of `text`, `request_id`");
+        let bounded = bounded_reason(&reason);
+        assert!(bounded.len() <= MAX_REASON_BYTES, "{}", bounded.len());
+        assert!(bounded.starts_with("schema violation: unknown field `éé"), "{bounded}");
+        assert!(bounded.ends_with("éé`, expected one of `text`, `request_id`"), "{bounded}");
+        // What was kept and what was cut add up to the whole.
+        let (head, rest) = bounded.split_once(" […").unwrap();
+        let (cut, tail) = rest.split_once(" bytes cut…] ").unwrap();
+        assert_eq!(head.len() + cut.parse::<usize>().unwrap() + tail.len(), reason.len());
+    }
 
     #[test]
     fn a_panic_becomes_the_reason_of_a_permanent_failure() {

@@ -213,7 +213,8 @@ pub struct TokenUsage {
 pub struct Heartbeat {
     pub agent_id: AgentId,
     pub capabilities: BTreeSet<String>,
-    #[schemars(range(min = 1))]
+    /// How many tasks the agent takes at once: 1 to 65,535.
+    #[schemars(range(min = 1, max = 65535))]
     pub capacity: u32,
     #[serde(default)]
     pub in_flight: u32,
@@ -306,12 +307,33 @@ pub fn parse_submission(
     })
 }
 
-/// Parses a heartbeat from `<namespace>.heartbeats`.
+/// The most tasks an agent may take at once: the prefetch of its consumer, an AMQP short.
+pub const MAX_CAPACITY: u32 = u16::MAX as u32;
+
+/// Parses a heartbeat from `<namespace>.heartbeats`. Its figures must be ones the agents table
+/// can hold as they are, not wrapped around into other (negative) ones.
 pub fn parse_heartbeat(body: &[u8], limit: usize) -> Result<Heartbeat, Error> {
     check_size(body, limit)?;
     let heartbeat: Heartbeat = serde_json::from_slice(body).map_err(classify)?;
+    let schema = |reason: String| Err(Error::Schema(reason));
+    let Resources { cpu, memory_mb, gpu } = heartbeat.resources;
     if heartbeat.capacity == 0 {
-        return Err(Error::Schema("capacity must be at least 1".into()));
+        return schema("capacity must be at least 1".into());
+    }
+    if heartbeat.capacity > MAX_CAPACITY {
+        return schema(format!(
+            "capacity {} is more than the {MAX_CAPACITY} an agent may have",
+            heartbeat.capacity
+        ));
+    }
+    if !(cpu.is_finite() && cpu >= 0.0) {
+        return schema(format!("resources.cpu {cpu} is not a number of CPUs"));
+    }
+    if i64::try_from(memory_mb).is_err() {
+        return schema(format!("resources.memory_mb {memory_mb} is more than {}", i64::MAX));
+    }
+    if i32::try_from(gpu).is_err() {
+        return schema(format!("resources.gpu {gpu} is more than {}", i32::MAX));
     }
     Ok(heartbeat)
 }
@@ -437,6 +459,72 @@ mod tests {
         assert!(matches!(parse_heartbeat(zero, 1024), Err(Error::Schema(_))));
         let bad_id = br#"{"agent_id":"A 1","capabilities":[],"capacity":1}"#;
         assert!(matches!(parse_heartbeat(bad_id, 1024), Err(Error::Schema(_))));
+    }
+
+    #[test]
+    fn nesting_deeper_than_any_stack_is_refused_or_skipped_without_recursing() {
+        // On a stack smaller than a tokio worker's (2 MiB): 100,000 levels handled by recursion
+        // would overflow it and abort the process, not fail a test.
+        let checked = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(|| {
+                let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+                let limit = 1 << 20;
+                // A field that the message does not have is refused at once.
+                let body = format!(r#"{{"text":"Deploy Gitea","deep":{deep}}}"#);
+                let err = parse_submission(body.as_bytes(), limit, None).unwrap_err();
+                assert!(matches!(&err, Error::Schema(m) if m.contains("unknown field `deep`")), "{err}");
+                // One that a newer version may add is skipped, without recursion.
+                let heartbeat = format!(r#"{{"agent_id":"a1","capabilities":[],"capacity":1,"deep":{deep}}}"#);
+                assert!(parse_heartbeat(heartbeat.as_bytes(), limit).is_ok());
+                let plan = RequestId::random().plan_id();
+                let route = format!(
+                    r#"{{"message_id":"{}","schema_version":1,"request_id":"{}","causation_id":null,
+                        "timestamp":"2025-01-01T00:00:00Z",
+                        "payload":{{"plan_id":"{plan}","priority":0,"approved_by":"policy","deep":{deep}}}}}"#,
+                    MessageId::random(),
+                    RequestId::random()
+                );
+                assert_eq!(parse_envelope::<RouteTasks>(route.as_bytes(), limit).unwrap().payload.plan_id, plan);
+                // What is read as a value stops at serde_json's recursion limit (128).
+                let planned = route.replace(r#""plan_id""#, &format!(r#""complexity":{deep},"plan_id""#));
+                let err = parse_envelope::<Planned>(planned.as_bytes(), limit).unwrap_err();
+                assert!(matches!(&err, Error::Malformed(m) if m.starts_with("recursion limit exceeded")), "{err}");
+            })
+            .unwrap()
+            .join();
+        assert!(checked.is_ok(), "the checks failed: see above");
+    }
+
+    #[test]
+    fn heartbeat_figures_fit_where_they_are_stored() {
+        let with = |fields: &str| format!(r#"{{"agent_id":"a1","capabilities":[],"capacity":1,{fields}}}"#);
+        let largest = with(r#""resources":{"cpu":64.5,"memory_mb":9223372036854775807,"gpu":2147483647}"#);
+        assert!(parse_heartbeat(largest.as_bytes(), 1024).is_ok());
+        let most = format!(r#"{{"agent_id":"a1","capabilities":[],"capacity":{MAX_CAPACITY}}}"#);
+        assert_eq!(parse_heartbeat(most.as_bytes(), 1024).unwrap().capacity, 65_535);
+        let cases = [
+            (
+                r#"{"agent_id":"a1","capabilities":[],"capacity":65536}"#.to_owned(),
+                "capacity 65536 is more than the 65535",
+            ),
+            (
+                with(r#""resources":{"cpu":-4,"memory_mb":0,"gpu":0}"#),
+                "resources.cpu -4 is not a number of CPUs",
+            ),
+            (
+                with(r#""resources":{"cpu":1,"memory_mb":18446744073709551615,"gpu":0}"#),
+                "resources.memory_mb 18446744073709551615 is more than 9223372036854775807",
+            ),
+            (
+                with(r#""resources":{"cpu":1,"memory_mb":1,"gpu":4294967295}"#),
+                "resources.gpu 4294967295 is more than 2147483647",
+            ),
+        ];
+        for (body, reason) in cases {
+            let err = parse_heartbeat(body.as_bytes(), 1024).unwrap_err();
+            assert!(matches!(&err, Error::Schema(m) if m.starts_with(reason)), "{body}: {err}");
+        }
     }
 
     #[test]

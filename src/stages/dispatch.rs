@@ -1,10 +1,13 @@
 //! dispatch: a routed task → the chosen agent's queue, confirmed by the broker, then recorded.
+//! Only what a routing decision chose is sent: an agent never receives a task that no decision
+//! gave it.
 
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::effect::Write;
 use crate::leases::LeasePolicy;
+use crate::store::{self, RoutedAttempt, Store};
 use crate::topology::Names;
 use crate::wire::{DispatchTask, Envelope, TaskAssignment};
 
@@ -13,17 +16,60 @@ pub struct Dispatch {
     pub leases: LeasePolicy,
 }
 
+/// The routing decision that the message carries out, as recorded.
+#[derive(Debug, Default)]
+pub struct DispatchContext {
+    pub routed: Option<RoutedAttempt>,
+}
+
 fn request_id(input: &Inbound<DispatchTask>) -> crate::ids::RequestId {
     input.request_id.expect("envelopes carry their request id")
 }
 
 impl Stage for Dispatch {
     type Input = DispatchTask;
-    type Context = ();
+    type Context = DispatchContext;
     const NAME: &'static str = "dispatch";
 
-    fn decide(&self, input: &Inbound<DispatchTask>, _: (), now: DateTime<Utc>) -> Outcome {
+    async fn load(
+        &self,
+        store: &Store,
+        input: &Inbound<DispatchTask>,
+    ) -> Result<DispatchContext, store::Error> {
+        Ok(DispatchContext { routed: store.routed_attempt(input.payload.decision_id).await? })
+    }
+
+    fn decide(&self, input: &Inbound<DispatchTask>, context: DispatchContext, now: DateTime<Utc>) -> Outcome {
         let task = &input.payload;
+        // The route stage records its decision before it publishes the dispatch: a message
+        // without one, or that sends something else than it chose, comes from elsewhere.
+        let refuse = |reason: String| Outcome::Reject { writes: Vec::new(), reason };
+        let asked = RoutedAttempt {
+            task_id: task.task.id,
+            attempt: task.attempt,
+            agent_id: task.agent_id.to_string(),
+        };
+        match context.routed {
+            None => {
+                return refuse(format!(
+                    "no routing decision {} was recorded: task {} is not sent to {}",
+                    task.decision_id, task.task.id, task.agent_id
+                ));
+            }
+            Some(routed) if routed != asked => {
+                return refuse(format!(
+                    "routing decision {} chose {} for attempt {} of task {}, not {} for attempt {} of task {}",
+                    task.decision_id,
+                    routed.agent_id,
+                    routed.attempt,
+                    routed.task_id,
+                    asked.agent_id,
+                    asked.attempt,
+                    asked.task_id
+                ));
+            }
+            Some(_) => {}
+        }
         let envelope = Envelope::derived(
             input.message_id,
             "assignment",
@@ -114,18 +160,58 @@ mod tests {
         }
     }
 
+    /// The decision that `input` carries out, as the route stage recorded it.
+    fn routed(input: &Inbound<DispatchTask>) -> DispatchContext {
+        let task = &input.payload;
+        DispatchContext {
+            routed: Some(RoutedAttempt {
+                task_id: task.task.id,
+                attempt: task.attempt,
+                agent_id: task.agent_id.to_string(),
+            }),
+        }
+    }
+
     #[test]
     fn a_task_is_delivered_to_its_agent_then_recorded() {
         let stage =
             Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };
         let input = input();
-        let Outcome::Deliver { publish, then } = stage.decide(&input, (), Utc::now()) else { panic!() };
+        let Outcome::Deliver { publish, then } = stage.decide(&input, routed(&input), Utc::now()) else {
+            panic!()
+        };
         assert_eq!(publish.destination, Destination::Agent(AgentId::parse("homelab-1").unwrap()));
         assert_eq!(publish.message_id, input.message_id.derive("assignment"));
         assert_eq!(publish.body["payload"]["task"]["key"], "1.prepare");
         let Write::Dispatched { queue, message_id, attempt, .. } = &then[0] else { panic!("{then:?}") };
         assert_eq!(queue, "ns.agent.homelab-1");
         assert_eq!((*message_id, *attempt), (publish.message_id, 1));
+    }
+
+    #[test]
+    fn a_task_that_no_routing_decision_chose_is_never_delivered() {
+        let stage =
+            Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };
+        let input = input();
+        let task = &input.payload;
+        let Outcome::Reject { writes, reason } = stage.decide(&input, DispatchContext::default(), Utc::now())
+        else {
+            panic!("expected a refusal")
+        };
+        assert!(writes.is_empty(), "{writes:?}");
+        assert_eq!(
+            reason,
+            format!(
+                "no routing decision {} was recorded: task {} is not sent to homelab-1",
+                task.decision_id, task.task.id
+            )
+        );
+        // A decision that chose another agent does not send the task to this one.
+        let mut other = routed(&input);
+        other.routed.as_mut().unwrap().agent_id = "homelab-2".into();
+        let Outcome::Reject { reason, .. } = stage.decide(&input, other, Utc::now()) else { panic!() };
+        assert!(reason.contains("chose homelab-2 for attempt 1"), "{reason}");
+        assert!(reason.contains("not homelab-1 for attempt 1"), "{reason}");
     }
 
     #[test]

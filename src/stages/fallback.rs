@@ -27,6 +27,8 @@ pub struct FallbackContext {
     pub recorded: Option<FallbackDecision>,
     /// The plan's approval verdict if one was recorded already: a person may have decided since.
     pub verdict: Option<bool>,
+    /// No plan of the message's id was recorded: the message comes from elsewhere.
+    pub plan_missing: bool,
 }
 
 impl Stage for Fallback {
@@ -44,11 +46,19 @@ impl Stage for Fallback {
             quotas,
             recorded: store.fallback_decision(plan_id).await?,
             verdict: store.approval_verdict(plan_id).await?,
+            plan_missing: store.plan_status(plan_id).await?.is_none(),
         })
     }
 
     fn decide(&self, input: &Inbound<Planned>, context: FallbackContext, now: DateTime<Utc>) -> Outcome {
         let Planned { request, complexity, plan, infeasible } = &input.payload;
+        if context.plan_missing {
+            // The plan stage records a plan before it publishes it.
+            return Outcome::Reject {
+                writes: Vec::new(),
+                reason: format!("no plan {} was recorded: it cannot be decided on", plan.id),
+            };
+        }
         let mut writes = Vec::new();
         // A plan is decided once: when it comes again, the gate follows the recorded decision,
         // not a new one on what is left of the quota now.
@@ -203,6 +213,19 @@ mod tests {
         assert_eq!(publish.len(), 1);
         assert_eq!(publish[0].destination, Destination::Queue("route".into()));
         assert_eq!(publish[0].body["payload"]["plan_id"], input.payload.plan.id.to_string());
+    }
+
+    #[test]
+    fn a_plan_never_recorded_is_refused() {
+        let stage = Fallback { fallback: FallbackPolicy::default(), approval: ApprovalPolicy::default() };
+        let input = input("Deploy Gitea to the homelab", true);
+        let context = FallbackContext { plan_missing: true, ..Default::default() };
+        let Outcome::Reject { writes, reason } = stage.decide(&input, context, Utc::now()) else { panic!() };
+        assert!(writes.is_empty(), "no decision and no approval: {writes:?}");
+        assert_eq!(
+            reason,
+            format!("no plan {} was recorded: it cannot be decided on", input.payload.plan.id)
+        );
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct PlanContext {
     /// Every agent seen, live or not: what the fleet can do, not what it is doing.
     pub agents: Vec<Agent>,
     pub durations: Vec<DurationStats>,
+    /// No request of the message's id was recorded: the decomposition comes from elsewhere.
+    pub request_missing: bool,
 }
 
 impl Stage for PlanStage {
@@ -74,6 +76,7 @@ impl Stage for PlanStage {
         Ok(PlanContext {
             agents: store.agents().await?,
             durations: self.durations(store, &work_types).await?,
+            request_missing: !store.request_exists(input.payload.request.request_id).await?,
         })
     }
 
@@ -94,6 +97,16 @@ impl Stage for PlanStage {
                 };
             }
         };
+        if context.request_missing {
+            // The decompose stage records a request before it publishes its decomposition.
+            return Outcome::Reject {
+                writes: Vec::new(),
+                reason: format!(
+                    "no request {} was recorded: its decomposition cannot be planned",
+                    request.request_id
+                ),
+            };
+        }
         let learnt = fleet::learnt_durations(&plan, &context.durations, self.policy.min_duration_samples);
         plan.estimate_durations(|task| learnt.get(&task.id).map(|(secs, _)| *secs));
         let duration_basis: BTreeMap<_, _> = learnt.into_iter().map(|(id, (_, basis))| (id, basis)).collect();
@@ -208,6 +221,18 @@ mod tests {
         assert_eq!(without.infeasible.len(), 1, "{:?}", without.infeasible);
         assert_eq!(without.infeasible[0].key, "1.transcribe");
         assert!(on(vec![agent(1)]).infeasible.is_empty());
+    }
+
+    #[test]
+    fn a_decomposition_of_a_request_never_recorded_is_refused() {
+        let input = input("Deploy Gitea to the homelab");
+        let context = PlanContext { request_missing: true, ..Default::default() };
+        let Outcome::Reject { writes, reason } = stage().decide(&input, context, Utc::now()) else {
+            panic!("expected a refusal")
+        };
+        assert!(writes.is_empty(), "{writes:?}");
+        let id = input.payload.request.request_id;
+        assert_eq!(reason, format!("no request {id} was recorded: its decomposition cannot be planned"));
     }
 
     #[test]

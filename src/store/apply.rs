@@ -48,6 +48,8 @@ pub enum Delivery<E> {
     Busy,
     /// Delivered, but a guarded write lost a race: nothing was written.
     Conflict(String),
+    /// Delivered, but the database refused its writes for good: nothing was written.
+    Refused(Error),
     /// The delivery failed: nothing was written.
     Failed(E),
 }
@@ -238,19 +240,26 @@ impl Store {
             }
             let (marker, writes) = &batch[index];
             let savepoint = tx.transaction().await?;
-            outcomes[index] = Some(match apply_in(&savepoint, actor, Some(marker), writes).await? {
-                (Applied::Done, agents) => {
+            outcomes[index] = Some(match apply_in(&savepoint, actor, Some(marker), writes).await {
+                Ok((Applied::Done, agents)) => {
                     savepoint.commit().await?;
                     ledgers.push((index, agents));
                     Delivery::Done
                 }
-                (Applied::Duplicate(_), _) => {
+                Ok((Applied::Duplicate(_), _)) => {
                     savepoint.rollback().await?;
                     Delivery::Already
                 }
-                (Applied::Conflict(reason), _) => {
+                Ok((Applied::Conflict(reason), _)) => {
                     savepoint.rollback().await?;
                     Delivery::Conflict(reason)
+                }
+                // The connection or the server failed the whole transaction: all of it again.
+                Err(err) if err.is_transient() => return Err(err),
+                // This message's writes only: the others of the batch, delivered too, stand.
+                Err(err) => {
+                    savepoint.rollback().await?;
+                    Delivery::Refused(err)
                 }
             });
         }

@@ -14,7 +14,7 @@ use crate::complexity::Term;
 use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
 use crate::effect::Write;
 use crate::fleet::DurationStats;
-use crate::ids::{AgentId, MessageId, PlanId, RequestId, TaskId, WorkType};
+use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId, WorkType};
 use crate::policy::{FallbackDecision, Infeasible};
 use crate::wire::Heartbeat;
 
@@ -25,6 +25,14 @@ pub struct StoredPlan {
     pub status: PlanStatus,
     /// Bumped by every recorded result; see `Write::TaskFinished`.
     pub version: i64,
+}
+
+/// What a routing decision chose: an agent for one attempt of one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedAttempt {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub agent_id: String,
 }
 
 /// Where one task stands.
@@ -274,6 +282,38 @@ const TASK_COLUMNS: &str = "id, key, work_type, description, estimated_duration_
 
 impl Store {
     /// A plan with its tasks, rebuilt and checked.
+    /// Whether a request of this id was recorded.
+    pub async fn request_exists(&self, request_id: RequestId) -> Result<bool, Error> {
+        let client = self.client().await?;
+        let row =
+            client.query_opt_cached("SELECT 1 FROM requests WHERE id = $1", &[&request_id.as_uuid()]).await?;
+        Ok(row.is_some())
+    }
+
+    /// Where a plan stands, if it was recorded; without its tasks.
+    pub async fn plan_status(&self, plan_id: PlanId) -> Result<Option<PlanStatus>, Error> {
+        let client = self.client().await?;
+        let row =
+            client.query_opt_cached("SELECT status FROM plans WHERE id = $1", &[&plan_id.as_uuid()]).await?;
+        row.map(|row| parse_status(row.get(0))).transpose()
+    }
+
+    /// What the routing decision of this id chose, if it was recorded.
+    pub async fn routed_attempt(&self, decision_id: DecisionId) -> Result<Option<RoutedAttempt>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt_cached(
+                "SELECT task_id, attempt, agent_id FROM routing_decisions WHERE id = $1",
+                &[&decision_id.as_uuid()],
+            )
+            .await?;
+        Ok(row.map(|row| RoutedAttempt {
+            task_id: TaskId::from_uuid(row.get(0)),
+            attempt: row.get::<_, i32>(1) as u32,
+            agent_id: row.get(2),
+        }))
+    }
+
     pub async fn plan(&self, plan_id: PlanId) -> Result<Option<StoredPlan>, Error> {
         let client = self.client().await?;
         let Some(row) = client

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use switchyard::effect::Write;
-use switchyard::ids::{AgentId, MessageId};
+use switchyard::ids::{AgentId, MessageId, RequestId};
 use switchyard::routing::Route;
 use switchyard::store::{Applied, Delivery, Marker};
 
@@ -88,4 +88,39 @@ async fn a_batch_delivers_each_input_once_even_with_two_copies_of_it() {
     assert!(matches!(outcomes[..], [Delivery::Done, Delivery::Busy, Delivery::Already]), "{outcomes:?}");
     assert_eq!(delivered.load(Ordering::SeqCst), 2, "one delivery per distinct input");
     assert!(app.store.processed("dispatch", second).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_delivered_message_whose_writes_are_refused_fails_alone_in_its_batch() {
+    let app = spawn_app().await;
+    let delivered = AtomicUsize::new(0);
+    let deliver = |_: usize| {
+        delivered.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok::<(), String>(()))
+    };
+    // The dispatch of a task that was never planned: the database refuses to record it.
+    let request_id = RequestId::random();
+    let task_id = request_id.plan_id().task_id("1.prepare");
+    let stray = [Write::Dispatched {
+        request_id,
+        plan_id: request_id.plan_id(),
+        task_id,
+        attempt: 1,
+        decision_id: task_id.decision_id(1),
+        agent_id: AgentId::parse("homelab-1").unwrap(),
+        queue: app.agent_queue("homelab-1"),
+        message_id: MessageId::random(),
+        lease_secs: 60,
+    }];
+    let (good, bad) = (MessageId::random(), MessageId::random());
+    let batch = [(marker("dispatch", good), &[][..]), (marker("dispatch", bad), &stray[..])];
+
+    let outcomes = app.store.deliver_batch("dispatch", &batch, deliver).await.expect("the batch commits");
+
+    assert_eq!(delivered.load(Ordering::SeqCst), 2);
+    assert!(matches!(outcomes[0], Delivery::Done), "{outcomes:?}");
+    let Delivery::Refused(err) = &outcomes[1] else { panic!("{outcomes:?}") };
+    assert!(!err.is_transient() && err.to_string().starts_with("database"), "{err}");
+    assert!(app.store.processed("dispatch", good).await.unwrap().is_some(), "the other one is recorded");
+    assert!(app.store.processed("dispatch", bad).await.unwrap().is_none());
 }

@@ -12,41 +12,6 @@ use uuid::Uuid;
 
 use crate::helpers::*;
 
-/// A `dead_letters` row as a user would read it with `psql`.
-#[derive(Debug)]
-struct DeadRow {
-    message_id: Uuid,
-    stage: String,
-    queue: String,
-    request_id: Option<Uuid>,
-    reason: String,
-    body: String,
-}
-
-/// Every `dead_letters` row of the app's database, oldest first.
-async fn dead_rows(app: &TestApp) -> Vec<DeadRow> {
-    let (client, connection) = tokio_postgres::connect(&app.config.database_url, tokio_postgres::NoTls)
-        .await
-        .expect("the test database");
-    let connection = tokio::spawn(connection);
-    let rows = client
-        .query("SELECT message_id, stage, queue, request_id, reason, body FROM dead_letters ORDER BY id", &[])
-        .await
-        .expect("dead letters");
-    drop(client);
-    let _ = connection.await;
-    rows.iter()
-        .map(|r| DeadRow {
-            message_id: r.get(0),
-            stage: r.get(1),
-            queue: r.get(2),
-            request_id: r.get(3),
-            reason: r.get(4),
-            body: r.get(5),
-        })
-        .collect()
-}
-
 /// Takes messages from `<namespace>.dead` until `count` arrived; panics after 20 s.
 async fn wait_dead_queue(app: &TestApp, count: usize) -> Vec<(Value, BTreeMap<String, String>)> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -75,10 +40,6 @@ async fn collect_for(app: &TestApp, queue: &str, quiet: Duration) -> Vec<(Value,
     }
     messages.extend(app.drain(queue).await);
     messages
-}
-
-async fn request_total(app: &TestApp) -> i64 {
-    app.store.request_counts().await.unwrap().values().sum()
 }
 
 fn stderr(output: &std::process::Output) -> String {

@@ -21,6 +21,7 @@ use switchyard::wire::{Heartbeat, SubmitRequest};
 use switchyard::worker::{StageName, Worker};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| switchyard::config::DEFAULT_AMQP_URL.into())
@@ -250,6 +251,27 @@ impl TestApp {
         rows
     }
 
+    /// The tables of the test's database.
+    pub async fn tables(&self) -> Vec<String> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.config.database_url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let rows = client
+            .query(
+                "SELECT table_name::text FROM information_schema.tables
+                 WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
+    /// Whether every worker started in this process is still running.
+    pub fn workers_alive(&self) -> bool {
+        self.workers.iter().all(|w| !w.is_finished())
+    }
+
     pub fn agent_queue(&self, id: &str) -> String {
         self.names.agent_queue(&AgentId::parse(id).unwrap())
     }
@@ -354,6 +376,46 @@ pub async fn wait_registered(app: &TestApp, id: &str) -> domain::Agent {
         assert!(tokio::time::Instant::now() < deadline, "agent {id} never registered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A `dead_letters` row as a user would read it with `psql`.
+#[derive(Debug)]
+pub struct DeadRow {
+    pub message_id: Uuid,
+    pub stage: String,
+    pub queue: String,
+    pub request_id: Option<Uuid>,
+    pub reason: String,
+    pub body: String,
+}
+
+/// Every `dead_letters` row of the app's database, oldest first.
+pub async fn dead_rows(app: &TestApp) -> Vec<DeadRow> {
+    let (client, connection) = tokio_postgres::connect(&app.config.database_url, tokio_postgres::NoTls)
+        .await
+        .expect("the test database");
+    let connection = tokio::spawn(connection);
+    let rows = client
+        .query("SELECT message_id, stage, queue, request_id, reason, body FROM dead_letters ORDER BY id", &[])
+        .await
+        .expect("dead letters");
+    drop(client);
+    let _ = connection.await;
+    rows.iter()
+        .map(|r| DeadRow {
+            message_id: r.get(0),
+            stage: r.get(1),
+            queue: r.get(2),
+            request_id: r.get(3),
+            reason: r.get(4),
+            body: r.get(5),
+        })
+        .collect()
+}
+
+/// How many requests the store holds, whatever their status.
+pub async fn request_total(app: &TestApp) -> i64 {
+    app.store.request_counts().await.unwrap().values().sum()
 }
 
 pub fn stdout(output: &Output) -> String {

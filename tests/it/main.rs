@@ -14,6 +14,7 @@ mod external;
 mod fake_model;
 mod fallback;
 mod helpers;
+mod hostile;
 mod llm;
 mod outage;
 mod planning;
