@@ -490,8 +490,11 @@ impl Broker {
         Ok(())
     }
 
+    /// Closes the connection, waiting a few seconds at most for the broker to agree: a broker
+    /// that does not answer (a stalled channel holds up the close) must not hold up a reconnect.
+    /// Whatever was not acknowledged goes back to its queues either way.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "bye".into()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.connection.close(200, "bye".into())).await;
     }
 }
 

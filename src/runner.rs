@@ -53,6 +53,9 @@ pub struct Settings {
     pub transient_attempts: usize,
     /// Base delay between attempts, in milliseconds; doubled each time, with jitter.
     pub retry_base_delay_ms: u64,
+    /// How long a consumer may go without a delivery, holding none, while messages wait in its
+    /// queue, before it is taken for stalled and the worker connects again (seconds; 0: never).
+    pub stall_after_secs: u64,
 }
 
 impl Default for Settings {
@@ -63,6 +66,7 @@ impl Default for Settings {
             dispatch_attempts: 3,
             transient_attempts: 3,
             retry_base_delay_ms: 100,
+            stall_after_secs: 60,
         }
     }
 }
@@ -90,6 +94,47 @@ pub enum Error {
     ConsumerEnded(String),
     #[error("the broker connection or its publishing channel is closed")]
     BrokerBroken,
+    /// Messages waited in the queue while the consumer received nothing: the broker or the
+    /// client lost track of it without closing anything.
+    #[error("the consumer of {0} stopped receiving while messages waited")]
+    ConsumerStalled(String),
+}
+
+/// Whether a consumer has stalled: it has held nothing and received nothing for `patience`
+/// (`idle` is `None` while it holds a delivery: a slow message is not a stall) while `ready`
+/// messages wait in its queue.
+fn stalled(idle: Option<Duration>, ready: u32, patience: Duration) -> bool {
+    idle.is_some_and(|idle| idle >= patience) && ready > 0
+}
+
+/// When a runner last received a delivery, and how many it holds.
+struct Activity {
+    last: std::sync::Mutex<tokio::time::Instant>,
+    holding: std::sync::atomic::AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+            holding: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn received(&self) {
+        *self.last.lock().expect("activity lock") = tokio::time::Instant::now();
+        self.holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn settled(&self) {
+        self.holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How long since the last delivery, if none is held.
+    fn idle(&self) -> Option<Duration> {
+        let last = *self.last.lock().expect("activity lock");
+        (self.holding.load(std::sync::atomic::Ordering::SeqCst) == 0).then(|| last.elapsed())
+    }
 }
 
 /// What went wrong with one message.
@@ -162,6 +207,7 @@ pub struct Runner<S: Stage> {
     queue: String,
     retry_queue: Option<String>,
     turns: Turns,
+    activity: Activity,
     commits: mpsc::Sender<Commit>,
     /// What the committers take their batches from.
     pending: tokio::sync::Mutex<mpsc::Receiver<Commit>>,
@@ -209,6 +255,7 @@ impl<S: Stage> Runner<S> {
             queue,
             retry_queue,
             turns: Turns::new(),
+            activity: Activity::new(),
             commits,
             pending: tokio::sync::Mutex::new(pending),
         })
@@ -229,10 +276,12 @@ impl<S: Stage> Runner<S> {
         // goes back to the queue when the channel closes).
         let stopped = async {
             broken.cancelled().await;
-            if let Err(err) = subscription.cancel().await {
-                debug!(stage = S::NAME, error = %err, "cannot cancel the consumer");
+            // Bounded: a stalled consumer's channel may never answer.
+            match tokio::time::timeout(STOP_GRACE, subscription.cancel()).await {
+                Ok(Ok(())) => tokio::time::sleep(STOP_GRACE).await,
+                Ok(Err(err)) => debug!(stage = S::NAME, error = %err, "cannot cancel the consumer"),
+                Err(_) => debug!(stage = S::NAME, "the consumer's cancellation went unanswered"),
             }
-            tokio::time::sleep(STOP_GRACE).await;
         };
         let this = &self;
         let consuming = deliveries
@@ -248,16 +297,20 @@ impl<S: Stage> Runner<S> {
                 this.handle(delivery, &broken)
             });
         // The committers never stop on their own; once every delivery was handled, none of them
-        // holds a batch that anyone waits for, and they can be dropped.
+        // holds a batch that anyone waits for, and they can be dropped. The watchdog neither.
         let committing = futures::future::join_all((0..COMMITTERS).map(|_| this.commit_batches()));
+        let stall = std::sync::atomic::AtomicBool::new(false);
         tokio::select! {
             () = consuming => {}
             _ = committing => {}
+            () = this.watch(&broken, &stall) => {}
         }
         drop(subscription);
         if shutdown.is_cancelled() {
             info!(stage = S::NAME, "stage stopped");
             Ok(())
+        } else if stall.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(Error::ConsumerStalled(self.queue.clone()))
         } else if broken.is_cancelled() {
             Err(Error::BrokerBroken)
         } else {
@@ -265,10 +318,50 @@ impl<S: Stage> Runner<S> {
         }
     }
 
+    /// Checks now and then that the consumer still receives (see [`stalled`]); if it does not,
+    /// stops the runner (flagging `stall`), so that the worker connects again. Never returns.
+    async fn watch(&self, broken: &CancellationToken, stall: &std::sync::atomic::AtomicBool) {
+        let patience = Duration::from_secs(self.settings.stall_after_secs);
+        if patience.is_zero() {
+            return std::future::pending().await;
+        }
+        let mut ticks = tokio::time::interval(patience / 4);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let idle = self.activity.idle();
+            if broken.is_cancelled() || idle.is_none_or(|idle| idle < patience) {
+                continue;
+            }
+            // Asked on a channel of its own: the consumer's may be the one that is stuck.
+            let ready = match self.broker.queue_len(&self.queue).await {
+                Ok(ready) => ready,
+                Err(err) => {
+                    debug!(stage = S::NAME, error = %err, "cannot look at the queue");
+                    continue;
+                }
+            };
+            if stalled(idle, ready, patience) {
+                error!(
+                    stage = S::NAME,
+                    queue = %self.queue,
+                    ready,
+                    idle_secs = idle.unwrap_or_default().as_secs(),
+                    "the consumer receives nothing while messages wait; stopping to reconnect"
+                );
+                stall.store(true, std::sync::atomic::Ordering::SeqCst);
+                broken.cancel();
+                return std::future::pending().await;
+            }
+        }
+    }
+
     async fn handle(&self, delivery: Incoming, broken: &CancellationToken) {
         let span = info_span!("message", stage = S::NAME, message_id = tracing::field::Empty);
+        self.activity.received();
         async {
             let handled = self.handle_one(&delivery).await;
+            self.activity.settled();
             // A transient failure may be the publishing channel closed (a channel error is final)
             // or the connection lost: then every later publish fails too, parking included, and
             // messages would only go round. Only a new connection helps: stop, and the worker
@@ -782,6 +875,18 @@ mod tests {
         let (head, rest) = bounded.split_once(" […").unwrap();
         let (cut, tail) = rest.split_once(" bytes cut…] ").unwrap();
         assert_eq!(head.len() + cut.parse::<usize>().unwrap() + tail.len(), reason.len());
+    }
+
+    #[test]
+    fn a_consumer_has_stalled_when_idle_for_its_patience_while_messages_wait() {
+        let patience = Duration::from_secs(60);
+        assert!(stalled(Some(Duration::from_secs(60)), 1, patience));
+        assert!(stalled(Some(Duration::from_secs(600)), 500, patience));
+        // Nothing waits: an idle consumer of an empty queue is just idle.
+        assert!(!stalled(Some(Duration::from_secs(600)), 0, patience));
+        // Not idle long enough, or holding a (slow) delivery.
+        assert!(!stalled(Some(Duration::from_secs(59)), 10, patience));
+        assert!(!stalled(None, 10, patience));
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod quota;
 mod races;
 mod routing;
 mod shutdown;
+mod stall;
 mod tls;
 mod tracking;
 mod understanding;
