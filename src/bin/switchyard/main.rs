@@ -668,8 +668,14 @@ async fn run_agent(config: Config, args: AgentArgs) -> Result<Exit> {
         let error = match connected {
             Ok(broker) => {
                 let broker = Arc::new(broker);
+                let started = std::time::Instant::now();
                 let ran = agent.clone().run(broker.clone(), shutdown.clone()).await;
                 broker.close().await;
+                // A session that lasted was a success: the next outage starts from a short pause,
+                // not from where the last one left it.
+                if started.elapsed() > Duration::from_secs(60) {
+                    pause = Duration::from_millis(500);
+                }
                 match ran {
                     Ok(()) => return Ok(Exit::Success),
                     Err(err) => anyhow::Error::new(err),
