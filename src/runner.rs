@@ -190,6 +190,27 @@ fn stopping() -> Failure {
     Failure::Transient("the runner is stopping".into())
 }
 
+/// Tells each message of a batch how it went: its own outcome, or the batch's failure.
+fn answer<T>(
+    dones: impl Iterator<Item = oneshot::Sender<Result<T, Failure>>>,
+    outcomes: Result<Vec<Result<T, Failure>>, store::Error>,
+) {
+    // The handlers wait for these answers: they are never gone, and a send cannot fail.
+    match outcomes {
+        Ok(outcomes) => {
+            for (done, outcome) in dones.zip(outcomes) {
+                let _ = done.send(outcome);
+            }
+        }
+        Err(err) => {
+            let failure = Failure::from(err);
+            for done in dones {
+                let _ = done.send(Err(failure.clone()));
+            }
+        }
+    }
+}
+
 /// What one message waits for a batch to commit.
 enum Commit {
     /// Its marker and writes.
@@ -551,20 +572,9 @@ impl<S: Stage> Runner<S> {
         let outcomes = self.store.apply_batch(S::NAME, &jobs).await;
         drop(jobs);
         debug!(messages = batch.len(), "committed a batch of writes");
-        match outcomes {
-            Ok(outcomes) => {
-                for ((_, _, done), outcome) in batch.into_iter().zip(outcomes) {
-                    // The handler waits for this answer: it is never gone.
-                    let _ = done.send(outcome.map_err(Failure::from));
-                }
-            }
-            Err(err) => {
-                let failure = Failure::from(err);
-                for (_, _, done) in batch {
-                    let _ = done.send(Err(failure.clone()));
-                }
-            }
-        }
+        let outcomes =
+            outcomes.map(|outcomes| outcomes.into_iter().map(|o| o.map_err(Failure::from)).collect());
+        answer(batch.into_iter().map(|(_, _, done)| done), outcomes);
     }
 
     async fn commit_deliveries(&self, batch: Vec<(Marker<'static>, Publish, Vec<Write>, DeliveryDone)>) {
@@ -576,19 +586,8 @@ impl<S: Stage> Runner<S> {
         let outcomes = self.store.deliver_batch(S::NAME, &jobs, |i| self.deliver(&batch[i].1)).await;
         drop(jobs);
         debug!(messages = batch.len(), "delivered and committed a batch");
-        match outcomes {
-            Ok(outcomes) => {
-                for ((_, _, _, done), outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = done.send(Ok(outcome));
-                }
-            }
-            Err(err) => {
-                let failure = Failure::from(err);
-                for (_, _, _, done) in batch {
-                    let _ = done.send(Err(failure.clone()));
-                }
-            }
-        }
+        let outcomes = outcomes.map(|outcomes| outcomes.into_iter().map(Ok).collect());
+        answer(batch.into_iter().map(|(_, _, _, done)| done), outcomes);
     }
 
     /// The message for `publish`: mandatory (as every publish), so that a missing queue is an

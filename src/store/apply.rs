@@ -138,24 +138,8 @@ impl Store {
                     outcomes[index] = Some(Ok(Applied::Conflict(reason.clone())));
                     continue;
                 }
-                let savepoint = tx.transaction().await?;
-                let outcome = match apply_in(&savepoint, actor, *marker, writes).await {
-                    Ok((Applied::Done, agents)) => {
-                        savepoint.commit().await?;
-                        ledgers.push((index, agents));
-                        Ok(Applied::Done)
-                    }
-                    Ok((other, _)) => {
-                        savepoint.rollback().await?;
-                        Ok(other)
-                    }
-                    // The connection or the server failed the whole transaction: retry all of it.
-                    Err(err) if err.is_transient() => return Err(err),
-                    Err(err) => {
-                        savepoint.rollback().await?;
-                        Err(err)
-                    }
-                };
+                let (outcome, agents) = apply_saved(&mut tx, actor, *marker, writes).await?;
+                ledgers.extend(agents.map(|agents| (index, agents)));
                 outcomes[index] = Some(outcome);
             }
             let rejected = AgentLedger::apply_all(&tx, &ledgers).await?;
@@ -239,28 +223,14 @@ impl Store {
                 continue;
             }
             let (marker, writes) = &batch[index];
-            let savepoint = tx.transaction().await?;
-            outcomes[index] = Some(match apply_in(&savepoint, actor, Some(marker), writes).await {
-                Ok((Applied::Done, agents)) => {
-                    savepoint.commit().await?;
-                    ledgers.push((index, agents));
-                    Delivery::Done
-                }
-                Ok((Applied::Duplicate(_), _)) => {
-                    savepoint.rollback().await?;
-                    Delivery::Already
-                }
-                Ok((Applied::Conflict(reason), _)) => {
-                    savepoint.rollback().await?;
-                    Delivery::Conflict(reason)
-                }
-                // The connection or the server failed the whole transaction: all of it again.
-                Err(err) if err.is_transient() => return Err(err),
+            let (outcome, agents) = apply_saved(&mut tx, actor, Some(marker), writes).await?;
+            ledgers.extend(agents.map(|agents| (index, agents)));
+            outcomes[index] = Some(match outcome {
+                Ok(Applied::Done) => Delivery::Done,
+                Ok(Applied::Duplicate(_)) => Delivery::Already,
+                Ok(Applied::Conflict(reason)) => Delivery::Conflict(reason),
                 // This message's writes only: the others of the batch, delivered too, stand.
-                Err(err) => {
-                    savepoint.rollback().await?;
-                    Delivery::Refused(err)
-                }
+                Err(err) => Delivery::Refused(err),
             });
         }
         let rejected = AgentLedger::apply_all(&tx, &ledgers).await?;
@@ -361,6 +331,34 @@ async fn overbooked(
         }
     }
     Ok(full)
+}
+
+/// One message of a batch, under a savepoint of its own: kept if applied (with what it changes
+/// of agents' rows, for the batch to apply last), undone if it is a duplicate, a conflict or
+/// refused (its own error, inside). The outer error is the transaction's: the connection or the
+/// server failed all of it, and the whole batch must be done again.
+async fn apply_saved(
+    tx: &mut Transaction<'_>,
+    actor: &str,
+    marker: Option<&Marker<'_>>,
+    writes: &[Write],
+) -> Result<(Result<Applied, Error>, Option<AgentLedger>), Error> {
+    let savepoint = tx.transaction().await?;
+    match apply_in(&savepoint, actor, marker, writes).await {
+        Ok((Applied::Done, agents)) => {
+            savepoint.commit().await?;
+            Ok((Ok(Applied::Done), Some(agents)))
+        }
+        Ok((other, _)) => {
+            savepoint.rollback().await?;
+            Ok((Ok(other), None))
+        }
+        Err(err) if err.is_transient() => Err(err),
+        Err(err) => {
+            savepoint.rollback().await?;
+            Ok((Err(err), None))
+        }
+    }
 }
 
 /// One message's writes within `tx`: its marker first (a duplicate writes nothing more), then

@@ -180,19 +180,13 @@ impl Store {
 pub async fn ensure_database(url: &str) -> Result<(), Error> {
     let config = pg_config(url)?;
     let tls = tls_for(&config)?;
-    // Without its client a connection task ends at once.
-    let connected = match &tls {
-        Some(tls) => config.connect(tls.clone()).await.map(|(client, connection)| {
+    match connect_once(&config, tls.as_ref()).await {
+        Ok((client, task)) => {
+            // Without its client the connection task ends at once.
             drop(client);
-            tokio::spawn(connection);
-        }),
-        None => config.connect(NoTls).await.map(|(client, connection)| {
-            drop(client);
-            tokio::spawn(connection);
-        }),
-    };
-    match connected {
-        Ok(()) => return Ok(()),
+            let _ = task.await;
+            return Ok(());
+        }
         Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
         Err(e) => return Err(e.into()),
     }
@@ -203,16 +197,7 @@ pub async fn ensure_database(url: &str) -> Result<(), Error> {
         .ok_or_else(|| Error::Config("no database name in the URL".into()))?;
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let (client, task) = match tls {
-        Some(tls) => {
-            let (client, connection) = admin.connect(tls).await?;
-            (client, tokio::spawn(async move { drop(connection.await) }))
-        }
-        None => {
-            let (client, connection) = admin.connect(NoTls).await?;
-            (client, tokio::spawn(async move { drop(connection.await) }))
-        }
-    };
+    let (client, task) = connect_once(&admin, tls.as_ref()).await?;
     let sql = format!("CREATE DATABASE {}", quote_ident(&name));
     if let Err(e) = client.execute(sql.as_str(), &[]).await {
         // Another process may have created it in the meantime.
@@ -223,6 +208,24 @@ pub async fn ensure_database(url: &str) -> Result<(), Error> {
     drop(client);
     let _ = task.await;
     Ok(())
+}
+
+/// One connection outside the pool, with `tls` if given; its connection task runs until the
+/// client is dropped.
+async fn connect_once(
+    config: &tokio_postgres::Config,
+    tls: Option<&MakeRustlsConnect>,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    Ok(match tls {
+        Some(tls) => {
+            let (client, connection) = config.connect(tls.clone()).await?;
+            (client, tokio::spawn(async move { drop(connection.await) }))
+        }
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            (client, tokio::spawn(async move { drop(connection.await) }))
+        }
+    })
 }
 
 /// Quotes an SQL identifier (database names cannot be bound parameters).
