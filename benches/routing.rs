@@ -18,7 +18,7 @@ use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use switchyard::domain::{Agent, Resources, Task};
 use switchyard::ids::{AgentId, RequestId, WorkType};
-use switchyard::routing::{Route, RoutingPolicy, Verdict, route_tasks};
+use switchyard::routing::{Placement, RoutingPolicy, Verdict, route_tasks};
 use uuid::Uuid;
 
 const FLEET_SIZES: [usize; 4] = [10, 100, 1_000, 10_000];
@@ -160,8 +160,12 @@ fn wave() -> Vec<Task> {
 }
 
 /// What the fleet made of a route, printed once per case so the figures can be read against it.
-fn describe(n: usize, routes: &[Route]) {
-    for route in routes {
+fn describe(n: usize, placed: &[Placement]) {
+    for placement in placed {
+        let Placement::Routed(route) = placement else {
+            eprintln!("{n} agents: the task waits");
+            continue;
+        };
         let eligible = route.candidates.iter().filter(|c| c.verdict.score().is_some()).count();
         let reasons: usize = route
             .candidates
@@ -186,11 +190,11 @@ fn single_decision(c: &mut Criterion) {
     group.sample_size(30).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
     for n in FLEET_SIZES {
         let agents = fleet(n);
-        describe(n, &route_tasks(&[&task], &agents, now(), &policy).unwrap());
+        describe(n, &route_tasks(&[&task], &agents, now(), &policy));
         // Per-element throughput is per agent: constant across sizes means linear growth.
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &agents, |b, agents| {
-            b.iter(|| route_tasks(black_box(&[&task]), black_box(agents), now(), &policy).unwrap())
+            b.iter(|| route_tasks(black_box(&[&task]), black_box(agents), now(), &policy))
         });
     }
     group.finish();
@@ -201,13 +205,13 @@ fn batch_decision(c: &mut Criterion) {
     let tasks = wave();
     let tasks: Vec<&Task> = tasks.iter().collect();
     let agents = fleet(BATCH_FLEET);
-    describe(BATCH_FLEET, &route_tasks(&tasks, &agents, now(), &policy).unwrap());
+    describe(BATCH_FLEET, &route_tasks(&tasks, &agents, now(), &policy));
     let mut group = c.benchmark_group("route_five_tasks");
     group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
     // One verdict per task and agent.
     group.throughput(Throughput::Elements((tasks.len() * BATCH_FLEET) as u64));
     group.bench_with_input(BenchmarkId::from_parameter(BATCH_FLEET), &agents, |b, agents| {
-        b.iter(|| route_tasks(black_box(&tasks), black_box(agents), now(), &policy).unwrap())
+        b.iter(|| route_tasks(black_box(&tasks), black_box(agents), now(), &policy))
     });
     group.finish();
 }

@@ -1,27 +1,142 @@
 //! The audit of a request: is its trail complete and consistent? A pure check over the rows
 //! that `store::Store::trail` reads, naming everything that is missing or contradictory.
+//!
+//! The audit judges the trail, not the outcome: a request that failed, was rejected, cancelled or
+//! refused on arrival passes when every record of it is there and agrees with the others (its
+//! failure recorded where it happened, with its reason). A request still under way passes as far
+//! as it has gone.
 
 use std::collections::{HashMap, HashSet};
 
-use crate::domain::{PlanStatus, TaskStatus};
-use crate::store::Trail;
+use crate::domain::{PlanStatus, RequestStatus, TaskStatus};
+use crate::store::{DeadLetter, Trail};
+
+/// How the request ended (or where it stands), to follow "the request": what the audit names
+/// first.
+pub fn outcome(trail: &Trail) -> String {
+    let reason = trail.failure_reason.as_deref().unwrap_or("no reason recorded");
+    match trail.status {
+        RequestStatus::Completed => format!(
+            "completed ({} tasks, {} routing decisions, {} dispatches)",
+            trail.tasks.len(),
+            trail.decisions.len(),
+            trail.dispatches.len()
+        ),
+        RequestStatus::Failed => format!("failed: {reason}"),
+        RequestStatus::Rejected => match &trail.approval {
+            Some(a) => format!("was rejected by {}: {}", a.decided_by, a.reason),
+            None => format!("was rejected: {reason}"),
+        },
+        RequestStatus::Cancelled => match &trail.cancellation {
+            Some(c) => format!("was cancelled by {}: {}", c.by, c.reason),
+            None => format!("was cancelled: {reason}"),
+        },
+        under_way => format!(
+            "is under way ({under_way}: {} tasks, {} routing decisions, {} dispatches)",
+            trail.tasks.len(),
+            trail.decisions.len(),
+            trail.dispatches.len()
+        ),
+    }
+}
+
+/// The outcome of a request refused on arrival: it has no row, only the dead letters that say
+/// why. Such a trail is complete when each of them has a reason.
+pub fn refused(dead_letters: &[DeadLetter]) -> (String, Vec<String>) {
+    let findings = dead_letters
+        .iter()
+        .filter(|d| d.reason.trim().is_empty())
+        .map(|d| format!("the dead letter of message {} at {} has no reason", d.message_id, d.stage))
+        .collect();
+    let line = match dead_letters.first() {
+        Some(d) => format!("was refused on arrival at {}: {}", d.stage, d.reason),
+        None => "was refused on arrival".to_owned(),
+    };
+    (line, findings)
+}
 
 /// Everything wrong with a trail; empty when it is complete and consistent.
 pub fn check(trail: &Trail) -> Vec<String> {
     let mut findings = Vec::new();
+    let status = trail.status;
+    let reason_given = trail.failure_reason.as_deref().is_some_and(|r| !r.trim().is_empty());
+    // Why it ended, where it ended.
+    match status {
+        RequestStatus::Failed if !reason_given => {
+            findings.push("the request failed without a reason".to_owned())
+        }
+        RequestStatus::Cancelled if trail.cancellation.is_none() => {
+            findings.push("the request is cancelled, but no cancellation is recorded".to_owned())
+        }
+        RequestStatus::Rejected if trail.approval.as_ref().is_none_or(|a| a.approved) => {
+            findings.push("the request is rejected, but no rejection is recorded".to_owned())
+        }
+        _ => {}
+    }
+    if trail.cancellation.is_some() && status != RequestStatus::Cancelled {
+        findings.push(format!("a cancellation is recorded, but the request is {status}"));
+    }
+    if let Some(dead) = trail.dead_letters.iter().find(|d| d.reason.trim().is_empty()) {
+        findings
+            .push(format!("the dead letter of message {} at {} has no reason", dead.message_id, dead.stage));
+    }
+    // A request may end before it is decomposed or planned (refused by a stage, cancelled); one
+    // that has gone further has every record up to there.
+    let stopped_early = matches!(status, RequestStatus::Failed | RequestStatus::Cancelled);
     if !trail.has_decomposition {
-        findings.push("no decomposition recorded".to_owned());
+        if !stopped_early && status != RequestStatus::Received {
+            findings.push("no decomposition recorded".to_owned());
+        }
+        if trail.plan.is_some() {
+            findings.push("a plan without a decomposition".to_owned());
+        }
     }
     let Some(stored) = &trail.plan else {
-        findings.push("no plan recorded".to_owned());
+        let planned = !matches!(status, RequestStatus::Received | RequestStatus::Decomposed);
+        if planned && !stopped_early {
+            findings.push("no plan recorded".to_owned());
+        }
         return findings;
     };
     let plan = &stored.plan;
     if plan.tasks().is_empty() {
         findings.push(format!("plan {} has no task", plan.id));
     }
+    // The plan and its request agree on how it ended.
+    let agrees = match stored.status {
+        PlanStatus::Completed => status == RequestStatus::Completed,
+        PlanStatus::Rejected => status == RequestStatus::Rejected,
+        PlanStatus::Cancelled => status == RequestStatus::Cancelled,
+        PlanStatus::Failed | PlanStatus::Infeasible => status == RequestStatus::Failed,
+        PlanStatus::Planned | PlanStatus::AwaitingApproval | PlanStatus::Approved => {
+            !matches!(status, RequestStatus::Completed | RequestStatus::Rejected | RequestStatus::Cancelled)
+        }
+    };
+    if !agrees {
+        findings.push(format!("plan {} is {}, but its request is {status}", plan.id, stored.status));
+    }
+    // A completed plan's tasks all succeeded; an ended one has none left to start.
+    for task in &trail.tasks {
+        let unfinished = match stored.status {
+            PlanStatus::Completed => task.status != TaskStatus::Succeeded,
+            // Before cancellation, a rejected plan's tasks were left pending.
+            PlanStatus::Failed | PlanStatus::Cancelled => {
+                matches!(task.status, TaskStatus::Pending | TaskStatus::Waiting)
+            }
+            _ => false,
+        };
+        if unfinished {
+            findings.push(format!(
+                "plan {} is {}, but task {} is {}",
+                plan.id, stored.status, task.key, task.status
+            ));
+        }
+    }
+    // The plan can end before its fallback decision only by its request ending.
+    let decided_before_end = !(stopped_early && trail.approval.is_none());
     match trail.fallback_decisions {
         1 => {}
+        0 if !decided_before_end || stored.status == PlanStatus::Planned => {}
         0 => findings.push(format!("no fallback decision for plan {}", plan.id)),
         n => findings.push(format!("{n} fallback decisions for plan {} (expected one)", plan.id)),
     }
@@ -32,11 +147,16 @@ pub fn check(trail: &Trail) -> Vec<String> {
         }
         return findings;
     }
-    let Some(approval) = &trail.approval else {
-        findings.push(format!("plan {} has no approval decision (status {})", plan.id, stored.status));
+    let approved = trail.approval.as_ref().is_some_and(|a| a.approved);
+    if trail.approval.is_none() {
+        if !trail.decisions.is_empty() || !trail.dispatches.is_empty() {
+            findings.push(format!("plan {} was routed without an approval decision", plan.id));
+        }
+        if matches!(stored.status, PlanStatus::Approved | PlanStatus::Completed) {
+            findings.push(format!("plan {} has no approval decision (status {})", plan.id, stored.status));
+        }
         return findings;
-    };
-    let released_expected = approval.approved;
+    }
 
     let state: HashMap<_, _> = trail.tasks.iter().map(|t| (t.id, t)).collect();
     let succeeded: HashSet<_> =
@@ -53,14 +173,6 @@ pub fn check(trail: &Trail) -> Vec<String> {
     let succeeded_at: HashMap<_, _> =
         trail.results.iter().filter(|r| r.success).map(|r| (r.task_id, r.received_at)).collect();
     for task in plan.tasks() {
-        if let Some(finished) =
-            state.get(&task.id).filter(|t| matches!(t.status, TaskStatus::Succeeded | TaskStatus::Failed))
-        {
-            let attempt = finished.attempt;
-            if !trail.results.iter().any(|r| r.task_id == task.id && r.attempt == attempt) {
-                findings.push(format!("task {} finished without a result for attempt {attempt}", task.key));
-            }
-        }
         for dispatch in dispatches.get(&task.id).map(Vec::as_slice).unwrap_or_default() {
             for dep in &task.depends_on {
                 match succeeded_at.get(dep) {
@@ -78,48 +190,85 @@ pub fn check(trail: &Trail) -> Vec<String> {
             findings.push(format!("task {} has no row", task.key));
             continue;
         };
-        let deps_met = task.depends_on.iter().all(|d| succeeded.contains(d));
-        let released = released_expected && deps_met;
         let task_decisions = decisions.get(&task.id).map(Vec::as_slice).unwrap_or_default();
         let task_dispatches = dispatches.get(&task.id).map(Vec::as_slice).unwrap_or_default();
+        let released = approved && task.depends_on.iter().all(|d| succeeded.contains(d));
         if !released {
             if !task_decisions.is_empty() || !task_dispatches.is_empty() {
                 findings.push(format!("task {} was routed or dispatched before it was released", task.key));
             }
             continue;
         }
-        if task_state.status == TaskStatus::DispatchFailed {
+        let last = task_state.attempt;
+        if let Some(extra) = task_decisions.iter().find(|d| d.attempt > last) {
             findings.push(format!(
-                "task {} could not be dispatched: {}",
-                task.key,
-                task_state.reason.as_deref().unwrap_or("no reason recorded")
+                "task {} has a routing decision for attempt {} beyond its attempt {last}",
+                task.key, extra.attempt
             ));
-            continue;
         }
-        for attempt in 1..=task_state.attempt.max(1) {
-            let decided = task_decisions.iter().filter(|d| d.attempt == attempt).count();
+        for attempt in 1..=last {
+            let decided: Vec<_> = task_decisions.iter().filter(|d| d.attempt == attempt).collect();
             let sent: Vec<_> = task_dispatches.iter().filter(|d| d.attempt == attempt).collect();
-            if decided != 1 {
+            let result = trail.results.iter().find(|r| r.task_id == task.id && r.attempt == attempt);
+            if decided.len() != 1 {
                 findings.push(format!(
-                    "task {} attempt {attempt} has {decided} routing decisions (expected one)",
-                    task.key
-                ));
-            }
-            if sent.len() != 1 {
-                findings.push(format!(
-                    "task {} attempt {attempt} has {} confirmed dispatches (expected one)",
+                    "task {} attempt {attempt} has {} routing decisions (expected one)",
                     task.key,
-                    sent.len()
+                    decided.len()
                 ));
             }
-            if let (Some(decision), Some(dispatch)) =
-                (task_decisions.iter().find(|d| d.attempt == attempt), sent.first())
-                && decision.agent_id != dispatch.agent_id
+            let Some(decision) = decided.first() else { continue };
+            let Some(agent) = &decision.agent_id else {
+                // It gave up waiting: no agent, so nothing sent; and it is the task's end.
+                if !sent.is_empty() || attempt != last || task_state.status != TaskStatus::Failed {
+                    findings.push(format!(
+                        "task {} attempt {attempt} chose no agent, yet it was dispatched or went on",
+                        task.key
+                    ));
+                }
+                continue;
+            };
+            // The last attempt may not have reached its agent: still on its way (routed), not
+            // deliverable, or stopped by a cancellation before or after it went out.
+            let on_its_way = attempt == last
+                && matches!(
+                    task_state.status,
+                    TaskStatus::Routed | TaskStatus::DispatchFailed | TaskStatus::Cancelled
+                );
+            match sent.len() {
+                1 => {}
+                0 if on_its_way => {}
+                n => findings.push(format!(
+                    "task {} attempt {attempt} has {n} confirmed dispatches (expected one)",
+                    task.key
+                )),
+            }
+            if task_state.status == TaskStatus::DispatchFailed && attempt == last && !sent.is_empty() {
+                findings
+                    .push(format!("task {} attempt {attempt} was dispatched, yet failed to be", task.key));
+            }
+            if let Some(dispatch) = sent.first()
+                && &dispatch.agent_id != agent
             {
                 findings.push(format!(
-                    "task {} attempt {attempt} was routed to {} but dispatched to {}",
-                    task.key, decision.agent_id, dispatch.agent_id
+                    "task {} attempt {attempt} was routed to {agent} but dispatched to {}",
+                    task.key, dispatch.agent_id
                 ));
+            }
+            // An attempt before the last failed, or the task would not have been tried again;
+            // the last one of a finished task has its result.
+            let finished = matches!(task_state.status, TaskStatus::Succeeded | TaskStatus::Failed);
+            match result {
+                Some(r) if attempt < last && r.success => findings.push(format!(
+                    "task {} attempt {attempt} succeeded, yet the task was tried again",
+                    task.key
+                )),
+                None if attempt < last => {
+                    findings.push(format!("task {} attempt {attempt} was retried without a result", task.key))
+                }
+                None if finished => findings
+                    .push(format!("task {} finished without a result for attempt {attempt}", task.key)),
+                _ => {}
             }
         }
     }
@@ -202,8 +351,7 @@ fn understanding_and_cost(trail: &Trail, findings: &mut Vec<String>) {
                     r.spent_micros
                 ));
             }
-            let ended =
-                matches!(stored.status, PlanStatus::Completed | PlanStatus::Failed | PlanStatus::Rejected);
+            let ended = stored.status.is_terminal();
             match (ended, r.settled_at, r.released_micros) {
                 (true, None, _) => {
                     findings.push(format!("plan {} ended but its reservation is not settled", plan.id))
@@ -241,6 +389,7 @@ mod tests {
     use crate::domain::PlanStatus;
     use crate::ids::{MessageId, RequestId};
     use crate::policy::{FallbackDecision, Window};
+    use crate::store::DeadLetter;
     use crate::store::StoredReservation;
     use crate::store::{ApprovalRow, DecisionRow, DispatchRow, StoredPlan, TaskState};
 
@@ -268,6 +417,10 @@ mod tests {
             &crate::complexity::Inputs { work: 0.4, unknown_entities: 0, confidence: 1.0 },
         );
         Trail {
+            status: RequestStatus::InProgress,
+            failure_reason: None,
+            cancellation: None,
+            dead_letters: Vec::new(),
             has_decomposition: true,
             decomposer: Some("rules".into()),
             complexity: Some((complexity.score, complexity.terms)),
@@ -286,7 +439,7 @@ mod tests {
             decisions: vec![DecisionRow {
                 task_id: first,
                 attempt: 1,
-                agent_id: "homelab-1".into(),
+                agent_id: Some("homelab-1".into()),
                 score: Some(0.9),
                 reason: "best".into(),
                 candidates: serde_json::json!([]),
@@ -325,12 +478,109 @@ mod tests {
     }
 
     #[test]
-    fn a_plan_awaiting_approval_is_incomplete() {
+    fn routing_without_an_approval_is_flagged() {
         let mut trail = complete();
         trail.approval = None;
         let findings = check(&trail);
+        assert!(
+            findings.iter().any(|f| f.contains("was routed without an approval decision")),
+            "{findings:?}"
+        );
+        assert!(
+            findings.iter().any(|f| f.contains("has no approval decision (status approved)")),
+            "{findings:?}"
+        );
+        // Awaiting approval, with nothing routed: consistent, and under way.
+        trail.plan.as_mut().unwrap().status = PlanStatus::AwaitingApproval;
+        trail.status = RequestStatus::AwaitingApproval;
+        trail.decisions.clear();
+        trail.dispatches.clear();
+        trail
+            .tasks
+            .iter_mut()
+            .for_each(|t| *t = TaskState { status: TaskStatus::Pending, attempt: 0, ..t.clone() });
+        assert_eq!(check(&trail), Vec::<String>::new());
+        assert_eq!(
+            outcome(&trail),
+            "is under way (awaiting_approval: 5 tasks, 0 routing decisions, 0 dispatches)"
+        );
+    }
+
+    #[test]
+    fn a_request_that_ended_early_passes_with_its_reason_and_names_its_outcome() {
+        // Matched no work type: failed at decompose, with nothing after it.
+        let mut trail = complete();
+        trail.status = RequestStatus::Failed;
+        trail.failure_reason = Some("decomposition failed: no work type matches".into());
+        trail.has_decomposition = false;
+        trail.plan = None;
+        trail.complexity = None;
+        trail.fallback_decisions = 0;
+        trail.approval = None;
+        trail.tasks.clear();
+        trail.decisions.clear();
+        trail.dispatches.clear();
+        assert_eq!(check(&trail), Vec::<String>::new());
+        assert_eq!(outcome(&trail), "failed: decomposition failed: no work type matches");
+        trail.failure_reason = None;
+        assert_eq!(check(&trail), ["the request failed without a reason"]);
+
+        // Cancelled while a task ran: its last attempt has no result, and that is consistent.
+        let mut trail = complete();
+        trail.status = RequestStatus::Cancelled;
+        trail.failure_reason = Some("cancelled by ops: wrong host".into());
+        trail.plan.as_mut().unwrap().status = PlanStatus::Cancelled;
+        for task in &mut trail.tasks {
+            task.status = TaskStatus::Cancelled;
+        }
+        assert_eq!(check(&trail), ["the request is cancelled, but no cancellation is recorded"]);
+        trail.cancellation = Some(crate::store::Cancellation {
+            by: "ops".into(),
+            reason: "wrong host".into(),
+            at: Utc::now(),
+        });
+        assert_eq!(check(&trail), Vec::<String>::new());
+        assert_eq!(outcome(&trail), "was cancelled by ops: wrong host");
+        trail.tasks[1].status = TaskStatus::Waiting;
+        assert_eq!(check(&trail).len(), 1, "a cancelled plan's task still waits: {:?}", check(&trail));
+    }
+
+    #[test]
+    fn a_task_that_gave_up_waiting_has_a_decision_without_an_agent() {
+        let mut trail = complete();
+        trail.status = RequestStatus::Failed;
+        trail.failure_reason = Some("task 1.prepare waited 24 h".into());
+        trail.plan.as_mut().unwrap().status = PlanStatus::Failed;
+        trail.dispatches.clear();
+        trail.decisions[0].agent_id = None;
+        trail.decisions[0].score = None;
+        trail.decisions[0].reserved_capacity = false;
+        for task in &mut trail.tasks {
+            task.status = TaskStatus::Cancelled;
+        }
+        trail.tasks[0].status = TaskStatus::Failed;
+        assert_eq!(check(&trail), Vec::<String>::new());
+        assert_eq!(outcome(&trail), "failed: task 1.prepare waited 24 h");
+        // A dispatch of an attempt that chose no agent contradicts it.
+        trail.dispatches = complete().dispatches;
+        trail.dispatches[0].task_id = trail.tasks[0].id;
+        assert!(check(&trail).iter().any(|f| f.contains("chose no agent")), "{:?}", check(&trail));
+    }
+
+    #[test]
+    fn a_refusal_on_arrival_names_its_stage_and_reason() {
+        let dead = DeadLetter {
+            message_id: crate::ids::MessageId::random(),
+            stage: "decompose".into(),
+            queue: "switchyard.requests".into(),
+            reason: "empty request text".into(),
+            at: Utc::now(),
+        };
+        let (line, findings) = refused(std::slice::from_ref(&dead));
+        assert_eq!(line, "was refused on arrival at decompose: empty request text");
+        assert!(findings.is_empty());
+        let (_, findings) = refused(&[DeadLetter { reason: " ".into(), ..dead }]);
         assert_eq!(findings.len(), 1);
-        assert!(findings[0].contains("has no approval decision"), "{findings:?}");
     }
 
     #[test]
@@ -385,13 +635,13 @@ mod tests {
         );
         let first = trail.tasks[0].id;
         trail.results.push(result(first, Utc::now()));
-        // With its result it is finished properly; its dependent is released and now missing.
+        // With its result it is finished properly; its dependent is released, still to route.
+        assert_eq!(check(&trail), Vec::<String>::new());
+        // A plan that completed with a task left is not complete.
+        trail.plan.as_mut().unwrap().status = PlanStatus::Completed;
+        trail.status = RequestStatus::Completed;
         let findings = check(&trail);
-        assert!(!findings.iter().any(|f| f.contains("without a result")), "{findings:?}");
-        assert!(
-            findings.iter().any(|f| f.contains("1.deploy attempt 1 has 0 routing decisions")),
-            "{findings:?}"
-        );
+        assert!(findings.iter().any(|f| f.ends_with("but task 1.deploy is pending")), "{findings:?}");
     }
 
     #[test]
@@ -425,12 +675,17 @@ mod tests {
     fn a_rejected_plan_is_complete_without_routing() {
         let mut trail = complete();
         trail.approval.as_mut().unwrap().approved = false;
+        trail.approval.as_mut().unwrap().decided_by = "alice".into();
+        trail.approval.as_mut().unwrap().reason = "not today".into();
+        trail.status = RequestStatus::Rejected;
+        trail.plan.as_mut().unwrap().status = PlanStatus::Rejected;
         trail.decisions.clear();
         trail.dispatches.clear();
         for task in &mut trail.tasks {
-            task.status = TaskStatus::Pending;
+            *task = TaskState { status: TaskStatus::Cancelled, attempt: 0, ..task.clone() };
         }
         assert_eq!(check(&trail), Vec::<String>::new());
+        assert_eq!(outcome(&trail), "was rejected by alice: not today");
     }
 
     fn external(trail: &Trail) -> FallbackDecision {

@@ -285,13 +285,21 @@ status_enum!(
         Failed,
         /// Every task succeeded.
         Completed,
+        /// Someone cancelled it (`switchyard cancel`): nothing more of it runs.
+        Cancelled,
     }
 );
 
 impl RequestStatus {
     /// Whether the request has ended: nothing will change it any more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, RequestStatus::Rejected | RequestStatus::Failed | RequestStatus::Completed)
+        matches!(
+            self,
+            RequestStatus::Rejected
+                | RequestStatus::Failed
+                | RequestStatus::Completed
+                | RequestStatus::Cancelled
+        )
     }
 }
 
@@ -306,16 +314,28 @@ status_enum!(
         Completed,
         /// A task failed every attempt.
         Failed,
-        /// A task needs what no agent offers, and no external provider could take it.
+        /// A task needed what no agent offered, and no external provider could take it. Plans
+        /// made before tasks waited for the fleet ended so; such a task now waits for an agent.
         Infeasible,
+        /// Its request was cancelled.
+        Cancelled,
     }
 );
+
+impl PlanStatus {
+    /// Whether the plan has ended: none of its tasks will be routed any more.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, PlanStatus::Planned | PlanStatus::AwaitingApproval | PlanStatus::Approved)
+    }
+}
 
 status_enum!(
     /// Where a task stands.
     TaskStatus {
         /// Waiting for approval or for its dependencies.
         Pending,
+        /// Ready, but no agent can take it now: it waits in line for a slot.
+        Waiting,
         /// An agent was chosen and capacity reserved on it.
         Routed,
         /// The broker confirmed it into the agent's queue.
@@ -326,7 +346,8 @@ status_enum!(
         Succeeded,
         /// Every attempt failed.
         Failed,
-        /// A task it depends on failed: it will not run.
+        /// It will not run: a task it depends on failed, its plan ended, or its request was
+        /// cancelled (a running attempt is aborted on its agent).
         Cancelled,
     }
 );

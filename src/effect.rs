@@ -10,7 +10,7 @@ use crate::complexity::Complexity;
 use crate::domain::{Decomposition, Plan};
 use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
 use crate::policy::{FallbackDecision, Infeasible};
-use crate::routing::Route;
+use crate::routing::{Candidate, Route};
 use crate::wire::{Heartbeat, RequestMeta, TaskResult, TokenUsage};
 
 /// Quota to take from a provider, atomically, or not at all, in the window that `window_start`
@@ -43,13 +43,6 @@ pub enum Write {
         infeasible: Vec<Infeasible>,
         duration_basis: BTreeMap<TaskId, String>,
     },
-    /// The plan cannot run (see [`crate::policy::FallbackDecision::infeasible`]): it and its
-    /// request end with `reason`, and its tasks are cancelled.
-    PlanInfeasible {
-        request_id: RequestId,
-        plan_id: PlanId,
-        reason: String,
-    },
     /// The plan-level external-AI decision. With a reservation, the store applies it only if the
     /// quota still covers it in the reservation's window (limit - reserved - spent >= amount),
     /// else reports a conflict and the stage decides again. Of two decisions racing for the last
@@ -74,13 +67,53 @@ pub enum Write {
         reason: String,
     },
     /// A routing decision. When the route reserves capacity, the store applies it only if the
-    /// agent still has room, else reports a conflict and the stage decides again.
+    /// agent still has room, else reports a conflict and the stage decides again; likewise if the
+    /// task is no longer pending or waiting at the attempt before (routed by another decision,
+    /// cancelled).
     Route {
         request_id: RequestId,
         plan_id: PlanId,
         attempt: u32,
         decision_id: DecisionId,
         route: Route,
+        /// When the attempt became ready: released now, or when it began to wait.
+        ready_at: DateTime<Utc>,
+    },
+    /// A ready task that no agent can take now waits in line for `attempt`: `reason` in a few
+    /// words, every candidate's verdict in the audit log. Its place in line (its turn among the
+    /// waiting tasks of `priority`) is given by the store. Only a pending task at the attempt
+    /// before starts to wait: anything else is a conflict.
+    TaskWaiting {
+        request_id: RequestId,
+        plan_id: PlanId,
+        task_id: TaskId,
+        attempt: u32,
+        priority: u8,
+        since: DateTime<Utc>,
+        reason: String,
+        candidates: Vec<Candidate>,
+    },
+    /// A waiting task gave up: it waited longer than allowed. Recorded as the routing decision of
+    /// `attempt`, which chose no agent, with every candidate's verdict; the task fails. Only a
+    /// task still waiting: anything else is a conflict.
+    WaitExpired {
+        request_id: RequestId,
+        plan_id: PlanId,
+        task_id: TaskId,
+        attempt: u32,
+        decision_id: DecisionId,
+        reason: String,
+        candidates: Vec<Candidate>,
+        ready_at: DateTime<Utc>,
+    },
+    /// Someone cancelled the request: it and its plan end `cancelled`, its tasks that had not
+    /// finished are cancelled (the capacity of those on an agent given back), its quota
+    /// reservation is settled. A request cancelled already is left as it is; one that ended
+    /// otherwise is a conflict.
+    Cancel {
+        request_id: RequestId,
+        by: String,
+        reason: String,
     },
     /// An attempt ended: its agent reported, or its lease expired. Gives back the capacity that
     /// the attempt's routing decision reserved and counts in the agent's record. A second result

@@ -1,16 +1,17 @@
 //! What the command line does, as a library API: submit a request, approve or reject a plan,
-//! follow a request until it settles. The binary only parses arguments and prints.
+//! cancel a request, follow a request until it settles. The binary only parses arguments and
+//! prints.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::broker::{self, Broker, Outgoing};
 use crate::domain::{PlanStatus, RequestStatus, TaskStatus};
-use crate::ids::{MessageId, PlanId, RequestId};
-use crate::store::{self, ApprovalOutcome, RequestReport, Store};
-use crate::wire::{Envelope, RouteTasks, SCHEMA_VERSION, SubmitRequest};
+use crate::ids::{AgentId, MessageId, PlanId, RequestId};
+use crate::store::{self, ApprovalOutcome, RequestReport, Stopped, Store};
+use crate::wire::{Envelope, RouteTasks, SCHEMA_VERSION, SubmitRequest, TaskAbort, Wake};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -89,6 +90,70 @@ pub async fn reject(
     Ok(store.decide_approval(plan_id, false, by, reason).await?)
 }
 
+/// What a cancellation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancellation {
+    /// It was cancelled before; nothing was changed (the stops were sent again).
+    pub already: bool,
+    /// The attempts that agents held, told to stop.
+    pub stopped: Vec<Stopped>,
+    /// The agents that could not be told, having no control queue (not started yet, or started
+    /// before agents had one): their attempts run to their end, and their results are ignored.
+    pub unreachable: Vec<AgentId>,
+}
+
+/// Cancels a request, as `by`, with `reason` (see [`Store::cancel`]): what it had not started
+/// never runs, and each attempt that an agent holds is stopped there, through the agent's
+/// control queue. Safe to repeat: a request cancelled already is left as it is and its stops are
+/// sent again; one that ended otherwise is refused ([`store::Error::Refused`]), saying how.
+pub async fn cancel(
+    store: &Store,
+    broker: &Broker,
+    request_id: RequestId,
+    by: &str,
+    reason: &str,
+) -> Result<Cancellation, Error> {
+    let cancelled = store.cancel(request_id, by, reason).await?;
+    let mut unreachable = Vec::new();
+    for stop in &cancelled.stopped {
+        let abort = TaskAbort {
+            plan_id: stop.plan_id,
+            task_id: stop.task_id,
+            attempt: stop.attempt,
+            agent_id: stop.agent_id.clone(),
+            reason: format!("request {request_id} cancelled by {by}: {reason}"),
+        };
+        let key = format!("abort:{}:{}", stop.task_id, stop.attempt);
+        let envelope = Envelope {
+            message_id: MessageId::from_uuid(Uuid::new_v5(&request_id.as_uuid(), key.as_bytes())),
+            schema_version: SCHEMA_VERSION,
+            request_id,
+            causation_id: None,
+            timestamp: Utc::now(),
+            payload: abort,
+        };
+        let mut outgoing = Outgoing::to_queue(
+            broker.names().agent_control_queue(&stop.agent_id),
+            serde_json::to_vec(&envelope).expect("serializes"),
+        );
+        outgoing.message_id = Some(envelope.message_id.to_string());
+        match broker.publish(&outgoing).await {
+            Ok(()) => {}
+            Err(broker::Error::Unroutable { .. }) => unreachable.push(stop.agent_id.clone()),
+            Err(err) => return Err(err.into()),
+        }
+    }
+    // Their slots are free: tasks waiting in line may take them.
+    let wake = Wake { message_id: MessageId::random(), cause: "cancel".into(), at: Utc::now() };
+    let mut outgoing =
+        Outgoing::to_queue(broker.names().queue("place"), serde_json::to_vec(&wake).expect("serializes"));
+    outgoing.message_id = Some(wake.message_id.to_string());
+    publish(broker, &outgoing, "wake-ups of the scheduler").await?;
+    unreachable.sort();
+    unreachable.dedup();
+    Ok(Cancellation { already: cancelled.already, stopped: cancelled.stopped, unreachable })
+}
+
 /// Where a request stands for someone waiting on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
@@ -105,7 +170,7 @@ pub enum Progress {
 /// Reads a report as progress. Pure.
 pub fn progress(report: &RequestReport) -> Progress {
     match report.status {
-        RequestStatus::Failed | RequestStatus::Rejected => {
+        RequestStatus::Failed | RequestStatus::Rejected | RequestStatus::Cancelled => {
             return Progress::Failed(
                 report.failure_reason.clone().unwrap_or_else(|| report.status.to_string()),
             );
@@ -127,6 +192,7 @@ pub fn progress(report: &RequestReport) -> Progress {
         .iter()
         .any(|t| t.status == TaskStatus::Pending && t.depends_on.iter().all(|d| succeeded.contains(d)));
     let routed = plan.tasks.iter().filter(|t| t.status == TaskStatus::Routed).count();
+    let waiting = plan.tasks.iter().filter(|t| t.status == TaskStatus::Waiting).count();
     if let Some(failed) = plan.tasks.iter().find(|t| t.status == TaskStatus::DispatchFailed) {
         return Progress::Failed(format!(
             "task {} could not be dispatched: {}",
@@ -134,11 +200,42 @@ pub fn progress(report: &RequestReport) -> Progress {
             failed.reason.as_deref().unwrap_or("no reason recorded")
         ));
     }
-    if waiting_release || routed > 0 {
+    if waiting_release || routed > 0 || waiting > 0 {
         let dispatched = plan.tasks.iter().filter(|t| t.status == TaskStatus::Dispatched).count();
         return Progress::Waiting(format!(
-            "routing and dispatching: {dispatched} dispatched, {routed} routed"
+            "routing and dispatching: {dispatched} dispatched, {routed} routed, {waiting} waiting for an agent"
         ));
     }
     Progress::Dispatched
+}
+
+/// Why each waiting task of `report` waits, as things stand now: its verdict on every candidate
+/// agent of the fleet, summed up in a few words ("2 capable agents busy (2/2, 2/2)"). What was
+/// stored when it began to wait may be out of date by now.
+pub async fn waiting_reasons(
+    store: &Store,
+    report: &RequestReport,
+    policy: &crate::routing::RoutingPolicy,
+    now: DateTime<Utc>,
+) -> Result<HashMap<crate::ids::TaskId, String>, Error> {
+    let Some(plan) = &report.plan else { return Ok(HashMap::new()) };
+    let waiting: Vec<&store::TaskState> =
+        plan.tasks.iter().filter(|t| t.status == TaskStatus::Waiting).collect();
+    if waiting.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let Some(stored) = store.plan(plan.plan_id).await? else { return Ok(HashMap::new()) };
+    let agents = store.agents().await?;
+    let failed = store.failed_agents(plan.plan_id).await?;
+    let external = crate::stages::External::of(plan.fallback.as_ref());
+    let router = crate::routing::Router::new(&agents, now, policy);
+    let mut reasons = HashMap::new();
+    for state in waiting {
+        let Some(task) = stored.plan.task(state.id) else { continue };
+        let task = external.as_ref().map_or_else(|| task.clone(), |e| e.adapt(task));
+        let ask =
+            crate::stages::ask(&task, state.attempt + 1, external.as_ref(), failed.get(&task.id), policy);
+        reasons.insert(task.id, crate::routing::waiting_reason(&router.judge(&task, ask)));
+    }
+    Ok(reasons)
 }

@@ -269,7 +269,9 @@ pub struct FallbackDecision {
     /// The tasks that go to the provider: empty when the work stays local.
     #[serde(default)]
     pub external_tasks: Vec<TaskId>,
-    /// The plan cannot run: a task needs what no agent offers, and no provider could take it.
+    /// The plan could not run: a task needed what no agent offered, and no provider could take
+    /// it. Set only on plans made before such tasks waited for an agent (they then ended
+    /// `infeasible`); kept so that their records still read as they were.
     #[serde(default)]
     pub infeasible: bool,
     pub reason: String,
@@ -286,9 +288,9 @@ pub struct FallbackDecision {
 /// work type the provider accepts goes) or when some tasks are `infeasible` locally (then at
 /// least those go, and a provider must accept all of them). The providers are tried in order; the
 /// first that accepts the work and whose remaining `quotas` cover the estimated cost takes it.
-/// When none does, the work stays local, or, with infeasible tasks, the plan is infeasible; the
-/// reason names what each provider lacked ("quota exhausted: …"). A provider without a quota
-/// snapshot has no budget known, and is not used.
+/// When none does, the work stays local (infeasible tasks then wait for an agent that can run
+/// them); the reason names what each provider lacked ("quota exhausted: …"). A provider without
+/// a quota snapshot has no budget known, and is not used.
 pub fn decide_fallback(
     plan: &Plan,
     complexity: f64,
@@ -403,14 +405,13 @@ pub fn decide_fallback(
     if stuck.is_empty() {
         local(format!("{}, but the work stays local: {}", why.join("; "), lacks.join("; ")))
     } else {
-        FallbackDecision {
-            infeasible: true,
-            ..local(format!(
-                "infeasible: {}; and no provider can take it: {}",
-                stuck.join("; "),
-                lacks.join("; ")
-            ))
-        }
+        // What no agent could run when the plan was made waits for one that can (an agent may
+        // start, or grow), up to the longest wait allowed.
+        local(format!(
+            "{}; and no provider can take it ({}): it waits for an agent that can run it",
+            stuck.join("; "),
+            lacks.join("; ")
+        ))
     }
 }
 
@@ -756,23 +757,24 @@ mod tests {
     }
 
     #[test]
-    fn an_infeasible_task_without_quota_makes_the_plan_infeasible() {
+    fn an_infeasible_task_without_quota_stays_local_and_waits_for_an_agent() {
         let plan = plan(&["deployment", "analysis"]);
         let stuck = [stuck(&plan, 1, "needs 1 GPU, and no agent has one")];
         let d = decide_fallback(&plan, 0.2, &stuck, &policy(), &quota(100));
-        assert!(d.infeasible && !d.use_external);
+        assert!(!d.infeasible && !d.use_external);
         assert_eq!(
             d.reason,
-            "infeasible: task 1.analysis needs 1 GPU, and no agent has one; and no provider can take \
-             it: quota exhausted: bigmodel has 100 micros left, and the plan would cost 3085 micros"
+            "task 1.analysis needs 1 GPU, and no agent has one; and no provider can take it (quota \
+             exhausted: bigmodel has 100 micros left, and the plan would cost 3085 micros): it waits for \
+             an agent that can run it"
         );
         // A provider that does not take the work type cannot help either.
         let stuck = [Infeasible { work_type: wt("transcription"), ..stuck[0].clone() }];
         let d = decide_fallback(&plan, 0.2, &stuck, &policy(), &quota(1_000_000));
-        assert!(d.infeasible);
-        assert!(d.reason.ends_with("bigmodel does not take transcription work"), "{}", d.reason);
+        assert!(!d.use_external);
+        assert!(d.reason.contains("(bigmodel does not take transcription work)"), "{}", d.reason);
         let d = decide_fallback(&plan, 0.2, &stuck, &FallbackPolicy::default(), &[]);
-        assert!(d.reason.ends_with("no external provider is configured"), "{}", d.reason);
+        assert!(d.reason.contains("(no external provider is configured)"), "{}", d.reason);
     }
 
     #[test]

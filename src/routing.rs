@@ -19,7 +19,7 @@
 
 mod reason;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -41,13 +41,25 @@ pub struct RoutingPolicy {
     /// An agent whose last heartbeat is older than this is presumed gone.
     pub heartbeat_ttl_secs: u64,
     pub weights: Weights,
-    /// Where a task goes when no agent is eligible for it, by work type.
+    /// Where a task goes when no agent is eligible for it, by work type; without one, it waits
+    /// in line until an agent can take it.
     pub default_agents: BTreeMap<WorkType, AgentId>,
+    /// How long a task may wait for an agent before it fails, in seconds; 0: for ever.
+    pub max_wait_secs: u64,
+    /// How often the line is looked at while tasks wait, in seconds, whatever happens: the safety
+    /// net for a wake-up lost on the way, and when waits expire.
+    pub recheck_secs: u64,
 }
 
 impl Default for RoutingPolicy {
     fn default() -> Self {
-        Self { heartbeat_ttl_secs: 30, weights: Weights::default(), default_agents: BTreeMap::new() }
+        Self {
+            heartbeat_ttl_secs: 30,
+            weights: Weights::default(),
+            default_agents: BTreeMap::new(),
+            max_wait_secs: 86_400,
+            recheck_secs: 3,
+        }
     }
 }
 
@@ -136,70 +148,229 @@ pub struct Route {
     pub reserves_capacity: bool,
 }
 
-/// Why a task could not be routed at all.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
-    #[error(
-        "no agents available for task {task_id} and no default agent configured for work type {work_type}"
-    )]
-    NoDefaultAgent { task_id: TaskId, work_type: WorkType },
+/// What routing made of one task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Placement {
+    /// To the best eligible agent (a slot of it reserved: `reserves_capacity`), or, with none
+    /// eligible, to the task's default agent.
+    Routed(Route),
+    /// No agent can take it now, and it has no default agent: it waits for one. Every
+    /// candidate's verdict says why.
+    Waits(Vec<Candidate>),
 }
 
-/// Routes the tasks of one batch, in order.
+/// How one task may be routed.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// Agents that may not take it: those that failed it before, so that a retry goes elsewhere.
+    pub excluded: Option<&'a BTreeSet<AgentId>>,
+    /// Where it goes when no agent is eligible; without one it waits.
+    pub default_agent: Option<&'a AgentId>,
+    /// Which agents are candidates at all: the others are not even listed.
+    pub pool: fn(&Agent) -> bool,
+}
+
+impl Ask<'_> {
+    /// Every agent a candidate, nothing excluded, no default agent.
+    pub const ANY: Ask<'static> = Ask { excluded: None, default_agent: None, pool: |_| true };
+}
+
+/// Routes the tasks of one decision, one after the other, over one snapshot of the fleet.
 ///
-/// Each chosen agent's in-flight count is raised locally before the next task is routed, so a
-/// batch never puts more on an agent than its capacity, even though `agents` is a snapshot taken
-/// before the batch. The first task that can be routed neither to an eligible agent nor to a
-/// default agent fails the whole batch, so that the caller never acts on half a batch.
+/// Each slot it gives is counted against its agent before the next task is routed, so a decision
+/// never puts more on an agent than its capacity, even though `agents` is a snapshot taken before.
+pub struct Router<'a> {
+    /// Sorted by id: the candidates are listed in this order and ties go to the first.
+    agents: Vec<&'a Agent>,
+    /// The slots given so far, by position in `agents`: an agent's in-flight count is its own
+    /// plus these (kept apart so that building this reads no agent).
+    reserved: Vec<u32>,
+    clock: Clock,
+    weights: [f64; 3],
+}
+
+impl<'a> Router<'a> {
+    pub fn new(agents: &'a [Agent], now: DateTime<Utc>, policy: &RoutingPolicy) -> Self {
+        let mut agents: Vec<&Agent> = agents.iter().collect();
+        agents.sort_by(|a, b| a.id.cmp(&b.id));
+        Router {
+            reserved: vec![0; agents.len()],
+            agents,
+            clock: Clock::new(now, policy.heartbeat_ttl_secs),
+            weights: policy.weights.normalised(),
+        }
+    }
+
+    /// Every candidate of `ask`'s pool with its verdict on `task`, as things stand; takes nothing.
+    pub fn judge(&self, task: &Task, ask: Ask<'_>) -> Vec<Candidate> {
+        self.verdicts(task, ask).into_iter().map(|(_, candidate)| candidate).collect()
+    }
+
+    /// Routes `task`: to the best eligible agent (one of its slots then counts as taken for the
+    /// tasks routed after), else to the default agent, else it waits.
+    pub fn place(&mut self, task: &Task, ask: Ask<'_>) -> Placement {
+        let judged = self.verdicts(task, ask);
+        let (positions, candidates): (Vec<usize>, Vec<Candidate>) = judged.into_iter().unzip();
+        let best = best_candidates(&candidates);
+        if let Some(&chosen) = best.first() {
+            let at = positions[chosen];
+            self.reserved[at] = self.reserved[at].saturating_add(1);
+            return Placement::Routed(chosen_route(task, &best, candidates));
+        }
+        match ask.default_agent {
+            Some(agent_id) => Placement::Routed(default_route(task, agent_id, candidates)),
+            None => Placement::Waits(candidates),
+        }
+    }
+
+    /// The candidates of `ask`'s pool, in id order, each with its position in `agents`.
+    fn verdicts(&self, task: &Task, ask: Ask<'_>) -> Vec<(usize, Candidate)> {
+        let mut judge = Judge::new(task, ask.excluded, &self.clock, self.weights);
+        (self.agents.iter().zip(&self.reserved).enumerate())
+            .filter(|(_, (agent, _))| (ask.pool)(agent))
+            .map(|(at, (agent, &more))| {
+                let verdict = judge.verdict(agent, agent.in_flight.saturating_add(more));
+                (at, Candidate { agent_id: agent.id.clone(), verdict })
+            })
+            .collect()
+    }
+}
+
+/// Routes the tasks of one batch, in order, every agent a candidate: each to the best eligible
+/// agent, else to the default agent of its work type (`policy.default_agents`), else it waits.
 pub fn route_tasks(
     tasks: &[&Task],
     agents: &[Agent],
     now: DateTime<Utc>,
     policy: &RoutingPolicy,
-) -> Result<Vec<Route>, RouteError> {
-    route_tasks_excluding(tasks, agents, now, policy, &HashMap::new())
+) -> Vec<Placement> {
+    let mut router = Router::new(agents, now, policy);
+    tasks
+        .iter()
+        .map(|task| {
+            let ask = Ask { default_agent: policy.default_agents.get(&task.work_type), ..Ask::ANY };
+            router.place(task, ask)
+        })
+        .collect()
 }
 
-/// As [`route_tasks`], with agents that may not take a task: those that failed it before, so
-/// that a retry goes to another agent.
-pub fn route_tasks_excluding(
-    tasks: &[&Task],
-    agents: &[Agent],
-    now: DateTime<Utc>,
-    policy: &RoutingPolicy,
-    excluded: &HashMap<TaskId, BTreeSet<AgentId>>,
-) -> Result<Vec<Route>, RouteError> {
-    // Sorted once by id: the candidates are listed in this order and ties go to the first.
-    let mut agents: Vec<&Agent> = agents.iter().collect();
-    agents.sort_by(|a, b| a.id.cmp(&b.id));
-    // The slots this batch has reserved so far, by position in `agents`: an agent's in-flight
-    // count is its own plus these (kept apart so that building this reads no agent).
-    let mut reserved: Vec<u32> = vec![0; agents.len()];
-    let clock = Clock::new(now, policy.heartbeat_ttl_secs);
-    let weights = policy.weights.normalised();
-
-    let mut routes = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        let mut judge = Judge::new(task, excluded.get(&task.id), &clock, weights);
-        let candidates: Vec<Candidate> = agents
-            .iter()
-            .zip(&reserved)
-            .map(|(agent, &more)| Candidate {
-                agent_id: agent.id.clone(),
-                verdict: judge.verdict(agent, agent.in_flight.saturating_add(more)),
-            })
-            .collect();
-        let best = best_candidates(&candidates);
-        let route = match best.first() {
-            Some(&chosen) => {
-                reserved[chosen] = reserved[chosen].saturating_add(1);
-                chosen_route(task, &best, candidates)
-            }
-            None => default_route(task, candidates, policy)?,
-        };
-        routes.push(route);
+/// Why a task waits, in a few words, from its candidates' verdicts: what no agent offers when no
+/// agent could ever take it ("no agent has capability gpu-transcode"), else what keeps the capable
+/// agents from it now ("2 capable agents busy (2/2, 2/2)"), or that it queues behind others
+/// when an agent could take it.
+pub fn waiting_reason(candidates: &[Candidate]) -> String {
+    if candidates.is_empty() {
+        return "no agent is registered".to_owned();
     }
-    Ok(routes)
+    fn reasons(c: &Candidate) -> &[Reason] {
+        match &c.verdict {
+            Verdict::Rejected { reasons } => reasons,
+            Verdict::Scored { .. } => &[],
+        }
+    }
+    let eligible = candidates.iter().filter(|c| c.verdict.score().is_some()).count();
+    if eligible > 0 {
+        return format!(
+            "in line behind tasks that waited first ({eligible} capable {} with room)",
+            plural(eligible, "agent", "agents")
+        );
+    }
+    let unfit = |r: &Reason| matches!(r, Reason::MissingCapabilities(_) | Reason::InsufficientResources(_));
+    let capable: Vec<&Candidate> = candidates.iter().filter(|c| !reasons(c).iter().any(unfit)).collect();
+    if capable.is_empty() {
+        return no_agent_offers(candidates.iter().map(reasons));
+    }
+    let (mut failed, mut silent, mut busy) = (Vec::new(), Vec::new(), Vec::new());
+    for candidate in capable {
+        let reasons = reasons(candidate);
+        if reasons.contains(&Reason::FailedBefore) {
+            failed.push(candidate.agent_id.as_str());
+        } else if let Some(Reason::StaleHeartbeat { age_millis, .. }) =
+            reasons.iter().find(|r| matches!(r, Reason::StaleHeartbeat { .. }))
+        {
+            silent.push(format!("{} for {} s", candidate.agent_id, age_millis / 1000));
+        } else if let Some(Reason::NoSpareCapacity { in_flight, capacity }) =
+            reasons.iter().find(|r| matches!(r, Reason::NoSpareCapacity { .. }))
+        {
+            busy.push(format!("{in_flight}/{capacity}"));
+        }
+    }
+    let mut parts = Vec::new();
+    if !busy.is_empty() {
+        let n = busy.len();
+        parts.push(format!("{n} capable {} busy ({})", plural(n, "agent", "agents"), listed(&busy)));
+    }
+    if !silent.is_empty() {
+        let n = silent.len();
+        parts.push(format!("{n} capable {} silent ({})", plural(n, "agent", "agents"), listed(&silent)));
+    }
+    if !failed.is_empty() {
+        let n = failed.len();
+        parts.push(format!(
+            "{n} capable {} failed it before ({})",
+            plural(n, "agent", "agents"),
+            listed(&failed)
+        ));
+    }
+    parts.join("; ")
+}
+
+/// What no candidate offers: a capability that every one of them lacks, else a resource that
+/// every one of them has too little of (with the most any has), else that none has it all at once.
+fn no_agent_offers<'r>(rejections: impl Iterator<Item = &'r [Reason]>) -> String {
+    let mut nowhere: Option<BTreeSet<&str>> = None;
+    let (mut cpu, mut memory, mut gpu) = (Some((0.0, 0.0)), Some((0, 0)), Some((0, 0)));
+    for reasons in rejections {
+        let mut missing = BTreeSet::new();
+        let mut short = Shortfall::default();
+        for reason in reasons {
+            match reason {
+                Reason::MissingCapabilities(names) => missing.extend(names.iter().map(String::as_str)),
+                Reason::InsufficientResources(s) => short = *s,
+                _ => {}
+            }
+        }
+        nowhere = Some(match nowhere {
+            None => missing,
+            Some(before) => before.intersection(&missing).copied().collect(),
+        });
+        // A resource stays "short everywhere" while every candidate lacks it: (needs, most had).
+        cpu = cpu.zip(short.cpu).map(|((_, most), l)| (l.needs, f64::max(most, l.has)));
+        memory = memory.zip(short.memory_mb).map(|((_, most), l)| (l.needs, most.max(l.has)));
+        gpu = gpu.zip(short.gpu).map(|((_, most), l)| (l.needs, most.max(l.has)));
+    }
+    let nowhere: Vec<&str> = nowhere.unwrap_or_default().into_iter().collect();
+    if !nowhere.is_empty() {
+        return format!(
+            "no agent has {} {}",
+            plural(nowhere.len(), "capability", "capabilities"),
+            nowhere.join(", ")
+        );
+    }
+    let mut short = Vec::new();
+    if let Some((needs, most)) = gpu {
+        short.push(format!("{needs} {} (the most any has is {most})", plural(needs as usize, "GPU", "GPUs")));
+    }
+    if let Some((needs, most)) = memory {
+        short.push(format!("{needs} MiB of memory (the most any has is {most} MiB)"));
+    }
+    if let Some((needs, most)) = cpu {
+        short.push(format!("{needs} CPUs (the most any has is {most})"));
+    }
+    if short.is_empty() {
+        "no agent has both the capabilities and the resources it needs".to_owned()
+    } else {
+        format!("no agent has {}", short.join(" and "))
+    }
+}
+
+/// At most five items, then how many more.
+fn listed<T: AsRef<str>>(items: &[T]) -> String {
+    let shown: Vec<&str> = items.iter().take(5).map(AsRef::as_ref).collect();
+    match items.len().saturating_sub(5) {
+        0 => shown.join(", "),
+        more => format!("{}, and {more} more", shown.join(", ")),
+    }
 }
 
 /// Whether `agent` could ever take `task`: it has the capabilities and the resources, and (when
@@ -424,26 +595,19 @@ fn chosen_route(task: &Task, best: &[usize], candidates: Vec<Candidate>) -> Rout
     }
 }
 
-fn default_route(
-    task: &Task,
-    candidates: Vec<Candidate>,
-    policy: &RoutingPolicy,
-) -> Result<Route, RouteError> {
-    let Some(agent_id) = policy.default_agents.get(&task.work_type) else {
-        return Err(RouteError::NoDefaultAgent { task_id: task.id, work_type: task.work_type.clone() });
-    };
+fn default_route(task: &Task, agent_id: &AgentId, candidates: Vec<Candidate>) -> Route {
     let why = match candidates.len() {
         0 => "no agents registered".to_owned(),
         n => format!("{n} {} rejected", plural(n, "candidate", "candidates")),
     };
-    Ok(Route {
+    Route {
         task_id: task.id,
         agent_id: agent_id.clone(),
         score: None,
         reason: format!("no agents available: {why}; default agent for {}", task.work_type),
         candidates,
         reserves_capacity: false,
-    })
+    }
 }
 
 fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
@@ -501,24 +665,39 @@ mod tests {
     #[test]
     fn an_agent_that_failed_a_task_is_not_given_it_again() {
         let task = task("t");
-        let excluded = HashMap::from([(task.id, BTreeSet::from([id("a")]))]);
-        let routes = route_tasks_excluding(
-            &[&task],
-            &[agent("a"), agent("b")],
-            now(),
-            &RoutingPolicy::default(),
-            &excluded,
-        )
-        .unwrap();
-        assert_eq!(routes[0].agent_id, id("b"));
-        let a = routes[0].candidates.iter().find(|c| c.agent_id == id("a")).unwrap();
+        let failed = BTreeSet::from([id("a")]);
+        let ask = Ask { excluded: Some(&failed), ..Ask::ANY };
+        let agents = [agent("a"), agent("b")];
+        let route = routed(Router::new(&agents, now(), &RoutingPolicy::default()).place(&task, ask));
+        assert_eq!(route.agent_id, id("b"));
+        let a = route.candidates.iter().find(|c| c.agent_id == id("a")).unwrap();
         assert_eq!(a.verdict, Verdict::Rejected { reasons: vec![Reason::FailedBefore] });
-        assert_eq!(reasons_of(&routes[0], "a"), ["failed an earlier attempt of this task"]);
+        assert_eq!(reasons_of(&route, "a"), ["failed an earlier attempt of this task"]);
         // With nobody else, the default agent takes it rather than the one that failed.
-        let mut policy = RoutingPolicy::default();
-        policy.default_agents.insert(wt("deployment"), id("fallback"));
-        let routes = route_tasks_excluding(&[&task], &[agent("a")], now(), &policy, &excluded).unwrap();
-        assert_eq!(routes[0].agent_id, id("fallback"));
+        let fallback = id("fallback");
+        let ask = Ask { default_agent: Some(&fallback), ..ask };
+        let alone = [agent("a")];
+        let route = routed(Router::new(&alone, now(), &RoutingPolicy::default()).place(&task, ask));
+        assert_eq!(route.agent_id, id("fallback"));
+        // Without a default, it waits, and says who failed it.
+        let ask = Ask { default_agent: None, ..ask };
+        let Placement::Waits(candidates) =
+            Router::new(&alone, now(), &RoutingPolicy::default()).place(&task, ask)
+        else {
+            panic!("expected a wait")
+        };
+        assert_eq!(waiting_reason(&candidates), "1 capable agent failed it before (a)");
+    }
+
+    fn routed(placement: Placement) -> Route {
+        match placement {
+            Placement::Routed(route) => route,
+            Placement::Waits(candidates) => panic!("waits: {candidates:?}"),
+        }
+    }
+
+    fn routes_of(tasks: &[&Task], agents: &[Agent], policy: &RoutingPolicy) -> Vec<Route> {
+        route_tasks(tasks, agents, now(), policy).into_iter().map(routed).collect()
     }
 
     fn caps(list: &[&str]) -> BTreeSet<String> {
@@ -526,7 +705,7 @@ mod tests {
     }
 
     fn route_one(task: &Task, agents: &[Agent], policy: &RoutingPolicy) -> Route {
-        let mut routes = route_tasks(&[task], agents, now(), policy).unwrap();
+        let mut routes = routes_of(&[task], agents, policy);
         assert_eq!(routes.len(), 1);
         routes.pop().unwrap()
     }
@@ -788,8 +967,7 @@ mod tests {
         big.in_flight = 5;
         let (first, second) = (task("first"), task("second"));
 
-        let routes =
-            route_tasks(&[&first, &second], &[small.clone(), big], now(), &RoutingPolicy::default()).unwrap();
+        let routes = routes_of(&[&first, &second], &[small.clone(), big], &RoutingPolicy::default());
         assert_eq!(routes[0].task_id, first.id);
         assert_eq!(routes[0].agent_id.as_str(), "a-small");
         assert_eq!(routes[1].task_id, second.id);
@@ -798,7 +976,7 @@ mod tests {
 
         // Alone, the capacity-1 agent takes the first task and the second goes to the default.
         let policy = with_default("deployment", "fallback");
-        let routes = route_tasks(&[&first, &second], &[small], now(), &policy).unwrap();
+        let routes = routes_of(&[&first, &second], &[small], &policy);
         assert_eq!(routes[0].agent_id.as_str(), "a-small");
         assert!(routes[0].reserves_capacity);
         assert_eq!(routes[1].agent_id.as_str(), "fallback");
@@ -825,7 +1003,7 @@ mod tests {
     }
 
     #[test]
-    fn fails_when_no_agent_is_eligible_and_no_default_is_configured() {
+    fn waits_when_no_agent_is_eligible_and_no_default_is_configured() {
         let mut t = task("t");
         t.work_type = wt("monitoring");
         t.capabilities = caps(&["prometheus"]);
@@ -833,14 +1011,73 @@ mod tests {
         let policy = with_default("deployment", "deployer");
         let ok = task("ok");
 
-        let err = route_tasks(&[&ok, &t], &[agent("x")], now(), &policy).unwrap_err();
-        assert_eq!(err, RouteError::NoDefaultAgent { task_id: t.id, work_type: wt("monitoring") });
+        let placed = route_tasks(&[&ok, &t], &[agent("x")], now(), &policy);
+        assert!(matches!(&placed[0], Placement::Routed(r) if r.agent_id.as_str() == "x"), "{placed:?}");
+        let Placement::Waits(candidates) = &placed[1] else { panic!("{placed:?}") };
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(waiting_reason(candidates), "no agent has capability prometheus");
+    }
+
+    #[test]
+    fn a_waiting_reason_names_what_keeps_the_capable_agents_from_the_task() {
+        let mut t = task("t");
+        t.capabilities = caps(&["docker", "gpu-transcode"]);
+        let mut docker = agent("docker");
+        docker.capabilities = caps(&["docker"]);
+        let plain = agent("plain");
+        let judge =
+            |agents: &[Agent]| Router::new(agents, now(), &RoutingPolicy::default()).judge(&t, Ask::ANY);
+        assert_eq!(waiting_reason(&judge(&[docker, plain])), "no agent has capability gpu-transcode");
+        assert_eq!(waiting_reason(&[]), "no agent is registered");
+
+        let mut full = agent("full");
+        full.capabilities = caps(&["docker", "gpu-transcode"]);
+        full.capacity = 2;
+        full.in_flight = 2;
+        let mut other = full.clone();
+        other.id = id("other");
         assert_eq!(
-            err.to_string(),
-            format!(
-                "no agents available for task {} and no default agent configured for work type monitoring",
-                t.id
-            )
+            waiting_reason(&judge(&[full.clone(), other.clone()])),
+            "2 capable agents busy (2/2, 2/2)"
+        );
+        other.last_heartbeat = now() - TimeDelta::seconds(45);
+        assert_eq!(
+            waiting_reason(&judge(&[full.clone(), other])),
+            "1 capable agent busy (2/2); 1 capable agent silent (other for 45 s)"
+        );
+        // Able to take it now: it only queues behind others.
+        full.in_flight = 1;
+        assert_eq!(
+            waiting_reason(&judge(&[full])),
+            "in line behind tasks that waited first (1 capable agent with room)"
+        );
+        // Resources no agent has.
+        let mut big = task("big");
+        big.resources.gpu = 1;
+        let judged = Router::new(&[agent("a")], now(), &RoutingPolicy::default()).judge(&big, Ask::ANY);
+        assert_eq!(waiting_reason(&judged), "no agent has 1 GPU (the most any has is 0)");
+    }
+
+    #[test]
+    fn a_pool_limits_the_candidates_and_a_router_counts_the_slots_it_gave() {
+        let mut one = agent("one");
+        one.capacity = 1;
+        let agents = [one, agent("provider-agent")];
+        let pool: fn(&Agent) -> bool = |a| a.id.as_str() != "provider-agent";
+        let mut router = Router::new(&agents, now(), &RoutingPolicy::default());
+        let ask = Ask { pool, ..Ask::ANY };
+        let first = routed(router.place(&task("first"), ask));
+        assert_eq!(first.agent_id.as_str(), "one");
+        assert_eq!(first.candidates.len(), 1, "the other pool is not listed");
+        // Its only slot was given: the next task waits, and judging takes nothing.
+        let Placement::Waits(candidates) = router.place(&task("second"), ask) else { panic!() };
+        assert_eq!(waiting_reason(&candidates), "1 capable agent busy (1/1)");
+        assert_eq!(
+            router.judge(&task("third"), ask),
+            candidates
+                .iter()
+                .map(|c| Candidate { agent_id: c.agent_id.clone(), verdict: c.verdict.clone() })
+                .collect::<Vec<_>>()
         );
     }
 

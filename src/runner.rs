@@ -490,14 +490,14 @@ impl<S: Stage> Runner<S> {
                                 "{err}; gave up after {} attempts",
                                 self.settings.dispatch_attempts.max(1)
                             );
-                            let writes = self.stage.undeliverable(input, &reason);
+                            let (writes, publish) = self.stage.undeliverable(input, &reason, Utc::now());
                             self.store.apply(S::NAME, None, &writes).await?;
+                            self.publish(&publish).await?;
                             Err(Failure::Permanent(reason))
                         }
                         Delivery::Failed(err) => Err(err.into()),
                     };
                 }
-                Outcome::Defer { reason } => return Err(Failure::Transient(reason)),
                 Outcome::Ignore { reason } => {
                     info!(%reason, "ignored");
                     return match self.persist(input, Value::Array(Vec::new()), Vec::new()).await? {

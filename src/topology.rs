@@ -184,6 +184,12 @@ impl Names {
     pub fn agent_queue(&self, agent: &AgentId) -> String {
         format!("{}.agent.{agent}", self.namespace)
     }
+
+    /// `<namespace>.agent.<agent_id>.control`: what an agent is told apart from its tasks (stop
+    /// this one), so that it does not wait behind them.
+    pub fn agent_control_queue(&self, agent: &AgentId) -> String {
+        format!("{}.agent.{agent}.control", self.namespace)
+    }
 }
 
 #[cfg(test)]
@@ -193,7 +199,7 @@ mod tests {
     #[test]
     fn standard_topology_is_valid_and_complete() {
         let topology = Topology::standard();
-        for stage in ["decompose", "plan", "fallback", "route", "dispatch", "heartbeat"] {
+        for stage in ["decompose", "plan", "fallback", "route", "place", "dispatch", "track", "heartbeat"] {
             let queue = topology.queue_of(stage).unwrap_or_else(|| panic!("no queue for {stage}"));
             assert_eq!(queue.dead_letter_exchange.as_deref(), Some("dead"), "{stage}");
             let retry = topology.retry_queue_of(&queue.name).expect("a retry queue");
@@ -229,6 +235,8 @@ mod tests {
     fn names_follow_the_contract() {
         let names = Names::new(Namespace::parse("switchyard").unwrap());
         assert_eq!(names.requests(), "switchyard.requests");
-        assert_eq!(names.agent_queue(&AgentId::parse("homelab-1").unwrap()), "switchyard.agent.homelab-1");
+        let agent = AgentId::parse("homelab-1").unwrap();
+        assert_eq!(names.agent_queue(&agent), "switchyard.agent.homelab-1");
+        assert_eq!(names.agent_control_queue(&agent), "switchyard.agent.homelab-1.control");
     }
 }

@@ -201,6 +201,40 @@ pub struct TaskResult {
     pub usage: Option<TokenUsage>,
 }
 
+/// → `<namespace>.place`: room may have opened for the tasks waiting in line (a result or an
+/// expired lease freed a slot, an agent came or grew, tasks joined the line), or a periodic look.
+/// Not about one request: no envelope. A copy of one wake-up (same `message_id`) is handled once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Wake {
+    pub message_id: MessageId,
+    /// What happened, for the logs: "result", "agent", "queued", "cancel", "periodic"…
+    pub cause: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Parses a wake-up from `<namespace>.place`.
+pub fn parse_wake(body: &[u8], limit: usize) -> Result<Wake, Error> {
+    check_size(body, limit)?;
+    let wake: Wake = serde_json::from_slice(body).map_err(classify)?;
+    if wake.cause.len() > 200 {
+        return Err(Error::Schema("cause is longer than 200 characters".into()));
+    }
+    Ok(wake)
+}
+
+/// `switchyard cancel` → `<namespace>.agent.<agent_id>.control`: stop this attempt of a task,
+/// running or not yet started; its request was cancelled. An agent's control queue is apart from
+/// its task queue, so that this reaches it at once, not behind the tasks queued there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskAbort {
+    pub plan_id: PlanId,
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub agent_id: AgentId,
+    pub reason: String,
+}
+
 /// Tokens used by a model, as its API reported them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub struct TokenUsage {
@@ -364,12 +398,14 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
     vec![
         ("request.json", schema::<SubmitRequest>()),
         ("heartbeat.json", schema::<Heartbeat>()),
+        ("wake.json", schema::<Wake>()),
         ("decomposed.json", schema::<Envelope<Decomposed>>()),
         ("planned.json", schema::<Envelope<Planned>>()),
         ("route.json", schema::<Envelope<RouteTasks>>()),
         ("dispatch.json", schema::<Envelope<DispatchTask>>()),
         ("task.json", schema::<Envelope<TaskAssignment>>()),
         ("result.json", schema::<Envelope<TaskResult>>()),
+        ("abort.json", schema::<Envelope<TaskAbort>>()),
     ]
 }
 
@@ -533,7 +569,10 @@ mod tests {
         let request = &schemas.iter().find(|(n, _)| *n == "request.json").unwrap().1;
         assert!(request["properties"]["text"].is_object());
         assert_eq!(request["required"], serde_json::json!(["text"]));
-        for (name, schema) in &schemas[2..] {
+        let wake = &schemas.iter().find(|(n, _)| *n == "wake.json").unwrap().1;
+        assert_eq!(wake["required"], serde_json::json!(["message_id", "cause", "at"]));
+        // The rest travel between stages, in envelopes.
+        for (name, schema) in &schemas[3..] {
             assert!(schema["properties"]["payload"].is_object(), "{name}");
             assert!(schema["properties"]["schema_version"].is_object(), "{name}");
         }

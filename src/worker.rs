@@ -9,15 +9,17 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, Broker, redact};
+use crate::broker::{self, Broker, Outgoing, redact};
 use crate::catalog::{self, Catalog};
 use crate::config::Config;
 use crate::decomposer::{self, Decomposer};
+use crate::ids::MessageId;
 use crate::leases;
 use crate::runner::{self, Runner};
-use crate::stages::{Decompose, Dispatch, Fallback, HeartbeatStage, PlanStage, Route, Stage, Track};
+use crate::stages::{Decompose, Dispatch, Fallback, HeartbeatStage, Place, PlanStage, Route, Stage, Track};
 use crate::store::{self, Store};
 use crate::topology::{Names, Topology};
+use crate::wire;
 
 /// A stage that a worker can run.
 #[derive(
@@ -38,6 +40,7 @@ pub enum StageName {
     Plan,
     Fallback,
     Route,
+    Place,
     Dispatch,
     Track,
     Heartbeat,
@@ -176,6 +179,15 @@ impl Worker {
                     Ok(())
                 });
             }
+            if stages.contains(&StageName::Place) {
+                // The safety net of the line: a look every few seconds while tasks wait.
+                let (store, broker, session) = (self.store.clone(), broker.clone(), session.clone());
+                let every = Duration::from_secs(self.config.routing.recheck_secs.max(1));
+                runners.spawn(async move {
+                    recheck(store, &broker, every, session).await;
+                    Ok(())
+                });
+            }
             info!(namespace = %self.config.namespace, stages = ?stages, "worker running");
             let mut failed = false;
             while let Some(result) = runners.join_next().await {
@@ -285,7 +297,46 @@ impl Worker {
                 topology,
                 shutdown,
             ),
-            StageName::Heartbeat => start(runners, HeartbeatStage, self, broker, topology, shutdown),
+            StageName::Place => {
+                start(runners, Place { policy: config.routing.clone() }, self, broker, topology, shutdown)
+            }
+            StageName::Heartbeat => start(
+                runners,
+                HeartbeatStage { heartbeat_ttl_secs: config.routing.heartbeat_ttl_secs },
+                self,
+                broker,
+                topology,
+                shutdown,
+            ),
+        }
+    }
+}
+
+/// Wakes the `place` stage every `every` while tasks wait in line, until `shutdown`: a wake-up lost
+/// on the way (a result recorded just as a task joined the line) delays a task by this much at
+/// most, and a task that waits too long gives up on time. Nothing is sent while nothing waits.
+async fn recheck(store: Store, broker: &Broker, every: Duration, shutdown: CancellationToken) {
+    loop {
+        if !sleep_unless_cancelled(every, &shutdown).await {
+            return;
+        }
+        match store.waiting_exists().await {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(err) => {
+                warn!(error = %err, "cannot look at the line of waiting tasks");
+                continue;
+            }
+        }
+        let wake =
+            wire::Wake { message_id: MessageId::random(), cause: "periodic".into(), at: chrono::Utc::now() };
+        let mut outgoing = Outgoing::to_queue(
+            broker.names().queue("place"),
+            serde_json::to_vec(&wake).expect("wake-ups serialize"),
+        );
+        outgoing.message_id = Some(wake.message_id.to_string());
+        if let Err(err) = broker.publish(&outgoing).await {
+            warn!(error = %err, "cannot wake the placement of waiting tasks; trying again in a moment");
         }
     }
 }

@@ -30,7 +30,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use switchyard::broker::{Broker, Outgoing};
 use switchyard::config::Config;
-use switchyard::ids::{AgentId, Namespace, RequestId, WorkType};
+use switchyard::ids::{Namespace, RequestId};
 use switchyard::stages::{Destination, Publish};
 use switchyard::store::Store;
 use switchyard::topology::Names;
@@ -47,7 +47,11 @@ const LOAD_SECS: f64 = 40.0;
 const STAGE_KILLS: usize = 22;
 /// How long the requests may take to end once the load is submitted.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
-const STAGES: [&str; 7] = ["decompose", "plan", "fallback", "route", "dispatch", "track", "heartbeat"];
+const STAGES: [&str; 8] =
+    ["decompose", "plan", "fallback", "route", "place", "dispatch", "track", "heartbeat"];
+/// Slots of each agent: the fleet (2 × 4) is far smaller than the load (500 requests of 3 tasks),
+/// so most tasks wait in line for a slot, through every fault.
+const AGENT_CAPACITY: &str = "4";
 const AGENTS: [&str; 2] = ["fault-agent-1", "fault-agent-2"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,10 +239,8 @@ fn scene_config(dir: &Path, amqp_url: String, database_url: String) -> Config {
     };
     config.approval.allow_request_auto_approve = true;
     config.routing.heartbeat_ttl_secs = 12;
-    config
-        .routing
-        .default_agents
-        .insert(WorkType::parse("bench").unwrap(), AgentId::parse(AGENTS[0]).unwrap());
+    // No default agent: what the fleet cannot take now waits for it.
+    config.routing.recheck_secs = 1;
     config.leases.factor = 2.0;
     config.leases.grace_secs = 12;
     config.leases.sweep_every_secs = 1;
@@ -653,7 +655,7 @@ impl Fleet {
             "--capabilities",
             "bench",
             "--capacity",
-            "20",
+            AGENT_CAPACITY,
             "--cpu",
             "8",
             "--memory-mb",

@@ -9,6 +9,12 @@
 //! their assignments come back anyway. An assignment addressed to another agent is rejected
 //! unrun. It speaks AMQP only; it needs no database.
 //!
+//! Apart from its tasks, an agent consumes `<ns>.agent.<id>.control`, where `switchyard cancel`
+//! tells it to stop an attempt of a cancelled request: a running one is aborted at once (an
+//! `exec` command's whole process group killed, an `llm` call dropped), one not yet started is
+//! never run. Either way the agent reports the attempt as failed, "cancelled", and the track
+//! stage, which knows the task cancelled, ignores it.
+//!
 //! ```no_run
 //! # use std::sync::Arc;
 //! # use switchyard::agent::{AgentBuilder, Simulate};
@@ -27,7 +33,7 @@ mod executor;
 mod llm;
 mod simulate;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -47,8 +53,10 @@ pub use simulate::{SIMULATED_FAILURE, Simulate};
 
 use crate::broker::{self, Broker, Incoming, Outgoing, Subscription};
 use crate::domain::Resources;
-use crate::ids::AgentId;
-use crate::wire::{self, Envelope, Heartbeat, MAX_RESULT_OUTPUT_BYTES, TaskAssignment, TaskResult};
+use crate::ids::{AgentId, TaskId};
+use crate::wire::{
+    self, Envelope, Heartbeat, MAX_RESULT_OUTPUT_BYTES, TaskAbort, TaskAssignment, TaskResult,
+};
 
 /// Why an agent cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +216,50 @@ struct Shared<H> {
     handler: Arc<H>,
     broker: Arc<Broker>,
     in_flight: AtomicU32,
+    stops: std::sync::Mutex<Stops>,
+}
+
+/// An attempt of a task: what an abort names.
+type AttemptKey = (TaskId, u32);
+
+/// The attempts this agent was told to stop: those running, aborted at once; those not started
+/// yet (still in its queue, or on their way there), never run. Bounded: the oldest are forgotten
+/// first, long after their tasks would have come.
+#[derive(Default)]
+struct Stops {
+    running: HashMap<AttemptKey, CancellationToken>,
+    stopped: HashMap<AttemptKey, String>,
+    order: VecDeque<AttemptKey>,
+}
+
+impl Stops {
+    /// How many stopped attempts are remembered.
+    const REMEMBERED: usize = 10_000;
+
+    /// Stops `key` with `reason`: aborts it if it runs, and remembers it. Whether it was running.
+    fn stop(&mut self, key: AttemptKey, reason: String) -> bool {
+        if self.stopped.insert(key, reason).is_none() {
+            self.order.push_back(key);
+            if self.order.len() > Self::REMEMBERED
+                && let Some(old) = self.order.pop_front()
+            {
+                self.stopped.remove(&old);
+            }
+        }
+        self.running.get(&key).inspect(|token| token.cancel()).is_some()
+    }
+
+    /// Starts `key`, unless it was stopped: then why.
+    fn start(&mut self, key: AttemptKey) -> Result<CancellationToken, String> {
+        if let Some(reason) = self.stopped.get(&key) {
+            return Err(reason.clone());
+        }
+        Ok(self.running.entry(key).or_default().clone())
+    }
+
+    fn finish(&mut self, key: &AttemptKey) {
+        self.running.remove(key);
+    }
 }
 
 /// Counts a task in flight for as long as it lives.
@@ -267,7 +319,19 @@ impl<H: TaskHandler> Agent<H> {
             handler: self.handler.clone(),
             broker: broker.clone(),
             in_flight: AtomicU32::new(0),
+            stops: std::sync::Mutex::new(Stops::default()),
         });
+        // Told apart from the tasks, so that a stop does not wait behind the tasks queued.
+        let control_queue = broker.names().agent_control_queue(&id);
+        let control = match broker.declare_queue(&control_queue).await {
+            Ok(()) => Some(broker.consume(&control_queue, 16).await?),
+            Err(err) if err.is_access_refused() => {
+                warn!(agent = %id, queue = %control_queue, "not permitted to use its control queue: cancelled tasks run to their end");
+                None
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let mut control = futures::stream::iter(control).flatten().fuse();
         let stop_heartbeats = CancellationToken::new();
         let heartbeats = tokio::spawn(send_heartbeats(shared.clone(), stop_heartbeats.clone()));
         // Checked in `build`.
@@ -287,6 +351,10 @@ impl<H: TaskHandler> Agent<H> {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
                 Some(joined) = running.join_next() => log_join(joined),
+                Some(next) = control.next() => match next {
+                    Ok(delivery) => take_control(&shared, delivery).await,
+                    Err(err) => break Err(Error::Broker(err)),
+                },
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
                         running.spawn(handle(shared.clone(), delivery));
@@ -427,6 +495,26 @@ async fn execute<H: TaskHandler>(handler: &H, task: &TaskAssignment) -> Executio
     }
 }
 
+/// A control message: an attempt to stop. Acknowledged once acted on; one that cannot be read,
+/// or is for another agent, is dropped with a log line (it would come back for ever).
+async fn take_control<H>(shared: &Shared<H>, delivery: Incoming) {
+    let agent = &shared.settings.id;
+    match wire::parse_envelope::<TaskAbort>(&delivery.body, wire::MAX_ENVELOPE_BYTES) {
+        Ok(abort) if abort.payload.agent_id == *agent => {
+            let TaskAbort { task_id, attempt, reason, .. } = abort.payload;
+            let running = shared.stops.lock().expect("stops lock").stop((task_id, attempt), reason);
+            info!(%agent, task = %task_id, attempt, running, "told to stop a task");
+        }
+        Ok(abort) => {
+            error!(%agent, addressed_to = %abort.payload.agent_id, "a stop for another agent: dropped");
+        }
+        Err(err) => error!(%agent, error = %err, "unusable control message: dropped"),
+    }
+    if let Err(err) = delivery.ack().await {
+        warn!(%agent, error = %err, "cannot acknowledge a control message");
+    }
+}
+
 /// One delivery: parse, run, report, then settle.
 async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
     let agent = &shared.settings.id;
@@ -465,10 +553,30 @@ async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
         }
         return;
     }
+    let key = (task.task.id, task.attempt);
+    let started = shared.stops.lock().expect("stops lock").start(key);
     let _counted = InFlight::enter(&shared.in_flight);
     debug!(%agent, task = %task.task.id, key = %task.task.key, attempt = task.attempt, "task started");
     let started_at = Utc::now();
-    let execution = execute(&*shared.handler, task).await;
+    let execution = match started {
+        Err(reason) => {
+            info!(%agent, task = %task.task.id, attempt = task.attempt, "not run: stopped before it started");
+            Execution::failed(format!("cancelled before it started: {reason}"))
+        }
+        Ok(stop) => {
+            // Dropping the handler's run is what stops it: an `exec` command's group is killed.
+            let execution = tokio::select! {
+                execution = execute(&*shared.handler, task) => execution,
+                () = stop.cancelled() => {
+                    let reason = shared.stops.lock().expect("stops lock").stopped.get(&key).cloned().unwrap_or_default();
+                    info!(%agent, task = %task.task.id, attempt = task.attempt, "aborted: {reason}");
+                    Execution::failed(format!("cancelled while running: {reason}"))
+                }
+            };
+            shared.stops.lock().expect("stops lock").finish(&key);
+            execution
+        }
+    };
     let finished_at = Utc::now();
     debug!(
         %agent,

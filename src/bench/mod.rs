@@ -204,6 +204,7 @@ impl Scene {
             let topology = crate::topology::Topology::standard().resolve(names.namespace());
             let mut queues: Vec<String> = topology.queues.into_iter().map(|q| q.name).collect();
             queues.extend((1..=agents).map(|i| names.agent_queue(&agent_id(i))));
+            queues.extend((1..=agents).map(|i| names.agent_control_queue(&agent_id(i))));
             let exchanges: Vec<String> = topology.exchanges.into_iter().map(|e| e.name).collect();
             let _ = broker.delete_queues(&queues).await;
             let _ = broker.delete_exchanges(&exchanges).await;

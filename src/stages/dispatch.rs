@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
+use crate::domain::TaskStatus;
 use crate::effect::Write;
 use crate::leases::LeasePolicy;
 use crate::store::{self, RoutedAttempt, Store};
@@ -16,10 +17,10 @@ pub struct Dispatch {
     pub leases: LeasePolicy,
 }
 
-/// The routing decision that the message carries out, as recorded.
+/// The routing decision that the message carries out, as recorded, and where its task stands.
 #[derive(Debug, Default)]
 pub struct DispatchContext {
-    pub routed: Option<RoutedAttempt>,
+    pub routed: Option<(RoutedAttempt, TaskStatus)>,
 }
 
 fn request_id(input: &Inbound<DispatchTask>) -> crate::ids::RequestId {
@@ -47,7 +48,7 @@ impl Stage for Dispatch {
         let asked = RoutedAttempt {
             task_id: task.task.id,
             attempt: task.attempt,
-            agent_id: task.agent_id.to_string(),
+            agent_id: Some(task.agent_id.to_string()),
         };
         match context.routed {
             None => {
@@ -56,17 +57,23 @@ impl Stage for Dispatch {
                     task.decision_id, task.task.id, task.agent_id
                 ));
             }
-            Some(routed) if routed != asked => {
+            Some((routed, _)) if routed != asked => {
                 return refuse(format!(
                     "routing decision {} chose {} for attempt {} of task {}, not {} for attempt {} of task {}",
                     task.decision_id,
-                    routed.agent_id,
+                    routed.agent_id.as_deref().unwrap_or("no agent"),
                     routed.attempt,
                     routed.task_id,
-                    asked.agent_id,
+                    task.agent_id,
                     asked.attempt,
                     asked.task_id
                 ));
+            }
+            // Its request was cancelled since it was routed: it goes nowhere.
+            Some((_, TaskStatus::Cancelled)) => {
+                return Outcome::Ignore {
+                    reason: format!("task {} is cancelled: not sent to {}", task.task.key, task.agent_id),
+                };
             }
             Some(_) => {}
         }
@@ -98,9 +105,14 @@ impl Stage for Dispatch {
         Outcome::Deliver { publish, then }
     }
 
-    fn undeliverable(&self, input: &Inbound<DispatchTask>, reason: &str) -> Vec<Write> {
+    fn undeliverable(
+        &self,
+        input: &Inbound<DispatchTask>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> (Vec<Write>, Vec<Publish>) {
         let task = &input.payload;
-        vec![
+        let writes = vec![
             Write::DispatchFailed {
                 request_id: request_id(input),
                 plan_id: task.plan_id,
@@ -119,7 +131,9 @@ impl Stage for Dispatch {
                     task.task.key, task.agent_id
                 )),
             },
-        ]
+        ];
+        // The slot the decision reserved is free again.
+        (writes, vec![super::wake(input.message_id, "dispatch failed", now)])
     }
 }
 
@@ -164,11 +178,14 @@ mod tests {
     fn routed(input: &Inbound<DispatchTask>) -> DispatchContext {
         let task = &input.payload;
         DispatchContext {
-            routed: Some(RoutedAttempt {
-                task_id: task.task.id,
-                attempt: task.attempt,
-                agent_id: task.agent_id.to_string(),
-            }),
+            routed: Some((
+                RoutedAttempt {
+                    task_id: task.task.id,
+                    attempt: task.attempt,
+                    agent_id: Some(task.agent_id.to_string()),
+                },
+                TaskStatus::Routed,
+            )),
         }
     }
 
@@ -208,7 +225,7 @@ mod tests {
         );
         // A decision that chose another agent does not send the task to this one.
         let mut other = routed(&input);
-        other.routed.as_mut().unwrap().agent_id = "homelab-2".into();
+        other.routed.as_mut().unwrap().0.agent_id = Some("homelab-2".into());
         let Outcome::Reject { reason, .. } = stage.decide(&input, other, Utc::now()) else { panic!() };
         assert!(reason.contains("chose homelab-2 for attempt 1"), "{reason}");
         assert!(reason.contains("not homelab-1 for attempt 1"), "{reason}");
@@ -218,7 +235,8 @@ mod tests {
     fn an_undeliverable_task_is_recorded_as_failed_with_the_reason() {
         let stage =
             Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };
-        let writes = stage.undeliverable(&input(), "unroutable");
+        let (writes, publish) = stage.undeliverable(&input(), "unroutable", Utc::now());
+        assert_eq!(publish[0].destination, Destination::Queue("place".into()), "the slot is offered again");
         assert!(
             matches!(&writes[0], Write::DispatchFailed { reason, attempt: 1, .. } if reason == "unroutable")
         );

@@ -1,10 +1,11 @@
 //! fallback: a plan → the plan-level decision on an external AI model (quota reserved
-//! atomically), then the approval gate: approved by policy, or waiting for a person. A plan with
-//! tasks that no agent could run and that no provider can take ends here, infeasible.
+//! atomically), then the approval gate: approved by policy, or waiting for a person. Tasks that
+//! no agent could run and that no provider can take stay local: they wait for an agent that can.
 
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
+use crate::domain::PlanStatus;
 use crate::effect::{Reservation, Write};
 use crate::policy::{self, ApprovalPolicy, FallbackDecision, FallbackPolicy, Gate, QuotaSnapshot};
 use crate::store::{self, Store};
@@ -27,8 +28,9 @@ pub struct FallbackContext {
     pub recorded: Option<FallbackDecision>,
     /// The plan's approval verdict if one was recorded already: a person may have decided since.
     pub verdict: Option<bool>,
-    /// No plan of the message's id was recorded: the message comes from elsewhere.
-    pub plan_missing: bool,
+    /// Where the plan stands; `None`: no plan of the message's id was recorded, the message
+    /// comes from elsewhere.
+    pub plan_status: Option<PlanStatus>,
 }
 
 impl Stage for Fallback {
@@ -46,18 +48,24 @@ impl Stage for Fallback {
             quotas,
             recorded: store.fallback_decision(plan_id).await?,
             verdict: store.approval_verdict(plan_id).await?,
-            plan_missing: store.plan_status(plan_id).await?.is_none(),
+            plan_status: store.plan_status(plan_id).await?,
         })
     }
 
     fn decide(&self, input: &Inbound<Planned>, context: FallbackContext, now: DateTime<Utc>) -> Outcome {
         let Planned { request, complexity, plan, infeasible } = &input.payload;
-        if context.plan_missing {
+        match context.plan_status {
             // The plan stage records a plan before it publishes it.
-            return Outcome::Reject {
-                writes: Vec::new(),
-                reason: format!("no plan {} was recorded: it cannot be decided on", plan.id),
-            };
+            None => {
+                return Outcome::Reject {
+                    writes: Vec::new(),
+                    reason: format!("no plan {} was recorded: it cannot be decided on", plan.id),
+                };
+            }
+            Some(PlanStatus::Cancelled) => {
+                return Outcome::Ignore { reason: format!("plan {} is cancelled", plan.id) };
+            }
+            Some(_) => {}
         }
         let mut writes = Vec::new();
         // A plan is decided once: when it comes again, the gate follows the recorded decision,
@@ -88,15 +96,6 @@ impl Stage for Fallback {
                 decision
             }
         };
-        if decision.infeasible {
-            // Nothing to approve: the plan cannot run, and its request fails with the reason.
-            writes.push(Write::PlanInfeasible {
-                request_id: request.request_id,
-                plan_id: plan.id,
-                reason: format!("plan {}", decision.reason),
-            });
-            return Outcome::Forward { writes, publish: Vec::new() };
-        }
         // A verdict already recorded (by the policy before, or by a person since) stands.
         let gate = match context.verdict {
             None => policy::gate(request.auto_approve, &decision, &self.approval),
@@ -181,6 +180,23 @@ mod tests {
         }
     }
 
+    /// The context of a plan recorded as planned, with nothing decided on it yet.
+    fn recorded_plan() -> FallbackContext {
+        FallbackContext { plan_status: Some(PlanStatus::Planned), ..Default::default() }
+    }
+
+    #[test]
+    fn a_cancelled_plan_is_left_alone() {
+        let stage = Fallback { fallback: FallbackPolicy::default(), approval: ApprovalPolicy::default() };
+        let input = input("Deploy Gitea to the homelab", true);
+        let context = FallbackContext { plan_status: Some(PlanStatus::Cancelled), ..Default::default() };
+        let outcome = stage.decide(&input, context, Utc::now());
+        assert!(
+            matches!(&outcome, Outcome::Ignore { reason } if reason.ends_with("is cancelled")),
+            "{outcome:?}"
+        );
+    }
+
     fn provider() -> Provider {
         Provider {
             name: "cloud".into(),
@@ -201,9 +217,7 @@ mod tests {
     fn auto_approved_plan_goes_to_routing_with_a_policy_approval() {
         let stage = Fallback { fallback: FallbackPolicy::default(), approval: ApprovalPolicy::default() };
         let input = input("Deploy Gitea to the homelab", true);
-        let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext::default(), Utc::now())
-        else {
+        let Outcome::Forward { writes, publish } = stage.decide(&input, recorded_plan(), Utc::now()) else {
             panic!()
         };
         let Write::Fallback { decision, reserve, .. } = &writes[0] else { panic!("{writes:?}") };
@@ -219,7 +233,7 @@ mod tests {
     fn a_plan_never_recorded_is_refused() {
         let stage = Fallback { fallback: FallbackPolicy::default(), approval: ApprovalPolicy::default() };
         let input = input("Deploy Gitea to the homelab", true);
-        let context = FallbackContext { plan_missing: true, ..Default::default() };
+        let context = FallbackContext { plan_status: None, ..Default::default() };
         let Outcome::Reject { writes, reason } = stage.decide(&input, context, Utc::now()) else { panic!() };
         assert!(writes.is_empty(), "no decision and no approval: {writes:?}");
         assert_eq!(
@@ -233,9 +247,7 @@ mod tests {
         let approval = ApprovalPolicy { auto_approve_below: None, allow_request_auto_approve: true };
         let stage = Fallback { fallback: FallbackPolicy::default(), approval };
         let input = input("Deploy Gitea to the homelab", false);
-        let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext::default(), Utc::now())
-        else {
+        let Outcome::Forward { writes, publish } = stage.decide(&input, recorded_plan(), Utc::now()) else {
             panic!()
         };
         assert!(
@@ -252,7 +264,7 @@ mod tests {
         let quota = QuotaSnapshot { provider: "cloud".into(), remaining_micros: 100_000 };
         let now = Utc::now();
         let Outcome::Forward { writes, publish } =
-            stage.decide(&input, FallbackContext { quotas: vec![quota], ..Default::default() }, now)
+            stage.decide(&input, FallbackContext { quotas: vec![quota], ..recorded_plan() }, now)
         else {
             panic!()
         };

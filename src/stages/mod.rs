@@ -6,6 +6,8 @@ mod decompose;
 mod dispatch;
 mod fallback;
 mod heartbeat;
+mod place;
+mod placement;
 mod plan;
 mod route;
 mod track;
@@ -18,7 +20,9 @@ use serde::{Deserialize, Serialize};
 pub use decompose::{Decompose, DecomposeContext, Reading};
 pub use dispatch::Dispatch;
 pub use fallback::Fallback;
-pub use heartbeat::HeartbeatStage;
+pub use heartbeat::{HeartbeatContext, HeartbeatStage};
+pub use place::{Place, PlaceContext};
+pub(crate) use placement::{External, ask, wake};
 pub use plan::PlanStage;
 pub use route::Route;
 pub use track::{Track, TrackingPolicy};
@@ -94,9 +98,6 @@ pub enum Outcome {
     Reject { writes: Vec<Write>, reason: String },
     /// Nothing to do (a late or duplicate message): log `reason`, mark the input processed, ack.
     Ignore { reason: String },
-    /// Not yet (an agent that could take the work is busy or silent): write nothing and have the
-    /// input come back later, as after a transient failure.
-    Defer { reason: String },
 }
 
 /// One stage of the pipeline.
@@ -132,9 +133,14 @@ pub trait Stage: Send + Sync + 'static {
     /// The decision. Pure: no I/O, the time is given.
     fn decide(&self, input: &Inbound<Self::Input>, context: Self::Context, now: DateTime<Utc>) -> Outcome;
 
-    /// What to record when an [`Outcome::Deliver`] could not be delivered.
-    fn undeliverable(&self, _input: &Inbound<Self::Input>, _reason: &str) -> Vec<Write> {
-        Vec::new()
+    /// What to record, and publish, when an [`Outcome::Deliver`] could not be delivered.
+    fn undeliverable(
+        &self,
+        _input: &Inbound<Self::Input>,
+        _reason: &str,
+        _now: DateTime<Utc>,
+    ) -> (Vec<Write>, Vec<Publish>) {
+        (Vec::new(), Vec::new())
     }
 
     /// Inputs with the same key contend for the same guarded rows (results of one plan, each

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::catalog::Catalog;
 use crate::complexity::{self, Inputs};
-use crate::domain::Agent;
+use crate::domain::{Agent, RequestStatus};
 use crate::effect::Write;
 use crate::fleet::{self, DurationStats, Fleet, PlanningPolicy};
 use crate::store::{self, Store};
@@ -61,8 +61,9 @@ pub struct PlanContext {
     /// Every agent seen, live or not: what the fleet can do, not what it is doing.
     pub agents: Vec<Agent>,
     pub durations: Vec<DurationStats>,
-    /// No request of the message's id was recorded: the decomposition comes from elsewhere.
-    pub request_missing: bool,
+    /// Where the request stands; `None`: no request of the message's id was recorded, the
+    /// decomposition comes from elsewhere.
+    pub request_status: Option<RequestStatus>,
 }
 
 impl Stage for PlanStage {
@@ -76,7 +77,7 @@ impl Stage for PlanStage {
         Ok(PlanContext {
             agents: store.agents().await?,
             durations: self.durations(store, &work_types).await?,
-            request_missing: !store.request_exists(input.payload.request.request_id).await?,
+            request_status: store.request_status(input.payload.request.request_id).await?,
         })
     }
 
@@ -97,15 +98,21 @@ impl Stage for PlanStage {
                 };
             }
         };
-        if context.request_missing {
+        match context.request_status {
             // The decompose stage records a request before it publishes its decomposition.
-            return Outcome::Reject {
-                writes: Vec::new(),
-                reason: format!(
-                    "no request {} was recorded: its decomposition cannot be planned",
-                    request.request_id
-                ),
-            };
+            None => {
+                return Outcome::Reject {
+                    writes: Vec::new(),
+                    reason: format!(
+                        "no request {} was recorded: its decomposition cannot be planned",
+                        request.request_id
+                    ),
+                };
+            }
+            Some(RequestStatus::Cancelled) => {
+                return Outcome::Ignore { reason: format!("request {} is cancelled", request.request_id) };
+            }
+            Some(_) => {}
         }
         let learnt = fleet::learnt_durations(&plan, &context.durations, self.policy.min_duration_samples);
         plan.estimate_durations(|task| learnt.get(&task.id).map(|(secs, _)| *secs));
@@ -176,6 +183,21 @@ mod tests {
         PlanStage::new(Arc::new(Catalog::default()), PlanningPolicy::default())
     }
 
+    /// The context of a request recorded as decomposed.
+    fn recorded_request() -> PlanContext {
+        PlanContext { request_status: Some(RequestStatus::Decomposed), ..Default::default() }
+    }
+
+    #[test]
+    fn a_cancelled_request_is_not_planned() {
+        let context = PlanContext { request_status: Some(RequestStatus::Cancelled), ..Default::default() };
+        let outcome = stage().decide(&input("Deploy Gitea to the homelab"), context, Utc::now());
+        assert!(
+            matches!(&outcome, Outcome::Ignore { reason } if reason.ends_with("is cancelled")),
+            "{outcome:?}"
+        );
+    }
+
     fn agent(gpu: u32) -> Agent {
         Agent {
             id: AgentId::parse("a1").unwrap(),
@@ -200,7 +222,7 @@ mod tests {
     fn the_plan_carries_its_complexity_term_by_term() {
         let (writes, planned) = planned(stage().decide(
             &input("Deploy Uptime Kuma to the homelab and send alerts to Discord"),
-            PlanContext::default(),
+            recorded_request(),
             Utc::now(),
         ));
         // deployment (0.4) + 5 tasks, 5 waves, 2 types, nothing unknown, full confidence.
@@ -215,7 +237,7 @@ mod tests {
     fn a_gpu_task_is_named_infeasible_on_a_fleet_without_gpus() {
         let text = "Transcribe the Whisper meeting recordings";
         let on = |agents| {
-            planned(stage().decide(&input(text), PlanContext { agents, ..Default::default() }, Utc::now())).1
+            planned(stage().decide(&input(text), PlanContext { agents, ..recorded_request() }, Utc::now())).1
         };
         let without = on(vec![agent(0)]);
         assert_eq!(without.infeasible.len(), 1, "{:?}", without.infeasible);
@@ -226,7 +248,7 @@ mod tests {
     #[test]
     fn a_decomposition_of_a_request_never_recorded_is_refused() {
         let input = input("Deploy Gitea to the homelab");
-        let context = PlanContext { request_missing: true, ..Default::default() };
+        let context = PlanContext { request_status: None, ..Default::default() };
         let Outcome::Reject { writes, reason } = stage().decide(&input, context, Utc::now()) else {
             panic!("expected a refusal")
         };
@@ -242,7 +264,7 @@ mod tests {
             vec![DurationStats { work_type: wt, step: "deploy".into(), samples: 7, p90_secs: 95.5 }];
         let (writes, planned) = planned(stage().decide(
             &input("Deploy Gitea to the homelab"),
-            PlanContext { durations, ..Default::default() },
+            PlanContext { durations, ..recorded_request() },
             Utc::now(),
         ));
         let deploy = planned.plan.tasks().iter().find(|t| t.key == "1.deploy").unwrap();

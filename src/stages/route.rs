@@ -1,18 +1,21 @@
-//! route: an approved plan → an agent for every task whose dependencies are met, each decision
-//! with every candidate's verdict, capacity reserved in the same transaction.
+//! route: an approved plan → for every task whose dependencies are met, an agent (each decision
+//! with every candidate's verdict, capacity reserved in the same transaction), or a place in the
+//! line of waiting tasks when no agent can take it now. While others wait in line, released tasks
+//! join it too, so that they are served in turn instead of jumping ahead.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::{Destination, Inbound, Outcome, Publish, Stage};
-use crate::domain::{Agent, PlanStatus, Resources, Task, TaskStatus};
+use super::placement::{self, External, Routed};
+use super::{Inbound, Outcome, Stage};
+use crate::domain::{Agent, PlanStatus, Task, TaskStatus};
 use crate::effect::Write;
 use crate::ids::{AgentId, TaskId};
-use crate::policy::{self, FallbackDecision};
-use crate::routing::{self, Route as Routed, RoutingPolicy};
+use crate::policy::FallbackDecision;
+use crate::routing::{self, Placement, Router, RoutingPolicy};
 use crate::store::{self, Store, StoredPlan, TaskState};
-use crate::wire::{DispatchTask, Envelope, RouteTasks};
+use crate::wire::RouteTasks;
 
 pub struct Route {
     pub policy: RoutingPolicy,
@@ -28,6 +31,8 @@ pub struct RouteContext {
     pub failed: HashMap<TaskId, BTreeSet<AgentId>>,
     /// The plan's fallback decision, which names the tasks that go to an external provider.
     pub fallback: Option<FallbackDecision>,
+    /// Whether tasks wait in line for an agent.
+    pub line: bool,
 }
 
 impl Stage for Route {
@@ -37,12 +42,14 @@ impl Stage for Route {
 
     async fn load(&self, store: &Store, input: &Inbound<RouteTasks>) -> Result<RouteContext, store::Error> {
         let plan_id = input.payload.plan_id;
+        let (plan, line) = store.plan_and_line(plan_id).await?;
         Ok(RouteContext {
-            plan: store.plan(plan_id).await?,
+            plan,
             tasks: store.task_states(plan_id).await?,
             agents: store.agents().await?,
             failed: store.failed_agents(plan_id).await?,
             fallback: store.fallback_decision(plan_id).await?,
+            line,
         })
     }
 
@@ -53,39 +60,34 @@ impl Stage for Route {
         };
         match stored.status {
             PlanStatus::Approved => {}
-            // A plan that ended has nothing left to route: a late message, not an error.
-            PlanStatus::Completed | PlanStatus::Failed | PlanStatus::Rejected | PlanStatus::Infeasible => {
-                return Outcome::Ignore { reason: format!("plan {plan_id} is {}", stored.status) };
-            }
             PlanStatus::Planned | PlanStatus::AwaitingApproval => {
                 return Outcome::Reject {
                     writes: Vec::new(),
                     reason: format!("plan {plan_id} is {}, not approved", stored.status),
                 };
             }
+            // A plan that ended has nothing left to route: a late message, not an error.
+            ended => return Outcome::Ignore { reason: format!("plan {plan_id} is {ended}") },
         }
         let plan = &stored.plan;
         let external = External::of(context.fallback.as_ref());
         let done: HashSet<_> =
             context.tasks.iter().filter(|t| t.status == TaskStatus::Succeeded).map(|t| t.id).collect();
-        let pending: HashSet<_> =
-            context.tasks.iter().filter(|t| t.status == TaskStatus::Pending).map(|t| t.id).collect();
-        let ready: Vec<Task> = plan
+        let pending: HashMap<TaskId, &TaskState> =
+            context.tasks.iter().filter(|t| t.status == TaskStatus::Pending).map(|t| (t.id, t)).collect();
+        let ready: Vec<(Task, &TaskState)> = plan
             .ready_tasks(&done)
-            .filter(|t| pending.contains(&t.id))
-            .map(|t| external.as_ref().map_or_else(|| t.clone(), |e| e.adapt(t)))
+            .filter_map(|t| pending.get(&t.id).map(|state| (t, *state)))
+            .map(|(t, state)| (external.as_ref().map_or_else(|| t.clone(), |e| e.adapt(t)), state))
             .collect();
-        let state = |task_id| context.tasks.iter().find(|t| t.id == task_id);
-        let is_retry = |task_id| state(task_id).is_some_and(|t| t.attempt > 0);
-        // A retry goes to an agent that has not failed the task, never to a default agent. If no
-        // agent could ever take it, the task has failed for good; its plan with it.
-        for task in ready.iter().filter(|t| is_retry(t.id)) {
+        // A retry whose every capable agent has failed it has failed for good; its plan with it.
+        // (With no capable agent at all, it waits for one, as a first attempt does.)
+        for (task, state) in ready.iter().filter(|(_, s)| s.attempt > 0) {
             let failed = context.failed.get(&task.id);
-            let able = context
-                .agents
-                .iter()
-                .any(|a| routing::capable(task, a, failed.is_some_and(|f| f.contains(&a.id))));
-            if !able {
+            let pool = placement::ask(task, state.attempt + 1, external.as_ref(), failed, &self.policy).pool;
+            let capable: Vec<&Agent> =
+                context.agents.iter().filter(|a| pool(a) && routing::capable(task, a, false)).collect();
+            if !capable.is_empty() && capable.iter().all(|a| failed.is_some_and(|f| f.contains(&a.id))) {
                 let tried: Vec<&str> = failed.into_iter().flatten().map(|a| a.as_str()).collect();
                 let reason = format!(
                     "task {} failed on {} and no other agent has what it needs",
@@ -105,124 +107,54 @@ impl Stage for Route {
                 return Outcome::Forward { writes, publish: Vec::new() };
             }
         }
-        // External tasks are routed on their own, among the agents that serve a provider, so that
-        // their default agent is the provider's and not the work type's local one. Local tasks
-        // never go to those agents: what they ran would be paid for outside any reservation.
-        let (outside, inside): (Vec<usize>, Vec<usize>) = (0..ready.len())
-            .partition(|&i| external.as_ref().is_some_and(|e| e.tasks.contains(&ready[i].id)));
-        let (serving, local_agents): (Vec<Agent>, Vec<Agent>) =
-            context.agents.iter().cloned().partition(|a| policy::serves_a_provider(&a.capabilities));
-        let route_group = |indices: &[usize], agents: &[Agent], policy: &RoutingPolicy| {
-            let tasks: Vec<&Task> = indices.iter().map(|&i| &ready[i]).collect();
-            routing::route_tasks_excluding(&tasks, agents, now, policy, &context.failed)
-        };
-        let routed = route_group(&inside, &local_agents, &self.policy).and_then(|mut local| {
-            let Some(external) = &external else { return Ok(local) };
-            let remote = route_group(&outside, &serving, &external.policy(&self.policy, &ready))?;
-            let mut all: Vec<Option<Routed>> = (0..ready.len()).map(|_| None).collect();
-            for (i, route) in inside.iter().zip(local.drain(..)).chain(outside.iter().zip(remote)) {
-                all[*i] = Some(route);
-            }
-            Ok(all.into_iter().map(|r| r.expect("every task routed once")).collect())
-        });
-        let routes = match routed {
-            Ok(routes) => routes,
-            Err(routing::RouteError::NoDefaultAgent { task_id, .. }) if is_retry(task_id) => {
-                return Outcome::Defer {
-                    reason: format!("task {task_id} waits for an agent that has not failed it"),
-                };
-            }
-            Err(err) => {
-                // The plan cannot go on: it fails, what it had left is cancelled, and the
-                // input is dead-lettered so that the failure is also seen where operators look.
-                let reason = format!("routing failed: {err}");
-                let writes = vec![Write::PlanFinished {
+        let mut router = Router::new(&context.agents, now, &self.policy);
+        let mut writes = Vec::with_capacity(ready.len());
+        let mut publish = Vec::with_capacity(ready.len());
+        for (task, state) in &ready {
+            let attempt = state.attempt + 1;
+            let ask =
+                placement::ask(task, attempt, external.as_ref(), context.failed.get(&task.id), &self.policy);
+            // Others wait in line: this one queues behind them, and the placement pass serves
+            // them all in order.
+            let placed = if context.line {
+                Placement::Waits(router.judge(task, ask))
+            } else {
+                router.place(task, ask)
+            };
+            match placed {
+                Placement::Routed(route) => {
+                    let (write, message) = Routed {
+                        cause: input.message_id,
+                        request_id: plan.request_id,
+                        plan_id,
+                        priority: input.payload.priority,
+                        attempt,
+                        task,
+                        route,
+                        ready_at: now,
+                    }
+                    .into_effects(now);
+                    writes.push(write);
+                    publish.push(message);
+                }
+                Placement::Waits(candidates) => writes.push(Write::TaskWaiting {
                     request_id: plan.request_id,
                     plan_id,
-                    failure: Some(reason.clone()),
-                }];
-                return Outcome::Reject { writes, reason };
-            }
-        };
-        if let Some((task, _)) = ready.iter().zip(&routes).find(|(t, r)| is_retry(t.id) && r.score.is_none())
-        {
-            return Outcome::Defer {
-                reason: format!(
-                    "task {} waits for an agent that has not failed it: those that could are busy or silent",
-                    task.key
-                ),
-            };
-        }
-        let attempts = |task_id| state(task_id).map_or(0, |t| t.attempt) + 1;
-        let mut writes = Vec::with_capacity(routes.len());
-        let mut publish = Vec::with_capacity(routes.len());
-        for (task, route) in ready.iter().zip(routes) {
-            let attempt = attempts(task.id);
-            let decision_id = task.id.decision_id(attempt);
-            let envelope = Envelope::derived(
-                input.message_id,
-                &format!("dispatch:{}:{attempt}", task.id),
-                plan.request_id,
-                now,
-                DispatchTask {
-                    plan_id,
-                    priority: input.payload.priority,
+                    task_id: task.id,
                     attempt,
-                    decision_id,
-                    agent_id: route.agent_id.clone(),
-                    task: (*task).clone(),
-                },
-            );
-            publish.push(Publish::envelope(Destination::Queue("dispatch".into()), input.priority, &envelope));
-            writes.push(Write::Route { request_id: plan.request_id, plan_id, attempt, decision_id, route });
+                    priority: input.payload.priority,
+                    since: now,
+                    reason: routing::waiting_reason(&candidates),
+                    candidates,
+                }),
+            }
+        }
+        if writes.iter().any(|w| matches!(w, Write::TaskWaiting { .. })) {
+            // Room may have opened since the agents were read: the placement pass looks again
+            // once these are in line.
+            publish.push(placement::wake(input.message_id, "queued", now));
         }
         Outcome::Forward { writes, publish }
-    }
-}
-
-/// The tasks that a plan's fallback decision sends to an external provider. They are done by
-/// the provider's agents (the `llm` executor), so they need the provider's capability instead of
-/// their own, and none of the resources that a local agent would need: the model runs elsewhere.
-#[derive(Debug)]
-struct External {
-    tasks: HashSet<TaskId>,
-    capability: String,
-    /// Where an external task waits when no agent of the provider is up.
-    default_agent: Option<AgentId>,
-}
-
-impl External {
-    fn of(decision: Option<&FallbackDecision>) -> Option<Self> {
-        let decision = decision.filter(|d| d.use_external)?;
-        let provider = decision.provider.as_deref()?;
-        Some(External {
-            tasks: decision.external_tasks.iter().copied().collect(),
-            capability: policy::provider_capability(provider),
-            default_agent: AgentId::parse(policy::provider_agent(provider)).ok(),
-        })
-    }
-
-    fn adapt(&self, task: &Task) -> Task {
-        if !self.tasks.contains(&task.id) {
-            return task.clone();
-        }
-        Task {
-            capabilities: BTreeSet::from([self.capability.clone()]),
-            resources: Resources::default(),
-            ..task.clone()
-        }
-    }
-
-    /// `base`, with the provider's agent as the default agent of the external tasks' work types.
-    fn policy(&self, base: &RoutingPolicy, ready: &[Task]) -> RoutingPolicy {
-        let mut policy = base.clone();
-        policy.default_agents.clear();
-        if let Some(agent) = &self.default_agent {
-            for task in ready.iter().filter(|t| self.tasks.contains(&t.id)) {
-                policy.default_agents.insert(task.work_type.clone(), agent.clone());
-            }
-        }
-        policy
     }
 }
 
@@ -234,6 +166,7 @@ mod tests {
     use crate::catalog::Catalog;
     use crate::domain::Resources;
     use crate::ids::{AgentId, MessageId, RequestId, WorkType};
+    use crate::stages::Destination;
 
     fn stored(status: PlanStatus) -> StoredPlan {
         let catalog = Catalog::default();
@@ -263,8 +196,8 @@ mod tests {
         Inbound {
             message_id: MessageId::random(),
             request_id: Some(plan.plan.request_id),
-            priority: 0,
-            payload: RouteTasks { plan_id: plan.plan.id, priority: 0, approved_by: "policy".into() },
+            priority: 3,
+            payload: RouteTasks { plan_id: plan.plan.id, priority: 3, approved_by: "policy".into() },
         }
     }
 
@@ -316,18 +249,102 @@ mod tests {
     }
 
     #[test]
-    fn no_agent_and_no_default_fails_the_request() {
+    fn with_no_agent_and_no_default_the_task_waits_and_says_why() {
         let plan = stored(PlanStatus::Approved);
         let stage = Route { policy: RoutingPolicy::default() };
-        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), ..Default::default() };
-        let Outcome::Reject { writes, reason } = stage.decide(&input(&plan), context, Utc::now()) else {
+        let mut full = agent("a1");
+        full.capacity = 2;
+        full.in_flight = 2;
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: states(&plan),
+            agents: vec![full],
+            ..Default::default()
+        };
+        let now = Utc::now();
+        let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, now) else {
             panic!()
         };
-        assert!(reason.contains("no default agent"), "{reason}");
-        assert!(matches!(
-            &writes[0],
-            Write::PlanFinished { request_id, failure: Some(_), .. } if *request_id == plan.plan.request_id
-        ));
+        let Write::TaskWaiting { task_id, attempt, since, reason, candidates, priority, .. } = &writes[0]
+        else {
+            panic!("{writes:?}")
+        };
+        assert_eq!((*task_id, *attempt, *since, *priority), (plan.plan.tasks()[0].id, 1, now, 3));
+        assert_eq!(reason, "1 capable agent busy (2/2)");
+        assert_eq!(candidates.len(), 1);
+        // The placement pass is woken, once these are in line; nothing is dispatched.
+        assert_eq!(publish.len(), 1);
+        assert_eq!(publish[0].destination, Destination::Queue("place".into()));
+        assert_eq!(publish[0].body["cause"], "queued");
+    }
+
+    #[test]
+    fn while_tasks_wait_in_line_a_released_task_queues_behind_them() {
+        let plan = stored(PlanStatus::Approved);
+        let stage = Route { policy: RoutingPolicy::default() };
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: states(&plan),
+            agents: vec![agent("a1")],
+            line: true,
+            ..Default::default()
+        };
+        let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
+        let Write::TaskWaiting { reason, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert_eq!(reason, "in line behind tasks that waited first (1 capable agent with room)");
+        assert!(!writes.iter().any(|w| matches!(w, Write::Route { .. })), "{writes:?}");
+        assert_eq!(publish.len(), 1, "only the wake-up");
+    }
+
+    #[test]
+    fn a_retry_waits_for_an_agent_that_has_not_failed_it_and_fails_when_all_capable_did() {
+        let plan = stored(PlanStatus::Approved);
+        let stage = Route { policy: RoutingPolicy::default() };
+        let first = plan.plan.tasks()[0].id;
+        let mut tasks = states(&plan);
+        tasks[0].attempt = 1;
+        let mut busy = agent("b2");
+        busy.in_flight = busy.capacity;
+        let context = |agents: Vec<Agent>| RouteContext {
+            plan: Some(plan.clone()),
+            tasks: tasks.clone(),
+            agents,
+            failed: HashMap::from([(first, BTreeSet::from([AgentId::parse("a1").unwrap()]))]),
+            ..Default::default()
+        };
+        // Another capable agent exists, busy: the retry waits for it.
+        let Outcome::Forward { writes, .. } =
+            stage.decide(&input(&plan), context(vec![agent("a1"), busy]), Utc::now())
+        else {
+            panic!()
+        };
+        let Write::TaskWaiting { attempt: 2, reason, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert_eq!(reason, "1 capable agent busy (4/4); 1 capable agent failed it before (a1)");
+        // Every capable agent failed it: the task and its plan fail.
+        let Outcome::Forward { writes, .. } =
+            stage.decide(&input(&plan), context(vec![agent("a1")]), Utc::now())
+        else {
+            panic!()
+        };
+        assert!(
+            matches!(&writes[0], Write::TaskFailed { reason, .. } if reason.contains("failed on a1")),
+            "{writes:?}"
+        );
+        assert!(matches!(&writes[1], Write::PlanFinished { failure: Some(_), .. }));
+    }
+
+    #[test]
+    fn a_cancelled_plan_is_not_routed() {
+        let plan = stored(PlanStatus::Cancelled);
+        let stage = Route { policy: RoutingPolicy::default() };
+        let context = RouteContext { plan: Some(plan.clone()), tasks: states(&plan), ..Default::default() };
+        let outcome = stage.decide(&input(&plan), context, Utc::now());
+        assert!(
+            matches!(&outcome, Outcome::Ignore { reason } if reason.ends_with("is cancelled")),
+            "{outcome:?}"
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct TrackContext {
     pub tasks: Vec<TaskState>,
     /// The plan's fallback decision, loaded for results that report tokens used.
     pub fallback: Option<FallbackDecision>,
+    /// Whether tasks wait in line for an agent: a finished attempt frees a slot for them.
+    pub line: bool,
 }
 
 impl Stage for Track {
@@ -56,11 +58,8 @@ impl Stage for Track {
             Some(_) => store.fallback_decision(plan_id).await?,
             None => None,
         };
-        Ok(TrackContext {
-            plan: store.plan(plan_id).await?,
-            tasks: store.task_states(plan_id).await?,
-            fallback,
-        })
+        let (plan, line) = store.plan_and_line(plan_id).await?;
+        Ok(TrackContext { plan, tasks: store.task_states(plan_id).await?, fallback, line })
     }
 
     fn contention_key(&self, input: &Inbound<TaskResult>) -> Option<uuid::Uuid> {
@@ -119,9 +118,14 @@ impl Stage for Track {
             vec![Write::TaskFinished { request_id, result: result.clone(), plan_version: stored.version }];
         // Before the plan may finish: its settlement releases only what was not spent.
         writes.extend(used);
+        // The attempt's slot is free: tasks waiting in line may take it.
+        let mut publish = Vec::new();
+        if context.line {
+            publish.push(super::wake(input.message_id, "result", now));
+        }
         // A plan that already ended (another branch failed) only records what its tasks report.
         if stored.status != PlanStatus::Approved {
-            return Outcome::Forward { writes, publish: Vec::new() };
+            return Outcome::Forward { writes, publish };
         }
         let mut status: HashMap<TaskId, TaskStatus> =
             context.tasks.iter().map(|t| (t.id, t.status)).collect();
@@ -139,13 +143,15 @@ impl Stage for Track {
             status.insert(task.id, TaskStatus::Succeeded);
             if status.values().all(|s| *s == TaskStatus::Succeeded) {
                 writes.push(Write::PlanFinished { request_id, plan_id, failure: None });
-                return Outcome::Forward { writes, publish: Vec::new() };
+                return Outcome::Forward { writes, publish };
             }
             let done: HashSet<TaskId> =
                 status.iter().filter(|(_, s)| **s == TaskStatus::Succeeded).map(|(id, _)| *id).collect();
             let released =
                 stored.plan.ready_tasks(&done).any(|t| status.get(&t.id) == Some(&TaskStatus::Pending));
-            let publish = if released { vec![route_message("route")] } else { Vec::new() };
+            if released {
+                publish.push(route_message("route"));
+            }
             return Outcome::Forward { writes, publish };
         }
         let why = result.error.clone().unwrap_or_else(|| "the agent reported a failure".into());
@@ -157,7 +163,8 @@ impl Stage for Track {
                 attempt: result.attempt,
                 reason: format!("attempt {} on {} failed: {why}", result.attempt, result.agent_id),
             });
-            return Outcome::Forward { writes, publish: vec![route_message("retry")] };
+            publish.push(route_message("retry"));
+            return Outcome::Forward { writes, publish };
         }
         let reason = format!("task {} failed after {} attempts; the last: {why}", task.key, result.attempt);
         writes.push(Write::TaskFailed {
@@ -168,7 +175,7 @@ impl Stage for Track {
             cancelled: stored.plan.dependents_of(task.id),
         });
         writes.push(Write::PlanFinished { request_id, plan_id, failure: Some(reason) });
-        Outcome::Forward { writes, publish: Vec::new() }
+        Outcome::Forward { writes, publish }
     }
 
     fn dead_letter_fails_request(&self) -> bool {
@@ -289,6 +296,7 @@ mod tests {
             plan: Some(StoredPlan { plan, status: PlanStatus::Approved, version: 3 }),
             tasks,
             fallback: Some(decision),
+            line: false,
         };
         (input, context)
     }

@@ -527,16 +527,32 @@ impl AgentLedger {
     }
 }
 
-/// Cancels the tasks of `plan_id` that never started, with `reason`: nothing more of the plan
-/// will run.
+/// Cancels the tasks of `plan_id` that never started (pending, or waiting for an agent), with
+/// `reason`: nothing more of the plan will run.
 pub(super) async fn cancel_pending(tx: &Transaction<'_>, plan_id: PlanId, reason: &str) -> Result<(), Error> {
     tx.execute_cached(
-        "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
-         WHERE plan_id = $1 AND status = $4",
-        &[&plan_id.as_uuid(), &TaskStatus::Cancelled.as_str(), &reason, &TaskStatus::Pending.as_str()],
+        "UPDATE tasks SET status = $2, status_reason = $3, waiting_since = NULL, wait_turn = NULL,
+             updated_at = now()
+         WHERE plan_id = $1 AND status = ANY($4)",
+        &[&plan_id.as_uuid(), &TaskStatus::Cancelled.as_str(), &reason, &NOT_STARTED.as_slice()],
     )
     .await?;
     Ok(())
+}
+
+/// The statuses of a task that has not gone to an agent.
+const NOT_STARTED: [&str; 2] = ["pending", "waiting"];
+
+/// The statuses of a task whose attempt an agent holds (or is about to).
+const ON_AN_AGENT: [&str; 2] = ["routed", "dispatched"];
+
+/// Whether `status` is the plan's (locked until the end of the transaction): writes that move a
+/// plan on must not touch one that was cancelled meanwhile.
+async fn plan_cancelled(tx: &Transaction<'_>, plan_id: PlanId) -> Result<bool, Error> {
+    let row = tx
+        .query_opt_cached("SELECT status FROM plans WHERE id = $1 FOR UPDATE", &[&plan_id.as_uuid()])
+        .await?;
+    Ok(row.is_some_and(|row| row.get::<_, &str>(0) == PlanStatus::Cancelled.as_str()))
 }
 
 pub(super) async fn audit(
@@ -570,6 +586,97 @@ async fn set_request_status(
     )
     .await?;
     Ok(())
+}
+
+/// A request cancelled by `by`: see [`Write::Cancel`].
+async fn cancel(
+    tx: &Transaction<'_>,
+    actor: &str,
+    request_id: RequestId,
+    by: &str,
+    reason: &str,
+    agents: &mut AgentLedger,
+) -> Result<Step, Error> {
+    // Locked for update: a plan being made for it (which shares the lock) waits, then finds it
+    // cancelled.
+    let Some(row) = tx
+        .query_opt_cached("SELECT status FROM requests WHERE id = $1 FOR UPDATE", &[&request_id.as_uuid()])
+        .await?
+    else {
+        return Ok(Step::Conflict(format!("no request {request_id}")));
+    };
+    let status: RequestStatus = super::read::parse_status(row.get(0))?;
+    if status == RequestStatus::Cancelled {
+        return Ok(Step::Ok);
+    }
+    if status.is_terminal() {
+        return Ok(Step::Conflict(format!("request {request_id} is {status}")));
+    }
+    let why = format!("cancelled by {by}: {reason}");
+    tx.execute_cached(
+        "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now() WHERE id = $1",
+        &[&request_id.as_uuid(), &RequestStatus::Cancelled.as_str(), &why],
+    )
+    .await?;
+    tx.execute_cached(
+        "INSERT INTO cancellations (request_id, cancelled_by, reason) VALUES ($1, $2, $3)",
+        &[&request_id.as_uuid(), &by, &reason],
+    )
+    .await?;
+    let under_way: Vec<&str> = [PlanStatus::Planned, PlanStatus::AwaitingApproval, PlanStatus::Approved]
+        .map(|s| s.as_str())
+        .to_vec();
+    // The version too: a result decided on the plan as it was is decided again, and ignored.
+    let plan = tx
+        .query_opt_cached(
+            "UPDATE plans SET status = $2, version = version + 1, updated_at = now()
+             WHERE request_id = $1 AND status = ANY($3) RETURNING id",
+            &[&request_id.as_uuid(), &PlanStatus::Cancelled.as_str(), &under_way],
+        )
+        .await?;
+    let mut stopped = Vec::new();
+    if let Some(row) = plan {
+        let plan_id = PlanId::from_uuid(row.get(0));
+        let unfinished: Vec<&str> = NOT_STARTED.iter().chain(&ON_AN_AGENT).copied().collect();
+        let rows = tx
+            .query_cached(
+                "WITH hit AS (SELECT id, status FROM tasks WHERE plan_id = $1 AND status = ANY($2) FOR UPDATE)
+                 UPDATE tasks t SET status = 'cancelled', status_reason = $3, waiting_since = NULL,
+                     wait_turn = NULL, lease_expires_at = NULL, updated_at = now()
+                 FROM hit WHERE t.id = hit.id
+                 RETURNING t.id, t.attempt, hit.status, t.agent_id",
+                &[&plan_id.as_uuid(), &unfinished, &why],
+            )
+            .await?;
+        for row in &rows {
+            let was: &str = row.get(2);
+            if !ON_AN_AGENT.contains(&was) {
+                continue;
+            }
+            let (task_id, attempt): (Uuid, i32) = (row.get(0), row.get(1));
+            // What the attempt's routing decision reserved goes back now: its result, if it
+            // comes, is late and ignored.
+            let reserved = tx
+                .query_opt_cached(
+                    "SELECT agent_id FROM routing_decisions
+                     WHERE task_id = $1 AND attempt = $2 AND reserved_capacity",
+                    &[&task_id, &attempt],
+                )
+                .await?;
+            if let Some(reserved) = reserved {
+                agents.release(reserved.get(0));
+            }
+            let agent: Option<String> = row.get(3);
+            stopped.push(json!({ "task_id": task_id, "attempt": attempt, "agent_id": agent, "was": was }));
+        }
+        super::quota::settle(tx, actor, request_id, plan_id, "quota.settled").await?;
+        let detail = json!({ "by": by, "reason": reason, "tasks_cancelled": rows.len(), "stopped": stopped });
+        audit(tx, actor, "request.cancelled", Some(request_id), Some(plan_id), None, detail).await?;
+    } else {
+        let detail = json!({ "by": by, "reason": reason, "tasks_cancelled": 0, "stopped": stopped });
+        audit(tx, actor, "request.cancelled", Some(request_id), None, None, detail).await?;
+    }
+    Ok(Step::Ok)
 }
 
 async fn apply_one(
@@ -639,6 +746,17 @@ async fn apply_one(
             }
         }
         Write::Plan { plan, complexity, infeasible, duration_basis } => {
+            // Shared with a cancellation, which locks the request for update: a plan is never
+            // made for a request cancelled meanwhile.
+            let request = tx
+                .query_opt_cached(
+                    "SELECT status FROM requests WHERE id = $1 FOR SHARE",
+                    &[&plan.request_id.as_uuid()],
+                )
+                .await?;
+            if request.is_some_and(|row| row.get::<_, &str>(0) == RequestStatus::Cancelled.as_str()) {
+                return Ok(Step::Conflict(format!("request {} is cancelled", plan.request_id)));
+            }
             let terms = serde_json::to_value(&complexity.terms).expect("terms serialize");
             let inserted = tx
                 .execute_cached(
@@ -697,6 +815,9 @@ async fn apply_one(
             }
         }
         Write::Fallback { request_id, decision, reserve } => {
+            if plan_cancelled(tx, decision.plan_id).await? {
+                return Ok(Step::Conflict(format!("plan {} is cancelled", decision.plan_id)));
+            }
             let inserted = tx
                 .execute_cached(
                     "INSERT INTO fallback_decisions (plan_id, use_external, provider, reason,
@@ -741,36 +862,6 @@ async fn apply_one(
             audit(tx, actor, "fallback.decided", Some(*request_id), Some(decision.plan_id), None, detail)
                 .await?;
         }
-        Write::PlanInfeasible { request_id, plan_id, reason } => {
-            let updated = tx
-                .execute_cached(
-                    "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
-                    &[&plan_id.as_uuid(), &PlanStatus::Infeasible.as_str(), &PlanStatus::Planned.as_str()],
-                )
-                .await?;
-            if updated == 1 {
-                cancel_pending(tx, *plan_id, "cancelled: the plan is infeasible").await?;
-                let detail = json!({ "reason": reason });
-                audit(tx, actor, "plan.infeasible", Some(*request_id), Some(*plan_id), None, detail.clone())
-                    .await?;
-                let failed = tx
-                    .execute_cached(
-                        "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
-                         WHERE id = $1 AND status = $4",
-                        &[
-                            &request_id.as_uuid(),
-                            &RequestStatus::Failed.as_str(),
-                            reason,
-                            &RequestStatus::Planned.as_str(),
-                        ],
-                    )
-                    .await?;
-                if failed == 1 {
-                    audit(tx, actor, "request.failed", Some(*request_id), Some(*plan_id), None, detail)
-                        .await?;
-                }
-            }
-        }
         Write::AwaitingApproval { request_id, plan_id, reason } => {
             let updated = tx
                 .execute_cached(
@@ -796,6 +887,9 @@ async fn apply_one(
             }
         }
         Write::Approval { request_id, plan_id, approved, by, reason } => {
+            if plan_cancelled(tx, *plan_id).await? {
+                return Ok(Step::Conflict(format!("plan {plan_id} is cancelled")));
+            }
             let inserted = tx
                 .execute_cached(
                     "INSERT INTO approvals (plan_id, approved, decided_by, reason) VALUES ($1, $2, $3, $4)
@@ -850,16 +944,17 @@ async fn apply_one(
             let detail = json!({ "by": by, "reason": reason });
             audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
             if !approved {
+                cancel_pending(tx, *plan_id, &format!("cancelled: the plan was rejected ({reason})")).await?;
                 // A rejected plan will not use the external model: give its quota back.
                 super::quota::settle(tx, actor, *request_id, *plan_id, "quota.released").await?;
             }
         }
-        Write::Route { request_id, plan_id, attempt, decision_id, route } => {
+        Write::Route { request_id, plan_id, attempt, decision_id, route, ready_at } => {
             let inserted = tx
                 .execute_cached(
                     "INSERT INTO routing_decisions (id, task_id, plan_id, attempt, agent_id, score, reason,
-                         candidates, reserved_capacity)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                         candidates, reserved_capacity, ready_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
                     &[
                         &decision_id.as_uuid(),
                         &route.task_id.as_uuid(),
@@ -870,36 +965,127 @@ async fn apply_one(
                         &route.reason,
                         &serde_json::to_value(&route.candidates).expect("candidates serialize"),
                         &route.reserves_capacity,
+                        ready_at,
                     ],
                 )
                 .await?;
             if inserted == 0 {
-                // Another route message routed this attempt first. Going on would publish a second
+                // Another decision routed this attempt first. Going on would publish a second
                 // dispatch of it: decide again instead, and find the task routed.
                 return Ok(Step::Conflict(format!(
                     "task {} attempt {attempt} is routed already",
                     route.task_id
                 )));
             }
+            let updated = tx
+                .execute_cached(
+                    "UPDATE tasks SET status = $2, attempt = $3, agent_id = $4, status_reason = $5,
+                         waiting_since = NULL, wait_turn = NULL, updated_at = now()
+                     WHERE id = $1 AND attempt = $3 - 1 AND status = ANY($6)",
+                    &[
+                        &route.task_id.as_uuid(),
+                        &TaskStatus::Routed.as_str(),
+                        &(*attempt as i32),
+                        &route.agent_id.as_str(),
+                        &route.reason,
+                        &NOT_STARTED.as_slice(),
+                    ],
+                )
+                .await?;
+            if updated == 0 {
+                // Cancelled, or moved on, since the decision.
+                return Ok(Step::Conflict(format!(
+                    "task {} is no longer ready for attempt {attempt}",
+                    route.task_id
+                )));
+            }
             if route.reserves_capacity {
                 agents.reserve(route.agent_id.as_str());
             }
-            tx.execute_cached(
-                "UPDATE tasks SET status = $2, attempt = $3, agent_id = $4, status_reason = $5, updated_at = now()
-                 WHERE id = $1",
-                &[
-                    &route.task_id.as_uuid(),
-                    &TaskStatus::Routed.as_str(),
-                    &(*attempt as i32),
-                    &route.agent_id.as_str(),
-                    &route.reason,
-                ],
-            )
-            .await?;
             let detail = json!({ "attempt": attempt, "agent_id": route.agent_id, "score": route.score,
                                  "reason": route.reason });
             audit(tx, actor, "task.routed", Some(*request_id), Some(*plan_id), Some(route.task_id), detail)
                 .await?;
+        }
+        Write::TaskWaiting { request_id, plan_id, task_id, attempt, priority, since, reason, candidates } => {
+            // Its turn: the next of its plan's in line, but never before the head of the line
+            // of its priority, so that a plan joining late takes turns with the others from
+            // where they are instead of going first until it catches up.
+            let updated = tx
+                .execute_cached(
+                    "UPDATE tasks SET status = 'waiting', waiting_since = $3, status_reason = $4,
+                         priority = $5, updated_at = now(),
+                         wait_turn = GREATEST(
+                             COALESCE((SELECT min(w.wait_turn) FROM tasks w
+                                       WHERE w.status = 'waiting' AND w.priority = $5), 0),
+                             COALESCE((SELECT max(w.wait_turn) + 1 FROM tasks w
+                                       WHERE w.status = 'waiting' AND w.plan_id = $2), 0))
+                     WHERE id = $1 AND status = 'pending' AND attempt = $6 - 1",
+                    &[
+                        &task_id.as_uuid(),
+                        &plan_id.as_uuid(),
+                        since,
+                        reason,
+                        &i16::from(*priority),
+                        &(*attempt as i32),
+                    ],
+                )
+                .await?;
+            if updated == 0 {
+                return Ok(Step::Conflict(format!(
+                    "task {task_id} is no longer pending for attempt {attempt}"
+                )));
+            }
+            let detail = json!({ "attempt": attempt, "reason": reason, "candidates": candidates });
+            audit(tx, actor, "task.waiting", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
+                .await?;
+        }
+        Write::WaitExpired {
+            request_id,
+            plan_id,
+            task_id,
+            attempt,
+            decision_id,
+            reason,
+            candidates,
+            ready_at,
+        } => {
+            let inserted = tx
+                .execute_cached(
+                    "INSERT INTO routing_decisions (id, task_id, plan_id, attempt, agent_id, score, reason,
+                         candidates, reserved_capacity, ready_at)
+                     VALUES ($1, $2, $3, $4, NULL, NULL, $5, $6, false, $7) ON CONFLICT DO NOTHING",
+                    &[
+                        &decision_id.as_uuid(),
+                        &task_id.as_uuid(),
+                        &plan_id.as_uuid(),
+                        &(*attempt as i32),
+                        reason,
+                        &serde_json::to_value(candidates).expect("candidates serialize"),
+                        ready_at,
+                    ],
+                )
+                .await?;
+            let updated = if inserted == 1 {
+                tx.execute_cached(
+                    "UPDATE tasks SET status = $2, attempt = $3, status_reason = $4, waiting_since = NULL,
+                         wait_turn = NULL, finished_at = now(), updated_at = now()
+                     WHERE id = $1 AND status = 'waiting' AND attempt = $3 - 1",
+                    &[&task_id.as_uuid(), &TaskStatus::Failed.as_str(), &(*attempt as i32), reason],
+                )
+                .await?
+            } else {
+                0
+            };
+            if updated == 0 {
+                return Ok(Step::Conflict(format!("task {task_id} no longer waits for attempt {attempt}")));
+            }
+            let detail = json!({ "attempt": attempt, "reason": reason, "gave_up_waiting": true });
+            audit(tx, actor, "task.failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
+                .await?;
+        }
+        Write::Cancel { request_id, by, reason } => {
+            return cancel(tx, actor, *request_id, by, reason, agents).await;
         }
         Write::Dispatched {
             request_id,
@@ -997,19 +1183,28 @@ async fn apply_one(
                 )));
             }
             let status = if result.success { TaskStatus::Succeeded } else { TaskStatus::Failed };
-            tx.execute_cached(
-                "UPDATE tasks SET status = $3, finished_at = $4, lease_expires_at = NULL,
-                     status_reason = COALESCE($5, status_reason), updated_at = now()
-                 WHERE id = $1 AND attempt = $2",
-                &[
-                    &result.task_id.as_uuid(),
-                    &(result.attempt as i32),
-                    &status.as_str(),
-                    &result.finished_at,
-                    &result.error,
-                ],
-            )
-            .await?;
+            let updated = tx
+                .execute_cached(
+                    "UPDATE tasks SET status = $3, finished_at = $4, lease_expires_at = NULL,
+                         status_reason = COALESCE($5, status_reason), updated_at = now()
+                     WHERE id = $1 AND attempt = $2 AND status = ANY($6)",
+                    &[
+                        &result.task_id.as_uuid(),
+                        &(result.attempt as i32),
+                        &status.as_str(),
+                        &result.finished_at,
+                        &result.error,
+                        &ON_AN_AGENT.as_slice(),
+                    ],
+                )
+                .await?;
+            if updated == 0 {
+                // Cancelled since the decision: its result is late, and its slot was given back.
+                return Ok(Step::Conflict(format!(
+                    "task {} attempt {} is no longer on its agent",
+                    result.task_id, result.attempt
+                )));
+            }
             // Give back what the attempt's routing decision reserved, on the agent it reserved.
             let reserved = tx
                 .query_opt_cached(
@@ -1040,16 +1235,19 @@ async fn apply_one(
         }
         Write::TaskFailed { request_id, plan_id, task_id, reason, cancelled } => {
             tx.execute_cached(
-                "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now() WHERE id = $1",
+                "UPDATE tasks SET status = $2, status_reason = $3, waiting_since = NULL, wait_turn = NULL,
+                     updated_at = now()
+                 WHERE id = $1",
                 &[&task_id.as_uuid(), &TaskStatus::Failed.as_str(), reason],
             )
             .await?;
             let cancelled_ids: Vec<Uuid> = cancelled.iter().map(|t| t.as_uuid()).collect();
             let why = format!("cancelled: a task it depends on failed ({reason})");
             tx.execute_cached(
-                "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
-                 WHERE id = ANY($1) AND status = $4",
-                &[&cancelled_ids, &TaskStatus::Cancelled.as_str(), &why, &TaskStatus::Pending.as_str()],
+                "UPDATE tasks SET status = $2, status_reason = $3, waiting_since = NULL, wait_turn = NULL,
+                     updated_at = now()
+                 WHERE id = ANY($1) AND status = ANY($4)",
+                &[&cancelled_ids, &TaskStatus::Cancelled.as_str(), &why, &NOT_STARTED.as_slice()],
             )
             .await?;
             let detail = json!({ "reason": reason, "cancelled": cancelled });

@@ -6,6 +6,7 @@
 
 mod apply;
 mod cached;
+mod line;
 mod quota;
 mod read;
 mod stats;
@@ -23,6 +24,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use apply::{Applied, Delivery, Marker};
+pub use line::{Cancelled, Stopped, WaitingTask};
 pub use quota::{QuotaReport, StoredReservation};
 pub use read::*;
 pub use stats::RequestTiming;

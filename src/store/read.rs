@@ -32,7 +32,8 @@ pub struct StoredPlan {
 pub struct RoutedAttempt {
     pub task_id: TaskId,
     pub attempt: u32,
-    pub agent_id: String,
+    /// `None` for a task that gave up waiting: no agent was chosen.
+    pub agent_id: Option<String>,
 }
 
 /// Where one task stands.
@@ -45,9 +46,11 @@ pub struct TaskState {
     pub status: TaskStatus,
     pub attempt: u32,
     pub agent_id: Option<String>,
-    /// The routing reason, or why dispatch failed.
+    /// The routing reason, why it waits, or why dispatch failed.
     pub reason: Option<String>,
     pub depends_on: Vec<TaskId>,
+    /// Since when it waits for an agent, while it does.
+    pub waiting_since: Option<DateTime<Utc>>,
 }
 
 #[cfg(test)]
@@ -64,6 +67,7 @@ impl TaskState {
             agent_id: None,
             reason: None,
             depends_on: task.depends_on.clone(),
+            waiting_since: None,
         }
     }
 }
@@ -122,6 +126,14 @@ pub struct DeadLetter {
     pub at: DateTime<Utc>,
 }
 
+/// Who cancelled a request, why and when.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cancellation {
+    pub by: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
 /// What [`Store::lookup`] found.
 #[derive(Debug, Clone)]
 pub enum Lookup {
@@ -135,7 +147,8 @@ pub enum Lookup {
 pub struct DecisionRow {
     pub task_id: TaskId,
     pub attempt: u32,
-    pub agent_id: String,
+    /// `None` when the task gave up waiting: no agent was chosen.
+    pub agent_id: Option<String>,
     pub score: Option<f64>,
     pub reason: String,
     pub candidates: Value,
@@ -156,6 +169,13 @@ pub struct DispatchRow {
 /// What the audit checks: every row about one request.
 #[derive(Debug, Clone)]
 pub struct Trail {
+    pub status: RequestStatus,
+    /// Why it failed, was rejected or cancelled.
+    pub failure_reason: Option<String>,
+    /// Who cancelled it, and why, if someone did.
+    pub cancellation: Option<Cancellation>,
+    /// Its messages that a stage refused, with why.
+    pub dead_letters: Vec<DeadLetter>,
     pub has_decomposition: bool,
     /// Which decomposer's reading the plan was made from.
     pub decomposer: Option<String>,
@@ -213,11 +233,11 @@ pub struct ApprovalOutcome {
     pub already: bool,
 }
 
-fn parse_status<T: std::str::FromStr>(value: &str) -> Result<T, Error> {
+pub(super) fn parse_status<T: std::str::FromStr>(value: &str) -> Result<T, Error> {
     value.parse().map_err(|_| Error::Corrupt(format!("unknown status {value:?}")))
 }
 
-fn task_from_row(row: &Row) -> Result<Task, Error> {
+pub(super) fn task_from_row(row: &Row) -> Result<Task, Error> {
     let capabilities: Vec<String> = row.get("capabilities");
     let depends_on: Vec<Uuid> = row.get("depends_on");
     let affinity: Value = row.get("affinity");
@@ -251,10 +271,11 @@ fn task_state_from_row(row: &Row) -> Result<TaskState, Error> {
         agent_id: row.get("agent_id"),
         reason: row.get("status_reason"),
         depends_on: depends_on.into_iter().map(TaskId::from_uuid).collect(),
+        waiting_since: row.get("waiting_since"),
     })
 }
 
-fn agent_from_row(row: &Row) -> Result<Agent, Error> {
+pub(super) fn agent_from_row(row: &Row) -> Result<Agent, Error> {
     let capabilities: Vec<String> = row.get("capabilities");
     let labels: Value = row.get("labels");
     Ok(Agent {
@@ -274,20 +295,49 @@ fn agent_from_row(row: &Row) -> Result<Agent, Error> {
     })
 }
 
+/// Rows of (task id, agent id) as the agents that failed each task.
+pub(super) fn failed_by_task(rows: &[Row]) -> Result<HashMap<TaskId, BTreeSet<AgentId>>, Error> {
+    let mut failed: HashMap<TaskId, BTreeSet<AgentId>> = HashMap::new();
+    for row in rows {
+        let agent = AgentId::parse(row.get::<_, String>(1)).map_err(|e| Error::Corrupt(e.to_string()))?;
+        failed.entry(TaskId::from_uuid(row.get(0))).or_default().insert(agent);
+    }
+    Ok(failed)
+}
+
+/// The columns of a fallback decision that [`fallback_from_row`] reads.
+pub(super) const FALLBACK_COLUMNS: &str = "plan_id, use_external, provider, reason, complexity,
+     estimated_cost_micros, quota_left_micros, external_tasks, infeasible";
+
+pub(super) fn fallback_from_row(r: &Row) -> FallbackDecision {
+    FallbackDecision {
+        plan_id: PlanId::from_uuid(r.get(0)),
+        use_external: r.get(1),
+        provider: r.get(2),
+        reason: r.get(3),
+        complexity: r.get(4),
+        estimated_cost_micros: r.get(5),
+        quota_left_micros: r.get(6),
+        external_tasks: r.get::<_, Vec<uuid::Uuid>>(7).into_iter().map(TaskId::from_uuid).collect(),
+        infeasible: r.get(8),
+    }
+}
+
 /// The most recently finished tasks of a work type that its learnt durations are taken from.
 pub const DURATION_SAMPLES: i64 = 200;
 
-const TASK_COLUMNS: &str = "id, key, work_type, description, estimated_duration_secs, cpu, memory_mb, gpu,
-     capabilities, depends_on, affinity, status, attempt, agent_id, status_reason";
+pub(super) const TASK_COLUMNS: &str =
+    "id, key, work_type, description, estimated_duration_secs, cpu, memory_mb, gpu,
+     capabilities, depends_on, affinity, status, attempt, agent_id, status_reason, waiting_since";
 
 impl Store {
-    /// A plan with its tasks, rebuilt and checked.
-    /// Whether a request of this id was recorded.
-    pub async fn request_exists(&self, request_id: RequestId) -> Result<bool, Error> {
+    /// Where a request stands, if it was recorded.
+    pub async fn request_status(&self, request_id: RequestId) -> Result<Option<RequestStatus>, Error> {
         let client = self.client().await?;
-        let row =
-            client.query_opt_cached("SELECT 1 FROM requests WHERE id = $1", &[&request_id.as_uuid()]).await?;
-        Ok(row.is_some())
+        let row = client
+            .query_opt_cached("SELECT status FROM requests WHERE id = $1", &[&request_id.as_uuid()])
+            .await?;
+        row.map(|row| parse_status(row.get(0))).transpose()
     }
 
     /// Where a plan stands, if it was recorded; without its tasks.
@@ -298,32 +348,51 @@ impl Store {
         row.map(|row| parse_status(row.get(0))).transpose()
     }
 
-    /// What the routing decision of this id chose, if it was recorded.
-    pub async fn routed_attempt(&self, decision_id: DecisionId) -> Result<Option<RoutedAttempt>, Error> {
+    /// What the routing decision of this id chose, if it was recorded, and where its task stands
+    /// now.
+    pub async fn routed_attempt(
+        &self,
+        decision_id: DecisionId,
+    ) -> Result<Option<(RoutedAttempt, TaskStatus)>, Error> {
         let client = self.client().await?;
         let row = client
             .query_opt_cached(
-                "SELECT task_id, attempt, agent_id FROM routing_decisions WHERE id = $1",
+                "SELECT d.task_id, d.attempt, d.agent_id, t.status
+                 FROM routing_decisions d JOIN tasks t ON t.id = d.task_id WHERE d.id = $1",
                 &[&decision_id.as_uuid()],
             )
             .await?;
-        Ok(row.map(|row| RoutedAttempt {
-            task_id: TaskId::from_uuid(row.get(0)),
-            attempt: row.get::<_, i32>(1) as u32,
-            agent_id: row.get(2),
-        }))
+        row.map(|row| {
+            let routed = RoutedAttempt {
+                task_id: TaskId::from_uuid(row.get(0)),
+                attempt: row.get::<_, i32>(1) as u32,
+                agent_id: row.get(2),
+            };
+            Ok((routed, parse_status(row.get(3))?))
+        })
+        .transpose()
     }
 
+    /// A plan with its tasks, rebuilt and checked.
     pub async fn plan(&self, plan_id: PlanId) -> Result<Option<StoredPlan>, Error> {
+        Ok(self.plan_and_line(plan_id).await?.0)
+    }
+
+    /// A plan as [`Store::plan`] reads it, and whether any task (of any plan) waits for an agent,
+    /// in the same round trip.
+    pub async fn plan_and_line(&self, plan_id: PlanId) -> Result<(Option<StoredPlan>, bool), Error> {
         let client = self.client().await?;
-        let Some(row) = client
-            .query_opt_cached(
-                "SELECT request_id, status, version FROM plans WHERE id = $1",
+        let row = client
+            .query_one_cached(
+                "SELECT p.request_id, p.status, p.version,
+                        EXISTS (SELECT 1 FROM tasks WHERE status = 'waiting')
+                 FROM (SELECT 1) AS one LEFT JOIN plans p ON p.id = $1",
                 &[&plan_id.as_uuid()],
             )
-            .await?
-        else {
-            return Ok(None);
+            .await?;
+        let line: bool = row.get(3);
+        let Some(request_id) = row.get::<_, Option<Uuid>>(0) else {
+            return Ok((None, line));
         };
         let rows = client
             .query_cached(
@@ -332,9 +401,9 @@ impl Store {
             )
             .await?;
         let tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>, _>>()?;
-        let request_id = RequestId::from_uuid(row.get(0));
+        let request_id = RequestId::from_uuid(request_id);
         let plan = Plan::new(plan_id, request_id, tasks).map_err(|e| Error::Corrupt(e.to_string()))?;
-        Ok(Some(StoredPlan { plan, status: parse_status(row.get(1))?, version: row.get(2) }))
+        Ok((Some(StoredPlan { plan, status: parse_status(row.get(1))?, version: row.get(2) }), line))
     }
 
     /// The state of every task of a plan, in plan order.
@@ -401,12 +470,7 @@ impl Store {
                 &[&plan_id.as_uuid()],
             )
             .await?;
-        let mut failed: HashMap<TaskId, BTreeSet<AgentId>> = HashMap::new();
-        for row in rows {
-            let agent = AgentId::parse(row.get::<_, String>(1)).map_err(|e| Error::Corrupt(e.to_string()))?;
-            failed.entry(TaskId::from_uuid(row.get(0))).or_default().insert(agent);
-        }
-        Ok(failed)
+        failed_by_task(&rows)
     }
 
     /// Every attempt's result for a plan, in the order they were received.
@@ -497,23 +561,11 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt_cached(
-                "SELECT use_external, provider, reason, complexity, estimated_cost_micros, quota_left_micros,
-                        external_tasks, infeasible
-                 FROM fallback_decisions WHERE plan_id = $1",
+                &format!("SELECT {FALLBACK_COLUMNS} FROM fallback_decisions WHERE plan_id = $1"),
                 &[&plan_id.as_uuid()],
             )
             .await?;
-        Ok(row.map(|r| FallbackDecision {
-            plan_id,
-            use_external: r.get(0),
-            provider: r.get(1),
-            reason: r.get(2),
-            complexity: r.get(3),
-            estimated_cost_micros: r.get(4),
-            quota_left_micros: r.get(5),
-            external_tasks: r.get::<_, Vec<uuid::Uuid>>(6).into_iter().map(TaskId::from_uuid).collect(),
-            infeasible: r.get(7),
-        }))
+        Ok(row.as_ref().map(fallback_from_row))
     }
 
     /// The verdict recorded for a plan: approved (true), rejected (false), or none yet.
@@ -766,7 +818,8 @@ impl Store {
                 "SELECT EXISTS (SELECT 1 FROM decompositions d WHERE d.request_id = r.id),
                         (SELECT decomposer FROM decompositions d WHERE d.request_id = r.id),
                         (SELECT complexity FROM plans p WHERE p.request_id = r.id),
-                        (SELECT complexity_terms FROM plans p WHERE p.request_id = r.id)
+                        (SELECT complexity_terms FROM plans p WHERE p.request_id = r.id),
+                        r.status, r.failure_reason
                  FROM requests r WHERE r.id = $1",
                 &[&request_id.as_uuid()],
             )
@@ -832,6 +885,10 @@ impl Store {
             _ => None,
         };
         Ok(Some(Trail {
+            status: parse_status(request.get(4))?,
+            failure_reason: request.get(5),
+            cancellation: self.cancellation(request_id).await?,
+            dead_letters: self.dead_letters_of_request(request_id).await?,
             has_decomposition: request.get(0),
             decomposer: request.get(1),
             plan: self.plan(plan_id).await?,

@@ -29,6 +29,7 @@ async fn a_message_whose_reservation_no_longer_fits_is_undone_alone_in_its_batch
             plan_id: plan.plan_id,
             attempt: 1,
             decision_id: task_id.decision_id(1),
+            ready_at: chrono::Utc::now(),
             route: Route {
                 task_id,
                 agent_id: AgentId::parse("homelab-1").unwrap(),

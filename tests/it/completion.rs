@@ -305,7 +305,7 @@ async fn a_failed_attempt_is_retried_on_the_healthy_agent() {
             .iter()
             .find(|d| d.task_id == task.id && d.attempt == 2)
             .unwrap_or_else(|| panic!("no routing decision for {key} attempt 2: {:#?}", trail.decisions));
-        assert_eq!(decision.agent_id, "steady");
+        assert_eq!(decision.agent_id.as_deref(), Some("steady"));
         let reasons = rejection(decision, "flaky");
         assert!(reasons.iter().any(|r| r.contains("failed an earlier attempt")), "{reasons:?}");
     }
@@ -353,7 +353,7 @@ async fn an_agent_that_stopped_heartbeating_gets_no_new_tasks() {
     assert_ran_once_each(&report, |_| "homelab-2");
     assert_eq!(trail.decisions.len(), UPTIME_KUMA_TASKS.len(), "{:#?}", trail.decisions);
     for decision in &trail.decisions {
-        assert_eq!(decision.agent_id, "homelab-2");
+        assert_eq!(decision.agent_id.as_deref(), Some("homelab-2"));
         let reasons = rejection(decision, "homelab-1");
         assert!(reasons.iter().any(|r| r.contains("heartbeat")), "{reasons:?}");
     }

@@ -316,25 +316,34 @@ async fn with_no_agent_registered_a_task_goes_to_the_default_agent_of_its_work_t
 }
 
 #[tokio::test]
-async fn with_no_agent_and_no_default_agent_the_request_fails_at_routing() {
+async fn with_no_agent_and_no_default_agent_the_request_waits_and_says_why() {
     let app = spawn_app_with(|c| c.routing.default_agents.clear()).await;
     let id = app.submit("Deploy nginx to the homelab", true).await;
 
-    let report = app.wait_for(id, |r| r.status.as_str() == "failed").await;
-    let reason = report.failure_reason.clone().unwrap_or_default();
-    assert!(reason.starts_with("routing failed: no agents available"), "{reason}");
-    assert!(reason.contains("no default agent configured for work type deployment"), "{reason}");
-    assert_eq!(ops::progress(&report), Progress::Failed(reason.clone()));
-    let dead = app.wait_dead_letters("route", 1).await;
-    assert_eq!(dead[0].reason, reason);
-    let messages = wait_dead_queue(&app, 1).await;
-    assert_eq!(messages[0].1["x-switchyard-stage"], "route");
+    let report = app
+        .wait_for(id, |r| {
+            r.plan.as_ref().is_some_and(|p| p.tasks.iter().any(|t| t.status.as_str() == "waiting"))
+        })
+        .await;
+    assert_eq!(report.status.as_str(), "in_progress", "{report:#?}");
+    let task = &report.plan.as_ref().unwrap().tasks[0];
+    assert_eq!((task.key.as_str(), task.status.as_str()), ("1.prepare", "waiting"));
+    assert_eq!(task.reason.as_deref(), Some("no agent is registered"));
+    assert!(task.waiting_since.is_some());
+    assert!(matches!(ops::progress(&report), Progress::Waiting(w) if w.contains("1 waiting for an agent")));
     let status = app.cli(&["status", &id.to_string()]).await;
     assert!(status.status.success());
     let shown = stdout(&status);
-    assert!(shown.contains("status    failed"), "{shown}");
-    assert!(shown.contains("dead letter at route"), "{shown}");
-    assert!(app.store.dispatches(id.plan_id()).await.unwrap().is_empty());
+    assert!(shown.contains("status    in_progress"), "{shown}");
+    assert!(shown.contains(" s: no agent is registered"), "{shown}");
+    assert!(dead_rows(&app).await.is_empty(), "waiting is not an error");
+    // Why it waits is on record, with every candidate (none here).
+    let events = app.store.audit_events(id).await.unwrap();
+    let waiting = events.iter().find(|(_, e, _)| e == "task.waiting").expect("a task.waiting event");
+    assert_eq!(waiting.2["reason"], "no agent is registered");
+    assert_eq!(waiting.2["candidates"], serde_json::json!([]));
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
 }
 
 #[tokio::test]
@@ -372,9 +381,14 @@ async fn an_agent_without_a_queue_fails_the_dispatch_and_gets_its_capacity_back(
     let agents = app.store.agents().await.unwrap();
     assert_eq!(agents.len(), 1);
     assert_eq!(agents[0].in_flight, 0, "the reserved slot is given back");
+    // The failure is recorded where it happened, with its reason: a complete trail.
     let audit = app.cli(&["audit", &id.to_string()]).await;
-    assert_eq!(audit.status.code(), Some(1), "{}", stdout(&audit));
-    assert!(stdout(&audit).contains("task 1.prepare could not be dispatched"), "{}", stdout(&audit));
+    assert_eq!(audit.status.code(), Some(0), "{}", stdout(&audit));
+    assert!(
+        stdout(&audit).contains("complete; the request failed: task 1.prepare could not be dispatched"),
+        "{}",
+        stdout(&audit)
+    );
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! External AI as a scheduled resource, end to end: a task that no agent could run goes to an
 //! external model within its quota, an `llm` agent does it against a model server speaking the
 //! OpenAI API, and the tokens it really used settle the plan's reservation. Without the quota,
-//! the plan is infeasible and says why.
+//! the task waits for an agent that can run it, and says why.
 
 use std::time::Duration;
 
@@ -119,33 +119,54 @@ async fn a_gpu_task_goes_to_the_external_model_and_its_real_use_settles_the_rese
 }
 
 #[tokio::test]
-async fn without_quota_a_gpu_plan_is_infeasible_and_says_why() {
+async fn without_quota_a_gpu_task_waits_for_an_agent_with_a_gpu_and_says_why() {
     let fake = FakeModel::start().await;
     let app = spawn_app_with(with_provider(fake.base_url(), ESTIMATE - 1)).await;
     let _scribe = app.start_agent(scribe(), Simulate::new(0.0, 0.0).unwrap()).await;
     wait_registered(&app, "scribe").await;
 
     let id = app.submit(TRANSCRIBE, true).await;
-    let report = app.wait_for(id, |r| r.status.is_terminal()).await;
-    assert_eq!(report.status.as_str(), "failed", "{report:#?}");
-    let reason = report.failure_reason.as_deref().unwrap();
+    let report = app
+        .wait_for(id, |r| {
+            r.plan.as_ref().is_some_and(|p| p.tasks.iter().any(|t| t.status.as_str() == "waiting"))
+        })
+        .await;
+    assert_eq!(report.status.as_str(), "in_progress", "{report:#?}");
+    let plan = report.plan.as_ref().unwrap();
+    let fallback = plan.fallback.as_ref().unwrap();
+    assert!(!fallback.use_external && !fallback.infeasible);
     assert_eq!(
-        reason,
+        fallback.reason,
         format!(
-            "plan infeasible: task 1.transcribe needs 1 GPU (the most any of the 1 known agent or machine \
-             has is 0); and no provider can take it: quota exhausted: cloud has {} micros left, and the \
-             plan would cost {ESTIMATE} micros",
+            "task 1.transcribe needs 1 GPU (the most any of the 1 known agent or machine has is 0); and no \
+             provider can take it (quota exhausted: cloud has {} micros left, and the plan would cost \
+             {ESTIMATE} micros): it waits for an agent that can run it",
             ESTIMATE - 1
         )
     );
-    let plan = report.plan.as_ref().unwrap();
-    assert_eq!(plan.status.as_str(), "infeasible");
-    assert!(plan.fallback.as_ref().unwrap().infeasible);
     assert!(plan.reservation.is_none(), "nothing reserved");
-    assert!(plan.tasks.iter().all(|t| t.status.as_str() == "cancelled"), "{:?}", plan.tasks);
-    let trail = app.store.trail(id).await.unwrap().unwrap();
-    assert!(trail.decisions.is_empty() && trail.dispatches.is_empty());
+    let task = &plan.tasks[0];
+    assert_eq!((task.key.as_str(), task.status.as_str()), ("1.transcribe", "waiting"));
+    assert_eq!(task.reason.as_deref(), Some("no agent has 1 GPU (the most any has is 0)"));
+    let status = app.cli(&["status", &id.to_string()]).await;
+    assert!(
+        stdout(&status).contains(" s: no agent has 1 GPU (the most any has is 0)"),
+        "{}",
+        stdout(&status)
+    );
     assert!(fake.received().await.is_empty(), "the model was never called");
+
+    // Nobody brings a GPU: cancelled, with nothing to stop, and a complete trail.
+    let cancel = app.cli(&["cancel", &id.to_string(), "--reason", "no GPU this week", "--by", "ops"]).await;
+    assert!(cancel.status.success(), "{}{}", stdout(&cancel), String::from_utf8_lossy(&cancel.stderr));
+    let report = app.store.report(id).await.unwrap().unwrap();
+    assert_eq!(report.status.as_str(), "cancelled");
+    assert!(report.plan.unwrap().tasks.iter().all(|t| t.status.as_str() == "cancelled"));
     let audit = app.cli(&["audit", &id.to_string()]).await;
     assert!(audit.status.success(), "{}", stdout(&audit));
+    assert!(
+        stdout(&audit).contains("the request was cancelled by ops: no GPU this week"),
+        "{}",
+        stdout(&audit)
+    );
 }

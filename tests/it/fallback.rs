@@ -310,7 +310,9 @@ async fn approving_an_external_plan_releases_its_first_task() {
     let audit = app.cli(&["audit", &id.to_string()]).await;
     assert!(audit.status.success(), "{}", stdout(&audit));
     assert!(
-        stdout(&audit).contains("complete (3 tasks, 1 routing decisions, 1 dispatches)"),
+        stdout(&audit).contains(
+            "complete; the request is under way (in_progress: 3 tasks, 1 routing decisions, 1 dispatches)"
+        ),
         "{}",
         stdout(&audit)
     );
@@ -336,7 +338,7 @@ async fn rejecting_a_plan_records_the_reason_routes_nothing_and_gives_its_quota_
     let approval = plan.approval.unwrap();
     assert!(!approval.approved);
     assert_eq!((approval.decided_by.as_str(), approval.reason.as_str()), ("bob", "too costly"));
-    assert!(plan.tasks.iter().all(|t| t.status.as_str() == "pending"));
+    assert!(plan.tasks.iter().all(|t| t.status.as_str() == "cancelled"), "{:?}", plan.tasks);
     let trail = app.store.trail(id).await.unwrap().unwrap();
     assert!(trail.decisions.is_empty() && trail.dispatches.is_empty());
     assert!(app.drain(&app.agent_queue(MODEL_AGENT)).await.is_empty());
@@ -353,7 +355,7 @@ async fn rejecting_a_plan_records_the_reason_routes_nothing_and_gives_its_quota_
     assert!(audit.status.success(), "{}", stdout(&audit));
     assert_eq!(
         stdout(&audit).trim(),
-        format!("audit of {id}: complete (3 tasks, 0 routing decisions, 0 dispatches)")
+        format!("audit of {id}: complete; the request was rejected by bob: too costly")
     );
 }
 

@@ -182,8 +182,12 @@ impl TestApp {
     }
 
     pub async fn declare_agent_queue(&self, id: &str) -> String {
-        let queue = self.broker.declare_agent_queue(&AgentId::parse(id).unwrap()).await.expect("declared");
-        self.extra_queues.lock().unwrap().push(queue.clone());
+        let agent = AgentId::parse(id).unwrap();
+        let queue = self.broker.declare_agent_queue(&agent).await.expect("declared");
+        let mut extra = self.extra_queues.lock().unwrap();
+        extra.push(queue.clone());
+        // What the agent declares besides, when it runs.
+        extra.push(self.names.agent_control_queue(&agent));
         queue
     }
 

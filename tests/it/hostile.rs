@@ -48,6 +48,7 @@ enum Kind {
     Dispatch,
     Results,
     Heartbeats,
+    Wake,
 }
 
 impl Kind {
@@ -61,13 +62,14 @@ impl Kind {
             "dispatch" => Kind::Dispatch,
             "track" => Kind::Results,
             "heartbeat" => Kind::Heartbeats,
+            "place" => Kind::Wake,
             other => panic!("the topology has a stage {other} that the hostile corpus has no cases for"),
         }
     }
 
     /// Whether its messages are envelopes (between stages) rather than entry messages.
     fn is_envelope(self) -> bool {
-        !matches!(self, Kind::Requests | Kind::Heartbeats)
+        !matches!(self, Kind::Requests | Kind::Heartbeats | Kind::Wake)
     }
 }
 
@@ -249,7 +251,7 @@ fn universal(kind: Kind) -> Vec<Case> {
     let entry = !kind.is_envelope();
     // What a stage says of an object that is not its message: the first field it misses.
     let not_its_message = match kind {
-        Kind::Requests => "unknown field",
+        Kind::Requests | Kind::Wake => "unknown field",
         Kind::Heartbeats => "missing field `agent_id`",
         _ => "missing field `schema_version`",
     };
@@ -257,7 +259,16 @@ fn universal(kind: Kind) -> Vec<Case> {
     let too_large = format!("exceeds the limit of {LIMIT} bytes");
     vec![
         Case::new("not JSON", "Deploy Gitea to the homelab, please", refused(&["malformed JSON"])),
-        Case::new("truncated JSON", r#"{"text": "Deploy Gitea"#, refused(&["malformed JSON", "EOF"])),
+        // A wake-up has no `text`: it refuses the unknown field before it reads further.
+        Case::new(
+            "truncated JSON",
+            r#"{"text": "Deploy Gitea"#,
+            if kind == Kind::Wake {
+                refused(&["unknown field `text`"])
+            } else {
+                refused(&["malformed JSON", "EOF"])
+            },
+        ),
         Case::new("empty body", "", refused(&["malformed JSON", "EOF"])),
         Case::new("whitespace-only body", " \r\n\t ", refused(&["malformed JSON", "EOF"])),
         Case::new("invalid UTF-8", vec![0xc3, 0x28, 0xff, 0xfe, 0xfd], refused(&["malformed JSON"])),
@@ -274,7 +285,11 @@ fn universal(kind: Kind) -> Vec<Case> {
         Case::new(
             "raw control characters in a string",
             b"{\"text\":\"Deploy \x07\x1b[2J Gitea\"}".to_vec(),
-            refused(&["malformed JSON", "control character"]),
+            if kind == Kind::Wake {
+                refused(&["unknown field `text`"])
+            } else {
+                refused(&["malformed JSON", "control character"])
+            },
         ),
         Case::new(
             "a byte order mark",
@@ -434,6 +449,46 @@ fn asking_for(pairs: usize) -> String {
     (0..pairs).map(|i| format!("write script{i} and deploy app{i}")).collect::<Vec<_>>().join(" and ")
 }
 
+/// Wake-ups of the scheduler: a hint each, but a malformed one is refused like any message.
+fn wake_cases() -> Vec<Case> {
+    let good = || json!({ "message_id": MessageId::random(), "cause": "result", "at": Utc::now() });
+    vec![
+        Case::json(
+            "no message id",
+            &remove(&good(), "/message_id"),
+            refused(&["missing field `message_id`"]),
+        ),
+        Case::json(
+            "message id with SQL",
+            &set(&good(), "/message_id", json!("'; DROP TABLE tasks; --")),
+            refused(&["UUID"]),
+        ),
+        Case::json(
+            "message id is a number",
+            &set(&good(), "/message_id", json!(7)),
+            refused(&["invalid type"]),
+        ),
+        Case::json("no cause", &remove(&good(), "/cause"), refused(&["missing field `cause`"])),
+        Case::json("cause is a number", &set(&good(), "/cause", json!(1)), refused(&["invalid type"])),
+        Case::json("cause is null", &set(&good(), "/cause", Value::Null), refused(&["invalid type: null"])),
+        Case::json(
+            "cause of 201 characters",
+            &set(&good(), "/cause", json!("c".repeat(201))),
+            refused(&["longer than 200"]),
+        ),
+        Case::json("no time", &remove(&good(), "/at"), refused(&["missing field `at`"])),
+        Case::json("time is a word", &set(&good(), "/at", json!("soon")), refused(&["schema violation"])),
+        Case::json("time is a number", &set(&good(), "/at", json!(1e12)), refused(&["invalid type"])),
+        Case::json(
+            "an unknown field",
+            &set(&good(), "/plan_id", json!(true)),
+            refused(&["unknown field `plan_id`"]),
+        ),
+        Case::json("an envelope instead of a wake-up", &envelope(Kind::Route), refused(&["unknown field"])),
+        Case::json("a request instead of a wake-up", &request(GITEA), refused(&["unknown field"])),
+    ]
+}
+
 fn heartbeat_cases() -> Vec<Case> {
     let good = json!({
         "agent_id": "hostile-sql",
@@ -567,7 +622,7 @@ fn envelope(kind: Kind) -> Value {
             plan: plan.clone(),
             infeasible: Vec::new(),
         }),
-        Kind::Route | Kind::Requests | Kind::Heartbeats => {
+        Kind::Route | Kind::Requests | Kind::Heartbeats | Kind::Wake => {
             serde_json::to_value(RouteTasks { plan_id: plan.id, priority: 0, approved_by: "policy".into() })
         }
         Kind::Dispatch => serde_json::to_value(DispatchTask {
@@ -612,7 +667,7 @@ fn stray(kind: Kind) -> Expect {
         Kind::Route => refused(&["no plan"]),
         Kind::Dispatch => refused(&["no routing decision", "was recorded"]),
         Kind::Results => refused(&["unknown plan"]),
-        Kind::Requests | Kind::Heartbeats => unreachable!("not an envelope"),
+        Kind::Requests | Kind::Heartbeats | Kind::Wake => unreachable!("not an envelope"),
     }
 }
 
@@ -623,7 +678,7 @@ fn invalid_utf8_in(envelope: &Value, kind: Kind) -> Vec<u8> {
         Kind::Route => "/payload/approved_by",
         Kind::Dispatch => "/payload/task/description",
         Kind::Results => "/payload/output",
-        Kind::Requests | Kind::Heartbeats => unreachable!("not an envelope"),
+        Kind::Requests | Kind::Heartbeats | Kind::Wake => unreachable!("not an envelope"),
     };
     let text = serde_json::to_string(&set(envelope, pointer, json!("Deploy PLACEHOLDER"))).unwrap();
     let (before, after) = text.split_once("PLACEHOLDER").unwrap();
@@ -922,7 +977,7 @@ fn envelope_cases(kind: Kind) -> Vec<Case> {
                 ),
             ]);
         }
-        Kind::Requests | Kind::Heartbeats => unreachable!("not an envelope"),
+        Kind::Requests | Kind::Heartbeats | Kind::Wake => unreachable!("not an envelope"),
     }
     cases
 }
@@ -933,6 +988,7 @@ fn corpus(kind: Kind) -> Vec<Case> {
     cases.extend(match kind {
         Kind::Requests => request_cases(),
         Kind::Heartbeats => heartbeat_cases(),
+        Kind::Wake => wake_cases(),
         _ => envelope_cases(kind),
     });
     cases

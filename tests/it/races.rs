@@ -24,6 +24,7 @@ async fn a_second_routing_decision_for_the_same_attempt_is_a_conflict_not_a_succ
         plan_id,
         attempt: 1,
         decision_id: task_id.decision_id(1),
+        ready_at: chrono::Utc::now(),
         route: Route {
             task_id,
             agent_id: AgentId::parse(agent).unwrap(),

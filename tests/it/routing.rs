@@ -76,7 +76,7 @@ async fn only_an_agent_with_every_capability_is_chosen() {
     let (id, _) = route_one(&app, RESTART).await;
 
     let decision = routing_decision(&app, id).await;
-    assert_eq!(decision.agent_id, "b-shell");
+    assert_eq!(decision.agent_id.as_deref(), Some("b-shell"));
     assert!(decision.reserved_capacity);
     assert!(decision.reason.starts_with("best of 1 eligible agent ("), "{}", decision.reason);
     assert_eq!(candidate_ids(&decision), ["a-no-shell", "b-shell"]);
@@ -102,7 +102,7 @@ async fn an_agent_with_a_stale_heartbeat_is_passed_over_until_it_beats_again() {
 
     let (id, _) = route_one(&app, RESTART).await;
     let decision = routing_decision(&app, id).await;
-    assert_eq!(decision.agent_id, DEFAULT_AGENT);
+    assert_eq!(decision.agent_id.as_deref(), Some(DEFAULT_AGENT));
     assert_eq!(decision.score, None);
     assert!(!decision.reserved_capacity);
     assert_eq!(decision.reason, "no agents available: 1 candidate rejected; default agent for maintenance");
@@ -130,7 +130,7 @@ async fn an_agent_with_a_stale_heartbeat_is_passed_over_until_it_beats_again() {
     })
     .await;
     let (id, _) = route_one(&app, RESTART).await;
-    assert_eq!(routing_decision(&app, id).await.agent_id, "sleepy");
+    assert_eq!(routing_decision(&app, id).await.agent_id.as_deref(), Some("sleepy"));
     assert_eq!(drain_keys(&app, "sleepy").await, ["1.snapshot"]);
 }
 
@@ -176,12 +176,12 @@ async fn the_less_loaded_of_two_equal_agents_is_preferred() {
 
     // Equal: the first goes to alpha by id, which then has one task in flight.
     let (first, _) = route_one(&app, RESTART).await;
-    assert_eq!(routing_decision(&app, first).await.agent_id, "alpha");
+    assert_eq!(routing_decision(&app, first).await.agent_id.as_deref(), Some("alpha"));
     assert_eq!(in_flight(&app, "alpha").await, 1);
 
     let (second, _) = route_one(&app, RESTART).await;
     let decision = routing_decision(&app, second).await;
-    assert_eq!(decision.agent_id, "bravo", "{}", decision.reason);
+    assert_eq!(decision.agent_id.as_deref(), Some("bravo"), "{}", decision.reason);
     assert!(!decision.reason.contains("tied"), "{}", decision.reason);
     assert_eq!(candidate(&decision, "alpha")["load"], 0.75);
     assert_eq!(candidate(&decision, "bravo")["load"], 1.0);
@@ -200,7 +200,12 @@ async fn an_agent_labelled_with_the_requested_target_wins_over_an_equal_one() {
     let (id, _) = route_one(&app, RESTART_ON_HOMELAB).await;
 
     let homelab = routing_decision(&app, id).await;
-    assert_eq!(homelab.agent_id, "b-homelab", "affinity beats the id order: {}", homelab.reason);
+    assert_eq!(
+        homelab.agent_id.as_deref(),
+        Some("b-homelab"),
+        "affinity beats the id order: {}",
+        homelab.reason
+    );
     assert_eq!(candidate(&homelab, "a-elsewhere")["affinity"], 0.0);
     assert_eq!(candidate(&homelab, "b-homelab")["affinity"], 1.0);
     assert_eq!(drain_keys(&app, "b-homelab").await, ["1.snapshot"]);
@@ -210,7 +215,7 @@ async fn an_agent_labelled_with_the_requested_target_wins_over_an_equal_one() {
     // loaded yet, wins on load.
     let (id, _) = route_one(&app, RESTART).await;
     let anywhere = routing_decision(&app, id).await;
-    assert_eq!(anywhere.agent_id, "a-elsewhere", "{}", anywhere.reason);
+    assert_eq!(anywhere.agent_id.as_deref(), Some("a-elsewhere"), "{}", anywhere.reason);
     assert_eq!(candidate(&anywhere, "a-elsewhere")["affinity"], 1.0);
     assert_eq!(candidate(&anywhere, "b-homelab")["affinity"], 1.0);
 }
@@ -224,7 +229,7 @@ async fn equal_agents_are_tied_broken_by_agent_id_whatever_the_registration_orde
     let (id, _) = route_one(&app, RESTART).await;
 
     let decision = routing_decision(&app, id).await;
-    assert_eq!(decision.agent_id, "alpha");
+    assert_eq!(decision.agent_id.as_deref(), Some("alpha"));
     assert!(
         decision.reason.ends_with("; tied with bravo, charlie, chosen by agent id"),
         "{}",
@@ -252,13 +257,13 @@ async fn two_route_workers_never_overfill_an_agent() {
     }
 
     assert_eq!(in_flight(&app, "pool-1").await, 2, "capacity 2, never more");
-    let chosen: Vec<_> = decisions.iter().filter(|d| d.agent_id == "pool-1").collect();
+    let chosen: Vec<_> = decisions.iter().filter(|d| d.agent_id.as_deref() == Some("pool-1")).collect();
     assert_eq!(chosen.len(), 2, "{decisions:#?}");
     assert!(chosen.iter().all(|d| d.reserved_capacity));
-    let defaulted: Vec<_> = decisions.iter().filter(|d| d.agent_id != "pool-1").collect();
+    let defaulted: Vec<_> = decisions.iter().filter(|d| d.agent_id.as_deref() != Some("pool-1")).collect();
     assert_eq!(defaulted.len(), 4);
     for d in &defaulted {
-        assert_eq!(d.agent_id, DEFAULT_AGENT);
+        assert_eq!(d.agent_id.as_deref(), Some(DEFAULT_AGENT));
         assert!(d.reason.starts_with("no agents available"), "{}", d.reason);
         assert!(!d.reserved_capacity);
         assert_eq!(candidate(d, "pool-1")["reasons"], json!(["no spare capacity (2/2 in flight)"]));
@@ -286,7 +291,8 @@ async fn agents_list_shows_health_and_load() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     let columns = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-    assert_eq!(columns(lines[0]), ["AGENT", "HEALTH", "LOAD", "SUCCESS", "CAPABILITIES"]);
+    // SLOTS: in use out of the capacity.
+    assert_eq!(columns(lines[0]), ["AGENT", "HEALTH", "SLOTS", "SUCCESS", "CAPABILITIES"]);
     // Sorted by id.
     assert_eq!(columns(lines[1]), ["homelab-1", "online", "1/4", "50%", "maintenance,shell"]);
     assert_eq!(columns(lines[2]), ["old-box", "offline", "0/2", "50%", "maintenance,shell"]);
@@ -329,7 +335,7 @@ async fn agents_register_declares_the_queue_that_tasks_then_reach() {
     assert_eq!(agent.labels.get("target").map(String::as_str), Some("homelab"));
 
     let (id, _) = route_one(&app, RESTART_ON_HOMELAB).await;
-    assert_eq!(routing_decision(&app, id).await.agent_id, "cli-agent");
+    assert_eq!(routing_decision(&app, id).await.agent_id.as_deref(), Some("cli-agent"));
     let messages = app.drain(&queue).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].0["payload"]["agent_id"], "cli-agent");

@@ -124,11 +124,17 @@ pub async fn follow(
         if let Some(report) = &report {
             let line = print::state_line(report);
             let (done, total, wave, waves) = counts(report);
+            let waiting =
+                report.plan.iter().flat_map(|p| &p.tasks).filter(|t| t.status == TaskStatus::Waiting).count();
             match &bar {
                 Some(bar) => {
                     bar.set_length(total);
                     bar.set_position(done);
-                    bar.set_message(format!("wave {wave}/{waves}  {}", report.status));
+                    let waiting = match waiting {
+                        0 => String::new(),
+                        n => format!("  {n} waiting for an agent"),
+                    };
+                    bar.set_message(format!("wave {wave}/{waves}  {}{waiting}", report.status));
                 }
                 None if !json && line != last_line => println!("{line}"),
                 None => {}

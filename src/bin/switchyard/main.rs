@@ -67,6 +67,17 @@ enum Command {
         #[arg(long, env = "USER", default_value = "cli")]
         by: String,
     },
+    /// Cancel a request: what it had not started never runs, and the tasks its agents run are
+    /// stopped there. Safe to repeat; a request that already ended is left as it is (exit 1).
+    Cancel {
+        request_id: RequestId,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Who cancels (recorded in the audit log).
+        #[arg(long, env = "USER", default_value = "cli")]
+        by: String,
+    },
     /// Show a request, its plan and every task with its state, agent and routing reason.
     Status {
         request_id: RequestId,
@@ -426,6 +437,33 @@ async fn run(cli: Cli) -> Result<Exit> {
                 println!("plan {plan_id} rejected by {by}: {reason}");
             }
         }
+        Command::Cancel { request_id, reason, by } => {
+            let store = connect_store(&config).await?;
+            let broker = connect_broker(&config).await?;
+            let cancelled = ops::cancel(&store, &broker, request_id, &by, &reason).await;
+            broker.close().await;
+            let cancelled = match cancelled {
+                Ok(cancelled) => cancelled,
+                Err(ops::Error::Store(switchyard::store::Error::Refused(why))) => {
+                    println!("{why}");
+                    return Ok(Exit::No);
+                }
+                Err(err) => return Err(err.into()),
+            };
+            if cancelled.already {
+                println!("request {request_id} was cancelled already");
+            } else {
+                println!("request {request_id} cancelled by {by}: {reason}");
+            }
+            for stop in &cancelled.stopped {
+                let told = if cancelled.unreachable.contains(&stop.agent_id) {
+                    "cannot be told (no control queue): it runs to its end and its result is ignored"
+                } else {
+                    "told to stop it"
+                };
+                println!("  task {} attempt {} on {}: {told}", stop.key, stop.attempt, stop.agent_id);
+            }
+        }
         Command::Status { request_id, json } => {
             let store = connect_store(&config).await?;
             let report = match store.lookup(request_id).await? {
@@ -448,24 +486,23 @@ async fn run(cli: Cli) -> Result<Exit> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print::report(&report);
+                let waits = ops::waiting_reasons(&store, &report, &config.routing, Utc::now()).await?;
+                print::report(&report, &waits);
             }
         }
         Command::Audit { request_id } => {
             let store = connect_store(&config).await?;
-            let Some(trail) = store.trail(request_id).await? else {
-                bail!("no request {request_id}");
+            let (outcome, findings) = match store.trail(request_id).await? {
+                Some(trail) => (audit::outcome(&trail), audit::check(&trail)),
+                None => match store.lookup(request_id).await? {
+                    Some(Lookup::Refused(dead)) => audit::refused(&dead),
+                    _ => bail!("no request {request_id}"),
+                },
             };
-            let findings = audit::check(&trail);
             if findings.is_empty() {
-                println!(
-                    "audit of {request_id}: complete ({} tasks, {} routing decisions, {} dispatches)",
-                    trail.tasks.len(),
-                    trail.decisions.len(),
-                    trail.dispatches.len()
-                );
+                println!("audit of {request_id}: complete; the request {outcome}");
             } else {
-                println!("audit of {request_id}: incomplete");
+                println!("audit of {request_id}: incomplete; the request {outcome}");
                 for finding in &findings {
                     println!("  - {finding}");
                 }
@@ -487,6 +524,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             let broker = connect_broker(&config).await?;
             let id = builder.id();
             let queue = broker.declare_agent_queue(id).await?;
+            broker.declare_queue(&broker.names().agent_control_queue(id)).await?;
             let heartbeat = Heartbeat { sent_at: None, ..builder.heartbeat(0) };
             store.register_agent("cli", heartbeat).await?;
             println!("agent {id} registered; its queue is {queue}");
@@ -802,6 +840,7 @@ async fn demo(mut config: Config, text: String) -> Result<Exit> {
     let topology = switchyard::topology::Topology::standard().resolve(&config.namespace);
     let mut queues: Vec<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
     queues.push(broker.names().agent_queue(&agent_id));
+    queues.push(broker.names().agent_control_queue(&agent_id));
     broker.delete_queues(&queues).await?;
     broker.declare(&topology).await?;
 
@@ -843,13 +882,13 @@ async fn demo(mut config: Config, text: String) -> Result<Exit> {
     stages.await??;
     if let Some(report) = store.report(request_id).await? {
         println!();
-        print::report(&report);
+        print::report(&report, &Default::default());
     }
     let trail = store.trail(request_id).await?.context("the request's trail")?;
     let findings = audit::check(&trail);
     println!();
     if findings.is_empty() {
-        println!("audit: complete");
+        println!("audit: complete; the request {}", audit::outcome(&trail));
     } else {
         println!("audit: incomplete: {}", findings.join("; "));
         return Ok(Exit::No);

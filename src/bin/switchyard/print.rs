@@ -1,8 +1,11 @@
 //! Text output of the command line.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use switchyard::complexity::Complexity;
 use switchyard::domain::Agent;
+use switchyard::ids::TaskId;
 use switchyard::store::{DeadLetter, QuotaReport, RequestReport, StoredReservation};
 
 /// One line that changes whenever the request or one of its tasks moves.
@@ -15,7 +18,8 @@ pub fn state_line(report: &RequestReport) -> String {
     line
 }
 
-pub fn report(report: &RequestReport) {
+/// The report of a request; `waits` says why each waiting task waits, as things stand now.
+pub fn report(report: &RequestReport, waits: &HashMap<TaskId, String>) {
     println!("request   {}", report.request_id);
     println!("status    {}", report.status);
     if let Some(reason) = &report.failure_reason {
@@ -63,8 +67,13 @@ pub fn report(report: &RequestReport) {
                 t.attempt,
                 t.agent_id.as_deref().unwrap_or("-")
             );
-            if let Some(reason) = &t.reason {
-                println!("  {:<24} {reason}", "");
+            match (t.waiting_since, waits.get(&t.id).or(t.reason.as_ref())) {
+                (Some(since), Some(reason)) => {
+                    let waited = (Utc::now() - since).num_seconds().max(0);
+                    println!("  {:<24} waiting {waited} s: {reason}", "");
+                }
+                (_, Some(reason)) => println!("  {:<24} {reason}", ""),
+                (_, None) => {}
             }
             for r in plan.results.iter().filter(|r| r.task_id == t.id) {
                 let outcome = if r.success { "succeeded" } else { "failed" };
@@ -95,7 +104,7 @@ pub fn agents(agents: &[Agent], ttl_secs: u64) {
         println!("no agents registered");
         return;
     }
-    println!("{:<24} {:<8} {:>9} {:>8} {:<40}", "AGENT", "HEALTH", "LOAD", "SUCCESS", "CAPABILITIES");
+    println!("{:<24} {:<8} {:>9} {:>8} {:<40}", "AGENT", "HEALTH", "SLOTS", "SUCCESS", "CAPABILITIES");
     let now = Utc::now();
     for agent in agents {
         let age = (now - agent.last_heartbeat).num_seconds();
