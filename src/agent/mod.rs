@@ -30,6 +30,7 @@
 
 mod exec;
 mod executor;
+pub mod host;
 mod llm;
 mod simulate;
 
@@ -86,8 +87,8 @@ pub struct AgentBuilder {
 }
 
 impl AgentBuilder {
-    /// An agent with no capabilities, a capacity of 1, no labels, 1 CPU and 1024 MiB (as
-    /// `switchyard agents register`), a heartbeat every 5 s and 30 s to finish its tasks on
+    /// An agent with no capabilities, a capacity of 1, no labels, the resources of the machine
+    /// it runs on ([`host::resources`]), a heartbeat every 5 s and 30 s to finish its tasks on
     /// shutdown.
     pub fn new(id: AgentId) -> Self {
         AgentBuilder {
@@ -95,7 +96,7 @@ impl AgentBuilder {
             capabilities: BTreeSet::new(),
             capacity: 1,
             labels: BTreeMap::new(),
-            resources: Resources { cpu: 1.0, memory_mb: 1024, gpu: 0 },
+            resources: host::resources(),
             heartbeat_every: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             result_attempts: 5,
@@ -706,6 +707,26 @@ pub(crate) mod tests {
         // What the heartbeat stage accepts.
         let body = serde_json::to_vec(&beat).unwrap();
         assert_eq!(wire::parse_heartbeat(&body, 4096).unwrap(), beat);
+    }
+
+    #[test]
+    fn a_stop_aborts_a_running_attempt_and_keeps_one_not_started_from_running() {
+        let task = TaskId::from_uuid(uuid::Uuid::new_v4());
+        let mut stops = Stops::default();
+        let running = stops.start((task, 1)).unwrap();
+        assert!(stops.stop((task, 1), "cancelled by ops".into()), "it was running");
+        assert!(running.is_cancelled());
+        stops.finish(&(task, 1));
+        // Another attempt of the same task is not stopped; a stopped one never starts again.
+        assert!(stops.start((task, 2)).is_ok());
+        assert!(!stops.stop((task, 3), "cancelled".into()), "not running yet");
+        assert_eq!(stops.start((task, 3)).unwrap_err(), "cancelled");
+        // The oldest stops are forgotten first.
+        for n in 0..Stops::REMEMBERED as u32 {
+            stops.stop((TaskId::from_uuid(uuid::Uuid::new_v4()), n), String::new());
+        }
+        assert!(stops.start((task, 3)).is_ok());
+        assert_eq!(stops.stopped.len(), Stops::REMEMBERED);
     }
 
     struct Panics;

@@ -232,6 +232,20 @@ mod tests {
     }
 
     #[test]
+    fn a_task_cancelled_since_it_was_routed_is_not_delivered() {
+        let stage =
+            Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };
+        let input = input();
+        let mut context = routed(&input);
+        context.routed.as_mut().unwrap().1 = TaskStatus::Cancelled;
+        let outcome = stage.decide(&input, context, Utc::now());
+        assert!(
+            matches!(&outcome, Outcome::Ignore { reason } if reason == "task 1.prepare is cancelled: not sent to homelab-1"),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
     fn an_undeliverable_task_is_recorded_as_failed_with_the_reason() {
         let stage =
             Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };

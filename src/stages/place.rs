@@ -193,3 +193,177 @@ fn span(d: TimeDelta) -> String {
         _ => format!("{} h", secs / 3600),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::domain::{Resources, Task};
+    use crate::ids::{MessageId, RequestId, WorkType};
+    use crate::stages::Destination;
+
+    fn agent(id: &str, capacity: u32, in_flight: u32) -> Agent {
+        Agent {
+            id: AgentId::parse(id).unwrap(),
+            capabilities: BTreeSet::from(["deployment".to_owned()]),
+            capacity,
+            in_flight,
+            labels: BTreeMap::new(),
+            resources: Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 },
+            last_heartbeat: Utc::now(),
+            succeeded: 0,
+            failed: 0,
+        }
+    }
+
+    /// A waiting first attempt of a one-task plan, waiting for `secs`.
+    fn waiting(key: &str, priority: u8, secs: i64, capability: &str) -> WaitingTask {
+        let request_id = RequestId::random();
+        let plan_id = request_id.plan_id();
+        WaitingTask {
+            request_id,
+            plan_id,
+            task: Task {
+                id: plan_id.task_id(key),
+                key: key.into(),
+                work_type: WorkType::parse("deployment").unwrap(),
+                description: key.into(),
+                estimated_duration_secs: 60,
+                resources: Resources::default(),
+                capabilities: BTreeSet::from([capability.to_owned()]),
+                depends_on: Vec::new(),
+                affinity: BTreeMap::new(),
+            },
+            attempt: 1,
+            priority,
+            waiting_since: Utc::now() - TimeDelta::seconds(secs),
+        }
+    }
+
+    fn wake() -> Inbound<Wake> {
+        let message_id = MessageId::random();
+        Inbound {
+            message_id,
+            request_id: None,
+            priority: 0,
+            payload: Wake { message_id, cause: "result".into(), at: Utc::now() },
+        }
+    }
+
+    fn place(max_wait_secs: u64) -> Place {
+        Place { policy: RoutingPolicy { max_wait_secs, ..RoutingPolicy::default() } }
+    }
+
+    fn routed_keys(outcome: &Outcome) -> Vec<String> {
+        let Outcome::Forward { writes, .. } = outcome else { panic!("{outcome:?}") };
+        writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Route { route, .. } => Some(route.task_id),
+                _ => None,
+            })
+            .map(|id| id.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_free_slots_go_to_the_head_of_the_line_and_those_behind_may_pass_a_task_that_cannot_use_them() {
+        // The line as the store orders it: the GPU task first, which no agent can take.
+        let line = vec![
+            waiting("gpu", 9, 50, "gpu-transcode"),
+            waiting("first", 5, 40, "deployment"),
+            waiting("second", 5, 30, "deployment"),
+            waiting("third", 5, 20, "deployment"),
+        ];
+        let ids: Vec<String> = line.iter().map(|w| w.task.id.to_string()).collect();
+        let context = PlaceContext { agents: vec![agent("a1", 2, 0)], line, ..Default::default() };
+        let now = Utc::now();
+        let outcome = place(86_400).decide(&wake(), context, now);
+        assert_eq!(routed_keys(&outcome), [ids[1].clone(), ids[2].clone()], "two slots, in line order");
+        let Outcome::Forward { writes, publish } = outcome else { unreachable!() };
+        let Write::Route { attempt: 1, ready_at, route, .. } = &writes[0] else { panic!() };
+        assert_eq!(route.agent_id.as_str(), "a1");
+        assert!(*ready_at < now, "ready since it began to wait");
+        assert!(publish.iter().all(|p| p.destination == Destination::Queue("dispatch".into())));
+        assert_eq!(publish[0].body["payload"]["priority"], 5);
+    }
+
+    #[test]
+    fn with_no_room_nothing_is_written() {
+        let context = PlaceContext {
+            agents: vec![agent("a1", 2, 2)],
+            line: vec![waiting("t", 0, 5, "deployment")],
+            ..Default::default()
+        };
+        let outcome = place(86_400).decide(&wake(), context, Utc::now());
+        let Outcome::Ignore { reason } = outcome else { panic!("{outcome:?}") };
+        assert_eq!(reason, "woken (result): 1 waiting at the head of the line, none fits now");
+    }
+
+    #[test]
+    fn a_task_that_waited_too_long_gives_up_with_every_verdict_and_its_plan_fails() {
+        let old = waiting("old", 0, 120, "gpu-transcode");
+        let context = PlaceContext {
+            agents: vec![agent("a1", 2, 0)],
+            line: vec![old.clone()],
+            expired: vec![old.clone()],
+            ..Default::default()
+        };
+        let Outcome::Forward { writes, publish } = place(60).decide(&wake(), context, Utc::now()) else {
+            panic!()
+        };
+        assert!(publish.is_empty(), "nothing dispatched");
+        let Write::WaitExpired { attempt: 1, decision_id, reason, candidates, .. } = &writes[0] else {
+            panic!("{writes:?}")
+        };
+        assert_eq!(*decision_id, old.task.id.decision_id(1));
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(
+            reason,
+            "waited 2 min for an agent, longer than the 60 s allowed (routing.max_wait_secs): no agent has \
+             capability gpu-transcode"
+        );
+        assert!(
+            matches!(&writes[1], Write::PlanFinished { failure: Some(f), .. } if f.starts_with("task old waited"))
+        );
+        assert_eq!(writes.len(), 2, "not routed besides: {writes:?}");
+        // 0 is for ever.
+        let context = PlaceContext {
+            agents: vec![agent("a1", 2, 2)],
+            line: vec![old.clone()],
+            expired: vec![old],
+            ..Default::default()
+        };
+        assert!(matches!(place(0).decide(&wake(), context, Utc::now()), Outcome::Ignore { .. }));
+    }
+
+    #[test]
+    fn a_first_attempt_goes_to_its_default_agent_but_a_retry_waits() {
+        let mut policy = RoutingPolicy::default();
+        policy
+            .default_agents
+            .insert(WorkType::parse("deployment").unwrap(), AgentId::parse("deployer").unwrap());
+        let stage = Place { policy };
+        let first = waiting("first", 0, 5, "deployment");
+        let mut retry = waiting("retry", 0, 5, "deployment");
+        retry.attempt = 2;
+        let context =
+            PlaceContext { agents: vec![agent("a1", 1, 1)], line: vec![first, retry], ..Default::default() };
+        let Outcome::Forward { writes, .. } = stage.decide(&wake(), context, Utc::now()) else { panic!() };
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        let Write::Route { route, .. } = &writes[0] else { panic!() };
+        assert_eq!(route.agent_id.as_str(), "deployer");
+        assert!(!route.reserves_capacity);
+    }
+
+    #[test]
+    fn the_look_ahead_grows_with_the_free_slots_of_live_agents() {
+        let mut silent = agent("silent", 100, 0);
+        silent.last_heartbeat = Utc::now() - TimeDelta::minutes(5);
+        let stage = place(86_400);
+        assert_eq!(stage.look_ahead(&[agent("a", 2, 2), silent.clone()], Utc::now()), 16);
+        assert_eq!(stage.look_ahead(&[agent("a", 4, 0)], Utc::now()), 32);
+        assert_eq!(stage.look_ahead(&[agent("a", 1000, 0)], Utc::now()), 500);
+    }
+}

@@ -319,6 +319,37 @@ async fn approving_an_external_plan_releases_its_first_task() {
 }
 
 #[tokio::test]
+async fn cancelling_an_external_plan_settles_its_reservation_and_says_who_cannot_be_told() {
+    let app = spawn_app_with(with_provider(100_000)).await;
+    register_model_agent(&app).await;
+    let id = app.submit(COMPLEX, false).await;
+    assert_eq!(app.wait_settled(id).await.status.as_str(), "awaiting_approval");
+    let approve = app.cli(&["approve", &id.plan_id().to_string()]).await;
+    assert!(approve.status.success());
+    app.wait_for(id, |r| r.plan.as_ref().is_some_and(|p| p.tasks[0].status.as_str() == "dispatched")).await;
+    assert_eq!(remaining(&app).await, 100_000 - PLAN_COST);
+
+    let cancel = app.cli(&["cancel", &id.to_string(), "--reason", "budget freeze", "--by", "carol"]).await;
+    assert!(cancel.status.success(), "{}{}", stdout(&cancel), String::from_utf8_lossy(&cancel.stderr));
+    // The model agent was registered but never ran: it has no control queue to be told through.
+    assert!(
+        stdout(&cancel).contains(&format!("task 1.design attempt 1 on {MODEL_AGENT}: cannot be told")),
+        "{}",
+        stdout(&cancel)
+    );
+    assert_eq!(remaining(&app).await, 100_000, "what was reserved and not spent went back");
+    let report = app.store.report(id).await.unwrap().unwrap();
+    assert_eq!(report.status.as_str(), "cancelled");
+    let reservation = report.plan.unwrap().reservation.unwrap();
+    assert_eq!(reservation.released_micros, Some(PLAN_COST));
+    let events = app.store.audit_events(id).await.unwrap();
+    assert!(events.iter().any(|(actor, e, _)| actor == "carol" && e == "request.cancelled"), "{events:#?}");
+    assert!(events.iter().any(|(_, e, _)| e == "quota.settled"), "{events:#?}");
+    let audit = app.cli(&["audit", &id.to_string()]).await;
+    assert!(audit.status.success(), "{}", stdout(&audit));
+}
+
+#[tokio::test]
 async fn rejecting_a_plan_records_the_reason_routes_nothing_and_gives_its_quota_back() {
     let app = spawn_app_with(with_provider(100_000)).await;
     register_model_agent(&app).await;

@@ -22,6 +22,7 @@ mod privilege;
 mod quota;
 mod races;
 mod routing;
+mod scheduling;
 mod shutdown;
 mod stall;
 mod tls;

@@ -160,23 +160,32 @@ struct AgentSpec {
     /// key=value (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
-    #[arg(long, default_value_t = 1.0)]
-    cpu: f64,
-    #[arg(long, default_value_t = 1024)]
-    memory_mb: u64,
-    #[arg(long, default_value_t = 0)]
-    gpu: u32,
+    /// CPUs it offers [default: this machine's].
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory it offers, in MiB [default: this machine's].
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// GPUs it offers [default: the NVIDIA GPUs this machine shows, else 0].
+    #[arg(long)]
+    gpu: Option<u32>,
 }
 
 impl AgentSpec {
     /// The agent's settings, checked.
     fn builder(self) -> Result<AgentBuilder> {
         let AgentSpec { id, capabilities, capacity, labels, cpu, memory_mb, gpu } = self;
+        let host = switchyard::agent::host::resources();
+        let resources = Resources {
+            cpu: cpu.unwrap_or(host.cpu),
+            memory_mb: memory_mb.unwrap_or(host.memory_mb),
+            gpu: gpu.unwrap_or(host.gpu),
+        };
         let builder = AgentBuilder::new(id)
             .capabilities(capabilities)
             .capacity(capacity)
             .labels(labels)
-            .resources(Resources { cpu, memory_mb, gpu });
+            .resources(resources);
         builder.check()?;
         Ok(builder)
     }
