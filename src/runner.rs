@@ -602,6 +602,7 @@ impl<S: Stage> Runner<S> {
             Outgoing::to_queue(queue, serde_json::to_vec(&publish.body).expect("bodies serialize"));
         outgoing.message_id = Some(publish.message_id.to_string());
         outgoing.priority = Some(publish.priority);
+        outgoing.persistent = !publish.transient;
         outgoing
     }
 

@@ -24,7 +24,7 @@ use crate::agent::{self, AgentBuilder, Simulate};
 use crate::broker::{self, Broker};
 use crate::config::Config;
 use crate::domain::Resources;
-use crate::ids::{AgentId, Namespace, RequestId, WorkType};
+use crate::ids::{AgentId, Namespace, RequestId};
 use crate::ops;
 use crate::store::{self, Store};
 use crate::topology::Names;
@@ -46,6 +46,10 @@ pub struct Settings {
     pub agents: usize,
     /// Tasks each agent runs at once.
     pub agent_capacity: u32,
+    /// How long each task takes its agent, in milliseconds; 0: no time at all. A fleet whose
+    /// slots cannot keep up with the load makes the run fleet-bound: tasks wait in line, and
+    /// the report says how busy the slots were and how long tasks waited.
+    pub task_ms: u64,
     /// Requests per second; `None`: as fast as the broker confirms them.
     pub rate: Option<f64>,
     /// Run the stages and agents as processes of this executable (`switchyard`); `None`: in
@@ -111,6 +115,13 @@ pub struct Report {
     /// Peak resident memory of each worker process (in process: of this whole process, agents
     /// and client included), MiB.
     pub peak_rss_mib: Vec<f64>,
+    /// From ready (released, or waiting in line) to confirmed in the agent's queue.
+    pub wait_to_dispatch: Latency,
+    /// Each task's time on its agent, in milliseconds (`task_ms`).
+    pub task_ms: u64,
+    /// With tasks that take time: busy slot time over the slot time there was while work waited
+    /// for a slot (`None` if nothing ever waited).
+    pub utilisation: Option<f64>,
     /// Deliveries the pipeline consumed (stage inputs and agent tasks).
     pub pipeline_deliveries: u64,
     pub pipeline_deliveries_per_sec: f64,
@@ -184,10 +195,8 @@ impl Scene {
         config.decomposer = Default::default();
         config.fallback.providers.clear();
         config.approval.allow_request_auto_approve = true;
-        config
-            .routing
-            .default_agents
-            .insert(WorkType::parse("bench").expect("a valid work type"), agent_id(1));
+        // No default agent: what the fleet cannot take at once waits for a slot.
+        config.routing.default_agents.clear();
         // The file holds no credentials: the processes get the URLs from the environment.
         let mut shown = config.clone();
         shown.amqp_url = crate::config::DEFAULT_AMQP_URL.into();
@@ -280,6 +289,13 @@ async fn measure(
     };
     let deliveries = store.deliveries().await?;
     let secs = elapsed.as_secs_f64();
+    let wait_to_dispatch = Latency::of(store.waits_to_dispatch().await?);
+    let utilisation = if settings.task_ms == 0 {
+        None
+    } else {
+        let slots = settings.agents as f64 * f64::from(settings.agent_capacity);
+        utilisation(&store.waits().await?, &store.runs().await?, slots).map(round)
+    };
     let pipeline_rate = deliveries as f64 / secs;
 
     // The same deliveries through the same number of hops, on the same broker, right after.
@@ -306,6 +322,9 @@ async fn measure(
         tasks_per_sec: round((settings.requests * settings.tasks) as f64 / secs),
         latency_to_last_dispatch: latency(|t| t.last_dispatched_at),
         latency_to_completed: latency(|t| t.completed_at),
+        wait_to_dispatch,
+        task_ms: settings.task_ms,
+        utilisation,
         peak_rss_mib,
         pipeline_deliveries: deliveries,
         pipeline_deliveries_per_sec: round(pipeline_rate),
@@ -406,7 +425,7 @@ impl Fleet {
                             .await?,
                     );
                     let agent = agent_builder(i, settings.agent_capacity)
-                        .build(Simulate::new(0.0, 0.0).expect("valid"))?;
+                        .build(Simulate::new(speed(settings), 0.0)?)?;
                     let token = shutdown.clone();
                     tasks.push(tokio::spawn(async move {
                         if let Err(err) = agent.run(broker, token).await {
@@ -454,7 +473,7 @@ impl Fleet {
                                 "--memory-mb",
                                 "8192",
                                 "--speed",
-                                "0",
+                                &speed(settings).to_string(),
                                 "--heartbeat-secs",
                                 "1",
                             ]
@@ -500,6 +519,40 @@ impl Fleet {
             }
         }
     }
+}
+
+type Span = (DateTime<Utc>, DateTime<Utc>);
+
+/// How busy `slots` slots were while work waited: the time of `runs` within the union of `waits`
+/// (each task's wait, from when it joined the line to when it was placed), over the slot time
+/// that union offered. `None` when nothing waited.
+fn utilisation(waits: &[Span], runs: &[Span], slots: f64) -> Option<f64> {
+    let mut waits: Vec<Span> = waits.iter().copied().filter(|(from, to)| to > from).collect();
+    waits.sort();
+    let mut union: Vec<Span> = Vec::new();
+    for (from, to) in waits {
+        match union.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(to),
+            _ => union.push((from, to)),
+        }
+    }
+    let secs = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0) as f64 / 1e6;
+    let waited: f64 = union.iter().map(|(from, to)| secs(*to - *from)).sum();
+    if waited <= 0.0 {
+        return None;
+    }
+    let busy: f64 = runs
+        .iter()
+        .flat_map(|(start, end)| {
+            union.iter().map(move |(from, to)| secs((*end).min(*to) - (*start).max(*from)).max(0.0))
+        })
+        .sum();
+    Some(busy / (slots * waited))
+}
+
+/// The simulated agents' speed: the `bench` steps are estimated at a second each.
+fn speed(settings: &Settings) -> f64 {
+    settings.task_ms as f64 / 1000.0
 }
 
 fn agent_builder(i: usize, capacity: u32) -> AgentBuilder {
@@ -554,6 +607,20 @@ mod tests {
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
         assert_eq!(plan.tasks().len(), 5);
         assert!(plan.tasks().iter().all(|t| t.depends_on.is_empty()), "one wave");
+    }
+
+    #[test]
+    fn utilisation_is_busy_slot_time_while_work_waited() {
+        let t0 = Utc::now();
+        let at = |ms: i64| t0 + chrono::TimeDelta::milliseconds(ms);
+        // Work waited from 0 to 1,000 ms (two overlapping waits) and from 2,000 to 3,000 ms.
+        let waits = [(at(0), at(600)), (at(400), at(1000)), (at(2000), at(3000))];
+        // One slot, busy 0–900 and 2,500–4,000 (only 2,500–3,000 counts).
+        let runs = [(at(0), at(900)), (at(2500), at(4000))];
+        let u = utilisation(&waits, &runs, 1.0).unwrap();
+        assert!((u - 0.7).abs() < 1e-9, "{u}");
+        assert_eq!(utilisation(&waits, &runs, 2.0).map(|u| (u * 100.0).round()), Some(35.0));
+        assert_eq!(utilisation(&[], &runs, 1.0), None);
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct Publish {
     pub message_id: MessageId,
     pub priority: u8,
     pub body: serde_json::Value,
+    /// A hint that need not survive a restart of the broker (a wake-up of the scheduler, whose
+    /// periodic look makes good a lost one): confirmed without waiting for the disk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
 }
 
 impl Publish {
@@ -80,6 +84,7 @@ impl Publish {
             message_id: envelope.message_id,
             priority,
             body: serde_json::to_value(envelope).expect("envelopes serialize"),
+            transient: false,
         }
     }
 }

@@ -74,19 +74,22 @@ impl Stage for Place {
     }
 
     async fn load(&self, store: &Store, _input: &Inbound<Wake>) -> Result<PlaceContext, store::Error> {
-        let agents = store.agents().await?;
+        // Reads that do not depend on each other go at once, each on a connection of its own:
+        // a look at the line is on the path from a freed slot to the next task on it.
+        let (agents, expired) = tokio::try_join!(store.agents(), async {
+            match self.policy.max_wait_secs {
+                0 => Ok(Vec::new()),
+                max => store.expired_waits(max, EXPIRED_PER_LOOK).await,
+            }
+        })?;
         let line = store.line(self.look_ahead(&agents, Utc::now())).await?;
-        let expired = match self.policy.max_wait_secs {
-            0 => Vec::new(),
-            max => store.expired_waits(max, EXPIRED_PER_LOOK).await?,
-        };
         let tasks: Vec<TaskId> = line.iter().chain(&expired).map(|w| w.task.id).collect();
         let plans: Vec<PlanId> =
             line.iter().chain(&expired).map(|w| w.plan_id).collect::<BTreeSet<_>>().into_iter().collect();
         let (failed, external) = if tasks.is_empty() {
             (HashMap::new(), Vec::new())
         } else {
-            (store.failed_agents_of(&tasks).await?, store.external_decisions(&plans).await?)
+            tokio::try_join!(store.failed_agents_of(&tasks), store.external_decisions(&plans))?
         };
         Ok(PlaceContext { agents, line, expired, failed, external })
     }

@@ -119,7 +119,8 @@ impl Routed<'_> {
 }
 
 /// A wake-up of the `place` stage, caused by the message `cause` (its id derives from it, so
-/// that handling the cause again wakes it once).
+/// that handling the cause again wakes it once). Transient: it is on the way from a freed slot to
+/// the next task on it, and one lost in a restart of the broker is made good by the periodic look.
 pub(crate) fn wake(cause: MessageId, what: &str, now: DateTime<Utc>) -> Publish {
     let wake = Wake { message_id: cause.derive("wake"), cause: what.to_owned(), at: now };
     Publish {
@@ -127,5 +128,6 @@ pub(crate) fn wake(cause: MessageId, what: &str, now: DateTime<Utc>) -> Publish 
         message_id: wake.message_id,
         priority: 0,
         body: serde_json::to_value(&wake).expect("wake-ups serialize"),
+        transient: true,
     }
 }

@@ -42,10 +42,10 @@ impl Stage for Route {
 
     async fn load(&self, store: &Store, input: &Inbound<RouteTasks>) -> Result<RouteContext, store::Error> {
         let plan_id = input.payload.plan_id;
-        let (plan, line) = store.plan_and_line(plan_id).await?;
+        let (plan, tasks, line) = store.plan_states_and_line(plan_id).await?;
         Ok(RouteContext {
             plan,
-            tasks: store.task_states(plan_id).await?,
+            tasks,
             agents: store.agents().await?,
             failed: store.failed_agents(plan_id).await?,
             fallback: store.fallback_decision(plan_id).await?,

@@ -58,8 +58,8 @@ impl Stage for Track {
             Some(_) => store.fallback_decision(plan_id).await?,
             None => None,
         };
-        let (plan, line) = store.plan_and_line(plan_id).await?;
-        Ok(TrackContext { plan, tasks: store.task_states(plan_id).await?, fallback, line })
+        let (plan, tasks, line) = store.plan_states_and_line(plan_id).await?;
+        Ok(TrackContext { plan, tasks, fallback, line })
     }
 
     fn contention_key(&self, input: &Inbound<TaskResult>) -> Option<uuid::Uuid> {

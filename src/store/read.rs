@@ -375,12 +375,16 @@ impl Store {
 
     /// A plan with its tasks, rebuilt and checked.
     pub async fn plan(&self, plan_id: PlanId) -> Result<Option<StoredPlan>, Error> {
-        Ok(self.plan_and_line(plan_id).await?.0)
+        Ok(self.plan_states_and_line(plan_id).await?.0)
     }
 
-    /// A plan as [`Store::plan`] reads it, and whether any task (of any plan) waits for an agent,
-    /// in the same round trip.
-    pub async fn plan_and_line(&self, plan_id: PlanId) -> Result<(Option<StoredPlan>, bool), Error> {
+    /// A plan, where each of its tasks stands (in plan order), and whether any task (of any
+    /// plan) waits for an agent: what the stages that route and track decide on, in two round
+    /// trips.
+    pub async fn plan_states_and_line(
+        &self,
+        plan_id: PlanId,
+    ) -> Result<(Option<StoredPlan>, Vec<TaskState>, bool), Error> {
         let client = self.client().await?;
         let row = client
             .query_one_cached(
@@ -392,7 +396,7 @@ impl Store {
             .await?;
         let line: bool = row.get(3);
         let Some(request_id) = row.get::<_, Option<Uuid>>(0) else {
-            return Ok((None, line));
+            return Ok((None, Vec::new(), line));
         };
         let rows = client
             .query_cached(
@@ -401,9 +405,11 @@ impl Store {
             )
             .await?;
         let tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>, _>>()?;
+        let states = rows.iter().map(task_state_from_row).collect::<Result<Vec<_>, _>>()?;
         let request_id = RequestId::from_uuid(request_id);
         let plan = Plan::new(plan_id, request_id, tasks).map_err(|e| Error::Corrupt(e.to_string()))?;
-        Ok((Some(StoredPlan { plan, status: parse_status(row.get(1))?, version: row.get(2) }), line))
+        let stored = StoredPlan { plan, status: parse_status(row.get(1))?, version: row.get(2) };
+        Ok((Some(stored), states, line))
     }
 
     /// The state of every task of a plan, in plan order.

@@ -16,6 +16,45 @@ pub struct RequestTiming {
 }
 
 impl Store {
+    /// For every dispatched attempt, how long it took from ready (released, or in line) to
+    /// confirmed in its agent's queue, in milliseconds.
+    pub async fn waits_to_dispatch(&self) -> Result<Vec<f64>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT extract(epoch FROM p.confirmed_at - d.ready_at)::float8 * 1000
+                 FROM routing_decisions d JOIN dispatches p ON p.task_id = d.task_id AND p.attempt = d.attempt
+                 WHERE d.ready_at IS NOT NULL",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get::<_, f64>(0).max(0.0)).collect())
+    }
+
+    /// When each task that waited in line began to wait and was placed: work waited for a
+    /// slot during the union of these.
+    pub async fn waits(&self) -> Result<Vec<(DateTime<Utc>, DateTime<Utc>)>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT w.at, d.created_at FROM audit_log w
+                 JOIN routing_decisions d ON d.task_id = w.task_id AND d.attempt = (w.detail->>'attempt')::int
+                 WHERE w.event = 'task.waiting'",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// When agents ran tasks, as they reported it.
+    pub async fn runs(&self) -> Result<Vec<(DateTime<Utc>, DateTime<Utc>)>, Error> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT started_at, finished_at FROM task_results WHERE source = 'agent'", &[])
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// How many requests completed, and how many ended otherwise (failed or rejected).
     pub async fn ended_requests(&self) -> Result<(u64, u64), Error> {
         let client = self.client().await?;

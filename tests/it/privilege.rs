@@ -1,6 +1,6 @@
-//! Least privilege on the broker: an agent whose account may configure and read its own queue
-//! only, and write only through the default exchange, still registers, runs its tasks and
-//! reports them; it cannot read any other queue.
+//! Least privilege on the broker: an agent whose account may configure and read its own queues
+//! only (its tasks and its control queue), and write only through the default exchange, still
+//! registers, runs its tasks, reports them and listens for stops; it cannot read any other queue.
 
 use std::process::Stdio;
 
@@ -43,7 +43,9 @@ async fn an_agent_allowed_only_its_own_queue_runs_its_tasks_and_reads_nothing_el
     let app = spawn_app().await;
     let agent = format!("lp-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     // Declared here too, so that the test removes it afterwards.
-    let own_queue = regex_quote(&app.declare_agent_queue(&agent).await);
+    let own_queue = app.declare_agent_queue(&agent).await;
+    // As the README grants: `^prod\.agent\.homelab-1(\.control)?$`.
+    let own_queue = format!("^{}(\\.control)?$", regex_quote(&own_queue));
     let user = BrokerUser::create(&agent, "agent-password", &own_queue, "^amq\\.default$", &own_queue);
     let url = app.config.amqp_url.replacen("guest:guest", &format!("{}:agent-password", user.name), 1);
     assert_ne!(url, app.config.amqp_url, "the test broker URL names the guest account");
@@ -66,6 +68,10 @@ async fn an_agent_allowed_only_its_own_queue_runs_its_tasks_and_reads_nothing_el
     let plan = report.plan.expect("a plan");
     assert!(plan.tasks.iter().all(|t| t.agent_id.as_deref() == Some(agent.as_str())), "{plan:#?}");
 
+    // It listens for stops on its control queue.
+    let control = app.names.agent_control_queue(&switchyard::ids::AgentId::parse(&agent).unwrap());
+    assert_eq!(app.broker.consumer_count(&control).await.unwrap(), 1);
+
     let restricted = Broker::connect(&url, app.names.clone()).await.expect("the agent's account connects");
     let err = restricted.get(&app.names.queue("requests")).await.expect_err("another queue is not readable");
     assert!(err.is_access_refused(), "{err}");
@@ -73,7 +79,7 @@ async fn an_agent_allowed_only_its_own_queue_runs_its_tasks_and_reads_nothing_el
     let _ = process.wait().await;
 }
 
-/// `text` as a regular expression that matches it alone.
+/// `text` with the characters that mean something in a regular expression escaped.
 fn regex_quote(text: &str) -> String {
-    format!("^{}$", text.replace('.', "\\.").replace('-', "\\-"))
+    text.replace('.', "\\.").replace('-', "\\-")
 }

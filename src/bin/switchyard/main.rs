@@ -205,6 +205,11 @@ struct BenchArgs {
     /// Tasks each agent runs at once (its prefetch).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=65535))]
     capacity: u32,
+    /// Milliseconds each task takes its agent (0: none). With a fleet smaller than the load
+    /// (`--agents 2 --capacity 4 --task-ms 100`), tasks wait for slots, and the run reports how
+    /// busy the slots were.
+    #[arg(long, default_value_t = 0)]
+    task_ms: u64,
     /// Submit at this many requests per second, to measure latency at a given load; by default
     /// as fast as the broker takes them.
     #[arg(long)]
@@ -952,6 +957,7 @@ async fn bench(config: Config, args: BenchArgs) -> Result<Exit> {
         tasks: args.tasks as usize,
         agents: args.agents as usize,
         agent_capacity: args.capacity,
+        task_ms: args.task_ms,
         rate: args.rate,
         processes,
         timeout: Duration::from_secs(args.timeout),

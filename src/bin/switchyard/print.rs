@@ -194,6 +194,18 @@ pub fn bench(r: &switchyard::bench::Report) {
             l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
         );
     }
+    let w = &r.wait_to_dispatch;
+    println!(
+        "wait ready→dispatch     p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        w.p50_ms, w.p95_ms, w.p99_ms, w.max_ms
+    );
+    if let Some(utilisation) = r.utilisation {
+        println!(
+            "fleet            {:.1}% of the slots busy while work waited for one ({} ms tasks)",
+            utilisation * 100.0,
+            r.task_ms
+        );
+    }
     let rss: Vec<String> = r.peak_rss_mib.iter().map(|m| format!("{m:.1} MiB")).collect();
     println!("peak memory      {}", rss.join(", "));
     println!(
