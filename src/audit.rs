@@ -119,10 +119,13 @@ pub fn check(trail: &Trail) -> Vec<String> {
     for task in &trail.tasks {
         let unfinished = match stored.status {
             PlanStatus::Completed => task.status != TaskStatus::Succeeded,
-            // Before cancellation, a rejected plan's tasks were left pending.
-            PlanStatus::Failed | PlanStatus::Cancelled => {
-                matches!(task.status, TaskStatus::Pending | TaskStatus::Waiting)
-            }
+            // Before cancellation, a rejected plan's tasks were left pending. A failed plan's
+            // running tasks finish; a cancelled plan's were stopped.
+            PlanStatus::Failed => matches!(task.status, TaskStatus::Pending | TaskStatus::Waiting),
+            PlanStatus::Cancelled => matches!(
+                task.status,
+                TaskStatus::Pending | TaskStatus::Waiting | TaskStatus::Routed | TaskStatus::Dispatched
+            ),
             _ => false,
         };
         if unfinished {
@@ -543,6 +546,9 @@ mod tests {
         assert_eq!(outcome(&trail), "was cancelled by ops: wrong host");
         trail.tasks[1].status = TaskStatus::Waiting;
         assert_eq!(check(&trail).len(), 1, "a cancelled plan's task still waits: {:?}", check(&trail));
+        trail.tasks[1].status = TaskStatus::Cancelled;
+        trail.tasks[0].status = TaskStatus::Dispatched;
+        assert_eq!(check(&trail).len(), 1, "a cancelled plan's task still runs: {:?}", check(&trail));
     }
 
     #[test]

@@ -74,9 +74,6 @@ pub struct Outgoing {
     /// Ask the broker to return the message if no queue takes it. Without it, a message to a
     /// queue that does not exist is confirmed, then dropped.
     pub mandatory: bool,
-    /// Written to disk before it is confirmed, and kept across a restart of the broker. Only a
-    /// hint whose loss something else makes good (a wake-up of the scheduler) goes without.
-    pub persistent: bool,
 }
 
 impl Outgoing {
@@ -91,7 +88,6 @@ impl Outgoing {
             priority: None,
             headers: BTreeMap::new(),
             mandatory: true,
-            persistent: true,
         }
     }
 }
@@ -353,11 +349,10 @@ impl Broker {
         Ok(())
     }
 
-    /// Publishes one message and waits for the broker's confirm.
+    /// Publishes one persistent message and waits for the broker's confirm.
     pub async fn publish(&self, message: &Outgoing) -> Result<(), Error> {
-        let mode = if message.persistent { 2 } else { 1 };
         let mut properties =
-            BasicProperties::default().with_delivery_mode(mode).with_content_type("application/json".into());
+            BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
         if let Some(id) = &message.message_id {
             properties = properties.with_message_id(id.as_str().into());
         }

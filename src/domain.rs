@@ -291,6 +291,15 @@ status_enum!(
 );
 
 impl RequestStatus {
+    /// The statuses of a request that has not ended.
+    pub const UNDER_WAY: [RequestStatus; 5] = [
+        RequestStatus::Received,
+        RequestStatus::Decomposed,
+        RequestStatus::Planned,
+        RequestStatus::AwaitingApproval,
+        RequestStatus::InProgress,
+    ];
+
     /// Whether the request has ended: nothing will change it any more.
     pub fn is_terminal(self) -> bool {
         matches!(

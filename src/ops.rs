@@ -148,7 +148,6 @@ pub async fn cancel(
     let mut outgoing =
         Outgoing::to_queue(broker.names().queue("place"), serde_json::to_vec(&wake).expect("serializes"));
     outgoing.message_id = Some(wake.message_id.to_string());
-    outgoing.persistent = false;
     publish(broker, &outgoing, "wake-ups of the scheduler").await?;
     unreachable.sort();
     unreachable.dedup();

@@ -414,11 +414,11 @@ impl<S: Stage> Runner<S> {
         tracing::Span::current().record("message_id", tracing::field::display(input.message_id));
         let key = self.stage.contention_key(&input);
         let attempt = || async {
-            let _turn = match key {
+            let turn = match key {
                 Some(key) => Some(self.turns.take(key).await),
                 None => None,
             };
-            self.process(&input).await
+            self.process(&input, turn).await
         };
         let result = attempt
             .retry(self.settings.backoff(self.settings.transient_attempts))
@@ -446,8 +446,14 @@ impl<S: Stage> Runner<S> {
         }
     }
 
-    /// One attempt at the whole decision for `input`.
-    async fn process(&self, input: &Inbound<S::Input>) -> Result<(), Failure> {
+    /// One attempt at the whole decision for `input`, during its `turn` if it contends with others
+    /// (see [`Turns`]): the turn ends once its writes are committed, before its outputs are
+    /// published, since what the next one in turn reads is in the database.
+    async fn process(
+        &self,
+        input: &Inbound<S::Input>,
+        mut turn: Option<tokio::sync::MutexGuard<'_, ()>>,
+    ) -> Result<(), Failure> {
         if self.stage.deduplicates()
             && let Some(outputs) = self.store.processed(S::NAME, input.message_id).await?
         {
@@ -462,7 +468,10 @@ impl<S: Stage> Runner<S> {
                 Outcome::Forward { writes, publish } => {
                     let outputs = serde_json::to_value(&publish).expect("outputs serialize");
                     match self.persist(input, outputs, writes).await? {
-                        Applied::Done => return self.publish(&publish).await,
+                        Applied::Done => {
+                            drop(turn.take());
+                            return self.publish(&publish).await;
+                        }
                         Applied::Duplicate(outputs) => return self.republish(outputs).await,
                         Applied::Conflict(reason) => debug!(%reason, "lost a race; deciding again"),
                     }
@@ -497,6 +506,10 @@ impl<S: Stage> Runner<S> {
                         }
                         Delivery::Failed(err) => Err(err.into()),
                     };
+                }
+                Outcome::Ignore { reason } if !self.stage.records_ignored() => {
+                    debug!(%reason, "nothing to do");
+                    return Ok(());
                 }
                 Outcome::Ignore { reason } => {
                     info!(%reason, "ignored");
@@ -602,7 +615,6 @@ impl<S: Stage> Runner<S> {
             Outgoing::to_queue(queue, serde_json::to_vec(&publish.body).expect("bodies serialize"));
         outgoing.message_id = Some(publish.message_id.to_string());
         outgoing.priority = Some(publish.priority);
-        outgoing.persistent = !publish.transient;
         outgoing
     }
 

@@ -335,7 +335,6 @@ async fn recheck(store: Store, broker: &Broker, every: Duration, shutdown: Cance
             serde_json::to_vec(&wake).expect("wake-ups serialize"),
         );
         outgoing.message_id = Some(wake.message_id.to_string());
-        outgoing.persistent = false;
         if let Err(err) = broker.publish(&outgoing).await {
             warn!(error = %err, "cannot wake the placement of waiting tasks; trying again in a moment");
         }

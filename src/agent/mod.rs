@@ -156,7 +156,7 @@ impl AgentBuilder {
     /// The agent, running tasks with `handler`, if the settings pass [`AgentBuilder::check`].
     pub fn build<H: TaskHandler>(self, handler: H) -> Result<Agent<H>, Error> {
         self.check()?;
-        Ok(Agent { settings: Arc::new(self), handler: Arc::new(handler) })
+        Ok(Agent { settings: Arc::new(self), handler: Arc::new(handler), stops: Arc::default() })
     }
 
     /// Whether the settings are in range: a capacity of 1 to 65535, a positive heartbeat
@@ -197,11 +197,14 @@ impl AgentBuilder {
 pub struct Agent<H> {
     settings: Arc<AgentBuilder>,
     handler: Arc<H>,
+    /// The stops it was told, shared by its clones: run again on a new connection, it still
+    /// does not run an attempt it was told to stop (the broker delivers it again).
+    stops: Arc<std::sync::Mutex<Stops>>,
 }
 
 impl<H> Clone for Agent<H> {
     fn clone(&self) -> Self {
-        Agent { settings: self.settings.clone(), handler: self.handler.clone() }
+        Agent { settings: self.settings.clone(), handler: self.handler.clone(), stops: self.stops.clone() }
     }
 }
 
@@ -217,7 +220,7 @@ struct Shared<H> {
     handler: Arc<H>,
     broker: Arc<Broker>,
     in_flight: AtomicU32,
-    stops: std::sync::Mutex<Stops>,
+    stops: Arc<std::sync::Mutex<Stops>>,
 }
 
 /// An attempt of a task: what an abort names.
@@ -228,7 +231,9 @@ type AttemptKey = (TaskId, u32);
 /// first, long after their tasks would have come.
 #[derive(Default)]
 struct Stops {
-    running: HashMap<AttemptKey, CancellationToken>,
+    /// The attempts running, each with its stop and how many deliveries of it run (a copy of an
+    /// assignment may run beside the first).
+    running: HashMap<AttemptKey, (CancellationToken, usize)>,
     stopped: HashMap<AttemptKey, String>,
     order: VecDeque<AttemptKey>,
 }
@@ -247,7 +252,7 @@ impl Stops {
                 self.stopped.remove(&old);
             }
         }
-        self.running.get(&key).inspect(|token| token.cancel()).is_some()
+        self.running.get(&key).inspect(|(token, _)| token.cancel()).is_some()
     }
 
     /// Starts `key`, unless it was stopped: then why.
@@ -255,11 +260,18 @@ impl Stops {
         if let Some(reason) = self.stopped.get(&key) {
             return Err(reason.clone());
         }
-        Ok(self.running.entry(key).or_default().clone())
+        let (token, runs) = self.running.entry(key).or_default();
+        *runs += 1;
+        Ok(token.clone())
     }
 
     fn finish(&mut self, key: &AttemptKey) {
-        self.running.remove(key);
+        if let Some((_, runs)) = self.running.get_mut(key) {
+            *runs -= 1;
+            if *runs == 0 {
+                self.running.remove(key);
+            }
+        }
     }
 }
 
@@ -320,7 +332,7 @@ impl<H: TaskHandler> Agent<H> {
             handler: self.handler.clone(),
             broker: broker.clone(),
             in_flight: AtomicU32::new(0),
-            stops: std::sync::Mutex::new(Stops::default()),
+            stops: self.stops.clone(),
         });
         // Told apart from the tasks, so that a stop does not wait behind the tasks queued.
         let control_queue = broker.names().agent_control_queue(&id);
@@ -717,6 +729,12 @@ pub(crate) mod tests {
         assert!(stops.stop((task, 1), "cancelled by ops".into()), "it was running");
         assert!(running.is_cancelled());
         stops.finish(&(task, 1));
+        // Two deliveries of one attempt share its stop until both are done.
+        let (a, b) = (stops.start((task, 4)).unwrap(), stops.start((task, 4)).unwrap());
+        stops.finish(&(task, 4));
+        assert!(stops.stop((task, 4), "cancelled".into()), "the second still runs");
+        assert!(a.is_cancelled() && b.is_cancelled());
+        stops.finish(&(task, 4));
         // Another attempt of the same task is not stopped; a stopped one never starts again.
         assert!(stops.start((task, 2)).is_ok());
         assert!(!stops.stop((task, 3), "cancelled".into()), "not running yet");

@@ -71,10 +71,6 @@ pub struct Publish {
     pub message_id: MessageId,
     pub priority: u8,
     pub body: serde_json::Value,
-    /// A hint that need not survive a restart of the broker (a wake-up of the scheduler, whose
-    /// periodic look makes good a lost one): confirmed without waiting for the disk.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub transient: bool,
 }
 
 impl Publish {
@@ -84,7 +80,6 @@ impl Publish {
             message_id: envelope.message_id,
             priority,
             body: serde_json::to_value(envelope).expect("envelopes serialize"),
-            transient: false,
         }
     }
 }
@@ -159,6 +154,13 @@ pub trait Stage: Send + Sync + 'static {
     /// Whether the runner keeps an idempotency marker per input. Stages whose writes are
     /// idempotent by nature and very frequent (heartbeats) do without.
     fn deduplicates(&self) -> bool {
+        true
+    }
+
+    /// Whether an [`Outcome::Ignore`] is recorded (a marker) and logged. A stage whose inputs are
+    /// often ignored and harmless to decide again (a wake-up that finds nothing to place) says
+    /// no: its no-op costs no commit, and no log line.
+    fn records_ignored(&self) -> bool {
         true
     }
 

@@ -1,7 +1,7 @@
 //! place: a wake-up → the tasks waiting in line placed on the agents that have room, in the
 //! order of the line (priority, then turn, then how long they have waited), across every plan; a
 //! task that no agent can take yet keeps its place, and the ones behind it may pass it for agents
-//! it cannot use. A task that has waited longer than allowed gives up: its routing decision
+//! it cannot use (the store reads past such tasks, however many head the line). A task that has waited longer than allowed gives up: its routing decision
 //! chooses no agent, with every candidate's verdict, and its plan fails.
 //!
 //! Wake-ups come when room may have opened (a result or an expired lease freed a slot, an agent
@@ -9,7 +9,7 @@
 //! as a safety net for a wake-up lost on the way. They carry nothing but their cause: each one
 //! is a fresh look at the line, and those that find nothing to do cost two reads.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashSet;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -17,8 +17,7 @@ use super::placement::{self, External, Routed};
 use super::{AmqpMeta, Inbound, Outcome, Stage};
 use crate::domain::Agent;
 use crate::effect::Write;
-use crate::ids::{AgentId, PlanId, TaskId};
-use crate::policy::FallbackDecision;
+use crate::ids::PlanId;
 use crate::routing::{self, Placement, Router, RoutingPolicy};
 use crate::store::{self, Store, WaitingTask};
 use crate::wire::{self, Wake};
@@ -31,14 +30,10 @@ pub struct Place {
 #[derive(Debug, Default)]
 pub struct PlaceContext {
     pub agents: Vec<Agent>,
-    /// The first waiting tasks, in the order they are served.
+    /// The first waiting tasks that an agent could take now, in the order they are served.
     pub line: Vec<WaitingTask>,
     /// Tasks that have waited longer than allowed, the longest first.
     pub expired: Vec<WaitingTask>,
-    /// The agents that failed each of these tasks before.
-    pub failed: HashMap<TaskId, BTreeSet<AgentId>>,
-    /// The fallback decisions of their plans that send work out.
-    pub external: Vec<FallbackDecision>,
 }
 
 /// Every wake-up of this process takes its turn: two looks at the line at once would both
@@ -50,7 +45,9 @@ const EXPIRED_PER_LOOK: i64 = 100;
 
 impl Place {
     /// How many tasks of the line to read: enough to fill every free slot even when most of the
-    /// head cannot use it, never the whole of a long line.
+    /// head cannot use it, never the whole of a long line; none when no live agent has room
+    /// (most wake-ups: another look took the slot first). A task in line whose agents vanished
+    /// meanwhile goes to its default agent at the next look with room.
     fn look_ahead(&self, agents: &[Agent], now: DateTime<Utc>) -> i64 {
         let ttl = TimeDelta::try_seconds(i64::try_from(self.policy.heartbeat_ttl_secs).unwrap_or(i64::MAX))
             .unwrap_or(TimeDelta::MAX);
@@ -59,7 +56,10 @@ impl Place {
             .filter(|a| now.signed_duration_since(a.last_heartbeat) <= ttl)
             .map(|a| u64::from(a.capacity.saturating_sub(a.in_flight)))
             .sum();
-        (free.saturating_mul(8)).clamp(16, 500) as i64
+        match free {
+            0 => 0,
+            free => free.saturating_mul(8).clamp(16, 500) as i64,
+        }
     }
 }
 
@@ -82,21 +82,16 @@ impl Stage for Place {
                 max => store.expired_waits(max, EXPIRED_PER_LOOK).await,
             }
         })?;
-        let line = store.line(self.look_ahead(&agents, Utc::now())).await?;
-        let tasks: Vec<TaskId> = line.iter().chain(&expired).map(|w| w.task.id).collect();
-        let plans: Vec<PlanId> =
-            line.iter().chain(&expired).map(|w| w.plan_id).collect::<BTreeSet<_>>().into_iter().collect();
-        let (failed, external) = if tasks.is_empty() {
-            (HashMap::new(), Vec::new())
-        } else {
-            tokio::try_join!(store.failed_agents_of(&tasks), store.external_decisions(&plans))?
+        let defaulted: Vec<&str> = self.policy.default_agents.keys().map(|w| w.as_str()).collect();
+        let ttl = self.policy.heartbeat_ttl_secs;
+        let line = match self.look_ahead(&agents, Utc::now()) {
+            0 => Vec::new(),
+            look_ahead => store.line(look_ahead, &defaulted, ttl).await?,
         };
-        Ok(PlaceContext { agents, line, expired, failed, external })
+        Ok(PlaceContext { agents, line, expired })
     }
 
     fn decide(&self, input: &Inbound<Wake>, context: PlaceContext, now: DateTime<Utc>) -> Outcome {
-        let external: HashMap<PlanId, External> =
-            (context.external.iter()).filter_map(|d| External::of(Some(d)).map(|e| (d.plan_id, e))).collect();
         let mut router = Router::new(&context.agents, now, &self.policy);
         let mut writes = Vec::new();
         let mut publish = Vec::new();
@@ -107,14 +102,14 @@ impl Stage for Place {
         let mut ended: HashSet<PlanId> = HashSet::new();
         for waiting in &context.expired {
             let waited = now.signed_duration_since(waiting.waiting_since);
-            if self.policy.max_wait_secs == 0 || waited < max_wait {
+            // One task that gives up ends its plan, which cancels the plan's other waiting tasks.
+            if self.policy.max_wait_secs == 0 || waited < max_wait || ended.contains(&waiting.plan_id) {
                 continue;
             }
-            let outside = external.get(&waiting.plan_id);
-            let task = outside.map_or_else(|| waiting.task.clone(), |e| e.adapt(&waiting.task));
-            let failed = context.failed.get(&task.id);
-            let candidates =
-                router.judge(&task, placement::ask(&task, waiting.attempt, outside, failed, &self.policy));
+            let (task, outside) = adapted(waiting);
+            let ask =
+                placement::ask(&task, waiting.attempt, outside.as_ref(), Some(&waiting.failed), &self.policy);
+            let candidates = router.judge(&task, ask);
             let reason = format!(
                 "waited {} for an agent, longer than the {} allowed ({}): {}",
                 span(waited),
@@ -143,10 +138,9 @@ impl Stage for Place {
 
         let mut waiting = 0;
         for entry in context.line.iter().filter(|w| !ended.contains(&w.plan_id)) {
-            let outside = external.get(&entry.plan_id);
-            let task = outside.map_or_else(|| entry.task.clone(), |e| e.adapt(&entry.task));
-            let failed = context.failed.get(&task.id);
-            let ask = placement::ask(&task, entry.attempt, outside, failed, &self.policy);
+            let (task, outside) = adapted(entry);
+            let ask =
+                placement::ask(&task, entry.attempt, outside.as_ref(), Some(&entry.failed), &self.policy);
             match router.place(&task, ask) {
                 Placement::Routed(route) => {
                     let (write, message) = Routed {
@@ -185,6 +179,23 @@ impl Stage for Place {
     fn dead_letter_fails_request(&self) -> bool {
         false
     }
+
+    /// Most wake-ups find nothing to place (another look took the slot first), and deciding one
+    /// again on a redelivery places what fits then, as any wake-up would.
+    fn records_ignored(&self) -> bool {
+        false
+    }
+}
+
+/// A waiting task as its agents would take it (adapted, if it goes out), and where it goes out.
+fn adapted(waiting: &WaitingTask) -> (crate::domain::Task, Option<External>) {
+    match &waiting.provider {
+        Some(provider) => {
+            let outside = External::to_provider(provider, [waiting.task.id]);
+            (outside.adapt(&waiting.task), Some(outside))
+        }
+        None => (waiting.task.clone(), None),
+    }
 }
 
 /// A duration in the largest unit that says it: "90 s", "12 min", "26 h".
@@ -203,7 +214,7 @@ mod tests {
 
     use super::*;
     use crate::domain::{Resources, Task};
-    use crate::ids::{MessageId, RequestId, WorkType};
+    use crate::ids::{AgentId, MessageId, RequestId, WorkType};
     use crate::stages::Destination;
 
     fn agent(id: &str, capacity: u32, in_flight: u32) -> Agent {
@@ -241,6 +252,8 @@ mod tests {
             attempt: 1,
             priority,
             waiting_since: Utc::now() - TimeDelta::seconds(secs),
+            failed: BTreeSet::new(),
+            provider: None,
         }
     }
 
@@ -311,7 +324,6 @@ mod tests {
             agents: vec![agent("a1", 2, 0)],
             line: vec![old.clone()],
             expired: vec![old.clone()],
-            ..Default::default()
         };
         let Outcome::Forward { writes, publish } = place(60).decide(&wake(), context, Utc::now()) else {
             panic!()
@@ -332,13 +344,28 @@ mod tests {
         );
         assert_eq!(writes.len(), 2, "not routed besides: {writes:?}");
         // 0 is for ever.
+        let context =
+            PlaceContext { agents: vec![agent("a1", 2, 2)], line: vec![old.clone()], expired: vec![old] };
+        assert!(matches!(place(0).decide(&wake(), context, Utc::now()), Outcome::Ignore { .. }));
+    }
+
+    #[test]
+    fn of_two_tasks_of_one_plan_that_waited_too_long_one_gives_up_and_ends_the_plan() {
+        let first = waiting("a", 0, 120, "gpu-transcode");
+        // The same plan: giving up the first cancels the second, which must not give up too.
+        let mut second = waiting("b", 0, 120, "gpu-transcode");
+        second.request_id = first.request_id;
+        second.plan_id = first.plan_id;
+        second.task.id = first.plan_id.task_id("b");
         let context = PlaceContext {
-            agents: vec![agent("a1", 2, 2)],
-            line: vec![old.clone()],
-            expired: vec![old],
+            expired: vec![first.clone(), second.clone()],
+            line: vec![first, second],
             ..Default::default()
         };
-        assert!(matches!(place(0).decide(&wake(), context, Utc::now()), Outcome::Ignore { .. }));
+        let Outcome::Forward { writes, .. } = place(60).decide(&wake(), context, Utc::now()) else {
+            panic!()
+        };
+        assert!(matches!(writes[..], [Write::WaitExpired { .. }, Write::PlanFinished { .. }]), "{writes:?}");
     }
 
     #[test]
@@ -365,7 +392,8 @@ mod tests {
         let mut silent = agent("silent", 100, 0);
         silent.last_heartbeat = Utc::now() - TimeDelta::minutes(5);
         let stage = place(86_400);
-        assert_eq!(stage.look_ahead(&[agent("a", 2, 2), silent.clone()], Utc::now()), 16);
+        assert_eq!(stage.look_ahead(&[agent("a", 2, 2), silent.clone()], Utc::now()), 0);
+        assert_eq!(stage.look_ahead(&[agent("a", 2, 1)], Utc::now()), 16);
         assert_eq!(stage.look_ahead(&[agent("a", 4, 0)], Utc::now()), 32);
         assert_eq!(stage.look_ahead(&[agent("a", 1000, 0)], Utc::now()), 500);
     }

@@ -29,11 +29,16 @@ impl External {
     pub(crate) fn of(decision: Option<&FallbackDecision>) -> Option<Self> {
         let decision = decision.filter(|d| d.use_external)?;
         let provider = decision.provider.as_deref()?;
-        Some(External {
-            tasks: decision.external_tasks.iter().copied().collect(),
-            capability: policy::provider_capability(provider),
-            default_agent: AgentId::parse(policy::provider_agent(provider)).ok(),
-        })
+        Some(External::to_provider(provider, decision.external_tasks.iter().copied()))
+    }
+
+    /// The tasks `tasks`, sent out to the provider `name`.
+    pub(crate) fn to_provider(name: &str, tasks: impl IntoIterator<Item = TaskId>) -> Self {
+        External {
+            tasks: tasks.into_iter().collect(),
+            capability: policy::provider_capability(name),
+            default_agent: AgentId::parse(policy::provider_agent(name)).ok(),
+        }
     }
 
     pub(crate) fn contains(&self, task: TaskId) -> bool {
@@ -119,8 +124,9 @@ impl Routed<'_> {
 }
 
 /// A wake-up of the `place` stage, caused by the message `cause` (its id derives from it, so
-/// that handling the cause again wakes it once). Transient: it is on the way from a freed slot to
-/// the next task on it, and one lost in a restart of the broker is made good by the periodic look.
+/// that handling the cause again wakes it once). Persistent like any message: the decisions a
+/// wake-up leads to are recorded with it, and only its redelivery publishes them again if the
+/// process or the broker stops in between.
 pub(crate) fn wake(cause: MessageId, what: &str, now: DateTime<Utc>) -> Publish {
     let wake = Wake { message_id: cause.derive("wake"), cause: what.to_owned(), at: now };
     Publish {
@@ -128,6 +134,5 @@ pub(crate) fn wake(cause: MessageId, what: &str, now: DateTime<Utc>) -> Publish 
         message_id: wake.message_id,
         priority: 0,
         body: serde_json::to_value(&wake).expect("wake-ups serialize"),
-        transient: true,
     }
 }

@@ -84,6 +84,9 @@ impl Stage for PlanStage {
     fn decide(&self, input: &Inbound<Decomposed>, context: PlanContext, now: DateTime<Utc>) -> Outcome {
         let request = &input.payload.request;
         let decomposition = &input.payload.decomposition;
+        if context.request_status == Some(RequestStatus::Cancelled) {
+            return Outcome::Ignore { reason: format!("request {} is cancelled", request.request_id) };
+        }
         let mut plan = match self.catalog.plan(request.request_id, decomposition) {
             Ok(plan) => plan,
             Err(err) => {
@@ -98,21 +101,15 @@ impl Stage for PlanStage {
                 };
             }
         };
-        match context.request_status {
+        if context.request_status.is_none() {
             // The decompose stage records a request before it publishes its decomposition.
-            None => {
-                return Outcome::Reject {
-                    writes: Vec::new(),
-                    reason: format!(
-                        "no request {} was recorded: its decomposition cannot be planned",
-                        request.request_id
-                    ),
-                };
-            }
-            Some(RequestStatus::Cancelled) => {
-                return Outcome::Ignore { reason: format!("request {} is cancelled", request.request_id) };
-            }
-            Some(_) => {}
+            return Outcome::Reject {
+                writes: Vec::new(),
+                reason: format!(
+                    "no request {} was recorded: its decomposition cannot be planned",
+                    request.request_id
+                ),
+            };
         }
         let learnt = fleet::learnt_durations(&plan, &context.durations, self.policy.min_duration_samples);
         plan.estimate_durations(|task| learnt.get(&task.id).map(|(secs, _)| *secs));

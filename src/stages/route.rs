@@ -114,12 +114,19 @@ impl Stage for Route {
             let attempt = state.attempt + 1;
             let ask =
                 placement::ask(task, attempt, external.as_ref(), context.failed.get(&task.id), &self.policy);
-            // Others wait in line: this one queues behind them, and the placement pass serves
-            // them all in order.
-            let placed = if context.line {
-                Placement::Waits(router.judge(task, ask))
-            } else {
-                router.place(task, ask)
+            // Others wait in line: a task that an agent could take now queues behind them, and
+            // the placement pass serves them all in order; one that no agent can take goes to
+            // its default agent at once, as it would have with no line.
+            let placed = match context.line {
+                true => {
+                    let judged = router.judge(task, ask);
+                    if judged.iter().any(|c| c.verdict.score().is_some()) || ask.default_agent.is_none() {
+                        Placement::Waits(judged)
+                    } else {
+                        router.place(task, ask)
+                    }
+                }
+                false => router.place(task, ask),
             };
             match placed {
                 Placement::Routed(route) => {
@@ -296,6 +303,30 @@ mod tests {
         assert_eq!(reason, "in line behind tasks that waited first (1 capable agent with room)");
         assert!(!writes.iter().any(|w| matches!(w, Write::Route { .. })), "{writes:?}");
         assert_eq!(publish.len(), 1, "only the wake-up");
+    }
+
+    #[test]
+    fn while_tasks_wait_in_line_a_task_no_agent_can_take_goes_to_its_default_agent_at_once() {
+        let plan = stored(PlanStatus::Approved);
+        let mut policy = RoutingPolicy::default();
+        policy
+            .default_agents
+            .insert(WorkType::parse("deployment").unwrap(), AgentId::parse("fallback").unwrap());
+        let stage = Route { policy };
+        let mut other = agent("a1");
+        other.capabilities = BTreeSet::from(["monitoring".to_owned()]);
+        let context = RouteContext {
+            plan: Some(plan.clone()),
+            tasks: states(&plan),
+            agents: vec![other],
+            line: true,
+            ..Default::default()
+        };
+        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
+            panic!()
+        };
+        let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+        assert_eq!(route.agent_id.as_str(), "fallback");
     }
 
     #[test]

@@ -597,8 +597,10 @@ async fn cancel(
     reason: &str,
     agents: &mut AgentLedger,
 ) -> Result<Step, Error> {
-    // Locked for update: a plan being made for it (which shares the lock) waits, then finds it
-    // cancelled.
+    // The plan first, then the request, as a plan that finishes takes them: two such
+    // transactions never wait for each other in a cycle. Locked for update, the request makes a
+    // plan being made for it (which shares the lock) wait, and find it cancelled.
+    tx.query_cached("SELECT 1 FROM plans WHERE request_id = $1 FOR UPDATE", &[&request_id.as_uuid()]).await?;
     let Some(row) = tx
         .query_opt_cached("SELECT status FROM requests WHERE id = $1 FOR UPDATE", &[&request_id.as_uuid()])
         .await?
@@ -733,11 +735,14 @@ async fn apply_one(
             }
         }
         Write::RequestFailed { request_id, reason } => {
+            // Only a request under way fails: one that ended (completed, rejected, cancelled,
+            // failed already) keeps how it ended.
+            let under_way: Vec<&str> = RequestStatus::UNDER_WAY.map(|s| s.as_str()).to_vec();
             let updated = tx
                 .execute_cached(
                     "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
-                     WHERE id = $1 AND status <> $2",
-                    &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), reason],
+                     WHERE id = $1 AND status = ANY($4)",
+                    &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), reason, &under_way],
                 )
                 .await?;
             if updated == 1 {

@@ -1,20 +1,16 @@
 //! The line of waiting tasks, and what the scheduler reads besides: whether anything waits, the
 //! tasks in the order they are served, those that waited too long; and cancellation.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use super::cached::Cached;
-use super::read::{
-    FALLBACK_COLUMNS, TASK_COLUMNS, agent_from_row, failed_by_task, fallback_from_row, task_from_row,
-};
+use super::read::{TASK_COLUMNS, agent_from_row, task_from_row};
 use super::{Applied, Cancellation, Error, Store};
 use crate::domain::{Agent, RequestStatus, Task};
 use crate::effect::Write;
 use crate::ids::{AgentId, PlanId, RequestId, TaskId};
-use crate::policy::FallbackDecision;
 
 /// A task waiting in line for an agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +22,10 @@ pub struct WaitingTask {
     pub attempt: u32,
     pub priority: u8,
     pub waiting_since: DateTime<Utc>,
+    /// The agents that failed it before.
+    pub failed: BTreeSet<AgentId>,
+    /// The provider its plan's fallback decision sends it to, if it goes out.
+    pub provider: Option<String>,
 }
 
 /// What a cancellation did.
@@ -56,6 +56,12 @@ fn waiting_from_row(row: &tokio_postgres::Row) -> Result<WaitingTask, Error> {
         attempt: row.get::<_, i32>("attempt") as u32 + 1,
         priority: row.get::<_, i16>("priority").clamp(0, 9) as u8,
         waiting_since: row.get("waiting_since"),
+        failed: row
+            .get::<_, Vec<String>>("failed")
+            .into_iter()
+            .map(|a| AgentId::parse(a).map_err(|e| Error::Corrupt(e.to_string())))
+            .collect::<Result<_, _>>()?,
+        provider: row.get("provider"),
     })
 }
 
@@ -80,11 +86,32 @@ impl Store {
         Ok((row.as_ref().map(agent_from_row).transpose()?, line))
     }
 
-    /// The first `limit` tasks of the line, in the order they are served: priority, then turn,
-    /// then how long they have waited.
-    pub async fn line(&self, limit: i64) -> Result<Vec<WaitingTask>, Error> {
-        let order = "ORDER BY t.priority DESC, t.wait_turn, t.waiting_since, t.position, t.id LIMIT $1";
-        self.waiting_tasks(&format!("TRUE {order}"), &[&limit]).await
+    /// The first `limit` tasks of the line that could go somewhere now, in the order they are
+    /// served: priority, then turn, then how long they have waited. "Could go somewhere": an
+    /// agent with a slot free, a fresh heartbeat (within `heartbeat_ttl_secs`), the capabilities
+    /// and the resources, that has not failed it; or a default agent (a first attempt of one of
+    /// `defaulted` work types); or a provider (the plan sends it out). The others keep their
+    /// place without being read, so that however many of them head the line, the tasks behind
+    /// them are seen.
+    pub async fn line(
+        &self,
+        limit: i64,
+        defaulted: &[&str],
+        heartbeat_ttl_secs: u64,
+    ) -> Result<Vec<WaitingTask>, Error> {
+        let filter = "(
+                (t.attempt = 0 AND t.work_type = ANY($2))
+             OR EXISTS (SELECT 1 FROM fallback_decisions f
+                        WHERE f.plan_id = t.plan_id AND f.use_external AND t.id = ANY(f.external_tasks))
+             OR EXISTS (SELECT 1 FROM agents a
+                        WHERE a.in_flight < a.capacity
+                          AND a.last_heartbeat >= now() - make_interval(secs => $3)
+                          AND a.capabilities @> t.capabilities
+                          AND a.cpu >= t.cpu AND a.memory_mb >= t.memory_mb AND a.gpu >= t.gpu
+                          AND NOT EXISTS (SELECT 1 FROM task_results r
+                                          WHERE r.task_id = t.id AND r.agent_id = a.id AND NOT r.success)))
+            ORDER BY t.priority DESC, t.wait_turn, t.waiting_since, t.position, t.id LIMIT $1";
+        self.waiting_tasks(filter, &[&limit, &defaulted, &(heartbeat_ttl_secs as f64)]).await
     }
 
     /// Tasks that have waited longer than `max_wait_secs`, the longest first, at most `limit`.
@@ -101,44 +128,19 @@ impl Store {
     ) -> Result<Vec<WaitingTask>, Error> {
         let client = self.client().await?;
         let columns: Vec<String> = TASK_COLUMNS.split(',').map(|c| format!("t.{}", c.trim())).collect();
+        // With each task, what judging it needs besides: who failed it, where its plan sends it.
         let sql = format!(
-            "SELECT {}, p.request_id, t.plan_id, t.priority FROM tasks t JOIN plans p ON p.id = t.plan_id
+            "SELECT {}, p.request_id, t.plan_id, t.priority,
+                    ARRAY(SELECT r.agent_id FROM task_results r WHERE r.task_id = t.id AND NOT r.success)
+                        AS failed,
+                    (SELECT f.provider FROM fallback_decisions f
+                     WHERE f.plan_id = t.plan_id AND f.use_external AND t.id = ANY(f.external_tasks)) AS provider
+             FROM tasks t JOIN plans p ON p.id = t.plan_id
              WHERE t.status = 'waiting' AND {filter}",
             columns.join(", ")
         );
         let rows = client.query_cached(&sql, params).await?;
         rows.iter().map(waiting_from_row).collect()
-    }
-
-    /// The agents that failed each of `tasks` before.
-    pub async fn failed_agents_of(
-        &self,
-        tasks: &[TaskId],
-    ) -> Result<HashMap<TaskId, BTreeSet<AgentId>>, Error> {
-        let client = self.client().await?;
-        let ids: Vec<Uuid> = tasks.iter().map(|t| t.as_uuid()).collect();
-        let rows = client
-            .query_cached(
-                "SELECT task_id, agent_id FROM task_results WHERE task_id = ANY($1) AND NOT success",
-                &[&ids],
-            )
-            .await?;
-        failed_by_task(&rows)
-    }
-
-    /// The fallback decisions of `plans` that send work to an external provider.
-    pub async fn external_decisions(&self, plans: &[PlanId]) -> Result<Vec<FallbackDecision>, Error> {
-        let client = self.client().await?;
-        let ids: Vec<Uuid> = plans.iter().map(|p| p.as_uuid()).collect();
-        let rows = client
-            .query_cached(
-                &format!(
-                    "SELECT {FALLBACK_COLUMNS} FROM fallback_decisions WHERE plan_id = ANY($1) AND use_external"
-                ),
-                &[&ids],
-            )
-            .await?;
-        Ok(rows.iter().map(fallback_from_row).collect())
     }
 
     /// Cancels a request (see [`Write::Cancel`]), as `by`, with `reason`. A request cancelled

@@ -296,7 +296,7 @@ pub(super) fn agent_from_row(row: &Row) -> Result<Agent, Error> {
 }
 
 /// Rows of (task id, agent id) as the agents that failed each task.
-pub(super) fn failed_by_task(rows: &[Row]) -> Result<HashMap<TaskId, BTreeSet<AgentId>>, Error> {
+fn failed_by_task(rows: &[Row]) -> Result<HashMap<TaskId, BTreeSet<AgentId>>, Error> {
     let mut failed: HashMap<TaskId, BTreeSet<AgentId>> = HashMap::new();
     for row in rows {
         let agent = AgentId::parse(row.get::<_, String>(1)).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -306,10 +306,10 @@ pub(super) fn failed_by_task(rows: &[Row]) -> Result<HashMap<TaskId, BTreeSet<Ag
 }
 
 /// The columns of a fallback decision that [`fallback_from_row`] reads.
-pub(super) const FALLBACK_COLUMNS: &str = "plan_id, use_external, provider, reason, complexity,
+const FALLBACK_COLUMNS: &str = "plan_id, use_external, provider, reason, complexity,
      estimated_cost_micros, quota_left_micros, external_tasks, infeasible";
 
-pub(super) fn fallback_from_row(r: &Row) -> FallbackDecision {
+fn fallback_from_row(r: &Row) -> FallbackDecision {
     FallbackDecision {
         plan_id: PlanId::from_uuid(r.get(0)),
         use_external: r.get(1),
@@ -608,16 +608,7 @@ impl Store {
             )
             .await?;
         if let (1, Some(request_id), true) = (inserted, request_id, fail_request) {
-            let under_way: Vec<&str> = [
-                RequestStatus::Received,
-                RequestStatus::Decomposed,
-                RequestStatus::Planned,
-                RequestStatus::AwaitingApproval,
-                RequestStatus::InProgress,
-            ]
-            .iter()
-            .map(|s| s.as_str())
-            .collect();
+            let under_way: Vec<&str> = RequestStatus::UNDER_WAY.map(|s| s.as_str()).to_vec();
             let failure = format!("a message of this request was dead-lettered at {stage}: {reason}");
             let failed = tx
                 .execute_cached(

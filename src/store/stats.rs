@@ -55,7 +55,7 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// How many requests completed, and how many ended otherwise (failed or rejected).
+    /// How many requests completed, and how many ended otherwise (failed, rejected, cancelled).
     pub async fn ended_requests(&self) -> Result<(u64, u64), Error> {
         let client = self.client().await?;
         let row = client
@@ -64,7 +64,9 @@ impl Store {
                  FROM requests",
                 &[
                     &RequestStatus::Completed.as_str(),
-                    &[RequestStatus::Failed.as_str(), RequestStatus::Rejected.as_str()].as_slice(),
+                    &[RequestStatus::Failed, RequestStatus::Rejected, RequestStatus::Cancelled]
+                        .map(|s| s.as_str())
+                        .as_slice(),
                 ],
             )
             .await?;

@@ -153,6 +153,34 @@ async fn fifty_requests_on_one_agent_of_two_slots_all_complete_by_priority_then_
 }
 
 #[tokio::test]
+async fn tasks_that_no_agent_can_take_do_not_hold_back_those_behind_them() {
+    let app = spawn_app_with(|c| {
+        with_bench_catalog(1)(c);
+        // Besides `bench`, `render`: a work type that needs what no agent here offers.
+        let path = std::env::temp_dir().join(format!("switchyard-tests-render-{}.toml", Uuid::new_v4().simple()));
+        let render = "[[work_type]]\nname = \"render\"\ndescription = \"Rendering\"\nkeywords = [\"render\"]\n\
+                      capabilities = [\"gpu-render\"]\nbase_complexity = 0.1\n\n[[work_type.step]]\nkey = \"r\"\n\
+                      description = \"Render {text}\"\nduration_secs = 1\n";
+        let mut catalog = switchyard::bench::catalog(1);
+        catalog.push('\n');
+        catalog.push_str(render);
+        std::fs::write(&path, catalog).unwrap();
+        c.catalog = Some(path);
+    })
+    .await;
+    let _agent = app.start_agent(bench_agent("bench-only", 1), Simulate::new(0.0, 0.0).unwrap()).await;
+    wait_registered(&app, "bench-only").await;
+    // Forty tasks no agent can run head the line, at the highest priority.
+    for i in 0..40 {
+        submit_with_priority(&app, &format!("render frame {i}"), 9).await;
+    }
+    wait_waiting(&app, 40).await;
+    let behind = submit_with_priority(&app, "benchmark request behind them", 0).await;
+    wait_completed(&app, &[behind]).await;
+    let _ = std::fs::remove_file(app.config.catalog.as_ref().unwrap());
+}
+
+#[tokio::test]
 async fn a_request_submitted_before_any_agent_runs_completes_once_one_starts() {
     let app = spawn_app_with(|c| {
         c.routing.default_agents.clear();
