@@ -101,6 +101,9 @@ pub struct Report {
     pub database: String,
     pub requests: usize,
     pub tasks_per_request: usize,
+    /// The simulated fleet: how many agents, and the slots of each.
+    pub agents: usize,
+    pub agent_capacity: u32,
     pub mode: &'static str,
     /// Requests per second asked for; `None`: full speed.
     pub rate: Option<f64>,
@@ -232,6 +235,17 @@ fn agent_id(i: usize) -> AgentId {
     AgentId::parse(format!("bench-agent-{i}")).expect("a valid agent id")
 }
 
+impl Settings {
+    /// The capacity each of `agents` agents needs to run every task of the run at once (up to
+    /// the most an agent can declare): a fleet that never makes a task wait, so that the run
+    /// measures the pipeline and not the fleet.
+    pub fn unbounded_capacity(requests: usize, tasks: usize, agents: usize) -> u32 {
+        let total = requests.saturating_mul(tasks);
+        let each = total.div_ceil(agents.max(1)).max(1);
+        u32::try_from(each).unwrap_or(u32::MAX).min(u32::from(u16::MAX))
+    }
+}
+
 /// Runs the benchmark with `base` as the configuration to start from (its broker, its database
 /// server, its worker settings). `progress` is told how many requests completed so far.
 pub async fn run(base: &Config, settings: &Settings, progress: impl Fn(u64, u64)) -> Result<Report, Error> {
@@ -315,6 +329,8 @@ async fn measure(
         database: scene.database.clone(),
         requests: settings.requests,
         tasks_per_request: settings.tasks,
+        agents: settings.agents,
+        agent_capacity: settings.agent_capacity,
         mode: if settings.processes.is_some() { "processes" } else { "in-process" },
         rate: settings.rate,
         elapsed_secs: round(secs),
@@ -589,6 +605,14 @@ fn round(value: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unbounded_fleet_has_a_slot_for_every_task_of_the_run() {
+        assert_eq!(Settings::unbounded_capacity(2000, 5, 2), 5000);
+        assert_eq!(Settings::unbounded_capacity(7, 3, 2), 11);
+        assert_eq!(Settings::unbounded_capacity(1, 1, 100), 1);
+        assert_eq!(Settings::unbounded_capacity(1_000_000, 100, 1), 65535);
+    }
+
     use super::*;
 
     #[test]

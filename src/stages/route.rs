@@ -306,30 +306,6 @@ mod tests {
     }
 
     #[test]
-    fn while_tasks_wait_in_line_a_task_no_agent_can_take_goes_to_its_default_agent_at_once() {
-        let plan = stored(PlanStatus::Approved);
-        let mut policy = RoutingPolicy::default();
-        policy
-            .default_agents
-            .insert(WorkType::parse("deployment").unwrap(), AgentId::parse("fallback").unwrap());
-        let stage = Route { policy };
-        let mut other = agent("a1");
-        other.capabilities = BTreeSet::from(["monitoring".to_owned()]);
-        let context = RouteContext {
-            plan: Some(plan.clone()),
-            tasks: states(&plan),
-            agents: vec![other],
-            line: true,
-            ..Default::default()
-        };
-        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
-            panic!()
-        };
-        let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
-        assert_eq!(route.agent_id.as_str(), "fallback");
-    }
-
-    #[test]
     fn a_retry_waits_for_an_agent_that_has_not_failed_it_and_fails_when_all_capable_did() {
         let plan = stored(PlanStatus::Approved);
         let stage = Route { policy: RoutingPolicy::default() };
@@ -379,28 +355,35 @@ mod tests {
     }
 
     #[test]
-    fn with_no_candidate_the_default_agent_gets_the_task_without_a_reservation() {
+    fn with_no_candidate_the_default_agent_gets_the_task_at_once_without_a_reservation() {
         let plan = stored(PlanStatus::Approved);
+        let stage = Route { policy: with_default_agent("fallback") };
+        let mut other = agent("a1");
+        other.capabilities = BTreeSet::from(["monitoring".to_owned()]);
+        // Whether or not other tasks wait in line, a task no agent can take does not join it.
+        for line in [false, true] {
+            let context = RouteContext {
+                plan: Some(plan.clone()),
+                tasks: states(&plan),
+                agents: vec![other.clone()],
+                line,
+                ..Default::default()
+            };
+            let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
+                panic!()
+            };
+            let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+            assert_eq!(route.agent_id.as_str(), "fallback", "line: {line}");
+            assert!(route.reason.starts_with("no agents available"), "{}", route.reason);
+            assert!(!route.reserves_capacity);
+        }
+    }
+
+    /// A policy that sends deployment work no agent can take to `agent`.
+    fn with_default_agent(agent: &str) -> RoutingPolicy {
         let mut policy = RoutingPolicy::default();
+        policy.default_agents.insert(WorkType::parse("deployment").unwrap(), AgentId::parse(agent).unwrap());
         policy
-            .default_agents
-            .insert(WorkType::parse("deployment").unwrap(), AgentId::parse("fallback").unwrap());
-        let stage = Route { policy };
-        let mut busy = agent("a1");
-        busy.capabilities = BTreeSet::from(["monitoring".to_owned()]);
-        let context = RouteContext {
-            plan: Some(plan.clone()),
-            tasks: states(&plan),
-            agents: vec![busy],
-            ..Default::default()
-        };
-        let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
-            panic!()
-        };
-        let Write::Route { route, .. } = &writes[0] else { panic!() };
-        assert_eq!(route.agent_id.as_str(), "fallback");
-        assert!(route.reason.starts_with("no agents available"), "{}", route.reason);
-        assert!(!route.reserves_capacity);
     }
 
     /// The plan's first task (1.prepare) goes to the provider `cloud`.
@@ -445,11 +428,7 @@ mod tests {
     #[test]
     fn an_external_task_waits_for_its_provider_agent_never_a_local_default() {
         let plan = stored(PlanStatus::Approved);
-        let mut policy = RoutingPolicy::default();
-        policy
-            .default_agents
-            .insert(WorkType::parse("deployment").unwrap(), AgentId::parse("fallback").unwrap());
-        let stage = Route { policy };
+        let stage = Route { policy: with_default_agent("fallback") };
         let context = RouteContext {
             plan: Some(plan.clone()),
             tasks: states(&plan),

@@ -16,6 +16,9 @@ async fn bench_measures_the_pipeline_and_the_ceiling_and_cleans_up() {
     assert_eq!(report["requests"], 20);
     assert_eq!(report["tasks_per_request"], 3);
     assert_eq!(report["mode"], "in-process");
+    // By default the fleet has a slot for every task of the run: nothing waits for one.
+    assert_eq!((report["agents"].as_u64(), report["agent_capacity"].as_u64()), (Some(2), Some(30)));
+    assert!(text.contains("onto 2 agents × 30 slots"), "{text}");
     // Per request: its entry, decomposition, plan and route messages, then per task a dispatch,
     // an assignment and a result.
     assert_eq!(report["pipeline_deliveries"], 20 * (4 + 3 * 3));

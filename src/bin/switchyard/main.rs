@@ -202,9 +202,10 @@ struct BenchArgs {
     /// Simulated agents (zero-duration tasks).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=100))]
     agents: u64,
-    /// Tasks each agent runs at once (its prefetch).
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=65535))]
-    capacity: u32,
+    /// Tasks each agent runs at once (its prefetch). By default enough for every task of the
+    /// run at once, so that no task waits for a slot and the run measures the pipeline.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    capacity: Option<u32>,
     /// Milliseconds each task takes its agent (0: none). With a fleet smaller than the load
     /// (`--agents 2 --capacity 4 --task-ms 100`), tasks wait for slots, and the run reports how
     /// busy the slots were.
@@ -956,7 +957,13 @@ async fn bench(config: Config, args: BenchArgs) -> Result<Exit> {
         requests: args.requests as usize,
         tasks: args.tasks as usize,
         agents: args.agents as usize,
-        agent_capacity: args.capacity,
+        agent_capacity: args.capacity.unwrap_or_else(|| {
+            switchyard::bench::Settings::unbounded_capacity(
+                args.requests as usize,
+                args.tasks as usize,
+                args.agents as usize,
+            )
+        }),
         task_ms: args.task_ms,
         rate: args.rate,
         processes,

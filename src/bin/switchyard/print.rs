@@ -182,8 +182,8 @@ pub fn quota_line(q: &QuotaReport) -> String {
 pub fn bench(r: &switchyard::bench::Report) {
     let rate = r.rate.map_or("full speed".to_owned(), |rate| format!("{rate} requests/s"));
     println!(
-        "{} requests of {} tasks, {}, {}: {:.2} s",
-        r.requests, r.tasks_per_request, r.mode, rate, r.elapsed_secs
+        "{} requests of {} tasks onto {} agents × {} slots, {}, {}: {:.2} s",
+        r.requests, r.tasks_per_request, r.agents, r.agent_capacity, r.mode, rate, r.elapsed_secs
     );
     println!("throughput       {:.1} requests/s, {:.1} tasks/s", r.requests_per_sec, r.tasks_per_sec);
     for (what, l) in
