@@ -57,8 +57,11 @@ impl Bare {
     }
 
     pub(crate) async fn declare_agent_queue(&mut self, id: &str) -> String {
-        let queue = self.broker.declare_agent_queue(&AgentId::parse(id).unwrap()).await.unwrap();
+        let agent = AgentId::parse(id).unwrap();
+        let queue = self.broker.declare_agent_queue(&agent).await.unwrap();
         self.agent_queues.push(queue.clone());
+        // What the agent declares besides, when it runs: deleted with the rest.
+        self.agent_queues.push(self.names.agent_control_queue(&agent));
         queue
     }
 
