@@ -15,6 +15,7 @@ mod fake_model;
 mod fallback;
 mod helpers;
 mod hostile;
+mod invariants;
 mod llm;
 mod outage;
 mod planning;
