@@ -87,6 +87,18 @@ impl Stage for PlanStage {
         if context.request_status == Some(RequestStatus::Cancelled) {
             return Outcome::Ignore { reason: format!("request {} is cancelled", request.request_id) };
         }
+        if context.request_status.is_none() {
+            // The decompose stage records a request before it publishes its decomposition. Asked
+            // before the plan is made: a decomposition that cannot be planned must not fail (or
+            // create, in the audit) a request that nobody submitted.
+            return Outcome::Reject {
+                writes: Vec::new(),
+                reason: format!(
+                    "no request {} was recorded: its decomposition cannot be planned",
+                    request.request_id
+                ),
+            };
+        }
         let mut plan = match self.catalog.plan(request.request_id, decomposition) {
             Ok(plan) => plan,
             Err(err) => {
@@ -101,16 +113,6 @@ impl Stage for PlanStage {
                 };
             }
         };
-        if context.request_status.is_none() {
-            // The decompose stage records a request before it publishes its decomposition.
-            return Outcome::Reject {
-                writes: Vec::new(),
-                reason: format!(
-                    "no request {} was recorded: its decomposition cannot be planned",
-                    request.request_id
-                ),
-            };
-        }
         let learnt = fleet::learnt_durations(&plan, &context.durations, self.policy.min_duration_samples);
         plan.estimate_durations(|task| learnt.get(&task.id).map(|(secs, _)| *secs));
         let duration_basis: BTreeMap<_, _> = learnt.into_iter().map(|(id, (_, basis))| (id, basis)).collect();
@@ -252,6 +254,29 @@ mod tests {
         assert!(writes.is_empty(), "{writes:?}");
         let id = input.payload.request.request_id;
         assert_eq!(reason, format!("no request {id} was recorded: its decomposition cannot be planned"));
+    }
+
+    #[test]
+    fn an_unplannable_decomposition_of_a_request_never_recorded_fails_nothing() {
+        let mut input = input("Deploy Gitea to the homelab");
+        input.payload.decomposition.intents[0].work_type = WorkType::parse("teleportation").unwrap();
+        let id = input.payload.request.request_id;
+        let refuse = |status| {
+            stage().decide(&input, PlanContext { request_status: status, ..Default::default() }, Utc::now())
+        };
+
+        let Outcome::Reject { writes, reason } = refuse(None) else { panic!("expected a refusal") };
+        assert!(writes.is_empty(), "no request to fail: {writes:?}");
+        assert_eq!(reason, format!("no request {id} was recorded: its decomposition cannot be planned"));
+
+        let Outcome::Reject { writes, reason } = refuse(Some(RequestStatus::Decomposed)) else {
+            panic!("expected a refusal")
+        };
+        assert!(
+            matches!(&writes[..], [Write::RequestFailed { request_id, .. }] if *request_id == id),
+            "{writes:?}"
+        );
+        assert!(reason.starts_with("planning failed:"), "{reason}");
     }
 
     #[test]
