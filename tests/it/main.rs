@@ -9,6 +9,7 @@ mod ceiling;
 mod completion;
 mod contract;
 mod decomposer;
+mod ended;
 mod errors;
 mod external;
 mod fake_model;
