@@ -492,7 +492,11 @@ impl<S: Stage> Runner<S> {
                         Delivery::Busy => {
                             Err(Failure::Transient("a copy of this message is being delivered".into()))
                         }
-                        Delivery::Conflict(reason) => Err(Failure::Transient(reason)),
+                        // Sent and recorded as sent: deciding again would send it twice.
+                        Delivery::Conflict(reason) => {
+                            info!(%reason, "delivered, but the state moved on: its writes were left out");
+                            Ok(())
+                        }
                         Delivery::Refused(err) => Err(err.into()),
                         Delivery::Failed(err @ broker::Error::Unroutable { .. }) => {
                             let reason = format!(

@@ -46,9 +46,11 @@ pub enum Delivery<E> {
     Already,
     /// A copy of the input is being delivered right now: nothing was sent.
     Busy,
-    /// Delivered, but a guarded write lost a race: nothing was written.
+    /// Delivered and recorded as delivered, but a guarded write lost a race (the state moved on
+    /// meanwhile): its writes were left out. The input is done; a copy sends nothing again.
     Conflict(String),
-    /// Delivered, but the database refused its writes for good: nothing was written.
+    /// The database refused its writes for good: they were left out. If it was delivered (its
+    /// writes reserve nothing), it is recorded as delivered, and a copy sends nothing again.
     Refused(Error),
     /// The delivery failed: nothing was written.
     Failed(E),
@@ -158,6 +160,12 @@ impl Store {
     /// republished duplicate, a redelivery) handled at the same time, in this process or in
     /// another, finds the lock taken and sends nothing, instead of delivering a second time.
     /// One transaction and one commit for the batch, as in [`Store::apply_batch`].
+    ///
+    /// What is delivered cannot be taken back, so nothing after a delivery can undo its marker:
+    /// an input whose writes would reserve capacity (which the end of a batch may find taken) is
+    /// refused before anything is sent, and an input whose writes conflict or are refused is
+    /// still recorded as delivered. Only the database failing before the commit leaves a
+    /// delivered input unrecorded; its copy is then delivered again, with the same message id.
     pub async fn deliver_batch<E, F: Future<Output = Result<(), E>>>(
         &self,
         actor: &str,
@@ -207,6 +215,11 @@ impl Store {
                 Some(Delivery::Busy)
             } else if done.contains(&ids[index]) {
                 Some(Delivery::Already)
+            } else if batch[index].1.iter().any(reserves_capacity) {
+                Some(Delivery::Refused(Error::Refused(
+                    "a delivery cannot reserve capacity: its reservation could be refused after it was sent"
+                        .into(),
+                )))
             } else {
                 None
             });
@@ -225,27 +238,21 @@ impl Store {
             let (marker, writes) = &batch[index];
             let (outcome, agents) = apply_saved(&mut tx, actor, Some(marker), writes).await?;
             ledgers.extend(agents.map(|agents| (index, agents)));
-            outcomes[index] = Some(match outcome {
+            let delivery = match outcome {
                 Ok(Applied::Done) => Delivery::Done,
                 Ok(Applied::Duplicate(_)) => Delivery::Already,
-                Ok(Applied::Conflict(reason)) => Delivery::Conflict(reason),
                 // This message's writes only: the others of the batch, delivered too, stand.
+                Ok(Applied::Conflict(reason)) => Delivery::Conflict(reason),
                 Err(err) => Delivery::Refused(err),
-            });
+            };
+            if matches!(delivery, Delivery::Conflict(_) | Delivery::Refused(_)) {
+                apply_in(&tx, actor, Some(marker), &[]).await?;
+            }
+            outcomes[index] = Some(delivery);
         }
-        let rejected = AgentLedger::apply_all(&tx, &ledgers).await?;
-        if !rejected.is_empty() {
-            // Nothing that a delivery records reserves capacity; should it ever, the delivered
-            // inputs are decided again, as after any conflict.
-            tx.rollback().await?;
-            return Ok(outcomes
-                .into_iter()
-                .map(|outcome| match outcome {
-                    Some(Delivery::Done) => Delivery::Conflict("an agent has no spare capacity left".into()),
-                    other => other.expect("every input has an outcome"),
-                })
-                .collect());
-        }
+        // Releases and counts only (reservations were refused above): nothing here can be
+        // turned down, so no delivered input goes unrecorded for want of capacity.
+        AgentLedger::apply_unchecked(&tx, &ledgers).await?;
         tx.commit().await?;
         Ok(outcomes.into_iter().map(|outcome| outcome.expect("every input has an outcome")).collect())
     }
@@ -277,6 +284,11 @@ fn task_updated(write: &Write) -> Option<Uuid> {
         _ => return None,
     };
     Some(task.as_uuid())
+}
+
+/// Whether `write` takes a slot of an agent (which the end of a batch may find taken).
+fn reserves_capacity(write: &Write) -> bool {
+    matches!(write, Write::Route { route, .. } if route.reserves_capacity)
 }
 
 /// The messages of a batch that would book an agent beyond its capacity, as the agents stand
@@ -449,6 +461,20 @@ impl AgentLedger {
         tx: &Transaction<'_>,
         ledgers: &[(usize, AgentLedger)],
     ) -> Result<BTreeMap<usize, String>, Error> {
+        Self::apply_checked(tx, ledgers, true).await
+    }
+
+    /// Applies ledgers without checking capacity: for writes that only give it back and count
+    /// outcomes, which must not be turned down.
+    async fn apply_unchecked(tx: &Transaction<'_>, ledgers: &[(usize, AgentLedger)]) -> Result<(), Error> {
+        Self::apply_checked(tx, ledgers, false).await.map(drop)
+    }
+
+    async fn apply_checked(
+        tx: &Transaction<'_>,
+        ledgers: &[(usize, AgentLedger)],
+        check_capacity: bool,
+    ) -> Result<BTreeMap<usize, String>, Error> {
         let ids: BTreeSet<&str> =
             ledgers.iter().flat_map(|(_, ledger)| ledger.changes.keys().map(String::as_str)).collect();
         if ids.is_empty() {
@@ -472,12 +498,13 @@ impl AgentLedger {
             .collect();
         let mut rejected = BTreeMap::new();
         for (index, ledger) in ledgers {
-            let fits = ledger.changes.iter().all(|(agent, change)| match agents.get(agent.as_str()) {
-                Some((in_flight, capacity, ..)) => {
-                    change.in_flight <= 0 || in_flight + change.in_flight <= *capacity
-                }
-                None => change.in_flight <= 0,
-            });
+            let fits = !check_capacity
+                || ledger.changes.iter().all(|(agent, change)| match agents.get(agent.as_str()) {
+                    Some((in_flight, capacity, ..)) => {
+                        change.in_flight <= 0 || in_flight + change.in_flight <= *capacity
+                    }
+                    None => change.in_flight <= 0,
+                });
             if !fits {
                 let agent = ledger.changes.iter().find(|(_, c)| c.in_flight > 0).map_or("", |(a, _)| a);
                 rejected.insert(*index, format!("agent {agent} has no spare capacity left"));

@@ -92,7 +92,7 @@ async fn a_batch_delivers_each_input_once_even_with_two_copies_of_it() {
 }
 
 #[tokio::test]
-async fn a_delivered_message_whose_writes_are_refused_fails_alone_in_its_batch() {
+async fn a_delivered_message_whose_writes_are_refused_fails_alone_and_is_never_sent_again() {
     let app = spawn_app().await;
     let delivered = AtomicUsize::new(0);
     let deliver = |_: usize| {
@@ -123,5 +123,77 @@ async fn a_delivered_message_whose_writes_are_refused_fails_alone_in_its_batch()
     let Delivery::Refused(err) = &outcomes[1] else { panic!("{outcomes:?}") };
     assert!(!err.is_transient() && err.to_string().starts_with("database"), "{err}");
     assert!(app.store.processed("dispatch", good).await.unwrap().is_some(), "the other one is recorded");
-    assert!(app.store.processed("dispatch", bad).await.unwrap().is_none());
+    assert!(app.store.processed("dispatch", bad).await.unwrap().is_some(), "recorded as delivered");
+    assert!(app.store.trail(request_id).await.unwrap().is_none(), "its writes were left out");
+
+    let again = app.store.deliver_batch("dispatch", &batch[1..], deliver).await.unwrap();
+    assert!(matches!(again[..], [Delivery::Already]), "{again:?}");
+    assert_eq!(delivered.load(Ordering::SeqCst), 2, "a copy sends nothing again");
+}
+
+#[tokio::test]
+async fn a_delivered_message_whose_writes_lost_a_race_is_recorded_and_never_sent_again() {
+    let app = spawn_app().await;
+    let delivered = AtomicUsize::new(0);
+    let deliver = |_: usize| {
+        delivered.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok::<(), String>(()))
+    };
+    // A guarded write that loses: the request it cancels is not there.
+    let stale = [Write::Cancel { request_id: RequestId::random(), by: "ops".into(), reason: "late".into() }];
+    let id = MessageId::random();
+    let batch = [(marker("dispatch", id), &stale[..])];
+
+    let outcomes = app.store.deliver_batch("dispatch", &batch, deliver).await.unwrap();
+    assert!(
+        matches!(&outcomes[..], [Delivery::Conflict(reason)] if reason.starts_with("no request")),
+        "{outcomes:?}"
+    );
+    assert!(app.store.processed("dispatch", id).await.unwrap().is_some(), "recorded as delivered");
+
+    // The runner once decided such an input again, which sent it a second time.
+    let again = app.store.deliver_batch("dispatch", &batch, deliver).await.unwrap();
+    assert!(matches!(again[..], [Delivery::Already]), "{again:?}");
+    assert_eq!(delivered.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_delivery_that_would_reserve_capacity_is_refused_before_it_is_sent() {
+    let app = spawn_app().await;
+    app.register_agent("homelab-1", &["deployment"], 1, &[]).await;
+    let delivered = AtomicUsize::new(0);
+    let deliver = |_: usize| {
+        delivered.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok::<(), String>(()))
+    };
+    let request_id = RequestId::random();
+    let task_id = request_id.plan_id().task_id("1.prepare");
+    let reserving = [Write::Route {
+        request_id,
+        plan_id: request_id.plan_id(),
+        attempt: 1,
+        decision_id: task_id.decision_id(1),
+        ready_at: chrono::Utc::now(),
+        route: Route {
+            task_id,
+            agent_id: AgentId::parse("homelab-1").unwrap(),
+            score: Some(0.9),
+            reason: "best".into(),
+            candidates: vec![],
+            reserves_capacity: true,
+        },
+    }];
+    let id = MessageId::random();
+
+    let outcomes = app
+        .store
+        .deliver_batch("dispatch", &[(marker("dispatch", id), &reserving[..])], deliver)
+        .await
+        .unwrap();
+
+    let [Delivery::Refused(err)] = &outcomes[..] else { panic!("{outcomes:?}") };
+    assert!(err.to_string().contains("cannot reserve capacity"), "{err}");
+    assert_eq!(delivered.load(Ordering::SeqCst), 0, "nothing sent");
+    assert!(app.store.processed("dispatch", id).await.unwrap().is_none());
+    assert_eq!(app.store.agents().await.unwrap()[0].in_flight, 0);
 }
