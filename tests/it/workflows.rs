@@ -1,5 +1,7 @@
 //! Complete workflows: a request goes through every stage to its agents' queues.
 
+use std::time::Duration;
+
 use crate::helpers::*;
 
 #[tokio::test]
@@ -376,4 +378,53 @@ async fn with_two_agent_processes_a_request_completes_even_when_one_is_killed_mi
     assert_eq!((retried.status.as_str(), retried.agent_id.as_deref()), ("succeeded", Some("agent-b")));
     let audit = app.cli(&["audit", &id.to_string()]).await;
     assert!(audit.status.success(), "{}", stdout(&audit));
+}
+
+/// A migration cut off half-way (its connection killed while it waits for a lock) reports the
+/// migration's error, not the failed unlock's, and leaves nothing in the pool that holds the
+/// migrations' lock: the next migration, on the same pool, runs to the end.
+#[tokio::test]
+async fn a_migration_cut_off_reports_its_own_error_and_leaves_the_lock_free() {
+    let database = format!("switchyard_t_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let url = switchyard::store::with_database(&database_url(), &database);
+    switchyard::store::ensure_database(&url).await.unwrap();
+    let (mut blocker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    // The first migration creates `requests`: it waits for this transaction to end.
+    let holding = blocker.transaction().await.unwrap();
+    holding.batch_execute("CREATE TABLE requests (id int)").await.unwrap();
+    let store = switchyard::store::Store::connect(&url, 1).await.unwrap();
+    let migrating = tokio::spawn({
+        let store = store.clone();
+        async move { store.migrate().await }
+    });
+    let mut killed = false;
+    for _ in 0..200 {
+        let rows = holding
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if !rows.is_empty() {
+            killed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(killed, "the migration never waited for the table");
+    let err = migrating.await.unwrap().expect_err("the migration was cut off");
+    assert!(err.to_string().starts_with("database migration:"), "{err}");
+    assert!(err.is_transient(), "{err}");
+
+    holding.rollback().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), store.migrate())
+        .await
+        .expect("the lock is free")
+        .expect("the next migration runs");
+    assert!(store.agents().await.unwrap().is_empty(), "and the database is migrated");
+    drop((store, blocker));
+    switchyard::store::admin::drop_database(&database_url(), &database).await.unwrap();
 }
