@@ -165,6 +165,9 @@ pub enum Write {
         provider: String,
         usage: TokenUsage,
         cost_micros: i64,
+        /// When the tokens were used: the window it falls in is the one charged without a
+        /// reservation, however late (or how many times) the result is recorded.
+        used_at: DateTime<Utc>,
     },
     /// The broker confirmed the task into the agent's queue.
     Dispatched {

@@ -37,7 +37,7 @@ pub struct Track {
 }
 
 /// The plan and where its tasks stand.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TrackContext {
     pub plan: Option<StoredPlan>,
     pub tasks: Vec<TaskState>,
@@ -87,7 +87,7 @@ impl Stage for Track {
         let plan_id = stored.plan.id;
         // Tokens an external model used are spent whatever becomes of the result: a late one
         // is still paid for.
-        let used = self.quota_used(result, context.fallback.as_ref(), request_id);
+        let used = self.quota_used(result, context.fallback.as_ref(), request_id, now);
         let running = matches!(state.status, TaskStatus::Routed | TaskStatus::Dispatched);
         if result.attempt != state.attempt || !running {
             if let Some(used) = used {
@@ -192,6 +192,7 @@ impl Track {
         result: &TaskResult,
         decision: Option<&FallbackDecision>,
         request_id: crate::ids::RequestId,
+        now: DateTime<Utc>,
     ) -> Option<Write> {
         let usage = result.usage?;
         let decision = decision.filter(|d| d.use_external && d.external_tasks.contains(&result.task_id))?;
@@ -208,6 +209,10 @@ impl Track {
             provider,
             usage,
             cost_micros,
+            // When the agent finished, as it reports it: the same on every redelivery. Never
+            // later than now, so that an agent's clock running ahead cannot charge a window to
+            // come.
+            used_at: result.finished_at.min(now),
         })
     }
 }
@@ -324,6 +329,23 @@ mod tests {
         };
         assert!(matches!(writes.as_slice(), [Write::QuotaUsed { cost_micros: 2_400, .. }]), "{writes:?}");
         assert!(publish.is_empty());
+    }
+
+    #[test]
+    fn tokens_are_used_when_the_agent_finished_but_never_after_now() {
+        let (mut input, context) = setup(1);
+        let now = Utc::now();
+        let used_at = |input: &Inbound<TaskResult>, context| match stage().decide(input, context, now) {
+            Outcome::Forward { writes, .. } => writes.into_iter().find_map(|w| match w {
+                Write::QuotaUsed { used_at, .. } => Some(used_at),
+                _ => None,
+            }),
+            other => panic!("{other:?}"),
+        };
+        input.payload.finished_at = now - chrono::Duration::minutes(5);
+        assert_eq!(used_at(&input, context.clone()), Some(now - chrono::Duration::minutes(5)));
+        input.payload.finished_at = now + chrono::Duration::hours(1);
+        assert_eq!(used_at(&input, context), Some(now), "an agent's clock ahead charges no later window");
     }
 
     #[test]

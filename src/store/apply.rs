@@ -1320,7 +1320,7 @@ async fn apply_one(
             // was finished before.
             super::quota::settle(tx, actor, *request_id, *plan_id, "quota.settled").await?;
         }
-        Write::QuotaUsed { request_id, plan_id, task_id, attempt, provider, usage, cost_micros } => {
+        Write::QuotaUsed { request_id, plan_id, task_id, attempt, provider, usage, cost_micros, used_at } => {
             super::quota::record_use(
                 tx,
                 actor,
@@ -1331,6 +1331,7 @@ async fn apply_one(
                 provider,
                 usage,
                 *cost_micros,
+                *used_at,
             )
             .await?;
         }

@@ -167,6 +167,7 @@ pub(super) async fn record_use(
     provider: &str,
     usage: &TokenUsage,
     cost_micros: i64,
+    used_at: DateTime<Utc>,
 ) -> Result<(), Error> {
     let cost = cost_micros.max(0);
     let (input, output) = (tokens(usage.input_tokens), tokens(usage.output_tokens));
@@ -186,7 +187,7 @@ pub(super) async fn record_use(
         }
         // Use that nothing reserved (a provider the plan was not decided for) is spent in the
         // provider's current window all the same.
-        None => (window_of(tx, provider).await?.map(|w| (w, w.start(Utc::now()))), 0),
+        None => (window_of(tx, provider).await?.map(|w| (w, w.start(used_at))), 0),
     };
     let inserted = tx
         .execute_cached(

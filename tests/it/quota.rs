@@ -83,6 +83,17 @@ async fn reserved_plan(app: &TestApp, amount: i64, at: DateTime<Utc>) -> (Reques
 }
 
 fn used(request_id: RequestId, plan: &Plan, task: usize, attempt: u32, cost_micros: i64) -> Write {
+    used_at(request_id, plan, task, attempt, cost_micros, Utc::now())
+}
+
+fn used_at(
+    request_id: RequestId,
+    plan: &Plan,
+    task: usize,
+    attempt: u32,
+    cost_micros: i64,
+    at: DateTime<Utc>,
+) -> Write {
     Write::QuotaUsed {
         request_id,
         plan_id: plan.id,
@@ -91,6 +102,7 @@ fn used(request_id: RequestId, plan: &Plan, task: usize, attempt: u32, cost_micr
         provider: PROVIDER.into(),
         usage: TokenUsage { input_tokens: 1_200, output_tokens: 350 },
         cost_micros,
+        used_at: at,
     }
 }
 
@@ -222,15 +234,26 @@ async fn real_use_moves_its_cost_from_reserved_to_spent_once_per_attempt() {
     assert_eq!(uses[0]["from_reserved_micros"], 7_000);
     assert_eq!(uses[1]["from_reserved_micros"], 23_000);
     assert_eq!(uses[1]["input_tokens"], 1_200);
+}
 
-    // Use on a plan that reserved nothing of this provider is spent in its current window.
-    let (other_id, other) = new_plan(&app).await;
-    app.store.apply("track", None, &[used(other_id, &other, 1, 1, 500)]).await.unwrap();
-    let later = Utc::now();
-    let q = report_of(&app, PROVIDER, later).await;
-    if q.window_start == Window::Monthly.start(now) {
-        assert_eq!((q.reserved_micros, q.spent_micros), (0, 37_500));
+#[tokio::test]
+async fn use_without_a_reservation_is_spent_in_the_window_it_happened_in_however_late_recorded() {
+    let app = spawn_app().await;
+    app.store.ensure_quota(PROVIDER, 100_000, Window::Monthly).await.unwrap();
+    let (request_id, plan) = new_plan(&app).await;
+    let end_of_january = Utc.with_ymd_and_hms(2030, 1, 31, 23, 59, 59).unwrap();
+    let february = Utc.with_ymd_and_hms(2030, 2, 1, 0, 0, 1).unwrap();
+
+    // Recorded, and recorded again (a redelivered result), in February, as far as the clock goes.
+    let late = used_at(request_id, &plan, 1, 1, 500, end_of_january);
+    for _ in 0..2 {
+        assert_eq!(app.store.apply("track", None, std::slice::from_ref(&late)).await.unwrap(), Applied::Done);
     }
+
+    let january = report_of(&app, PROVIDER, end_of_january).await;
+    assert_eq!((january.reserved_micros, january.spent_micros), (0, 500));
+    let february = report_of(&app, PROVIDER, february).await;
+    assert_eq!((february.reserved_micros, february.spent_micros), (0, 0));
 }
 
 #[tokio::test]
