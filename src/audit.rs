@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::domain::{PlanStatus, RequestStatus, TaskStatus};
-use crate::store::{DeadLetter, Trail};
+use crate::store::{Refusal, Trail};
 
 /// How the request ended (or where it stands), to follow "the request": what the audit names
 /// first.
@@ -42,17 +42,14 @@ pub fn outcome(trail: &Trail) -> String {
 
 /// The outcome of a request refused on arrival: it has no row, only the dead letters that say
 /// why. Such a trail is complete when each of them has a reason.
-pub fn refused(dead_letters: &[DeadLetter]) -> (String, Vec<String>) {
-    let findings = dead_letters
-        .iter()
+pub fn refused(refusal: &Refusal) -> (String, Vec<String>) {
+    let findings = refusal
+        .dead_letters()
         .filter(|d| d.reason.trim().is_empty())
         .map(|d| format!("the dead letter of message {} at {} has no reason", d.message_id, d.stage))
         .collect();
-    let line = match dead_letters.first() {
-        Some(d) => format!("was refused on arrival at {}: {}", d.stage, d.reason),
-        None => "was refused on arrival".to_owned(),
-    };
-    (line, findings)
+    let first = refusal.first();
+    (format!("was refused on arrival at {}: {}", first.stage, first.reason), findings)
 }
 
 /// Everything wrong with a trail; empty when it is complete and consistent.
@@ -582,11 +579,14 @@ mod tests {
             reason: "empty request text".into(),
             at: Utc::now(),
         };
-        let (line, findings) = refused(std::slice::from_ref(&dead));
+        let (line, findings) = refused(&Refusal::new(vec![dead.clone()]).unwrap());
         assert_eq!(line, "was refused on arrival at decompose: empty request text");
         assert!(findings.is_empty());
-        let (_, findings) = refused(&[DeadLetter { reason: " ".into(), ..dead }]);
+        let blank = DeadLetter { reason: " ".into(), ..dead.clone() };
+        let (line, findings) = refused(&Refusal::new(vec![dead, blank]).unwrap());
+        assert_eq!(line, "was refused on arrival at decompose: empty request text", "the first one");
         assert_eq!(findings.len(), 1);
+        assert!(Refusal::new(Vec::new()).is_none(), "no dead letter, no refusal");
     }
 
     #[test]

@@ -139,7 +139,38 @@ pub struct Cancellation {
 pub enum Lookup {
     Request(Box<RequestReport>),
     /// No request row: the request was refused on arrival, for these reasons.
-    Refused(Vec<DeadLetter>),
+    Refused(Refusal),
+}
+
+/// Why a request was refused on arrival: its dead letters, of which there is at least one.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    first: DeadLetter,
+    later: Vec<DeadLetter>,
+}
+
+impl Refusal {
+    /// The refusal that `dead_letters`, oldest first, make; none if there are none.
+    pub fn new(dead_letters: Vec<DeadLetter>) -> Option<Self> {
+        let mut dead_letters = dead_letters.into_iter();
+        Some(Refusal { first: dead_letters.next()?, later: dead_letters.collect() })
+    }
+
+    /// The first dead letter: what refused the request.
+    pub fn first(&self) -> &DeadLetter {
+        &self.first
+    }
+
+    /// Every dead letter, the first first.
+    pub fn dead_letters(&self) -> impl Iterator<Item = &DeadLetter> {
+        std::iter::once(&self.first).chain(&self.later)
+    }
+}
+
+impl Serialize for Refusal {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.dead_letters())
+    }
 }
 
 /// A routing decision as stored.
@@ -737,8 +768,7 @@ impl Store {
         let dead_letters = self.dead_letters_of_request(request_id).await?;
         Ok(match self.report(request_id).await? {
             Some(report) => Some(Lookup::Request(Box::new(report))),
-            None if dead_letters.is_empty() => None,
-            None => Some(Lookup::Refused(dead_letters)),
+            None => Refusal::new(dead_letters).map(Lookup::Refused),
         })
     }
 

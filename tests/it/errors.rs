@@ -231,6 +231,10 @@ async fn a_refused_request_keeps_its_id_and_status_and_submit_wait_show_why() {
     assert!(text.contains("refused on arrival"), "{text}");
     assert!(text.contains("dead letter at decompose"), "{text}");
     assert!(text.contains("empty request text"), "{text}");
+    let status = app.cli(&["status", &id.to_string(), "--json"]).await;
+    let shown: Value = serde_json::from_slice(&status.stdout).expect("one JSON object");
+    assert_eq!(shown["status"], "refused");
+    assert_eq!(shown["dead_letters"][0]["reason"], "empty request text", "{shown}");
 
     // `submit --wait` of a refused request ends at once with the reason, not at its timeout.
     let output = app.cli(&["submit", "   ", "--wait", "--timeout", "20"]).await;

@@ -113,8 +113,9 @@ pub async fn follow(
     let (end, report) = loop {
         let (report, progress) = match store.lookup(request_id).await? {
             None => (None, Progress::Waiting("submitted".into())),
-            Some(Lookup::Refused(dead)) => {
-                (None, Progress::Failed(format!("refused at {}: {}", dead[0].stage, dead[0].reason)))
+            Some(Lookup::Refused(refusal)) => {
+                let first = refusal.first();
+                (None, Progress::Failed(format!("refused at {}: {}", first.stage, first.reason)))
             }
             Some(Lookup::Request(report)) => {
                 let progress = ops::progress(&report);

@@ -492,7 +492,7 @@ async fn run(cli: Cli) -> Result<Exit> {
                     } else {
                         println!("request   {request_id}");
                         println!("status    refused on arrival");
-                        print::dead_letters(&dead);
+                        print::dead_letters(dead.dead_letters());
                     }
                     // Something to show is an answer, whatever the request's fate.
                     return Ok(Exit::Success);
@@ -510,7 +510,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             let (outcome, findings) = match store.trail(request_id).await? {
                 Some(trail) => (audit::outcome(&trail), audit::check(&trail)),
                 None => match store.lookup(request_id).await? {
-                    Some(Lookup::Refused(dead)) => audit::refused(&dead),
+                    Some(Lookup::Refused(refusal)) => audit::refused(&refusal),
                     _ => bail!("no request {request_id}"),
                 },
             };

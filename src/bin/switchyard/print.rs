@@ -93,7 +93,7 @@ pub fn report(report: &RequestReport, waits: &HashMap<TaskId, String>) {
     dead_letters(&report.dead_letters);
 }
 
-pub fn dead_letters(dead_letters: &[DeadLetter]) {
+pub fn dead_letters<'a>(dead_letters: impl IntoIterator<Item = &'a DeadLetter>) {
     for dead in dead_letters {
         println!("dead letter at {} ({}): {}", dead.stage, dead.queue, dead.reason);
     }
