@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use switchyard::domain::{Agent, Resources, Task};
-use switchyard::ids::{AgentId, RequestId, WorkType};
-use switchyard::routing::{Placement, RoutingPolicy, Verdict, route_tasks};
+use switchyard::decisions::routing::{Placement, RoutingPolicy, Verdict, route_tasks};
+use switchyard::model::domain::{Agent, Resources, Task};
+use switchyard::model::ids::{AgentId, RequestId, WorkType};
 use uuid::Uuid;
 
 const FLEET_SIZES: [usize; 4] = [10, 100, 1_000, 10_000];

@@ -14,9 +14,9 @@ use std::time::Duration;
 use switchyard::agent::{AgentBuilder, Execution, TaskHandler};
 use switchyard::broker::Broker;
 use switchyard::config::Config;
-use switchyard::domain::Resources;
-use switchyard::topology::Names;
-use switchyard::wire::TaskAssignment;
+use switchyard::model::domain::Resources;
+use switchyard::model::wire::TaskAssignment;
+use switchyard::pipeline::topology::Names;
 use tokio_util::sync::CancellationToken;
 
 /// Answers every task with its description in capitals; refuses tasks without one.

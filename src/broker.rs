@@ -17,8 +17,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::ids::AgentId;
-use crate::topology::{self, Names, Topology};
+use crate::model::ids::AgentId;
+use crate::pipeline::topology::{self, Names, Topology};
 
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::redact;
-use crate::decomposer;
-use crate::fleet::PlanningPolicy;
-use crate::ids::Namespace;
-use crate::leases::LeasePolicy;
-use crate::policy::{ApprovalPolicy, FallbackPolicy};
-use crate::routing::RoutingPolicy;
-use crate::runner;
-use crate::stages::TrackingPolicy;
+use crate::decisions::leases::LeasePolicy;
+use crate::decisions::policy::{ApprovalPolicy, FallbackPolicy};
+use crate::decisions::routing::RoutingPolicy;
+use crate::model::ids::Namespace;
+use crate::pipeline::runner;
+use crate::pipeline::stages::TrackingPolicy;
+use crate::understanding::decomposer;
+use crate::understanding::fleet::PlanningPolicy;
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/switchyard";
@@ -27,7 +27,7 @@ pub enum Error {
     #[error("invalid configuration file {path}: {source}")]
     Toml { path: PathBuf, source: Box<toml::de::Error> },
     #[error("invalid {variable}: {source}")]
-    Env { variable: &'static str, source: crate::ids::Error },
+    Env { variable: &'static str, source: crate::model::ids::Error },
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]

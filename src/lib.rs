@@ -1,29 +1,31 @@
 //! Switchyard: a message-driven orchestrator for agent work. See `ARCHITECTURE.md`.
+//!
+//! # Layout
+//!
+//! The folders follow the roles; `ARCHITECTURE.md`'s code map follows the folders.
+//!
+//! - [`model`]: ids, the domain, the writes stages decide, the wire format. Depends on nothing.
+//! - [`understanding`]: from a request's text to a plan (catalog, decomposers, planner, fleet,
+//!   complexity).
+//! - [`decisions`]: routing, fallback and approval, leases, audit: pure, each with its reasons.
+//! - [`pipeline`]: the stages, their runner, the topology and the worker process.
+//! - The edges, the only modules that talk to the outside: [`broker`] (AMQP), [`store`]
+//!   (PostgreSQL), [`llm`] (HTTP to models); with [`config`] and [`redact`].
+//! - [`agent`]: the agent process and its executors; [`ops`]: what the command line does;
+//!   [`bench`]: the benchmark.
 
 pub mod agent;
-pub mod audit;
 pub mod bench;
 pub mod broker;
-pub mod catalog;
-pub mod complexity;
 pub mod config;
-pub mod decomposer;
-pub mod domain;
-pub mod effect;
-pub mod fleet;
-pub mod ids;
-pub mod leases;
+pub mod decisions;
 pub mod llm;
+pub mod model;
 pub mod ops;
-pub mod policy;
+pub mod pipeline;
 pub mod redact;
-pub mod routing;
-pub mod runner;
-pub mod stages;
 pub mod store;
-pub mod topology;
-pub mod wire;
-pub mod worker;
+pub mod understanding;
 
 /// The text of a caught panic: what `panic!` was given, when it was a string.
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

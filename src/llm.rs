@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::debug;
 
-use crate::wire::TokenUsage;
+use crate::model::wire::TokenUsage;
 
 /// How much of a server's answer an error quotes, in characters.
 pub const QUOTED_CHARS: usize = 200;

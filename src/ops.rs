@@ -8,10 +8,10 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::broker::{self, Broker, Outgoing};
-use crate::domain::{PlanStatus, RequestStatus, TaskStatus};
-use crate::ids::{AgentId, MessageId, PlanId, RequestId};
+use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
+use crate::model::ids::{AgentId, MessageId, PlanId, RequestId};
+use crate::model::wire::{Envelope, RouteTasks, SCHEMA_VERSION, SubmitRequest, TaskAbort, Wake};
 use crate::store::{self, ApprovalOutcome, RequestReport, Stopped, Store};
-use crate::wire::{Envelope, RouteTasks, SCHEMA_VERSION, SubmitRequest, TaskAbort, Wake};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -215,9 +215,9 @@ pub fn progress(report: &RequestReport) -> Progress {
 pub async fn waiting_reasons(
     store: &Store,
     report: &RequestReport,
-    policy: &crate::routing::RoutingPolicy,
+    policy: &crate::decisions::routing::RoutingPolicy,
     now: DateTime<Utc>,
-) -> Result<HashMap<crate::ids::TaskId, String>, Error> {
+) -> Result<HashMap<crate::model::ids::TaskId, String>, Error> {
     let Some(plan) = &report.plan else { return Ok(HashMap::new()) };
     let waiting: Vec<&store::TaskState> =
         plan.tasks.iter().filter(|t| t.status == TaskStatus::Waiting).collect();
@@ -227,15 +227,20 @@ pub async fn waiting_reasons(
     let Some(stored) = store.plan(plan.plan_id).await? else { return Ok(HashMap::new()) };
     let agents = store.agents().await?;
     let failed = store.failed_agents(plan.plan_id).await?;
-    let external = crate::stages::External::of(plan.fallback.as_ref());
-    let router = crate::routing::Router::new(&agents, now, policy);
+    let external = crate::pipeline::stages::External::of(plan.fallback.as_ref());
+    let router = crate::decisions::routing::Router::new(&agents, now, policy);
     let mut reasons = HashMap::new();
     for state in waiting {
         let Some(task) = stored.plan.task(state.id) else { continue };
         let task = external.as_ref().map_or_else(|| task.clone(), |e| e.adapt(task));
-        let ask =
-            crate::stages::ask(&task, state.attempt + 1, external.as_ref(), failed.get(&task.id), policy);
-        reasons.insert(task.id, crate::routing::waiting_reason(&router.judge(&task, ask)));
+        let ask = crate::pipeline::stages::ask(
+            &task,
+            state.attempt + 1,
+            external.as_ref(),
+            failed.get(&task.id),
+            policy,
+        );
+        reasons.insert(task.id, crate::decisions::routing::waiting_reason(&router.judge(&task, ask)));
     }
     Ok(reasons)
 }

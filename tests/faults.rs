@@ -30,11 +30,11 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use switchyard::broker::{Broker, Outgoing};
 use switchyard::config::Config;
-use switchyard::ids::{Namespace, RequestId};
-use switchyard::stages::{Destination, Publish};
+use switchyard::model::ids::{Namespace, RequestId};
+use switchyard::model::wire::SubmitRequest;
+use switchyard::pipeline::stages::{Destination, Publish};
+use switchyard::pipeline::topology::Names;
 use switchyard::store::Store;
-use switchyard::topology::Names;
-use switchyard::wire::SubmitRequest;
 use tokio::process::{Child, Command};
 
 /// Requests submitted (each counted as accepted once the broker confirmed it).
@@ -69,7 +69,7 @@ async fn nothing_is_lost_or_done_twice_under_kills_restarts_and_duplicates() {
     let mut postgres = Postgres::start(&scratch.dir);
     println!("private broker on port {}, database server on port {}", rabbit.port, postgres.port);
     let config = scene_config(&scratch.dir, rabbit.url(), postgres.url());
-    let store = switchyard::worker::prepare_store(&config).await.expect("the database is prepared");
+    let store = switchyard::pipeline::worker::prepare_store(&config).await.expect("the database is prepared");
     let client = Client::new(config.amqp_url.clone(), Names::new(config.namespace.clone()));
     client.broker().await.declare_topology().await.expect("the topology");
 
@@ -304,7 +304,7 @@ async fn check(
             }
         }
         if let Some(trail) = retry(|| store.trail(*id)).await {
-            let findings = switchyard::audit::check(&trail);
+            let findings = switchyard::decisions::audit::check(&trail);
             if !findings.is_empty() {
                 verdict.findings.push(format!("audit of {id}: {}", findings.join("; ")));
             }

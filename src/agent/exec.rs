@@ -27,8 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::Error;
 use super::executor::{Execution, truncate_utf8};
-use crate::ids::WorkType;
-use crate::wire::{MAX_RESULT_OUTPUT_BYTES, TaskAssignment};
+use crate::model::ids::WorkType;
+use crate::model::wire::{MAX_RESULT_OUTPUT_BYTES, TaskAssignment};
 
 /// How much of the end of standard error a failure reports.
 pub const STDERR_TAIL_BYTES: usize = 8 * 1024;

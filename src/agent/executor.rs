@@ -7,11 +7,11 @@ use std::sync::Arc;
 use super::exec::Exec;
 use super::llm::Llm;
 use super::simulate::Simulate;
-use crate::wire::{TaskAssignment, TokenUsage};
+use crate::model::wire::{TaskAssignment, TokenUsage};
 
 /// How one attempt of a task ended, as the handler reports it. The runtime turns it into a
-/// [`crate::wire::TaskResult`], truncating `output` and `error` to
-/// [`crate::wire::MAX_RESULT_OUTPUT_BYTES`].
+/// [`crate::model::wire::TaskResult`], truncating `output` and `error` to
+/// [`crate::model::wire::MAX_RESULT_OUTPUT_BYTES`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Execution {
     pub success: bool,

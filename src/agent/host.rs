@@ -2,7 +2,7 @@
 //! control group, in a container) and its GPUs, as far as the host shows them. An agent that is
 //! not told what it offers reports this.
 
-use crate::domain::Resources;
+use crate::model::domain::Resources;
 
 /// The resources of this machine. CPUs: those this process may use (a container's CPU quota
 /// included); memory: the total, or the control group's limit if lower; GPUs: the NVIDIA devices

@@ -8,7 +8,7 @@
 //! API key.
 
 use crate::llm::{ChatRequest, Client, RetryPolicy};
-use crate::wire::TaskAssignment;
+use crate::model::wire::TaskAssignment;
 
 use super::executor::Execution;
 

@@ -53,9 +53,9 @@ pub use llm::{Llm, SYSTEM_PROMPT};
 pub use simulate::{SIMULATED_FAILURE, Simulate};
 
 use crate::broker::{self, Broker, Incoming, Outgoing, Subscription};
-use crate::domain::Resources;
-use crate::ids::{AgentId, TaskId};
-use crate::wire::{
+use crate::model::domain::Resources;
+use crate::model::ids::{AgentId, TaskId};
+use crate::model::wire::{
     self, Envelope, Heartbeat, MAX_RESULT_OUTPUT_BYTES, TaskAbort, TaskAssignment, TaskResult,
 };
 
@@ -654,8 +654,8 @@ async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::domain::Task;
-    use crate::ids::{RequestId, WorkType};
+    use crate::model::domain::Task;
+    use crate::model::ids::{RequestId, WorkType};
 
     /// An assignment of a deployment task to `homelab-1`, attempt 1.
     pub(crate) fn assignment(key: &str, description: &str, duration_secs: u32) -> TaskAssignment {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::Error;
 use super::executor::Execution;
-use crate::wire::TaskAssignment;
+use crate::model::wire::TaskAssignment;
 
 /// The error of a simulated failure.
 pub const SIMULATED_FAILURE: &str = "simulated failure";

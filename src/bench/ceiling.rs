@@ -12,7 +12,7 @@ use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Error, Incoming, Outgoing, Subscription};
-use crate::topology::Names;
+use crate::pipeline::topology::Names;
 
 /// What to push through the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]

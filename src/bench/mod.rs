@@ -23,13 +23,13 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentBuilder, Simulate};
 use crate::broker::{self, Broker};
 use crate::config::Config;
-use crate::domain::Resources;
-use crate::ids::{AgentId, Namespace, RequestId};
+use crate::model::domain::Resources;
+use crate::model::ids::{AgentId, Namespace, RequestId};
+use crate::model::wire::SubmitRequest;
 use crate::ops;
+use crate::pipeline::topology::Names;
+use crate::pipeline::worker::{self, StageName, Worker};
 use crate::store::{self, Store};
-use crate::topology::Names;
-use crate::wire::SubmitRequest;
-use crate::worker::{self, StageName, Worker};
 
 /// The longest chain of deliveries a request goes through: requests → decompose → plan →
 /// fallback → route → dispatch → agent → track. The ceiling relays through as many hops.
@@ -213,7 +213,7 @@ impl Scene {
     async fn clean(&self, broker: Option<&Broker>, agents: usize) {
         if let Some(broker) = broker {
             let names = broker.names().clone();
-            let topology = crate::topology::Topology::standard().resolve(names.namespace());
+            let topology = crate::pipeline::topology::Topology::standard().resolve(names.namespace());
             let mut queues: Vec<String> = topology.queues.into_iter().map(|q| q.name).collect();
             queues.extend((1..=agents).map(|i| names.agent_queue(&agent_id(i))));
             queues.extend((1..=agents).map(|i| names.agent_control_queue(&agent_id(i))));
@@ -626,7 +626,8 @@ mod tests {
 
     #[test]
     fn the_bench_work_type_has_independent_steps() {
-        let catalog = crate::catalog::Catalog::default().extend_from_toml_str(&catalog(5)).unwrap();
+        let catalog =
+            crate::understanding::catalog::Catalog::default().extend_from_toml_str(&catalog(5)).unwrap();
         let d = catalog.decompose("benchmark request 3").unwrap();
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
         assert_eq!(plan.tasks().len(), 5);

@@ -9,9 +9,9 @@ use uuid::Uuid;
 
 use super::cached::Cached;
 use super::{Error, Store};
-use crate::domain::{PlanStatus, RequestStatus, TaskStatus};
-use crate::effect::Write;
-use crate::ids::{MessageId, PlanId, RequestId, TaskId};
+use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
+use crate::model::effect::Write;
+use crate::model::ids::{MessageId, PlanId, RequestId, TaskId};
 
 /// How applying went.
 #[derive(Debug, Clone, PartialEq)]

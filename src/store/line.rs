@@ -8,9 +8,9 @@ use chrono::{DateTime, Utc};
 use super::cached::Cached;
 use super::read::{TASK_COLUMNS, agent_from_row, task_from_row};
 use super::{Applied, Cancellation, Error, Store};
-use crate::domain::{Agent, RequestStatus, Task};
-use crate::effect::Write;
-use crate::ids::{AgentId, PlanId, RequestId, TaskId};
+use crate::model::domain::{Agent, RequestStatus, Task};
+use crate::model::effect::Write;
+use crate::model::ids::{AgentId, PlanId, RequestId, TaskId};
 
 /// A task waiting in line for an agent.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,7 +2,7 @@
 //! message's writes in one transaction with its idempotency marker and audit rows, and answers
 //! the queries that stages (their context), the command line and the audit need.
 //!
-//! [`Write`]: crate::effect::Write
+//! [`Write`]: crate::model::effect::Write
 
 mod apply;
 mod cached;

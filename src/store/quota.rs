@@ -16,10 +16,10 @@ use serde_json::json;
 use super::apply::audit;
 use super::cached::Cached;
 use super::{Error, Store};
-use crate::effect::Reservation;
-use crate::ids::{PlanId, RequestId, TaskId};
-use crate::policy::{QuotaSnapshot, Window};
-use crate::wire::TokenUsage;
+use crate::decisions::policy::{QuotaSnapshot, Window};
+use crate::model::effect::Reservation;
+use crate::model::ids::{PlanId, RequestId, TaskId};
+use crate::model::wire::TokenUsage;
 
 /// Every kind of window, for queries that look at the current window of each provider.
 const WINDOWS: [Window; 2] = [Window::Daily, Window::Monthly];

@@ -10,13 +10,13 @@ use uuid::Uuid;
 
 use super::cached::Cached;
 use super::{Applied, Error, Store};
-use crate::complexity::Term;
-use crate::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
-use crate::effect::Write;
-use crate::fleet::DurationStats;
-use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId, WorkType};
-use crate::policy::{FallbackDecision, Infeasible};
-use crate::wire::Heartbeat;
+use crate::decisions::policy::{FallbackDecision, Infeasible};
+use crate::model::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
+use crate::model::effect::Write;
+use crate::model::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId, WorkType};
+use crate::model::wire::Heartbeat;
+use crate::understanding::complexity::Term;
+use crate::understanding::fleet::DurationStats;
 
 /// A plan as stored, with its state.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,8 +4,8 @@
 use chrono::{DateTime, Utc};
 
 use super::{Error, Store};
-use crate::domain::RequestStatus;
-use crate::ids::RequestId;
+use crate::model::domain::RequestStatus;
+use crate::model::ids::RequestId;
 
 /// When a completed request's last task was dispatched, and when it completed.
 #[derive(Debug, Clone, PartialEq)]

@@ -17,10 +17,10 @@ use chrono::Utc;
 use serde_json::Value;
 use switchyard::agent::{self, AgentBuilder, Execution, Simulate, TaskHandler};
 use switchyard::broker::{Broker, Outgoing};
-use switchyard::domain::{Resources, Task};
-use switchyard::ids::{AgentId, MessageId, Namespace, RequestId, WorkType};
-use switchyard::topology::{Names, Topology};
-use switchyard::wire::{self, Envelope, TaskAssignment, TaskResult};
+use switchyard::model::domain::{Resources, Task};
+use switchyard::model::ids::{AgentId, MessageId, Namespace, RequestId, WorkType};
+use switchyard::model::wire::{self, Envelope, TaskAssignment, TaskResult};
+use switchyard::pipeline::topology::{Names, Topology};
 use tokio::sync::Notify;
 
 use crate::helpers::*;

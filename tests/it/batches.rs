@@ -3,9 +3,9 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use switchyard::effect::Write;
-use switchyard::ids::{AgentId, MessageId, RequestId};
-use switchyard::routing::Route;
+use switchyard::decisions::routing::Route;
+use switchyard::model::effect::Write;
+use switchyard::model::ids::{AgentId, MessageId, RequestId};
 use switchyard::store::{Applied, Delivery, Marker};
 
 use crate::helpers::*;

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use switchyard::broker::{Broker, Outgoing, QueueState};
-use switchyard::ids::{AgentId, MessageId, Namespace, RequestId};
+use switchyard::model::ids::{AgentId, MessageId, Namespace, RequestId};
+use switchyard::model::wire::{self, SubmitRequest};
 use switchyard::ops::{self, Progress};
-use switchyard::runner::Runner;
-use switchyard::stages::{AmqpMeta, Inbound, Outcome, Stage};
+use switchyard::pipeline::runner::Runner;
+use switchyard::pipeline::stages::{AmqpMeta, Inbound, Outcome, Stage};
+use switchyard::pipeline::topology::{Names, Topology};
+use switchyard::pipeline::worker::{StageName, Worker};
 use switchyard::store::Store;
-use switchyard::topology::{Names, Topology};
-use switchyard::wire::{self, SubmitRequest};
-use switchyard::worker::{StageName, Worker};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -62,7 +62,7 @@ impl Side {
         app: &TestApp,
         stages: &'static [StageName],
         shutdown: &CancellationToken,
-    ) -> tokio::task::JoinHandle<Result<(), switchyard::worker::Error>> {
+    ) -> tokio::task::JoinHandle<Result<(), switchyard::pipeline::worker::Error>> {
         let mut config = app.config.clone();
         config.namespace = self.names.namespace().clone();
         let worker = Worker::new(config, app.store.clone()).expect("a worker");

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use switchyard::bench::ceiling::{self, Ceiling, CeilingSettings};
 use switchyard::broker::{self, Broker};
-use switchyard::ids::Namespace;
-use switchyard::topology::Names;
+use switchyard::model::ids::Namespace;
+use switchyard::pipeline::topology::Names;
 
 use crate::helpers::amqp_url;
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use switchyard::agent::{AgentBuilder, Execution, Simulate, TaskHandler};
-use switchyard::domain::{self, Resources};
-use switchyard::ids::{AgentId, RequestId, TaskId};
+use switchyard::model::domain::{self, Resources};
+use switchyard::model::ids::{AgentId, RequestId, TaskId};
+use switchyard::model::wire::TaskAssignment;
 use switchyard::store::{DecisionRow, RequestReport, TaskState, Trail};
-use switchyard::wire::TaskAssignment;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use switchyard::catalog::Catalog;
-use switchyard::decomposer::{Kind, Settings};
-use switchyard::ids::RequestId;
+use switchyard::model::ids::RequestId;
+use switchyard::understanding::catalog::Catalog;
+use switchyard::understanding::decomposer::{Kind, Settings};
 use tokio_postgres::types::ToSql;
 
 use crate::fake_model::{FAKE_MODEL, FakeModel, Reply, usage};

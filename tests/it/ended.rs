@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use switchyard::agent::{AgentBuilder, Simulate};
-use switchyard::domain::Resources;
-use switchyard::effect::Write;
-use switchyard::ids::{AgentId, MessageId, RequestId};
+use switchyard::model::domain::Resources;
+use switchyard::model::effect::Write;
+use switchyard::model::ids::{AgentId, MessageId, RequestId};
 use switchyard::store::Applied;
 
 use crate::helpers::*;

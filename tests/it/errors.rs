@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use switchyard::ids::RequestId;
+use switchyard::model::ids::RequestId;
 use switchyard::ops::{self, Progress};
 use uuid::Uuid;
 

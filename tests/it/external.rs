@@ -8,10 +8,10 @@ use std::time::Duration;
 use serde_json::Value;
 use switchyard::agent::{AgentBuilder, Llm, Simulate};
 use switchyard::config::Config;
-use switchyard::domain::Resources;
-use switchyard::ids::{AgentId, WorkType};
+use switchyard::decisions::policy::{Provider, Window};
 use switchyard::llm::Client;
-use switchyard::policy::{Provider, Window};
+use switchyard::model::domain::Resources;
+use switchyard::model::ids::{AgentId, WorkType};
 
 use crate::fake_model::{FakeModel, usage};
 use crate::helpers::*;

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use switchyard::llm::{Endpoint, Secret};
-use switchyard::wire::TokenUsage;
+use switchyard::model::wire::TokenUsage;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 

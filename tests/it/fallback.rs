@@ -2,13 +2,13 @@
 //! and the approval gate that follows it (policy, `approve`, `reject`).
 
 use chrono::Utc;
-use switchyard::catalog::Catalog;
 use switchyard::config::Config;
-use switchyard::ids::{MessageId, RequestId, WorkType};
+use switchyard::decisions::policy::{Provider, Window};
+use switchyard::model::ids::{MessageId, RequestId, WorkType};
+use switchyard::model::wire::{self, Envelope, Planned, RequestMeta, SCHEMA_VERSION, SubmitRequest};
 use switchyard::ops;
-use switchyard::policy::{Provider, Window};
 use switchyard::store::RequestReport;
-use switchyard::wire::{self, Envelope, Planned, RequestMeta, SCHEMA_VERSION, SubmitRequest};
+use switchyard::understanding::catalog::Catalog;
 
 use crate::helpers::*;
 
@@ -96,9 +96,9 @@ fn planned_envelope(request_id: RequestId, text: &str, message_id: MessageId) ->
                 priority: 0,
                 auto_approve: false,
             },
-            complexity: switchyard::complexity::assess(
+            complexity: switchyard::understanding::complexity::assess(
                 &plan,
-                &switchyard::complexity::Inputs {
+                &switchyard::understanding::complexity::Inputs {
                     work: 0.5,
                     unknown_entities: catalog.unknown_entities(&decomposition).len(),
                     confidence: decomposition.confidence,

@@ -14,14 +14,14 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use switchyard::agent::{AgentBuilder, Simulate};
 use switchyard::broker::Outgoing;
-use switchyard::catalog::Catalog;
-use switchyard::complexity::Complexity;
-use switchyard::domain::{Plan, Resources, Task};
-use switchyard::ids::{AgentId, MessageId, RequestId};
-use switchyard::topology::Topology;
-use switchyard::wire::{
+use switchyard::model::domain::{Plan, Resources, Task};
+use switchyard::model::ids::{AgentId, MessageId, RequestId};
+use switchyard::model::wire::{
     self, Decomposed, DispatchTask, Envelope, Planned, RequestMeta, RouteTasks, TaskResult,
 };
+use switchyard::pipeline::topology::Topology;
+use switchyard::understanding::catalog::Catalog;
+use switchyard::understanding::complexity::Complexity;
 use uuid::Uuid;
 
 use crate::helpers::*;

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchyard::agent::{AgentBuilder, Llm};
-use switchyard::ids::AgentId;
 use switchyard::llm::{ChatRequest, Client, Endpoint, Error, RetryPolicy};
-use switchyard::wire::{self, TaskResult, TokenUsage};
+use switchyard::model::ids::AgentId;
+use switchyard::model::wire::{self, TaskResult, TokenUsage};
 
 use crate::agents::{Bare, assignment};
 use crate::fake_model::{FakeModel, Reply, usage};

@@ -11,11 +11,12 @@ async fn estimates_are_learnt_from_finished_tasks_once_there_are_enough() {
         c.planning.history_refresh_secs = 0;
     })
     .await;
-    let builder = switchyard::agent::AgentBuilder::new(switchyard::ids::AgentId::parse("deployer").unwrap())
-        .capabilities(["deployment", "shell", "docker"])
-        .capacity(4)
-        .resources(switchyard::domain::Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 })
-        .heartbeat_every(std::time::Duration::from_millis(500));
+    let builder =
+        switchyard::agent::AgentBuilder::new(switchyard::model::ids::AgentId::parse("deployer").unwrap())
+            .capabilities(["deployment", "shell", "docker"])
+            .capacity(4)
+            .resources(switchyard::model::domain::Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 })
+            .heartbeat_every(std::time::Duration::from_millis(500));
     // Simulated work at no speed: every task takes (close to) no time at all.
     let _deployer = app.start_agent(builder, Simulate::new(0.0, 0.0).unwrap()).await;
     wait_registered(&app, "deployer").await;

@@ -69,7 +69,7 @@ async fn an_agent_allowed_only_its_own_queue_runs_its_tasks_and_reads_nothing_el
     assert!(plan.tasks.iter().all(|t| t.agent_id.as_deref() == Some(agent.as_str())), "{plan:#?}");
 
     // It listens for stops on its control queue.
-    let control = app.names.agent_control_queue(&switchyard::ids::AgentId::parse(&agent).unwrap());
+    let control = app.names.agent_control_queue(&switchyard::model::ids::AgentId::parse(&agent).unwrap());
     assert_eq!(app.broker.consumer_count(&control).await.unwrap(), 1);
 
     let restricted = Broker::connect(&url, app.names.clone()).await.expect("the agent's account connects");

@@ -3,13 +3,13 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::Value;
-use switchyard::catalog::Catalog;
-use switchyard::domain::Plan;
-use switchyard::effect::{Reservation, Write};
-use switchyard::ids::RequestId;
-use switchyard::policy::{FallbackDecision, Window};
+use switchyard::decisions::policy::{FallbackDecision, Window};
+use switchyard::model::domain::Plan;
+use switchyard::model::effect::{Reservation, Write};
+use switchyard::model::ids::RequestId;
+use switchyard::model::wire::{RequestMeta, TokenUsage};
 use switchyard::store::{Applied, QuotaReport};
-use switchyard::wire::{RequestMeta, TokenUsage};
+use switchyard::understanding::catalog::Catalog;
 
 use crate::helpers::*;
 
@@ -35,7 +35,7 @@ async fn new_plan(app: &TestApp) -> (RequestId, Plan) {
         Write::Decomposition { request_id, decomposition },
         Write::Plan {
             plan: plan.clone(),
-            complexity: switchyard::complexity::Complexity { score: 0.8, terms: Vec::new() },
+            complexity: switchyard::understanding::complexity::Complexity { score: 0.8, terms: Vec::new() },
             infeasible: Vec::new(),
             duration_basis: Default::default(),
         },

@@ -1,9 +1,9 @@
 //! Races between copies of a message and between people: each ends with one decision.
 
-use switchyard::effect::Write;
-use switchyard::ids::{AgentId, MessageId};
+use switchyard::decisions::routing::Route;
+use switchyard::model::effect::Write;
+use switchyard::model::ids::{AgentId, MessageId};
 use switchyard::ops;
-use switchyard::routing::Route;
 use switchyard::store::{self, Applied, Marker};
 
 use crate::helpers::*;

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use serde_json::{Value, json};
-use switchyard::ids::RequestId;
+use switchyard::model::ids::RequestId;
+use switchyard::pipeline::worker::StageName;
 use switchyard::store::{DecisionRow, RequestReport};
-use switchyard::worker::StageName;
 
 use crate::helpers::*;
 

@@ -7,10 +7,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use switchyard::agent::{AgentBuilder, Exec, ExecCommand, Simulate};
 use switchyard::config::Config;
-use switchyard::domain::Resources;
-use switchyard::ids::{AgentId, RequestId, WorkType};
+use switchyard::model::domain::Resources;
+use switchyard::model::ids::{AgentId, RequestId, WorkType};
+use switchyard::model::wire::SubmitRequest;
 use switchyard::ops;
-use switchyard::wire::SubmitRequest;
 use uuid::Uuid;
 
 use crate::helpers::*;

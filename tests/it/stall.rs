@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use switchyard::worker::StageName;
+use switchyard::pipeline::worker::StageName;
 
 use crate::helpers::*;
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use serde_json::Value;
-use switchyard::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
-use switchyard::wire::{Envelope, SCHEMA_VERSION, TaskResult};
+use switchyard::model::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
+use switchyard::model::wire::{Envelope, SCHEMA_VERSION, TaskResult};
 
 use crate::helpers::*;
 

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use switchyard::catalog::Catalog;
+use switchyard::understanding::catalog::Catalog;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
@@ -178,7 +178,7 @@ async fn a_request_the_rules_do_not_know_is_decomposed_by_the_model_and_goes_ext
     let submitted =
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "{submitted}");
-    let id: switchyard::ids::RequestId =
+    let id: switchyard::model::ids::RequestId =
         String::from_utf8_lossy(&output.stdout).lines().next().unwrap().trim().parse().unwrap();
 
     // Decomposed by the model, not the rules.

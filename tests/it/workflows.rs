@@ -108,7 +108,9 @@ async fn a_request_from_a_plain_amqp_client_goes_the_same_way() {
     // No request id, no AMQP message id: the bytes are the idempotency key.
     let body = br#"{"text": "Deploy Uptime Kuma to the homelab and send alerts to Discord", "auto_approve": true, "submitted_by": "amqp-client", "priority": 5}"#;
     app.publish_raw("requests", body).await;
-    let id = switchyard::ids::RequestId::from_uuid(switchyard::wire::entry_message_id(None, body).as_uuid());
+    let id = switchyard::model::ids::RequestId::from_uuid(
+        switchyard::model::wire::entry_message_id(None, body).as_uuid(),
+    );
     let report = app.wait_settled(id).await;
     assert_eq!(report.submitted_by.as_deref(), Some("amqp-client"));
     assert_eq!(report.status.as_str(), "in_progress");
@@ -224,22 +226,22 @@ async fn a_redelivered_stage_message_produces_no_second_row_or_dispatch() {
     let id = app.submit("Deploy Gitea to the homelab", true).await;
     app.wait_settled(id).await;
     // Replay the plan stage's input as a redelivery would: same message id, same payload.
-    let catalog = switchyard::catalog::Catalog::default();
+    let catalog = switchyard::understanding::catalog::Catalog::default();
     let report = app.store.report(id).await.unwrap().unwrap();
     let decomposition = catalog.decompose(&report.text).unwrap();
-    let request = switchyard::wire::RequestMeta {
+    let request = switchyard::model::wire::RequestMeta {
         request_id: id,
         text: report.text.clone(),
         submitted_by: Some("tests".into()),
         priority: 0,
         auto_approve: true,
     };
-    let envelope = switchyard::wire::Envelope::derived(
-        switchyard::ids::MessageId::random(),
+    let envelope = switchyard::model::wire::Envelope::derived(
+        switchyard::model::ids::MessageId::random(),
         "decomposed",
         id,
         chrono::Utc::now(),
-        switchyard::wire::Decomposed { request, decomposition },
+        switchyard::model::wire::Decomposed { request, decomposition },
     );
     let body = serde_json::to_vec(&envelope).unwrap();
     app.publish_raw("decomposed", &body).await;
@@ -275,7 +277,7 @@ async fn submit_wait_json_on_timeout_prints_where_the_request_stands() {
     assert_eq!(shown["status"], "timeout");
     assert_eq!(shown["last_status"], "awaiting_approval", "{shown}");
     assert!(shown["waiting_for"].as_str().unwrap().starts_with("awaiting approval: switchyard approve"));
-    let id: switchyard::ids::RequestId = shown["request_id"].as_str().unwrap().parse().unwrap();
+    let id: switchyard::model::ids::RequestId = shown["request_id"].as_str().unwrap().parse().unwrap();
     assert!(app.store.report(id).await.unwrap().is_some());
 }
 
@@ -368,7 +370,7 @@ async fn with_two_agent_processes_a_request_completes_even_when_one_is_killed_mi
     let text = stdout(&output);
     assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(text.ends_with("completed: every task succeeded\n"), "{text}");
-    let id: switchyard::ids::RequestId = text.lines().next().unwrap().trim().parse().unwrap();
+    let id: switchyard::model::ids::RequestId = text.lines().next().unwrap().trim().parse().unwrap();
     let report = app.store.report(id).await.unwrap().unwrap();
     let plan = report.plan.as_ref().unwrap();
     let lost: Vec<_> = plan.results.iter().filter(|r| r.source == "lease").collect();

@@ -9,8 +9,8 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use switchyard::broker::Broker;
-use switchyard::domain::TaskStatus;
-use switchyard::ids::{AgentId, RequestId, TaskId};
+use switchyard::model::domain::TaskStatus;
+use switchyard::model::ids::{AgentId, RequestId, TaskId};
 use switchyard::ops::{self, Progress};
 use switchyard::store::{Lookup, RequestReport, Store, TaskState};
 

@@ -17,12 +17,13 @@ use serde_json::json;
 use switchyard::agent::{AgentBuilder, Exec, ExecCommand, ExecConfig, Executor, Llm, Simulate};
 use switchyard::broker::{Broker, redact};
 use switchyard::config::Config;
-use switchyard::ids::{AgentId, PlanId, RequestId, WorkType};
+use switchyard::decisions::audit;
+use switchyard::model::ids::{AgentId, PlanId, RequestId, WorkType};
+use switchyard::model::wire::{Heartbeat, SubmitRequest};
+use switchyard::model::{domain::Resources, wire};
+use switchyard::pipeline::topology::Names;
+use switchyard::pipeline::worker::{self, StageName, Worker};
 use switchyard::store::{Lookup, Store};
-use switchyard::topology::Names;
-use switchyard::wire::{Heartbeat, SubmitRequest};
-use switchyard::worker::{self, StageName, Worker};
-use switchyard::{audit, domain::Resources, wire};
 use switchyard::{llm, ops};
 use tokio_util::sync::CancellationToken;
 
@@ -852,7 +853,7 @@ async fn demo(mut config: Config, text: String) -> Result<Exit> {
     let store = worker::prepare_store(&config).await?;
     let broker = Arc::new(connect_broker(&config).await?);
     let agent_id: AgentId = "homelab-1".parse()?;
-    let topology = switchyard::topology::Topology::standard().resolve(&config.namespace);
+    let topology = switchyard::pipeline::topology::Topology::standard().resolve(&config.namespace);
     let mut queues: Vec<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
     queues.push(broker.names().agent_queue(&agent_id));
     queues.push(broker.names().agent_control_queue(&agent_id));

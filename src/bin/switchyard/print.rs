@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 
 use chrono::Utc;
-use switchyard::complexity::Complexity;
-use switchyard::domain::Agent;
-use switchyard::ids::TaskId;
+use switchyard::model::domain::Agent;
+use switchyard::model::ids::TaskId;
 use switchyard::store::{DeadLetter, QuotaReport, RequestReport, StoredReservation};
+use switchyard::understanding::complexity::Complexity;
 
 /// One line that changes whenever the request or one of its tasks moves.
 pub fn state_line(report: &RequestReport) -> String {

@@ -5,11 +5,11 @@
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
-use crate::domain::PlanStatus;
-use crate::effect::{Reservation, Write};
-use crate::policy::{self, ApprovalPolicy, FallbackDecision, FallbackPolicy, Gate, QuotaSnapshot};
+use crate::decisions::policy::{self, ApprovalPolicy, FallbackDecision, FallbackPolicy, Gate, QuotaSnapshot};
+use crate::model::domain::PlanStatus;
+use crate::model::effect::{Reservation, Write};
+use crate::model::wire::{Envelope, Planned, RouteTasks};
 use crate::store::{self, Store};
-use crate::wire::{Envelope, Planned, RouteTasks};
 
 pub struct Fallback {
     pub fallback: FallbackPolicy,
@@ -150,11 +150,11 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::catalog::Catalog;
-    use crate::complexity::Complexity;
-    use crate::ids::{MessageId, RequestId, WorkType};
-    use crate::policy::Provider;
-    use crate::wire::RequestMeta;
+    use crate::decisions::policy::Provider;
+    use crate::model::ids::{MessageId, RequestId, WorkType};
+    use crate::model::wire::RequestMeta;
+    use crate::understanding::catalog::Catalog;
+    use crate::understanding::complexity::Complexity;
 
     fn input(text: &str, auto_approve: bool) -> Inbound<Planned> {
         let catalog = Catalog::default();
@@ -208,7 +208,7 @@ mod tests {
             input_tokens_per_task: 1_000,
             output_tokens_per_task: 0,
             quota_micros: 1_000_000,
-            window: crate::policy::Window::Monthly,
+            window: crate::decisions::policy::Window::Monthly,
             work_types: BTreeSet::from([WorkType::parse("code_generation").unwrap()]),
         }
     }

@@ -9,13 +9,13 @@ use chrono::{DateTime, Utc};
 
 use super::placement::{self, External, Routed};
 use super::{Inbound, Outcome, Stage};
-use crate::domain::{Agent, PlanStatus, Task, TaskStatus};
-use crate::effect::Write;
-use crate::ids::{AgentId, TaskId};
-use crate::policy::FallbackDecision;
-use crate::routing::{self, Placement, Router, RoutingPolicy};
+use crate::decisions::policy::FallbackDecision;
+use crate::decisions::routing::{self, Placement, Router, RoutingPolicy};
+use crate::model::domain::{Agent, PlanStatus, Task, TaskStatus};
+use crate::model::effect::Write;
+use crate::model::ids::{AgentId, TaskId};
+use crate::model::wire::RouteTasks;
 use crate::store::{self, Store, StoredPlan, TaskState};
-use crate::wire::RouteTasks;
 
 pub struct Route {
     pub policy: RoutingPolicy,
@@ -170,10 +170,10 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::catalog::Catalog;
-    use crate::domain::Resources;
-    use crate::ids::{AgentId, MessageId, RequestId, WorkType};
-    use crate::stages::Destination;
+    use crate::model::domain::Resources;
+    use crate::model::ids::{AgentId, MessageId, RequestId, WorkType};
+    use crate::pipeline::stages::Destination;
+    use crate::understanding::catalog::Catalog;
 
     fn stored(status: PlanStatus) -> StoredPlan {
         let catalog = Catalog::default();

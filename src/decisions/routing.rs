@@ -27,8 +27,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::reason::{Lack, Reason, Shortfall};
-use crate::domain::{Agent, Resources, Task};
-use crate::ids::{AgentId, TaskId, WorkType};
+use crate::model::domain::{Agent, Resources, Task};
+use crate::model::ids::{AgentId, TaskId, WorkType};
 
 /// Scores this close are equal: floating-point noise must not decide between two agents, the
 /// id order must, so that a replay gives the same route.
@@ -619,7 +619,7 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
-    use crate::ids::RequestId;
+    use crate::model::ids::RequestId;
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0).unwrap()

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Agent, Plan, Resources, Task};
-use crate::ids::WorkType;
-use crate::policy::Infeasible;
+use crate::decisions::policy::Infeasible;
+use crate::model::domain::{Agent, Plan, Resources, Task};
+use crate::model::ids::WorkType;
 
 /// A machine of the inventory: one that may run agents even if none is running now.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -147,7 +147,7 @@ pub fn learnt_durations(
     plan: &Plan,
     history: &[DurationStats],
     min_samples: u32,
-) -> HashMap<crate::ids::TaskId, (u32, String)> {
+) -> HashMap<crate::model::ids::TaskId, (u32, String)> {
     plan.tasks()
         .iter()
         .filter_map(|task| {
@@ -169,9 +169,9 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::ids::{AgentId, RequestId};
+    use crate::model::ids::{AgentId, RequestId};
 
-    fn task(plan_id: crate::ids::PlanId, key: &str, work_type: &str, need: Resources) -> Task {
+    fn task(plan_id: crate::model::ids::PlanId, key: &str, work_type: &str, need: Resources) -> Task {
         Task {
             id: plan_id.task_id(key),
             key: key.into(),

@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Decomposition, Intent, MAX_INTENTS, Plan, PlanError, Resources, Task};
-use crate::ids::{self, RequestId, TaskId, WorkType};
+use crate::model::domain::{Decomposition, Intent, MAX_INTENTS, Plan, PlanError, Resources, Task};
+use crate::model::ids::{self, RequestId, TaskId, WorkType};
 
 /// The default catalog, embedded so that the binary works without any file.
-const DEFAULT_CATALOG: &str = include_str!("../catalog/work_types.toml");
+const DEFAULT_CATALOG: &str = include_str!("../../catalog/work_types.toml");
 
 /// The name [`Catalog::decompose`] puts in [`Decomposition::decomposer`].
 pub const DECOMPOSER: &str = "rules";

@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 
 use serde::Deserialize;
 
-use crate::ids::{AgentId, Namespace};
+use crate::model::ids::{AgentId, Namespace};
 
-const STANDARD: &str = include_str!("../queues/topology.toml");
+const STANDARD: &str = include_str!("../../queues/topology.toml");
 
 /// Why a topology description is unusable.
 #[derive(Debug, thiserror::Error)]

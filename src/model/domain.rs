@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AgentId, PlanId, RequestId, TaskId, WorkType};
+use crate::model::ids::{AgentId, PlanId, RequestId, TaskId, WorkType};
 
 /// What a task needs of an agent, or what an agent offers.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, JsonSchema)]

@@ -13,10 +13,10 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::broker::{Broker, Outgoing};
-use crate::domain::Task;
-use crate::ids::MessageId;
+use crate::model::domain::Task;
+use crate::model::ids::MessageId;
+use crate::model::wire::{Envelope, SCHEMA_VERSION, TaskResult};
 use crate::store::{ExpiredLease, Store};
-use crate::wire::{Envelope, SCHEMA_VERSION, TaskResult};
 
 /// How long an agent has for a task.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -126,8 +126,8 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::domain::Resources;
-    use crate::ids::{AgentId, RequestId, WorkType};
+    use crate::model::domain::Resources;
+    use crate::model::ids::{AgentId, RequestId, WorkType};
 
     fn task(secs: u32) -> Task {
         Task {

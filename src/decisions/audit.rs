@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::domain::{PlanStatus, RequestStatus, TaskStatus};
+use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
 use crate::store::{Refusal, Trail};
 
 /// How the request ended (or where it stands), to follow "the request": what the audit names
@@ -385,13 +385,13 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::catalog::Catalog;
-    use crate::domain::PlanStatus;
-    use crate::ids::{MessageId, RequestId};
-    use crate::policy::{FallbackDecision, Window};
+    use crate::decisions::policy::{FallbackDecision, Window};
+    use crate::model::domain::PlanStatus;
+    use crate::model::ids::{MessageId, RequestId};
     use crate::store::DeadLetter;
     use crate::store::StoredReservation;
     use crate::store::{ApprovalRow, DecisionRow, DispatchRow, StoredPlan, TaskState};
+    use crate::understanding::catalog::Catalog;
 
     /// The trail of an approved Uptime Kuma request whose first task went to `homelab-1`.
     fn complete() -> Trail {
@@ -412,9 +412,9 @@ mod tests {
                 false => TaskState::pending(t),
             })
             .collect();
-        let complexity = crate::complexity::assess(
+        let complexity = crate::understanding::complexity::assess(
             &plan,
-            &crate::complexity::Inputs { work: 0.4, unknown_entities: 0, confidence: 1.0 },
+            &crate::understanding::complexity::Inputs { work: 0.4, unknown_entities: 0, confidence: 1.0 },
         );
         Trail {
             status: RequestStatus::InProgress,
@@ -573,7 +573,7 @@ mod tests {
     #[test]
     fn a_refusal_on_arrival_names_its_stage_and_reason() {
         let dead = DeadLetter {
-            message_id: crate::ids::MessageId::random(),
+            message_id: crate::model::ids::MessageId::random(),
             stage: "decompose".into(),
             queue: "switchyard.requests".into(),
             reason: "empty request text".into(),
@@ -615,7 +615,7 @@ mod tests {
         );
     }
 
-    fn result(task_id: crate::ids::TaskId, at: chrono::DateTime<Utc>) -> crate::store::ResultRow {
+    fn result(task_id: crate::model::ids::TaskId, at: chrono::DateTime<Utc>) -> crate::store::ResultRow {
         crate::store::ResultRow {
             task_id,
             attempt: 1,

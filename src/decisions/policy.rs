@@ -15,8 +15,8 @@ use chrono::{DateTime, Datelike, Days, Months, NaiveTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::Plan;
-use crate::ids::{PlanId, TaskId, WorkType};
+use crate::model::domain::Plan;
+use crate::model::ids::{PlanId, TaskId, WorkType};
 
 /// An external AI model provider that can take over work the local agents would find too hard,
 /// or cannot do at all. Its work is done by agents of the `llm` executor that serve it. `Debug`
@@ -201,7 +201,7 @@ impl FallbackPolicy {
         let mut seen = BTreeSet::new();
         for p in &self.providers {
             let invalid = |problem: String| Error::Provider { name: p.name.clone(), problem };
-            if crate::ids::AgentId::parse(provider_agent(&p.name)).is_err() {
+            if crate::model::ids::AgentId::parse(provider_agent(&p.name)).is_err() {
                 return Err(invalid("the name must be 1 to 60 characters of a-z, 0-9, '-' and '_', starting with a letter or digit".into()));
             }
             if !seen.insert(p.name.as_str()) {
@@ -511,8 +511,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::domain::{Resources, Task};
-    use crate::ids::RequestId;
+    use crate::model::domain::{Resources, Task};
+    use crate::model::ids::RequestId;
 
     fn wt(s: &str) -> WorkType {
         WorkType::parse(s).unwrap()

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::complexity::Complexity;
-use crate::domain::{Decomposition, Plan};
-use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
-use crate::policy::{FallbackDecision, Infeasible};
-use crate::routing::{Candidate, Route};
-use crate::wire::{Heartbeat, RequestMeta, TaskResult, TokenUsage};
+use crate::decisions::policy::{FallbackDecision, Infeasible};
+use crate::decisions::routing::{Candidate, Route};
+use crate::model::domain::{Decomposition, Plan};
+use crate::model::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
+use crate::model::wire::{Heartbeat, RequestMeta, TaskResult, TokenUsage};
+use crate::understanding::complexity::Complexity;
 
 /// Quota to take from a provider, atomically, or not at all, in the window that `window_start`
 /// falls in (of the provider's window kind as stored: normally the window that starts there).

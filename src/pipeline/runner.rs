@@ -32,11 +32,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::broker::{self, Broker, Incoming, Outgoing};
-use crate::effect::Write;
-use crate::stages::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
+use crate::model::effect::Write;
+use crate::model::wire;
+use crate::pipeline::stages::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
+use crate::pipeline::topology::Topology;
 use crate::store::{self, Applied, Delivery, Marker, Store};
-use crate::topology::Topology;
-use crate::wire;
 
 /// How a runner behaves. Every field has a sensible default.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -655,8 +655,8 @@ impl<S: Stage> Runner<S> {
     async fn dead_letter(
         &self,
         delivery: &Incoming,
-        message_id: crate::ids::MessageId,
-        request_id: Option<crate::ids::RequestId>,
+        message_id: crate::model::ids::MessageId,
+        request_id: Option<crate::model::ids::RequestId>,
         reason: &str,
     ) -> Handled {
         let reason = bounded_reason(reason);
@@ -817,7 +817,7 @@ fn ceil_char_boundary(text: &str, mut index: usize) -> usize {
 /// body over the size limit costs no memory beyond itself, and what made the message unusable
 /// elsewhere in it (nesting deeper than a parser recurses, bytes that are not UTF-8 in another
 /// field) does not hide its ids.
-fn sniff_ids(body: &[u8]) -> (Option<crate::ids::MessageId>, Option<crate::ids::RequestId>) {
+fn sniff_ids(body: &[u8]) -> (Option<crate::model::ids::MessageId>, Option<crate::model::ids::RequestId>) {
     #[derive(serde::Deserialize)]
     struct Ids<'a> {
         #[serde(borrow, default)]
@@ -840,7 +840,8 @@ mod tests {
 
     #[test]
     fn the_ids_of_an_unusable_message_are_read_past_what_makes_it_unusable() {
-        let (message, request) = (crate::ids::MessageId::random(), crate::ids::RequestId::random());
+        let (message, request) =
+            (crate::model::ids::MessageId::random(), crate::model::ids::RequestId::random());
         let ids = |rest: &str| -> Vec<u8> {
             format!(r#"{{"message_id":"{message}",{rest},"request_id":"{request}"}}"#).into_bytes()
         };

@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::complexity::Complexity;
-use crate::domain::{Decomposition, Plan, Resources, Task};
-use crate::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
-use crate::policy::Infeasible;
+use crate::decisions::policy::Infeasible;
+use crate::model::domain::{Decomposition, Plan, Resources, Task};
+use crate::model::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
+use crate::understanding::complexity::Complexity;
 
 /// The envelope version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -132,7 +132,7 @@ pub struct Decomposed {
 pub struct Planned {
     pub request: RequestMeta,
     /// A bare score in messages from before the terms were kept.
-    #[serde(deserialize_with = "crate::complexity::score_or_terms")]
+    #[serde(deserialize_with = "crate::understanding::complexity::score_or_terms")]
     pub complexity: Complexity,
     pub plan: Plan,
     /// Tasks that no agent of the fleet could run: the fallback stage sends them to an external

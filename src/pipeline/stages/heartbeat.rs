@@ -5,10 +5,10 @@
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::{AmqpMeta, Inbound, Outcome, Stage};
-use crate::domain::Agent;
-use crate::effect::Write;
+use crate::model::domain::Agent;
+use crate::model::effect::Write;
+use crate::model::wire::{self, Heartbeat};
 use crate::store::{self, Store};
-use crate::wire::{self, Heartbeat};
 
 pub struct HeartbeatStage {
     /// An agent silent for longer is presumed gone (the routing's TTL): its next heartbeat brings
@@ -88,8 +88,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::domain::Resources;
-    use crate::ids::{AgentId, MessageId};
+    use crate::model::domain::Resources;
+    use crate::model::ids::{AgentId, MessageId};
 
     fn beat(capacity: u32) -> Inbound<Heartbeat> {
         Inbound {

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
-use crate::catalog::Catalog;
-use crate::complexity::{self, Inputs};
-use crate::domain::{Agent, RequestStatus};
-use crate::effect::Write;
-use crate::fleet::{self, DurationStats, Fleet, PlanningPolicy};
+use crate::model::domain::{Agent, RequestStatus};
+use crate::model::effect::Write;
+use crate::model::wire::{Decomposed, Envelope, Planned};
 use crate::store::{self, Store};
-use crate::wire::{Decomposed, Envelope, Planned};
+use crate::understanding::catalog::Catalog;
+use crate::understanding::complexity::{self, Inputs};
+use crate::understanding::fleet::{self, DurationStats, Fleet, PlanningPolicy};
 
 pub struct PlanStage {
     catalog: Arc<Catalog>,
@@ -155,9 +155,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::domain::Resources;
-    use crate::ids::{AgentId, MessageId, RequestId, WorkType};
-    use crate::wire::RequestMeta;
+    use crate::model::domain::Resources;
+    use crate::model::ids::{AgentId, MessageId, RequestId, WorkType};
+    use crate::model::wire::RequestMeta;
 
     fn input(text: &str) -> Inbound<Decomposed> {
         let request_id = RequestId::random();

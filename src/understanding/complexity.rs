@@ -19,7 +19,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::Plan;
+use crate::model::domain::Plan;
 
 /// One term of the formula.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -133,8 +133,8 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::domain::{Resources, Task};
-    use crate::ids::{RequestId, WorkType};
+    use crate::model::domain::{Resources, Task};
+    use crate::model::ids::{RequestId, WorkType};
 
     /// A chain of `n` tasks, the i-th of work type `types[i % types.len()]`.
     fn chain(n: usize, types: &[&str]) -> Plan {

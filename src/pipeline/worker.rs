@@ -10,16 +10,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::broker::{self, Broker, Outgoing, redact};
-use crate::catalog::{self, Catalog};
 use crate::config::Config;
-use crate::decomposer::{self, Decomposer};
-use crate::ids::MessageId;
-use crate::leases;
-use crate::runner::{self, Runner};
-use crate::stages::{Decompose, Dispatch, Fallback, HeartbeatStage, Place, PlanStage, Route, Stage, Track};
+use crate::decisions::leases;
+use crate::model::ids::MessageId;
+use crate::model::wire;
+use crate::pipeline::runner::{self, Runner};
+use crate::pipeline::stages::{
+    Decompose, Dispatch, Fallback, HeartbeatStage, Place, PlanStage, Route, Stage, Track,
+};
+use crate::pipeline::topology::{Names, Topology};
 use crate::store::{self, Store};
-use crate::topology::{Names, Topology};
-use crate::wire;
+use crate::understanding::catalog::{self, Catalog};
+use crate::understanding::decomposer::{self, Decomposer};
 
 /// A stage that a worker can run.
 #[derive(
@@ -61,7 +63,7 @@ pub enum Error {
     #[error(transparent)]
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
-    Policy(#[from] crate::policy::Error),
+    Policy(#[from] crate::decisions::policy::Error),
     #[error(transparent)]
     Runner(#[from] runner::Error),
     #[error(transparent)]

@@ -28,16 +28,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracing::debug;
 
-use crate::catalog::{Catalog, DecomposeError};
-use crate::domain::{Decomposition, Intent};
-use crate::ids::WorkType;
 use crate::llm::{self, ChatRequest, Client, Endpoint, RetryPolicy, Secret};
+use crate::model::domain::{Decomposition, Intent};
+use crate::model::ids::WorkType;
+use crate::understanding::catalog::{Catalog, DecomposeError};
 
 /// The name the [`Llm`] decomposer puts in [`Decomposition::decomposer`].
 pub const LLM: &str = "llm";
 
 /// The most intents an answer may have: as many as any decomposition.
-pub use crate::domain::MAX_INTENTS;
+pub use crate::model::domain::MAX_INTENTS;
 /// The longest intent text, in characters.
 pub const MAX_TEXT_CHARS: usize = 2000;
 /// The most entities, and the most targets, of one intent.
@@ -86,7 +86,7 @@ pub struct Rules {
 
 impl Decomposer for Rules {
     fn name(&self) -> &'static str {
-        crate::catalog::DECOMPOSER
+        crate::understanding::catalog::DECOMPOSER
     }
 
     fn decompose<'a>(&'a self, text: &'a str) -> BoxFuture<'a, Result<Decomposition, Error>> {

@@ -9,12 +9,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
-use crate::domain::{PlanStatus, TaskStatus};
-use crate::effect::Write;
-use crate::ids::TaskId;
-use crate::policy::{FallbackDecision, FallbackPolicy};
+use crate::decisions::policy::{FallbackDecision, FallbackPolicy};
+use crate::model::domain::{PlanStatus, TaskStatus};
+use crate::model::effect::Write;
+use crate::model::ids::TaskId;
+use crate::model::wire::{Envelope, RouteTasks, TaskResult};
 use crate::store::{self, Store, StoredPlan, TaskState};
-use crate::wire::{Envelope, RouteTasks, TaskResult};
 
 /// How the track stage treats failures.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -191,7 +191,7 @@ impl Track {
         &self,
         result: &TaskResult,
         decision: Option<&FallbackDecision>,
-        request_id: crate::ids::RequestId,
+        request_id: crate::model::ids::RequestId,
         now: DateTime<Utc>,
     ) -> Option<Write> {
         let usage = result.usage?;
@@ -222,10 +222,10 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::catalog::Catalog;
-    use crate::ids::{AgentId, MessageId, RequestId, WorkType};
-    use crate::policy::{Provider, Window};
-    use crate::wire::TokenUsage;
+    use crate::decisions::policy::{Provider, Window};
+    use crate::model::ids::{AgentId, MessageId, RequestId, WorkType};
+    use crate::model::wire::TokenUsage;
+    use crate::understanding::catalog::Catalog;
 
     fn stage() -> Track {
         let provider = Provider {

@@ -7,12 +7,12 @@ use std::collections::{BTreeSet, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Publish};
-use crate::domain::{Agent, Resources, Task};
-use crate::effect::Write;
-use crate::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
-use crate::policy::{self, FallbackDecision};
-use crate::routing::{Ask, Route, RoutingPolicy};
-use crate::wire::{DispatchTask, Envelope, Wake};
+use crate::decisions::policy::{self, FallbackDecision};
+use crate::decisions::routing::{Ask, Route, RoutingPolicy};
+use crate::model::domain::{Agent, Resources, Task};
+use crate::model::effect::Write;
+use crate::model::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
+use crate::model::wire::{DispatchTask, Envelope, Wake};
 
 /// The tasks that a plan's fallback decision sends to an external provider. They are done by
 /// the provider's agents (the `llm` executor), so they need the provider's capability instead of

@@ -15,12 +15,12 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use super::placement::{self, External, Routed};
 use super::{AmqpMeta, Inbound, Outcome, Stage};
-use crate::domain::Agent;
-use crate::effect::Write;
-use crate::ids::PlanId;
-use crate::routing::{self, Placement, Router, RoutingPolicy};
+use crate::decisions::routing::{self, Placement, Router, RoutingPolicy};
+use crate::model::domain::Agent;
+use crate::model::effect::Write;
+use crate::model::ids::PlanId;
+use crate::model::wire::{self, Wake};
 use crate::store::{self, Store, WaitingTask};
-use crate::wire::{self, Wake};
 
 pub struct Place {
     pub policy: RoutingPolicy,
@@ -188,7 +188,7 @@ impl Stage for Place {
 }
 
 /// A waiting task as its agents would take it (adapted, if it goes out), and where it goes out.
-fn adapted(waiting: &WaitingTask) -> (crate::domain::Task, Option<External>) {
+fn adapted(waiting: &WaitingTask) -> (crate::model::domain::Task, Option<External>) {
     match &waiting.provider {
         Some(provider) => {
             let outside = External::to_provider(provider, [waiting.task.id]);
@@ -213,9 +213,9 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::domain::{Resources, Task};
-    use crate::ids::{AgentId, MessageId, RequestId, WorkType};
-    use crate::stages::Destination;
+    use crate::model::domain::{Resources, Task};
+    use crate::model::ids::{AgentId, MessageId, RequestId, WorkType};
+    use crate::pipeline::stages::Destination;
 
     fn agent(id: &str, capacity: u32, in_flight: u32) -> Agent {
         Agent {

@@ -1,5 +1,5 @@
 //! The stages of the pipeline. Each is a pure function from its input message (plus the context
-//! that the runner loads for it) to an [`Outcome`]; [`crate::runner`] owns consume, persist,
+//! that the runner loads for it) to an [`Outcome`]; [`crate::pipeline::runner`] owns consume, persist,
 //! publish and ack for all of them. A new stage is one new file here.
 
 mod decompose;
@@ -27,10 +27,10 @@ pub use plan::PlanStage;
 pub use route::Route;
 pub use track::{Track, TrackingPolicy};
 
-use crate::effect::Write;
-use crate::ids::{AgentId, MessageId, RequestId};
+use crate::model::effect::Write;
+use crate::model::ids::{AgentId, MessageId, RequestId};
+use crate::model::wire::{self, Envelope};
 use crate::store::{self, Store};
-use crate::wire::{self, Envelope};
 
 /// A parsed input message.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,12 +5,12 @@
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
-use crate::domain::TaskStatus;
-use crate::effect::Write;
-use crate::leases::LeasePolicy;
+use crate::decisions::leases::LeasePolicy;
+use crate::model::domain::TaskStatus;
+use crate::model::effect::Write;
+use crate::model::wire::{DispatchTask, Envelope, TaskAssignment};
+use crate::pipeline::topology::Names;
 use crate::store::{self, RoutedAttempt, Store};
-use crate::topology::Names;
-use crate::wire::{DispatchTask, Envelope, TaskAssignment};
 
 pub struct Dispatch {
     pub names: Names,
@@ -23,7 +23,7 @@ pub struct DispatchContext {
     pub routed: Option<(RoutedAttempt, TaskStatus)>,
 }
 
-fn request_id(input: &Inbound<DispatchTask>) -> crate::ids::RequestId {
+fn request_id(input: &Inbound<DispatchTask>) -> crate::model::ids::RequestId {
     input.request_id.expect("envelopes carry their request id")
 }
 
@@ -142,8 +142,8 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::domain::{Resources, Task};
-    use crate::ids::{AgentId, MessageId, Namespace, RequestId, WorkType};
+    use crate::model::domain::{Resources, Task};
+    use crate::model::ids::{AgentId, MessageId, Namespace, RequestId, WorkType};
 
     fn input() -> Inbound<DispatchTask> {
         let request_id = RequestId::random();

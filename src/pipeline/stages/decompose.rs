@@ -12,12 +12,12 @@ use chrono::{DateTime, Utc};
 use tracing::warn;
 
 use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
-use crate::catalog::Catalog;
-use crate::decomposer::{self, Decomposer};
-use crate::domain::Decomposition;
-use crate::effect::Write;
+use crate::model::domain::Decomposition;
+use crate::model::effect::Write;
+use crate::model::wire::{self, Decomposed, Envelope, RequestMeta};
 use crate::store::{self, Store};
-use crate::wire::{self, Decomposed, Envelope, RequestMeta};
+use crate::understanding::catalog::Catalog;
+use crate::understanding::decomposer::{self, Decomposer};
 
 pub struct Decompose {
     pub catalog: Arc<Catalog>,
@@ -138,12 +138,12 @@ impl Stage for Decompose {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::RequestId;
+    use crate::model::ids::RequestId;
 
     fn input(text: &str) -> Inbound<RequestMeta> {
         let request_id = RequestId::random();
         Inbound {
-            message_id: crate::ids::MessageId::random(),
+            message_id: crate::model::ids::MessageId::random(),
             request_id: Some(request_id),
             priority: 4,
             payload: RequestMeta {
@@ -210,8 +210,8 @@ mod tests {
     fn the_model_s_decomposition_is_used() {
         let model = Decomposition {
             decomposer: "llm".into(),
-            intents: vec![crate::domain::Intent {
-                work_type: crate::ids::WorkType::parse("maintenance").unwrap(),
+            intents: vec![crate::model::domain::Intent {
+                work_type: crate::model::ids::WorkType::parse("maintenance").unwrap(),
                 text: "Make my photo library searchable by faces".into(),
                 entities: vec![],
                 targets: vec![],
