@@ -87,19 +87,22 @@ impl Stage for PlanStage {
         if context.request_status == Some(RequestStatus::Cancelled) {
             return Outcome::Ignore { reason: format!("request {} is cancelled", request.request_id) };
         }
+        let planned = self.catalog.plan(request.request_id, decomposition);
         if context.request_status.is_none() {
             // The decompose stage records a request before it publishes its decomposition. Asked
-            // before the plan is made: a decomposition that cannot be planned must not fail (or
-            // create, in the audit) a request that nobody submitted.
-            return Outcome::Reject {
-                writes: Vec::new(),
-                reason: format!(
-                    "no request {} was recorded: its decomposition cannot be planned",
-                    request.request_id
-                ),
-            };
+            // before any write: a decomposition of a request nobody submitted must not fail (or
+            // create, in the audit) that request. Its own defects still go in the reason, so
+            // whoever sent it learns everything that is wrong with it at once.
+            let mut reason = format!(
+                "no request {} was recorded: its decomposition cannot be planned",
+                request.request_id
+            );
+            if let Err(err) = &planned {
+                reason.push_str(&format!(" (and planning failed: {err})"));
+            }
+            return Outcome::Reject { writes: Vec::new(), reason };
         }
-        let mut plan = match self.catalog.plan(request.request_id, decomposition) {
+        let mut plan = match planned {
             Ok(plan) => plan,
             Err(err) => {
                 // Never an empty plan passed on: the request fails, with the reason on it.
@@ -267,7 +270,11 @@ mod tests {
 
         let Outcome::Reject { writes, reason } = refuse(None) else { panic!("expected a refusal") };
         assert!(writes.is_empty(), "no request to fail: {writes:?}");
-        assert_eq!(reason, format!("no request {id} was recorded: its decomposition cannot be planned"));
+        assert!(
+            reason.starts_with(&format!("no request {id} was recorded: its decomposition cannot be planned"))
+                && reason.contains("work type teleportation is not in the catalog"),
+            "{reason}"
+        );
 
         let Outcome::Reject { writes, reason } = refuse(Some(RequestStatus::Decomposed)) else {
             panic!("expected a refusal")
