@@ -7,3 +7,5 @@ pub mod catalog;
 pub mod complexity;
 pub mod decomposer;
 pub mod fleet;
+pub mod planner;
+pub mod rules;

@@ -1,0 +1,511 @@
+//! The rule decomposer: a request's text broken into intents by the catalog's keywords.
+//!
+//! Simple and deterministic (see [`Catalog::decompose`]): the same text always yields the same
+//! intents, and a confidence that says how much of the text the rules understood. Pure logic.
+
+use crate::model::domain::{Decomposition, Intent, MAX_INTENTS};
+
+use super::catalog::Catalog;
+
+/// The name [`Catalog::decompose`] puts in [`Decomposition::decomposer`].
+pub const DECOMPOSER: &str = "rules";
+
+/// Why a request's text yields no decomposition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecomposeError {
+    #[error("the request text is empty")]
+    Empty,
+    #[error("no work type in the catalog matches the request; known work types: {known}")]
+    NoMatch {
+        /// The catalog's work types, comma-separated.
+        known: String,
+    },
+    #[error(
+        "the request asks for {0} things, more than the {MAX_INTENTS} one request may ask for: \
+         split it into smaller requests"
+    )]
+    TooManyIntents(usize),
+}
+
+impl Catalog {
+    /// Breaks a request's text into intents, by rules:
+    ///
+    /// 1. **Clauses.** The text is split on sentence ends (`.`, `!`, `?`), `,` and `;` when
+    ///    followed by whitespace or the end of the text, on line breaks, and on the words
+    ///    "and", "then" and "also" (case-insensitive; the conjunction itself is dropped).
+    /// 2. **Work type.** Each clause gets the work type with the earliest keyword match in it;
+    ///    a keyword matches case-insensitively at the start of a word ("alert" matches
+    ///    "alerts", not "xalert") and may span words ("set up"). Ties go to catalog order. Each
+    ///    matching clause is an intent of its own, even if the previous one has the same type.
+    /// 3. **Folding.** A clause that matches no keyword adds its text, entities and targets to
+    ///    the previous intent ("Deploy Gitea and PostgreSQL"), or, before the first intent, to
+    ///    the first intent.
+    /// 4. **Targets.** When a clause ends in "to|on|in|into|onto [the|my|our|your] PHRASE",
+    ///    PHRASE is a target if it is one to three capitalised words ("to Discord"), or one
+    ///    lowercase word ("to the homelab", "to production"; without a determiner, not one that
+    ///    starts with a keyword or is a common verb, as in "a script to monitor"), or two
+    ///    lowercase words after a determiner ("on the staging server").
+    /// 5. **Entities.** Runs of capitalised words outside the target ("Uptime Kuma"), leaving
+    ///    out a clause's first word when it is a keyword or a common verb or function word
+    ///    ("Deploy", "Please"), and anything that is also a target of the intent.
+    /// 6. **Confidence.** The share of clauses that matched a keyword, where a clause folded into
+    ///    an intent counts half ("Deploy Gitea and PostgreSQL": 0.75), rounded to three decimals.
+    pub fn decompose(&self, text: &str) -> Result<Decomposition, DecomposeError> {
+        if text.trim().is_empty() {
+            return Err(DecomposeError::Empty);
+        }
+        let mut drafts: Vec<Draft> = Vec::new();
+        let (mut clause_count, mut matched_count) = (0usize, 0usize);
+        // Clauses before the first intent, waiting for it.
+        let mut pending: Option<Draft> = None;
+        for clause in clauses(text) {
+            let lower = LowerClause::new(&clause);
+            let matched = self.classify(&lower);
+            let starts_with_keyword = self.keyword_at_start(&lower);
+            let is_verb = |w: &Word| {
+                NOT_NAMES.contains(&w.lower.as_str()) || self.keyword_at_start(&LowerClause(w.lower.clone()))
+            };
+            let (entities, targets) = entities_and_targets(&clause, starts_with_keyword, is_verb);
+            clause_count += 1;
+            if matched.is_some() {
+                matched_count += 1;
+            }
+            let part = Draft {
+                work_type: matched.unwrap_or(usize::MAX),
+                start: clause[0].start,
+                end: clause[clause.len() - 1].end,
+                words: clause.len(),
+                entities,
+                targets,
+            };
+            match (matched, drafts.last_mut()) {
+                // "Monitor the NAS and notify me on Telegram": a clause of the same work type
+                // that names nothing new continues the intent before it. One that names an
+                // entity of its own ("… and deploy Nextcloud") is an intent of its own.
+                (Some(m), Some(previous)) if previous.work_type == m && part.entities.is_empty() => {
+                    previous.absorb_later(part)
+                }
+                (Some(_), _) => {
+                    let mut draft = part;
+                    if let Some(before) = pending.take() {
+                        draft.absorb_earlier(before);
+                    }
+                    drafts.push(draft);
+                }
+                (None, Some(previous)) => previous.absorb_later(part),
+                (None, None) => match &mut pending {
+                    Some(before) => before.absorb_later(part),
+                    None => pending = Some(part),
+                },
+            }
+        }
+        if drafts.is_empty() {
+            let known: Vec<&str> = self.work_types().iter().map(|s| s.name.as_str()).collect();
+            let known = if known.is_empty() { "(none)".to_owned() } else { known.join(", ") };
+            return Err(DecomposeError::NoMatch { known });
+        }
+        if drafts.len() > MAX_INTENTS {
+            return Err(DecomposeError::TooManyIntents(drafts.len()));
+        }
+        let intents: Vec<Intent> = drafts.into_iter().map(|d| self.intent(text, d)).collect();
+        let folded = clause_count - matched_count;
+        let confidence = clamp_round((matched_count as f64 + 0.5 * folded as f64) / clause_count as f64);
+        Ok(Decomposition { decomposer: DECOMPOSER.to_owned(), intents, confidence, fallback_reason: None })
+    }
+
+    /// The index of the work type whose keyword comes first in the clause; ties go to catalog
+    /// order.
+    fn classify(&self, clause: &LowerClause) -> Option<usize> {
+        self.work_types()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, spec)| {
+                spec.keywords.iter().filter_map(|k| clause.find(k)).min().map(|pos| (pos, i))
+            })
+            .min()
+            .map(|(_, i)| i)
+    }
+
+    fn keyword_at_start(&self, clause: &LowerClause) -> bool {
+        self.work_types().iter().flat_map(|s| &s.keywords).any(|k| clause.find(k) == Some(0))
+    }
+
+    fn intent(&self, text: &str, draft: Draft) -> Intent {
+        let spec = &self.work_types()[draft.work_type];
+        Intent {
+            work_type: spec.name.clone(),
+            text: text[draft.start..draft.end].to_owned(),
+            entities: draft.entities,
+            targets: draft.targets,
+        }
+    }
+}
+
+fn clamp_round(value: f64) -> f64 {
+    // Rounded so that stored and displayed values read 0.45, not 0.45000000000000007.
+    (value.clamp(0.0, 1.0) * 1000.0).round() / 1000.0
+}
+
+/// Words that split clauses.
+const CONJUNCTIONS: [&str; 3] = ["and", "then", "also"];
+/// Words that introduce a target at the end of a clause.
+const PREPOSITIONS: [&str; 5] = ["to", "on", "in", "into", "onto"];
+const DETERMINERS: [&str; 4] = ["the", "my", "our", "your"];
+/// Lowercase words that are never a target ("send it to me").
+const PRONOUNS: [&str; 7] = ["me", "us", "it", "them", "you", "him", "her"];
+/// Capitalised only because they start a sentence: not the name of anything. Keywords are
+/// left out too, but by matching the catalog.
+const NOT_NAMES: &[&str] = &[
+    "a",
+    "add",
+    "after",
+    "also",
+    "an",
+    "and",
+    "before",
+    "can",
+    "check",
+    "configure",
+    "could",
+    "create",
+    "enable",
+    "ensure",
+    "finally",
+    "first",
+    "for",
+    "get",
+    "help",
+    "i",
+    "it",
+    "keep",
+    "let",
+    "let's",
+    "lets",
+    "make",
+    "next",
+    "now",
+    "once",
+    "our",
+    "please",
+    "put",
+    "run",
+    "send",
+    "set",
+    "the",
+    "then",
+    "this",
+    "use",
+    "we",
+    "when",
+    "will",
+    "with",
+    "would",
+    "you",
+];
+/// Stripped from the ends of words: quotes, brackets and punctuation, but not the '+' of "C++"
+/// or the leading '.' of ".NET".
+const LEADING: &[char] = &['"', '\'', '(', '[', '{', '<', '`', '*'];
+const TRAILING: &[char] = &['"', '\'', ')', ']', '}', '>', '`', '*', '.', ',', ';', ':', '!', '?'];
+
+/// A word of the request, without surrounding punctuation.
+#[derive(Debug)]
+struct Word<'a> {
+    text: &'a str,
+    lower: String,
+    /// Byte range in the request's text.
+    start: usize,
+    end: usize,
+}
+
+impl Word<'_> {
+    fn is_capitalised(&self) -> bool {
+        self.text.chars().next().is_some_and(char::is_uppercase)
+    }
+
+    /// A plain lowercase word ("homelab", "staging-2").
+    fn is_lowercase(&self) -> bool {
+        self.text.chars().any(|c| c.is_alphabetic())
+            && self.text.chars().all(|c| c.is_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+    }
+}
+
+/// Splits a request into clauses of words (see [`Catalog::decompose`]); never yields an empty
+/// clause.
+fn clauses(text: &str) -> Vec<Vec<Word<'_>>> {
+    let mut clauses = Vec::new();
+    let mut current = Vec::new();
+    let tokens = tokens(text);
+    for (i, &(start, end)) in tokens.iter().enumerate() {
+        let raw = &text[start..end];
+        let next = tokens.get(i + 1).map_or(text.len(), |t| t.0);
+        let ends_clause = raw.ends_with(['.', '!', '?', ',', ';']) || text[end..next].contains('\n');
+        let trimmed_start = raw.trim_start_matches(LEADING);
+        let word_start = start + (raw.len() - trimmed_start.len());
+        let word = trimmed_start.trim_end_matches(TRAILING);
+        if word.chars().any(char::is_alphanumeric) {
+            let lower = word.to_lowercase();
+            if CONJUNCTIONS.contains(&lower.as_str()) {
+                clauses.push(std::mem::take(&mut current));
+            } else {
+                current.push(Word { text: word, lower, start: word_start, end: word_start + word.len() });
+            }
+        }
+        if ends_clause {
+            clauses.push(std::mem::take(&mut current));
+        }
+    }
+    clauses.push(current);
+    clauses.retain(|c| !c.is_empty());
+    clauses
+}
+
+/// Byte ranges of the whitespace-separated tokens of `text`.
+fn tokens(text: &str) -> Vec<(usize, usize)> {
+    let mut tokens = Vec::new();
+    let mut start = None;
+    for (i, c) in text.char_indices() {
+        match (c.is_whitespace(), start) {
+            (true, Some(s)) => {
+                tokens.push((s, i));
+                start = None;
+            }
+            (false, None) => start = Some(i),
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        tokens.push((s, text.len()));
+    }
+    tokens
+}
+
+/// A clause lowercased and single-spaced, for keyword matching.
+struct LowerClause(String);
+
+impl LowerClause {
+    fn new(words: &[Word]) -> Self {
+        Self(words.iter().map(|w| w.lower.as_str()).collect::<Vec<_>>().join(" "))
+    }
+
+    /// The byte position of the first match of `keyword` (normalised) at a word start.
+    fn find(&self, keyword: &str) -> Option<usize> {
+        self.0
+            .match_indices(keyword)
+            .map(|(i, _)| i)
+            .find(|&i| self.0[..i].chars().next_back().is_none_or(|c| !c.is_alphanumeric()))
+    }
+}
+
+/// The entities and targets of one clause.
+///
+/// `is_verb` tells whether a lowercase word after a bare preposition is rather a verb ("a script
+/// to monitor") than a place ("to production").
+fn entities_and_targets(
+    words: &[Word],
+    starts_with_keyword: bool,
+    is_verb: impl Fn(&Word) -> bool,
+) -> (Vec<String>, Vec<String>) {
+    // A condition ("… on Telegram when it is down") ends the phrase that may hold the target.
+    let cut = words
+        .iter()
+        .skip(1)
+        .position(|w| SUBORDINATORS.contains(&w.lower.as_str()))
+        .map_or(words.len(), |p| p + 1);
+    let (head, tail) = words.split_at(cut);
+    let (target, before) = match target(head, is_verb) {
+        Some((target, preposition)) => (Some(target), &head[..preposition]),
+        None => (None, head),
+    };
+    let mut entities = Vec::new();
+    let mut run: Vec<&str> = Vec::new();
+    // `None` marks the gap between the part before the target and the condition.
+    let scanned = before.iter().map(Some).chain(std::iter::once(None)).chain(tail.iter().map(Some));
+    for (i, word) in scanned.enumerate() {
+        let Some(word) = word else {
+            if !run.is_empty() {
+                entities.push(run.join(" "));
+                run.clear();
+            }
+            continue;
+        };
+        let not_a_name =
+            (i == 0 && (starts_with_keyword || NOT_NAMES.contains(&word.lower.as_str()))) || word.text == "I";
+        if word.is_capitalised() && !not_a_name {
+            run.push(word.text);
+        } else if !run.is_empty() {
+            entities.push(run.join(" "));
+            run.clear();
+        }
+    }
+    if !run.is_empty() {
+        entities.push(run.join(" "));
+    }
+    (entities, target.into_iter().collect())
+}
+
+/// Words that open a condition or a schedule rather than name a place.
+const SUBORDINATORS: &[&str] = &["when", "whenever", "if", "unless", "once", "every", "until", "while"];
+
+/// The target at the end of a clause and the index of the preposition introducing it.
+fn target(words: &[Word], is_verb: impl Fn(&Word) -> bool) -> Option<(String, usize)> {
+    if words.len() < 2 {
+        return None;
+    }
+    let preposition =
+        words[..words.len() - 1].iter().rposition(|w| PREPOSITIONS.contains(&w.lower.as_str()))?;
+    let mut phrase = &words[preposition + 1..];
+    let determiner = phrase.len() > 1 && DETERMINERS.contains(&phrase[0].lower.as_str());
+    if determiner {
+        phrase = &phrase[1..];
+    }
+    let join = |phrase: &[Word]| phrase.iter().map(|w| w.text).collect::<Vec<_>>().join(" ");
+    if phrase.len() <= 3 && phrase.iter().all(Word::is_capitalised) {
+        return Some((join(phrase), preposition));
+    }
+    let lowercase = phrase.iter().all(Word::is_lowercase) && !PRONOUNS.contains(&phrase[0].lower.as_str());
+    let fits = match phrase.len() {
+        1 => determiner || !is_verb(&phrase[0]),
+        2 => determiner,
+        _ => false,
+    };
+    (lowercase && fits).then(|| (join(phrase), preposition))
+}
+
+/// An intent being assembled from clauses.
+struct Draft {
+    /// Index into the catalog; meaningless for clauses waiting for an intent.
+    work_type: usize,
+    /// Byte range of the intent's text in the request.
+    start: usize,
+    end: usize,
+    words: usize,
+    entities: Vec<String>,
+    targets: Vec<String>,
+}
+
+impl Draft {
+    /// Adds the clauses that follow this one.
+    fn absorb_later(&mut self, later: Draft) {
+        self.end = later.end;
+        self.words += later.words;
+        push_new(&mut self.entities, later.entities);
+        push_new(&mut self.targets, later.targets);
+        self.drop_targets_from_entities();
+    }
+
+    /// Adds the clauses that precede this one.
+    fn absorb_earlier(&mut self, mut earlier: Draft) {
+        self.start = earlier.start;
+        self.words += earlier.words;
+        push_new(&mut earlier.entities, std::mem::take(&mut self.entities));
+        push_new(&mut earlier.targets, std::mem::take(&mut self.targets));
+        self.entities = earlier.entities;
+        self.targets = earlier.targets;
+        self.drop_targets_from_entities();
+    }
+
+    /// A thing named as a target in one clause is not also an entity in another.
+    fn drop_targets_from_entities(&mut self) {
+        let targets = &self.targets;
+        self.entities.retain(|e| !targets.iter().any(|t| t.eq_ignore_ascii_case(e)));
+    }
+}
+
+/// Appends the items of `new` that are not in `items` yet.
+fn push_new(items: &mut Vec<String>, new: Vec<String>) {
+    for item in new {
+        if !items.contains(&item) {
+            items.push(item);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPTIME_KUMA: &str = "Deploy Uptime Kuma to the homelab and send alerts to Discord";
+
+    fn decompose(text: &str) -> Decomposition {
+        Catalog::default().decompose(text).unwrap()
+    }
+
+    fn work_types(d: &Decomposition) -> Vec<&str> {
+        d.intents.iter().map(|i| i.work_type.as_str()).collect()
+    }
+
+    #[test]
+    fn uptime_kuma_request_yields_deployment_then_monitoring() {
+        let d = decompose(UPTIME_KUMA);
+        assert_eq!(d.decomposer, "rules");
+        assert_eq!(work_types(&d), ["deployment", "monitoring"]);
+        let (deploy, monitor) = (&d.intents[0], &d.intents[1]);
+        assert_eq!(deploy.text, "Deploy Uptime Kuma to the homelab");
+        assert_eq!(deploy.entities, ["Uptime Kuma"]);
+        assert_eq!(deploy.targets, ["homelab"]);
+        assert_eq!(monitor.text, "send alerts to Discord");
+        assert!(monitor.entities.is_empty(), "{:?}", monitor.entities);
+        assert_eq!(monitor.targets, ["Discord"]);
+        assert_eq!(d.confidence, 1.0, "every clause matched a keyword");
+        assert_eq!(d.fallback_reason, None);
+    }
+
+    #[test]
+    fn a_condition_does_not_hide_the_target_and_a_follow_up_clause_joins_its_intent() {
+        let catalog = Catalog::default();
+        let d = catalog.decompose("Monitor the NAS and notify me on Telegram when it is down").unwrap();
+        assert_eq!(work_types(&d), ["monitoring"]);
+        assert_eq!(d.intents[0].entities, ["NAS"]);
+        assert_eq!(d.intents[0].targets, ["Telegram"]);
+    }
+
+    #[test]
+    fn clauses_without_a_keyword_fold_into_an_intent() {
+        let d = decompose("For the homelab, please set up Uptime Kuma, Grafana and Prometheus.");
+        assert_eq!(work_types(&d), ["deployment"]);
+        let intent = &d.intents[0];
+        assert_eq!(intent.text, "For the homelab, please set up Uptime Kuma, Grafana and Prometheus");
+        assert_eq!(intent.entities, ["Uptime Kuma", "Grafana", "Prometheus"]);
+        assert!(intent.targets.is_empty(), "'for' is no target preposition");
+        let d = decompose("On my NAS, install Immich");
+        assert_eq!(d.intents[0].targets, ["NAS"]);
+        assert_eq!(d.intents[0].entities, ["Immich"]);
+    }
+
+    #[test]
+    fn keywords_match_at_word_starts_case_insensitively() {
+        assert_eq!(work_types(&decompose("SEND ALERTS")), ["monitoring"]);
+        assert_eq!(work_types(&decompose("Please Set  Up Gitea")), ["deployment"]);
+        assert_eq!(work_types(&decompose("a self-hosted wiki")), ["deployment"]);
+        let err = Catalog::default().decompose("Stopwatch").unwrap_err();
+        assert!(matches!(err, DecomposeError::NoMatch { .. }), "'watch' inside a word matched");
+    }
+
+    #[test]
+    fn empty_and_unrecognised_text_are_errors() {
+        let catalog = Catalog::default();
+        for empty in ["", "   \n\t "] {
+            let err = catalog.decompose(empty).unwrap_err();
+            assert_eq!(err, DecomposeError::Empty);
+            assert_eq!(err.to_string(), "the request text is empty");
+        }
+        let err = catalog.decompose("hello there").unwrap_err();
+        assert!(matches!(err, DecomposeError::NoMatch { .. }));
+        assert_eq!(
+            err.to_string(),
+            "no work type in the catalog matches the request; known work types: \
+             deployment, code_generation, monitoring, maintenance, research, transcription"
+        );
+        assert!(catalog.decompose(" , and ; then .").is_err());
+    }
+
+    #[test]
+    fn confidence_is_the_share_of_clauses_that_matched() {
+        // "PostgreSQL" matches nothing and is folded into the deployment: it counts half.
+        let d = decompose("Deploy Gitea and PostgreSQL");
+        assert_eq!(d.confidence, 0.75);
+        let d = decompose("Please, for the team. Deploy Gitea to the homelab");
+        assert_eq!(d.confidence, 0.667, "{d:?}");
+        assert_eq!(decompose(UPTIME_KUMA).confidence, 1.0);
+    }
+}
