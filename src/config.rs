@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::redact;
+use crate::decisions::approval::ApprovalPolicy;
+use crate::decisions::fallback::FallbackPolicy;
 use crate::decisions::leases::LeasePolicy;
-use crate::decisions::policy::{ApprovalPolicy, FallbackPolicy};
 use crate::decisions::routing::RoutingPolicy;
 use crate::model::ids::Namespace;
 use crate::pipeline::runner;

@@ -385,7 +385,8 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::decisions::policy::{FallbackDecision, Window};
+    use crate::decisions::fallback::FallbackDecision;
+    use crate::decisions::providers::Window;
     use crate::model::domain::PlanStatus;
     use crate::model::ids::{MessageId, RequestId};
     use crate::store::DeadLetter;

@@ -1,9 +1,11 @@
 //! The decisions Switchyard takes and explains, each a pure function of what it is given:
-//! which agent takes a task (`routing`), whether a plan goes to an external model and needs an
-//! approval (`policy`), how long an attempt may run (`leases`), and whether a request's trail is
+//! which agent takes a task (`routing`), whether a plan goes to an external model (`fallback`,
+//! over the `providers` and their quota windows), whether it needs an approval (`approval`), how long an attempt may run (`leases`), and whether a request's trail is
 //! complete (`audit`). Each returns its reason with the figures it was based on.
 
+pub mod approval;
 pub mod audit;
+pub mod fallback;
 pub mod leases;
-pub mod policy;
+pub mod providers;
 pub mod routing;

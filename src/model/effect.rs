@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::decisions::policy::{FallbackDecision, Infeasible};
+use crate::decisions::fallback::{FallbackDecision, Infeasible};
 use crate::decisions::routing::{Candidate, Route};
 use crate::model::domain::{Decomposition, Plan};
 use crate::model::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::decisions::policy::Infeasible;
+use crate::decisions::fallback::Infeasible;
 use crate::model::domain::{Decomposition, Plan, Resources, Task};
 use crate::model::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId};
 use crate::understanding::complexity::Complexity;

@@ -63,7 +63,7 @@ pub enum Error {
     #[error(transparent)]
     Catalog(#[from] catalog::Error),
     #[error(transparent)]
-    Policy(#[from] crate::decisions::policy::Error),
+    Policy(#[from] crate::decisions::fallback::Error),
     #[error(transparent)]
     Runner(#[from] runner::Error),
     #[error(transparent)]

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::apply::audit;
 use super::cached::Cached;
 use super::{Error, Store};
-use crate::decisions::policy::{QuotaSnapshot, Window};
+use crate::decisions::providers::{QuotaSnapshot, Window};
 use crate::model::effect::Reservation;
 use crate::model::ids::{PlanId, RequestId, TaskId};
 use crate::model::wire::TokenUsage;

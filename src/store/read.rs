@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::cached::Cached;
 use super::{Applied, Error, Store};
-use crate::decisions::policy::{FallbackDecision, Infeasible};
+use crate::decisions::fallback::{FallbackDecision, Infeasible};
 use crate::model::domain::{Agent, Plan, PlanStatus, RequestStatus, Resources, Task, TaskStatus};
 use crate::model::effect::Write;
 use crate::model::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskId, WorkType};

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::decisions::policy::Infeasible;
+use crate::decisions::fallback::Infeasible;
 use crate::model::domain::{Agent, Plan, Resources, Task};
 use crate::model::ids::WorkType;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use switchyard::agent::{AgentBuilder, Llm, Simulate};
 use switchyard::config::Config;
-use switchyard::decisions::policy::{Provider, Window};
+use switchyard::decisions::providers::{Provider, Window};
 use switchyard::llm::Client;
 use switchyard::model::domain::Resources;
 use switchyard::model::ids::{AgentId, WorkType};

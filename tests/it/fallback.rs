@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 use switchyard::config::Config;
-use switchyard::decisions::policy::{Provider, Window};
+use switchyard::decisions::providers::{Provider, Window};
 use switchyard::model::ids::{MessageId, RequestId, WorkType};
 use switchyard::model::wire::{self, Envelope, Planned, RequestMeta, SCHEMA_VERSION, SubmitRequest};
 use switchyard::ops;

@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::Value;
-use switchyard::decisions::policy::{FallbackDecision, Window};
+use switchyard::decisions::fallback::FallbackDecision;
+use switchyard::decisions::providers::Window;
 use switchyard::model::domain::Plan;
 use switchyard::model::effect::{Reservation, Write};
 use switchyard::model::ids::RequestId;

@@ -5,7 +5,10 @@
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
-use crate::decisions::policy::{self, ApprovalPolicy, FallbackDecision, FallbackPolicy, Gate, QuotaSnapshot};
+use crate::decisions::approval::{ApprovalPolicy, Gate};
+use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
+use crate::decisions::providers::QuotaSnapshot;
+use crate::decisions::{approval, fallback};
 use crate::model::domain::PlanStatus;
 use crate::model::effect::{Reservation, Write};
 use crate::model::wire::{Envelope, Planned, RouteTasks};
@@ -73,7 +76,7 @@ impl Stage for Fallback {
         let decision = match context.recorded {
             Some(recorded) => recorded,
             None => {
-                let decision = policy::decide_fallback(
+                let decision = fallback::decide_fallback(
                     plan,
                     complexity.score,
                     infeasible,
@@ -98,7 +101,7 @@ impl Stage for Fallback {
         };
         // A verdict already recorded (by the policy before, or by a person since) stands.
         let gate = match context.verdict {
-            None => policy::gate(request.auto_approve, &decision, &self.approval),
+            None => approval::gate(request.auto_approve, &decision, &self.approval),
             Some(true) => Gate::AutoApproved { reason: String::new() },
             Some(false) => return Outcome::Forward { writes, publish: Vec::new() },
         };
@@ -150,7 +153,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::decisions::policy::Provider;
+    use crate::decisions::providers::Provider;
     use crate::model::ids::{MessageId, RequestId, WorkType};
     use crate::model::wire::RequestMeta;
     use crate::understanding::catalog::Catalog;
@@ -208,7 +211,7 @@ mod tests {
             input_tokens_per_task: 1_000,
             output_tokens_per_task: 0,
             quota_micros: 1_000_000,
-            window: crate::decisions::policy::Window::Monthly,
+            window: crate::decisions::providers::Window::Monthly,
             work_types: BTreeSet::from([WorkType::parse("code_generation").unwrap()]),
         }
     }

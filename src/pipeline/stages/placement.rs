@@ -7,7 +7,8 @@ use std::collections::{BTreeSet, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::{Destination, Publish};
-use crate::decisions::policy::{self, FallbackDecision};
+use crate::decisions::fallback::FallbackDecision;
+use crate::decisions::providers;
 use crate::decisions::routing::{Ask, Route, RoutingPolicy};
 use crate::model::domain::{Agent, Resources, Task};
 use crate::model::effect::Write;
@@ -36,8 +37,8 @@ impl External {
     pub(crate) fn to_provider(name: &str, tasks: impl IntoIterator<Item = TaskId>) -> Self {
         External {
             tasks: tasks.into_iter().collect(),
-            capability: policy::provider_capability(name),
-            default_agent: AgentId::parse(policy::provider_agent(name)).ok(),
+            capability: providers::provider_capability(name),
+            default_agent: AgentId::parse(providers::provider_agent(name)).ok(),
         }
     }
 
@@ -59,11 +60,11 @@ impl External {
 }
 
 fn serving(agent: &Agent) -> bool {
-    policy::serves_a_provider(&agent.capabilities)
+    providers::serves_a_provider(&agent.capabilities)
 }
 
 fn local(agent: &Agent) -> bool {
-    !policy::serves_a_provider(&agent.capabilities)
+    !providers::serves_a_provider(&agent.capabilities)
 }
 
 /// How `task`'s `attempt` may be routed. An external task goes to its provider's agents only,

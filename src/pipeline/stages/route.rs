@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::placement::{self, External, Routed};
 use super::{Inbound, Outcome, Stage};
-use crate::decisions::policy::FallbackDecision;
+use crate::decisions::fallback::FallbackDecision;
 use crate::decisions::routing::{self, Placement, Router, RoutingPolicy};
 use crate::model::domain::{Agent, PlanStatus, Task, TaskStatus};
 use crate::model::effect::Write;

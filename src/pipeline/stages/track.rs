@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
-use crate::decisions::policy::{FallbackDecision, FallbackPolicy};
+use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::model::domain::{PlanStatus, TaskStatus};
 use crate::model::effect::Write;
 use crate::model::ids::TaskId;
@@ -222,7 +222,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::decisions::policy::{Provider, Window};
+    use crate::decisions::providers::{Provider, Window};
     use crate::model::ids::{AgentId, MessageId, RequestId, WorkType};
     use crate::model::wire::TokenUsage;
     use crate::understanding::catalog::Catalog;
