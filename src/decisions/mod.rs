@@ -9,3 +9,8 @@ pub mod fallback;
 pub mod leases;
 pub mod providers;
 pub mod routing;
+
+/// The singular or the plural of a word, for the counts in reasons ("1 agent", "2 agents").
+pub(crate) fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 { one } else { many }
+}

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::decisions::fallback::Infeasible;
+use crate::decisions::plural;
 use crate::model::domain::{Agent, Plan, Resources, Task};
 use crate::model::ids::WorkType;
 
@@ -119,10 +120,6 @@ impl Fleet {
             format!("needs {}", short.join(" and "))
         })
     }
-}
-
-fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
-    if n == 1 { one } else { many }
 }
 
 /// How long the finished tasks of one work type and step took.
