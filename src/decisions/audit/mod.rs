@@ -8,8 +8,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
-use crate::store::{Refusal, Trail};
+use crate::model::domain::{Plan, PlanStatus, RequestStatus, Task, TaskStatus};
+use crate::store::{DecisionRow, DispatchRow, Refusal, StoredPlan, TaskState, Trail};
+
+mod cost;
+
+use self::cost::understanding_and_cost;
 
 /// How the request ended (or where it stands), to follow "the request": what the audit names
 /// first.
@@ -56,8 +60,52 @@ pub fn refused(refusal: &Refusal) -> (String, Vec<String>) {
 pub fn check(trail: &Trail) -> Vec<String> {
     let mut findings = Vec::new();
     let status = trail.status;
+    request_end(trail, &mut findings);
+    // A request may end before it is decomposed or planned (refused by a stage, cancelled); one
+    // that has gone further has every record up to there.
+    let stopped_early = matches!(status, RequestStatus::Failed | RequestStatus::Cancelled);
+    if !trail.has_decomposition {
+        if !stopped_early && status != RequestStatus::Received {
+            findings.push("no decomposition recorded".to_owned());
+        }
+        if trail.plan.is_some() {
+            findings.push("a plan without a decomposition".to_owned());
+        }
+    }
+    let Some(stored) = &trail.plan else {
+        let planned = !matches!(status, RequestStatus::Received | RequestStatus::Decomposed);
+        if planned && !stopped_early {
+            findings.push("no plan recorded".to_owned());
+        }
+        return findings;
+    };
+    plan_end(trail, stored, stopped_early, &mut findings);
+    understanding_and_cost(trail, &mut findings);
+    let plan = &stored.plan;
+    if stored.status == PlanStatus::Infeasible {
+        if !trail.decisions.is_empty() || !trail.dispatches.is_empty() {
+            findings.push(format!("infeasible plan {} has routing decisions or dispatches", plan.id));
+        }
+        return findings;
+    }
+    let approved = trail.approval.as_ref().is_some_and(|a| a.approved);
+    if trail.approval.is_none() {
+        if !trail.decisions.is_empty() || !trail.dispatches.is_empty() {
+            findings.push(format!("plan {} was routed without an approval decision", plan.id));
+        }
+        if matches!(stored.status, PlanStatus::Approved | PlanStatus::Completed) {
+            findings.push(format!("plan {} has no approval decision (status {})", plan.id, stored.status));
+        }
+        return findings;
+    }
+    task_trails(trail, plan, approved, &mut findings);
+    findings
+}
+
+/// Why the request ended, recorded where it ended; and every dead letter with its reason.
+fn request_end(trail: &Trail, findings: &mut Vec<String>) {
+    let status = trail.status;
     let reason_given = trail.failure_reason.as_deref().is_some_and(|r| !r.trim().is_empty());
-    // Why it ended, where it ended.
     match status {
         RequestStatus::Failed if !reason_given => {
             findings.push("the request failed without a reason".to_owned())
@@ -77,24 +125,12 @@ pub fn check(trail: &Trail) -> Vec<String> {
         findings
             .push(format!("the dead letter of message {} at {} has no reason", dead.message_id, dead.stage));
     }
-    // A request may end before it is decomposed or planned (refused by a stage, cancelled); one
-    // that has gone further has every record up to there.
-    let stopped_early = matches!(status, RequestStatus::Failed | RequestStatus::Cancelled);
-    if !trail.has_decomposition {
-        if !stopped_early && status != RequestStatus::Received {
-            findings.push("no decomposition recorded".to_owned());
-        }
-        if trail.plan.is_some() {
-            findings.push("a plan without a decomposition".to_owned());
-        }
-    }
-    let Some(stored) = &trail.plan else {
-        let planned = !matches!(status, RequestStatus::Received | RequestStatus::Decomposed);
-        if planned && !stopped_early {
-            findings.push("no plan recorded".to_owned());
-        }
-        return findings;
-    };
+}
+
+/// The plan and its request agree on how it ended; an ended plan has no task left to start; and
+/// the plan has its one fallback decision.
+fn plan_end(trail: &Trail, stored: &StoredPlan, stopped_early: bool, findings: &mut Vec<String>) {
+    let status = trail.status;
     let plan = &stored.plan;
     if plan.tasks().is_empty() {
         findings.push(format!("plan {} has no task", plan.id));
@@ -140,24 +176,11 @@ pub fn check(trail: &Trail) -> Vec<String> {
         0 => findings.push(format!("no fallback decision for plan {}", plan.id)),
         n => findings.push(format!("{n} fallback decisions for plan {} (expected one)", plan.id)),
     }
-    understanding_and_cost(trail, &mut findings);
-    if stored.status == PlanStatus::Infeasible {
-        if !trail.decisions.is_empty() || !trail.dispatches.is_empty() {
-            findings.push(format!("infeasible plan {} has routing decisions or dispatches", plan.id));
-        }
-        return findings;
-    }
-    let approved = trail.approval.as_ref().is_some_and(|a| a.approved);
-    if trail.approval.is_none() {
-        if !trail.decisions.is_empty() || !trail.dispatches.is_empty() {
-            findings.push(format!("plan {} was routed without an approval decision", plan.id));
-        }
-        if matches!(stored.status, PlanStatus::Approved | PlanStatus::Completed) {
-            findings.push(format!("plan {} has no approval decision (status {})", plan.id, stored.status));
-        }
-        return findings;
-    }
+}
 
+/// Each task of an approved plan: released before it was routed, and each of its attempts
+/// routed once, sent to the agent it was routed to, and ended as the next attempt implies.
+fn task_trails(trail: &Trail, plan: &Plan, approved: bool, findings: &mut Vec<String>) {
     let state: HashMap<_, _> = trail.tasks.iter().map(|t| (t.id, t)).collect();
     let succeeded: HashSet<_> =
         trail.tasks.iter().filter(|t| t.status == TaskStatus::Succeeded).map(|t| t.id).collect();
@@ -207,176 +230,80 @@ pub fn check(trail: &Trail) -> Vec<String> {
             ));
         }
         for attempt in 1..=last {
-            let decided: Vec<_> = task_decisions.iter().filter(|d| d.attempt == attempt).collect();
-            let sent: Vec<_> = task_dispatches.iter().filter(|d| d.attempt == attempt).collect();
-            let result = trail.results.iter().find(|r| r.task_id == task.id && r.attempt == attempt);
-            if decided.len() != 1 {
-                findings.push(format!(
-                    "task {} attempt {attempt} has {} routing decisions (expected one)",
-                    task.key,
-                    decided.len()
-                ));
-            }
-            let Some(decision) = decided.first() else { continue };
-            let Some(agent) = &decision.agent_id else {
-                // It gave up waiting: no agent, so nothing sent; and it is the task's end.
-                if !sent.is_empty() || attempt != last || task_state.status != TaskStatus::Failed {
-                    findings.push(format!(
-                        "task {} attempt {attempt} chose no agent, yet it was dispatched or went on",
-                        task.key
-                    ));
-                }
-                continue;
-            };
-            // The last attempt may not have reached its agent: still on its way (routed), not
-            // deliverable, or stopped by a cancellation before or after it went out.
-            let on_its_way = attempt == last
-                && matches!(
-                    task_state.status,
-                    TaskStatus::Routed | TaskStatus::DispatchFailed | TaskStatus::Cancelled
-                );
-            match sent.len() {
-                1 => {}
-                0 if on_its_way => {}
-                n => findings.push(format!(
-                    "task {} attempt {attempt} has {n} confirmed dispatches (expected one)",
-                    task.key
-                )),
-            }
-            if task_state.status == TaskStatus::DispatchFailed && attempt == last && !sent.is_empty() {
-                findings
-                    .push(format!("task {} attempt {attempt} was dispatched, yet failed to be", task.key));
-            }
-            if let Some(dispatch) = sent.first()
-                && &dispatch.agent_id != agent
-            {
-                findings.push(format!(
-                    "task {} attempt {attempt} was routed to {agent} but dispatched to {}",
-                    task.key, dispatch.agent_id
-                ));
-            }
-            // An attempt before the last failed, or the task would not have been tried again;
-            // the last one of a finished task has its result.
-            let finished = matches!(task_state.status, TaskStatus::Succeeded | TaskStatus::Failed);
-            match result {
-                Some(r) if attempt < last && r.success => findings.push(format!(
-                    "task {} attempt {attempt} succeeded, yet the task was tried again",
-                    task.key
-                )),
-                None if attempt < last => {
-                    findings.push(format!("task {} attempt {attempt} was retried without a result", task.key))
-                }
-                None if finished => findings
-                    .push(format!("task {} finished without a result for attempt {attempt}", task.key)),
-                _ => {}
-            }
+            let decided: Vec<_> = task_decisions.iter().copied().filter(|d| d.attempt == attempt).collect();
+            let sent: Vec<_> = task_dispatches.iter().copied().filter(|d| d.attempt == attempt).collect();
+            attempt_trail(trail, task, task_state, attempt, &decided, &sent, findings);
         }
     }
-    findings
 }
 
-/// The decomposer, the complexity terms, the fallback decision with its reservation, and the
-/// settlement of that reservation against what external tasks really used.
-fn understanding_and_cost(trail: &Trail, findings: &mut Vec<String>) {
-    let Some(stored) = &trail.plan else { return };
-    let plan = &stored.plan;
-    match trail.decomposer.as_deref() {
-        Some("rules" | "llm") | None => {}
-        Some(other) => findings.push(format!("decomposition by an unknown decomposer {other:?}")),
-    }
-    match &trail.complexity {
-        Some((score, terms)) if !terms.is_empty() => {
-            // Each term and the score are rounded to three decimals: allow for that.
-            let sum: f64 = terms.iter().map(|t| t.contribution).sum();
-            if (sum.clamp(0.0, 1.0) - score).abs() > 0.0015 {
-                findings.push(format!("complexity {score} is not the sum of its terms ({sum:.3})"));
-            }
-            for t in terms.iter().filter(|t| (t.value * t.weight - t.contribution).abs() > 0.0015) {
-                findings.push(format!(
-                    "complexity term {} contributes {} instead of {}×{}",
-                    t.name, t.contribution, t.weight, t.value
-                ));
-            }
-            let weights: f64 = terms.iter().map(|t| t.weight).sum();
-            if (weights - 1.0).abs() > 1e-9 || terms.len() != 6 {
-                findings.push(format!(
-                    "complexity has {} terms weighing {weights} (expected the formula's six, weighing 1)",
-                    terms.len()
-                ));
-            }
-        }
-        // A plan made before complexity was kept term by term has none to check.
-        Some(_) | None => {}
-    }
-    let Some(decision) = &trail.fallback else { return };
-    if decision.infeasible != (stored.status == PlanStatus::Infeasible) {
+/// One attempt of a released task: its routing decision, its dispatch and its result.
+fn attempt_trail(
+    trail: &Trail,
+    task: &Task,
+    task_state: &TaskState,
+    attempt: u32,
+    decided: &[&DecisionRow],
+    sent: &[&DispatchRow],
+    findings: &mut Vec<String>,
+) {
+    let last = task_state.attempt;
+    let result = trail.results.iter().find(|r| r.task_id == task.id && r.attempt == attempt);
+    if decided.len() != 1 {
         findings.push(format!(
-            "the fallback decision says infeasible = {}, but plan {} is {}",
-            decision.infeasible, plan.id, stored.status
+            "task {} attempt {attempt} has {} routing decisions (expected one)",
+            task.key,
+            decided.len()
         ));
     }
-    if let Some(outside) = decision.external_tasks.iter().find(|id| plan.task(**id).is_none()) {
+    let Some(decision) = decided.first() else { return };
+    let Some(agent) = &decision.agent_id else {
+        // It gave up waiting: no agent, so nothing sent; and it is the task's end.
+        if !sent.is_empty() || attempt != last || task_state.status != TaskStatus::Failed {
+            findings.push(format!(
+                "task {} attempt {attempt} chose no agent, yet it was dispatched or went on",
+                task.key
+            ));
+        }
+        return;
+    };
+    // The last attempt may not have reached its agent: still on its way (routed), not
+    // deliverable, or stopped by a cancellation before or after it went out.
+    let on_its_way = attempt == last
+        && matches!(
+            task_state.status,
+            TaskStatus::Routed | TaskStatus::DispatchFailed | TaskStatus::Cancelled
+        );
+    match sent.len() {
+        1 => {}
+        0 if on_its_way => {}
+        n => findings
+            .push(format!("task {} attempt {attempt} has {n} confirmed dispatches (expected one)", task.key)),
+    }
+    if task_state.status == TaskStatus::DispatchFailed && attempt == last && !sent.is_empty() {
+        findings.push(format!("task {} attempt {attempt} was dispatched, yet failed to be", task.key));
+    }
+    if let Some(dispatch) = sent.first()
+        && &dispatch.agent_id != agent
+    {
         findings.push(format!(
-            "the fallback decision sends {outside} out, which is not a task of plan {}",
-            plan.id
+            "task {} attempt {attempt} was routed to {agent} but dispatched to {}",
+            task.key, dispatch.agent_id
         ));
     }
-    match (&trail.reservation, decision.use_external) {
-        (None, false) => {}
-        (None, true) => findings.push(format!(
-            "plan {} goes to {} without a quota reservation",
-            plan.id,
-            decision.provider.as_deref().unwrap_or("?")
-        )),
-        (Some(r), false) => findings.push(format!(
-            "plan {} stays local but reserved {} micros of {}",
-            plan.id, r.amount_micros, r.provider
-        )),
-        (Some(r), true) => {
-            if Some(r.provider.as_str()) != decision.provider.as_deref()
-                || r.amount_micros != decision.estimated_cost_micros
-            {
-                findings.push(format!(
-                    "the reservation ({} micros of {}) is not what the decision estimated ({} micros of {})",
-                    r.amount_micros,
-                    r.provider,
-                    decision.estimated_cost_micros,
-                    decision.provider.as_deref().unwrap_or("?")
-                ));
-            }
-            let used: i64 = trail.usage.iter().map(|(_, _, cost)| cost).sum();
-            if used != r.spent_micros {
-                findings.push(format!(
-                    "the reservation shows {} micros spent, but the attempts used {used}",
-                    r.spent_micros
-                ));
-            }
-            let ended = stored.status.is_terminal();
-            match (ended, r.settled_at, r.released_micros) {
-                (true, None, _) => {
-                    findings.push(format!("plan {} ended but its reservation is not settled", plan.id))
-                }
-                (false, Some(_), _) => findings
-                    .push(format!("plan {} is {} but its reservation is settled", plan.id, stored.status)),
-                // Use reported after the settlement raises what is spent, never what was released.
-                (true, Some(_), Some(released))
-                    if released > r.amount_micros
-                        || released < r.amount_micros - r.spent_micros.min(r.amount_micros) =>
-                {
-                    findings.push(format!(
-                        "the settlement released {released} micros of {} reserved with {} spent",
-                        r.amount_micros, r.spent_micros
-                    ))
-                }
-                _ => {}
-            }
+    // An attempt before the last failed, or the task would not have been tried again;
+    // the last one of a finished task has its result.
+    let finished = matches!(task_state.status, TaskStatus::Succeeded | TaskStatus::Failed);
+    match result {
+        Some(r) if attempt < last && r.success => findings
+            .push(format!("task {} attempt {attempt} succeeded, yet the task was tried again", task.key)),
+        None if attempt < last => {
+            findings.push(format!("task {} attempt {attempt} was retried without a result", task.key))
         }
-    }
-    for (task, attempt, _) in &trail.usage {
-        if !decision.external_tasks.contains(task) {
-            findings
-                .push(format!("external use recorded for task {task} attempt {attempt}, which stayed local"));
+        None if finished => {
+            findings.push(format!("task {} finished without a result for attempt {attempt}", task.key))
         }
+        _ => {}
     }
 }
 
@@ -385,17 +312,14 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::decisions::fallback::FallbackDecision;
-    use crate::decisions::providers::Window;
     use crate::model::domain::PlanStatus;
     use crate::model::ids::{MessageId, RequestId};
     use crate::store::DeadLetter;
-    use crate::store::StoredReservation;
     use crate::store::{ApprovalRow, DecisionRow, DispatchRow, StoredPlan, TaskState};
     use crate::understanding::catalog::Catalog;
 
     /// The trail of an approved Uptime Kuma request whose first task went to `homelab-1`.
-    fn complete() -> Trail {
+    pub(super) fn complete() -> Trail {
         let catalog = Catalog::default();
         let d = catalog.decompose("Deploy Uptime Kuma to the homelab and send alerts to Discord").unwrap();
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
@@ -693,78 +617,5 @@ mod tests {
         }
         assert_eq!(check(&trail), Vec::<String>::new());
         assert_eq!(outcome(&trail), "was rejected by alice: not today");
-    }
-
-    fn external(trail: &Trail) -> FallbackDecision {
-        let plan = &trail.plan.as_ref().unwrap().plan;
-        FallbackDecision {
-            plan_id: plan.id,
-            use_external: true,
-            provider: Some("cloud".into()),
-            external_tasks: vec![plan.tasks()[0].id],
-            infeasible: false,
-            reason: String::new(),
-            complexity: 0.5,
-            estimated_cost_micros: 30_000,
-            quota_left_micros: Some(70_000),
-        }
-    }
-
-    fn reservation(spent: i64, settled: bool) -> StoredReservation {
-        StoredReservation {
-            provider: "cloud".into(),
-            window: Window::Monthly,
-            window_start: Utc::now(),
-            amount_micros: 30_000,
-            spent_micros: spent,
-            input_tokens: 0,
-            output_tokens: 0,
-            settled_at: settled.then(Utc::now),
-            released_micros: settled.then_some(30_000 - spent.min(30_000)),
-        }
-    }
-
-    #[test]
-    fn external_work_must_be_reserved_used_and_settled_as_recorded() {
-        let mut trail = complete();
-        let first = trail.tasks[0].id;
-        trail.fallback = Some(external(&trail));
-        assert_eq!(
-            check(&trail),
-            ["plan ".to_owned()
-                + &trail.plan.as_ref().unwrap().plan.id.to_string()
-                + " goes to cloud without a quota reservation"]
-        );
-
-        trail.reservation = Some(reservation(7_000, false));
-        trail.usage = vec![(first, 1, 7_000)];
-        assert_eq!(check(&trail), Vec::<String>::new());
-
-        trail.usage = vec![(first, 1, 5_000)];
-        assert_eq!(check(&trail), ["the reservation shows 7000 micros spent, but the attempts used 5000"]);
-        trail.usage = vec![(first, 1, 7_000)];
-
-        trail.plan.as_mut().unwrap().status = PlanStatus::Completed;
-        assert!(
-            check(&trail).iter().any(|f| f.ends_with("ended but its reservation is not settled")),
-            "{:?}",
-            check(&trail)
-        );
-        trail.reservation = Some(reservation(7_000, true));
-        assert!(!check(&trail).iter().any(|f| f.contains("reservation")), "{:?}", check(&trail));
-        trail.reservation.as_mut().unwrap().released_micros = Some(35_000);
-        assert!(
-            check(&trail).iter().any(|f| f.starts_with("the settlement released 35000")),
-            "{:?}",
-            check(&trail)
-        );
-    }
-
-    #[test]
-    fn complexity_terms_must_add_up() {
-        let mut trail = complete();
-        trail.complexity.as_mut().unwrap().0 += 0.1;
-        let findings = check(&trail);
-        assert!(findings.iter().any(|f| f.contains("is not the sum of its terms")), "{findings:?}");
     }
 }
