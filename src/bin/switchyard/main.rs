@@ -1,8 +1,11 @@
 //! The `switchyard` command line. Parses arguments, calls the library, prints; errors are shown
 //! with their whole cause chain. The exit code tells a script how it went: see [`Exit`].
 
+mod agent;
 mod follow;
 mod print;
+mod signals;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,20 +14,19 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chrono::Utc;
-use clap::builder::PossibleValuesParser;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use switchyard::agent::{AgentBuilder, Exec, ExecCommand, ExecConfig, Executor, Llm, Simulate};
+use switchyard::agent::{AgentBuilder, Simulate};
 use switchyard::broker::{Broker, redact};
 use switchyard::config::Config;
 use switchyard::decisions::audit;
-use switchyard::model::ids::{AgentId, PlanId, RequestId, WorkType};
+use switchyard::model::ids::{AgentId, PlanId, RequestId};
 use switchyard::model::wire::{Heartbeat, SubmitRequest};
 use switchyard::model::{domain::Resources, wire};
+use switchyard::ops;
 use switchyard::pipeline::topology::Names;
-use switchyard::pipeline::worker::{self, StageName, Worker};
+use switchyard::pipeline::worker::{StageName, Worker};
 use switchyard::store::{Lookup, Store};
-use switchyard::{llm, ops};
 use tokio_util::sync::CancellationToken;
 
 /// Switchyard: decomposes plain-language requests, plans them as DAGs of tasks, routes every task
@@ -48,7 +50,7 @@ enum Command {
     /// Run pipeline stages until interrupted.
     Worker {
         /// Stages to run (repeatable or comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "all", value_parser = stage_names())]
+        #[arg(long, value_delimiter = ',', default_value = "all", value_parser = worker::stage_names())]
         stage: Vec<String>,
     },
     /// Submit a request and print its id.
@@ -96,7 +98,7 @@ enum Command {
     Quota(QuotaArgs),
     /// Run an agent: heartbeat, take tasks from its queue, run them, report their results. Needs
     /// the broker only (AMQP_URL), no database. Runs until interrupted.
-    Agent(AgentArgs),
+    Agent(agent::AgentArgs),
     /// Run the whole pipeline on a sample request, in a namespace and database of its own.
     Demo {
         /// The request to run.
@@ -145,53 +147,6 @@ struct SubmitArgs {
     timeout: u64,
 }
 
-/// Who an agent is and what it offers: the same for `agent` and `agents register`, checked by
-/// [`AgentBuilder::check`] for both.
-#[derive(Args)]
-struct AgentSpec {
-    /// The agent's id; its queue is `<namespace>.agent.<id>`.
-    #[arg(long)]
-    id: AgentId,
-    /// What it can do (repeatable or comma-separated).
-    #[arg(long, value_delimiter = ',', required = true)]
-    capabilities: Vec<String>,
-    /// Tasks run at once.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65535))]
-    capacity: u32,
-    /// key=value (repeatable).
-    #[arg(long = "label", value_parser = parse_label)]
-    labels: Vec<(String, String)>,
-    /// CPUs it offers [default: this machine's].
-    #[arg(long)]
-    cpu: Option<f64>,
-    /// Memory it offers, in MiB [default: this machine's].
-    #[arg(long)]
-    memory_mb: Option<u64>,
-    /// GPUs it offers [default: the NVIDIA GPUs this machine shows, else 0].
-    #[arg(long)]
-    gpu: Option<u32>,
-}
-
-impl AgentSpec {
-    /// The agent's settings, checked.
-    fn builder(self) -> Result<AgentBuilder> {
-        let AgentSpec { id, capabilities, capacity, labels, cpu, memory_mb, gpu } = self;
-        let host = switchyard::agent::host::resources();
-        let resources = Resources {
-            cpu: cpu.unwrap_or(host.cpu),
-            memory_mb: memory_mb.unwrap_or(host.memory_mb),
-            gpu: gpu.unwrap_or(host.gpu),
-        };
-        let builder = AgentBuilder::new(id)
-            .capabilities(capabilities)
-            .capacity(capacity)
-            .labels(labels)
-            .resources(resources);
-        builder.check()?;
-        Ok(builder)
-    }
-}
-
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
     /// Requests to submit.
@@ -228,55 +183,6 @@ struct BenchArgs {
     /// Keep the run's queues and database afterwards.
     #[arg(long)]
     keep: bool,
-}
-
-#[derive(Args)]
-struct AgentArgs {
-    #[command(flatten)]
-    spec: AgentSpec,
-    /// How tasks are run.
-    #[arg(long, value_enum, default_value_t = ExecutorKind::Simulate)]
-    executor: ExecutorKind,
-    /// simulate: factor of each task's estimated duration (0 finishes at once).
-    #[arg(long, default_value_t = 1.0)]
-    speed: f64,
-    /// simulate: probability that a task fails, 0 to 1.
-    #[arg(long, default_value_t = 0.0)]
-    failure_rate: f64,
-    /// exec: the command for a work type, run without a shell: `--command deployment=/usr/bin/deploy
-    /// ARG…` (repeatable). Arguments that start with `-` would be read as options: put such
-    /// commands in --exec-config.
-    #[arg(long = "command", value_name = "WORK_TYPE=PROGRAM [ARGS]", num_args = 1..)]
-    commands: Vec<String>,
-    /// `commands`, one vector per occurrence of --command (clap's derive flattens them; `main`
-    /// fills this from the matches).
-    #[arg(skip)]
-    command_groups: Vec<Vec<String>>,
-    /// exec: a TOML file: `timeout_secs = N` and a `[commands]` table of work type =
-    /// ["program", "arg", …]. --command adds to it and overrides it.
-    #[arg(long)]
-    exec_config: Option<PathBuf>,
-    /// exec: seconds a command may run before it is killed [default: the file's, else 300].
-    /// llm: seconds to wait for each answer of the model [default: 120].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    timeout: Option<u64>,
-    /// llm: the provider to serve, by its name in the configuration's `[[fallback.providers]]`.
-    /// The agent gets the capability `provider:<name>`.
-    #[arg(long)]
-    provider: Option<String>,
-    /// Seconds between heartbeats.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
-    heartbeat_secs: u64,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ExecutorKind {
-    /// Wait the estimated duration times --speed, fail with --failure-rate.
-    Simulate,
-    /// Run the command configured for the task's work type.
-    Exec,
-    /// Ask the model of the --provider (an OpenAI-compatible API) to do the task.
-    Llm,
 }
 
 #[derive(Args)]
@@ -317,13 +223,7 @@ enum AgentsCommand {
         json: bool,
     },
     /// Register an agent (as its heartbeat would) and declare its queue.
-    Register(AgentSpec),
-}
-
-/// `all` and every stage: clap refuses anything else, listing these.
-fn stage_names() -> PossibleValuesParser {
-    let stages = StageName::all().iter().map(|stage| <&'static str>::from(*stage));
-    PossibleValuesParser::new(std::iter::once("all").chain(stages))
+    Register(agent::AgentSpec),
 }
 
 /// How a command ended, as its exit code (README, Commands), so that scripts can tell a "no"
@@ -345,13 +245,6 @@ enum Exit {
 impl From<Exit> for ExitCode {
     fn from(exit: Exit) -> Self {
         ExitCode::from(exit as u8)
-    }
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("expected key=value, got {s:?}")),
     }
 }
 
@@ -419,7 +312,7 @@ async fn run(cli: Cli) -> Result<Exit> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => {
-            worker::prepare_store(&config).await?;
+            switchyard::pipeline::worker::prepare_store(&config).await?;
             println!("database migrated");
         }
         Command::Topology => {
@@ -430,8 +323,8 @@ async fn run(cli: Cli) -> Result<Exit> {
             }
             broker.close().await;
         }
-        Command::Worker { stage } => return run_worker(config, &stage).await,
-        Command::Agent(args) => return run_agent(config, args).await,
+        Command::Worker { stage } => return worker::run(config, &stage).await,
+        Command::Agent(args) => return agent::run(config, args).await,
         Command::Submit(args) => return submit(&config, args).await,
         Command::Approve { plan_id, by } => {
             let store = connect_store(&config).await?;
@@ -594,223 +487,6 @@ async fn run(cli: Cli) -> Result<Exit> {
     Ok(Exit::Success)
 }
 
-async fn run_worker(config: Config, stages: &[String]) -> Result<Exit> {
-    let stages: Vec<StageName> = if stages.iter().any(|s| s == "all") {
-        StageName::all().to_vec()
-    } else {
-        // clap lets only stage names through.
-        stages.iter().map(|s| s.parse()).collect::<Result<_, _>>()?
-    };
-    let shutdown = CancellationToken::new();
-    stop_on_signals(shutdown.clone(), "finishing the messages in hand");
-    // A worker started while the database restarts waits for it, as it waits for the broker.
-    let Some(store) = worker::prepare_store_patiently(&config, &shutdown).await? else {
-        return Ok(Exit::Success);
-    };
-    let worker = Worker::new(config, store)?;
-    worker.run(&stages, shutdown).await?;
-    Ok(Exit::Success)
-}
-
-/// The executor that the agent's arguments describe, and the capabilities it adds to the agent's.
-fn executor(args: &AgentArgs, config: &Config) -> Result<(Executor, Vec<String>)> {
-    let uses_exec = !args.command_groups.is_empty() || args.exec_config.is_some();
-    if uses_exec && args.executor != ExecutorKind::Exec {
-        bail!("--command and --exec-config need --executor exec");
-    }
-    if args.provider.is_some() && args.executor != ExecutorKind::Llm {
-        bail!("--provider needs --executor llm");
-    }
-    match args.executor {
-        ExecutorKind::Simulate => {
-            if args.timeout.is_some() {
-                bail!("--timeout needs --executor exec or llm");
-            }
-            Ok((Simulate::new(args.speed, args.failure_rate)?.into(), Vec::new()))
-        }
-        ExecutorKind::Llm => {
-            let name = args.provider.as_deref().context("--executor llm needs --provider NAME")?;
-            let timeout = Duration::from_secs(args.timeout.unwrap_or(120));
-            let (endpoint, capability) = llm_endpoint(config, name, timeout)?;
-            tracing::info!(provider = name, ?endpoint, %capability, "llm executor");
-            let client = llm::Client::new(endpoint).with_context(|| format!("provider {name:?}"))?;
-            Ok((Llm::new(client).into(), vec![capability]))
-        }
-        ExecutorKind::Exec => {
-            let config = match &args.exec_config {
-                Some(path) => ExecConfig::load(path)?,
-                None => ExecConfig::default(),
-            };
-            let mut exec = Exec::from_config(config)?;
-            for argv in &args.command_groups {
-                let (work_type, program) = argv[0]
-                    .split_once('=')
-                    .with_context(|| format!("--command {:?}: expected WORK_TYPE=PROGRAM", argv[0]))?;
-                let work_type: WorkType =
-                    work_type.parse().with_context(|| format!("--command {:?}", argv[0]))?;
-                let command = ExecCommand::from_argv(
-                    std::iter::once(program.to_owned()).chain(argv[1..].iter().cloned()),
-                )
-                .with_context(|| format!("--command {:?}: no program", argv[0]))?;
-                exec = exec.command(work_type, command);
-            }
-            if let Some(secs) = args.timeout {
-                exec = exec.with_timeout(Duration::from_secs(secs));
-            }
-            if exec.commands().is_empty() {
-                bail!("--executor exec needs a --command or an --exec-config with commands");
-            }
-            for (work_type, command) in exec.commands() {
-                tracing::info!(%work_type, program = %command.program, args = ?command.args, timeout = ?exec.timeout(), "exec command");
-            }
-            Ok((exec.into(), Vec::new()))
-        }
-    }
-}
-
-/// The endpoint of the configured provider `name`, its API key read from the environment
-/// variable its `api_key_env` names, and the capability of agents that serve it.
-fn llm_endpoint(config: &Config, name: &str, timeout: Duration) -> Result<(llm::Endpoint, String)> {
-    let providers = &config.fallback.providers;
-    let Some(provider) = config.fallback.provider(name) else {
-        if providers.is_empty() {
-            bail!("no provider {name:?}: the configuration has no [[fallback.providers]]");
-        }
-        let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
-        bail!("no provider {name:?} in the configuration; its providers are {}", names.join(", "));
-    };
-    let api_key = match &provider.api_key_env {
-        None => None,
-        Some(var) => {
-            let key = std::env::var_os(var).filter(|value| !value.is_empty()).with_context(|| {
-                format!("the API key of provider {name:?} is read from the environment variable {var}, which is not set or empty")
-            })?;
-            let key = key.into_string().map_err(|_| {
-                anyhow::anyhow!(
-                    "the environment variable {var} (the API key of provider {name:?}) is not valid UTF-8"
-                )
-            })?;
-            Some(llm::Secret::new(key))
-        }
-    };
-    let endpoint = llm::Endpoint {
-        base_url: provider.endpoint.clone(),
-        model: provider.model.clone(),
-        api_key,
-        timeout,
-    };
-    Ok((endpoint, provider.capability()))
-}
-
-/// Runs an agent until a signal; connects again when the connection is lost.
-async fn run_agent(config: Config, args: AgentArgs) -> Result<Exit> {
-    let (executor, capabilities) = executor(&args, &config)?;
-    let agent = args
-        .spec
-        .builder()?
-        .capabilities(capabilities)
-        .heartbeat_every(Duration::from_secs(args.heartbeat_secs))
-        .build(executor)?;
-    let shutdown = CancellationToken::new();
-    stop_on_signals(shutdown.clone(), "finishing the running tasks");
-    let mut pause = Duration::from_millis(500);
-    loop {
-        let connected = tokio::select! {
-            connected = connect_broker(&config) => connected,
-            () = shutdown.cancelled() => return Ok(Exit::Success),
-        };
-        let error = match connected {
-            Ok(broker) => {
-                let broker = Arc::new(broker);
-                let started = std::time::Instant::now();
-                let ran = agent.clone().run(broker.clone(), shutdown.clone()).await;
-                broker.close().await;
-                // A session that lasted was a success: the next outage starts from a short pause,
-                // not from where the last one left it.
-                if started.elapsed() > Duration::from_secs(60) {
-                    pause = Duration::from_millis(500);
-                }
-                match ran {
-                    Ok(()) => return Ok(Exit::Success),
-                    Err(err) => anyhow::Error::new(err),
-                }
-            }
-            // Waiting will not mend a bad URL.
-            Err(err)
-                if err.downcast_ref::<switchyard::broker::Error>().is_some_and(|e| !e.is_transient()) =>
-            {
-                return Err(err);
-            }
-            Err(err) => err,
-        };
-        tracing::error!(error = %format!("{error:#}"), ?pause, "agent stopped; connecting again");
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = shutdown.cancelled() => return Ok(Exit::Success),
-        }
-        pause = (pause * 2).min(Duration::from_secs(30));
-    }
-}
-
-/// The exit status after a second signal: the shell's for a process ended by SIGINT.
-const EXIT_INTERRUPTED: i32 = 130;
-
-/// On the first SIGTERM or SIGINT (Ctrl-C), cancels `shutdown`: the process stops taking work,
-/// finishes what it holds and exits 0. On a second one it exits at once, with
-/// [`EXIT_INTERRUPTED`]: what it had not acknowledged goes back to its queues when the broker sees
-/// the connection drop.
-fn stop_on_signals(shutdown: CancellationToken, finishing: &'static str) {
-    // Listening from now on, not from the first signal: a second one that came meanwhile counts.
-    let mut signals = match Signals::new() {
-        Ok(signals) => signals,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot listen for signals; stop the process with SIGKILL");
-            return;
-        }
-    };
-    tokio::spawn(async move {
-        signals.next().await;
-        tracing::info!("shutting down: {finishing} (a second signal exits at once)");
-        shutdown.cancel();
-        signals.next().await;
-        tracing::warn!("second signal: exiting now; unacknowledged messages go back to their queues");
-        std::process::exit(EXIT_INTERRUPTED);
-    });
-}
-
-/// SIGTERM and SIGINT, as they come.
-struct Signals {
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> std::io::Result<Self> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(Signals {
-                term: signal(SignalKind::terminate())?,
-                interrupt: signal(SignalKind::interrupt())?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Signals {})
-    }
-
-    async fn next(&mut self) {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.interrupt.recv() => {}
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
     let broker = connect_broker(config).await?;
     let request = SubmitRequest {
@@ -850,7 +526,7 @@ async fn demo(mut config: Config, text: String) -> Result<Exit> {
     println!("namespace {}, database {database}_demo (both started afresh)", config.namespace);
     // A fresh start each time, so that the demo is repeatable: the last run's tasks are gone.
     switchyard::store::admin::drop_database(&config.database_url, &format!("{database}_demo")).await?;
-    let store = worker::prepare_store(&config).await?;
+    let store = switchyard::pipeline::worker::prepare_store(&config).await?;
     let broker = Arc::new(connect_broker(&config).await?);
     let agent_id: AgentId = "homelab-1".parse()?;
     let topology = switchyard::pipeline::topology::Topology::standard().resolve(&config.namespace);
