@@ -2,32 +2,29 @@
 //! with their whole cause chain. The exit code tells a script how it went: see [`Exit`].
 
 mod agent;
+mod bench;
+mod demo;
 mod follow;
 mod print;
+mod schemas;
 mod signals;
 mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use switchyard::agent::{AgentBuilder, Simulate};
 use switchyard::broker::{Broker, redact};
 use switchyard::config::Config;
 use switchyard::decisions::audit;
-use switchyard::model::ids::{AgentId, PlanId, RequestId};
+use switchyard::model::ids::{PlanId, RequestId};
 use switchyard::model::wire::{Heartbeat, SubmitRequest};
-use switchyard::model::{domain::Resources, wire};
 use switchyard::ops;
 use switchyard::pipeline::topology::Names;
-use switchyard::pipeline::worker::{StageName, Worker};
 use switchyard::store::{Lookup, Store};
-use tokio_util::sync::CancellationToken;
 
 /// Switchyard: decomposes plain-language requests, plans them as DAGs of tasks, routes every task
 /// to the best agent and dispatches it, with every decision audited in PostgreSQL.
@@ -109,7 +106,7 @@ enum Command {
     /// of its own: N auto-approved requests of T tasks, every stage and simulated agents of zero
     /// duration, then the same deliveries through as many hops by plain relays. Ends with one
     /// JSON line holding every figure.
-    Bench(BenchArgs),
+    Bench(bench::BenchArgs),
     /// Print or check the JSON Schemas of the message types.
     Schemas {
         /// Write them into this directory.
@@ -145,44 +142,6 @@ struct SubmitArgs {
     /// Seconds to wait with --wait.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
-}
-
-#[derive(clap::Args, Debug)]
-struct BenchArgs {
-    /// Requests to submit.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
-    requests: u64,
-    /// Tasks per request (independent: one wave).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
-    tasks: u64,
-    /// Simulated agents (zero-duration tasks).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=100))]
-    agents: u64,
-    /// Tasks each agent runs at once (its prefetch). By default enough for every task of the
-    /// run at once, so that no task waits for a slot and the run measures the pipeline.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535))]
-    capacity: Option<u32>,
-    /// Milliseconds each task takes its agent (0: none). With a fleet smaller than the load
-    /// (`--agents 2 --capacity 4 --task-ms 100`), tasks wait for slots, and the run reports how
-    /// busy the slots were.
-    #[arg(long, default_value_t = 0)]
-    task_ms: u64,
-    /// Submit at this many requests per second, to measure latency at a given load; by default
-    /// as fast as the broker takes them.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Run the stages and agents in this process instead of as `worker` and `agent` processes.
-    #[arg(long)]
-    in_process: bool,
-    /// `worker --stage all` processes (without --in-process).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
-    workers: u64,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 900)]
-    timeout: u64,
-    /// Keep the run's queues and database afterwards.
-    #[arg(long)]
-    keep: bool,
 }
 
 #[derive(Args)]
@@ -480,9 +439,9 @@ async fn run(cli: Cli) -> Result<Exit> {
                 );
             }
         }
-        Command::Schemas { write, check } => return schemas(write, check),
-        Command::Demo { text } => return demo(config, text).await,
-        Command::Bench(args) => return bench(config, args).await,
+        Command::Schemas { write, check } => return schemas::schemas(write, check),
+        Command::Demo { text } => return demo::demo(config, text).await,
+        Command::Bench(args) => return bench::bench(config, args).await,
     }
     Ok(Exit::Success)
 }
@@ -513,169 +472,6 @@ async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
     let exit = follow::follow(&store, &broker, request_id, args.timeout, args.json).await;
     broker.close().await;
     exit
-}
-
-/// The quick start: every stage and one simulated agent in this process, one request followed
-/// to completion, then its status and its audit. Uses the namespace `switchyard-demo` and a
-/// database of its own (`<database>_demo`), started afresh, so it never mixes with real work.
-async fn demo(mut config: Config, text: String) -> Result<Exit> {
-    config.namespace = "switchyard-demo".parse()?;
-    let database =
-        switchyard::store::database_name(&config.database_url).unwrap_or_else(|| "switchyard".into());
-    config.database_url = switchyard::store::with_database(&config.database_url, &format!("{database}_demo"));
-    println!("namespace {}, database {database}_demo (both started afresh)", config.namespace);
-    // A fresh start each time, so that the demo is repeatable: the last run's tasks are gone.
-    switchyard::store::admin::drop_database(&config.database_url, &format!("{database}_demo")).await?;
-    let store = switchyard::pipeline::worker::prepare_store(&config).await?;
-    let broker = Arc::new(connect_broker(&config).await?);
-    let agent_id: AgentId = "homelab-1".parse()?;
-    let topology = switchyard::pipeline::topology::Topology::standard().resolve(&config.namespace);
-    let mut queues: Vec<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
-    queues.push(broker.names().agent_queue(&agent_id));
-    queues.push(broker.names().agent_control_queue(&agent_id));
-    broker.delete_queues(&queues).await?;
-    broker.declare(&topology).await?;
-
-    let shutdown = CancellationToken::new();
-    let worker = Worker::new(config.clone(), store.clone())?;
-    let stages = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { worker.run(StageName::all(), shutdown).await }
-    });
-    // A simulated agent that takes a hundredth of each task's estimated time.
-    let agent = AgentBuilder::new(agent_id.clone())
-        .capabilities(["deployment", "monitoring", "shell", "docker"])
-        .capacity(4)
-        .label("target", "homelab")
-        .resources(Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 })
-        .heartbeat_every(Duration::from_millis(500))
-        .build(Simulate::new(0.005, 0.0)?)?;
-    let agent_run = tokio::spawn(agent.run(broker.clone(), shutdown.clone()));
-    // Its first heartbeat registers it; the request is routed only to a registered agent.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !store.agents().await?.iter().any(|a| a.id == agent_id) {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the demo agent did not register");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!("agent {agent_id} running (simulated), queue {}", broker.names().agent_queue(&agent_id));
-
-    let request = SubmitRequest {
-        text,
-        request_id: None,
-        submitted_by: Some("demo".into()),
-        priority: None,
-        auto_approve: Some(true),
-    };
-    let request_id = ops::submit(&broker, request).await?;
-    println!("request {request_id} submitted");
-    let code = follow::follow(&store, &broker, request_id, 120, false).await?;
-    shutdown.cancel();
-    agent_run.await??;
-    stages.await??;
-    if let Some(report) = store.report(request_id).await? {
-        println!();
-        print::report(&report, &Default::default());
-    }
-    let trail = store.trail(request_id).await?.context("the request's trail")?;
-    let findings = audit::check(&trail);
-    println!();
-    if findings.is_empty() {
-        println!("audit: complete; the request {}", audit::outcome(&trail));
-    } else {
-        println!("audit: incomplete: {}", findings.join("; "));
-        return Ok(Exit::No);
-    }
-    broker.close().await;
-    Ok(code)
-}
-
-fn schemas(write: Option<PathBuf>, check: Option<PathBuf>) -> Result<Exit> {
-    let schemas = wire::schemas();
-    let render = |schema: &serde_json::Value| serde_json::to_string_pretty(schema).map(|s| s + "\n");
-    if let Some(dir) = write {
-        std::fs::create_dir_all(&dir)?;
-        for (name, schema) in &schemas {
-            std::fs::write(dir.join(name), render(schema)?)?;
-        }
-        println!("wrote {} schemas to {}", schemas.len(), dir.display());
-    } else if let Some(dir) = check {
-        let mut stale = Vec::new();
-        for (name, schema) in &schemas {
-            let current = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-            if current != render(schema)? {
-                stale.push(*name);
-            }
-        }
-        if !stale.is_empty() {
-            println!(
-                "out of date: {} (run `switchyard schemas --write {}`)",
-                stale.join(", "),
-                dir.display()
-            );
-            return Ok(Exit::No);
-        }
-        println!("{} schemas are current", schemas.len());
-    } else {
-        let all: serde_json::Map<String, serde_json::Value> =
-            schemas.into_iter().map(|(n, s)| (n.to_owned(), s)).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
-    }
-    Ok(Exit::Success)
-}
-
-async fn bench(config: Config, args: BenchArgs) -> Result<Exit> {
-    let processes = if args.in_process {
-        None
-    } else {
-        let exe = std::env::current_exe().context("finding the switchyard executable")?;
-        Some(switchyard::bench::Processes { exe, workers: args.workers as usize })
-    };
-    let settings = switchyard::bench::Settings {
-        requests: args.requests as usize,
-        tasks: args.tasks as usize,
-        agents: args.agents as usize,
-        agent_capacity: args.capacity.unwrap_or_else(|| {
-            switchyard::bench::Settings::unbounded_capacity(
-                args.requests as usize,
-                args.tasks as usize,
-                args.agents as usize,
-            )
-        }),
-        task_ms: args.task_ms,
-        rate: args.rate,
-        processes,
-        timeout: Duration::from_secs(args.timeout),
-        keep: args.keep,
-    };
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        let bar = indicatif::ProgressBar::new(settings.requests as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] {pos}/{len} requests completed {msg}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        Some(bar)
-    } else {
-        None
-    };
-    let report = switchyard::bench::run(&config, &settings, |completed, failed| {
-        if let Some(bar) = &bar {
-            bar.set_position(completed);
-            if failed > 0 {
-                bar.set_message(format!("({failed} failed)"));
-            }
-        }
-    })
-    .await;
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let report = report?;
-    print::bench(&report);
-    println!("{}", serde_json::to_string(&report).expect("the report serializes"));
-    Ok(Exit::Success)
 }
 
 #[cfg(test)]
