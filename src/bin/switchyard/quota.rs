@@ -108,7 +108,7 @@ async fn set(config: &Config, provider: &str, limit: i64, by: &str, json: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Cli, Command};
+    use crate::cli::{Cli, Command};
     use clap::Parser;
 
     #[test]
