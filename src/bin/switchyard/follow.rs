@@ -99,50 +99,14 @@ pub async fn follow(
     json: bool,
 ) -> Result<Exit> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
-    let bar = (!json && std::io::stdout().is_terminal()).then(|| {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tasks  {msg}")
-                .expect("a valid template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        bar
-    });
+    let bar = (!json && std::io::stdout().is_terminal()).then(progress_bar);
     let mut last_line = String::new();
-    let mut waiting_for: String;
     let (end, report) = loop {
-        let (report, progress) = match store.lookup(request_id).await? {
-            None => (None, Progress::Waiting("submitted".into())),
-            Some(Lookup::Refused(refusal)) => {
-                let first = refusal.first();
-                (None, Progress::Failed(format!("refused at {}: {}", first.stage, first.reason)))
-            }
-            Some(Lookup::Request(report)) => {
-                let progress = ops::progress(&report);
-                (Some(*report), progress)
-            }
-        };
+        let (report, progress) = look_up(store, request_id).await?;
         if let Some(report) = &report {
-            let line = print::state_line(report);
-            let (done, total, wave, waves) = counts(report);
-            let waiting =
-                report.plan.iter().flat_map(|p| &p.tasks).filter(|t| t.status == TaskStatus::Waiting).count();
-            match &bar {
-                Some(bar) => {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                    let waiting = match waiting {
-                        0 => String::new(),
-                        n => format!("  {n} waiting for an agent"),
-                    };
-                    bar.set_message(format!("wave {wave}/{waves}  {}{waiting}", report.status));
-                }
-                None if !json && line != last_line => println!("{line}"),
-                None => {}
-            }
-            last_line = line;
+            last_line = show(report, bar.as_ref(), json, &last_line);
         }
-        waiting_for = match &progress {
+        let waiting_for = match &progress {
             Progress::Waiting(what) => what.clone(),
             _ => progress_word(&progress).to_owned(),
         };
@@ -159,27 +123,98 @@ pub async fn follow(
             Progress::Waiting(_) => {}
         }
         if tokio::time::Instant::now() >= deadline {
-            if let Some(bar) = &bar {
-                bar.abandon();
-            }
-            if json {
-                let status = report.as_ref().map_or_else(|| "submitted".to_owned(), |r| r.status.to_string());
-                let timed_out = json!({ "request_id": request_id, "status": "timeout", "last_status": status,
-                                        "waiting_for": waiting_for });
-                println!("{}", serde_json::to_string_pretty(&timed_out)?);
-            }
-            eprintln!(
-                "gave up waiting after {timeout}s; the request goes on: switchyard status {request_id}"
-            );
-            return Ok(Exit::Timeout);
+            return give_up(bar.as_ref(), report.as_ref(), request_id, timeout, json, &waiting_for);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    if let Some(bar) = &bar {
+    finish(end, report.as_ref(), bar.as_ref(), &last_line, request_id, json)
+}
+
+/// The bar that `--wait` shows on a terminal: tasks done out of all, the wave and the status.
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tasks  {msg}")
+            .expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// The request's report, if it has one yet, and how far it got.
+async fn look_up(store: &Store, request_id: RequestId) -> Result<(Option<RequestReport>, Progress)> {
+    Ok(match store.lookup(request_id).await? {
+        None => (None, Progress::Waiting("submitted".into())),
+        Some(Lookup::Refused(refusal)) => {
+            let first = refusal.first();
+            (None, Progress::Failed(format!("refused at {}: {}", first.stage, first.reason)))
+        }
+        Some(Lookup::Request(report)) => {
+            let progress = ops::progress(&report);
+            (Some(*report), progress)
+        }
+    })
+}
+
+/// Shows where the request stands: on the bar, or as a line when it differs from `last_line`.
+/// Returns the request's state line.
+fn show(report: &RequestReport, bar: Option<&ProgressBar>, json: bool, last_line: &str) -> String {
+    let line = print::state_line(report);
+    let (done, total, wave, waves) = counts(report);
+    let waiting =
+        report.plan.iter().flat_map(|p| &p.tasks).filter(|t| t.status == TaskStatus::Waiting).count();
+    match bar {
+        Some(bar) => {
+            bar.set_length(total);
+            bar.set_position(done);
+            let waiting = match waiting {
+                0 => String::new(),
+                n => format!("  {n} waiting for an agent"),
+            };
+            bar.set_message(format!("wave {wave}/{waves}  {}{waiting}", report.status));
+        }
+        None if !json && line != last_line => println!("{line}"),
+        None => {}
+    }
+    line
+}
+
+/// Says that `--wait` gave up, and where the request stood then.
+fn give_up(
+    bar: Option<&ProgressBar>,
+    report: Option<&RequestReport>,
+    request_id: RequestId,
+    timeout: u64,
+    json: bool,
+    waiting_for: &str,
+) -> Result<Exit> {
+    if let Some(bar) = bar {
+        bar.abandon();
+    }
+    if json {
+        let status = report.map_or_else(|| "submitted".to_owned(), |r| r.status.to_string());
+        let timed_out = json!({ "request_id": request_id, "status": "timeout", "last_status": status,
+                                "waiting_for": waiting_for });
+        println!("{}", serde_json::to_string_pretty(&timed_out)?);
+    }
+    eprintln!("gave up waiting after {timeout}s; the request goes on: switchyard status {request_id}");
+    Ok(Exit::Timeout)
+}
+
+/// Shows how the request ended, and the exit code that says it.
+fn finish(
+    end: End,
+    report: Option<&RequestReport>,
+    bar: Option<&ProgressBar>,
+    last_line: &str,
+    request_id: RequestId,
+    json: bool,
+) -> Result<Exit> {
+    if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     if json {
-        let shown = match &report {
+        let shown = match report {
             Some(report) => serde_json::to_value(report)?,
             None => json!({ "request_id": request_id, "status": "refused",
                             "reason": if let End::Failed(reason) = &end { reason.as_str() } else { "" } }),

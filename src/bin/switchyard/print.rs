@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use chrono::Utc;
 use switchyard::model::domain::Agent;
 use switchyard::model::ids::TaskId;
-use switchyard::store::{DeadLetter, QuotaReport, RequestReport, StoredReservation};
+use switchyard::store::{
+    DeadLetter, PlanReport, QuotaReport, RequestReport, ResultRow, StoredReservation, TaskState,
+};
 use switchyard::understanding::complexity::Complexity;
 
 /// One line that changes whenever the request or one of its tasks moves.
@@ -37,60 +39,70 @@ pub fn report(report: &RequestReport, waits: &HashMap<TaskId, String>) {
             println!("          {why}");
         }
     }
-    if let Some(plan) = &report.plan {
-        println!("plan      {} ({}, complexity {:.2})", plan.plan_id, plan.status, plan.complexity);
-        if !plan.complexity_terms.is_empty() {
-            let complexity = Complexity { score: plan.complexity, terms: plan.complexity_terms.clone() };
-            println!("          complexity {}", complexity.explain());
-        }
-        for stuck in &plan.infeasible {
-            println!("          no agent can run {}: {}", stuck.key, stuck.reason);
-        }
-        if let Some(f) = &plan.fallback {
-            let target = if f.use_external { "external" } else { "local" };
-            println!("fallback  {target}: {}", f.reason);
-        }
-        if let Some(r) = &plan.reservation {
-            println!("quota     {}", reservation(r));
-        }
-        if let Some(a) = &plan.approval {
-            let verdict = if a.approved { "approved" } else { "rejected" };
-            println!("approval  {verdict} by {}: {}", a.decided_by, a.reason);
-        }
-        println!("tasks");
-        for t in &plan.tasks {
-            println!(
-                "  {:<24} {:<16} {:<15} attempt {} agent {}",
-                t.key,
-                t.work_type,
-                t.status.to_string(),
-                t.attempt,
-                t.agent_id.as_deref().unwrap_or("-")
-            );
-            match (t.waiting_since, waits.get(&t.id).or(t.reason.as_ref())) {
-                (Some(since), Some(reason)) => {
-                    let waited = (Utc::now() - since).num_seconds().max(0);
-                    println!("  {:<24} waiting {waited} s: {reason}", "");
-                }
-                (_, Some(reason)) => println!("  {:<24} {reason}", ""),
-                (_, None) => {}
-            }
-            for r in plan.results.iter().filter(|r| r.task_id == t.id) {
-                let outcome = if r.success { "succeeded" } else { "failed" };
-                let took = (r.finished_at - r.started_at).num_milliseconds();
-                let detail = match (&r.error, r.output.lines().next()) {
-                    (Some(error), _) => error.clone(),
-                    (None, Some(first)) => first.to_owned(),
-                    (None, None) => String::new(),
-                };
-                println!(
-                    "  {:<24} attempt {} on {}: {outcome} in {took} ms ({}) {detail}",
-                    "", r.attempt, r.agent_id, r.source
-                );
-            }
-        }
+    if let Some(p) = &report.plan {
+        plan(p, waits);
     }
     dead_letters(&report.dead_letters);
+}
+
+/// A plan: its complexity, fallback, quota and approval, then its tasks.
+fn plan(plan: &PlanReport, waits: &HashMap<TaskId, String>) {
+    println!("plan      {} ({}, complexity {:.2})", plan.plan_id, plan.status, plan.complexity);
+    if !plan.complexity_terms.is_empty() {
+        let complexity = Complexity { score: plan.complexity, terms: plan.complexity_terms.clone() };
+        println!("          complexity {}", complexity.explain());
+    }
+    for stuck in &plan.infeasible {
+        println!("          no agent can run {}: {}", stuck.key, stuck.reason);
+    }
+    if let Some(f) = &plan.fallback {
+        let target = if f.use_external { "external" } else { "local" };
+        println!("fallback  {target}: {}", f.reason);
+    }
+    if let Some(r) = &plan.reservation {
+        println!("quota     {}", reservation(r));
+    }
+    if let Some(a) = &plan.approval {
+        let verdict = if a.approved { "approved" } else { "rejected" };
+        println!("approval  {verdict} by {}: {}", a.decided_by, a.reason);
+    }
+    println!("tasks");
+    for t in &plan.tasks {
+        task(t, &plan.results, waits);
+    }
+}
+
+/// A task's line, why it waits if it does, and each of its attempts' results.
+fn task(t: &TaskState, results: &[ResultRow], waits: &HashMap<TaskId, String>) {
+    println!(
+        "  {:<24} {:<16} {:<15} attempt {} agent {}",
+        t.key,
+        t.work_type,
+        t.status.to_string(),
+        t.attempt,
+        t.agent_id.as_deref().unwrap_or("-")
+    );
+    match (t.waiting_since, waits.get(&t.id).or(t.reason.as_ref())) {
+        (Some(since), Some(reason)) => {
+            let waited = (Utc::now() - since).num_seconds().max(0);
+            println!("  {:<24} waiting {waited} s: {reason}", "");
+        }
+        (_, Some(reason)) => println!("  {:<24} {reason}", ""),
+        (_, None) => {}
+    }
+    for r in results.iter().filter(|r| r.task_id == t.id) {
+        let outcome = if r.success { "succeeded" } else { "failed" };
+        let took = (r.finished_at - r.started_at).num_milliseconds();
+        let detail = match (&r.error, r.output.lines().next()) {
+            (Some(error), _) => error.clone(),
+            (None, Some(first)) => first.to_owned(),
+            (None, None) => String::new(),
+        };
+        println!(
+            "  {:<24} attempt {} on {}: {outcome} in {took} ms ({}) {detail}",
+            "", r.attempt, r.agent_id, r.source
+        );
+    }
 }
 
 pub fn dead_letters<'a>(dead_letters: impl IntoIterator<Item = &'a DeadLetter>) {

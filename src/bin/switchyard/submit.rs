@@ -1,0 +1,65 @@
+//! `submit`: sends a request and prints its id, then with `--wait` follows it (see `follow`).
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+use switchyard::config::Config;
+use switchyard::model::ids::RequestId;
+use switchyard::model::wire::SubmitRequest;
+use switchyard::ops;
+
+use crate::{Exit, connect_broker, connect_store, follow};
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// The request, in plain language.
+    text: String,
+    /// Ask for approval without a person (if the configuration allows it).
+    #[arg(long)]
+    auto_approve: bool,
+    /// Follow the request until its released tasks are dispatched, it fails, or --timeout passes.
+    #[arg(long)]
+    wait: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// 0 (lowest) to 9.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    priority: Option<u8>,
+    /// Idempotency key; a fresh one by default.
+    #[arg(long)]
+    request_id: Option<RequestId>,
+    #[arg(long, env = "USER")]
+    by: Option<String>,
+    /// Seconds to wait with --wait.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+pub async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
+    let broker = connect_broker(config).await?;
+    let request = SubmitRequest {
+        text: args.text,
+        request_id: args.request_id,
+        submitted_by: args.by,
+        priority: args.priority,
+        auto_approve: args.auto_approve.then_some(true),
+    };
+    let request_id = ops::submit(&broker, request).await?;
+    if !args.wait {
+        broker.close().await;
+        if args.json {
+            println!("{}", json!({ "request_id": request_id }));
+        } else {
+            println!("{request_id}");
+        }
+        return Ok(Exit::Success);
+    }
+    if !args.json {
+        println!("{request_id}");
+    }
+    let store = connect_store(config).await?;
+    let exit = follow::follow(&store, &broker, request_id, args.timeout, args.json).await;
+    broker.close().await;
+    exit
+}
