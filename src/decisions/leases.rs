@@ -1,22 +1,17 @@
 //! Leases: every dispatched attempt must report within its lease, or it is given up. The lease
-//! is derived from the task's estimated duration; the sweeper finds expired leases and reports
-//! them to the track stage as failed attempts, which re-routes the task and releases the
-//! capacity the attempt held. A result that arrives later belongs to an older attempt and is
-//! ignored.
+//! is derived from the task's estimated duration; the sweeper (`pipeline::sweeper`) finds
+//! expired leases and reports each with [`expiry_message`] to the track stage as a failed
+//! attempt, which re-routes the task and releases the capacity the attempt held. A result that
+//! arrives later belongs to an older attempt and is ignored.
 
-use std::time::Duration;
-
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::broker::{Broker, Outgoing};
 use crate::model::domain::Task;
 use crate::model::ids::MessageId;
 use crate::model::wire::{Envelope, SCHEMA_VERSION, TaskResult};
-use crate::store::{ExpiredLease, Store};
+use crate::store::ExpiredLease;
 
 /// How long an agent has for a task.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -47,8 +42,7 @@ impl LeasePolicy {
 
 /// The message that tells the track stage an attempt's lease expired. Its id derives from the
 /// task and attempt, so two sweepers (or two sweeps) report one expiry once.
-pub fn expiry_message(lease: &ExpiredLease) -> Envelope<TaskResult> {
-    let now = Utc::now();
+pub fn expiry_message(lease: &ExpiredLease, now: DateTime<Utc>) -> Envelope<TaskResult> {
     let key = format!("lease:{}:{}", lease.task_id, lease.attempt);
     Envelope {
         message_id: MessageId::from_uuid(Uuid::new_v5(&lease.task_id.as_uuid(), key.as_bytes())),
@@ -81,43 +75,6 @@ pub fn expiry_message(lease: &ExpiredLease) -> Envelope<TaskResult> {
             lease_expired: true,
             usage: None,
         },
-    }
-}
-
-/// Looks for expired leases every `policy.sweep_every_secs` until `shutdown`, and reports each
-/// to `<namespace>.results`. Errors are logged and the next sweep tries again.
-pub async fn sweep(
-    store: Store,
-    broker: &Broker,
-    policy: &LeasePolicy,
-    heartbeat_ttl_secs: u64,
-    shutdown: CancellationToken,
-) {
-    let every = Duration::from_secs(policy.sweep_every_secs.max(1));
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = shutdown.cancelled() => return,
-        }
-        let expired = match store.expired_leases(heartbeat_ttl_secs, 500).await {
-            Ok(expired) => expired,
-            Err(err) => {
-                warn!(error = %err, "lease sweep could not read the store");
-                continue;
-            }
-        };
-        for lease in &expired {
-            let envelope = expiry_message(lease);
-            let body = serde_json::to_vec(&envelope).expect("envelopes serialize");
-            let mut outgoing = Outgoing::to_queue(broker.names().queue("results"), body);
-            outgoing.message_id = Some(envelope.message_id.to_string());
-            match broker.publish(&outgoing).await {
-                Ok(()) => {
-                    info!(task = %lease.task_id, attempt = lease.attempt, agent = %lease.agent_id, "lease expired")
-                }
-                Err(err) => warn!(error = %err, "could not report an expired lease; the next sweep will"),
-            }
-        }
     }
 }
 
@@ -166,10 +123,10 @@ mod tests {
             expired_at: Utc::now(),
             agent_silent: false,
         };
-        let (a, b) = (expiry_message(&lease), expiry_message(&lease));
+        let (a, b) = (expiry_message(&lease, Utc::now()), expiry_message(&lease, Utc::now()));
         assert_eq!(a.message_id, b.message_id);
         assert!(a.payload.lease_expired && !a.payload.success);
         let next = ExpiredLease { attempt: 3, ..lease };
-        assert_ne!(expiry_message(&next).message_id, a.message_id);
+        assert_ne!(expiry_message(&next, Utc::now()).message_id, a.message_id);
     }
 }

@@ -11,13 +11,13 @@ use tracing::{error, info, warn};
 
 use crate::broker::{self, Broker, Outgoing, redact};
 use crate::config::Config;
-use crate::decisions::leases;
 use crate::model::ids::MessageId;
 use crate::model::wire;
 use crate::pipeline::runner::{self, Runner};
 use crate::pipeline::stages::{
     Decompose, Dispatch, Fallback, HeartbeatStage, Place, PlanStage, Route, Stage, Track,
 };
+use crate::pipeline::sweeper;
 use crate::pipeline::topology::{Names, Topology};
 use crate::store::{self, Store};
 use crate::understanding::catalog::{self, Catalog};
@@ -177,7 +177,7 @@ impl Worker {
                     (self.store.clone(), broker.clone(), self.config.leases.clone(), session.clone());
                 let ttl = self.config.routing.heartbeat_ttl_secs;
                 runners.spawn(async move {
-                    leases::sweep(store, &broker, &policy, ttl, session).await;
+                    sweeper::sweep(store, &broker, &policy, ttl, session).await;
                     Ok(())
                 });
             }
