@@ -11,6 +11,7 @@ use crate::broker::{self, Broker, Outgoing};
 use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
 use crate::model::ids::{AgentId, MessageId, PlanId, RequestId};
 use crate::model::wire::{Envelope, RouteTasks, SCHEMA_VERSION, SubmitRequest, TaskAbort, Wake};
+use crate::pipeline::topology::StageQueue;
 use crate::store::{self, ApprovalOutcome, RequestReport, Stopped, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +73,10 @@ pub async fn approve(
         timestamp: Utc::now(),
         payload: RouteTasks { plan_id, priority: outcome.priority, approved_by: by.to_owned() },
     };
-    let mut outgoing =
-        Outgoing::to_queue(broker.names().queue("route"), serde_json::to_vec(&envelope).expect("serializes"));
+    let mut outgoing = Outgoing::to_queue(
+        broker.names().of(StageQueue::Route),
+        serde_json::to_vec(&envelope).expect("serializes"),
+    );
     outgoing.message_id = Some(envelope.message_id.to_string());
     outgoing.priority = Some(outcome.priority);
     publish(broker, &outgoing, "approved plans").await?;
@@ -145,8 +148,10 @@ pub async fn cancel(
     }
     // Their slots are free: tasks waiting in line may take them.
     let wake = Wake { message_id: MessageId::random(), cause: "cancel".into(), at: Utc::now() };
-    let mut outgoing =
-        Outgoing::to_queue(broker.names().queue("place"), serde_json::to_vec(&wake).expect("serializes"));
+    let mut outgoing = Outgoing::to_queue(
+        broker.names().of(StageQueue::Place),
+        serde_json::to_vec(&wake).expect("serializes"),
+    );
     outgoing.message_id = Some(wake.message_id.to_string());
     publish(broker, &outgoing, "wake-ups of the scheduler").await?;
     unreachable.sort();

@@ -546,7 +546,7 @@ async fn inject_duplicates(client: &Client, database_url: &str, rng: &mut StdRng
         let publish: Vec<Publish> = serde_json::from_value(row.get(0)).unwrap();
         for publish in publish {
             let queue = match &publish.destination {
-                Destination::Queue(name) => names.queue(name),
+                Destination::Queue(queue) => names.of(*queue),
                 Destination::Agent(agent) => names.agent_queue(agent),
             };
             let mut outgoing = Outgoing::to_queue(queue, serde_json::to_vec(&publish.body).unwrap());

@@ -18,6 +18,7 @@ use super::{Execution, Shared, TaskHandler, truncate_utf8};
 use crate::broker::{Incoming, Outgoing};
 use crate::model::ids::TaskId;
 use crate::model::wire::{self, Envelope, MAX_RESULT_OUTPUT_BYTES, TaskAbort, TaskAssignment, TaskResult};
+use crate::pipeline::topology::StageQueue;
 
 /// An attempt of a task: what an abort names.
 pub(super) type AttemptKey = (TaskId, u32);
@@ -239,7 +240,7 @@ async fn report<H>(
     let envelope =
         Envelope::derived(assignment.message_id, "result", assignment.request_id, finished_at, result);
     let mut outgoing = Outgoing::to_queue(
-        shared.broker.names().queue("results"),
+        shared.broker.names().of(StageQueue::Results),
         serde_json::to_vec(&envelope).expect("results serialize"),
     );
     outgoing.message_id = Some(envelope.message_id.to_string());

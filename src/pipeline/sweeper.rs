@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use crate::broker::{Broker, Outgoing};
 use crate::decisions::leases::{LeasePolicy, expiry_message};
+use crate::pipeline::topology::StageQueue;
 use crate::store::Store;
 
 /// Looks for expired leases every `policy.sweep_every_secs` until `shutdown`, and reports each
@@ -36,7 +37,7 @@ pub async fn sweep(
         for lease in &expired {
             let envelope = expiry_message(lease, Utc::now());
             let body = serde_json::to_vec(&envelope).expect("envelopes serialize");
-            let mut outgoing = Outgoing::to_queue(broker.names().queue("results"), body);
+            let mut outgoing = Outgoing::to_queue(broker.names().of(StageQueue::Results), body);
             outgoing.message_id = Some(envelope.message_id.to_string());
             match broker.publish(&outgoing).await {
                 Ok(()) => {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::ids::{AgentId, Namespace};
 
@@ -53,6 +53,49 @@ pub struct Queue {
     pub dead_letter_exchange: Option<String>,
     #[serde(default)]
     pub dead_letter_routing_key: Option<String>,
+}
+
+/// A queue of the standard topology that Switchyard publishes to, named by a variant: a typo is
+/// a compile error, not a message that no queue takes, parked as transient for ever. It
+/// serialises as the queue's relative name ("route"), the form recorded with a message's outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageQueue {
+    Requests,
+    Decomposed,
+    Planned,
+    Route,
+    Place,
+    Dispatch,
+    Results,
+    Heartbeats,
+}
+
+impl StageQueue {
+    pub const ALL: [StageQueue; 8] = [
+        StageQueue::Requests,
+        StageQueue::Decomposed,
+        StageQueue::Planned,
+        StageQueue::Route,
+        StageQueue::Place,
+        StageQueue::Dispatch,
+        StageQueue::Results,
+        StageQueue::Heartbeats,
+    ];
+
+    /// Its name relative to the namespace, as `queues/topology.toml` has it.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageQueue::Requests => "requests",
+            StageQueue::Decomposed => "decomposed",
+            StageQueue::Planned => "planned",
+            StageQueue::Route => "route",
+            StageQueue::Place => "place",
+            StageQueue::Dispatch => "dispatch",
+            StageQueue::Results => "results",
+            StageQueue::Heartbeats => "heartbeats",
+        }
+    }
 }
 
 /// A topology with relative names, as written in the data file.
@@ -164,12 +207,17 @@ impl Names {
         format!("{}.{name}", self.namespace)
     }
 
+    /// The full name of one of the queues Switchyard publishes to.
+    pub fn of(&self, queue: StageQueue) -> String {
+        self.queue(queue.name())
+    }
+
     pub fn requests(&self) -> String {
-        self.queue("requests")
+        self.of(StageQueue::Requests)
     }
 
     pub fn heartbeats(&self) -> String {
-        self.queue("heartbeats")
+        self.of(StageQueue::Heartbeats)
     }
 
     pub fn dead_exchange(&self) -> String {
@@ -238,5 +286,20 @@ mod tests {
         let agent = AgentId::parse("homelab-1").unwrap();
         assert_eq!(names.agent_queue(&agent), "switchyard.agent.homelab-1");
         assert_eq!(names.agent_control_queue(&agent), "switchyard.agent.homelab-1.control");
+    }
+
+    #[test]
+    fn every_queue_published_to_by_name_is_in_the_standard_topology_and_reads_as_before() {
+        let topology = Topology::standard();
+        for queue in StageQueue::ALL {
+            assert!(
+                topology.queues.iter().any(|q| q.name == queue.name()),
+                "{} is not in queues/topology.toml",
+                queue.name()
+            );
+            let json = serde_json::to_value(queue).unwrap();
+            assert_eq!(json, queue.name(), "recorded outputs name the queue as before");
+            assert_eq!(serde_json::from_value::<StageQueue>(json).unwrap(), queue);
+        }
     }
 }

@@ -18,6 +18,7 @@ use crate::pipeline::stages::{
     Decompose, Dispatch, Fallback, HeartbeatStage, Place, PlanStage, Route, Stage, Track,
 };
 use crate::pipeline::sweeper;
+use crate::pipeline::topology::StageQueue;
 use crate::pipeline::topology::{Names, Topology};
 use crate::store::{self, Store};
 use crate::understanding::catalog::{self, Catalog};
@@ -333,7 +334,7 @@ async fn recheck(store: Store, broker: &Broker, every: Duration, shutdown: Cance
         let wake =
             wire::Wake { message_id: MessageId::random(), cause: "periodic".into(), at: chrono::Utc::now() };
         let mut outgoing = Outgoing::to_queue(
-            broker.names().queue("place"),
+            broker.names().of(StageQueue::Place),
             serde_json::to_vec(&wake).expect("wake-ups serialize"),
         );
         outgoing.message_id = Some(wake.message_id.to_string());

@@ -396,7 +396,7 @@ impl<S: Stage> Runner<S> {
     fn outgoing(&self, publish: &Publish) -> Outgoing {
         let names = self.broker.names();
         let queue = match &publish.destination {
-            Destination::Queue(name) => names.queue(name),
+            Destination::Queue(queue) => names.of(*queue),
             Destination::Agent(agent) => names.agent_queue(agent),
         };
         let mut outgoing =

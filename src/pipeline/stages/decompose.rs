@@ -15,6 +15,7 @@ use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
 use crate::model::domain::Decomposition;
 use crate::model::effect::Write;
 use crate::model::wire::{self, Decomposed, Envelope, RequestMeta};
+use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 use crate::understanding::catalog::Catalog;
 use crate::understanding::decomposer::{self, Decomposer};
@@ -118,7 +119,7 @@ impl Stage for Decompose {
                     Decomposed { request: request.clone(), decomposition },
                 );
                 let publish =
-                    Publish::envelope(Destination::Queue("decomposed".into()), input.priority, &envelope);
+                    Publish::envelope(Destination::Queue(StageQueue::Decomposed), input.priority, &envelope);
                 Outcome::Forward { writes, publish: vec![publish] }
             }
             Err(err) => {
@@ -188,7 +189,7 @@ mod tests {
         let types: Vec<&str> = decomposition.intents.iter().map(|i| i.work_type.as_str()).collect();
         assert_eq!(types, ["deployment", "monitoring"]);
         assert_eq!(publish.len(), 1);
-        assert_eq!(publish[0].destination, Destination::Queue("decomposed".into()));
+        assert_eq!(publish[0].destination, Destination::Queue(StageQueue::Decomposed));
         assert_eq!(publish[0].message_id, input.message_id.derive("decomposed"));
         assert_eq!(publish[0].priority, 4);
         assert_eq!(publish[0].body["payload"]["request"]["auto_approve"], true);

@@ -139,6 +139,7 @@ impl Stage for Dispatch {
 
 #[cfg(test)]
 mod tests {
+    use crate::pipeline::topology::StageQueue;
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
@@ -250,7 +251,11 @@ mod tests {
         let stage =
             Dispatch { names: Names::new(Namespace::parse("ns").unwrap()), leases: LeasePolicy::default() };
         let (writes, publish) = stage.undeliverable(&input(), "unroutable", Utc::now());
-        assert_eq!(publish[0].destination, Destination::Queue("place".into()), "the slot is offered again");
+        assert_eq!(
+            publish[0].destination,
+            Destination::Queue(StageQueue::Place),
+            "the slot is offered again"
+        );
         assert!(
             matches!(&writes[0], Write::DispatchFailed { reason, attempt: 1, .. } if reason == "unroutable")
         );

@@ -12,6 +12,7 @@ use crate::decisions::{approval, fallback};
 use crate::model::domain::PlanStatus;
 use crate::model::effect::{Reservation, Write};
 use crate::model::wire::{Envelope, Planned, RouteTasks};
+use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 
 pub struct Fallback {
@@ -131,7 +132,7 @@ impl Stage for Fallback {
                     },
                 );
                 publish.push(Publish::envelope(
-                    Destination::Queue("route".into()),
+                    Destination::Queue(StageQueue::Route),
                     input.priority,
                     &envelope,
                 ));
@@ -228,7 +229,7 @@ mod tests {
         assert!(!decision.use_external && reserve.is_none());
         assert!(matches!(&writes[1], Write::Approval { approved: true, by, .. } if by == POLICY_APPROVER));
         assert_eq!(publish.len(), 1);
-        assert_eq!(publish[0].destination, Destination::Queue("route".into()));
+        assert_eq!(publish[0].destination, Destination::Queue(StageQueue::Route));
         assert_eq!(publish[0].body["payload"]["plan_id"], input.payload.plan.id.to_string());
     }
 

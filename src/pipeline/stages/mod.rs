@@ -30,6 +30,7 @@ pub use track::{Track, TrackingPolicy};
 use crate::model::effect::Write;
 use crate::model::ids::{AgentId, MessageId, RequestId};
 use crate::model::wire::{self, Envelope};
+use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 
 /// A parsed input message.
@@ -57,8 +58,8 @@ impl<T> Inbound<T> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Destination {
-    /// A queue of the namespace, by relative name ("decomposed").
-    Queue(String),
+    /// A queue of the namespace.
+    Queue(StageQueue),
     /// The queue of an agent.
     Agent(AgentId),
 }

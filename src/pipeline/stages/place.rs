@@ -210,6 +210,7 @@ fn span(d: TimeDelta) -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::pipeline::topology::StageQueue;
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
@@ -301,7 +302,7 @@ mod tests {
         let Write::Route { attempt: 1, ready_at, route, .. } = &writes[0] else { panic!() };
         assert_eq!(route.agent_id.as_str(), "a1");
         assert!(*ready_at < now, "ready since it began to wait");
-        assert!(publish.iter().all(|p| p.destination == Destination::Queue("dispatch".into())));
+        assert!(publish.iter().all(|p| p.destination == Destination::Queue(StageQueue::Dispatch)));
         assert_eq!(publish[0].body["payload"]["priority"], 5);
     }
 

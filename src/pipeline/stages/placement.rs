@@ -14,6 +14,7 @@ use crate::model::domain::{Agent, Resources, Task};
 use crate::model::effect::Write;
 use crate::model::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
 use crate::model::wire::{DispatchTask, Envelope, Wake};
+use crate::pipeline::topology::StageQueue;
 
 /// The tasks that a plan's fallback decision sends to an external provider. They are done by
 /// the provider's agents (the `llm` executor), so they need the provider's capability instead of
@@ -119,7 +120,7 @@ impl Routed<'_> {
                 task: task.clone(),
             },
         );
-        let publish = Publish::envelope(Destination::Queue("dispatch".into()), priority, &envelope);
+        let publish = Publish::envelope(Destination::Queue(StageQueue::Dispatch), priority, &envelope);
         (Write::Route { request_id, plan_id, attempt, decision_id, route, ready_at }, publish)
     }
 }
@@ -131,7 +132,7 @@ impl Routed<'_> {
 pub(crate) fn wake(cause: MessageId, what: &str, now: DateTime<Utc>) -> Publish {
     let wake = Wake { message_id: cause.derive("wake"), cause: what.to_owned(), at: now };
     Publish {
-        destination: Destination::Queue("place".into()),
+        destination: Destination::Queue(StageQueue::Place),
         message_id: wake.message_id,
         priority: 0,
         body: serde_json::to_value(&wake).expect("wake-ups serialize"),

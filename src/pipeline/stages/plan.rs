@@ -12,6 +12,7 @@ use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::model::domain::{Agent, RequestStatus};
 use crate::model::effect::Write;
 use crate::model::wire::{Decomposed, Envelope, Planned};
+use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 use crate::understanding::catalog::Catalog;
 use crate::understanding::complexity::{self, Inputs};
@@ -148,7 +149,11 @@ impl Stage for PlanStage {
         );
         Outcome::Forward {
             writes: vec![Write::Plan { plan, complexity, infeasible, duration_basis }],
-            publish: vec![Publish::envelope(Destination::Queue("planned".into()), input.priority, &envelope)],
+            publish: vec![Publish::envelope(
+                Destination::Queue(StageQueue::Planned),
+                input.priority,
+                &envelope,
+            )],
         }
     }
 }

@@ -167,6 +167,7 @@ impl Stage for Route {
 
 #[cfg(test)]
 mod tests {
+    use crate::pipeline::topology::StageQueue;
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
@@ -281,7 +282,7 @@ mod tests {
         assert_eq!(candidates.len(), 1);
         // The placement pass is woken, once these are in line; nothing is dispatched.
         assert_eq!(publish.len(), 1);
-        assert_eq!(publish[0].destination, Destination::Queue("place".into()));
+        assert_eq!(publish[0].destination, Destination::Queue(StageQueue::Place));
         assert_eq!(publish[0].body["cause"], "queued");
     }
 

@@ -14,6 +14,7 @@ use crate::model::domain::{PlanStatus, TaskStatus};
 use crate::model::effect::Write;
 use crate::model::ids::TaskId;
 use crate::model::wire::{Envelope, RouteTasks, TaskResult};
+use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store, StoredPlan, TaskState};
 
 /// How the track stage treats failures.
@@ -137,7 +138,7 @@ impl Stage for Track {
                 now,
                 RouteTasks { plan_id, priority: input.priority, approved_by: "track".into() },
             );
-            Publish::envelope(Destination::Queue("route".into()), input.priority, &envelope)
+            Publish::envelope(Destination::Queue(StageQueue::Route), input.priority, &envelope)
         };
         if result.success {
             status.insert(task.id, TaskStatus::Succeeded);
