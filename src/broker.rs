@@ -90,6 +90,18 @@ impl Outgoing {
             mandatory: true,
         }
     }
+
+    /// A message of `body` as JSON to `queue` (as [`Outgoing::to_queue`]) under `message_id`: the
+    /// one way a message with an id is made, so that none goes out without one.
+    pub fn json(
+        queue: impl Into<String>,
+        message_id: impl std::fmt::Display,
+        body: &impl serde::Serialize,
+    ) -> Self {
+        let mut outgoing = Outgoing::to_queue(queue, serde_json::to_vec(body).expect("messages serialize"));
+        outgoing.message_id = Some(message_id.to_string());
+        outgoing
+    }
 }
 
 /// A received message. Dropping it without settling leaves it unacknowledged: the broker

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::broker::{self, Broker, Outgoing};
 use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
 use crate::model::ids::{AgentId, MessageId, PlanId, RequestId};
-use crate::model::wire::{Envelope, RouteTasks, SCHEMA_VERSION, SubmitRequest, TaskAbort, Wake};
+use crate::model::wire::{Envelope, RouteTasks, SubmitRequest, TaskAbort, Wake};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, ApprovalOutcome, RequestReport, Stopped, Store};
 
@@ -40,12 +40,8 @@ async fn publish(broker: &Broker, outgoing: &Outgoing, what: &'static str) -> Re
 /// does not exist (a wrong namespace, say), instead of letting the broker drop the request.
 pub async fn submit(broker: &Broker, mut request: SubmitRequest) -> Result<RequestId, Error> {
     let request_id = *request.request_id.get_or_insert_with(RequestId::random);
-    let mut outgoing = Outgoing::to_queue(
-        broker.names().requests(),
-        serde_json::to_vec(&request).expect("requests serialize"),
-    );
+    let mut outgoing = Outgoing::json(broker.names().requests(), request_id, &request);
     outgoing.priority = request.priority;
-    outgoing.message_id = Some(request_id.to_string());
     publish(broker, &outgoing, "requests").await?;
     Ok(request_id)
 }
@@ -65,19 +61,9 @@ pub async fn approve(
     by: &str,
 ) -> Result<ApprovalOutcome, Error> {
     let outcome = store.decide_approval(plan_id, true, by, "approved by a person").await?;
-    let envelope = Envelope {
-        message_id: approval_message_id(plan_id),
-        schema_version: SCHEMA_VERSION,
-        request_id: outcome.request_id,
-        causation_id: None,
-        timestamp: Utc::now(),
-        payload: RouteTasks { plan_id, priority: outcome.priority, approved_by: by.to_owned() },
-    };
-    let mut outgoing = Outgoing::to_queue(
-        broker.names().of(StageQueue::Route),
-        serde_json::to_vec(&envelope).expect("serializes"),
-    );
-    outgoing.message_id = Some(envelope.message_id.to_string());
+    let route = RouteTasks { plan_id, priority: outcome.priority, approved_by: by.to_owned() };
+    let envelope = Envelope::new(approval_message_id(plan_id), outcome.request_id, Utc::now(), route);
+    let mut outgoing = Outgoing::json(broker.names().of(StageQueue::Route), envelope.message_id, &envelope);
     outgoing.priority = Some(outcome.priority);
     publish(broker, &outgoing, "approved plans").await?;
     Ok(outcome)
@@ -127,19 +113,10 @@ pub async fn cancel(
             reason: format!("request {request_id} cancelled by {by}: {reason}"),
         };
         let key = format!("abort:{}:{}", stop.task_id, stop.attempt);
-        let envelope = Envelope {
-            message_id: MessageId::from_uuid(Uuid::new_v5(&request_id.as_uuid(), key.as_bytes())),
-            schema_version: SCHEMA_VERSION,
-            request_id,
-            causation_id: None,
-            timestamp: Utc::now(),
-            payload: abort,
-        };
-        let mut outgoing = Outgoing::to_queue(
-            broker.names().agent_control_queue(&stop.agent_id),
-            serde_json::to_vec(&envelope).expect("serializes"),
-        );
-        outgoing.message_id = Some(envelope.message_id.to_string());
+        let message_id = MessageId::from_uuid(Uuid::new_v5(&request_id.as_uuid(), key.as_bytes()));
+        let envelope = Envelope::new(message_id, request_id, Utc::now(), abort);
+        let queue = broker.names().agent_control_queue(&stop.agent_id);
+        let outgoing = Outgoing::json(queue, envelope.message_id, &envelope);
         match broker.publish(&outgoing).await {
             Ok(()) => {}
             Err(broker::Error::Unroutable { .. }) => unreachable.push(stop.agent_id.clone()),
@@ -148,11 +125,7 @@ pub async fn cancel(
     }
     // Their slots are free: tasks waiting in line may take them.
     let wake = Wake { message_id: MessageId::random(), cause: "cancel".into(), at: Utc::now() };
-    let mut outgoing = Outgoing::to_queue(
-        broker.names().of(StageQueue::Place),
-        serde_json::to_vec(&wake).expect("serializes"),
-    );
-    outgoing.message_id = Some(wake.message_id.to_string());
+    let outgoing = Outgoing::json(broker.names().of(StageQueue::Place), wake.message_id, &wake);
     publish(broker, &outgoing, "wake-ups of the scheduler").await?;
     unreachable.sort();
     unreachable.dedup();

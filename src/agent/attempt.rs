@@ -239,11 +239,8 @@ async fn report<H>(
     };
     let envelope =
         Envelope::derived(assignment.message_id, "result", assignment.request_id, finished_at, result);
-    let mut outgoing = Outgoing::to_queue(
-        shared.broker.names().of(StageQueue::Results),
-        serde_json::to_vec(&envelope).expect("results serialize"),
-    );
-    outgoing.message_id = Some(envelope.message_id.to_string());
+    let mut outgoing =
+        Outgoing::json(shared.broker.names().of(StageQueue::Results), envelope.message_id, &envelope);
     outgoing.priority = delivery.priority;
     let published = (|| shared.broker.publish(&outgoing))
         .retry(

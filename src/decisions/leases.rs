@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::model::domain::Task;
 use crate::model::ids::MessageId;
-use crate::model::wire::{Envelope, SCHEMA_VERSION, TaskResult};
+use crate::model::wire::{Envelope, TaskResult};
 use crate::store::ExpiredLease;
 
 /// How long an agent has for a task.
@@ -44,13 +44,11 @@ impl LeasePolicy {
 /// task and attempt, so two sweepers (or two sweeps) report one expiry once.
 pub fn expiry_message(lease: &ExpiredLease, now: DateTime<Utc>) -> Envelope<TaskResult> {
     let key = format!("lease:{}:{}", lease.task_id, lease.attempt);
-    Envelope {
-        message_id: MessageId::from_uuid(Uuid::new_v5(&lease.task_id.as_uuid(), key.as_bytes())),
-        schema_version: SCHEMA_VERSION,
-        request_id: lease.request_id,
-        causation_id: None,
-        timestamp: now,
-        payload: TaskResult {
+    Envelope::new(
+        MessageId::from_uuid(Uuid::new_v5(&lease.task_id.as_uuid(), key.as_bytes())),
+        lease.request_id,
+        now,
+        TaskResult {
             plan_id: lease.plan_id,
             task_id: lease.task_id,
             attempt: lease.attempt,
@@ -75,7 +73,7 @@ pub fn expiry_message(lease: &ExpiredLease, now: DateTime<Utc>) -> Envelope<Task
             lease_expired: true,
             usage: None,
         },
-    }
+    )
 }
 
 #[cfg(test)]

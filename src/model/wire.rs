@@ -100,6 +100,19 @@ pub struct Envelope<P> {
 }
 
 impl<P> Envelope<P> {
+    /// A message that no other message caused (a person's approval, a cancellation, a lease
+    /// that ran out), under the id its sender chose.
+    pub fn new(message_id: MessageId, request_id: RequestId, now: DateTime<Utc>, payload: P) -> Self {
+        Envelope {
+            message_id,
+            schema_version: SCHEMA_VERSION,
+            request_id,
+            causation_id: None,
+            timestamp: now,
+            payload,
+        }
+    }
+
     /// A message caused by `cause`, with an id derived from it and `label`, so that processing
     /// the same input twice produces the same message.
     pub fn derived(

@@ -36,9 +36,8 @@ pub async fn sweep(
         };
         for lease in &expired {
             let envelope = expiry_message(lease, Utc::now());
-            let body = serde_json::to_vec(&envelope).expect("envelopes serialize");
-            let mut outgoing = Outgoing::to_queue(broker.names().of(StageQueue::Results), body);
-            outgoing.message_id = Some(envelope.message_id.to_string());
+            let outgoing =
+                Outgoing::json(broker.names().of(StageQueue::Results), envelope.message_id, &envelope);
             match broker.publish(&outgoing).await {
                 Ok(()) => {
                     info!(task = %lease.task_id, attempt = lease.attempt, agent = %lease.agent_id, "lease expired")

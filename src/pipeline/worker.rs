@@ -333,11 +333,7 @@ async fn recheck(store: Store, broker: &Broker, every: Duration, shutdown: Cance
         }
         let wake =
             wire::Wake { message_id: MessageId::random(), cause: "periodic".into(), at: chrono::Utc::now() };
-        let mut outgoing = Outgoing::to_queue(
-            broker.names().of(StageQueue::Place),
-            serde_json::to_vec(&wake).expect("wake-ups serialize"),
-        );
-        outgoing.message_id = Some(wake.message_id.to_string());
+        let outgoing = Outgoing::json(broker.names().of(StageQueue::Place), wake.message_id, &wake);
         if let Err(err) = broker.publish(&outgoing).await {
             warn!(error = %err, "cannot wake the placement of waiting tasks; trying again in a moment");
         }

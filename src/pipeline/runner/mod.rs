@@ -399,9 +399,7 @@ impl<S: Stage> Runner<S> {
             Destination::Queue(queue) => names.of(*queue),
             Destination::Agent(agent) => names.agent_queue(agent),
         };
-        let mut outgoing =
-            Outgoing::to_queue(queue, serde_json::to_vec(&publish.body).expect("bodies serialize"));
-        outgoing.message_id = Some(publish.message_id.to_string());
+        let mut outgoing = Outgoing::json(queue, publish.message_id, &publish.body);
         outgoing.priority = Some(publish.priority);
         outgoing
     }
