@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use futures::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
@@ -264,13 +264,7 @@ impl Broker {
             Ok::<_, Error>(Broker { connection, publisher, names: names.clone() })
         };
         connect
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_max_times(8)
-                    .with_jitter(),
-            )
+            .retry(crate::backoff::exponential(Duration::from_millis(200), Duration::from_secs(5), 9))
             .when(Error::is_transient)
             .notify(|err, wait| tracing::warn!(broker = %redact(url), error = %err, ?wait, "broker connect failed, retrying"))
             .await

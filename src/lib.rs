@@ -15,6 +15,7 @@
 //!   [`bench`]: the benchmark.
 
 pub mod agent;
+pub mod backoff;
 pub mod bench;
 pub mod broker;
 pub mod config;

@@ -16,7 +16,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -278,11 +278,11 @@ impl Client {
         request: &ChatRequest,
         retry: &RetryPolicy,
     ) -> Result<Completion, Error> {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(250))
-            .with_max_delay(Duration::from_secs(10))
-            .with_jitter()
-            .with_max_times(retry.max_attempts.saturating_sub(1));
+        let backoff = crate::backoff::exponential(
+            Duration::from_millis(250),
+            Duration::from_secs(10),
+            retry.max_attempts,
+        );
         (|| self.chat(request))
             .retry(backoff)
             .when(|err| err.is_retried(retry.max_retry_after))

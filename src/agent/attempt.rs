@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{Execution, Shared, TaskHandler, truncate_utf8};
+use crate::backoff;
 use crate::broker::{Incoming, Outgoing};
 use crate::model::ids::TaskId;
 use crate::model::wire::{self, Envelope, MAX_RESULT_OUTPUT_BYTES, TaskAbort, TaskAssignment, TaskResult};
@@ -243,13 +244,11 @@ async fn report<H>(
         Outgoing::json(shared.broker.names().of(StageQueue::Results), envelope.message_id, &envelope);
     outgoing.priority = delivery.priority;
     let published = (|| shared.broker.publish(&outgoing))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .with_max_times(shared.settings.result_attempts - 1)
-                .with_jitter(),
-        )
+        .retry(backoff::exponential(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+            shared.settings.result_attempts,
+        ))
         .notify(|err, wait| warn!(%agent, task = %task.task.id, error = %err, ?wait, "result not published, retrying"))
         .await;
     match published {

@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::backoff::Pauses;
 use crate::broker::{self, Broker, Outgoing, redact};
 use crate::config::Config;
 use crate::model::ids::MessageId;
@@ -94,7 +95,7 @@ pub async fn prepare_store_patiently(
     config: &Config,
     shutdown: &CancellationToken,
 ) -> Result<Option<Store>, Error> {
-    let mut pause = Duration::from_millis(500);
+    let mut pauses = Pauses::new(Duration::from_secs(10));
     loop {
         let prepared = tokio::select! {
             prepared = prepare_store(config) => prepared,
@@ -103,11 +104,11 @@ pub async fn prepare_store_patiently(
         match prepared {
             Ok(store) => return Ok(Some(store)),
             Err(Error::Store(err)) if err.is_transient() => {
+                let pause = pauses.next_pause();
                 error!(database = %redact(&config.database_url), error = %crate::error_chain(&err), ?pause, "cannot prepare the database; trying again");
                 if !sleep_unless_cancelled(pause, shutdown).await {
                     return Ok(None);
                 }
-                pause = (pause * 2).min(Duration::from_secs(10));
             }
             Err(err) => return Err(err),
         }
@@ -145,7 +146,7 @@ impl Worker {
     /// consumer is rebuilt after a pause; the deliveries it held go back to their queues. Only a
     /// broker URL that cannot work ends it with an error.
     pub async fn run(&self, stages: &[StageName], shutdown: CancellationToken) -> Result<(), Error> {
-        let mut pause = Duration::from_millis(500);
+        let mut pauses = Pauses::new(Duration::from_secs(30));
         loop {
             let connected = tokio::select! {
                 connected = self.connect() => connected,
@@ -158,15 +159,15 @@ impl Worker {
                 // The broker may be down or restarting, or a declaration conflicts with what an
                 // operator declared by hand (406): keep trying, loudly, as a service should.
                 Err(err) => {
+                    let pause = pauses.next_pause();
                     error!(broker = %redact(&self.config.amqp_url), error = %err, ?pause, "cannot set up the broker; trying again");
                     if !sleep_unless_cancelled(pause, &shutdown).await {
                         return Ok(());
                     }
-                    pause = (pause * 2).min(Duration::from_secs(30));
                     continue;
                 }
             };
-            pause = Duration::from_millis(500);
+            pauses.reset();
             let session = shutdown.child_token();
             let mut runners = JoinSet::new();
             for stage in stages {
@@ -211,7 +212,7 @@ impl Worker {
             if !failed || shutdown.is_cancelled() {
                 return Ok(());
             }
-            if !sleep_unless_cancelled(pause, &shutdown).await {
+            if !sleep_unless_cancelled(pauses.next_pause(), &shutdown).await {
                 return Ok(());
             }
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use switchyard::agent::{AgentBuilder, Exec, ExecCommand, ExecConfig, Executor, Llm, Simulate};
+use switchyard::backoff::Pauses;
 use switchyard::config::Config;
 use switchyard::llm;
 use switchyard::model::domain::Resources;
@@ -223,7 +224,7 @@ pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
         .build(executor)?;
     let shutdown = CancellationToken::new();
     stop_on_signals(shutdown.clone(), "finishing the running tasks");
-    let mut pause = Duration::from_millis(500);
+    let mut pauses = Pauses::new(Duration::from_secs(30));
     loop {
         let connected = tokio::select! {
             connected = connect_broker(&config) => connected,
@@ -238,7 +239,7 @@ pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
                 // A session that lasted was a success: the next outage starts from a short pause,
                 // not from where the last one left it.
                 if started.elapsed() > Duration::from_secs(60) {
-                    pause = Duration::from_millis(500);
+                    pauses.reset();
                 }
                 match ran {
                     Ok(()) => return Ok(Exit::Success),
@@ -253,11 +254,11 @@ pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
             }
             Err(err) => err,
         };
+        let pause = pauses.next_pause();
         tracing::error!(error = %format!("{error:#}"), ?pause, "agent stopped; connecting again");
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = shutdown.cancelled() => return Ok(Exit::Success),
         }
-        pause = (pause * 2).min(Duration::from_secs(30));
     }
 }

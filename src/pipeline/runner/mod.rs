@@ -40,6 +40,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use self::committer::{COMMITTERS, Commit, MAX_BATCH, stopping};
 use self::failure::{Failure, describe, sniff_ids};
 use self::watchdog::Activity;
+use crate::backoff;
 use crate::broker::{self, Broker, Incoming, Outgoing};
 use crate::model::wire;
 use crate::pipeline::stages::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
@@ -81,11 +82,11 @@ impl Default for Settings {
 
 impl Settings {
     fn backoff(&self, attempts: usize) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.retry_base_delay_ms))
-            .with_max_delay(Duration::from_secs(5))
-            .with_max_times(attempts.saturating_sub(1))
-            .with_jitter()
+        backoff::exponential(
+            Duration::from_millis(self.retry_base_delay_ms),
+            Duration::from_secs(5),
+            attempts,
+        )
     }
 }
 
