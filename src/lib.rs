@@ -4,15 +4,19 @@
 //!
 //! The folders follow the roles; `ARCHITECTURE.md`'s code map follows the folders.
 //!
-//! - [`model`]: ids, the domain, the writes stages decide, the wire format. Depends on nothing.
+//! - [`model`]: ids, the domain, the writes stages decide, the wire format. Ids and the domain
+//!   depend on nothing; writes and messages carry what the decisions record (a route, a fallback
+//!   decision, a complexity).
 //! - [`understanding`]: from a request's text to a plan (catalog, decomposers, planner, fleet,
 //!   complexity).
-//! - [`decisions`]: routing, fallback and approval, leases, audit: pure, each with its reasons.
-//! - [`pipeline`]: the stages, their runner, the topology and the worker process.
+//! - [`decisions`]: routing, providers, fallback and approval, leases, audit: pure, each with its
+//!   reasons.
+//! - [`pipeline`]: the stages, their runner, the topology, the lease sweeper and the worker
+//!   process.
 //! - The edges, the only modules that talk to the outside: [`broker`] (AMQP), [`store`]
 //!   (PostgreSQL), [`llm`] (HTTP to models); with [`config`] and [`redact`].
 //! - [`agent`]: the agent process and its executors; [`ops`]: what the command line does;
-//!   [`bench`]: the benchmark.
+//!   [`bench`]: the benchmark; [`backoff`]: how everything waits before trying again.
 
 pub mod agent;
 pub mod backoff;
