@@ -396,6 +396,59 @@ async fn an_agent_without_a_queue_fails_the_dispatch_and_gets_its_capacity_back(
 }
 
 #[tokio::test]
+async fn a_delivery_tried_again_holds_back_no_other_dispatch() {
+    // Each failed publish into the ghost's queue is tried again after 1 s, 2 s, 4 s: seconds in
+    // which other dispatches must go out and be recorded, not wait behind it.
+    let app = spawn_app_with(|c| {
+        c.worker.retry_base_delay_ms = 1000;
+        c.worker.dispatch_attempts = 4;
+    })
+    .await;
+    for ghost in ["ghost-1", "ghost-2"] {
+        let heartbeat = app.heartbeat(ghost, &["deployment", "shell"], 2, &[("target", "homelab")]);
+        app.store.register_agent("tests", heartbeat).await.unwrap();
+    }
+    let live = app.heartbeat("live-1", &["deployment", "shell"], 2, &[("target", "lab")]);
+    app.store.register_agent("tests", live).await.unwrap();
+    app.declare_agent_queue("live-1").await;
+    let stuck = [
+        app.submit("Deploy nginx to the homelab", true).await,
+        app.submit("Deploy redis to the homelab", true).await,
+    ];
+    let report = |id| {
+        let app = &app;
+        async move { app.store.report(id).await.unwrap().unwrap() }
+    };
+    let first_task = |r: &switchyard::store::RequestReport| r.plan.as_ref().map(|p| p.tasks[0].clone());
+    for id in stuck {
+        app.wait_for(id, |r| first_task(r).is_some_and(|t| t.status.as_str() == "routed")).await;
+    }
+    let live_request = app.submit("Deploy gitea to the lab", true).await;
+
+    let delivered = app
+        .wait_for(live_request, |r| first_task(r).is_some_and(|t| t.status.as_str() == "dispatched"))
+        .await;
+    assert_eq!(first_task(&delivered).unwrap().agent_id.as_deref(), Some("live-1"));
+    for id in stuck {
+        let task = first_task(&report(id).await).unwrap();
+        assert_eq!(
+            task.status.as_str(),
+            "routed",
+            "the dispatch to the lab was recorded while the ghosts' were still tried: {task:?}"
+        );
+    }
+    let gitea = app.drain(&app.agent_queue("live-1")).await;
+    assert_eq!(gitea.len(), 1, "the lab's task went out once");
+
+    for id in stuck {
+        let failed = app.wait_for(id, |r| r.status.as_str() == "failed").await;
+        assert_eq!(first_task(&failed).unwrap().status.as_str(), "dispatch_failed");
+    }
+    let dead = app.wait_dead_letters("dispatch", 2).await;
+    assert!(dead.iter().all(|d| d.reason.ends_with("gave up after 4 attempts")), "{dead:?}");
+}
+
+#[tokio::test]
 async fn a_request_no_work_type_matches_fails_with_its_reason() {
     let app = spawn_app().await;
     let id = app.submit("hello there", true).await;

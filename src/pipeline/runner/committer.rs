@@ -1,30 +1,160 @@
 //! The committer: the writes of the messages decided meanwhile go into one transaction and one
-//! commit, each message under a savepoint of its own; a delivery into an agent's queue is
-//! committed with its marker in the same way. Each message hears how its own writes went.
+//! commit, each message under a savepoint of its own; deliveries into agents' queues are
+//! committed with their markers in the same way, in batches of their own. Each message hears how
+//! its own writes went.
+//!
+//! Writes and deliveries wait apart and are committed by committers of their own, so that writes
+//! never wait behind a delivery. A delivery publishes once while its batch's transaction holds
+//! the inputs' locks; trying again is for the runner, between batches, never under a lock.
 
-use serde_json::Value;
-use tokio::sync::oneshot;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use super::{Failure, Runner};
-use crate::broker;
+use super::{Failure, outgoing};
+use crate::broker::{self, Broker};
 use crate::model::effect::Write;
-use crate::pipeline::stages::{Inbound, Publish, Stage};
-use crate::store::{self, Applied, Delivery, Marker};
+use crate::pipeline::stages::Publish;
+use crate::store::{self, Applied, Delivery, Marker, Store};
 
-/// Batches of writes committed at once by a runner: while one waits for its commit to reach the
-/// disk, the next gathers the messages decided meanwhile.
-pub(super) const COMMITTERS: usize = 2;
+/// Committers of each kind per runner: while one waits for its commit to reach the disk, the
+/// next gathers the messages decided meanwhile.
+const COMMITTERS: usize = 2;
 
 /// The most messages whose writes go into one transaction.
-pub(super) const MAX_BATCH: usize = 128;
+const MAX_BATCH: usize = 128;
 
-type WritesDone = oneshot::Sender<Result<Applied, Failure>>;
-
-type DeliveryDone = oneshot::Sender<Result<Delivery<broker::Error>, Failure>>;
-
-pub(super) fn stopping() -> Failure {
+fn stopping() -> Failure {
     Failure::Transient("the runner is stopping".into())
+}
+
+/// A message's marker and writes, waiting for a batch.
+struct WriteJob {
+    marker: Option<Marker<'static>>,
+    writes: Vec<Write>,
+    done: oneshot::Sender<Result<Applied, Failure>>,
+}
+
+/// A message's delivery into an agent's queue, then its marker and writes, waiting for a batch.
+struct DeliveryJob {
+    marker: Marker<'static>,
+    publish: Publish,
+    then: Vec<Write>,
+    done: oneshot::Sender<Result<Delivery<broker::Error>, Failure>>,
+}
+
+/// What waits to be committed, of one kind: handlers put, committers take batches.
+struct Batches<T> {
+    put: mpsc::Sender<T>,
+    pending: tokio::sync::Mutex<mpsc::Receiver<T>>,
+}
+
+impl<T> Batches<T> {
+    fn new() -> Self {
+        let (put, pending) = mpsc::channel(MAX_BATCH);
+        Batches { put, pending: tokio::sync::Mutex::new(pending) }
+    }
+
+    async fn put(&self, job: T) -> Result<(), Failure> {
+        self.put.send(job).await.map_err(|_| stopping())
+    }
+
+    /// What waits: at least one job (waiting for it), at most [`MAX_BATCH`]. `None` never comes
+    /// while `self` lives, since it holds a sender.
+    async fn take(&self) -> Option<Vec<T>> {
+        let mut pending = self.pending.lock().await;
+        let first = pending.recv().await?;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match pending.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        Some(batch)
+    }
+}
+
+/// Commits the writes and the deliveries of one stage's runner, in batches.
+pub(super) struct Committer {
+    stage: &'static str,
+    store: Store,
+    broker: Arc<Broker>,
+    writes: Batches<WriteJob>,
+    deliveries: Batches<DeliveryJob>,
+}
+
+impl Committer {
+    pub(super) fn new(stage: &'static str, store: Store, broker: Arc<Broker>) -> Self {
+        Committer { stage, store, broker, writes: Batches::new(), deliveries: Batches::new() }
+    }
+
+    /// Has the next batch of writes commit `marker` and `writes`; how it went for them.
+    pub(super) async fn persist(
+        &self,
+        marker: Option<Marker<'static>>,
+        writes: Vec<Write>,
+    ) -> Result<Applied, Failure> {
+        let (done, applied) = oneshot::channel();
+        self.writes.put(WriteJob { marker, writes, done }).await?;
+        applied.await.map_err(|_| stopping())?
+    }
+
+    /// Has the next batch of deliveries publish `publish` once, then record `then` with
+    /// `marker`; how it went.
+    pub(super) async fn deliver(
+        &self,
+        marker: Marker<'static>,
+        publish: Publish,
+        then: Vec<Write>,
+    ) -> Result<Delivery<broker::Error>, Failure> {
+        let (done, delivered) = oneshot::channel();
+        self.deliveries.put(DeliveryJob { marker, publish, then, done }).await?;
+        delivered.await.map_err(|_| stopping())?
+    }
+
+    /// Commits batches for as long as it is polled: [`COMMITTERS`] for writes and as many for
+    /// deliveries. Never returns; once every handler has its answer, none of them holds a batch
+    /// that anyone waits for, and it can be dropped.
+    pub(super) async fn run(&self) {
+        let writes = (0..COMMITTERS).map(|_| async {
+            while let Some(batch) = self.writes.take().await {
+                self.commit_writes(batch).await;
+            }
+        });
+        let deliveries = (0..COMMITTERS).map(|_| async {
+            while let Some(batch) = self.deliveries.take().await {
+                self.commit_deliveries(batch).await;
+            }
+        });
+        futures::future::join(futures::future::join_all(writes), futures::future::join_all(deliveries)).await;
+    }
+
+    async fn commit_writes(&self, batch: Vec<WriteJob>) {
+        let jobs: Vec<(Option<&Marker<'_>>, &[Write])> =
+            batch.iter().map(|job| (job.marker.as_ref(), job.writes.as_slice())).collect();
+        let outcomes = self.store.apply_batch(self.stage, &jobs).await;
+        drop(jobs);
+        debug!(messages = batch.len(), "committed a batch of writes");
+        let outcomes =
+            outcomes.map(|outcomes| outcomes.into_iter().map(|o| o.map_err(Failure::from)).collect());
+        answer(batch.into_iter().map(|job| job.done), outcomes);
+    }
+
+    async fn commit_deliveries(&self, batch: Vec<DeliveryJob>) {
+        let jobs: Vec<(Marker<'_>, &[Write])> =
+            batch.iter().map(|job| (job.marker.clone(), job.then.as_slice())).collect();
+        let broker = &*self.broker;
+        let messages: Vec<_> = batch.iter().map(|job| outgoing(broker.names(), &job.publish)).collect();
+        // One publish each: a failed one is tried again by the runner, after this transaction
+        // let go of the inputs' locks.
+        let outcomes = self.store.deliver_batch(self.stage, &jobs, |i| broker.publish(&messages[i])).await;
+        drop(jobs);
+        debug!(messages = batch.len(), "delivered and committed a batch");
+        let outcomes = outcomes.map(|outcomes| outcomes.into_iter().map(Ok).collect());
+        answer(batch.into_iter().map(|job| job.done), outcomes);
+    }
 }
 
 /// Tells each message of a batch how it went: its own outcome, or the batch's failure.
@@ -45,89 +175,5 @@ fn answer<T>(
                 let _ = done.send(Err(failure.clone()));
             }
         }
-    }
-}
-
-/// What one message waits for a batch to commit.
-pub(super) enum Commit {
-    /// Its marker and writes.
-    Writes { marker: Option<Marker<'static>>, writes: Vec<Write>, done: WritesDone },
-    /// Its delivery into an agent's queue, then its marker and writes.
-    Delivery { marker: Marker<'static>, publish: Publish, then: Vec<Write>, done: DeliveryDone },
-}
-
-impl<S: Stage> Runner<S> {
-    /// Has the next batch commit the input's marker and `writes`.
-    pub(super) async fn persist(
-        &self,
-        input: &Inbound<S::Input>,
-        outputs: Value,
-        writes: Vec<Write>,
-    ) -> Result<Applied, Failure> {
-        let marker = self.stage.deduplicates().then_some(Marker {
-            stage: S::NAME,
-            message_id: input.message_id,
-            outputs,
-        });
-        let (done, applied) = oneshot::channel();
-        self.commits.send(Commit::Writes { marker, writes, done }).await.map_err(|_| stopping())?;
-        applied.await.map_err(|_| stopping())?
-    }
-
-    /// Takes what messages wait to be committed (at least one, waiting for it, at most
-    /// [`MAX_BATCH`]) and commits them in one transaction, then tells each how it went.
-    pub(super) async fn commit_batches(&self) {
-        loop {
-            let batch = {
-                let mut pending = self.pending.lock().await;
-                let Some(first) = pending.recv().await else { return };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match pending.try_recv() {
-                        Ok(commit) => batch.push(commit),
-                        Err(_) => break,
-                    }
-                }
-                batch
-            };
-            let mut writes = Vec::new();
-            let mut deliveries = Vec::new();
-            for commit in batch {
-                match commit {
-                    Commit::Writes { marker, writes: w, done } => writes.push((marker, w, done)),
-                    Commit::Delivery { marker, publish, then, done } => {
-                        deliveries.push((marker, publish, then, done))
-                    }
-                }
-            }
-            tokio::join!(self.commit_writes(writes), self.commit_deliveries(deliveries));
-        }
-    }
-
-    async fn commit_writes(&self, batch: Vec<(Option<Marker<'static>>, Vec<Write>, WritesDone)>) {
-        if batch.is_empty() {
-            return;
-        }
-        let jobs: Vec<(Option<&Marker<'_>>, &[Write])> =
-            batch.iter().map(|(marker, writes, _)| (marker.as_ref(), writes.as_slice())).collect();
-        let outcomes = self.store.apply_batch(S::NAME, &jobs).await;
-        drop(jobs);
-        debug!(messages = batch.len(), "committed a batch of writes");
-        let outcomes =
-            outcomes.map(|outcomes| outcomes.into_iter().map(|o| o.map_err(Failure::from)).collect());
-        answer(batch.into_iter().map(|(_, _, done)| done), outcomes);
-    }
-
-    async fn commit_deliveries(&self, batch: Vec<(Marker<'static>, Publish, Vec<Write>, DeliveryDone)>) {
-        if batch.is_empty() {
-            return;
-        }
-        let jobs: Vec<(Marker<'_>, &[Write])> =
-            batch.iter().map(|(marker, _, then, _)| (marker.clone(), then.as_slice())).collect();
-        let outcomes = self.store.deliver_batch(S::NAME, &jobs, |i| self.deliver(&batch[i].1)).await;
-        drop(jobs);
-        debug!(messages = batch.len(), "delivered and committed a batch");
-        let outcomes = outcomes.map(|outcomes| outcomes.into_iter().map(Ok).collect());
-        answer(batch.into_iter().map(|(_, _, _, done)| done), outcomes);
     }
 }

@@ -29,22 +29,22 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use self::committer::{COMMITTERS, Commit, MAX_BATCH, stopping};
+use self::committer::Committer;
 use self::failure::{Failure, describe, sniff_ids};
 use self::watchdog::Activity;
 use crate::backoff;
 use crate::broker::{self, Broker, Incoming, Outgoing};
+use crate::model::effect::Write;
 use crate::model::wire;
 use crate::pipeline::stages::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
-use crate::pipeline::topology::Topology;
+use crate::pipeline::topology::{Names, Topology};
 use crate::store::{Applied, Delivery, Marker, Store};
 
 /// How a runner behaves. Every field has a sensible default.
@@ -126,9 +126,7 @@ pub struct Runner<S: Stage> {
     retry_queue: Option<String>,
     turns: Turns,
     activity: Activity,
-    commits: mpsc::Sender<Commit>,
-    /// What the committers take their batches from.
-    pending: tokio::sync::Mutex<mpsc::Receiver<Commit>>,
+    committer: Committer,
 }
 
 /// Turns for inputs that contend (see [`Stage::contention_key`]): a fixed set of locks, a key
@@ -164,9 +162,9 @@ impl<S: Stage> Runner<S> {
     ) -> Result<Self, Error> {
         let queue = topology.queue_of(S::NAME).ok_or(Error::NoQueue(S::NAME))?.name.clone();
         let retry_queue = topology.retry_queue_of(&queue).map(|q| q.name.clone());
-        let (commits, pending) = mpsc::channel(MAX_BATCH);
         Ok(Runner {
             stage: Arc::new(stage),
+            committer: Committer::new(S::NAME, store.clone(), broker.clone()),
             broker,
             store,
             settings,
@@ -174,8 +172,6 @@ impl<S: Stage> Runner<S> {
             retry_queue,
             turns: Turns::new(),
             activity: Activity::new(),
-            commits,
-            pending: tokio::sync::Mutex::new(pending),
         })
     }
 
@@ -214,13 +210,13 @@ impl<S: Stage> Runner<S> {
             .for_each_concurrent(usize::from(self.settings.prefetch.max(1)), |delivery| {
                 this.handle(delivery, &broken)
             });
-        // The committers never stop on their own; once every delivery was handled, none of them
-        // holds a batch that anyone waits for, and they can be dropped. The watchdog neither.
-        let committing = futures::future::join_all((0..COMMITTERS).map(|_| this.commit_batches()));
+        // The committer never stops on its own (nor does the watchdog): it is dropped once every
+        // delivery was handled.
+        let committing = this.committer.run();
         let stall = std::sync::atomic::AtomicBool::new(false);
         tokio::select! {
             () = consuming => {}
-            _ = committing => {}
+            () = committing => {}
             () = this.watch(&broken, &stall) => {}
         }
         drop(subscription);
@@ -335,41 +331,7 @@ impl<S: Stage> Runner<S> {
                         Applied::Conflict(reason) => debug!(%reason, "lost a race; deciding again"),
                     }
                 }
-                Outcome::Deliver { publish, then } => {
-                    let marker = Marker {
-                        stage: S::NAME,
-                        message_id: input.message_id,
-                        outputs: Value::Array(Vec::new()),
-                    };
-                    let (done, delivered) = oneshot::channel();
-                    self.commits
-                        .send(Commit::Delivery { marker, publish, then, done })
-                        .await
-                        .map_err(|_| stopping())?;
-                    return match delivered.await.map_err(|_| stopping())?? {
-                        Delivery::Done | Delivery::Already => Ok(()),
-                        Delivery::Busy => {
-                            Err(Failure::Transient("a copy of this message is being delivered".into()))
-                        }
-                        // Sent and recorded as sent: deciding again would send it twice.
-                        Delivery::Conflict(reason) => {
-                            info!(%reason, "delivered, but the state moved on: its writes were left out");
-                            Ok(())
-                        }
-                        Delivery::Refused(err) => Err(err.into()),
-                        Delivery::Failed(err @ broker::Error::Unroutable { .. }) => {
-                            let reason = format!(
-                                "{err}; gave up after {} attempts",
-                                self.settings.dispatch_attempts.max(1)
-                            );
-                            let (writes, publish) = self.stage.undeliverable(input, &reason, Utc::now());
-                            self.store.apply(S::NAME, None, &writes).await?;
-                            self.publish(&publish).await?;
-                            Err(Failure::Permanent(reason))
-                        }
-                        Delivery::Failed(err) => Err(err.into()),
-                    };
-                }
+                Outcome::Deliver { publish, then } => return self.deliver(input, publish, then).await,
                 Outcome::Ignore { reason } if !self.stage.records_ignored() => {
                     debug!(%reason, "nothing to do");
                     return Ok(());
@@ -392,17 +354,19 @@ impl<S: Stage> Runner<S> {
         Err(Failure::Transient(format!("still conflicting after {MAX_DECISION_ROUNDS} decisions")))
     }
 
-    /// The message for `publish`: mandatory (as every publish), so that a missing queue is an
-    /// error instead of a confirmed and dropped message.
-    fn outgoing(&self, publish: &Publish) -> Outgoing {
-        let names = self.broker.names();
-        let queue = match &publish.destination {
-            Destination::Queue(queue) => names.of(*queue),
-            Destination::Agent(agent) => names.agent_queue(agent),
-        };
-        let mut outgoing = Outgoing::json(queue, publish.message_id, &publish.body);
-        outgoing.priority = Some(publish.priority);
-        outgoing
+    /// Has the committer record the input's marker (with its `outputs`) and `writes`.
+    async fn persist(
+        &self,
+        input: &Inbound<S::Input>,
+        outputs: Value,
+        writes: Vec<Write>,
+    ) -> Result<Applied, Failure> {
+        let marker = self.stage.deduplicates().then_some(Marker {
+            stage: S::NAME,
+            message_id: input.message_id,
+            outputs,
+        });
+        self.committer.persist(marker, writes).await
     }
 
     /// Publishes a stage's outputs. An unroutable output is transient here: the next stage's
@@ -410,7 +374,7 @@ impl<S: Stage> Runner<S> {
     /// request; it waits in the retry queue until the queue is declared again (a worker does at
     /// start).
     async fn publish(&self, publish: &[Publish]) -> Result<(), Failure> {
-        let outgoing: Vec<Outgoing> = publish.iter().map(|p| self.outgoing(p)).collect();
+        let outgoing: Vec<Outgoing> = publish.iter().map(|p| outgoing(self.broker.names(), p)).collect();
         self.broker.publish_all(&outgoing).await.map_err(|err| match err {
             broker::Error::Unroutable { .. } => Failure::Transient(describe(&err)),
             err => err.into(),
@@ -423,14 +387,64 @@ impl<S: Stage> Runner<S> {
         self.publish(&publish).await
     }
 
-    /// Publishes into an agent's queue, retrying an unroutable or failed publish with backoff.
-    async fn deliver(&self, publish: &Publish) -> Result<(), broker::Error> {
-        let outgoing = self.outgoing(publish);
-        (|| self.broker.publish(&outgoing))
-            .retry(self.settings.backoff(self.settings.dispatch_attempts))
-            .notify(|err, wait| warn!(error = %err, ?wait, queue = %outgoing.routing_key, "delivery failed, retrying"))
-            .await
+    /// Delivers `publish` into its agent's queue and records `then` (see [`Committer::deliver`]).
+    /// A publish that fails is tried again, with backoff, up to `dispatch_attempts` times in
+    /// all: between batches, never while a transaction holds the input's lock. What no queue takes
+    /// after the last attempt is undeliverable: the stage records that, and the input is
+    /// dead-lettered.
+    async fn deliver(
+        &self,
+        input: &Inbound<S::Input>,
+        publish: Publish,
+        then: Vec<Write>,
+    ) -> Result<(), Failure> {
+        let mut pauses = self.settings.backoff(self.settings.dispatch_attempts).build();
+        loop {
+            let marker =
+                Marker { stage: S::NAME, message_id: input.message_id, outputs: Value::Array(Vec::new()) };
+            let err = match self.committer.deliver(marker, publish.clone(), then.clone()).await? {
+                Delivery::Done | Delivery::Already => return Ok(()),
+                Delivery::Busy => {
+                    return Err(Failure::Transient("a copy of this message is being delivered".into()));
+                }
+                // Sent and recorded as sent: deciding again would send it twice.
+                Delivery::Conflict(reason) => {
+                    info!(%reason, "delivered, but the state moved on: its writes were left out");
+                    return Ok(());
+                }
+                Delivery::Refused(err) => return Err(err.into()),
+                Delivery::Failed(err) => err,
+            };
+            if let Some(pause) = pauses.next() {
+                warn!(error = %err, ?pause, "delivery failed, retrying");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            return match err {
+                broker::Error::Unroutable { .. } => {
+                    let reason =
+                        format!("{err}; gave up after {} attempts", self.settings.dispatch_attempts.max(1));
+                    let (writes, publish) = self.stage.undeliverable(input, &reason, Utc::now());
+                    self.store.apply(S::NAME, None, &writes).await?;
+                    self.publish(&publish).await?;
+                    Err(Failure::Permanent(reason))
+                }
+                err => Err(err.into()),
+            };
+        }
     }
+}
+
+/// The message for `publish`: mandatory (as every publish), so that a missing queue is an error
+/// instead of a confirmed and dropped message.
+fn outgoing(names: &Names, publish: &Publish) -> Outgoing {
+    let queue = match &publish.destination {
+        Destination::Queue(queue) => names.of(*queue),
+        Destination::Agent(agent) => names.agent_queue(agent),
+    };
+    let mut outgoing = Outgoing::json(queue, publish.message_id, &publish.body);
+    outgoing.priority = Some(publish.priority);
+    outgoing
 }
 
 /// How the handling of a delivery ended.
