@@ -4,11 +4,15 @@
 //!
 //! [`Write`]: crate::model::effect::Write
 
+mod agents;
 mod apply;
+mod approvals;
 mod cached;
+mod dead_letters;
 mod line;
 mod quota;
 mod read;
+mod report;
 mod stats;
 
 use std::time::Duration;
@@ -24,9 +28,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use apply::{Applied, Delivery, Marker};
+pub use approvals::ApprovalOutcome;
 pub use line::{Cancelled, Stopped, WaitingTask};
 pub use quota::{QuotaReport, StoredReservation};
 pub use read::*;
+pub use report::*;
 pub use stats::RequestTiming;
 
 mod embedded {
