@@ -1,0 +1,194 @@
+//! The writes to agents' rows: an agent's heartbeat, and the ledger of what a transaction
+//! changes of their capacity and counts, applied last.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use deadpool_postgres::Transaction;
+
+use super::{Step, audit};
+use crate::model::effect::Write;
+use crate::store::Error;
+use crate::store::cached::Cached;
+
+/// An agent's heartbeat (`Write::Agent`): registers the agent or updates it.
+pub(super) async fn agent(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    let Write::Agent { heartbeat, received_at } = write else {
+        unreachable!("only a `Write::Agent` comes to agent")
+    };
+    let at = heartbeat.sent_at.map_or(*received_at, |sent| sent.min(*received_at));
+    let capabilities: Vec<&str> = heartbeat.capabilities.iter().map(String::as_str).collect();
+    let inserted: bool = tx
+        .query_one_cached(
+            "INSERT INTO agents (id, capabilities, capacity, labels, cpu, memory_mb, gpu, last_heartbeat)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET capabilities = EXCLUDED.capabilities,
+                 capacity = EXCLUDED.capacity, labels = EXCLUDED.labels, cpu = EXCLUDED.cpu,
+                 memory_mb = EXCLUDED.memory_mb, gpu = EXCLUDED.gpu,
+                 last_heartbeat = GREATEST(agents.last_heartbeat, EXCLUDED.last_heartbeat)
+             RETURNING (xmax = 0)",
+            &[
+                &heartbeat.agent_id.as_str(),
+                &capabilities,
+                &(heartbeat.capacity as i32),
+                &serde_json::to_value(&heartbeat.labels).expect("labels serialize"),
+                &heartbeat.resources.cpu,
+                &(heartbeat.resources.memory_mb as i64),
+                &(heartbeat.resources.gpu as i32),
+                &at,
+            ],
+        )
+        .await?
+        .get(0);
+    if inserted {
+        let detail = serde_json::to_value(heartbeat).expect("heartbeat serializes");
+        audit(tx, actor, "agent.registered", None, None, None, detail).await?;
+    }
+    Ok(Step::Ok)
+}
+
+/// What a transaction changes of agents' rows, applied last and in the order of the agents' ids.
+///
+/// Every routing decision reserves capacity on an agent and every result gives it back, so a few
+/// agent rows are the hottest rows there are. Updated as the writes come, each would stay locked
+/// for the rest of its transaction, and two transactions could each hold the agent the other
+/// waits for (PostgreSQL breaks such a deadlock only after `deadlock_timeout`, a second, failing
+/// one of them). Collected here and applied just before the commit, in one order for everyone,
+/// they are locked briefly and never in a cycle.
+#[derive(Default)]
+pub(super) struct AgentLedger {
+    changes: BTreeMap<String, AgentChange>,
+}
+
+#[derive(Default)]
+struct AgentChange {
+    in_flight: i32,
+    succeeded: i64,
+    failed: i64,
+}
+
+impl AgentLedger {
+    fn entry(&mut self, agent: &str) -> &mut AgentChange {
+        self.changes.entry(agent.to_owned()).or_default()
+    }
+
+    /// One more task on `agent`, if it has room: a conflict at [`AgentLedger::apply`] if not.
+    pub(super) fn reserve(&mut self, agent: &str) {
+        self.entry(agent).in_flight += 1;
+    }
+
+    /// One task fewer on `agent` (never below none).
+    pub(super) fn release(&mut self, agent: &str) {
+        self.entry(agent).in_flight -= 1;
+    }
+
+    pub(super) fn finished(&mut self, agent: &str, success: bool) {
+        let change = self.entry(agent);
+        if success {
+            change.succeeded += 1;
+        } else {
+            change.failed += 1;
+        }
+    }
+
+    /// Applies the ledgers of a batch's messages (by position in the batch), in their order, and
+    /// returns the messages whose reservation did not fit, with why; if there are any, nothing
+    /// was changed.
+    pub(super) async fn apply_all(
+        tx: &Transaction<'_>,
+        ledgers: &[(usize, AgentLedger)],
+    ) -> Result<BTreeMap<usize, String>, Error> {
+        Self::apply_checked(tx, ledgers, true).await
+    }
+
+    /// Applies ledgers without checking capacity: for writes that only give it back and count
+    /// outcomes, which must not be turned down.
+    pub(super) async fn apply_unchecked(
+        tx: &Transaction<'_>,
+        ledgers: &[(usize, AgentLedger)],
+    ) -> Result<(), Error> {
+        Self::apply_checked(tx, ledgers, false).await.map(drop)
+    }
+
+    async fn apply_checked(
+        tx: &Transaction<'_>,
+        ledgers: &[(usize, AgentLedger)],
+        check_capacity: bool,
+    ) -> Result<BTreeMap<usize, String>, Error> {
+        let ids: BTreeSet<&str> =
+            ledgers.iter().flat_map(|(_, ledger)| ledger.changes.keys().map(String::as_str)).collect();
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let ids: Vec<&str> = ids.into_iter().collect();
+        let rows = tx
+            .query_cached(
+                "SELECT id, in_flight, capacity FROM agents WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                &[&ids],
+            )
+            .await?;
+        // Each agent's row as it will be: (in flight, capacity, succeeded, failed).
+        let mut agents: BTreeMap<&str, (i32, i32, i64, i64)> = rows
+            .iter()
+            .filter_map(|row| {
+                let id: &str = row.get(0);
+                let id = ids.iter().find(|known| **known == id)?;
+                Some((*id, (row.get(1), row.get(2), 0, 0)))
+            })
+            .collect();
+        let mut rejected = BTreeMap::new();
+        for (index, ledger) in ledgers {
+            let fits = !check_capacity
+                || ledger.changes.iter().all(|(agent, change)| match agents.get(agent.as_str()) {
+                    Some((in_flight, capacity, ..)) => {
+                        change.in_flight <= 0 || in_flight + change.in_flight <= *capacity
+                    }
+                    None => change.in_flight <= 0,
+                });
+            if !fits {
+                let agent = ledger.changes.iter().find(|(_, c)| c.in_flight > 0).map_or("", |(a, _)| a);
+                rejected.insert(*index, format!("agent {agent} has no spare capacity left"));
+                continue;
+            }
+            for (agent, change) in &ledger.changes {
+                if let Some((in_flight, _, succeeded, failed)) = agents.get_mut(agent.as_str()) {
+                    *in_flight = (*in_flight + change.in_flight).max(0);
+                    *succeeded += change.succeeded;
+                    *failed += change.failed;
+                }
+            }
+        }
+        if !rejected.is_empty() {
+            return Ok(rejected);
+        }
+        let ids: Vec<&str> = agents.keys().copied().collect();
+        let in_flight: Vec<i32> = agents.values().map(|a| a.0).collect();
+        let succeeded: Vec<i64> = agents.values().map(|a| a.2).collect();
+        let failed: Vec<i64> = agents.values().map(|a| a.3).collect();
+        tx.execute_cached(
+            "UPDATE agents a SET in_flight = d.in_flight, succeeded = a.succeeded + d.succeeded,
+                 failed = a.failed + d.failed
+             FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[]) AS d (id, in_flight, succeeded, failed)
+             WHERE a.id = d.id",
+            &[&ids, &in_flight, &succeeded, &failed],
+        )
+        .await?;
+        Ok(rejected)
+    }
+
+    pub(super) async fn apply(self, tx: &Transaction<'_>) -> Result<Step, Error> {
+        for (agent, change) in &self.changes {
+            let updated = tx
+                .execute_cached(
+                    "UPDATE agents SET in_flight = GREATEST(in_flight + $2, 0),
+                         succeeded = succeeded + $3, failed = failed + $4
+                     WHERE id = $1 AND ($2 <= 0 OR in_flight + $2 <= capacity)",
+                    &[agent, &change.in_flight, &change.succeeded, &change.failed],
+                )
+                .await?;
+            if updated == 0 && change.in_flight > 0 {
+                return Ok(Step::Conflict(format!("agent {agent} has no spare capacity left")));
+            }
+        }
+        Ok(Step::Ok)
+    }
+}

@@ -1,0 +1,509 @@
+//! Applying a message's writes: one transaction holding the idempotency marker, the writes and
+//! their audit rows. Each kind of write has a function of its own, in the file of the rows it
+//! writes (`requests`, `plans`, `tasks`, `agents`; a quota's use in `store::quota`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use deadpool_postgres::Transaction;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::cached::Cached;
+use super::{Error, Store};
+use crate::model::effect::Write;
+use crate::model::ids::{MessageId, PlanId, RequestId, TaskId};
+use agents::AgentLedger;
+
+mod agents;
+mod plans;
+mod requests;
+mod tasks;
+
+pub(super) use tasks::cancel_pending;
+
+/// How applying went.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    Done,
+    /// The message was processed before; these are the outputs it published then.
+    Duplicate(Value),
+    /// A guarded write lost a race (the agent filled up, the quota ran out): nothing was written;
+    /// decide again on fresh data.
+    Conflict(String),
+}
+
+/// The idempotency marker of the input message.
+#[derive(Debug, Clone)]
+pub struct Marker<'a> {
+    pub stage: &'a str,
+    pub message_id: MessageId,
+    pub outputs: Value,
+}
+
+enum Step {
+    Ok,
+    Conflict(String),
+}
+
+/// How [`Store::deliver_once`] went.
+#[derive(Debug)]
+pub enum Delivery<E> {
+    /// Delivered, then the marker and the writes committed.
+    Done,
+    /// The input was delivered and recorded before: nothing was sent again.
+    Already,
+    /// A copy of the input is being delivered right now: nothing was sent.
+    Busy,
+    /// Delivered and recorded as delivered, but a guarded write lost a race (the state moved on
+    /// meanwhile): its writes were left out. The input is done; a copy sends nothing again.
+    Conflict(String),
+    /// The database refused its writes for good: they were left out. If it was delivered (its
+    /// writes reserve nothing), it is recorded as delivered, and a copy sends nothing again.
+    Refused(Error),
+    /// The delivery failed: nothing was written.
+    Failed(E),
+}
+
+impl Store {
+    /// The outputs recorded when `stage` processed `message_id`, if it did.
+    pub async fn processed(&self, stage: &str, message_id: MessageId) -> Result<Option<Value>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt_cached(
+                "SELECT outputs FROM processed_messages WHERE stage = $1 AND message_id = $2",
+                &[&stage, &message_id.as_uuid()],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Applies `writes` in one transaction, with `marker` if given and an audit row per change.
+    pub async fn apply(
+        &self,
+        actor: &str,
+        marker: Option<Marker<'_>>,
+        writes: &[Write],
+    ) -> Result<Applied, Error> {
+        self.apply_alone(actor, marker.as_ref(), writes).await
+    }
+
+    async fn apply_alone(
+        &self,
+        actor: &str,
+        marker: Option<&Marker<'_>>,
+        writes: &[Write],
+    ) -> Result<Applied, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let applied = match apply_in(&tx, actor, marker, writes).await? {
+            (Applied::Done, agents) => match agents.apply(&tx).await? {
+                Step::Ok => Applied::Done,
+                Step::Conflict(reason) => Applied::Conflict(reason),
+            },
+            (applied, _) => applied,
+        };
+        match applied {
+            Applied::Done => tx.commit().await?,
+            // A duplicate wrote nothing; a conflict must leave nothing written.
+            Applied::Duplicate(_) | Applied::Conflict(_) => tx.rollback().await?,
+        }
+        Ok(applied)
+    }
+
+    /// Applies the writes of many messages in one transaction and one commit, each message's
+    /// writes all or nothing (a savepoint each): what one message's conflict or error undoes is
+    /// its own writes, not the others'.
+    ///
+    /// A commit waits for the write-ahead log to reach the disk, and one transaction per message
+    /// spends most of its time in that wait. The agent rows are the hottest rows there are
+    /// (every routing decision reserves capacity on one, every result gives it back), so the
+    /// batch changes them last, all at once: locked in the order of their ids (two batches never
+    /// wait for each other in a cycle), only for the end of the transaction. A message whose
+    /// reservation no longer fits then is a conflict, and the batch is done again without it.
+    ///
+    /// The outer error is the batch's (the connection or the commit failed: nothing was
+    /// written); the inner ones are single messages', whose writes were undone.
+    pub async fn apply_batch(
+        &self,
+        actor: &str,
+        batch: &[(Option<&Marker<'_>>, &[Write])],
+    ) -> Result<Vec<Result<Applied, Error>>, Error> {
+        if let [(marker, writes)] = batch {
+            return match self.apply_alone(actor, *marker, writes).await {
+                Err(err) if err.is_transient() => Err(err),
+                outcome => Ok(vec![outcome]),
+            };
+        }
+        // Messages found not to fit on their agent, with why; each round leaves out more.
+        let order = lock_order(batch.iter().map(|(_, writes)| *writes));
+        let mut client = self.client().await?;
+        let mut full = overbooked(&client, batch, &order).await?;
+        loop {
+            let mut tx = client.transaction().await?;
+            let mut outcomes: Vec<Option<Result<Applied, Error>>> = batch.iter().map(|_| None).collect();
+            let mut ledgers = Vec::with_capacity(batch.len());
+            for &index in &order {
+                let (marker, writes) = &batch[index];
+                if let Some(reason) = full.get(&index) {
+                    outcomes[index] = Some(Ok(Applied::Conflict(reason.clone())));
+                    continue;
+                }
+                let (outcome, agents) = apply_saved(&mut tx, actor, *marker, writes).await?;
+                ledgers.extend(agents.map(|agents| (index, agents)));
+                outcomes[index] = Some(outcome);
+            }
+            let rejected = AgentLedger::apply_all(&tx, &ledgers).await?;
+            if rejected.is_empty() {
+                tx.commit().await?;
+                return Ok(outcomes.into_iter().map(|o| o.expect("every message has an outcome")).collect());
+            }
+            tx.rollback().await?;
+            full.extend(rejected);
+        }
+    }
+
+    /// Delivers the outputs of many inputs with `deliver` (by position in `batch`, all at once),
+    /// then records each delivered input's `writes` with its marker, in one transaction that
+    /// holds a lock on every input of the batch throughout: a copy of one of them (a
+    /// republished duplicate, a redelivery) handled at the same time, in this process or in
+    /// another, finds the lock taken and sends nothing, instead of delivering a second time.
+    /// One transaction and one commit for the batch, as in [`Store::apply_batch`].
+    ///
+    /// What is delivered cannot be taken back, so nothing after a delivery can undo its marker:
+    /// an input whose writes would reserve capacity (which the end of a batch may find taken) is
+    /// refused before anything is sent, and an input whose writes conflict or are refused is
+    /// still recorded as delivered. Only the database failing before the commit leaves a
+    /// delivered input unrecorded; its copy is then delivered again, with the same message id.
+    pub async fn deliver_batch<E, F: Future<Output = Result<(), E>>>(
+        &self,
+        actor: &str,
+        batch: &[(Marker<'_>, &[Write])],
+        deliver: impl Fn(usize) -> F,
+    ) -> Result<Vec<Delivery<E>>, Error> {
+        let Some((first, _)) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let stage = first.stage;
+        let mut client = self.client().await?;
+        let mut tx = client.transaction().await?;
+        let keys: Vec<i64> = batch
+            .iter()
+            .map(|(marker, _)| {
+                let (key, _) =
+                    Uuid::new_v5(&marker.message_id.as_uuid(), marker.stage.as_bytes()).as_u64_pair();
+                key as i64
+            })
+            .collect();
+        let locked: Vec<bool> = tx
+            .query_cached(
+                "SELECT pg_try_advisory_xact_lock(key) FROM unnest($1::bigint[]) WITH ORDINALITY AS k (key, n)
+                 ORDER BY n",
+                &[&keys],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let ids: Vec<Uuid> = batch.iter().map(|(marker, _)| marker.message_id.as_uuid()).collect();
+        let done: BTreeSet<Uuid> = tx
+            .query_cached(
+                "SELECT message_id FROM processed_messages WHERE stage = $1 AND message_id = ANY($2)",
+                &[&stage, &ids],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut outcomes: Vec<Option<Delivery<E>>> = Vec::with_capacity(batch.len());
+        let mut seen = BTreeSet::new();
+        for (index, key) in keys.iter().enumerate() {
+            outcomes.push(if !locked[index] || !seen.insert(*key) {
+                // Another transaction holds it, or it is a second copy within this batch (whose
+                // lock this session already holds, so taking it again succeeded).
+                Some(Delivery::Busy)
+            } else if done.contains(&ids[index]) {
+                Some(Delivery::Already)
+            } else if batch[index].1.iter().any(reserves_capacity) {
+                Some(Delivery::Refused(Error::Refused(
+                    "a delivery cannot reserve capacity: its reservation could be refused after it was sent"
+                        .into(),
+                )))
+            } else {
+                None
+            });
+        }
+        let sending: Vec<usize> = lock_order(batch.iter().map(|(_, writes)| *writes))
+            .into_iter()
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        let sent = futures::future::join_all(sending.iter().map(|&i| deliver(i))).await;
+        let mut ledgers = Vec::new();
+        for (&index, result) in sending.iter().zip(sent) {
+            if let Err(err) = result {
+                outcomes[index] = Some(Delivery::Failed(err));
+                continue;
+            }
+            let (marker, writes) = &batch[index];
+            let (outcome, agents) = apply_saved(&mut tx, actor, Some(marker), writes).await?;
+            ledgers.extend(agents.map(|agents| (index, agents)));
+            let delivery = match outcome {
+                Ok(Applied::Done) => Delivery::Done,
+                Ok(Applied::Duplicate(_)) => Delivery::Already,
+                // This message's writes only: the others of the batch, delivered too, stand.
+                Ok(Applied::Conflict(reason)) => Delivery::Conflict(reason),
+                Err(err) => Delivery::Refused(err),
+            };
+            if matches!(delivery, Delivery::Conflict(_) | Delivery::Refused(_)) {
+                apply_in(&tx, actor, Some(marker), &[]).await?;
+            }
+            outcomes[index] = Some(delivery);
+        }
+        // Releases and counts only (reservations were refused above): nothing here can be
+        // turned down, so no delivered input goes unrecorded for want of capacity.
+        AgentLedger::apply_unchecked(&tx, &ledgers).await?;
+        tx.commit().await?;
+        Ok(outcomes.into_iter().map(|outcome| outcome.expect("every input has an outcome")).collect())
+    }
+}
+
+/// The order in which to apply the writes of a batch's messages (positions in the batch): by
+/// the first task that each message's writes update. Results and dispatches of the same tasks
+/// are recorded at the same moments (an agent may report before the dispatch that sent it the
+/// task committed), and two batches that update the same task rows in opposite orders would
+/// wait for each other until the server broke the deadlock, a second later, failing one.
+fn lock_order<'a>(batch: impl Iterator<Item = &'a [Write]>) -> Vec<usize> {
+    let mut keyed: Vec<(Option<Uuid>, usize)> = batch
+        .enumerate()
+        .map(|(index, writes)| (writes.iter().filter_map(task_updated).min(), index))
+        .collect();
+    keyed.sort();
+    keyed.into_iter().map(|(_, index)| index).collect()
+}
+
+/// The task whose row `write` updates, if it updates one.
+fn task_updated(write: &Write) -> Option<Uuid> {
+    let task = match write {
+        Write::Route { route, .. } => route.task_id,
+        Write::TaskFinished { result, .. } => result.task_id,
+        Write::Dispatched { task_id, .. }
+        | Write::DispatchFailed { task_id, .. }
+        | Write::TaskRetry { task_id, .. }
+        | Write::TaskFailed { task_id, .. } => *task_id,
+        _ => return None,
+    };
+    Some(task.as_uuid())
+}
+
+/// Whether `write` takes a slot of an agent (which the end of a batch may find taken).
+fn reserves_capacity(write: &Write) -> bool {
+    matches!(write, Write::Route { route, .. } if route.reserves_capacity)
+}
+
+/// The messages of a batch that would book an agent beyond its capacity, as the agents stand
+/// now, with why. The messages of a batch were decided on the same view of the agents, and
+/// several may have chosen the last slot of the same one: found out before anything is written,
+/// such a message is a conflict at once, instead of making the whole batch be done again when
+/// the agents' rows are locked at its end (which still catches what changed meanwhile).
+async fn overbooked(
+    client: &deadpool_postgres::Object,
+    batch: &[(Option<&Marker<'_>>, &[Write])],
+    order: &[usize],
+) -> Result<BTreeMap<usize, String>, Error> {
+    let reserving = |writes: &'_ [Write]| -> Vec<String> {
+        writes
+            .iter()
+            .filter_map(|write| match write {
+                Write::Route { route, .. } if route.reserves_capacity => Some(route.agent_id.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    let wanted: Vec<Vec<String>> = batch.iter().map(|(_, writes)| reserving(writes)).collect();
+    let ids: Vec<&str> =
+        wanted.iter().flatten().map(String::as_str).collect::<BTreeSet<_>>().into_iter().collect();
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut room: BTreeMap<String, i32> = client
+        .query_cached("SELECT id, capacity - in_flight FROM agents WHERE id = ANY($1)", &[&ids])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut full = BTreeMap::new();
+    for &index in order {
+        let mut needs: BTreeMap<&str, i32> = BTreeMap::new();
+        for agent in &wanted[index] {
+            *needs.entry(agent).or_default() += 1;
+        }
+        // An agent not registered is for the end of the batch to judge, as for a single message.
+        match needs.iter().find(|(agent, n)| room.get(**agent).is_some_and(|left| left < *n)) {
+            Some((agent, _)) => {
+                full.insert(index, format!("agent {agent} has no spare capacity left"));
+            }
+            None => {
+                for (agent, n) in needs {
+                    if let Some(left) = room.get_mut(agent) {
+                        *left -= n;
+                    }
+                }
+            }
+        }
+    }
+    Ok(full)
+}
+
+/// One message of a batch, under a savepoint of its own: kept if applied (with what it changes
+/// of agents' rows, for the batch to apply last), undone if it is a duplicate, a conflict or
+/// refused (its own error, inside). The outer error is the transaction's: the connection or the
+/// server failed all of it, and the whole batch must be done again.
+async fn apply_saved(
+    tx: &mut Transaction<'_>,
+    actor: &str,
+    marker: Option<&Marker<'_>>,
+    writes: &[Write],
+) -> Result<(Result<Applied, Error>, Option<AgentLedger>), Error> {
+    let savepoint = tx.transaction().await?;
+    match apply_in(&savepoint, actor, marker, writes).await {
+        Ok((Applied::Done, agents)) => {
+            savepoint.commit().await?;
+            Ok((Ok(Applied::Done), Some(agents)))
+        }
+        Ok((other, _)) => {
+            savepoint.rollback().await?;
+            Ok((Ok(other), None))
+        }
+        Err(err) if err.is_transient() => Err(err),
+        Err(err) => {
+            savepoint.rollback().await?;
+            Ok((Err(err), None))
+        }
+    }
+}
+
+/// One message's writes within `tx`: its marker first (a duplicate writes nothing more), then
+/// each write with its audit row. What they change of agents' rows is returned, for the caller
+/// to apply last. On a conflict, the caller must undo what was written.
+async fn apply_in(
+    tx: &Transaction<'_>,
+    actor: &str,
+    marker: Option<&Marker<'_>>,
+    writes: &[Write],
+) -> Result<(Applied, AgentLedger), Error> {
+    if let Some(marker) = marker {
+        // First, so that a concurrent copy of the same message waits here for this one.
+        let inserted = tx
+            .execute_cached(
+                "INSERT INTO processed_messages (stage, message_id, outputs) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&marker.stage, &marker.message_id.as_uuid(), &marker.outputs],
+            )
+            .await?;
+        if inserted == 0 {
+            let row = tx
+                .query_one_cached(
+                    "SELECT outputs FROM processed_messages WHERE stage = $1 AND message_id = $2",
+                    &[&marker.stage, &marker.message_id.as_uuid()],
+                )
+                .await?;
+            return Ok((Applied::Duplicate(row.get(0)), AgentLedger::default()));
+        }
+    }
+    let mut agents = AgentLedger::default();
+    for write in writes {
+        if let Step::Conflict(reason) = apply_one(tx, actor, write, &mut agents).await? {
+            return Ok((Applied::Conflict(reason), agents));
+        }
+    }
+    Ok((Applied::Done, agents))
+}
+
+pub(super) async fn audit(
+    tx: &Transaction<'_>,
+    actor: &str,
+    event: &str,
+    request: Option<RequestId>,
+    plan: Option<PlanId>,
+    task: Option<TaskId>,
+    detail: Value,
+) -> Result<(), Error> {
+    tx.execute_cached(
+        "INSERT INTO audit_log (actor, event, request_id, plan_id, task_id, detail)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&actor, &event, &request.map(Uuid::from), &plan.map(Uuid::from), &task.map(Uuid::from), &detail],
+    )
+    .await?;
+    Ok(())
+}
+
+/// One write within `tx`, with its audit row. Each kind of write has a function of its own, in
+/// the file of the rows it writes; it is given the whole write and takes it apart itself, so
+/// that this match stays one line a kind.
+async fn apply_one(
+    tx: &Transaction<'_>,
+    actor: &str,
+    write: &Write,
+    agents: &mut AgentLedger,
+) -> Result<Step, Error> {
+    match write {
+        Write::Request(_) => requests::request(tx, actor, write).await,
+        Write::Decomposition { .. } => requests::decomposition(tx, actor, write).await,
+        Write::RequestFailed { .. } => requests::request_failed(tx, actor, write).await,
+        Write::Cancel { request_id, by, reason } => {
+            requests::cancel(tx, actor, *request_id, by, reason, agents).await
+        }
+        Write::Plan { .. } => plans::plan(tx, actor, write).await,
+        Write::Fallback { .. } => plans::fallback(tx, actor, write).await,
+        Write::AwaitingApproval { .. } => plans::awaiting_approval(tx, actor, write).await,
+        Write::Approval { .. } => plans::approval(tx, actor, write).await,
+        Write::PlanFinished { .. } => plans::plan_finished(tx, actor, write).await,
+        Write::Route { .. } => tasks::route(tx, actor, write, agents).await,
+        Write::TaskWaiting { .. } => tasks::task_waiting(tx, actor, write).await,
+        Write::WaitExpired { .. } => tasks::wait_expired(tx, actor, write).await,
+        Write::Dispatched { .. } => tasks::dispatched(tx, actor, write).await,
+        Write::DispatchFailed { .. } => tasks::dispatch_failed(tx, actor, write, agents).await,
+        Write::TaskFinished { .. } => tasks::task_finished(tx, actor, write, agents).await,
+        Write::TaskRetry { .. } => tasks::task_retry(tx, actor, write).await,
+        Write::TaskFailed { .. } => tasks::task_failed(tx, actor, write).await,
+        Write::QuotaUsed { request_id, plan_id, task_id, attempt, provider, usage, cost_micros, used_at } => {
+            super::quota::record_use(
+                tx,
+                actor,
+                *request_id,
+                *plan_id,
+                *task_id,
+                *attempt,
+                provider,
+                usage,
+                *cost_micros,
+                *used_at,
+            )
+            .await?;
+            Ok(Step::Ok)
+        }
+        Write::Agent { .. } => agents::agent(tx, actor, write).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry(task_id: TaskId) -> Write {
+        let plan_id = RequestId::random().plan_id();
+        Write::TaskRetry { request_id: RequestId::random(), plan_id, task_id, attempt: 1, reason: "x".into() }
+    }
+
+    #[test]
+    fn a_batch_is_applied_in_the_order_of_the_tasks_it_updates() {
+        let plan = RequestId::random().plan_id();
+        let mut tasks: Vec<TaskId> = ["a", "b", "c"].iter().map(|k| plan.task_id(k)).collect();
+        tasks.sort_by_key(|t| t.as_uuid());
+        let [low, mid, high] = [tasks[0], tasks[1], tasks[2]];
+        let no_task = Write::RequestFailed { request_id: RequestId::random(), reason: "x".into() };
+        let batch: Vec<Vec<Write>> =
+            vec![vec![retry(high)], vec![retry(high), retry(low)], vec![no_task], vec![retry(mid)]];
+        // Messages that update no task first; a message goes by the lowest task it updates.
+        assert_eq!(lock_order(batch.iter().map(Vec::as_slice)), [2, 1, 3, 0]);
+    }
+}

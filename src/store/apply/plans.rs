@@ -1,0 +1,267 @@
+//! The writes that move a plan on: its creation with its tasks, its fallback decision, its
+//! approval, and its end.
+
+use deadpool_postgres::Transaction;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::requests::set_request_status;
+use super::tasks::cancel_pending;
+use super::{Step, audit};
+use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
+use crate::model::effect::Write;
+use crate::model::ids::PlanId;
+use crate::store::Error;
+use crate::store::cached::Cached;
+use crate::store::quota;
+
+/// A new plan and its tasks (`Write::Plan`), unless its request was cancelled meanwhile.
+pub(super) async fn plan(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    let Write::Plan { plan, complexity, infeasible, duration_basis } = write else {
+        unreachable!("only a `Write::Plan` comes to plan")
+    };
+    // Shared with a cancellation, which locks the request for update: a plan is never
+    // made for a request cancelled meanwhile.
+    let request = tx
+        .query_opt_cached(
+            "SELECT status FROM requests WHERE id = $1 FOR SHARE",
+            &[&plan.request_id.as_uuid()],
+        )
+        .await?;
+    if request.is_some_and(|row| row.get::<_, &str>(0) == RequestStatus::Cancelled.as_str()) {
+        return Ok(Step::Conflict(format!("request {} is cancelled", plan.request_id)));
+    }
+    let terms = serde_json::to_value(&complexity.terms).expect("terms serialize");
+    let inserted = tx
+        .execute_cached(
+            "INSERT INTO plans (id, request_id, status, complexity, complexity_terms, infeasible)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            &[
+                &plan.id.as_uuid(),
+                &plan.request_id.as_uuid(),
+                &PlanStatus::Planned.as_str(),
+                &complexity.score,
+                &terms,
+                &serde_json::to_value(infeasible).expect("infeasible tasks serialize"),
+            ],
+        )
+        .await?;
+    if inserted == 1 {
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO tasks (id, plan_id, position, key, work_type, description,
+                     estimated_duration_secs, cpu, memory_mb, gpu, capabilities, depends_on,
+                     affinity, status, duration_basis)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            )
+            .await?;
+        for (position, task) in plan.tasks().iter().enumerate() {
+            let capabilities: Vec<&str> = task.capabilities.iter().map(String::as_str).collect();
+            let depends_on: Vec<Uuid> = task.depends_on.iter().map(|d| d.as_uuid()).collect();
+            tx.execute(
+                &insert,
+                &[
+                    &task.id.as_uuid(),
+                    &plan.id.as_uuid(),
+                    &(position as i32),
+                    &task.key,
+                    &task.work_type.as_str(),
+                    &task.description,
+                    &(task.estimated_duration_secs as i32),
+                    &task.resources.cpu,
+                    &(task.resources.memory_mb as i64),
+                    &(task.resources.gpu as i32),
+                    &capabilities,
+                    &depends_on,
+                    &serde_json::to_value(&task.affinity).expect("affinity serializes"),
+                    &TaskStatus::Pending.as_str(),
+                    &duration_basis.get(&task.id).map_or("catalog", String::as_str),
+                ],
+            )
+            .await?;
+        }
+        set_request_status(tx, plan.request_id, RequestStatus::Planned, &[RequestStatus::Decomposed]).await?;
+        let keys: Vec<&str> = plan.tasks().iter().map(|t| t.key.as_str()).collect();
+        let detail = json!({ "tasks": keys, "complexity": complexity.score, "terms": terms,
+                             "infeasible": infeasible, "learnt_durations": duration_basis });
+        audit(tx, actor, "plan.created", Some(plan.request_id), Some(plan.id), None, detail).await?;
+    }
+    Ok(Step::Ok)
+}
+
+/// A plan's external-AI decision (`Write::Fallback`), with its quota reservation if it has one.
+pub(super) async fn fallback(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    let Write::Fallback { request_id, decision, reserve } = write else {
+        unreachable!("only a `Write::Fallback` comes to fallback")
+    };
+    if plan_cancelled(tx, decision.plan_id).await? {
+        return Ok(Step::Conflict(format!("plan {} is cancelled", decision.plan_id)));
+    }
+    let inserted = tx
+        .execute_cached(
+            "INSERT INTO fallback_decisions (plan_id, use_external, provider, reason,
+                 complexity, estimated_cost_micros, quota_left_micros, external_tasks, infeasible,
+                 complexity_terms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                     (SELECT complexity_terms FROM plans WHERE id = $1))
+             ON CONFLICT DO NOTHING",
+            &[
+                &decision.plan_id.as_uuid(),
+                &decision.use_external,
+                &decision.provider,
+                &decision.reason,
+                &decision.complexity,
+                &decision.estimated_cost_micros,
+                &decision.quota_left_micros,
+                &decision.external_tasks.iter().map(|t| t.as_uuid()).collect::<Vec<_>>(),
+                &decision.infeasible,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        // Another message of the same plan decided first: decide again on its decision.
+        return Ok(Step::Conflict(format!("plan {} already has a fallback decision", decision.plan_id)));
+    }
+    if let Some(reservation) = reserve {
+        let left = match quota::reserve(tx, decision.plan_id, reservation).await? {
+            Ok(left) => left,
+            Err(conflict) => return Ok(Step::Conflict(conflict)),
+        };
+        // The figure that counts is the one after this reservation, under the row lock.
+        tx.execute_cached(
+            "UPDATE fallback_decisions SET quota_left_micros = $2 WHERE plan_id = $1",
+            &[&decision.plan_id.as_uuid(), &left],
+        )
+        .await?;
+    }
+    let detail = serde_json::to_value(decision).expect("decision serializes");
+    audit(tx, actor, "fallback.decided", Some(*request_id), Some(decision.plan_id), None, detail).await?;
+    Ok(Step::Ok)
+}
+
+/// A plan that waits for a verdict (`Write::AwaitingApproval`).
+pub(super) async fn awaiting_approval(
+    tx: &Transaction<'_>,
+    actor: &str,
+    write: &Write,
+) -> Result<Step, Error> {
+    let Write::AwaitingApproval { request_id, plan_id, reason } = write else {
+        unreachable!("only a `Write::AwaitingApproval` comes to awaiting_approval")
+    };
+    let updated = tx
+        .execute_cached(
+            "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
+            &[&plan_id.as_uuid(), &PlanStatus::AwaitingApproval.as_str(), &PlanStatus::Planned.as_str()],
+        )
+        .await?;
+    if updated == 1 {
+        set_request_status(tx, *request_id, RequestStatus::AwaitingApproval, &[RequestStatus::Planned])
+            .await?;
+        let detail = json!({ "reason": reason });
+        audit(tx, actor, "plan.awaiting_approval", Some(*request_id), Some(*plan_id), None, detail).await?;
+    }
+    Ok(Step::Ok)
+}
+
+/// A verdict on a plan (`Write::Approval`); a rejection gives the plan's quota back.
+pub(super) async fn approval(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    let Write::Approval { request_id, plan_id, approved, by, reason } = write else {
+        unreachable!("only a `Write::Approval` comes to approval")
+    };
+    if plan_cancelled(tx, *plan_id).await? {
+        return Ok(Step::Conflict(format!("plan {plan_id} is cancelled")));
+    }
+    let inserted = tx
+        .execute_cached(
+            "INSERT INTO approvals (plan_id, approved, decided_by, reason) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[&plan_id.as_uuid(), approved, by, reason],
+        )
+        .await?;
+    if inserted == 0 {
+        // A verdict is final. The same one again is a replay; the opposite one lost a race
+        // (approve and reject at once) and must not be reported as done.
+        let recorded: bool = tx
+            .query_one_cached("SELECT approved FROM approvals WHERE plan_id = $1", &[&plan_id.as_uuid()])
+            .await?
+            .get(0);
+        if recorded != *approved {
+            let verdict = if recorded { "approved" } else { "rejected" };
+            return Ok(Step::Conflict(format!("plan {plan_id} is already {verdict}")));
+        }
+        return Ok(Step::Ok);
+    }
+    let (plan_status, request_status, event) = if *approved {
+        (PlanStatus::Approved, RequestStatus::InProgress, "plan.approved")
+    } else {
+        (PlanStatus::Rejected, RequestStatus::Rejected, "plan.rejected")
+    };
+    let before_approval: Vec<&str> =
+        [PlanStatus::Planned, PlanStatus::AwaitingApproval].iter().map(|s| s.as_str()).collect();
+    tx.execute_cached(
+        "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = ANY($3)",
+        &[&plan_id.as_uuid(), &plan_status.as_str(), &before_approval],
+    )
+    .await?;
+    // Only a request still waiting moves on: an approval never revives a failed request.
+    let waiting: Vec<&str> =
+        [RequestStatus::Planned, RequestStatus::AwaitingApproval].iter().map(|s| s.as_str()).collect();
+    tx.execute_cached(
+        "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
+         WHERE id = $1 AND status = ANY($4)",
+        &[&request_id.as_uuid(), &request_status.as_str(), &(!approved).then_some(reason.as_str()), &waiting],
+    )
+    .await?;
+    let detail = json!({ "by": by, "reason": reason });
+    audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
+    if !approved {
+        cancel_pending(tx, *plan_id, &format!("cancelled: the plan was rejected ({reason})")).await?;
+        // A rejected plan will not use the external model: give its quota back.
+        quota::settle(tx, actor, *request_id, *plan_id, "quota.released").await?;
+    }
+    Ok(Step::Ok)
+}
+
+/// A plan and its request that finished (`Write::PlanFinished`); settles the plan's quota.
+pub(super) async fn plan_finished(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    let Write::PlanFinished { request_id, plan_id, failure } = write else {
+        unreachable!("only a `Write::PlanFinished` comes to plan_finished")
+    };
+    let (plan_status, request_status, event) = match failure {
+        None => (PlanStatus::Completed, RequestStatus::Completed, "request.completed"),
+        Some(_) => (PlanStatus::Failed, RequestStatus::Failed, "request.failed"),
+    };
+    let updated = tx
+        .execute_cached(
+            "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
+            &[&plan_id.as_uuid(), &plan_status.as_str(), &PlanStatus::Approved.as_str()],
+        )
+        .await?;
+    if updated == 1 {
+        if let Some(reason) = failure {
+            // Nothing else of a failed plan will run.
+            cancel_pending(tx, *plan_id, &format!("cancelled: the plan failed ({reason})")).await?;
+        }
+        tx.execute_cached(
+            "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
+             WHERE id = $1 AND status = $4",
+            &[&request_id.as_uuid(), &request_status.as_str(), failure, &RequestStatus::InProgress.as_str()],
+        )
+        .await?;
+        let detail = json!({ "reason": failure });
+        audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
+    }
+    // Whatever the plan's reservation still holds goes back; once, even if the plan
+    // was finished before.
+    quota::settle(tx, actor, *request_id, *plan_id, "quota.settled").await?;
+    Ok(Step::Ok)
+}
+
+/// Whether `status` is the plan's (locked until the end of the transaction): writes that move a
+/// plan on must not touch one that was cancelled meanwhile.
+async fn plan_cancelled(tx: &Transaction<'_>, plan_id: PlanId) -> Result<bool, Error> {
+    let row = tx
+        .query_opt_cached("SELECT status FROM plans WHERE id = $1 FOR UPDATE", &[&plan_id.as_uuid()])
+        .await?;
+    Ok(row.is_some_and(|row| row.get::<_, &str>(0) == PlanStatus::Cancelled.as_str()))
+}

@@ -1,0 +1,201 @@
+//! The writes that a request's own rows take: its arrival, its decomposition, its failure and
+//! its cancellation.
+
+use deadpool_postgres::Transaction;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::agents::AgentLedger;
+use super::tasks::{NOT_STARTED, ON_AN_AGENT};
+use super::{Step, audit};
+use crate::model::domain::{PlanStatus, RequestStatus};
+use crate::model::effect::Write;
+use crate::model::ids::{PlanId, RequestId};
+use crate::store::Error;
+use crate::store::cached::Cached;
+use crate::store::quota;
+use crate::store::read::parse_status;
+
+/// A new request (`Write::Request`); nothing if one with its id exists.
+pub(super) async fn request(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    let Write::Request(meta) = write else { unreachable!("only a `Write::Request` comes to request") };
+    let inserted = tx
+        .execute_cached(
+            "INSERT INTO requests (id, text, submitted_by, priority, auto_approve, status)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            &[
+                &meta.request_id.as_uuid(),
+                &meta.text,
+                &meta.submitted_by,
+                &i16::from(meta.priority),
+                &meta.auto_approve,
+                &RequestStatus::Received.as_str(),
+            ],
+        )
+        .await?;
+    if inserted == 1 {
+        let detail = json!({ "submitted_by": meta.submitted_by, "priority": meta.priority,
+                             "auto_approve": meta.auto_approve });
+        audit(tx, actor, "request.received", Some(meta.request_id), None, None, detail).await?;
+    }
+    Ok(Step::Ok)
+}
+
+/// A request's decomposition (`Write::Decomposition`), which moves it on to decomposed.
+pub(super) async fn decomposition(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    let Write::Decomposition { request_id, decomposition } = write else {
+        unreachable!("only a `Write::Decomposition` comes to decomposition")
+    };
+    let inserted = tx
+        .execute_cached(
+            "INSERT INTO decompositions (request_id, decomposer, intents, confidence, fallback_reason)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[
+                &request_id.as_uuid(),
+                &decomposition.decomposer,
+                &serde_json::to_value(&decomposition.intents).expect("intents serialize"),
+                &decomposition.confidence.clamp(0.0, 1.0),
+                &decomposition.fallback_reason,
+            ],
+        )
+        .await?;
+    if inserted == 1 {
+        set_request_status(tx, *request_id, RequestStatus::Decomposed, &[RequestStatus::Received]).await?;
+        let work_types: Vec<&str> = decomposition.intents.iter().map(|i| i.work_type.as_str()).collect();
+        let detail = json!({ "decomposer": decomposition.decomposer, "work_types": work_types,
+                             "confidence": decomposition.confidence,
+                             "fallback_reason": decomposition.fallback_reason });
+        audit(tx, actor, "request.decomposed", Some(*request_id), None, None, detail).await?;
+    }
+    Ok(Step::Ok)
+}
+
+/// A permanent failure of a request under way (`Write::RequestFailed`).
+pub(super) async fn request_failed(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
+    let Write::RequestFailed { request_id, reason } = write else {
+        unreachable!("only a `Write::RequestFailed` comes to request_failed")
+    };
+    // Only a request under way fails: one that ended (completed, rejected, cancelled,
+    // failed already) keeps how it ended.
+    let under_way: Vec<&str> = RequestStatus::UNDER_WAY.map(|s| s.as_str()).to_vec();
+    let updated = tx
+        .execute_cached(
+            "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
+             WHERE id = $1 AND status = ANY($4)",
+            &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), reason, &under_way],
+        )
+        .await?;
+    if updated == 1 {
+        let detail = json!({ "reason": reason });
+        audit(tx, actor, "request.failed", Some(*request_id), None, None, detail).await?;
+    }
+    Ok(Step::Ok)
+}
+
+/// A request cancelled by `by`: see [`Write::Cancel`].
+pub(super) async fn cancel(
+    tx: &Transaction<'_>,
+    actor: &str,
+    request_id: RequestId,
+    by: &str,
+    reason: &str,
+    agents: &mut AgentLedger,
+) -> Result<Step, Error> {
+    // The plan first, then the request, as a plan that finishes takes them: two such
+    // transactions never wait for each other in a cycle. Locked for update, the request makes a
+    // plan being made for it (which shares the lock) wait, and find it cancelled.
+    tx.query_cached("SELECT 1 FROM plans WHERE request_id = $1 FOR UPDATE", &[&request_id.as_uuid()]).await?;
+    let Some(row) = tx
+        .query_opt_cached("SELECT status FROM requests WHERE id = $1 FOR UPDATE", &[&request_id.as_uuid()])
+        .await?
+    else {
+        return Ok(Step::Conflict(format!("no request {request_id}")));
+    };
+    let status: RequestStatus = parse_status(row.get(0))?;
+    if status == RequestStatus::Cancelled {
+        return Ok(Step::Ok);
+    }
+    if status.is_terminal() {
+        return Ok(Step::Conflict(format!("request {request_id} is {status}")));
+    }
+    let why = format!("cancelled by {by}: {reason}");
+    tx.execute_cached(
+        "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now() WHERE id = $1",
+        &[&request_id.as_uuid(), &RequestStatus::Cancelled.as_str(), &why],
+    )
+    .await?;
+    tx.execute_cached(
+        "INSERT INTO cancellations (request_id, cancelled_by, reason) VALUES ($1, $2, $3)",
+        &[&request_id.as_uuid(), &by, &reason],
+    )
+    .await?;
+    let under_way: Vec<&str> = [PlanStatus::Planned, PlanStatus::AwaitingApproval, PlanStatus::Approved]
+        .map(|s| s.as_str())
+        .to_vec();
+    // The version too: a result decided on the plan as it was is decided again, and ignored.
+    let plan = tx
+        .query_opt_cached(
+            "UPDATE plans SET status = $2, version = version + 1, updated_at = now()
+             WHERE request_id = $1 AND status = ANY($3) RETURNING id",
+            &[&request_id.as_uuid(), &PlanStatus::Cancelled.as_str(), &under_way],
+        )
+        .await?;
+    let mut stopped = Vec::new();
+    if let Some(row) = plan {
+        let plan_id = PlanId::from_uuid(row.get(0));
+        let unfinished: Vec<&str> = NOT_STARTED.iter().chain(&ON_AN_AGENT).copied().collect();
+        let rows = tx
+            .query_cached(
+                "WITH hit AS (SELECT id, status FROM tasks WHERE plan_id = $1 AND status = ANY($2) FOR UPDATE)
+                 UPDATE tasks t SET status = 'cancelled', status_reason = $3, waiting_since = NULL,
+                     wait_turn = NULL, lease_expires_at = NULL, updated_at = now()
+                 FROM hit WHERE t.id = hit.id
+                 RETURNING t.id, t.attempt, hit.status, t.agent_id",
+                &[&plan_id.as_uuid(), &unfinished, &why],
+            )
+            .await?;
+        for row in &rows {
+            let was: &str = row.get(2);
+            if !ON_AN_AGENT.contains(&was) {
+                continue;
+            }
+            let (task_id, attempt): (Uuid, i32) = (row.get(0), row.get(1));
+            // What the attempt's routing decision reserved goes back now: its result, if it
+            // comes, is late and ignored.
+            let reserved = tx
+                .query_opt_cached(
+                    "SELECT agent_id FROM routing_decisions
+                     WHERE task_id = $1 AND attempt = $2 AND reserved_capacity",
+                    &[&task_id, &attempt],
+                )
+                .await?;
+            if let Some(reserved) = reserved {
+                agents.release(reserved.get(0));
+            }
+            let agent: Option<String> = row.get(3);
+            stopped.push(json!({ "task_id": task_id, "attempt": attempt, "agent_id": agent, "was": was }));
+        }
+        quota::settle(tx, actor, request_id, plan_id, "quota.settled").await?;
+        let detail = json!({ "by": by, "reason": reason, "tasks_cancelled": rows.len(), "stopped": stopped });
+        audit(tx, actor, "request.cancelled", Some(request_id), Some(plan_id), None, detail).await?;
+    } else {
+        let detail = json!({ "by": by, "reason": reason, "tasks_cancelled": 0, "stopped": stopped });
+        audit(tx, actor, "request.cancelled", Some(request_id), None, None, detail).await?;
+    }
+    Ok(Step::Ok)
+}
+
+pub(super) async fn set_request_status(
+    tx: &Transaction<'_>,
+    id: RequestId,
+    status: RequestStatus,
+    from: &[RequestStatus],
+) -> Result<(), Error> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    tx.execute_cached(
+        "UPDATE requests SET status = $2, updated_at = now() WHERE id = $1 AND status = ANY($3)",
+        &[&id.as_uuid(), &status.as_str(), &from],
+    )
+    .await?;
+    Ok(())
+}
