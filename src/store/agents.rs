@@ -4,13 +4,13 @@
 use chrono::Utc;
 
 use super::{Error, Store};
-use crate::model::effect::Write;
+use crate::model::effect::{Write, write};
 use crate::model::wire::Heartbeat;
 
 impl Store {
     /// Registers (or updates) an agent, as its heartbeat would.
     pub async fn register_agent(&self, actor: &str, heartbeat: Heartbeat) -> Result<(), Error> {
-        let write = Write::Agent { heartbeat, received_at: Utc::now() };
+        let write = Write::Agent(write::Agent { heartbeat, received_at: Utc::now() });
         self.apply(actor, None, std::slice::from_ref(&write)).await.map(|_| ())
     }
 }

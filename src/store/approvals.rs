@@ -5,7 +5,7 @@ use super::cached::Cached;
 use super::read::parse_status;
 use super::{Applied, Error, Store};
 use crate::model::domain::{PlanStatus, RequestStatus};
-use crate::model::effect::Write;
+use crate::model::effect::{Write, write};
 use crate::model::ids::{PlanId, RequestId};
 
 /// What `approve` or `reject` did.
@@ -62,8 +62,13 @@ impl Store {
             None => {}
         }
         drop(client);
-        let write =
-            Write::Approval { request_id, plan_id, approved, by: by.to_owned(), reason: reason.to_owned() };
+        let write = Write::Approval(write::Approval {
+            request_id,
+            plan_id,
+            approved,
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+        });
         match self.apply(by, None, std::slice::from_ref(&write)).await? {
             Applied::Done => Ok(ApprovalOutcome { request_id, priority, already: false }),
             // The opposite verdict was recorded between the check above and this write.

@@ -9,7 +9,7 @@ use super::cached::Cached;
 use super::read::{TASK_COLUMNS, agent_from_row, task_from_row};
 use super::{Applied, Cancellation, Error, Store};
 use crate::model::domain::{Agent, RequestStatus, Task};
-use crate::model::effect::Write;
+use crate::model::effect::{Write, write};
 use crate::model::ids::{AgentId, PlanId, RequestId, TaskId};
 
 /// A task waiting in line for an agent.
@@ -159,7 +159,8 @@ impl Store {
                     "request {request_id} is {status} already: there is nothing left to cancel"
                 )));
             }
-            let write = Write::Cancel { request_id, by: by.to_owned(), reason: reason.to_owned() };
+            let write =
+                Write::Cancel(write::Cancel { request_id, by: by.to_owned(), reason: reason.to_owned() });
             match self.apply(by, None, std::slice::from_ref(&write)).await? {
                 Applied::Done => {}
                 // It ended between the look above and the write.

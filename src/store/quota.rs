@@ -17,9 +17,9 @@ use super::apply::audit;
 use super::cached::Cached;
 use super::{Error, Store};
 use crate::decisions::providers::{QuotaSnapshot, Window};
-use crate::model::effect::Reservation;
-use crate::model::ids::{PlanId, RequestId, TaskId};
-use crate::model::wire::TokenUsage;
+use crate::model::effect::write;
+use crate::model::effect::{Attempt, Reservation};
+use crate::model::ids::{PlanId, RequestId};
 
 /// Every kind of window, for queries that look at the current window of each provider.
 const WINDOWS: [Window; 2] = [Window::Daily, Window::Monthly];
@@ -157,18 +157,16 @@ pub(super) async fn reserve(
 
 /// Records an attempt's real use (see `Write::QuotaUsed`); nothing if it was recorded before.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn record_use(
-    tx: &Transaction<'_>,
-    actor: &str,
-    request_id: RequestId,
-    plan_id: PlanId,
-    task_id: TaskId,
-    attempt: u32,
-    provider: &str,
-    usage: &TokenUsage,
-    cost_micros: i64,
-    used_at: DateTime<Utc>,
-) -> Result<(), Error> {
+pub(super) async fn record_use(tx: &Transaction<'_>, actor: &str, w: &write::QuotaUsed) -> Result<(), Error> {
+    let write::QuotaUsed {
+        attempt: Attempt { request_id, plan_id, task_id, number: attempt },
+        provider,
+        usage,
+        cost_micros,
+        used_at,
+    } = w;
+    let (request_id, plan_id, task_id, attempt, cost_micros, used_at) =
+        (*request_id, *plan_id, *task_id, *attempt, *cost_micros, *used_at);
     let cost = cost_micros.max(0);
     let (input, output) = (tokens(usage.input_tokens), tokens(usage.output_tokens));
     // Locked: the plan's other uses and its settlement wait for this one.

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use switchyard::decisions::routing::Route;
-use switchyard::model::effect::Write;
+use switchyard::model::effect::{Attempt, Write, write};
 use switchyard::model::ids::{AgentId, MessageId, RequestId};
 use switchyard::store::{Applied, Delivery, Marker};
 
@@ -24,7 +24,7 @@ async fn a_message_whose_reservation_no_longer_fits_is_undone_alone_in_its_batch
     assert!(plan.tasks.len() >= 3, "{:?}", plan.tasks);
     let route = |position: usize| {
         let task_id = plan.tasks[position].id;
-        vec![Write::Route {
+        vec![Write::Route(write::Route {
             request_id: id,
             plan_id: plan.plan_id,
             attempt: 1,
@@ -38,7 +38,7 @@ async fn a_message_whose_reservation_no_longer_fits_is_undone_alone_in_its_batch
                 candidates: vec![],
                 reserves_capacity: true,
             },
-        }]
+        })]
     };
     let ids = [MessageId::random(), MessageId::random(), MessageId::random()];
     let markers = ids.map(|id| marker("route", id));
@@ -102,17 +102,14 @@ async fn a_delivered_message_whose_writes_are_refused_fails_alone_and_is_never_s
     // The dispatch of a task that was never planned: the database refuses to record it.
     let request_id = RequestId::random();
     let task_id = request_id.plan_id().task_id("1.prepare");
-    let stray = [Write::Dispatched {
-        request_id,
-        plan_id: request_id.plan_id(),
-        task_id,
-        attempt: 1,
+    let stray = [Write::Dispatched(write::Dispatched {
+        attempt: Attempt { request_id, plan_id: request_id.plan_id(), task_id, number: 1 },
         decision_id: task_id.decision_id(1),
         agent_id: AgentId::parse("homelab-1").unwrap(),
         queue: app.agent_queue("homelab-1"),
         message_id: MessageId::random(),
         lease_secs: 60,
-    }];
+    })];
     let (good, bad) = (MessageId::random(), MessageId::random());
     let batch = [(marker("dispatch", good), &[][..]), (marker("dispatch", bad), &stray[..])];
 
@@ -140,7 +137,11 @@ async fn a_delivered_message_whose_writes_lost_a_race_is_recorded_and_never_sent
         std::future::ready(Ok::<(), String>(()))
     };
     // A guarded write that loses: the request it cancels is not there.
-    let stale = [Write::Cancel { request_id: RequestId::random(), by: "ops".into(), reason: "late".into() }];
+    let stale = [Write::Cancel(write::Cancel {
+        request_id: RequestId::random(),
+        by: "ops".into(),
+        reason: "late".into(),
+    })];
     let id = MessageId::random();
     let batch = [(marker("dispatch", id), &stale[..])];
 
@@ -168,7 +169,7 @@ async fn a_delivery_that_would_reserve_capacity_is_refused_before_it_is_sent() {
     };
     let request_id = RequestId::random();
     let task_id = request_id.plan_id().task_id("1.prepare");
-    let reserving = [Write::Route {
+    let reserving = [Write::Route(write::Route {
         request_id,
         plan_id: request_id.plan_id(),
         attempt: 1,
@@ -182,7 +183,7 @@ async fn a_delivery_that_would_reserve_capacity_is_refused_before_it_is_sent() {
             candidates: vec![],
             reserves_capacity: true,
         },
-    }];
+    })];
     let id = MessageId::random();
 
     let outcomes = app

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use switchyard::agent::{AgentBuilder, Simulate};
 use switchyard::model::domain::Resources;
-use switchyard::model::effect::Write;
+use switchyard::model::effect::{Write, write};
 use switchyard::model::ids::{AgentId, MessageId, RequestId};
 use switchyard::store::Applied;
 
@@ -22,7 +22,7 @@ async fn ended(app: &TestApp, id: RequestId, status: &str) {
 /// Fails `id` late, both ways a request fails, and checks that it stayed `status`.
 async fn fail_late_and_check(app: &TestApp, id: RequestId, status: &str) {
     let before = app.store.report(id).await.unwrap().unwrap();
-    let late = Write::RequestFailed { request_id: id, reason: "a late failure".into() };
+    let late = Write::RequestFailed(write::RequestFailed { request_id: id, reason: "a late failure".into() });
     assert_eq!(app.store.apply("tests", None, &[late]).await.unwrap(), Applied::Done);
     app.store
         .record_dead_letter("track", "q", MessageId::random(), Some(id), "a late poison message", "{}", true)
@@ -60,16 +60,17 @@ async fn a_late_failure_leaves_a_rejected_or_cancelled_request_as_it_ended() {
     let rejected = app.submit(MONITOR, false).await;
     let cancelled = app.submit(MONITOR, false).await;
     let report = app.wait_for(rejected, |r| r.status.as_str() == "awaiting_approval").await;
-    let reject = Write::Approval {
+    let reject = Write::Approval(write::Approval {
         request_id: rejected,
         plan_id: report.plan.unwrap().plan_id,
         approved: false,
         by: "ops".into(),
         reason: "not today".into(),
-    };
+    });
     assert_eq!(app.store.apply("tests", None, &[reject]).await.unwrap(), Applied::Done);
     app.wait_for(cancelled, |r| r.status.as_str() == "awaiting_approval").await;
-    let cancel = Write::Cancel { request_id: cancelled, by: "ops".into(), reason: "wrong host".into() };
+    let cancel =
+        Write::Cancel(write::Cancel { request_id: cancelled, by: "ops".into(), reason: "wrong host".into() });
     assert_eq!(app.store.apply("tests", None, &[cancel]).await.unwrap(), Applied::Done);
     ended(&app, rejected, "rejected").await;
     ended(&app, cancelled, "cancelled").await;

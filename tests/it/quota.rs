@@ -6,7 +6,7 @@ use serde_json::Value;
 use switchyard::decisions::fallback::FallbackDecision;
 use switchyard::decisions::providers::Window;
 use switchyard::model::domain::Plan;
-use switchyard::model::effect::{Reservation, Write};
+use switchyard::model::effect::{Attempt, Reservation, Write, write};
 use switchyard::model::ids::RequestId;
 use switchyard::model::wire::{RequestMeta, TokenUsage};
 use switchyard::store::{Applied, QuotaReport};
@@ -33,13 +33,13 @@ async fn new_plan(app: &TestApp) -> (RequestId, Plan) {
     };
     let writes = [
         Write::Request(meta),
-        Write::Decomposition { request_id, decomposition },
-        Write::Plan {
+        Write::Decomposition(write::Decomposition { request_id, decomposition }),
+        Write::Plan(write::Plan {
             plan: plan.clone(),
             complexity: switchyard::understanding::complexity::Complexity { score: 0.8, terms: Vec::new() },
             infeasible: Vec::new(),
             duration_basis: Default::default(),
-        },
+        }),
     ];
     assert_eq!(app.store.apply("tests", None, &writes).await.unwrap(), Applied::Done);
     (request_id, plan)
@@ -48,7 +48,7 @@ async fn new_plan(app: &TestApp) -> (RequestId, Plan) {
 /// The fallback stage's write sending `plan` to `provider`, reserving `amount` in the window
 /// that `at` falls in.
 fn fallback(request_id: RequestId, plan: &Plan, provider: &str, amount: i64, at: DateTime<Utc>) -> Write {
-    Write::Fallback {
+    Write::Fallback(write::Fallback {
         request_id,
         decision: FallbackDecision {
             plan_id: plan.id,
@@ -62,19 +62,19 @@ fn fallback(request_id: RequestId, plan: &Plan, provider: &str, amount: i64, at:
             quota_left_micros: None,
         },
         reserve: Some(Reservation { provider: provider.into(), amount_micros: amount, window_start: at }),
-    }
+    })
 }
 
 /// A plan sent to [`PROVIDER`] with `amount` reserved in the window of `at`, and approved.
 async fn reserved_plan(app: &TestApp, amount: i64, at: DateTime<Utc>) -> (RequestId, Plan) {
     let (request_id, plan) = new_plan(app).await;
-    let approval = Write::Approval {
+    let approval = Write::Approval(write::Approval {
         request_id,
         plan_id: plan.id,
         approved: true,
         by: "tests".into(),
         reason: "go".into(),
-    };
+    });
     let applied = app
         .store
         .apply("fallback", None, &[fallback(request_id, &plan, PROVIDER, amount, at), approval])
@@ -95,16 +95,13 @@ fn used_at(
     cost_micros: i64,
     at: DateTime<Utc>,
 ) -> Write {
-    Write::QuotaUsed {
-        request_id,
-        plan_id: plan.id,
-        task_id: plan.tasks()[task].id,
-        attempt,
+    Write::QuotaUsed(write::QuotaUsed {
+        attempt: Attempt { request_id, plan_id: plan.id, task_id: plan.tasks()[task].id, number: attempt },
         provider: PROVIDER.into(),
         usage: TokenUsage { input_tokens: 1_200, output_tokens: 350 },
         cost_micros,
         used_at: at,
-    }
+    })
 }
 
 async fn report_of(app: &TestApp, provider: &str, now: DateTime<Utc>) -> QuotaReport {
@@ -281,7 +278,7 @@ async fn the_end_of_a_plan_gives_back_what_it_reserved_and_did_not_spend() {
     let (request_id, plan) = reserved_plan(&app, 30_000, now).await;
     app.store.apply("track", None, &[used(request_id, &plan, 0, 1, 7_000)]).await.unwrap();
 
-    let finished = Write::PlanFinished { request_id, plan_id: plan.id, failure: None };
+    let finished = Write::PlanFinished(write::PlanFinished { request_id, plan_id: plan.id, failure: None });
     assert_eq!(app.store.apply("track", None, std::slice::from_ref(&finished)).await.unwrap(), Applied::Done);
     assert_eq!(figures(&app, now).await, (0, 7_000, limit - 7_000));
     let reservation = app.store.reservation(plan.id).await.unwrap().unwrap();
@@ -316,8 +313,11 @@ async fn the_end_of_a_plan_gives_back_what_it_reserved_and_did_not_spend() {
     // A failed plan settles the same way: nothing was used, all of it goes back.
     let (failed_id, failed) = reserved_plan(&app, 10_000, now).await;
     assert_eq!(figures(&app, now).await, (10_000, 8_000, limit - 18_000));
-    let failure =
-        Write::PlanFinished { request_id: failed_id, plan_id: failed.id, failure: Some("boom".into()) };
+    let failure = Write::PlanFinished(write::PlanFinished {
+        request_id: failed_id,
+        plan_id: failed.id,
+        failure: Some("boom".into()),
+    });
     app.store.apply("track", None, &[failure]).await.unwrap();
     assert_eq!(figures(&app, now).await, (0, 8_000, limit - 8_000));
     assert_eq!(app.store.reservation(failed.id).await.unwrap().unwrap().released_micros, Some(10_000));

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
 use crate::model::domain::Decomposition;
-use crate::model::effect::Write;
+use crate::model::effect::{Write, write};
 use crate::model::wire::{self, Decomposed, Envelope, RequestMeta};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
@@ -106,10 +106,10 @@ impl Stage for Decompose {
             Ok(decomposition) => {
                 let writes = vec![
                     Write::Request(request.clone()),
-                    Write::Decomposition {
+                    Write::Decomposition(write::Decomposition {
                         request_id: request.request_id,
                         decomposition: decomposition.clone(),
-                    },
+                    }),
                 ];
                 let envelope = Envelope::derived(
                     input.message_id,
@@ -127,7 +127,10 @@ impl Stage for Decompose {
                 Outcome::Reject {
                     writes: vec![
                         Write::Request(request.clone()),
-                        Write::RequestFailed { request_id: request.request_id, reason: reason.clone() },
+                        Write::RequestFailed(write::RequestFailed {
+                            request_id: request.request_id,
+                            reason: reason.clone(),
+                        }),
                     ],
                     reason,
                 }
@@ -168,7 +171,9 @@ mod tests {
     /// The decomposition the stage writes and publishes (they agree).
     fn forwarded(outcome: Outcome) -> Decomposition {
         let Outcome::Forward { writes, publish } = outcome else { panic!("expected forward: {outcome:?}") };
-        let Write::Decomposition { decomposition, .. } = &writes[1] else { panic!("{writes:?}") };
+        let Write::Decomposition(write::Decomposition { decomposition, .. }) = &writes[1] else {
+            panic!("{writes:?}")
+        };
         let published: Decomposition =
             serde_json::from_value(publish[0].body["payload"]["decomposition"].clone()).unwrap();
         assert_eq!(&published, decomposition);
@@ -185,7 +190,9 @@ mod tests {
             panic!("expected forward");
         };
         assert!(matches!(&writes[0], Write::Request(r) if r.request_id == input.payload.request_id));
-        let Write::Decomposition { decomposition, .. } = &writes[1] else { panic!("{writes:?}") };
+        let Write::Decomposition(write::Decomposition { decomposition, .. }) = &writes[1] else {
+            panic!("{writes:?}")
+        };
         let types: Vec<&str> = decomposition.intents.iter().map(|i| i.work_type.as_str()).collect();
         assert_eq!(types, ["deployment", "monitoring"]);
         assert_eq!(publish.len(), 1);
@@ -204,7 +211,9 @@ mod tests {
             panic!("expected reject");
         };
         assert!(reason.starts_with("decomposition failed: "), "{reason}");
-        assert!(matches!(&writes[1], Write::RequestFailed { reason: r, .. } if *r == reason));
+        assert!(
+            matches!(&writes[1], Write::RequestFailed(write::RequestFailed { reason: r, .. }) if *r == reason)
+        );
     }
 
     #[test]
@@ -259,6 +268,8 @@ mod tests {
             ),
             "{reason}"
         );
-        assert!(matches!(&writes[1], Write::RequestFailed { reason: r, .. } if *r == reason));
+        assert!(
+            matches!(&writes[1], Write::RequestFailed(write::RequestFailed { reason: r, .. }) if *r == reason)
+        );
     }
 }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::decisions::leases::LeasePolicy;
 use crate::model::domain::TaskStatus;
-use crate::model::effect::Write;
+use crate::model::effect::{Attempt, Write, write};
 use crate::model::wire::{DispatchTask, Envelope, TaskAssignment};
 use crate::pipeline::topology::Names;
 use crate::store::{self, RoutedAttempt, Store};
@@ -91,17 +91,19 @@ impl Stage for Dispatch {
             },
         );
         let publish = Publish::envelope(Destination::Agent(task.agent_id.clone()), input.priority, &envelope);
-        let then = vec![Write::Dispatched {
-            request_id: request_id(input),
-            plan_id: task.plan_id,
-            task_id: task.task.id,
-            attempt: task.attempt,
+        let then = vec![Write::Dispatched(write::Dispatched {
+            attempt: Attempt {
+                request_id: request_id(input),
+                plan_id: task.plan_id,
+                task_id: task.task.id,
+                number: task.attempt,
+            },
             decision_id: task.decision_id,
             agent_id: task.agent_id.clone(),
             queue: self.names.agent_queue(&task.agent_id),
             message_id: envelope.message_id,
             lease_secs: self.leases.lease_secs(&task.task),
-        }];
+        })];
         Outcome::Deliver { publish, then }
     }
 
@@ -113,24 +115,26 @@ impl Stage for Dispatch {
     ) -> (Vec<Write>, Vec<Publish>) {
         let task = &input.payload;
         let writes = vec![
-            Write::DispatchFailed {
-                request_id: request_id(input),
-                plan_id: task.plan_id,
-                task_id: task.task.id,
-                attempt: task.attempt,
+            Write::DispatchFailed(write::DispatchFailed {
+                attempt: Attempt {
+                    request_id: request_id(input),
+                    plan_id: task.plan_id,
+                    task_id: task.task.id,
+                    number: task.attempt,
+                },
                 decision_id: task.decision_id,
                 agent_id: task.agent_id.clone(),
                 reason: reason.to_owned(),
-            },
+            }),
             // Nothing takes the agent's messages: the plan cannot go on as planned.
-            Write::PlanFinished {
+            Write::PlanFinished(write::PlanFinished {
                 request_id: request_id(input),
                 plan_id: task.plan_id,
                 failure: Some(format!(
                     "task {} could not be dispatched to {}: {reason}",
                     task.task.key, task.agent_id
                 )),
-            },
+            }),
         ];
         // The slot the decision reserved is free again.
         (writes, vec![super::wake(input.message_id, "dispatch failed", now)])
@@ -201,9 +205,11 @@ mod tests {
         assert_eq!(publish.destination, Destination::Agent(AgentId::parse("homelab-1").unwrap()));
         assert_eq!(publish.message_id, input.message_id.derive("assignment"));
         assert_eq!(publish.body["payload"]["task"]["key"], "1.prepare");
-        let Write::Dispatched { queue, message_id, attempt, .. } = &then[0] else { panic!("{then:?}") };
+        let Write::Dispatched(write::Dispatched { queue, message_id, attempt, .. }) = &then[0] else {
+            panic!("{then:?}")
+        };
         assert_eq!(queue, "ns.agent.homelab-1");
-        assert_eq!((*message_id, *attempt), (publish.message_id, 1));
+        assert_eq!((*message_id, attempt.number), (publish.message_id, 1));
     }
 
     #[test]
@@ -257,10 +263,10 @@ mod tests {
             "the slot is offered again"
         );
         assert!(
-            matches!(&writes[0], Write::DispatchFailed { reason, attempt: 1, .. } if reason == "unroutable")
+            matches!(&writes[0], Write::DispatchFailed(write::DispatchFailed { reason, attempt: Attempt { number: 1, .. }, .. }) if reason == "unroutable")
         );
         assert!(
-            matches!(&writes[1], Write::PlanFinished { failure: Some(f), .. } if f.contains("unroutable"))
+            matches!(&writes[1], Write::PlanFinished(write::PlanFinished { failure: Some(f), .. }) if f.contains("unroutable"))
         );
     }
 }

@@ -10,7 +10,7 @@ use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::decisions::providers::QuotaSnapshot;
 use crate::decisions::{approval, fallback};
 use crate::model::domain::PlanStatus;
-use crate::model::effect::{Reservation, Write};
+use crate::model::effect::{Reservation, Write, write};
 use crate::model::wire::{Envelope, Planned, RouteTasks};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
@@ -92,11 +92,11 @@ impl Stage for Fallback {
                     }),
                     _ => None,
                 };
-                writes.push(Write::Fallback {
+                writes.push(Write::Fallback(write::Fallback {
                     request_id: request.request_id,
                     decision: decision.clone(),
                     reserve,
-                });
+                }));
                 decision
             }
         };
@@ -111,13 +111,13 @@ impl Stage for Fallback {
         match gate {
             Gate::AutoApproved { reason } => {
                 if !recorded_verdict {
-                    writes.push(Write::Approval {
+                    writes.push(Write::Approval(write::Approval {
                         request_id: request.request_id,
                         plan_id: plan.id,
                         approved: true,
                         by: POLICY_APPROVER.into(),
                         reason,
-                    });
+                    }));
                 }
                 let envelope = Envelope::derived(
                     input.message_id,
@@ -138,11 +138,11 @@ impl Stage for Fallback {
                 ));
             }
             Gate::AwaitingApproval { reason } => {
-                writes.push(Write::AwaitingApproval {
+                writes.push(Write::AwaitingApproval(write::AwaitingApproval {
                     request_id: request.request_id,
                     plan_id: plan.id,
                     reason,
-                });
+                }));
             }
         }
         Outcome::Forward { writes, publish }
@@ -224,10 +224,14 @@ mod tests {
         let Outcome::Forward { writes, publish } = stage.decide(&input, recorded_plan(), Utc::now()) else {
             panic!()
         };
-        let Write::Fallback { decision, reserve, .. } = &writes[0] else { panic!("{writes:?}") };
+        let Write::Fallback(write::Fallback { decision, reserve, .. }) = &writes[0] else {
+            panic!("{writes:?}")
+        };
         assert_eq!(decision.plan_id, input.payload.plan.id, "keyed by the plan");
         assert!(!decision.use_external && reserve.is_none());
-        assert!(matches!(&writes[1], Write::Approval { approved: true, by, .. } if by == POLICY_APPROVER));
+        assert!(
+            matches!(&writes[1], Write::Approval(write::Approval { approved: true, by, .. }) if by == POLICY_APPROVER)
+        );
         assert_eq!(publish.len(), 1);
         assert_eq!(publish[0].destination, Destination::Queue(StageQueue::Route));
         assert_eq!(publish[0].body["payload"]["plan_id"], input.payload.plan.id.to_string());
@@ -255,7 +259,7 @@ mod tests {
             panic!()
         };
         assert!(
-            matches!(&writes[1], Write::AwaitingApproval { plan_id, .. } if *plan_id == input.payload.plan.id)
+            matches!(&writes[1], Write::AwaitingApproval(write::AwaitingApproval { plan_id, .. }) if *plan_id == input.payload.plan.id)
         );
         assert!(publish.is_empty());
     }
@@ -272,7 +276,9 @@ mod tests {
         else {
             panic!()
         };
-        let Write::Fallback { decision, reserve, .. } = &writes[0] else { panic!("{writes:?}") };
+        let Write::Fallback(write::Fallback { decision, reserve, .. }) = &writes[0] else {
+            panic!("{writes:?}")
+        };
         assert!(decision.use_external);
         // Three code-generation tasks × 1,000 tokens × 10,000 micros per 1,000 tokens.
         assert_eq!(

@@ -6,7 +6,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use super::{AmqpMeta, Inbound, Outcome, Stage};
 use crate::model::domain::Agent;
-use crate::model::effect::Write;
+use crate::model::effect::{Write, write};
 use crate::model::wire::{self, Heartbeat};
 use crate::store::{self, Store};
 
@@ -68,7 +68,7 @@ impl Stage for HeartbeatStage {
     }
 
     fn decide(&self, input: &Inbound<Heartbeat>, context: HeartbeatContext, now: DateTime<Utc>) -> Outcome {
-        let write = Write::Agent { heartbeat: input.payload.clone(), received_at: now };
+        let write = Write::Agent(write::Agent { heartbeat: input.payload.clone(), received_at: now });
         let mut publish = Vec::new();
         if context.line && self.brings_room(&input.payload, context.known.as_ref(), now) {
             publish.push(super::wake(input.message_id, "agent", now));
@@ -124,7 +124,7 @@ mod tests {
 
     fn wakes(outcome: Outcome) -> bool {
         let Outcome::Forward { writes, publish } = outcome else { panic!("{outcome:?}") };
-        assert!(matches!(writes[..], [Write::Agent { .. }]));
+        assert!(matches!(writes[..], [Write::Agent(write::Agent { .. })]));
         !publish.is_empty()
     }
 

@@ -17,7 +17,7 @@ use super::placement::{self, External, Routed};
 use super::{AmqpMeta, Inbound, Outcome, Stage};
 use crate::decisions::routing::{self, Placement, Router, RoutingPolicy};
 use crate::model::domain::Agent;
-use crate::model::effect::Write;
+use crate::model::effect::{Attempt, Write, write};
 use crate::model::ids::PlanId;
 use crate::model::wire::{self, Wake};
 use crate::store::{self, Store, WaitingTask};
@@ -117,22 +117,24 @@ impl Stage for Place {
                 "routing.max_wait_secs",
                 routing::waiting_reason(&candidates)
             );
-            writes.push(Write::WaitExpired {
-                request_id: waiting.request_id,
-                plan_id: waiting.plan_id,
-                task_id: task.id,
-                attempt: waiting.attempt,
+            writes.push(Write::WaitExpired(write::WaitExpired {
+                attempt: Attempt {
+                    request_id: waiting.request_id,
+                    plan_id: waiting.plan_id,
+                    task_id: task.id,
+                    number: waiting.attempt,
+                },
                 decision_id: task.id.decision_id(waiting.attempt),
                 reason: reason.clone(),
                 candidates,
                 ready_at: waiting.waiting_since,
-            });
+            }));
             if ended.insert(waiting.plan_id) {
-                writes.push(Write::PlanFinished {
+                writes.push(Write::PlanFinished(write::PlanFinished {
                     request_id: waiting.request_id,
                     plan_id: waiting.plan_id,
                     failure: Some(format!("task {} {reason}", task.key)),
-                });
+                }));
             }
         }
 
@@ -277,7 +279,7 @@ mod tests {
         writes
             .iter()
             .filter_map(|w| match w {
-                Write::Route { route, .. } => Some(route.task_id),
+                Write::Route(write::Route { route, .. }) => Some(route.task_id),
                 _ => None,
             })
             .map(|id| id.to_string())
@@ -299,7 +301,7 @@ mod tests {
         let outcome = place(86_400).decide(&wake(), context, now);
         assert_eq!(routed_keys(&outcome), [ids[1].clone(), ids[2].clone()], "two slots, in line order");
         let Outcome::Forward { writes, publish } = outcome else { unreachable!() };
-        let Write::Route { attempt: 1, ready_at, route, .. } = &writes[0] else { panic!() };
+        let Write::Route(write::Route { attempt: 1, ready_at, route, .. }) = &writes[0] else { panic!() };
         assert_eq!(route.agent_id.as_str(), "a1");
         assert!(*ready_at < now, "ready since it began to wait");
         assert!(publish.iter().all(|p| p.destination == Destination::Queue(StageQueue::Dispatch)));
@@ -330,7 +332,14 @@ mod tests {
             panic!()
         };
         assert!(publish.is_empty(), "nothing dispatched");
-        let Write::WaitExpired { attempt: 1, decision_id, reason, candidates, .. } = &writes[0] else {
+        let Write::WaitExpired(write::WaitExpired {
+            attempt: Attempt { number: 1, .. },
+            decision_id,
+            reason,
+            candidates,
+            ..
+        }) = &writes[0]
+        else {
             panic!("{writes:?}")
         };
         assert_eq!(*decision_id, old.task.id.decision_id(1));
@@ -341,7 +350,7 @@ mod tests {
              capability gpu-transcode"
         );
         assert!(
-            matches!(&writes[1], Write::PlanFinished { failure: Some(f), .. } if f.starts_with("task old waited"))
+            matches!(&writes[1], Write::PlanFinished(write::PlanFinished { failure: Some(f), .. }) if f.starts_with("task old waited"))
         );
         assert_eq!(writes.len(), 2, "not routed besides: {writes:?}");
         // 0 is for ever.
@@ -366,7 +375,16 @@ mod tests {
         let Outcome::Forward { writes, .. } = place(60).decide(&wake(), context, Utc::now()) else {
             panic!()
         };
-        assert!(matches!(writes[..], [Write::WaitExpired { .. }, Write::PlanFinished { .. }]), "{writes:?}");
+        assert!(
+            matches!(
+                writes[..],
+                [
+                    Write::WaitExpired(write::WaitExpired { .. }),
+                    Write::PlanFinished(write::PlanFinished { .. })
+                ]
+            ),
+            "{writes:?}"
+        );
     }
 
     #[test]
@@ -383,7 +401,7 @@ mod tests {
             PlaceContext { agents: vec![agent("a1", 1, 1)], line: vec![first, retry], ..Default::default() };
         let Outcome::Forward { writes, .. } = stage.decide(&wake(), context, Utc::now()) else { panic!() };
         assert_eq!(writes.len(), 1, "{writes:?}");
-        let Write::Route { route, .. } = &writes[0] else { panic!() };
+        let Write::Route(write::Route { route, .. }) = &writes[0] else { panic!() };
         assert_eq!(route.agent_id.as_str(), "deployer");
         assert!(!route.reserves_capacity);
     }

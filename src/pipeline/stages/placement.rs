@@ -11,7 +11,7 @@ use crate::decisions::fallback::FallbackDecision;
 use crate::decisions::providers;
 use crate::decisions::routing::{Ask, Route, RoutingPolicy};
 use crate::model::domain::{Agent, Resources, Task};
-use crate::model::effect::Write;
+use crate::model::effect::{Write, write};
 use crate::model::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
 use crate::model::wire::{DispatchTask, Envelope, Wake};
 use crate::pipeline::topology::StageQueue;
@@ -121,7 +121,7 @@ impl Routed<'_> {
             },
         );
         let publish = Publish::envelope(Destination::Queue(StageQueue::Dispatch), priority, &envelope);
-        (Write::Route { request_id, plan_id, attempt, decision_id, route, ready_at }, publish)
+        (Write::Route(write::Route { request_id, plan_id, attempt, decision_id, route, ready_at }), publish)
     }
 }
 

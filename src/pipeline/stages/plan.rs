@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::model::domain::{Agent, RequestStatus};
-use crate::model::effect::Write;
+use crate::model::effect::{Write, write};
 use crate::model::wire::{Decomposed, Envelope, Planned};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
@@ -109,10 +109,10 @@ impl Stage for PlanStage {
                 // Never an empty plan passed on: the request fails, with the reason on it.
                 let reason = format!("planning failed: {err}");
                 return Outcome::Reject {
-                    writes: vec![Write::RequestFailed {
+                    writes: vec![Write::RequestFailed(write::RequestFailed {
                         request_id: request.request_id,
                         reason: reason.clone(),
-                    }],
+                    })],
                     reason,
                 };
             }
@@ -148,7 +148,7 @@ impl Stage for PlanStage {
             },
         );
         Outcome::Forward {
-            writes: vec![Write::Plan { plan, complexity, infeasible, duration_basis }],
+            writes: vec![Write::Plan(write::Plan { plan, complexity, infeasible, duration_basis })],
             publish: vec![Publish::envelope(
                 Destination::Queue(StageQueue::Planned),
                 input.priority,
@@ -235,7 +235,7 @@ mod tests {
         // deployment (0.4) + 5 tasks, 5 waves, 2 types, nothing unknown, full confidence.
         assert_eq!(planned.complexity.score, 0.254, "{}", planned.complexity.explain());
         assert!(planned.infeasible.is_empty());
-        let Write::Plan { complexity, duration_basis, .. } = &writes[0] else { panic!() };
+        let Write::Plan(write::Plan { complexity, duration_basis, .. }) = &writes[0] else { panic!() };
         assert_eq!(complexity, &planned.complexity);
         assert!(duration_basis.is_empty(), "no history: the catalog's estimates");
     }
@@ -285,7 +285,7 @@ mod tests {
             panic!("expected a refusal")
         };
         assert!(
-            matches!(&writes[..], [Write::RequestFailed { request_id, .. }] if *request_id == id),
+            matches!(&writes[..], [Write::RequestFailed(write::RequestFailed { request_id, .. })] if *request_id == id),
             "{writes:?}"
         );
         assert!(reason.starts_with("planning failed:"), "{reason}");
@@ -305,7 +305,7 @@ mod tests {
         assert_eq!(deploy.estimated_duration_secs, 96);
         let prepare = planned.plan.tasks().iter().find(|t| t.key == "1.prepare").unwrap();
         assert_eq!(prepare.estimated_duration_secs, 120, "the catalog's estimate");
-        let Write::Plan { duration_basis, .. } = &writes[0] else { panic!() };
+        let Write::Plan(write::Plan { duration_basis, .. }) = &writes[0] else { panic!() };
         assert_eq!(duration_basis[&deploy.id], "90th percentile of 7 finished tasks");
     }
 }

@@ -12,7 +12,7 @@ use super::{Inbound, Outcome, Stage};
 use crate::decisions::fallback::FallbackDecision;
 use crate::decisions::routing::{self, Placement, Router, RoutingPolicy};
 use crate::model::domain::{Agent, PlanStatus, Task, TaskStatus};
-use crate::model::effect::Write;
+use crate::model::effect::{Attempt, Write, write};
 use crate::model::ids::{AgentId, TaskId};
 use crate::model::wire::RouteTasks;
 use crate::store::{self, Store, StoredPlan, TaskState};
@@ -95,14 +95,18 @@ impl Stage for Route {
                     tried.join(", ")
                 );
                 let writes = vec![
-                    Write::TaskFailed {
+                    Write::TaskFailed(write::TaskFailed {
                         request_id: plan.request_id,
                         plan_id,
                         task_id: task.id,
                         reason: reason.clone(),
                         cancelled: plan.dependents_of(task.id),
-                    },
-                    Write::PlanFinished { request_id: plan.request_id, plan_id, failure: Some(reason) },
+                    }),
+                    Write::PlanFinished(write::PlanFinished {
+                        request_id: plan.request_id,
+                        plan_id,
+                        failure: Some(reason),
+                    }),
                 ];
                 return Outcome::Forward { writes, publish: Vec::new() };
             }
@@ -144,19 +148,21 @@ impl Stage for Route {
                     writes.push(write);
                     publish.push(message);
                 }
-                Placement::Waits(candidates) => writes.push(Write::TaskWaiting {
-                    request_id: plan.request_id,
-                    plan_id,
-                    task_id: task.id,
-                    attempt,
+                Placement::Waits(candidates) => writes.push(Write::TaskWaiting(write::TaskWaiting {
+                    attempt: Attempt {
+                        request_id: plan.request_id,
+                        plan_id,
+                        task_id: task.id,
+                        number: attempt,
+                    },
                     priority: input.payload.priority,
                     since: now,
                     reason: routing::waiting_reason(&candidates),
                     candidates,
-                }),
+                })),
             }
         }
-        if writes.iter().any(|w| matches!(w, Write::TaskWaiting { .. })) {
+        if writes.iter().any(|w| matches!(w, Write::TaskWaiting(write::TaskWaiting { .. }))) {
             // Room may have opened since the agents were read: the placement pass looks again
             // once these are in line.
             publish.push(placement::wake(input.message_id, "queued", now));
@@ -224,7 +230,9 @@ mod tests {
             panic!()
         };
         assert_eq!(writes.len(), 1, "only 1.prepare has no dependency");
-        let Write::Route { attempt, route, decision_id, .. } = &writes[0] else { panic!("{writes:?}") };
+        let Write::Route(write::Route { attempt, route, decision_id, .. }) = &writes[0] else {
+            panic!("{writes:?}")
+        };
         assert_eq!((route.task_id, *attempt), (tasks[0].id, 1));
         assert_eq!(*decision_id, tasks[0].id.decision_id(1));
         assert_eq!(publish[0].body["payload"]["agent_id"], "a1");
@@ -273,7 +281,14 @@ mod tests {
         let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, now) else {
             panic!()
         };
-        let Write::TaskWaiting { task_id, attempt, since, reason, candidates, priority, .. } = &writes[0]
+        let Write::TaskWaiting(write::TaskWaiting {
+            attempt: Attempt { task_id, number: attempt, .. },
+            since,
+            reason,
+            candidates,
+            priority,
+            ..
+        }) = &writes[0]
         else {
             panic!("{writes:?}")
         };
@@ -300,9 +315,9 @@ mod tests {
         let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };
-        let Write::TaskWaiting { reason, .. } = &writes[0] else { panic!("{writes:?}") };
+        let Write::TaskWaiting(write::TaskWaiting { reason, .. }) = &writes[0] else { panic!("{writes:?}") };
         assert_eq!(reason, "in line behind tasks that waited first (1 capable agent with room)");
-        assert!(!writes.iter().any(|w| matches!(w, Write::Route { .. })), "{writes:?}");
+        assert!(!writes.iter().any(|w| matches!(w, Write::Route(write::Route { .. }))), "{writes:?}");
         assert_eq!(publish.len(), 1, "only the wake-up");
     }
 
@@ -328,7 +343,11 @@ mod tests {
         else {
             panic!()
         };
-        let Write::TaskWaiting { attempt: 2, reason, .. } = &writes[0] else { panic!("{writes:?}") };
+        let Write::TaskWaiting(write::TaskWaiting { attempt: Attempt { number: 2, .. }, reason, .. }) =
+            &writes[0]
+        else {
+            panic!("{writes:?}")
+        };
         assert_eq!(reason, "1 capable agent busy (4/4); 1 capable agent failed it before (a1)");
         // Every capable agent failed it: the task and its plan fail.
         let Outcome::Forward { writes, .. } =
@@ -337,10 +356,10 @@ mod tests {
             panic!()
         };
         assert!(
-            matches!(&writes[0], Write::TaskFailed { reason, .. } if reason.contains("failed on a1")),
+            matches!(&writes[0], Write::TaskFailed(write::TaskFailed { reason, .. }) if reason.contains("failed on a1")),
             "{writes:?}"
         );
-        assert!(matches!(&writes[1], Write::PlanFinished { failure: Some(_), .. }));
+        assert!(matches!(&writes[1], Write::PlanFinished(write::PlanFinished { failure: Some(_), .. })));
     }
 
     #[test]
@@ -373,7 +392,7 @@ mod tests {
             let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
                 panic!()
             };
-            let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+            let Write::Route(write::Route { route, .. }) = &writes[0] else { panic!("{writes:?}") };
             assert_eq!(route.agent_id.as_str(), "fallback", "line: {line}");
             assert!(route.reason.starts_with("no agents available"), "{}", route.reason);
             assert!(!route.reserves_capacity);
@@ -419,7 +438,7 @@ mod tests {
         let Outcome::Forward { writes, publish } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };
-        let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+        let Write::Route(write::Route { route, .. }) = &writes[0] else { panic!("{writes:?}") };
         assert_eq!(route.agent_id.as_str(), "model-1", "{route:?}");
         let task = &publish[0].body["payload"]["task"];
         assert_eq!(task["capabilities"], serde_json::json!(["provider:cloud"]));
@@ -440,7 +459,7 @@ mod tests {
         let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };
-        let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+        let Write::Route(write::Route { route, .. }) = &writes[0] else { panic!("{writes:?}") };
         assert_eq!(route.agent_id.as_str(), "llm-cloud");
         assert!(!route.reserves_capacity);
     }
@@ -463,7 +482,7 @@ mod tests {
         let Outcome::Forward { writes, .. } = stage.decide(&input(&plan), context, Utc::now()) else {
             panic!()
         };
-        let Write::Route { route, .. } = &writes[0] else { panic!("{writes:?}") };
+        let Write::Route(write::Route { route, .. }) = &writes[0] else { panic!("{writes:?}") };
         assert_eq!(route.agent_id.as_str(), "zzz-local");
         assert!(!route.candidates.iter().any(|c| c.agent_id.as_str() == "aaa-model"), "{route:?}");
     }

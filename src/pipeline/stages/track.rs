@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::model::domain::{PlanStatus, TaskStatus};
-use crate::model::effect::Write;
+use crate::model::effect::{Attempt, Write, write};
 use crate::model::ids::TaskId;
 use crate::model::wire::{Envelope, RouteTasks, TaskResult};
 use crate::pipeline::topology::StageQueue;
@@ -115,8 +115,11 @@ impl Stage for Track {
                 ),
             };
         }
-        let mut writes =
-            vec![Write::TaskFinished { request_id, result: result.clone(), plan_version: stored.version }];
+        let mut writes = vec![Write::TaskFinished(write::TaskFinished {
+            request_id,
+            result: result.clone(),
+            plan_version: stored.version,
+        })];
         // Before the plan may finish: its settlement releases only what was not spent.
         writes.extend(used);
         // The attempt's slot is free: tasks waiting in line may take it.
@@ -143,7 +146,7 @@ impl Stage for Track {
         if result.success {
             status.insert(task.id, TaskStatus::Succeeded);
             if status.values().all(|s| *s == TaskStatus::Succeeded) {
-                writes.push(Write::PlanFinished { request_id, plan_id, failure: None });
+                writes.push(Write::PlanFinished(write::PlanFinished { request_id, plan_id, failure: None }));
                 return Outcome::Forward { writes, publish };
             }
             let done: HashSet<TaskId> =
@@ -157,25 +160,22 @@ impl Stage for Track {
         }
         let why = result.error.clone().unwrap_or_else(|| "the agent reported a failure".into());
         if result.attempt < self.policy.max_attempts {
-            writes.push(Write::TaskRetry {
-                request_id,
-                plan_id,
-                task_id: task.id,
-                attempt: result.attempt,
+            writes.push(Write::TaskRetry(write::TaskRetry {
+                attempt: Attempt { request_id, plan_id, task_id: task.id, number: result.attempt },
                 reason: format!("attempt {} on {} failed: {why}", result.attempt, result.agent_id),
-            });
+            }));
             publish.push(route_message("retry"));
             return Outcome::Forward { writes, publish };
         }
         let reason = format!("task {} failed after {} attempts; the last: {why}", task.key, result.attempt);
-        writes.push(Write::TaskFailed {
+        writes.push(Write::TaskFailed(write::TaskFailed {
             request_id,
             plan_id,
             task_id: task.id,
             reason: reason.clone(),
             cancelled: stored.plan.dependents_of(task.id),
-        });
-        writes.push(Write::PlanFinished { request_id, plan_id, failure: Some(reason) });
+        }));
+        writes.push(Write::PlanFinished(write::PlanFinished { request_id, plan_id, failure: Some(reason) }));
         Outcome::Forward { writes, publish }
     }
 
@@ -202,11 +202,13 @@ impl Track {
             let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             p.cost_micros(tokens(usage.input_tokens), tokens(usage.output_tokens))
         });
-        Some(Write::QuotaUsed {
-            request_id,
-            plan_id: result.plan_id,
-            task_id: result.task_id,
-            attempt: result.attempt,
+        Some(Write::QuotaUsed(write::QuotaUsed {
+            attempt: Attempt {
+                request_id,
+                plan_id: result.plan_id,
+                task_id: result.task_id,
+                number: result.attempt,
+            },
             provider,
             usage,
             cost_micros,
@@ -214,7 +216,7 @@ impl Track {
             // later than now, so that an agent's clock running ahead cannot charge a window to
             // come.
             used_at: result.finished_at.min(now),
-        })
+        }))
     }
 }
 
@@ -315,7 +317,7 @@ mod tests {
         };
         // 1,200 × 1,000 / 1,000 + 300 × 4,000 / 1,000.
         assert!(
-            matches!(&writes[1], Write::QuotaUsed { cost_micros: 2_400, provider, attempt: 1, .. } if provider == "cloud"),
+            matches!(&writes[1], Write::QuotaUsed(write::QuotaUsed { cost_micros: 2_400, provider, attempt: Attempt { number: 1, .. }, .. }) if provider == "cloud"),
             "{writes:?}"
         );
         assert_eq!(publish.len(), 1, "the next wave is released");
@@ -328,7 +330,10 @@ mod tests {
         let Outcome::Forward { writes, publish } = stage().decide(&input, context, Utc::now()) else {
             panic!()
         };
-        assert!(matches!(writes.as_slice(), [Write::QuotaUsed { cost_micros: 2_400, .. }]), "{writes:?}");
+        assert!(
+            matches!(writes.as_slice(), [Write::QuotaUsed(write::QuotaUsed { cost_micros: 2_400, .. })]),
+            "{writes:?}"
+        );
         assert!(publish.is_empty());
     }
 
@@ -338,7 +343,7 @@ mod tests {
         let now = Utc::now();
         let used_at = |input: &Inbound<TaskResult>, context| match stage().decide(input, context, now) {
             Outcome::Forward { writes, .. } => writes.into_iter().find_map(|w| match w {
-                Write::QuotaUsed { used_at, .. } => Some(used_at),
+                Write::QuotaUsed(write::QuotaUsed { used_at, .. }) => Some(used_at),
                 _ => None,
             }),
             other => panic!("{other:?}"),
@@ -354,6 +359,6 @@ mod tests {
         let (input, mut context) = setup(1);
         context.fallback.as_mut().unwrap().external_tasks.clear();
         let Outcome::Forward { writes, .. } = stage().decide(&input, context, Utc::now()) else { panic!() };
-        assert!(!writes.iter().any(|w| matches!(w, Write::QuotaUsed { .. })), "{writes:?}");
+        assert!(!writes.iter().any(|w| matches!(w, Write::QuotaUsed(write::QuotaUsed { .. }))), "{writes:?}");
     }
 }

@@ -6,15 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use deadpool_postgres::Transaction;
 
 use super::{Step, audit};
-use crate::model::effect::Write;
+use crate::model::effect::write;
 use crate::store::Error;
 use crate::store::cached::Cached;
 
 /// An agent's heartbeat (`Write::Agent`): registers the agent or updates it.
-pub(super) async fn agent(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::Agent { heartbeat, received_at } = write else {
-        unreachable!("only a `Write::Agent` comes to agent")
-    };
+pub(super) async fn agent(tx: &Transaction<'_>, actor: &str, w: &write::Agent) -> Result<Step, Error> {
+    let write::Agent { heartbeat, received_at } = w;
     let at = heartbeat.sent_at.map_or(*received_at, |sent| sent.min(*received_at));
     let capabilities: Vec<&str> = heartbeat.capabilities.iter().map(String::as_str).collect();
     let inserted: bool = tx

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::cached::Cached;
 use super::{Error, Store};
-use crate::model::effect::Write;
+use crate::model::effect::{Write, write};
 use crate::model::ids::{MessageId, PlanId, RequestId, TaskId};
 use agents::AgentLedger;
 
@@ -283,12 +283,12 @@ fn lock_order<'a>(batch: impl Iterator<Item = &'a [Write]>) -> Vec<usize> {
 /// The task whose row `write` updates, if it updates one.
 fn task_updated(write: &Write) -> Option<Uuid> {
     let task = match write {
-        Write::Route { route, .. } => route.task_id,
-        Write::TaskFinished { result, .. } => result.task_id,
-        Write::Dispatched { task_id, .. }
-        | Write::DispatchFailed { task_id, .. }
-        | Write::TaskRetry { task_id, .. }
-        | Write::TaskFailed { task_id, .. } => *task_id,
+        Write::Route(write::Route { route, .. }) => route.task_id,
+        Write::TaskFinished(write::TaskFinished { result, .. }) => result.task_id,
+        Write::Dispatched(write::Dispatched { attempt, .. })
+        | Write::DispatchFailed(write::DispatchFailed { attempt, .. })
+        | Write::TaskRetry(write::TaskRetry { attempt, .. }) => attempt.task_id,
+        Write::TaskFailed(write::TaskFailed { task_id, .. }) => *task_id,
         _ => return None,
     };
     Some(task.as_uuid())
@@ -296,7 +296,7 @@ fn task_updated(write: &Write) -> Option<Uuid> {
 
 /// Whether `write` takes a slot of an agent (which the end of a batch may find taken).
 fn reserves_capacity(write: &Write) -> bool {
-    matches!(write, Write::Route { route, .. } if route.reserves_capacity)
+    matches!(write, Write::Route(write::Route { route, .. }) if route.reserves_capacity)
 }
 
 /// The messages of a batch that would book an agent beyond its capacity, as the agents stand
@@ -313,7 +313,9 @@ async fn overbooked(
         writes
             .iter()
             .filter_map(|write| match write {
-                Write::Route { route, .. } if route.reserves_capacity => Some(route.agent_id.to_string()),
+                Write::Route(write::Route { route, .. }) if route.reserves_capacity => {
+                    Some(route.agent_id.to_string())
+                }
                 _ => None,
             })
             .collect()
@@ -446,52 +448,44 @@ async fn apply_one(
     agents: &mut AgentLedger,
 ) -> Result<Step, Error> {
     match write {
-        Write::Request(_) => requests::request(tx, actor, write).await,
-        Write::Decomposition { .. } => requests::decomposition(tx, actor, write).await,
-        Write::RequestFailed { .. } => requests::request_failed(tx, actor, write).await,
-        Write::Cancel { request_id, by, reason } => {
+        Write::Request(meta) => requests::request(tx, actor, meta).await,
+        Write::Decomposition(w) => requests::decomposition(tx, actor, w).await,
+        Write::RequestFailed(w) => requests::request_failed(tx, actor, w).await,
+        Write::Cancel(write::Cancel { request_id, by, reason }) => {
             requests::cancel(tx, actor, *request_id, by, reason, agents).await
         }
-        Write::Plan { .. } => plans::plan(tx, actor, write).await,
-        Write::Fallback { .. } => plans::fallback(tx, actor, write).await,
-        Write::AwaitingApproval { .. } => plans::awaiting_approval(tx, actor, write).await,
-        Write::Approval { .. } => plans::approval(tx, actor, write).await,
-        Write::PlanFinished { .. } => plans::plan_finished(tx, actor, write).await,
-        Write::Route { .. } => tasks::route(tx, actor, write, agents).await,
-        Write::TaskWaiting { .. } => tasks::task_waiting(tx, actor, write).await,
-        Write::WaitExpired { .. } => tasks::wait_expired(tx, actor, write).await,
-        Write::Dispatched { .. } => tasks::dispatched(tx, actor, write).await,
-        Write::DispatchFailed { .. } => tasks::dispatch_failed(tx, actor, write, agents).await,
-        Write::TaskFinished { .. } => tasks::task_finished(tx, actor, write, agents).await,
-        Write::TaskRetry { .. } => tasks::task_retry(tx, actor, write).await,
-        Write::TaskFailed { .. } => tasks::task_failed(tx, actor, write).await,
-        Write::QuotaUsed { request_id, plan_id, task_id, attempt, provider, usage, cost_micros, used_at } => {
-            super::quota::record_use(
-                tx,
-                actor,
-                *request_id,
-                *plan_id,
-                *task_id,
-                *attempt,
-                provider,
-                usage,
-                *cost_micros,
-                *used_at,
-            )
-            .await?;
+        Write::Plan(w) => plans::plan(tx, actor, w).await,
+        Write::Fallback(w) => plans::fallback(tx, actor, w).await,
+        Write::AwaitingApproval(w) => plans::awaiting_approval(tx, actor, w).await,
+        Write::Approval(w) => plans::approval(tx, actor, w).await,
+        Write::PlanFinished(w) => plans::plan_finished(tx, actor, w).await,
+        Write::Route(w) => tasks::route(tx, actor, w, agents).await,
+        Write::TaskWaiting(w) => tasks::task_waiting(tx, actor, w).await,
+        Write::WaitExpired(w) => tasks::wait_expired(tx, actor, w).await,
+        Write::Dispatched(w) => tasks::dispatched(tx, actor, w).await,
+        Write::DispatchFailed(w) => tasks::dispatch_failed(tx, actor, w, agents).await,
+        Write::TaskFinished(w) => tasks::task_finished(tx, actor, w, agents).await,
+        Write::TaskRetry(w) => tasks::task_retry(tx, actor, w).await,
+        Write::TaskFailed(w) => tasks::task_failed(tx, actor, w).await,
+        Write::QuotaUsed(w) => {
+            super::quota::record_use(tx, actor, w).await?;
             Ok(Step::Ok)
         }
-        Write::Agent { .. } => agents::agent(tx, actor, write).await,
+        Write::Agent(w) => agents::agent(tx, actor, w).await,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::effect::Attempt;
 
     fn retry(task_id: TaskId) -> Write {
         let plan_id = RequestId::random().plan_id();
-        Write::TaskRetry { request_id: RequestId::random(), plan_id, task_id, attempt: 1, reason: "x".into() }
+        Write::TaskRetry(write::TaskRetry {
+            attempt: Attempt { request_id: RequestId::random(), plan_id, task_id, number: 1 },
+            reason: "x".into(),
+        })
     }
 
     #[test]
@@ -500,7 +494,10 @@ mod tests {
         let mut tasks: Vec<TaskId> = ["a", "b", "c"].iter().map(|k| plan.task_id(k)).collect();
         tasks.sort_by_key(|t| t.as_uuid());
         let [low, mid, high] = [tasks[0], tasks[1], tasks[2]];
-        let no_task = Write::RequestFailed { request_id: RequestId::random(), reason: "x".into() };
+        let no_task = Write::RequestFailed(write::RequestFailed {
+            request_id: RequestId::random(),
+            reason: "x".into(),
+        });
         let batch: Vec<Vec<Write>> =
             vec![vec![retry(high)], vec![retry(high), retry(low)], vec![no_task], vec![retry(mid)]];
         // Messages that update no task first; a message goes by the lowest task it updates.

@@ -9,17 +9,15 @@ use super::requests::set_request_status;
 use super::tasks::cancel_pending;
 use super::{Step, audit};
 use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
-use crate::model::effect::Write;
+use crate::model::effect::write;
 use crate::model::ids::PlanId;
 use crate::store::Error;
 use crate::store::cached::Cached;
 use crate::store::quota;
 
 /// A new plan and its tasks (`Write::Plan`), unless its request was cancelled meanwhile.
-pub(super) async fn plan(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::Plan { plan, complexity, infeasible, duration_basis } = write else {
-        unreachable!("only a `Write::Plan` comes to plan")
-    };
+pub(super) async fn plan(tx: &Transaction<'_>, actor: &str, w: &write::Plan) -> Result<Step, Error> {
+    let write::Plan { plan, complexity, infeasible, duration_basis } = w;
     // Shared with a cancellation, which locks the request for update: a plan is never
     // made for a request cancelled meanwhile.
     let request = tx
@@ -90,10 +88,8 @@ pub(super) async fn plan(tx: &Transaction<'_>, actor: &str, write: &Write) -> Re
 }
 
 /// A plan's external-AI decision (`Write::Fallback`), with its quota reservation if it has one.
-pub(super) async fn fallback(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::Fallback { request_id, decision, reserve } = write else {
-        unreachable!("only a `Write::Fallback` comes to fallback")
-    };
+pub(super) async fn fallback(tx: &Transaction<'_>, actor: &str, w: &write::Fallback) -> Result<Step, Error> {
+    let write::Fallback { request_id, decision, reserve } = w;
     if plan_cancelled(tx, decision.plan_id).await? {
         return Ok(Step::Conflict(format!("plan {} is cancelled", decision.plan_id)));
     }
@@ -143,11 +139,9 @@ pub(super) async fn fallback(tx: &Transaction<'_>, actor: &str, write: &Write) -
 pub(super) async fn awaiting_approval(
     tx: &Transaction<'_>,
     actor: &str,
-    write: &Write,
+    w: &write::AwaitingApproval,
 ) -> Result<Step, Error> {
-    let Write::AwaitingApproval { request_id, plan_id, reason } = write else {
-        unreachable!("only a `Write::AwaitingApproval` comes to awaiting_approval")
-    };
+    let write::AwaitingApproval { request_id, plan_id, reason } = w;
     let updated = tx
         .execute_cached(
             "UPDATE plans SET status = $2, updated_at = now() WHERE id = $1 AND status = $3",
@@ -164,10 +158,8 @@ pub(super) async fn awaiting_approval(
 }
 
 /// A verdict on a plan (`Write::Approval`); a rejection gives the plan's quota back.
-pub(super) async fn approval(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::Approval { request_id, plan_id, approved, by, reason } = write else {
-        unreachable!("only a `Write::Approval` comes to approval")
-    };
+pub(super) async fn approval(tx: &Transaction<'_>, actor: &str, w: &write::Approval) -> Result<Step, Error> {
+    let write::Approval { request_id, plan_id, approved, by, reason } = w;
     if plan_cancelled(tx, *plan_id).await? {
         return Ok(Step::Conflict(format!("plan {plan_id} is cancelled")));
     }
@@ -223,10 +215,12 @@ pub(super) async fn approval(tx: &Transaction<'_>, actor: &str, write: &Write) -
 }
 
 /// A plan and its request that finished (`Write::PlanFinished`); settles the plan's quota.
-pub(super) async fn plan_finished(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::PlanFinished { request_id, plan_id, failure } = write else {
-        unreachable!("only a `Write::PlanFinished` comes to plan_finished")
-    };
+pub(super) async fn plan_finished(
+    tx: &Transaction<'_>,
+    actor: &str,
+    w: &write::PlanFinished,
+) -> Result<Step, Error> {
+    let write::PlanFinished { request_id, plan_id, failure } = w;
     let (plan_status, request_status, event) = match failure {
         None => (PlanStatus::Completed, RequestStatus::Completed, "request.completed"),
         Some(_) => (PlanStatus::Failed, RequestStatus::Failed, "request.failed"),

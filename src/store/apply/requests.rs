@@ -9,16 +9,16 @@ use super::agents::AgentLedger;
 use super::tasks::{NOT_STARTED, ON_AN_AGENT};
 use super::{Step, audit};
 use crate::model::domain::{PlanStatus, RequestStatus};
-use crate::model::effect::Write;
+use crate::model::effect::write;
 use crate::model::ids::{PlanId, RequestId};
+use crate::model::wire::RequestMeta;
 use crate::store::Error;
 use crate::store::cached::Cached;
 use crate::store::quota;
 use crate::store::read::parse_status;
 
 /// A new request (`Write::Request`); nothing if one with its id exists.
-pub(super) async fn request(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::Request(meta) = write else { unreachable!("only a `Write::Request` comes to request") };
+pub(super) async fn request(tx: &Transaction<'_>, actor: &str, meta: &RequestMeta) -> Result<Step, Error> {
     let inserted = tx
         .execute_cached(
             "INSERT INTO requests (id, text, submitted_by, priority, auto_approve, status)
@@ -42,10 +42,12 @@ pub(super) async fn request(tx: &Transaction<'_>, actor: &str, write: &Write) ->
 }
 
 /// A request's decomposition (`Write::Decomposition`), which moves it on to decomposed.
-pub(super) async fn decomposition(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::Decomposition { request_id, decomposition } = write else {
-        unreachable!("only a `Write::Decomposition` comes to decomposition")
-    };
+pub(super) async fn decomposition(
+    tx: &Transaction<'_>,
+    actor: &str,
+    w: &write::Decomposition,
+) -> Result<Step, Error> {
+    let write::Decomposition { request_id, decomposition } = w;
     let inserted = tx
         .execute_cached(
             "INSERT INTO decompositions (request_id, decomposer, intents, confidence, fallback_reason)
@@ -71,10 +73,12 @@ pub(super) async fn decomposition(tx: &Transaction<'_>, actor: &str, write: &Wri
 }
 
 /// A permanent failure of a request under way (`Write::RequestFailed`).
-pub(super) async fn request_failed(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::RequestFailed { request_id, reason } = write else {
-        unreachable!("only a `Write::RequestFailed` comes to request_failed")
-    };
+pub(super) async fn request_failed(
+    tx: &Transaction<'_>,
+    actor: &str,
+    w: &write::RequestFailed,
+) -> Result<Step, Error> {
+    let write::RequestFailed { request_id, reason } = w;
     // Only a request under way fails: one that ended (completed, rejected, cancelled,
     // failed already) keeps how it ended.
     let under_way: Vec<&str> = RequestStatus::UNDER_WAY.map(|s| s.as_str()).to_vec();

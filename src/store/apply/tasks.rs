@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::agents::AgentLedger;
 use super::{Step, audit};
 use crate::model::domain::TaskStatus;
-use crate::model::effect::Write;
+use crate::model::effect::{Attempt, write};
 use crate::model::ids::PlanId;
 use crate::store::Error;
 use crate::store::cached::Cached;
@@ -17,12 +17,10 @@ use crate::store::cached::Cached;
 pub(super) async fn route(
     tx: &Transaction<'_>,
     actor: &str,
-    write: &Write,
+    w: &write::Route,
     agents: &mut AgentLedger,
 ) -> Result<Step, Error> {
-    let Write::Route { request_id, plan_id, attempt, decision_id, route, ready_at } = write else {
-        unreachable!("only a `Write::Route` comes to route")
-    };
+    let write::Route { request_id, plan_id, attempt, decision_id, route, ready_at } = w;
     let inserted = tx
         .execute_cached(
             "INSERT INTO routing_decisions (id, task_id, plan_id, attempt, agent_id, score, reason,
@@ -79,12 +77,18 @@ pub(super) async fn route(
 }
 
 /// A ready task that waits in line for an agent (`Write::TaskWaiting`).
-pub(super) async fn task_waiting(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::TaskWaiting { request_id, plan_id, task_id, attempt, priority, since, reason, candidates } =
-        write
-    else {
-        unreachable!("only a `Write::TaskWaiting` comes to task_waiting")
-    };
+pub(super) async fn task_waiting(
+    tx: &Transaction<'_>,
+    actor: &str,
+    w: &write::TaskWaiting,
+) -> Result<Step, Error> {
+    let write::TaskWaiting {
+        attempt: Attempt { request_id, plan_id, task_id, number: attempt },
+        priority,
+        since,
+        reason,
+        candidates,
+    } = w;
     // Its turn: the next of its plan's in line, but never before the head of the line
     // of its priority, so that a plan joining late takes turns with the others from
     // where they are instead of going first until it catches up.
@@ -117,20 +121,18 @@ pub(super) async fn task_waiting(tx: &Transaction<'_>, actor: &str, write: &Writ
 }
 
 /// A waiting task that gave up waiting (`Write::WaitExpired`): it fails.
-pub(super) async fn wait_expired(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::WaitExpired {
-        request_id,
-        plan_id,
-        task_id,
-        attempt,
+pub(super) async fn wait_expired(
+    tx: &Transaction<'_>,
+    actor: &str,
+    w: &write::WaitExpired,
+) -> Result<Step, Error> {
+    let write::WaitExpired {
+        attempt: Attempt { request_id, plan_id, task_id, number: attempt },
         decision_id,
         reason,
         candidates,
         ready_at,
-    } = write
-    else {
-        unreachable!("only a `Write::WaitExpired` comes to wait_expired")
-    };
+    } = w;
     let inserted = tx
         .execute_cached(
             "INSERT INTO routing_decisions (id, task_id, plan_id, attempt, agent_id, score, reason,
@@ -167,21 +169,19 @@ pub(super) async fn wait_expired(tx: &Transaction<'_>, actor: &str, write: &Writ
 }
 
 /// A task confirmed into its agent's queue (`Write::Dispatched`), with its lease.
-pub(super) async fn dispatched(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::Dispatched {
-        request_id,
-        plan_id,
-        task_id,
-        attempt,
+pub(super) async fn dispatched(
+    tx: &Transaction<'_>,
+    actor: &str,
+    w: &write::Dispatched,
+) -> Result<Step, Error> {
+    let write::Dispatched {
+        attempt: Attempt { request_id, plan_id, task_id, number: attempt },
         decision_id,
         agent_id,
         queue,
         message_id,
         lease_secs,
-    } = write
-    else {
-        unreachable!("only a `Write::Dispatched` comes to dispatched")
-    };
+    } = w;
     let inserted = tx
         .execute_cached(
             "INSERT INTO dispatches (task_id, attempt, decision_id, agent_id, queue, message_id)
@@ -224,14 +224,15 @@ pub(super) async fn dispatched(tx: &Transaction<'_>, actor: &str, write: &Write)
 pub(super) async fn dispatch_failed(
     tx: &Transaction<'_>,
     actor: &str,
-    write: &Write,
+    w: &write::DispatchFailed,
     agents: &mut AgentLedger,
 ) -> Result<Step, Error> {
-    let Write::DispatchFailed { request_id, plan_id, task_id, attempt, decision_id, agent_id, reason } =
-        write
-    else {
-        unreachable!("only a `Write::DispatchFailed` comes to dispatch_failed")
-    };
+    let write::DispatchFailed {
+        attempt: Attempt { request_id, plan_id, task_id, number: attempt },
+        decision_id,
+        agent_id,
+        reason,
+    } = w;
     let updated = tx
         .execute_cached(
             "UPDATE tasks SET status = $2, status_reason = $3, updated_at = now()
@@ -267,12 +268,10 @@ pub(super) async fn dispatch_failed(
 pub(super) async fn task_finished(
     tx: &Transaction<'_>,
     actor: &str,
-    write: &Write,
+    w: &write::TaskFinished,
     agents: &mut AgentLedger,
 ) -> Result<Step, Error> {
-    let Write::TaskFinished { request_id, result, plan_version } = write else {
-        unreachable!("only a `Write::TaskFinished` comes to task_finished")
-    };
+    let write::TaskFinished { request_id, result, plan_version } = w;
     let bumped = tx
         .execute_cached(
             "UPDATE plans SET version = version + 1 WHERE id = $1 AND version = $2",
@@ -355,10 +354,12 @@ pub(super) async fn task_finished(
 }
 
 /// A failed attempt that will be tried again (`Write::TaskRetry`): back to pending.
-pub(super) async fn task_retry(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::TaskRetry { request_id, plan_id, task_id, attempt, reason } = write else {
-        unreachable!("only a `Write::TaskRetry` comes to task_retry")
-    };
+pub(super) async fn task_retry(
+    tx: &Transaction<'_>,
+    actor: &str,
+    w: &write::TaskRetry,
+) -> Result<Step, Error> {
+    let write::TaskRetry { attempt: Attempt { request_id, plan_id, task_id, number: attempt }, reason } = w;
     tx.execute_cached(
         "UPDATE tasks SET status = $3, status_reason = $4, finished_at = NULL, updated_at = now()
          WHERE id = $1 AND attempt = $2",
@@ -371,10 +372,12 @@ pub(super) async fn task_retry(tx: &Transaction<'_>, actor: &str, write: &Write)
 }
 
 /// A task that failed for good (`Write::TaskFailed`), and its dependents cancelled.
-pub(super) async fn task_failed(tx: &Transaction<'_>, actor: &str, write: &Write) -> Result<Step, Error> {
-    let Write::TaskFailed { request_id, plan_id, task_id, reason, cancelled } = write else {
-        unreachable!("only a `Write::TaskFailed` comes to task_failed")
-    };
+pub(super) async fn task_failed(
+    tx: &Transaction<'_>,
+    actor: &str,
+    w: &write::TaskFailed,
+) -> Result<Step, Error> {
+    let write::TaskFailed { request_id, plan_id, task_id, reason, cancelled } = w;
     tx.execute_cached(
         "UPDATE tasks SET status = $2, status_reason = $3, waiting_since = NULL, wait_turn = NULL,
              updated_at = now()
