@@ -12,8 +12,8 @@ use crate::model::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskI
 use crate::model::wire::{Heartbeat, RequestMeta, TaskResult, TokenUsage};
 use crate::understanding::complexity::Complexity;
 
-/// One attempt of a task, with the plan and the request it belongs to: the key of every write
-/// about an attempt, so that none can name a task of another plan.
+/// One attempt of a task, with the plan and the request it belongs to: the key that every write
+/// about an attempt carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Attempt {
     pub request_id: RequestId,
