@@ -12,7 +12,7 @@ use switchyard::model::ids::{AgentId, MessageId, Namespace, RequestId};
 use switchyard::model::wire::{self, SubmitRequest};
 use switchyard::ops::{self, Progress};
 use switchyard::pipeline::runner::Runner;
-use switchyard::pipeline::stages::{AmqpMeta, Inbound, Outcome, Stage};
+use switchyard::pipeline::stages::{AmqpMeta, Inbound, NoRequest, Outcome, Stage};
 use switchyard::pipeline::topology::{Names, Topology};
 use switchyard::pipeline::worker::{StageName, Worker};
 use switchyard::store::Store;
@@ -296,26 +296,32 @@ struct Buggy;
 
 impl Stage for Buggy {
     type Input = String;
+    type Request = NoRequest;
     type Context = ();
     const NAME: &'static str = "buggy";
 
-    fn parse(&self, body: &[u8], _: &AmqpMeta<'_>, _: usize) -> Result<Inbound<String>, wire::Error> {
+    fn parse(
+        &self,
+        body: &[u8],
+        _: &AmqpMeta<'_>,
+        _: usize,
+    ) -> Result<Inbound<String, NoRequest>, wire::Error> {
         let text = String::from_utf8_lossy(body).into_owned();
         if text == "parse" {
             panic!("cannot parse {text:?}");
         }
-        Ok(Inbound { message_id: MessageId::random(), request_id: None, priority: 0, payload: text })
+        Ok(Inbound { message_id: MessageId::random(), request_id: NoRequest, priority: 0, payload: text })
     }
 
     fn load(
         &self,
         _: &Store,
-        _: &Inbound<String>,
+        _: &Inbound<String, NoRequest>,
     ) -> impl Future<Output = Result<(), switchyard::store::Error>> + Send {
         std::future::ready(Ok(()))
     }
 
-    fn decide(&self, input: &Inbound<String>, (): (), _: DateTime<Utc>) -> Outcome {
+    fn decide(&self, input: &Inbound<String, NoRequest>, (): (), _: DateTime<Utc>) -> Outcome {
         if input.payload == "decide" {
             panic!("cannot decide {:?}", input.payload);
         }

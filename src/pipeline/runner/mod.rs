@@ -283,7 +283,7 @@ impl<S: Stage> Runner<S> {
         match result {
             Ok(()) => self.settle(delivery.ack().await),
             Err(Failure::Permanent(reason)) => {
-                self.dead_letter(delivery, input.message_id, input.request_id, &reason).await
+                self.dead_letter(delivery, input.message_id, input.request_id.into(), &reason).await
             }
             Err(Failure::Transient(reason)) => self.park(delivery, &reason).await,
         }
@@ -306,7 +306,7 @@ impl<S: Stage> Runner<S> {
     /// published, since what the next one in turn reads is in the database.
     async fn process(
         &self,
-        input: &Inbound<S::Input>,
+        input: &Inbound<S::Input, S::Request>,
         mut turn: Option<tokio::sync::MutexGuard<'_, ()>>,
     ) -> Result<(), Failure> {
         if self.stage.deduplicates()
@@ -357,7 +357,7 @@ impl<S: Stage> Runner<S> {
     /// Has the committer record the input's marker (with its `outputs`) and `writes`.
     async fn persist(
         &self,
-        input: &Inbound<S::Input>,
+        input: &Inbound<S::Input, S::Request>,
         outputs: Value,
         writes: Vec<Write>,
     ) -> Result<Applied, Failure> {
@@ -394,7 +394,7 @@ impl<S: Stage> Runner<S> {
     /// dead-lettered.
     async fn deliver(
         &self,
-        input: &Inbound<S::Input>,
+        input: &Inbound<S::Input, S::Request>,
         publish: Publish,
         then: Vec<Write>,
     ) -> Result<(), Failure> {

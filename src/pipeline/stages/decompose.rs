@@ -14,6 +14,7 @@ use tracing::warn;
 use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
 use crate::model::domain::Decomposition;
 use crate::model::effect::{Write, write};
+use crate::model::ids::RequestId;
 use crate::model::wire::{self, Decomposed, Envelope, RequestMeta};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
@@ -59,6 +60,7 @@ impl Decompose {
 
 impl Stage for Decompose {
     type Input = RequestMeta;
+    type Request = RequestId;
     type Context = DecomposeContext;
     const NAME: &'static str = "decompose";
 
@@ -71,7 +73,7 @@ impl Stage for Decompose {
         let submission = wire::parse_submission(body, limit, amqp.message_id)?;
         Ok(Inbound {
             message_id: submission.message_id,
-            request_id: Some(submission.request.request_id),
+            request_id: submission.request.request_id,
             priority: submission.request.priority,
             payload: submission.request,
         })
@@ -148,7 +150,7 @@ mod tests {
         let request_id = RequestId::random();
         Inbound {
             message_id: crate::model::ids::MessageId::random(),
-            request_id: Some(request_id),
+            request_id,
             priority: 4,
             payload: RequestMeta {
                 request_id,

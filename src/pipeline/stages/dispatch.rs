@@ -4,11 +4,12 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Destination, Inbound, Outcome, Publish, Stage};
+use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
 use crate::decisions::leases::LeasePolicy;
 use crate::model::domain::TaskStatus;
 use crate::model::effect::{Attempt, Write, write};
-use crate::model::wire::{DispatchTask, Envelope, TaskAssignment};
+use crate::model::ids::RequestId;
+use crate::model::wire::{self, DispatchTask, Envelope, TaskAssignment};
 use crate::pipeline::topology::Names;
 use crate::store::{self, RoutedAttempt, Store};
 
@@ -23,14 +24,20 @@ pub struct DispatchContext {
     pub routed: Option<(RoutedAttempt, TaskStatus)>,
 }
 
-fn request_id(input: &Inbound<DispatchTask>) -> crate::model::ids::RequestId {
-    input.request_id.expect("envelopes carry their request id")
-}
-
 impl Stage for Dispatch {
     type Input = DispatchTask;
     type Context = DispatchContext;
     const NAME: &'static str = "dispatch";
+    type Request = RequestId;
+
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<DispatchTask>, wire::Error> {
+        parse_envelope(body, amqp, limit)
+    }
 
     async fn load(
         &self,
@@ -80,7 +87,7 @@ impl Stage for Dispatch {
         let envelope = Envelope::derived(
             input.message_id,
             "assignment",
-            request_id(input),
+            input.request_id,
             now,
             TaskAssignment {
                 plan_id: task.plan_id,
@@ -93,7 +100,7 @@ impl Stage for Dispatch {
         let publish = Publish::envelope(Destination::Agent(task.agent_id.clone()), input.priority, &envelope);
         let then = vec![Write::Dispatched(write::Dispatched {
             attempt: Attempt {
-                request_id: request_id(input),
+                request_id: input.request_id,
                 plan_id: task.plan_id,
                 task_id: task.task.id,
                 number: task.attempt,
@@ -117,7 +124,7 @@ impl Stage for Dispatch {
         let writes = vec![
             Write::DispatchFailed(write::DispatchFailed {
                 attempt: Attempt {
-                    request_id: request_id(input),
+                    request_id: input.request_id,
                     plan_id: task.plan_id,
                     task_id: task.task.id,
                     number: task.attempt,
@@ -128,7 +135,7 @@ impl Stage for Dispatch {
             }),
             // Nothing takes the agent's messages: the plan cannot go on as planned.
             Write::PlanFinished(write::PlanFinished {
-                request_id: request_id(input),
+                request_id: input.request_id,
                 plan_id: task.plan_id,
                 failure: Some(format!(
                     "task {} could not be dispatched to {}: {reason}",
@@ -156,7 +163,7 @@ mod tests {
         let task_id = plan_id.task_id("1.prepare");
         Inbound {
             message_id: MessageId::random(),
-            request_id: Some(request_id),
+            request_id,
             priority: 3,
             payload: DispatchTask {
                 plan_id,

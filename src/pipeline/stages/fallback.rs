@@ -4,14 +4,15 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Destination, Inbound, Outcome, Publish, Stage};
+use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
 use crate::decisions::approval::{ApprovalPolicy, Gate};
 use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::decisions::providers::QuotaSnapshot;
 use crate::decisions::{approval, fallback};
 use crate::model::domain::PlanStatus;
 use crate::model::effect::{Reservation, Write, write};
-use crate::model::wire::{Envelope, Planned, RouteTasks};
+use crate::model::ids::RequestId;
+use crate::model::wire::{self, Envelope, Planned, RouteTasks};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 
@@ -41,6 +42,11 @@ impl Stage for Fallback {
     type Input = Planned;
     type Context = FallbackContext;
     const NAME: &'static str = "fallback";
+    type Request = RequestId;
+
+    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Planned>, wire::Error> {
+        parse_envelope(body, amqp, limit)
+    }
 
     async fn load(&self, store: &Store, input: &Inbound<Planned>) -> Result<FallbackContext, store::Error> {
         let mut quotas = Vec::with_capacity(self.fallback.providers.len());
@@ -167,7 +173,7 @@ mod tests {
         let plan = catalog.plan(request_id, &decomposition).unwrap();
         Inbound {
             message_id: MessageId::random(),
-            request_id: Some(request_id),
+            request_id,
             priority: 2,
             payload: Planned {
                 request: RequestMeta {

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::{AmqpMeta, Inbound, Outcome, Stage};
+use super::{AmqpMeta, Inbound, NoRequest, Outcome, Stage};
 use crate::model::domain::Agent;
 use crate::model::effect::{Write, write};
 use crate::model::wire::{self, Heartbeat};
@@ -40,6 +40,7 @@ impl HeartbeatStage {
 
 impl Stage for HeartbeatStage {
     type Input = Heartbeat;
+    type Request = NoRequest;
     type Context = HeartbeatContext;
     const NAME: &'static str = "heartbeat";
 
@@ -48,11 +49,11 @@ impl Stage for HeartbeatStage {
         body: &[u8],
         amqp: &AmqpMeta<'_>,
         limit: usize,
-    ) -> Result<Inbound<Heartbeat>, wire::Error> {
+    ) -> Result<Inbound<Heartbeat, NoRequest>, wire::Error> {
         let heartbeat = wire::parse_heartbeat(body, limit)?;
         Ok(Inbound {
             message_id: wire::entry_message_id(amqp.message_id, body),
-            request_id: None,
+            request_id: NoRequest,
             priority: 0,
             payload: heartbeat,
         })
@@ -61,13 +62,18 @@ impl Stage for HeartbeatStage {
     async fn load(
         &self,
         store: &Store,
-        input: &Inbound<Heartbeat>,
+        input: &Inbound<Heartbeat, NoRequest>,
     ) -> Result<HeartbeatContext, store::Error> {
         let (known, line) = store.agent_and_line(&input.payload.agent_id).await?;
         Ok(HeartbeatContext { known, line })
     }
 
-    fn decide(&self, input: &Inbound<Heartbeat>, context: HeartbeatContext, now: DateTime<Utc>) -> Outcome {
+    fn decide(
+        &self,
+        input: &Inbound<Heartbeat, NoRequest>,
+        context: HeartbeatContext,
+        now: DateTime<Utc>,
+    ) -> Outcome {
         let write = Write::Agent(write::Agent { heartbeat: input.payload.clone(), received_at: now });
         let mut publish = Vec::new();
         if context.line && self.brings_room(&input.payload, context.known.as_ref(), now) {
@@ -91,10 +97,10 @@ mod tests {
     use crate::model::domain::Resources;
     use crate::model::ids::{AgentId, MessageId};
 
-    fn beat(capacity: u32) -> Inbound<Heartbeat> {
+    fn beat(capacity: u32) -> Inbound<Heartbeat, NoRequest> {
         Inbound {
             message_id: MessageId::random(),
-            request_id: None,
+            request_id: NoRequest,
             priority: 0,
             payload: Heartbeat {
                 agent_id: AgentId::parse("a1").unwrap(),

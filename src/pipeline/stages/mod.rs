@@ -33,21 +33,32 @@ use crate::model::wire::{self, Envelope};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 
-/// A parsed input message.
+/// A parsed input message, about the request `R` names: a [`RequestId`] for the messages of one
+/// request, so that a stage that needs it has it, or [`NoRequest`] (a heartbeat, a wake-up).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Inbound<T> {
+pub struct Inbound<T, R = RequestId> {
     /// The idempotency key of this input.
     pub message_id: MessageId,
-    pub request_id: Option<RequestId>,
+    pub request_id: R,
     pub priority: u8,
     pub payload: T,
+}
+
+/// What an input about no request (a heartbeat, a wake-up of the scheduler) names as its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoRequest;
+
+impl From<NoRequest> for Option<RequestId> {
+    fn from(_: NoRequest) -> Self {
+        None
+    }
 }
 
 impl<T> Inbound<T> {
     fn from_envelope(envelope: Envelope<T>, priority: u8) -> Self {
         Inbound {
             message_id: envelope.message_id,
-            request_id: Some(envelope.request_id),
+            request_id: envelope.request_id,
             priority,
             payload: envelope.payload,
         }
@@ -104,6 +115,8 @@ pub enum Outcome {
 /// One stage of the pipeline.
 pub trait Stage: Send + Sync + 'static {
     type Input: serde::de::DeserializeOwned + Send + Sync;
+    /// The request an input is about: [`RequestId`], or [`NoRequest`].
+    type Request: Copy + Into<Option<RequestId>> + Send + Sync;
     /// What `decide` needs from the store; `Default` is what a stage that reads nothing gets.
     type Context: Default + Send;
 
@@ -111,33 +124,36 @@ pub trait Stage: Send + Sync + 'static {
     /// the topology (the queue whose `consumer` it is).
     const NAME: &'static str;
 
-    /// Parses a delivery. Stage-to-stage messages are envelopes; entry points override this.
+    /// Parses a delivery. Stage-to-stage messages are envelopes ([`parse_envelope`]).
     fn parse(
         &self,
         body: &[u8],
         amqp: &AmqpMeta<'_>,
         limit: usize,
-    ) -> Result<Inbound<Self::Input>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
+    ) -> Result<Inbound<Self::Input, Self::Request>, wire::Error>;
 
     /// Loads what `decide` needs from the store. The only I/O a stage has, and the runner runs it.
     /// By default a stage reads nothing.
     fn load(
         &self,
         _store: &Store,
-        _input: &Inbound<Self::Input>,
+        _input: &Inbound<Self::Input, Self::Request>,
     ) -> impl Future<Output = Result<Self::Context, store::Error>> + Send {
         std::future::ready(Ok(Self::Context::default()))
     }
 
     /// The decision. Pure: no I/O, the time is given.
-    fn decide(&self, input: &Inbound<Self::Input>, context: Self::Context, now: DateTime<Utc>) -> Outcome;
+    fn decide(
+        &self,
+        input: &Inbound<Self::Input, Self::Request>,
+        context: Self::Context,
+        now: DateTime<Utc>,
+    ) -> Outcome;
 
     /// What to record, and publish, when an [`Outcome::Deliver`] could not be delivered.
     fn undeliverable(
         &self,
-        _input: &Inbound<Self::Input>,
+        _input: &Inbound<Self::Input, Self::Request>,
         _reason: &str,
         _now: DateTime<Utc>,
     ) -> (Vec<Write>, Vec<Publish>) {
@@ -148,7 +164,7 @@ pub trait Stage: Send + Sync + 'static {
     /// guarded by the plan's version). The runner decides such inputs one at a time within its
     /// process: decided together, all but one would lose the race and decide again, over and
     /// over. Other processes still race, and the guard still settles that.
-    fn contention_key(&self, _input: &Inbound<Self::Input>) -> Option<uuid::Uuid> {
+    fn contention_key(&self, _input: &Inbound<Self::Input, Self::Request>) -> Option<uuid::Uuid> {
         None
     }
 

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::placement::{self, External, Routed};
-use super::{AmqpMeta, Inbound, Outcome, Stage};
+use super::{AmqpMeta, Inbound, NoRequest, Outcome, Stage};
 use crate::decisions::routing::{self, Placement, Router, RoutingPolicy};
 use crate::model::domain::Agent;
 use crate::model::effect::{Attempt, Write, write};
@@ -65,15 +65,25 @@ impl Place {
 
 impl Stage for Place {
     type Input = Wake;
+    type Request = NoRequest;
     type Context = PlaceContext;
     const NAME: &'static str = "place";
 
-    fn parse(&self, body: &[u8], _amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Wake>, wire::Error> {
+    fn parse(
+        &self,
+        body: &[u8],
+        _amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<Wake, NoRequest>, wire::Error> {
         let wake = wire::parse_wake(body, limit)?;
-        Ok(Inbound { message_id: wake.message_id, request_id: None, priority: 0, payload: wake })
+        Ok(Inbound { message_id: wake.message_id, request_id: NoRequest, priority: 0, payload: wake })
     }
 
-    async fn load(&self, store: &Store, _input: &Inbound<Wake>) -> Result<PlaceContext, store::Error> {
+    async fn load(
+        &self,
+        store: &Store,
+        _input: &Inbound<Wake, NoRequest>,
+    ) -> Result<PlaceContext, store::Error> {
         // Reads that do not depend on each other go at once, each on a connection of its own:
         // a look at the line is on the path from a freed slot to the next task on it.
         let (agents, expired) = tokio::try_join!(store.agents(), async {
@@ -91,7 +101,7 @@ impl Stage for Place {
         Ok(PlaceContext { agents, line, expired })
     }
 
-    fn decide(&self, input: &Inbound<Wake>, context: PlaceContext, now: DateTime<Utc>) -> Outcome {
+    fn decide(&self, input: &Inbound<Wake, NoRequest>, context: PlaceContext, now: DateTime<Utc>) -> Outcome {
         let mut router = Router::new(&context.agents, now, &self.policy);
         let mut writes = Vec::new();
         let mut publish = Vec::new();
@@ -173,7 +183,7 @@ impl Stage for Place {
         Outcome::Forward { writes, publish }
     }
 
-    fn contention_key(&self, _input: &Inbound<Wake>) -> Option<uuid::Uuid> {
+    fn contention_key(&self, _input: &Inbound<Wake, NoRequest>) -> Option<uuid::Uuid> {
         Some(ONE_LINE)
     }
 
@@ -260,11 +270,11 @@ mod tests {
         }
     }
 
-    fn wake() -> Inbound<Wake> {
+    fn wake() -> Inbound<Wake, NoRequest> {
         let message_id = MessageId::random();
         Inbound {
             message_id,
-            request_id: None,
+            request_id: NoRequest,
             priority: 0,
             payload: Wake { message_id, cause: "result".into(), at: Utc::now() },
         }

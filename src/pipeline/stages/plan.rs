@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::{Destination, Inbound, Outcome, Publish, Stage};
+use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
 use crate::model::domain::{Agent, RequestStatus};
 use crate::model::effect::{Write, write};
-use crate::model::wire::{Decomposed, Envelope, Planned};
+use crate::model::ids::RequestId;
+use crate::model::wire::{self, Decomposed, Envelope, Planned};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 use crate::understanding::catalog::Catalog;
@@ -71,6 +72,16 @@ impl Stage for PlanStage {
     type Input = Decomposed;
     type Context = PlanContext;
     const NAME: &'static str = "plan";
+    type Request = RequestId;
+
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<Decomposed>, wire::Error> {
+        parse_envelope(body, amqp, limit)
+    }
 
     async fn load(&self, store: &Store, input: &Inbound<Decomposed>) -> Result<PlanContext, store::Error> {
         let work_types: Vec<&str> =
@@ -171,7 +182,7 @@ mod tests {
         let request_id = RequestId::random();
         Inbound {
             message_id: MessageId::random(),
-            request_id: Some(request_id),
+            request_id,
             priority: 1,
             payload: Decomposed {
                 request: RequestMeta {

@@ -8,12 +8,12 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Destination, Inbound, Outcome, Publish, Stage};
+use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
 use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::model::domain::{PlanStatus, TaskStatus};
 use crate::model::effect::{Attempt, Write, write};
-use crate::model::ids::TaskId;
-use crate::model::wire::{Envelope, RouteTasks, TaskResult};
+use crate::model::ids::{RequestId, TaskId};
+use crate::model::wire::{self, Envelope, RouteTasks, TaskResult};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store, StoredPlan, TaskState};
 
@@ -52,6 +52,16 @@ impl Stage for Track {
     type Input = TaskResult;
     type Context = TrackContext;
     const NAME: &'static str = "track";
+    type Request = RequestId;
+
+    fn parse(
+        &self,
+        body: &[u8],
+        amqp: &AmqpMeta<'_>,
+        limit: usize,
+    ) -> Result<Inbound<TaskResult>, wire::Error> {
+        parse_envelope(body, amqp, limit)
+    }
 
     async fn load(&self, store: &Store, input: &Inbound<TaskResult>) -> Result<TrackContext, store::Error> {
         let plan_id = input.payload.plan_id;
@@ -294,12 +304,8 @@ mod tests {
             lease_expired: false,
             usage: Some(TokenUsage { input_tokens: 1_200, output_tokens: 300 }),
         };
-        let input = Inbound {
-            message_id: MessageId::random(),
-            request_id: Some(request),
-            priority: 0,
-            payload: result,
-        };
+        let input =
+            Inbound { message_id: MessageId::random(), request_id: request, priority: 0, payload: result };
         let context = TrackContext {
             plan: Some(StoredPlan { plan, status: PlanStatus::Approved, version: 3 }),
             tasks,
