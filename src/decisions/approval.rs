@@ -52,10 +52,10 @@ pub fn gate(request_auto_approve: bool, decision: &FallbackDecision, policy: &Ap
             reason: "the request asked for auto-approval and the policy allows it".to_owned(),
         };
     }
-    let complexity = decision.complexity;
+    let complexity = decision.complexity();
     if let Some(limit) = policy.auto_approve_below
         && complexity < limit
-        && !decision.use_external
+        && decision.provider().is_none()
     {
         let (c, l) = figures(complexity, limit);
         return Gate::AutoApproved {
@@ -67,11 +67,8 @@ pub fn gate(request_auto_approve: bool, decision: &FallbackDecision, policy: &Ap
     if request_auto_approve {
         reasons.push("the request asked for auto-approval but the policy does not allow it".to_owned());
     }
-    if decision.use_external {
-        reasons.push(match &decision.provider {
-            Some(provider) => format!("uses an external AI model ({provider})"),
-            None => "uses an external AI model".to_owned(),
-        });
+    if let Some(provider) = decision.provider() {
+        reasons.push(format!("uses an external AI model ({provider})"));
     }
     match policy.auto_approve_below {
         None => reasons.push("the policy does not auto-approve by complexity".to_owned()),
@@ -100,16 +97,19 @@ mod tests {
     }
 
     fn decision(complexity: f64, use_external: bool) -> FallbackDecision {
-        FallbackDecision {
-            plan_id: RequestId::random().plan_id(),
-            use_external,
-            provider: use_external.then(|| "bigmodel".to_owned()),
-            external_tasks: Vec::new(),
-            infeasible: false,
-            reason: String::new(),
+        let plan_id = RequestId::random().plan_id();
+        let reason = String::new();
+        if !use_external {
+            return FallbackDecision::Local { plan_id, complexity, reason };
+        }
+        FallbackDecision::External {
+            plan_id,
             complexity,
-            estimated_cost_micros: 0,
-            quota_left_micros: None,
+            reason,
+            provider: "bigmodel".to_owned(),
+            tasks: Vec::new(),
+            cost_micros: 0,
+            quota_left_micros: 0,
         }
     }
 

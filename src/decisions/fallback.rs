@@ -100,27 +100,87 @@ pub struct Infeasible {
     pub reason: String,
 }
 
-/// Whether a plan's work goes to an external provider, and why.
+/// Whether a plan's work goes to an external provider, and why: each kind of decision with what
+/// it needs and nothing else (no provider without its tasks, no tasks without their provider).
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
-pub struct FallbackDecision {
-    pub plan_id: PlanId,
-    pub use_external: bool,
-    /// The provider the work goes to; `None` when it stays local.
-    pub provider: Option<String>,
-    /// The tasks that go to the provider: empty when the work stays local.
-    #[serde(default)]
-    pub external_tasks: Vec<TaskId>,
+#[serde(tag = "goes", rename_all = "snake_case")]
+pub enum FallbackDecision {
+    /// The work stays with the local agents.
+    Local { plan_id: PlanId, complexity: f64, reason: String },
+    /// `tasks` go to `provider`, for an estimated `cost_micros` reserved from its quota, which
+    /// had `quota_left_micros` left after the reservation.
+    External {
+        plan_id: PlanId,
+        complexity: f64,
+        reason: String,
+        provider: String,
+        tasks: Vec<TaskId>,
+        cost_micros: i64,
+        quota_left_micros: i64,
+    },
     /// The plan could not run: a task needed what no agent offered, and no provider could take
-    /// it. Set only on plans made before such tasks waited for an agent (they then ended
+    /// it. Decided only for plans made before such tasks waited for an agent (they then ended
     /// `infeasible`); kept so that their records still read as they were.
-    #[serde(default)]
-    pub infeasible: bool,
-    pub reason: String,
-    pub complexity: f64,
-    /// What going external costs in micros (the amount reserved); 0 when the work stays local.
-    pub estimated_cost_micros: i64,
-    /// The provider's quota left after the reservation; `None` when the work stays local.
-    pub quota_left_micros: Option<i64>,
+    Infeasible { plan_id: PlanId, complexity: f64, reason: String },
+}
+
+impl FallbackDecision {
+    pub fn plan_id(&self) -> PlanId {
+        match self {
+            Self::Local { plan_id, .. }
+            | Self::External { plan_id, .. }
+            | Self::Infeasible { plan_id, .. } => *plan_id,
+        }
+    }
+
+    pub fn complexity(&self) -> f64 {
+        match self {
+            Self::Local { complexity, .. }
+            | Self::External { complexity, .. }
+            | Self::Infeasible { complexity, .. } => *complexity,
+        }
+    }
+
+    /// Why, with the figures it was based on.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Local { reason, .. } | Self::External { reason, .. } | Self::Infeasible { reason, .. } => {
+                reason
+            }
+        }
+    }
+
+    /// The provider the work goes to, if it goes out.
+    pub fn provider(&self) -> Option<&str> {
+        match self {
+            Self::External { provider, .. } => Some(provider),
+            _ => None,
+        }
+    }
+
+    /// The tasks that go to the provider: none unless the work goes out.
+    pub fn external_tasks(&self) -> &[TaskId] {
+        match self {
+            Self::External { tasks, .. } => tasks,
+            _ => &[],
+        }
+    }
+
+    /// The provider's quota left after the reservation: none unless the work goes out.
+    pub fn quota_left_micros(&self) -> Option<i64> {
+        match self {
+            Self::External { quota_left_micros, .. } => Some(*quota_left_micros),
+            _ => None,
+        }
+    }
+
+    /// What going out costs, as reserved: 0 unless the work goes out.
+    pub fn cost_micros(&self) -> i64 {
+        match self {
+            Self::External { cost_micros, .. } => *cost_micros,
+            _ => 0,
+        }
+    }
 }
 
 /// Decides whether `plan`, of the given `complexity`, goes to an external provider.
@@ -139,17 +199,7 @@ pub fn decide_fallback(
     policy: &FallbackPolicy,
     quotas: &[QuotaSnapshot],
 ) -> FallbackDecision {
-    let local = |reason: String| FallbackDecision {
-        plan_id: plan.id,
-        use_external: false,
-        provider: None,
-        external_tasks: Vec::new(),
-        infeasible: false,
-        reason,
-        complexity,
-        estimated_cost_micros: 0,
-        quota_left_micros: None,
-    };
+    let local = |reason: String| FallbackDecision::Local { plan_id: plan.id, complexity, reason };
     let threshold = policy.complexity_threshold;
     let (c, t) = figures(complexity, threshold);
     // A NaN compares false both ways: it is no reason to spend money.
@@ -181,10 +231,10 @@ pub fn decide_fallback(
         let n = external.len();
         // What was given up on the way (a complex plan sent out only in part) is said too.
         let given_up = lacks.iter().map(|l| format!("; {l}")).collect::<String>();
-        return FallbackDecision {
+        return FallbackDecision::External {
             plan_id: plan.id,
-            use_external: true,
-            provider: Some(provider.name.clone()),
+            complexity,
+            provider: provider.name.clone(),
             reason: format!(
                 "{}{given_up}; {n} of {total} {} {} to {} for an estimated {cost} micros, leaving {left} micros of quota",
                 why.join("; "),
@@ -192,11 +242,9 @@ pub fn decide_fallback(
                 if n == 1 { "goes" } else { "go" },
                 provider.name
             ),
-            external_tasks: external,
-            infeasible: false,
-            complexity,
-            estimated_cost_micros: cost,
-            quota_left_micros: Some(left),
+            tasks: external,
+            cost_micros: cost,
+            quota_left_micros: left,
         };
     }
     if policy.providers.is_empty() {
@@ -356,8 +404,8 @@ mod tests {
         // Two accepted tasks of three go when the plan is complex: 2 × 3085.
         let plan = plan(&["deployment", "monitoring", "analysis"]);
         let d = decide_fallback(&plan, 0.9, &[], &policy(), &quota(1_000_000));
-        assert_eq!(d.estimated_cost_micros, 6170);
-        assert_eq!(d.external_tasks, [plan.tasks()[0].id, plan.tasks()[2].id]);
+        assert_eq!(d.cost_micros(), 6170);
+        assert_eq!(d.external_tasks(), [plan.tasks()[0].id, plan.tasks()[2].id]);
     }
 
     #[test]
@@ -372,18 +420,12 @@ mod tests {
         );
         assert_eq!(
             d,
-            FallbackDecision {
+            FallbackDecision::Local {
                 plan_id: plan.id,
-                use_external: false,
-                provider: None,
-                external_tasks: Vec::new(),
-                infeasible: false,
                 reason: "complexity 0.99 meets the 0.70 threshold, but the work stays local: \
                          no external provider is configured"
                     .into(),
                 complexity: 0.99,
-                estimated_cost_micros: 0,
-                quota_left_micros: None,
             }
         );
     }
@@ -392,55 +434,55 @@ mod tests {
     fn stays_local_below_the_complexity_threshold() {
         let plan = plan(&["deployment"]);
         let d = decide_fallback(&plan, 0.45, &[], &policy(), &quota(1_000_000));
-        assert!(!d.use_external);
-        assert_eq!(d.provider, None);
-        assert_eq!(d.reason, "complexity 0.45 is below the 0.70 threshold");
-        assert_eq!(d.estimated_cost_micros, 0);
+        assert!(d.provider().is_none());
+        assert_eq!(d.provider(), None);
+        assert_eq!(d.reason(), "complexity 0.45 is below the 0.70 threshold");
+        assert_eq!(d.cost_micros(), 0);
 
         // Rounding must not make the figures read the same.
         let d = decide_fallback(&plan, 0.699, &[], &policy(), &quota(1_000_000));
-        assert_eq!(d.reason, "complexity 0.699 is below the 0.7 threshold");
+        assert_eq!(d.reason(), "complexity 0.699 is below the 0.7 threshold");
         // Exactly at the threshold goes external.
-        assert!(decide_fallback(&plan, 0.7, &[], &policy(), &quota(1_000_000)).use_external);
+        assert!(decide_fallback(&plan, 0.7, &[], &policy(), &quota(1_000_000)).provider().is_some());
         // A NaN complexity is no reason to spend money.
         let d = decide_fallback(&plan, f64::NAN, &[], &policy(), &quota(1_000_000));
-        assert!(!d.use_external);
-        assert!(d.reason.contains("cannot be compared"), "{}", d.reason);
+        assert!(d.provider().is_none());
+        assert!(d.reason().contains("cannot be compared"), "{}", d.reason());
     }
 
     #[test]
     fn stays_local_when_the_provider_accepts_no_task() {
         let plan = plan(&["monitoring", "notification"]);
         let d = decide_fallback(&plan, 0.9, &[], &policy(), &quota(1_000_000));
-        assert!(!d.use_external);
+        assert!(d.provider().is_none());
         assert_eq!(
-            d.reason,
+            d.reason(),
             "complexity 0.90 meets the 0.70 threshold, but the work stays local: \
              bigmodel takes none of the plan's work types (monitoring, notification)"
         );
-        assert_eq!(d.estimated_cost_micros, 0);
+        assert_eq!(d.cost_micros(), 0);
     }
 
     #[test]
     fn stays_local_when_the_quota_is_unknown_or_short() {
         let plan = plan(&["deployment", "analysis"]); // costs 6170
         let d = decide_fallback(&plan, 0.9, &[], &policy(), &[]);
-        assert!(!d.use_external);
-        assert!(d.reason.ends_with("no quota known for bigmodel"), "{}", d.reason);
+        assert!(d.provider().is_none());
+        assert!(d.reason().ends_with("no quota known for bigmodel"), "{}", d.reason());
 
         // One micro short.
         let d = decide_fallback(&plan, 0.9, &[], &policy(), &quota(6169));
-        assert!(!d.use_external && !d.infeasible);
+        assert!(matches!(d, FallbackDecision::Local { .. }));
         assert_eq!(
-            d.reason,
+            d.reason(),
             "complexity 0.90 meets the 0.70 threshold, but the work stays local: \
              quota exhausted: bigmodel has 6169 micros left, and the plan would cost 6170 micros"
         );
-        assert_eq!(d.quota_left_micros, None);
+        assert!(matches!(d, FallbackDecision::Local { .. }));
 
         // Another provider's quota says nothing about this one's.
         let other = vec![QuotaSnapshot { provider: "othermodel".into(), remaining_micros: 1_000_000 }];
-        assert!(!decide_fallback(&plan, 0.9, &[], &policy(), &other).use_external);
+        assert!(decide_fallback(&plan, 0.9, &[], &policy(), &other).provider().is_none());
     }
 
     #[test]
@@ -449,18 +491,16 @@ mod tests {
         let d = decide_fallback(&plan, 0.85, &[], &policy(), &quota(6170));
         assert_eq!(
             d,
-            FallbackDecision {
+            FallbackDecision::External {
                 plan_id: plan.id,
-                use_external: true,
-                provider: Some("bigmodel".into()),
-                external_tasks: vec![plan.tasks()[0].id, plan.tasks()[2].id],
-                infeasible: false,
+                provider: "bigmodel".into(),
+                tasks: vec![plan.tasks()[0].id, plan.tasks()[2].id],
                 reason: "complexity 0.85 meets the 0.70 threshold; 2 of 3 tasks go to bigmodel \
                          for an estimated 6170 micros, leaving 0 micros of quota"
                     .into(),
                 complexity: 0.85,
-                estimated_cost_micros: 6170,
-                quota_left_micros: Some(0),
+                cost_micros: 6170,
+                quota_left_micros: 0,
             }
         );
         let json = serde_json::to_value(&d).unwrap();
@@ -472,11 +512,11 @@ mod tests {
         let plan = plan(&["deployment", "analysis", "monitoring"]);
         let stuck = [stuck(&plan, 1, "needs 1 GPU, and no agent has one")];
         let d = decide_fallback(&plan, 0.2, &stuck, &policy(), &quota(1_000_000));
-        assert!(d.use_external && !d.infeasible);
-        assert_eq!(d.external_tasks, [plan.tasks()[1].id], "only the task that cannot run here");
-        assert_eq!(d.estimated_cost_micros, 3085);
+        assert!(d.provider().is_some());
+        assert_eq!(d.external_tasks(), [plan.tasks()[1].id], "only the task that cannot run here");
+        assert_eq!(d.cost_micros(), 3085);
         assert_eq!(
-            d.reason,
+            d.reason(),
             "task 1.analysis needs 1 GPU, and no agent has one; 1 of 3 tasks goes to bigmodel \
              for an estimated 3085 micros, leaving 996915 micros of quota"
         );
@@ -487,9 +527,9 @@ mod tests {
         let plan = plan(&["deployment", "analysis"]);
         let stuck = [stuck(&plan, 1, "needs 1 GPU, and no agent has one")];
         let d = decide_fallback(&plan, 0.2, &stuck, &policy(), &quota(100));
-        assert!(!d.infeasible && !d.use_external);
+        assert!(matches!(d, FallbackDecision::Local { .. }));
         assert_eq!(
-            d.reason,
+            d.reason(),
             "task 1.analysis needs 1 GPU, and no agent has one; and no provider can take it (quota \
              exhausted: bigmodel has 100 micros left, and the plan would cost 3085 micros): it waits for \
              an agent that can run it"
@@ -497,10 +537,10 @@ mod tests {
         // A provider that does not take the work type cannot help either.
         let stuck = [Infeasible { work_type: wt("transcription"), ..stuck[0].clone() }];
         let d = decide_fallback(&plan, 0.2, &stuck, &policy(), &quota(1_000_000));
-        assert!(!d.use_external);
-        assert!(d.reason.contains("(bigmodel does not take transcription work)"), "{}", d.reason);
+        assert!(d.provider().is_none());
+        assert!(d.reason().contains("(bigmodel does not take transcription work)"), "{}", d.reason());
         let d = decide_fallback(&plan, 0.2, &stuck, &FallbackPolicy::default(), &[]);
-        assert!(d.reason.contains("(no external provider is configured)"), "{}", d.reason);
+        assert!(d.reason().contains("(no external provider is configured)"), "{}", d.reason());
     }
 
     #[test]
@@ -509,10 +549,10 @@ mod tests {
         let stuck = [stuck(&plan, 2, "needs 1 GPU, and no agent has one")];
         // Three accepted tasks cost 9255; the quota covers one.
         let d = decide_fallback(&plan, 0.9, &stuck, &policy(), &quota(5000));
-        assert!(d.use_external && !d.infeasible, "{d:#?}");
-        assert_eq!(d.external_tasks, [plan.tasks()[2].id]);
+        assert!(d.provider().is_some(), "{d:#?}");
+        assert_eq!(d.external_tasks(), [plan.tasks()[2].id]);
         assert_eq!(
-            d.reason,
+            d.reason(),
             "complexity 0.90 meets the 0.70 threshold; task 2.analysis needs 1 GPU, and no agent has one; \
              quota short: bigmodel has 5000 micros left, and all 3 tasks it takes would cost 9255 micros; \
              1 of 3 tasks goes to bigmodel for an estimated 3085 micros, leaving 1915 micros of quota"
@@ -529,8 +569,10 @@ mod tests {
             QuotaSnapshot { provider: "backup".into(), remaining_micros: 5000 },
         ];
         let d = decide_fallback(&plan, 0.9, &[], &policy, &quotas);
-        assert_eq!(d.provider.as_deref(), Some("backup"));
-        assert_eq!(d.quota_left_micros, Some(5000 - 3085));
+        assert!(
+            matches!(&d, FallbackDecision::External { provider, quota_left_micros: 1915, .. } if provider == "backup"),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -177,16 +177,20 @@ const FALLBACK_COLUMNS: &str = "plan_id, use_external, provider, reason, complex
      estimated_cost_micros, quota_left_micros, external_tasks, infeasible";
 
 fn fallback_from_row(r: &Row) -> FallbackDecision {
-    FallbackDecision {
-        plan_id: PlanId::from_uuid(r.get(0)),
-        use_external: r.get(1),
-        provider: r.get(2),
-        reason: r.get(3),
-        complexity: r.get(4),
-        estimated_cost_micros: r.get(5),
-        quota_left_micros: r.get(6),
-        external_tasks: r.get::<_, Vec<uuid::Uuid>>(7).into_iter().map(TaskId::from_uuid).collect(),
-        infeasible: r.get(8),
+    let (plan_id, reason, complexity) = (PlanId::from_uuid(r.get(0)), r.get(3), r.get(4));
+    // Only external decisions are written with a provider (see `apply::plans::fallback`).
+    match (r.get::<_, bool>(8), r.get::<_, bool>(1), r.get::<_, Option<String>>(2)) {
+        (true, _, _) => FallbackDecision::Infeasible { plan_id, complexity, reason },
+        (false, true, Some(provider)) => FallbackDecision::External {
+            plan_id,
+            complexity,
+            reason,
+            provider,
+            tasks: r.get::<_, Vec<uuid::Uuid>>(7).into_iter().map(TaskId::from_uuid).collect(),
+            cost_micros: r.get(5),
+            quota_left_micros: r.get::<_, Option<i64>>(6).unwrap_or_default(),
+        },
+        _ => FallbackDecision::Local { plan_id, complexity, reason },
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use switchyard::agent::{AgentBuilder, Llm, Simulate};
 use switchyard::config::Config;
+use switchyard::decisions::fallback::FallbackDecision;
 use switchyard::decisions::providers::{Provider, Window};
 use switchyard::llm::Client;
 use switchyard::model::domain::Resources;
@@ -78,10 +79,10 @@ async fn a_gpu_task_goes_to_the_external_model_and_its_real_use_settles_the_rese
     let decision = plan.fallback.as_ref().unwrap();
     let transcribe = plan.tasks.iter().find(|t| t.key == "1.transcribe").unwrap();
     let review = plan.tasks.iter().find(|t| t.key == "1.review").unwrap();
-    assert!(decision.use_external, "{decision:#?}");
-    assert_eq!(decision.external_tasks, [transcribe.id], "only the task no agent could run");
-    assert_eq!(decision.estimated_cost_micros, ESTIMATE);
-    assert!(decision.reason.starts_with("task 1.transcribe needs 1 GPU"), "{}", decision.reason);
+    assert!(decision.provider().is_some(), "{decision:#?}");
+    assert_eq!(decision.external_tasks(), [transcribe.id], "only the task no agent could run");
+    assert_eq!(decision.cost_micros(), ESTIMATE);
+    assert!(decision.reason().starts_with("task 1.transcribe needs 1 GPU"), "{}", decision.reason());
     assert_eq!(transcribe.agent_id.as_deref(), Some("llm-cloud"));
     assert_eq!(review.agent_id.as_deref(), Some("scribe"));
     let answer = plan.results.iter().find(|r| r.task_id == transcribe.id).unwrap();
@@ -134,9 +135,9 @@ async fn without_quota_a_gpu_task_waits_for_an_agent_with_a_gpu_and_says_why() {
     assert_eq!(report.status.as_str(), "in_progress", "{report:#?}");
     let plan = report.plan.as_ref().unwrap();
     let fallback = plan.fallback.as_ref().unwrap();
-    assert!(!fallback.use_external && !fallback.infeasible);
+    assert!(matches!(fallback, FallbackDecision::Local { .. }));
     assert_eq!(
-        fallback.reason,
+        fallback.reason(),
         format!(
             "task 1.transcribe needs 1 GPU (the most any of the 1 known agent or machine has is 0); and no \
              provider can take it (quota exhausted: cloud has {} micros left, and the plan would cost \

@@ -130,13 +130,13 @@ async fn a_complex_plan_with_quota_left_goes_external_and_reserves_its_cost() {
     assert_eq!(plan.plan_id, id.plan_id(), "the decision belongs to the request's plan");
     assert_eq!(plan.complexity, COMPLEX_COMPLEXITY);
     let fallback = plan.fallback.as_ref().unwrap();
-    assert!(fallback.use_external, "{fallback:#?}");
-    assert_eq!(fallback.provider.as_deref(), Some(PROVIDER));
-    assert_eq!(fallback.complexity, COMPLEX_COMPLEXITY);
-    assert_eq!(fallback.estimated_cost_micros, PLAN_COST);
-    assert_eq!(fallback.quota_left_micros, Some(100_000 - PLAN_COST));
+    assert!(fallback.provider().is_some(), "{fallback:#?}");
+    assert_eq!(fallback.provider(), Some(PROVIDER));
+    assert_eq!(fallback.complexity(), COMPLEX_COMPLEXITY);
+    assert_eq!(fallback.cost_micros(), PLAN_COST);
+    assert_eq!(fallback.quota_left_micros(), Some(100_000 - PLAN_COST));
     assert_eq!(
-        fallback.reason,
+        fallback.reason(),
         format!(
             "complexity 0.30 meets the 0.25 threshold; 3 of 3 tasks go to {PROVIDER} for an estimated \
              {PLAN_COST} micros, leaving {} micros of quota",
@@ -151,8 +151,8 @@ async fn a_complex_plan_with_quota_left_goes_external_and_reserves_its_cost() {
     let (actor, _, detail) = decided[0];
     assert_eq!(actor, "fallback");
     assert_eq!(detail["plan_id"], id.plan_id().to_string());
-    assert_eq!(detail["use_external"], true);
-    assert_eq!(detail["estimated_cost_micros"], PLAN_COST);
+    assert_eq!(detail["goes"], "external");
+    assert_eq!(detail["cost_micros"], PLAN_COST);
 
     // External work is never approved by the complexity rule: it waits for a person.
     let report = app.wait_settled(id).await;
@@ -168,18 +168,18 @@ async fn an_exhausted_quota_keeps_the_plan_local_and_reserves_nothing() {
     let report = app.wait_for(id, has_fallback).await;
 
     let fallback = report.plan.as_ref().unwrap().fallback.clone().unwrap();
-    assert!(!fallback.use_external, "{fallback:#?}");
-    assert_eq!(fallback.provider, None);
-    assert!(fallback.reason.contains("quota exhausted"), "{}", fallback.reason);
+    assert!(fallback.provider().is_none(), "{fallback:#?}");
+    assert_eq!(fallback.provider(), None);
+    assert!(fallback.reason().contains("quota exhausted"), "{}", fallback.reason());
     assert_eq!(
-        fallback.reason,
+        fallback.reason(),
         format!(
             "complexity 0.30 meets the 0.25 threshold, but the work stays local: quota exhausted: \
              {PROVIDER} has {limit} micros left, and the plan would cost {PLAN_COST} micros"
         )
     );
-    assert_eq!(fallback.estimated_cost_micros, 0, "nothing reserved");
-    assert_eq!(fallback.quota_left_micros, None);
+    assert_eq!(fallback.cost_micros(), 0, "nothing reserved");
+    assert_eq!(fallback.quota_left_micros(), None);
     assert_eq!(remaining(&app).await, limit, "nothing reserved");
 
     // Local, but at 0.296 too complex for the policy to approve on its own.
@@ -217,8 +217,8 @@ async fn a_plan_gets_exactly_one_fallback_decision_however_often_it_is_planned()
     let report = app.store.report(id).await.unwrap().unwrap();
     assert_eq!(report.status.as_str(), "awaiting_approval");
     let fallback = report.plan.unwrap().fallback.unwrap();
-    assert!(fallback.use_external);
-    assert_eq!(fallback.quota_left_micros, Some(100_000 - PLAN_COST));
+    assert!(fallback.provider().is_some());
+    assert_eq!(fallback.quota_left_micros(), Some(100_000 - PLAN_COST));
 }
 
 #[tokio::test]
@@ -236,8 +236,8 @@ async fn a_replayed_plan_keeps_its_first_decision_when_the_quota_has_run_out_sin
     submit_as(&app, id, RESEARCH, false).await;
     let report = app.wait_settled(id).await;
     let fallback = report.plan.as_ref().unwrap().fallback.clone().unwrap();
-    assert!(fallback.use_external, "{fallback:#?}");
-    assert_eq!(fallback.estimated_cost_micros, 3003);
+    assert!(fallback.provider().is_some(), "{fallback:#?}");
+    assert_eq!(fallback.cost_micros(), 3003);
     assert_eq!(remaining(&app).await, 0);
     assert_eq!(report.status.as_str(), "awaiting_approval");
 
@@ -251,7 +251,7 @@ async fn a_replayed_plan_keeps_its_first_decision_when_the_quota_has_run_out_sin
     assert_eq!(report.status.as_str(), "awaiting_approval", "{report:#?}");
     let plan = report.plan.unwrap();
     assert!(plan.approval.is_none(), "{:#?}", plan.approval);
-    assert!(plan.fallback.unwrap().use_external);
+    assert!(plan.fallback.unwrap().provider().is_some());
     assert!(plan.tasks.iter().all(|t| t.status.as_str() == "pending"));
     assert!(app.store.trail(id).await.unwrap().unwrap().decisions.is_empty());
 }
@@ -264,18 +264,18 @@ async fn two_plans_racing_for_the_last_quota_get_one_external_decision() {
     let b = app.wait_for(b, has_fallback).await;
 
     let decisions: Vec<_> = [&a, &b].map(|r| r.plan.as_ref().unwrap().fallback.clone().unwrap()).into();
-    let external: Vec<_> = decisions.iter().filter(|f| f.use_external).collect();
-    let local: Vec<_> = decisions.iter().filter(|f| !f.use_external).collect();
+    let external: Vec<_> = decisions.iter().filter(|f| f.provider().is_some()).collect();
+    let local: Vec<_> = decisions.iter().filter(|f| f.provider().is_none()).collect();
     assert_eq!(external.len(), 1, "{decisions:#?}");
     assert_eq!(local.len(), 1, "{decisions:#?}");
-    assert_eq!(external[0].quota_left_micros, Some(PLAN_COST / 2));
+    assert_eq!(external[0].quota_left_micros(), Some(PLAN_COST / 2));
     assert!(
-        local[0].reason.ends_with(&format!(
+        local[0].reason().ends_with(&format!(
             "{PROVIDER} has {} micros left, and the plan would cost {PLAN_COST} micros",
             PLAN_COST / 2
         )),
         "decided on the quota left by the other: {}",
-        local[0].reason
+        local[0].reason()
     );
     assert_eq!(remaining(&app).await, PLAN_COST / 2, "one reservation only");
 }
@@ -287,7 +287,7 @@ async fn approving_an_external_plan_releases_its_first_task() {
     let id = app.submit(COMPLEX, false).await;
     let report = app.wait_settled(id).await;
     assert_eq!(report.status.as_str(), "awaiting_approval");
-    assert!(report.plan.as_ref().unwrap().fallback.as_ref().unwrap().use_external);
+    assert!(report.plan.as_ref().unwrap().fallback.as_ref().unwrap().provider().is_some());
     assert!(app.drain(&app.agent_queue(MODEL_AGENT)).await.is_empty(), "nothing routed before approval");
     let plan_id = id.plan_id().to_string();
 
@@ -398,7 +398,7 @@ async fn a_simple_local_plan_is_approved_by_the_policy() {
     let report = app.wait_settled(id).await;
     assert_eq!(report.status.as_str(), "in_progress", "{report:#?}");
     let plan = report.plan.unwrap();
-    assert_eq!(plan.fallback.unwrap().reason, "complexity 0.16 is below the 0.30 threshold");
+    assert_eq!(plan.fallback.unwrap().reason(), "complexity 0.16 is below the 0.30 threshold");
     let approval = plan.approval.unwrap();
     assert!(approval.approved);
     assert_eq!(approval.decided_by, "policy");

@@ -50,16 +50,15 @@ async fn new_plan(app: &TestApp) -> (RequestId, Plan) {
 fn fallback(request_id: RequestId, plan: &Plan, provider: &str, amount: i64, at: DateTime<Utc>) -> Write {
     Write::Fallback(write::Fallback {
         request_id,
-        decision: FallbackDecision {
+        decision: FallbackDecision::External {
             plan_id: plan.id,
-            use_external: true,
-            provider: Some(provider.into()),
-            external_tasks: plan.tasks().iter().map(|t| t.id).collect(),
-            infeasible: false,
+            provider: provider.into(),
+            tasks: plan.tasks().iter().map(|t| t.id).collect(),
             reason: "complex enough".into(),
             complexity: 0.8,
-            estimated_cost_micros: amount,
-            quota_left_micros: None,
+            cost_micros: amount,
+            // What the store records is the figure after the reservation, not this.
+            quota_left_micros: 0,
         },
         reserve: Some(Reservation { provider: provider.into(), amount_micros: amount, window_start: at }),
     })
@@ -149,7 +148,7 @@ async fn two_plans_racing_for_the_last_quota_reserve_it_once() {
         let reservation = app.store.reservation(winner.id).await.unwrap().expect("the winner's reservation");
         assert_eq!((reservation.provider.as_str(), reservation.amount_micros), (provider.as_str(), 30_000));
         let decision = app.store.fallback_decision(winner.id).await.unwrap().unwrap();
-        assert_eq!(decision.quota_left_micros, Some(20_000), "the figure after the reservation");
+        assert_eq!(decision.quota_left_micros(), Some(20_000), "the figure after the reservation");
         // The loser's transaction wrote nothing: its stage decides again on fresh figures.
         assert_eq!(app.store.reservation(loser.id).await.unwrap(), None);
         assert_eq!(app.store.fallback_decision(loser.id).await.unwrap(), None);

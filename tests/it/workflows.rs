@@ -165,7 +165,7 @@ async fn submit_wait_ends_when_the_released_tasks_are_in_their_queues() {
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["status"], "in_progress");
     assert_eq!(json["plan"]["tasks"][0]["agent_id"], "homelab-1");
-    assert_eq!(json["plan"]["fallback"]["use_external"], false);
+    assert_eq!(json["plan"]["fallback"]["goes"], "local");
     assert_eq!(json["plan"]["approval"]["decided_by"], "policy");
 }
 

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use chrono::Utc;
+use switchyard::decisions::fallback::FallbackDecision;
 use switchyard::model::domain::Agent;
 use switchyard::model::ids::TaskId;
 use switchyard::store::{
@@ -56,8 +57,12 @@ fn plan(plan: &PlanReport, waits: &HashMap<TaskId, String>) {
         println!("          no agent can run {}: {}", stuck.key, stuck.reason);
     }
     if let Some(f) = &plan.fallback {
-        let target = if f.use_external { "external" } else { "local" };
-        println!("fallback  {target}: {}", f.reason);
+        let target = match f {
+            FallbackDecision::Local { .. } => "local",
+            FallbackDecision::External { .. } => "external",
+            FallbackDecision::Infeasible { .. } => "infeasible",
+        };
+        println!("fallback  {target}: {}", f.reason());
     }
     if let Some(r) = &plan.reservation {
         println!("quota     {}", reservation(r));

@@ -2,6 +2,7 @@
 //! complexity terms, the fallback decision with its reservation, and the settlement of that
 //! reservation against what external tasks really used.
 
+use crate::decisions::fallback::FallbackDecision;
 use crate::model::domain::PlanStatus;
 use crate::store::Trail;
 
@@ -39,39 +40,35 @@ pub(super) fn understanding_and_cost(trail: &Trail, findings: &mut Vec<String>) 
         Some(_) | None => {}
     }
     let Some(decision) = &trail.fallback else { return };
-    if decision.infeasible != (stored.status == PlanStatus::Infeasible) {
+    let infeasible = matches!(decision, FallbackDecision::Infeasible { .. });
+    if infeasible != (stored.status == PlanStatus::Infeasible) {
         findings.push(format!(
-            "the fallback decision says infeasible = {}, but plan {} is {}",
-            decision.infeasible, plan.id, stored.status
+            "the fallback decision says infeasible = {infeasible}, but plan {} is {}",
+            plan.id, stored.status
         ));
     }
-    if let Some(outside) = decision.external_tasks.iter().find(|id| plan.task(**id).is_none()) {
+    if let Some(outside) = decision.external_tasks().iter().find(|id| plan.task(**id).is_none()) {
         findings.push(format!(
             "the fallback decision sends {outside} out, which is not a task of plan {}",
             plan.id
         ));
     }
-    match (&trail.reservation, decision.use_external) {
-        (None, false) => {}
-        (None, true) => findings.push(format!(
-            "plan {} goes to {} without a quota reservation",
-            plan.id,
-            decision.provider.as_deref().unwrap_or("?")
-        )),
-        (Some(r), false) => findings.push(format!(
+    match (&trail.reservation, decision.provider()) {
+        (None, None) => {}
+        (None, Some(provider)) => {
+            findings.push(format!("plan {} goes to {provider} without a quota reservation", plan.id))
+        }
+        (Some(r), None) => findings.push(format!(
             "plan {} stays local but reserved {} micros of {}",
             plan.id, r.amount_micros, r.provider
         )),
-        (Some(r), true) => {
-            if Some(r.provider.as_str()) != decision.provider.as_deref()
-                || r.amount_micros != decision.estimated_cost_micros
-            {
+        (Some(r), Some(provider)) => {
+            if r.provider != provider || r.amount_micros != decision.cost_micros() {
                 findings.push(format!(
-                    "the reservation ({} micros of {}) is not what the decision estimated ({} micros of {})",
+                    "the reservation ({} micros of {}) is not what the decision estimated ({} micros of {provider})",
                     r.amount_micros,
                     r.provider,
-                    decision.estimated_cost_micros,
-                    decision.provider.as_deref().unwrap_or("?")
+                    decision.cost_micros(),
                 ));
             }
             let used: i64 = trail.usage.iter().map(|(_, _, cost)| cost).sum();
@@ -103,7 +100,7 @@ pub(super) fn understanding_and_cost(trail: &Trail, findings: &mut Vec<String>) 
         }
     }
     for (task, attempt, _) in &trail.usage {
-        if !decision.external_tasks.contains(task) {
+        if !decision.external_tasks().contains(task) {
             findings
                 .push(format!("external use recorded for task {task} attempt {attempt}, which stayed local"));
         }
@@ -123,16 +120,14 @@ mod tests {
 
     fn external(trail: &Trail) -> FallbackDecision {
         let plan = &trail.plan.as_ref().unwrap().plan;
-        FallbackDecision {
+        FallbackDecision::External {
             plan_id: plan.id,
-            use_external: true,
-            provider: Some("cloud".into()),
-            external_tasks: vec![plan.tasks()[0].id],
-            infeasible: false,
+            provider: "cloud".into(),
+            tasks: vec![plan.tasks()[0].id],
             reason: String::new(),
             complexity: 0.5,
-            estimated_cost_micros: 30_000,
-            quota_left_micros: Some(70_000),
+            cost_micros: 30_000,
+            quota_left_micros: 70_000,
         }
     }
 

@@ -90,10 +90,10 @@ impl Stage for Fallback {
                     &self.fallback,
                     &context.quotas,
                 );
-                let reserve = match (&decision.provider, decision.use_external) {
-                    (Some(provider), true) => Some(Reservation {
+                let reserve = match &decision {
+                    FallbackDecision::External { provider, cost_micros, .. } => Some(Reservation {
                         provider: provider.clone(),
-                        amount_micros: decision.estimated_cost_micros,
+                        amount_micros: *cost_micros,
                         window_start: self.fallback.provider(provider).map_or(now, |p| p.window.start(now)),
                     }),
                     _ => None,
@@ -233,8 +233,8 @@ mod tests {
         let Write::Fallback(write::Fallback { decision, reserve, .. }) = &writes[0] else {
             panic!("{writes:?}")
         };
-        assert_eq!(decision.plan_id, input.payload.plan.id, "keyed by the plan");
-        assert!(!decision.use_external && reserve.is_none());
+        assert_eq!(decision.plan_id(), input.payload.plan.id, "keyed by the plan");
+        assert!(decision.provider().is_none() && reserve.is_none());
         assert!(
             matches!(&writes[1], Write::Approval(write::Approval { approved: true, by, .. }) if by == POLICY_APPROVER)
         );
@@ -285,7 +285,7 @@ mod tests {
         let Write::Fallback(write::Fallback { decision, reserve, .. }) = &writes[0] else {
             panic!("{writes:?}")
         };
-        assert!(decision.use_external);
+        assert!(decision.provider().is_some());
         // Three code-generation tasks × 1,000 tokens × 10,000 micros per 1,000 tokens.
         assert_eq!(
             reserve,

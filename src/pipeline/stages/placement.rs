@@ -29,9 +29,8 @@ pub(crate) struct External {
 
 impl External {
     pub(crate) fn of(decision: Option<&FallbackDecision>) -> Option<Self> {
-        let decision = decision.filter(|d| d.use_external)?;
-        let provider = decision.provider.as_deref()?;
-        Some(External::to_provider(provider, decision.external_tasks.iter().copied()))
+        let decision = decision?;
+        Some(External::to_provider(decision.provider()?, decision.external_tasks().iter().copied()))
     }
 
     /// The tasks `tasks`, sent out to the provider `name`.

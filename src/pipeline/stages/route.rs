@@ -418,16 +418,14 @@ mod tests {
 
     /// The plan's first task (1.prepare) goes to the provider `cloud`.
     fn external(plan: &StoredPlan) -> FallbackDecision {
-        FallbackDecision {
+        FallbackDecision::External {
             plan_id: plan.plan.id,
-            use_external: true,
-            provider: Some("cloud".into()),
-            external_tasks: vec![plan.plan.tasks()[0].id],
-            infeasible: false,
+            provider: "cloud".into(),
+            tasks: vec![plan.plan.tasks()[0].id],
             reason: String::new(),
             complexity: 0.9,
-            estimated_cost_micros: 10,
-            quota_left_micros: Some(0),
+            cost_micros: 10,
+            quota_left_micros: 0,
         }
     }
 

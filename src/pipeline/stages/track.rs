@@ -206,8 +206,8 @@ impl Track {
         now: DateTime<Utc>,
     ) -> Option<Write> {
         let usage = result.usage?;
-        let decision = decision.filter(|d| d.use_external && d.external_tasks.contains(&result.task_id))?;
-        let provider = decision.provider.clone()?;
+        let decision = decision.filter(|d| d.external_tasks().contains(&result.task_id))?;
+        let provider = decision.provider()?.to_owned();
         let cost_micros = self.fallback.provider(&provider).map_or(0, |p| {
             let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             p.cost_micros(tokens(usage.input_tokens), tokens(usage.output_tokens))
@@ -280,16 +280,14 @@ mod tests {
                 false => TaskState::pending(t),
             })
             .collect();
-        let decision = FallbackDecision {
+        let decision = FallbackDecision::External {
             plan_id: plan.id,
-            use_external: true,
-            provider: Some("cloud".into()),
-            external_tasks: vec![first.id],
-            infeasible: false,
+            provider: "cloud".into(),
+            tasks: vec![first.id],
             reason: String::new(),
             complexity: 0.5,
-            estimated_cost_micros: 6_000,
-            quota_left_micros: Some(994_000),
+            cost_micros: 6_000,
+            quota_left_micros: 994_000,
         };
         let result = TaskResult {
             plan_id: plan.id,
@@ -363,7 +361,8 @@ mod tests {
     #[test]
     fn tokens_of_a_local_task_cost_nothing() {
         let (input, mut context) = setup(1);
-        context.fallback.as_mut().unwrap().external_tasks.clear();
+        let Some(FallbackDecision::External { tasks, .. }) = context.fallback.as_mut() else { panic!() };
+        tasks.clear();
         let Outcome::Forward { writes, .. } = stage().decide(&input, context, Utc::now()) else { panic!() };
         assert!(!writes.iter().any(|w| matches!(w, Write::QuotaUsed(write::QuotaUsed { .. }))), "{writes:?}");
     }

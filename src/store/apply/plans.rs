@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::requests::set_request_status;
 use super::tasks::cancel_pending;
 use super::{Step, audit};
+use crate::decisions::fallback::FallbackDecision;
 use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
 use crate::model::effect::write;
 use crate::model::ids::PlanId;
@@ -90,9 +91,14 @@ pub(super) async fn plan(tx: &Transaction<'_>, actor: &str, w: &write::Plan) -> 
 /// A plan's external-AI decision (`Write::Fallback`), with its quota reservation if it has one.
 pub(super) async fn fallback(tx: &Transaction<'_>, actor: &str, w: &write::Fallback) -> Result<Step, Error> {
     let write::Fallback { request_id, decision, reserve } = w;
-    if plan_cancelled(tx, decision.plan_id).await? {
-        return Ok(Step::Conflict(format!("plan {} is cancelled", decision.plan_id)));
+    let plan_id = decision.plan_id();
+    if plan_cancelled(tx, plan_id).await? {
+        return Ok(Step::Conflict(format!("plan {plan_id} is cancelled")));
     }
+    let (external, quota_left) = match decision {
+        FallbackDecision::External { quota_left_micros, .. } => (true, Some(*quota_left_micros)),
+        _ => (false, None),
+    };
     let inserted = tx
         .execute_cached(
             "INSERT INTO fallback_decisions (plan_id, use_external, provider, reason,
@@ -102,36 +108,36 @@ pub(super) async fn fallback(tx: &Transaction<'_>, actor: &str, w: &write::Fallb
                      (SELECT complexity_terms FROM plans WHERE id = $1))
              ON CONFLICT DO NOTHING",
             &[
-                &decision.plan_id.as_uuid(),
-                &decision.use_external,
-                &decision.provider,
-                &decision.reason,
-                &decision.complexity,
-                &decision.estimated_cost_micros,
-                &decision.quota_left_micros,
-                &decision.external_tasks.iter().map(|t| t.as_uuid()).collect::<Vec<_>>(),
-                &decision.infeasible,
+                &plan_id.as_uuid(),
+                &external,
+                &decision.provider(),
+                &decision.reason(),
+                &decision.complexity(),
+                &decision.cost_micros(),
+                &quota_left,
+                &decision.external_tasks().iter().map(|t| t.as_uuid()).collect::<Vec<_>>(),
+                &matches!(decision, FallbackDecision::Infeasible { .. }),
             ],
         )
         .await?;
     if inserted == 0 {
         // Another message of the same plan decided first: decide again on its decision.
-        return Ok(Step::Conflict(format!("plan {} already has a fallback decision", decision.plan_id)));
+        return Ok(Step::Conflict(format!("plan {plan_id} already has a fallback decision")));
     }
     if let Some(reservation) = reserve {
-        let left = match quota::reserve(tx, decision.plan_id, reservation).await? {
+        let left = match quota::reserve(tx, plan_id, reservation).await? {
             Ok(left) => left,
             Err(conflict) => return Ok(Step::Conflict(conflict)),
         };
         // The figure that counts is the one after this reservation, under the row lock.
         tx.execute_cached(
             "UPDATE fallback_decisions SET quota_left_micros = $2 WHERE plan_id = $1",
-            &[&decision.plan_id.as_uuid(), &left],
+            &[&plan_id.as_uuid(), &left],
         )
         .await?;
     }
     let detail = serde_json::to_value(decision).expect("decision serializes");
-    audit(tx, actor, "fallback.decided", Some(*request_id), Some(decision.plan_id), None, detail).await?;
+    audit(tx, actor, "fallback.decided", Some(*request_id), Some(plan_id), None, detail).await?;
     Ok(Step::Ok)
 }
 
