@@ -78,3 +78,32 @@ async fn a_late_failure_leaves_a_rejected_or_cancelled_request_as_it_ended() {
     fail_late_and_check(&app, rejected, "rejected").await;
     fail_late_and_check(&app, cancelled, "cancelled").await;
 }
+
+#[tokio::test]
+async fn both_ways_a_request_under_way_fails_end_its_plan_alike() {
+    let app = spawn_app_with(|c| c.approval.auto_approve_below = None).await;
+    let by_write = app.submit(MONITOR, false).await;
+    let by_dead_letter = app.submit(MONITOR, false).await;
+    for id in [by_write, by_dead_letter] {
+        app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
+    }
+    let failed =
+        Write::RequestFailed(write::RequestFailed { request_id: by_write, reason: "it broke".into() });
+    assert_eq!(app.store.apply("tests", None, &[failed]).await.unwrap(), Applied::Done);
+    app.store
+        .record_dead_letter("route", "q", MessageId::random(), Some(by_dead_letter), "it broke", "{}", true)
+        .await
+        .unwrap();
+
+    for id in [by_write, by_dead_letter] {
+        let report = app.store.report(id).await.unwrap().unwrap();
+        assert_eq!(report.status.as_str(), "failed", "{report:#?}");
+        let plan = report.plan.as_ref().unwrap();
+        assert_eq!(plan.status.as_str(), "failed", "the plan ends with its request");
+        assert!(plan.tasks.iter().all(|t| t.status.as_str() == "cancelled"), "{:?}", plan.tasks);
+        let events = app.store.audit_events(id).await.unwrap();
+        assert_eq!(events.iter().filter(|(_, e, _)| e == "request.failed").count(), 1, "{events:#?}");
+        let audit = app.cli(&["audit", &id.to_string()]).await;
+        assert_eq!(audit.status.code(), Some(0), "{}", String::from_utf8_lossy(&audit.stdout));
+    }
+}

@@ -19,7 +19,7 @@ mod plans;
 mod requests;
 mod tasks;
 
-pub(super) use tasks::cancel_pending;
+pub(super) use requests::fail_request;
 
 /// How applying went.
 #[derive(Debug, Clone, PartialEq)]

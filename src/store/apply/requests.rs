@@ -79,21 +79,48 @@ pub(super) async fn request_failed(
     w: &write::RequestFailed,
 ) -> Result<Step, Error> {
     let write::RequestFailed { request_id, reason } = w;
-    // Only a request under way fails: one that ended (completed, rejected, cancelled,
-    // failed already) keeps how it ended.
+    fail_request(tx, actor, *request_id, reason, json!({ "reason": reason })).await?;
+    Ok(Step::Ok)
+}
+
+/// Fails a request with `reason`, the one way a request fails outside its plan's end: only one
+/// under way (one that ended, completed, rejected, cancelled or failed already, keeps how it
+/// ended), audited with `detail`. Its plan, if it has one under way, fails with it: what had not
+/// started is cancelled, and what it reserved of a provider's quota goes back. Whether it failed.
+pub(in crate::store) async fn fail_request(
+    tx: &Transaction<'_>,
+    actor: &str,
+    request_id: RequestId,
+    reason: &str,
+    detail: serde_json::Value,
+) -> Result<bool, Error> {
     let under_way: Vec<&str> = RequestStatus::UNDER_WAY.map(|s| s.as_str()).to_vec();
-    let updated = tx
+    let failed = tx
         .execute_cached(
             "UPDATE requests SET status = $2, failure_reason = $3, updated_at = now()
              WHERE id = $1 AND status = ANY($4)",
-            &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), reason, &under_way],
+            &[&request_id.as_uuid(), &RequestStatus::Failed.as_str(), &reason, &under_way],
         )
         .await?;
-    if updated == 1 {
-        let detail = json!({ "reason": reason });
-        audit(tx, actor, "request.failed", Some(*request_id), None, None, detail).await?;
+    if failed == 0 {
+        return Ok(false);
     }
-    Ok(Step::Ok)
+    audit(tx, actor, "request.failed", Some(request_id), None, None, detail).await?;
+    let plan_under_way =
+        [PlanStatus::Planned, PlanStatus::AwaitingApproval, PlanStatus::Approved].map(|s| s.as_str());
+    let ended = tx
+        .query_opt_cached(
+            "UPDATE plans SET status = $2, updated_at = now()
+             WHERE request_id = $1 AND status = ANY($3) RETURNING id",
+            &[&request_id.as_uuid(), &PlanStatus::Failed.as_str(), &plan_under_way.as_slice()],
+        )
+        .await?;
+    if let Some(row) = ended {
+        let plan_id = PlanId::from_uuid(row.get(0));
+        super::tasks::cancel_pending(tx, plan_id, "cancelled: the request failed").await?;
+        quota::settle(tx, actor, request_id, plan_id, "quota.settled").await?;
+    }
+    Ok(true)
 }
 
 /// A request cancelled by `by`: see [`Write::Cancel`].

@@ -401,11 +401,7 @@ pub(super) async fn task_failed(
 
 /// Cancels the tasks of `plan_id` that never started (pending, or waiting for an agent), with
 /// `reason`: nothing more of the plan will run.
-pub(in crate::store) async fn cancel_pending(
-    tx: &Transaction<'_>,
-    plan_id: PlanId,
-    reason: &str,
-) -> Result<(), Error> {
+pub(super) async fn cancel_pending(tx: &Transaction<'_>, plan_id: PlanId, reason: &str) -> Result<(), Error> {
     tx.execute_cached(
         "UPDATE tasks SET status = $2, status_reason = $3, waiting_since = NULL, wait_turn = NULL,
              updated_at = now()
