@@ -11,11 +11,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tracing::warn;
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
+use super::{AmqpMeta, Destination, Inbound, Outcome, Stage};
 use crate::model::domain::Decomposition;
 use crate::model::effect::{Write, write};
 use crate::model::ids::RequestId;
-use crate::model::wire::{self, Decomposed, Envelope, RequestMeta};
+use crate::model::wire::{self, Decomposed, RequestMeta};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 use crate::understanding::catalog::Catalog;
@@ -113,15 +113,13 @@ impl Stage for Decompose {
                         decomposition: decomposition.clone(),
                     }),
                 ];
-                let envelope = Envelope::derived(
-                    input.message_id,
+                let publish = input.forward(
+                    Destination::Queue(StageQueue::Decomposed),
                     "decomposed",
                     request.request_id,
                     now,
                     Decomposed { request: request.clone(), decomposition },
                 );
-                let publish =
-                    Publish::envelope(Destination::Queue(StageQueue::Decomposed), input.priority, &envelope);
                 Outcome::Forward { writes, publish: vec![publish] }
             }
             Err(err) => {

@@ -9,7 +9,7 @@ use crate::decisions::leases::LeasePolicy;
 use crate::model::domain::TaskStatus;
 use crate::model::effect::{Attempt, Write, write};
 use crate::model::ids::RequestId;
-use crate::model::wire::{self, DispatchTask, Envelope, TaskAssignment};
+use crate::model::wire::{self, DispatchTask, TaskAssignment};
 use crate::pipeline::topology::Names;
 use crate::store::{self, RoutedAttempt, Store};
 
@@ -84,20 +84,15 @@ impl Stage for Dispatch {
             }
             Some(_) => {}
         }
-        let envelope = Envelope::derived(
-            input.message_id,
-            "assignment",
-            input.request_id,
-            now,
-            TaskAssignment {
-                plan_id: task.plan_id,
-                attempt: task.attempt,
-                decision_id: task.decision_id,
-                agent_id: task.agent_id.clone(),
-                task: task.task.clone(),
-            },
-        );
-        let publish = Publish::envelope(Destination::Agent(task.agent_id.clone()), input.priority, &envelope);
+        let assignment = TaskAssignment {
+            plan_id: task.plan_id,
+            attempt: task.attempt,
+            decision_id: task.decision_id,
+            agent_id: task.agent_id.clone(),
+            task: task.task.clone(),
+        };
+        let to = Destination::Agent(task.agent_id.clone());
+        let publish = input.forward(to, "assignment", input.request_id, now, assignment);
         let then = vec![Write::Dispatched(write::Dispatched {
             attempt: Attempt {
                 request_id: input.request_id,
@@ -108,7 +103,7 @@ impl Stage for Dispatch {
             decision_id: task.decision_id,
             agent_id: task.agent_id.clone(),
             queue: self.names.agent_queue(&task.agent_id),
-            message_id: envelope.message_id,
+            message_id: publish.message_id,
             lease_secs: self.leases.lease_secs(&task.task),
         })];
         Outcome::Deliver { publish, then }

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
+use super::{AmqpMeta, Destination, Inbound, Outcome, Stage, parse_envelope};
 use crate::decisions::approval::{ApprovalPolicy, Gate};
 use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::decisions::providers::QuotaSnapshot;
@@ -12,7 +12,7 @@ use crate::decisions::{approval, fallback};
 use crate::model::domain::PlanStatus;
 use crate::model::effect::{Reservation, Write, write};
 use crate::model::ids::RequestId;
-use crate::model::wire::{self, Envelope, Planned, RouteTasks};
+use crate::model::wire::{self, Planned, RouteTasks};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 
@@ -125,22 +125,18 @@ impl Stage for Fallback {
                         reason,
                     }));
                 }
-                let envelope = Envelope::derived(
-                    input.message_id,
+                let approved_by = if recorded_verdict { "recorded approval" } else { POLICY_APPROVER };
+                let route = RouteTasks {
+                    plan_id: plan.id,
+                    priority: input.priority,
+                    approved_by: approved_by.into(),
+                };
+                publish.push(input.forward(
+                    Destination::Queue(StageQueue::Route),
                     "route",
                     request.request_id,
                     now,
-                    RouteTasks {
-                        plan_id: plan.id,
-                        priority: input.priority,
-                        approved_by: if recorded_verdict { "recorded approval" } else { POLICY_APPROVER }
-                            .into(),
-                    },
-                );
-                publish.push(Publish::envelope(
-                    Destination::Queue(StageQueue::Route),
-                    input.priority,
-                    &envelope,
+                    route,
                 ));
             }
             Gate::AwaitingApproval { reason } => {

@@ -54,6 +54,26 @@ impl From<NoRequest> for Option<RequestId> {
     }
 }
 
+impl<T, R> Inbound<T, R> {
+    /// What processing this input sends on to `to`, about `request_id`: an envelope caused by
+    /// this input, with an id derived from its id and `label` (so that deciding the same input
+    /// again sends the very same message), at its priority.
+    pub fn forward<P: Serialize>(
+        &self,
+        to: Destination,
+        label: &str,
+        request_id: RequestId,
+        now: DateTime<Utc>,
+        payload: P,
+    ) -> Publish {
+        Publish::envelope(
+            to,
+            self.priority,
+            &Envelope::derived(self.message_id, label, request_id, now, payload),
+        )
+    }
+}
+
 impl<T> Inbound<T> {
     fn from_envelope(envelope: Envelope<T>, priority: u8) -> Self {
         Inbound {

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
+use super::{AmqpMeta, Destination, Inbound, Outcome, Stage, parse_envelope};
 use crate::model::domain::{Agent, RequestStatus};
 use crate::model::effect::{Write, write};
 use crate::model::ids::RequestId;
-use crate::model::wire::{self, Decomposed, Envelope, Planned};
+use crate::model::wire::{self, Decomposed, Planned};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 use crate::understanding::catalog::Catalog;
@@ -146,25 +146,22 @@ impl Stage for PlanStage {
         let complexity = complexity::assess(&plan, &inputs);
         let infeasible = Fleet::new(&context.agents, &self.policy.inventory).infeasible(&plan);
 
-        let envelope = Envelope::derived(
-            input.message_id,
+        let planned = Planned {
+            request: request.clone(),
+            complexity: complexity.clone(),
+            plan: plan.clone(),
+            infeasible: infeasible.clone(),
+        };
+        let publish = input.forward(
+            Destination::Queue(StageQueue::Planned),
             "planned",
             request.request_id,
             now,
-            Planned {
-                request: request.clone(),
-                complexity: complexity.clone(),
-                plan: plan.clone(),
-                infeasible: infeasible.clone(),
-            },
+            planned,
         );
         Outcome::Forward {
             writes: vec![Write::Plan(write::Plan { plan, complexity, infeasible, duration_basis })],
-            publish: vec![Publish::envelope(
-                Destination::Queue(StageQueue::Planned),
-                input.priority,
-                &envelope,
-            )],
+            publish: vec![publish],
         }
     }
 }

@@ -8,12 +8,12 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
+use super::{AmqpMeta, Destination, Inbound, Outcome, Stage, parse_envelope};
 use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::model::domain::{PlanStatus, TaskStatus};
 use crate::model::effect::{Attempt, Write, write};
 use crate::model::ids::{RequestId, TaskId};
-use crate::model::wire::{self, Envelope, RouteTasks, TaskResult};
+use crate::model::wire::{self, RouteTasks, TaskResult};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store, StoredPlan, TaskState};
 
@@ -144,14 +144,8 @@ impl Stage for Track {
         let mut status: HashMap<TaskId, TaskStatus> =
             context.tasks.iter().map(|t| (t.id, t.status)).collect();
         let route_message = |label: &str| {
-            let envelope = Envelope::derived(
-                input.message_id,
-                label,
-                request_id,
-                now,
-                RouteTasks { plan_id, priority: input.priority, approved_by: "track".into() },
-            );
-            Publish::envelope(Destination::Queue(StageQueue::Route), input.priority, &envelope)
+            let route = RouteTasks { plan_id, priority: input.priority, approved_by: "track".into() };
+            input.forward(Destination::Queue(StageQueue::Route), label, request_id, now, route)
         };
         if result.success {
             status.insert(task.id, TaskStatus::Succeeded);
