@@ -16,7 +16,7 @@
 //! - The edges, the only modules that talk to the outside: [`broker`] (AMQP), [`store`]
 //!   (PostgreSQL), [`llm`] (HTTP to models); with [`config`] and [`redact`].
 //! - [`agent`]: the agent process and its executors; [`ops`]: what the command line does;
-//!   [`bench`]: the benchmark; [`backoff`]: how everything waits before trying again.
+//!   [`bench`](mod@bench): the benchmark; [`backoff`]: how everything waits before trying again.
 
 pub mod agent;
 pub mod backoff;

@@ -3,7 +3,7 @@
 //! An [`Agent`] declares its queue `<ns>.agent.<id>`, announces itself on `<ns>.heartbeats` at
 //! start and every few seconds, consumes its queue with a prefetch equal to its capacity, runs
 //! each assignment with its [`TaskHandler`] (up to its capacity at a time) and publishes a
-//! [`TaskResult`] to `<ns>.results` with publisher confirms. It acknowledges an assignment only
+//! [`TaskResult`](crate::model::wire::TaskResult) to `<ns>.results` with publisher confirms. It acknowledges an assignment only
 //! once the broker confirmed its result: an agent that dies mid-task leaves the assignment to be
 //! redelivered, never lost; one that loses its connection aborts its running tasks at once, since
 //! their assignments come back anyway. An assignment addressed to another agent is rejected

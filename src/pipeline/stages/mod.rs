@@ -144,7 +144,7 @@ pub trait Stage: Send + Sync + 'static {
     /// the topology (the queue whose `consumer` it is).
     const NAME: &'static str;
 
-    /// Parses a delivery. Stage-to-stage messages are envelopes ([`parse_envelope`]).
+    /// Parses a delivery. Stage-to-stage messages are envelopes (`parse_envelope`).
     fn parse(
         &self,
         body: &[u8],

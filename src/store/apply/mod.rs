@@ -45,7 +45,7 @@ enum Step {
     Conflict(String),
 }
 
-/// How [`Store::deliver_once`] went.
+/// How one input of [`Store::deliver_batch`] went.
 #[derive(Debug)]
 pub enum Delivery<E> {
     /// Delivered, then the marker and the writes committed.
