@@ -18,8 +18,8 @@ pub fn exponential(first: Duration, longest: Duration, attempts: usize) -> Expon
 }
 
 /// The pauses between the attempts of a process that never gives up: from half a second,
-/// doubling, with jitter, up to a longest pause; [`Pauses::reset`] starts again from the
-/// shortest once things went well for a while.
+/// doubling, never longer than the longest pause, with jitter; [`Pauses::reset`] starts again from
+/// the shortest once things went well for a while.
 #[derive(Debug)]
 pub struct Pauses {
     builder: ExponentialBuilder,
@@ -27,13 +27,14 @@ pub struct Pauses {
 }
 
 impl Pauses {
-    /// The first pause is half a second.
+    /// The first pause is half a second to a second.
     pub const FIRST: Duration = Duration::from_millis(500);
 
     pub fn new(longest: Duration) -> Self {
+        // Jitter adds up to the delay itself: capped at half the longest, a pause never passes it.
         let builder = ExponentialBuilder::default()
             .with_min_delay(Self::FIRST)
-            .with_max_delay(longest)
+            .with_max_delay((longest / 2).max(Self::FIRST))
             .without_max_times()
             .with_jitter();
         Pauses { builder, pauses: builder.build() }
@@ -62,8 +63,8 @@ mod tests {
         // Jitter adds up to the pause itself, never takes away.
         assert!(first >= Pauses::FIRST && first <= 2 * Pauses::FIRST, "{first:?}");
         let later: Vec<Duration> = (0..10).map(|_| pauses.next_pause()).collect();
-        assert!(later.iter().all(|p| *p <= 2 * longest), "{later:?}");
-        assert!(later.last().unwrap() >= &longest, "it reaches the longest: {later:?}");
+        assert!(later.iter().all(|p| *p <= longest), "never longer than the longest: {later:?}");
+        assert!(later.last().unwrap() >= &(longest / 2), "it grows to the longest: {later:?}");
         pauses.reset();
         assert!(pauses.next_pause() <= 2 * Pauses::FIRST);
     }

@@ -124,6 +124,8 @@ pub(super) async fn take_control<H>(shared: &Shared<H>, delivery: Incoming) {
 /// One delivery: parse, run, report, then settle.
 pub(super) async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
     let Some(assignment) = accept(&shared, &delivery).await else { return };
+    // Counted until its result is out: a slot is taken until the broker has the result.
+    let _counted = InFlight::enter(&shared.in_flight);
     let (execution, started_at, finished_at) = run(&shared, &assignment.payload).await;
     report(&shared, delivery, &assignment, execution, started_at, finished_at).await;
 }
@@ -179,7 +181,6 @@ async fn run<H: TaskHandler>(
     let agent = &shared.settings.id;
     let key = (task.task.id, task.attempt);
     let started = shared.stops.lock().expect("stops lock").start(key);
-    let _counted = InFlight::enter(&shared.in_flight);
     debug!(%agent, task = %task.task.id, key = %task.task.key, attempt = task.attempt, "task started");
     let started_at = Utc::now();
     let execution = match started {

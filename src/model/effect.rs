@@ -12,8 +12,9 @@ use crate::model::ids::{AgentId, DecisionId, MessageId, PlanId, RequestId, TaskI
 use crate::model::wire::{Heartbeat, RequestMeta, TaskResult, TokenUsage};
 use crate::understanding::complexity::Complexity;
 
-/// One attempt of a task, with the plan and the request it belongs to: the key that every write
-/// about an attempt carries.
+/// One attempt of a task, with the plan and the request it belongs to: the key of the writes about
+/// an attempt that would otherwise repeat these four (a routing decision names its task in its
+/// route, a result in the result).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Attempt {
     pub request_id: RequestId,
@@ -87,8 +88,8 @@ pub enum Write {
     PlanFinished(write::PlanFinished),
     /// What an attempt of a task sent to an external provider really used, as the provider's API
     /// reported it, and what that cost. The cost counts as spent in the window of the plan's
-    /// reservation (or, without a reservation of this provider, in the provider's current
-    /// window), and as much of it as the reservation still holds is taken off what is reserved:
+    /// reservation (or, without a reservation of this provider, in the provider's window that
+    /// `used_at` falls in), and as much of it as the reservation still holds is taken off what is reserved:
     /// use beyond the reservation is spent all the same, the reservation's part just reaches 0.
     /// Once per (task, attempt): a redelivered result counts nothing again. Audited as
     /// `quota.used`.

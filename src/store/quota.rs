@@ -183,8 +183,8 @@ pub(super) async fn record_use(tx: &Transaction<'_>, actor: &str, w: &write::Quo
             let taken = from_reserved(row.get(2), row.get(3), cost, row.get(4));
             (Some((window, row.get::<_, DateTime<Utc>>(1))), taken)
         }
-        // Use that nothing reserved (a provider the plan was not decided for) is spent in the
-        // provider's current window all the same.
+        // Use that nothing reserved (a provider the plan was not decided for) is spent all the
+        // same, in the provider's window that the use falls in.
         None => (window_of(tx, provider).await?.map(|w| (w, w.start(used_at))), 0),
     };
     let inserted = tx

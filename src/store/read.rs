@@ -176,11 +176,16 @@ fn failed_by_task(rows: &[Row]) -> Result<HashMap<TaskId, BTreeSet<AgentId>>, Er
 const FALLBACK_COLUMNS: &str = "plan_id, use_external, provider, reason, complexity,
      estimated_cost_micros, quota_left_micros, external_tasks, infeasible";
 
-fn fallback_from_row(r: &Row) -> FallbackDecision {
+/// A stored decision, as it was written (see `apply::plans::fallback`): a row that no decision
+/// could have written (going out without a provider, infeasible yet going out) is an error, not
+/// something to read as the nearest decision.
+fn fallback_from_row(r: &Row) -> Result<FallbackDecision, Error> {
     let (plan_id, reason, complexity) = (PlanId::from_uuid(r.get(0)), r.get(3), r.get(4));
-    // Only external decisions are written with a provider (see `apply::plans::fallback`).
-    match (r.get::<_, bool>(8), r.get::<_, bool>(1), r.get::<_, Option<String>>(2)) {
-        (true, _, _) => FallbackDecision::Infeasible { plan_id, complexity, reason },
+    let (infeasible, external, provider) =
+        (r.get::<_, bool>(8), r.get::<_, bool>(1), r.get::<_, Option<String>>(2));
+    Ok(match (infeasible, external, provider) {
+        (true, false, None) => FallbackDecision::Infeasible { plan_id, complexity, reason },
+        (false, false, None) => FallbackDecision::Local { plan_id, complexity, reason },
         (false, true, Some(provider)) => FallbackDecision::External {
             plan_id,
             complexity,
@@ -190,8 +195,13 @@ fn fallback_from_row(r: &Row) -> FallbackDecision {
             cost_micros: r.get(5),
             quota_left_micros: r.get::<_, Option<i64>>(6).unwrap_or_default(),
         },
-        _ => FallbackDecision::Local { plan_id, complexity, reason },
-    }
+        (infeasible, external, provider) => {
+            return Err(Error::Corrupt(format!(
+                "the fallback decision of plan {plan_id} says infeasible = {infeasible}, \
+                 use_external = {external}, provider = {provider:?}"
+            )));
+        }
+    })
 }
 
 /// The most recently finished tasks of a work type that its learnt durations are taken from.
@@ -436,7 +446,7 @@ impl Store {
                 &[&plan_id.as_uuid()],
             )
             .await?;
-        Ok(row.as_ref().map(fallback_from_row))
+        row.as_ref().map(fallback_from_row).transpose()
     }
 
     /// The verdict recorded for a plan: approved (true), rejected (false), or none yet.

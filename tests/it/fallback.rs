@@ -3,6 +3,7 @@
 
 use chrono::Utc;
 use switchyard::config::Config;
+use switchyard::decisions::fallback::FallbackDecision;
 use switchyard::decisions::providers::{Provider, Window};
 use switchyard::model::ids::{MessageId, RequestId, WorkType};
 use switchyard::model::wire::{self, Envelope, Planned, RequestMeta, SCHEMA_VERSION, SubmitRequest};
@@ -487,4 +488,35 @@ async fn approving_twice_is_idempotent_and_a_rejected_plan_cannot_be_approved() 
     let report = app.store.report(rejected).await.unwrap().unwrap();
     assert_eq!(report.status.as_str(), "rejected");
     assert!(app.store.trail(rejected).await.unwrap().unwrap().decisions.is_empty());
+}
+
+#[tokio::test]
+async fn a_stored_decision_no_decision_could_have_written_is_an_error_not_a_guess() {
+    let app = spawn_app_with(|c| c.approval.auto_approve_below = None).await;
+    let id = app.submit(SIMPLE, false).await;
+    app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
+    assert!(matches!(
+        app.store.fallback_decision(id.plan_id()).await.unwrap(),
+        Some(FallbackDecision::Local { .. })
+    ));
+    // Going out, but to no provider: tampered with, or written by something else.
+    let (client, connection) =
+        tokio_postgres::connect(&app.config.database_url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "UPDATE fallback_decisions SET use_external = true WHERE plan_id = $1",
+            &[&id.plan_id().as_uuid()],
+        )
+        .await
+        .unwrap();
+
+    let err = app.store.fallback_decision(id.plan_id()).await.unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    let message = err.to_string();
+    assert!(message.starts_with("stored data is inconsistent"), "{message}");
+    assert!(message.contains(&id.plan_id().to_string()), "{message}");
+    let status = app.cli(&["status", &id.to_string()]).await;
+    assert_eq!(status.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&status.stderr).contains("use_external = true"), "{status:?}");
 }

@@ -4,12 +4,12 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage, parse_envelope};
+use super::{Destination, Inbound, Outcome, Publish, Stage};
 use crate::decisions::leases::LeasePolicy;
 use crate::model::domain::TaskStatus;
 use crate::model::effect::{Attempt, Write, write};
 use crate::model::ids::RequestId;
-use crate::model::wire::{self, DispatchTask, TaskAssignment};
+use crate::model::wire::{DispatchTask, TaskAssignment};
 use crate::pipeline::topology::Names;
 use crate::store::{self, RoutedAttempt, Store};
 
@@ -29,15 +29,6 @@ impl Stage for Dispatch {
     type Context = DispatchContext;
     const NAME: &'static str = "dispatch";
     type Request = RequestId;
-
-    fn parse(
-        &self,
-        body: &[u8],
-        amqp: &AmqpMeta<'_>,
-        limit: usize,
-    ) -> Result<Inbound<DispatchTask>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
 
     async fn load(
         &self,

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Stage, parse_envelope};
+use super::{Destination, Inbound, Outcome, Stage};
 use crate::decisions::approval::{ApprovalPolicy, Gate};
 use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::decisions::providers::QuotaSnapshot;
@@ -12,7 +12,7 @@ use crate::decisions::{approval, fallback};
 use crate::model::domain::PlanStatus;
 use crate::model::effect::{Reservation, Write, write};
 use crate::model::ids::RequestId;
-use crate::model::wire::{self, Planned, RouteTasks};
+use crate::model::wire::{Planned, RouteTasks};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 
@@ -43,10 +43,6 @@ impl Stage for Fallback {
     type Context = FallbackContext;
     const NAME: &'static str = "fallback";
     type Request = RequestId;
-
-    fn parse(&self, body: &[u8], amqp: &AmqpMeta<'_>, limit: usize) -> Result<Inbound<Planned>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
 
     async fn load(&self, store: &Store, input: &Inbound<Planned>) -> Result<FallbackContext, store::Error> {
         let mut quotas = Vec::with_capacity(self.fallback.providers.len());

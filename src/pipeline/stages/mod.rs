@@ -54,6 +54,13 @@ impl From<NoRequest> for Option<RequestId> {
     }
 }
 
+/// An envelope always names a request; a stage whose inputs are about none leaves it aside.
+impl From<RequestId> for NoRequest {
+    fn from(_: RequestId) -> Self {
+        NoRequest
+    }
+}
+
 impl<T, R> Inbound<T, R> {
     /// What processing this input sends on to `to`, about `request_id`: an envelope caused by
     /// this input, with an id derived from its id and `label` (so that deciding the same input
@@ -136,7 +143,7 @@ pub enum Outcome {
 pub trait Stage: Send + Sync + 'static {
     type Input: serde::de::DeserializeOwned + Send + Sync;
     /// The request an input is about: [`RequestId`], or [`NoRequest`].
-    type Request: Copy + Into<Option<RequestId>> + Send + Sync;
+    type Request: Copy + From<RequestId> + Into<Option<RequestId>> + Send + Sync;
     /// What `decide` needs from the store; `Default` is what a stage that reads nothing gets.
     type Context: Default + Send;
 
@@ -144,13 +151,16 @@ pub trait Stage: Send + Sync + 'static {
     /// the topology (the queue whose `consumer` it is).
     const NAME: &'static str;
 
-    /// Parses a delivery. Stage-to-stage messages are envelopes (`parse_envelope`).
+    /// Parses a delivery. Stage-to-stage messages are envelopes; entry points override this.
     fn parse(
         &self,
         body: &[u8],
         amqp: &AmqpMeta<'_>,
         limit: usize,
-    ) -> Result<Inbound<Self::Input, Self::Request>, wire::Error>;
+    ) -> Result<Inbound<Self::Input, Self::Request>, wire::Error> {
+        let Inbound { message_id, request_id, priority, payload } = parse_envelope(body, amqp, limit)?;
+        Ok(Inbound { message_id, request_id: request_id.into(), priority, payload })
+    }
 
     /// Loads what `decide` needs from the store. The only I/O a stage has, and the runner runs it.
     /// By default a stage reads nothing.

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Stage, parse_envelope};
+use super::{Destination, Inbound, Outcome, Stage};
 use crate::model::domain::{Agent, RequestStatus};
 use crate::model::effect::{Write, write};
 use crate::model::ids::RequestId;
-use crate::model::wire::{self, Decomposed, Planned};
+use crate::model::wire::{Decomposed, Planned};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store};
 use crate::understanding::catalog::Catalog;
@@ -73,15 +73,6 @@ impl Stage for PlanStage {
     type Context = PlanContext;
     const NAME: &'static str = "plan";
     type Request = RequestId;
-
-    fn parse(
-        &self,
-        body: &[u8],
-        amqp: &AmqpMeta<'_>,
-        limit: usize,
-    ) -> Result<Inbound<Decomposed>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
 
     async fn load(&self, store: &Store, input: &Inbound<Decomposed>) -> Result<PlanContext, store::Error> {
         let work_types: Vec<&str> =

@@ -8,13 +8,13 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::placement::{self, External, Routed};
-use super::{AmqpMeta, Inbound, Outcome, Stage, parse_envelope};
+use super::{Inbound, Outcome, Stage};
 use crate::decisions::fallback::FallbackDecision;
 use crate::decisions::routing::{self, Placement, Router, RoutingPolicy};
 use crate::model::domain::{Agent, PlanStatus, Task, TaskStatus};
 use crate::model::effect::{Attempt, Write, write};
 use crate::model::ids::{AgentId, RequestId, TaskId};
-use crate::model::wire::{self, RouteTasks};
+use crate::model::wire::RouteTasks;
 use crate::store::{self, Store, StoredPlan, TaskState};
 
 pub struct Route {
@@ -40,15 +40,6 @@ impl Stage for Route {
     type Context = RouteContext;
     const NAME: &'static str = "route";
     type Request = RequestId;
-
-    fn parse(
-        &self,
-        body: &[u8],
-        amqp: &AmqpMeta<'_>,
-        limit: usize,
-    ) -> Result<Inbound<RouteTasks>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
 
     async fn load(&self, store: &Store, input: &Inbound<RouteTasks>) -> Result<RouteContext, store::Error> {
         let plan_id = input.payload.plan_id;

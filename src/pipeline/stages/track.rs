@@ -8,12 +8,12 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{AmqpMeta, Destination, Inbound, Outcome, Stage, parse_envelope};
+use super::{Destination, Inbound, Outcome, Stage};
 use crate::decisions::fallback::{FallbackDecision, FallbackPolicy};
 use crate::model::domain::{PlanStatus, TaskStatus};
 use crate::model::effect::{Attempt, Write, write};
 use crate::model::ids::{RequestId, TaskId};
-use crate::model::wire::{self, RouteTasks, TaskResult};
+use crate::model::wire::{RouteTasks, TaskResult};
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, Store, StoredPlan, TaskState};
 
@@ -53,15 +53,6 @@ impl Stage for Track {
     type Context = TrackContext;
     const NAME: &'static str = "track";
     type Request = RequestId;
-
-    fn parse(
-        &self,
-        body: &[u8],
-        amqp: &AmqpMeta<'_>,
-        limit: usize,
-    ) -> Result<Inbound<TaskResult>, wire::Error> {
-        parse_envelope(body, amqp, limit)
-    }
 
     async fn load(&self, store: &Store, input: &Inbound<TaskResult>) -> Result<TrackContext, store::Error> {
         let plan_id = input.payload.plan_id;
@@ -216,9 +207,9 @@ impl Track {
             provider,
             usage,
             cost_micros,
-            // When the agent finished, as it reports it: the same on every redelivery. Never
-            // later than now, so that an agent's clock running ahead cannot charge a window to
-            // come.
+            // When the agent finished, as it reports it, so that a redelivery charges the same
+            // window; but never later than now, so that an agent's clock running ahead cannot
+            // charge a window to come.
             used_at: result.finished_at.min(now),
         }))
     }
