@@ -330,13 +330,9 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::decisions::providers::Window;
+    use crate::decisions::fixtures::{provider, wt};
     use crate::model::domain::{Resources, Task};
     use crate::model::ids::RequestId;
-
-    fn wt(s: &str) -> WorkType {
-        WorkType::parse(s).unwrap()
-    }
 
     /// A plan with one task per entry of `work_types`.
     fn plan(work_types: &[&str]) -> Plan {
@@ -361,24 +357,6 @@ mod tests {
             })
             .collect();
         Plan::new(id, request, tasks).unwrap()
-    }
-
-    /// 2,000 input tokens at 1,000 micros and 500 output tokens at 2,170 micros per 1,000:
-    /// 2,000 + 1,085 = 3,085 micros per task.
-    fn provider() -> Provider {
-        Provider {
-            name: "bigmodel".into(),
-            endpoint: "https://models.example.com/v1".into(),
-            model: "big-1".into(),
-            api_key_env: Some("BIGMODEL_API_KEY".into()),
-            price_per_1k_input_tokens_micros: 1000,
-            price_per_1k_output_tokens_micros: 2170,
-            input_tokens_per_task: 2000,
-            output_tokens_per_task: 500,
-            quota_micros: 1_000_000,
-            window: Window::Monthly,
-            work_types: [wt("deployment"), wt("analysis")].into(),
-        }
     }
 
     fn policy() -> FallbackPolicy {

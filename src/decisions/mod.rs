@@ -6,6 +6,8 @@
 pub mod approval;
 pub mod audit;
 pub mod fallback;
+#[cfg(test)]
+mod fixtures;
 pub mod leases;
 pub mod providers;
 pub mod routing;

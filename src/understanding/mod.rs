@@ -6,6 +6,8 @@
 pub mod catalog;
 pub mod complexity;
 pub mod decomposer;
+#[cfg(test)]
+mod fixtures;
 pub mod fleet;
 pub mod planner;
 pub mod rules;

@@ -106,29 +106,10 @@ fn describe(template: &str, intent: &Intent) -> String {
 mod tests {
     use super::*;
     use crate::model::domain::Resources;
+    use crate::understanding::fixtures::*;
     use crate::understanding::rules::DecomposeError;
 
     const UPTIME_KUMA: &str = "Deploy Uptime Kuma to the homelab and send alerts to Discord";
-
-    fn wt(name: &str) -> WorkType {
-        WorkType::parse(name).unwrap()
-    }
-
-    fn decompose(text: &str) -> Decomposition {
-        Catalog::default().decompose(text).unwrap()
-    }
-
-    fn work_types(d: &Decomposition) -> Vec<&str> {
-        d.intents.iter().map(|i| i.work_type.as_str()).collect()
-    }
-
-    fn keys(plan: &Plan) -> Vec<&str> {
-        plan.tasks().iter().map(|t| t.key.as_str()).collect()
-    }
-
-    fn task<'a>(plan: &'a Plan, key: &str) -> &'a Task {
-        plan.tasks().iter().find(|t| t.key == key).unwrap_or_else(|| panic!("no task {key}"))
-    }
 
     #[test]
     fn uptime_kuma_plan_monitors_after_deploying() {

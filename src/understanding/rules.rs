@@ -423,16 +423,9 @@ fn push_new(items: &mut Vec<String>, new: Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::understanding::fixtures::*;
 
     const UPTIME_KUMA: &str = "Deploy Uptime Kuma to the homelab and send alerts to Discord";
-
-    fn decompose(text: &str) -> Decomposition {
-        Catalog::default().decompose(text).unwrap()
-    }
-
-    fn work_types(d: &Decomposition) -> Vec<&str> {
-        d.intents.iter().map(|i| i.work_type.as_str()).collect()
-    }
 
     #[test]
     fn uptime_kuma_request_yields_deployment_then_monitoring() {

@@ -24,6 +24,17 @@ pub struct DispatchContext {
     pub routed: Option<(RoutedAttempt, TaskStatus)>,
 }
 
+/// The attempt an input dispatches.
+fn attempt(input: &Inbound<DispatchTask>) -> Attempt {
+    let task = &input.payload;
+    Attempt {
+        request_id: input.request_id,
+        plan_id: task.plan_id,
+        task_id: task.task.id,
+        number: task.attempt,
+    }
+}
+
 impl Stage for Dispatch {
     type Input = DispatchTask;
     type Context = DispatchContext;
@@ -85,12 +96,7 @@ impl Stage for Dispatch {
         let to = Destination::Agent(task.agent_id.clone());
         let publish = input.forward(to, "assignment", input.request_id, now, assignment);
         let then = vec![Write::Dispatched(write::Dispatched {
-            attempt: Attempt {
-                request_id: input.request_id,
-                plan_id: task.plan_id,
-                task_id: task.task.id,
-                number: task.attempt,
-            },
+            attempt: attempt(input),
             decision_id: task.decision_id,
             agent_id: task.agent_id.clone(),
             queue: self.names.agent_queue(&task.agent_id),
@@ -109,12 +115,7 @@ impl Stage for Dispatch {
         let task = &input.payload;
         let writes = vec![
             Write::DispatchFailed(write::DispatchFailed {
-                attempt: Attempt {
-                    request_id: input.request_id,
-                    plan_id: task.plan_id,
-                    task_id: task.task.id,
-                    number: task.attempt,
-                },
+                attempt: attempt(input),
                 decision_id: task.decision_id,
                 agent_id: task.agent_id.clone(),
                 reason: reason.to_owned(),

@@ -268,24 +268,8 @@ fn is_placeholder_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::domain::{Plan, Task};
     use crate::model::ids::RequestId;
-
-    fn wt(name: &str) -> WorkType {
-        WorkType::parse(name).unwrap()
-    }
-
-    fn work_types(d: &Decomposition) -> Vec<&str> {
-        d.intents.iter().map(|i| i.work_type.as_str()).collect()
-    }
-
-    fn keys(plan: &Plan) -> Vec<&str> {
-        plan.tasks().iter().map(|t| t.key.as_str()).collect()
-    }
-
-    fn task<'a>(plan: &'a Plan, key: &str) -> &'a Task {
-        plan.tasks().iter().find(|t| t.key == key).unwrap_or_else(|| panic!("no task {key}"))
-    }
+    use crate::understanding::fixtures::*;
 
     /// A catalog with one work type, "thing", whose parts are given as TOML.
     fn one_work_type(head: &str, steps: &str) -> Result<Catalog, Error> {
