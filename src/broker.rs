@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backon::Retryable;
 use futures::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
@@ -44,7 +43,14 @@ impl Error {
     /// someone declares the queue, which is the caller's business (the runner waits for it, a
     /// dispatch gives up); a bad URL stays bad; the rest is the broker being unavailable.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Error::Unroutable { .. } | Error::Url(_))
+        // A refused login or permission stays refused until someone changes the broker's users.
+        !matches!(self, Error::Unroutable { .. } | Error::Url(_)) && !self.is_access_refused()
+    }
+
+    /// Whether the broker's host name does not resolve. It may, later (a service whose name is
+    /// not published yet), so it is transient for a process that waits; a command fails at once.
+    pub fn is_unknown_host(&self) -> bool {
+        crate::error_chain(self).contains(crate::UNKNOWN_HOST)
     }
 
     /// Whether the broker refused the operation to this user (403, ACCESS_REFUSED): its
@@ -204,6 +210,13 @@ impl Subscription {
         self.channel.basic_cancel(self.tag.clone(), BasicCancelOptions::default()).await?;
         Ok(())
     }
+
+    /// Closes the consumer's channel and waits for the broker to confirm it (at most 5 s): what
+    /// is left unacknowledged goes back to its queue. Closed before the connection, so that the
+    /// connection's close does not race a channel still closing (lapin logs that as an error).
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.channel.close(200, "done".into())).await;
+    }
 }
 
 /// What [`Broker::queue_state`] tells of a queue.
@@ -253,21 +266,15 @@ fn parse_amqp_url(url: &str) -> Result<AMQPUri, Error> {
 }
 
 impl Broker {
-    /// Connects to `url`, retrying with exponential backoff for about half a minute. A URL that
-    /// cannot work fails at once with [`Error::Url`].
+    /// Connects to `url`, once: whether and how long to try again is the caller's (a command
+    /// gives up after its connect timeout, a worker or an agent waits for the broker). A URL that
+    /// cannot work fails with [`Error::Url`].
     pub async fn connect(url: &str, names: Names) -> Result<Self, Error> {
         let uri = parse_amqp_url(url)?;
-        let connect = || async {
-            let connection = Connection::connect_uri(uri.clone(), ConnectionProperties::default()).await?;
-            let publisher = connection.create_channel().await?;
-            publisher.confirm_select(ConfirmSelectOptions::default()).await?;
-            Ok::<_, Error>(Broker { connection, publisher, names: names.clone() })
-        };
-        connect
-            .retry(crate::backoff::exponential(Duration::from_millis(200), Duration::from_secs(5), 9))
-            .when(Error::is_transient)
-            .notify(|err, wait| tracing::warn!(broker = %redact(url), error = %err, ?wait, "broker connect failed, retrying"))
-            .await
+        let connection = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
+        let publisher = connection.create_channel().await?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Broker { connection, publisher, names })
     }
 
     pub fn names(&self) -> &Names {
@@ -499,7 +506,10 @@ impl Broker {
     /// Closes the connection, waiting a few seconds at most for the broker to agree: a broker
     /// that does not answer (a stalled channel holds up the close) must not hold up a reconnect.
     /// Whatever was not acknowledged goes back to its queues either way.
+    /// Closes the publishing channel, then the connection (each at most 5 s): in that order, so
+    /// that no frame of a channel still closing meets a closed connection.
     pub async fn close(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.publisher.close(200, "bye".into())).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.connection.close(200, "bye".into())).await;
     }
 }

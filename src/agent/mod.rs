@@ -270,13 +270,14 @@ impl<H: TaskHandler> Agent<H> {
         // Told apart from the tasks, so that a stop does not wait behind the tasks queued.
         let control_queue = broker.names().agent_control_queue(&id);
         let control = match broker.declare_queue(&control_queue).await {
-            Ok(()) => Some(broker.consume(&control_queue, 16).await?),
+            Ok(()) => Some(broker.subscribe(&control_queue, 16).await?),
             Err(err) if err.is_access_refused() => {
                 warn!(agent = %id, queue = %control_queue, "not permitted to use its control queue: cancelled tasks run to their end");
                 None
             }
             Err(err) => return Err(err.into()),
         };
+        let (control_subscription, control) = control.unzip();
         let mut control = futures::stream::iter(control).flatten().fuse();
         let stop_heartbeats = CancellationToken::new();
         let heartbeats = tokio::spawn(send_heartbeats(shared.clone(), stop_heartbeats.clone()));
@@ -337,10 +338,12 @@ impl<H: TaskHandler> Agent<H> {
         }
         stop_heartbeats.cancel();
         let _ = heartbeats.await;
-        // Dropping the subscription and its stream closes the channel: anything left unsettled
-        // returns to the queue.
-        drop(subscription);
-        drop(deliveries);
+        // Closing the channels gives back anything left unsettled to the queues.
+        drop((deliveries, control));
+        subscription.close().await;
+        if let Some(control) = control_subscription {
+            control.close().await;
+        }
         info!(agent = %id, "agent stopped");
         outcome
     }

@@ -154,13 +154,14 @@ impl Worker {
             };
             let (broker, topology) = match connected {
                 Ok(connected) => connected,
-                // Waiting will not mend a bad URL.
-                Err(err @ broker::Error::Url(_)) => return Err(err.into()),
+                // Waiting will not mend a bad URL or a refused password.
+                Err(err) if !err.is_transient() => return Err(err.into()),
                 // The broker may be down or restarting, or a declaration conflicts with what an
                 // operator declared by hand (406): keep trying, loudly, as a service should.
                 Err(err) => {
                     let pause = pauses.next_pause();
-                    error!(broker = %redact(&self.config.amqp_url), error = %err, ?pause, "cannot set up the broker; trying again");
+                    let error = crate::error_chain(&err);
+                    error!(broker = %redact(&self.config.amqp_url), %error, ?pause, "cannot set up the broker; trying again");
                     if !sleep_unless_cancelled(pause, &shutdown).await {
                         return Ok(());
                     }

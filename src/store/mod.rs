@@ -59,6 +59,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the database's host name does not resolve (see
+    /// [`crate::broker::Error::is_unknown_host`]).
+    pub fn is_unknown_host(&self) -> bool {
+        crate::error_chain(self).contains(crate::UNKNOWN_HOST)
+    }
+
     /// Whether retrying later can succeed: the database is unreachable, restarting, overloaded,
     /// or the transaction lost a race. Everything else (bad data, a refused operation) is
     /// permanent.

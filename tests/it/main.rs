@@ -6,6 +6,7 @@ mod batches;
 mod bench;
 mod broker;
 mod ceiling;
+mod command_line;
 mod completion;
 mod contract;
 mod decomposer;

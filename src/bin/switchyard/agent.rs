@@ -17,7 +17,7 @@ use switchyard::model::ids::{AgentId, WorkType};
 use tokio_util::sync::CancellationToken;
 
 use crate::signals::stop_on_signals;
-use crate::{Exit, connect_broker};
+use crate::{Exit, connect_broker_once};
 
 /// Who an agent is and what it offers: the same for `agent` and `agents register`, checked by
 /// [`AgentBuilder::check`] for both.
@@ -227,7 +227,7 @@ pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
     let mut pauses = Pauses::new(Duration::from_secs(30));
     loop {
         let connected = tokio::select! {
-            connected = connect_broker(&config) => connected,
+            connected = connect_broker_once(&config) => connected,
             () = shutdown.cancelled() => return Ok(Exit::Success),
         };
         let error = match connected {
@@ -246,7 +246,7 @@ pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
                     Err(err) => anyhow::Error::new(err),
                 }
             }
-            // Waiting will not mend a bad URL.
+            // Waiting will not mend a bad URL or a refused password.
             Err(err)
                 if err.downcast_ref::<switchyard::broker::Error>().is_some_and(|e| !e.is_transient()) =>
             {
@@ -255,7 +255,8 @@ pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
             Err(err) => err,
         };
         let pause = pauses.next_pause();
-        tracing::error!(error = %format!("{error:#}"), ?pause, "agent stopped; connecting again");
+        let error = switchyard::error_chain(error.as_ref());
+        tracing::error!(%error, ?pause, "not connected to the broker; trying again");
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = shutdown.cancelled() => return Ok(Exit::Success),

@@ -21,6 +21,10 @@ pub struct Cli {
     /// TOML configuration file (see README.md); environment variables override it.
     #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Seconds a command tries to reach the broker and the database before it gives up; a refused
+    /// password or an unknown host fails at once. `worker` and `agent` wait for them instead.
+    #[arg(long, global = true, default_value_t = 5.0, value_name = "SECONDS", value_parser = connect_timeout)]
+    pub connect_timeout: f64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -103,4 +107,12 @@ pub enum Command {
         #[arg(long)]
         check: Option<PathBuf>,
     },
+}
+
+/// A connect timeout: a positive number of seconds, at most an hour.
+fn connect_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(secs),
+        _ => Err(format!("{text:?} is not a number of seconds between 0 and 3600")),
+    }
 }

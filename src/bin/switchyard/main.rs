@@ -1,6 +1,25 @@
 //! The `switchyard` command line. Parses arguments, calls the library, prints; errors are shown
 //! with their whole cause chain. The exit code tells a script how it went: see [`Exit`].
 
+// Every module of the binary prints through these, declared before them so that they shadow the
+// standard macros: a reader that closes its end (`switchyard status ID | head -3`) ends the
+// command quietly with 0, where the standard macros would panic.
+macro_rules! println {
+    () => {
+        $crate::stdout::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+#[allow(unused_macros)]
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::stdout::write(format_args!($($arg)*))
+    };
+}
+
 mod agent;
 mod agents;
 mod approval;
@@ -16,16 +35,22 @@ mod schemas;
 mod setup;
 mod signals;
 mod status;
+mod stdout;
 mod submit;
 mod worker;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
-use switchyard::broker::{Broker, redact};
+use anyhow::Result;
+use backon::BackoffBuilder;
+use switchyard::backoff;
+use switchyard::broker::{self, Broker, redact};
 use switchyard::config::Config;
 use switchyard::pipeline::topology::Names;
-use switchyard::store::Store;
+use switchyard::store::{self, Store};
 
 use crate::cli::{Cli, Command};
 
@@ -67,42 +92,113 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(exit) => exit.into(),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", switchyard::error_chain(err.as_ref()));
             Exit::Error.into()
         }
     }
 }
 
-/// Logs to stderr at `default_level`, unless `RUST_LOG` says otherwise.
+/// Logs to stderr at `default_level`, unless `RUST_LOG` says otherwise; in colour only on a
+/// terminal, and not even there with `NO_COLOR` set (<https://no-color.org>).
 fn log_to_stderr(default_level: &str) {
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                // lapin logs every returned message with its body; Switchyard reports them itself.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new(format!(
-                        "{default_level},lapin::returned_messages=error"
-                    ))
-                }),
+                // lapin logs as errors of its own what Switchyard reports itself, once and with
+                // its context: a refused login, a failed connection attempt, a closed channel, a
+                // returned message (with its body). `RUST_LOG=lapin=debug` shows them.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},lapin=off"))),
         )
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
 }
 
+/// How long a command tries to reach the broker and the database (`--connect-timeout`).
+static CONNECT_TIMEOUT: OnceLock<Duration> = OnceLock::new();
+
 async fn connect_store(config: &Config) -> Result<Store> {
-    Store::connect(&config.database_url, 4)
-        .await
-        .with_context(|| format!("cannot connect to the database at {}", redact(&config.database_url)))
+    let url = &config.database_url;
+    within(
+        "database",
+        url,
+        |e: &store::Error| e.is_transient() && !e.is_unknown_host(),
+        || Store::connect(url, 4),
+    )
+    .await
 }
 
 async fn connect_broker(config: &Config) -> Result<Broker> {
-    Broker::connect(&config.amqp_url, Names::new(config.namespace.clone()))
-        .await
-        .with_context(|| format!("cannot connect to the broker at {}", redact(&config.amqp_url)))
+    let url = &config.amqp_url;
+    let names = Names::new(config.namespace.clone());
+    within(
+        "broker",
+        url,
+        |e: &broker::Error| e.is_transient() && !e.is_unknown_host(),
+        || Broker::connect(url, names.clone()),
+    )
+    .await
+}
+
+/// One attempt at the broker, for `agent`, which paces its own attempts and says each.
+async fn connect_broker_once(config: &Config) -> Result<Broker> {
+    Broker::connect(&config.amqp_url, Names::new(config.namespace.clone())).await.map_err(|err| {
+        anyhow::Error::new(err)
+            .context(format!("cannot connect to the broker at {}", redact(&config.amqp_url)))
+    })
+}
+
+/// Connects with `attempt`, again and again while `transient` says that may help, for at most
+/// the connect timeout; then says what it tried. What cannot help (a refused password, a host
+/// that does not resolve, a bad URL) fails at once.
+async fn within<T, E, F>(
+    what: &str,
+    url: &str,
+    transient: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+    F: Future<Output = Result<T, E>>,
+{
+    let timeout = *CONNECT_TIMEOUT.get_or_init(|| Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pauses =
+        backoff::exponential(Duration::from_millis(100), Duration::from_secs(1), usize::MAX).build();
+    let mut attempts = 0;
+    let last = loop {
+        attempts += 1;
+        let error = match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(err)) if !transient(&err) => {
+                return Err(anyhow::Error::new(err)
+                    .context(format!("cannot connect to the {what} at {}", redact(url))));
+            }
+            Ok(Err(err)) => Some(err),
+            Err(_) => None,
+        };
+        let pause = pauses.next().unwrap_or(Duration::from_secs(1));
+        if error.is_none() || tokio::time::Instant::now() + pause >= deadline {
+            break error;
+        }
+        tokio::time::sleep(pause).await;
+    };
+    let gave_up = format!(
+        "cannot reach the {what} at {} within {} s ({attempts} {})",
+        redact(url),
+        timeout.as_secs_f64(),
+        if attempts == 1 { "attempt" } else { "attempts" }
+    );
+    Err(match last {
+        Some(err) => anyhow::Error::new(err).context(gave_up),
+        None => anyhow::anyhow!(gave_up),
+    })
 }
 
 /// Runs the subcommand, in the file of its own.
 async fn run(cli: Cli) -> Result<Exit> {
+    CONNECT_TIMEOUT.get_or_init(|| Duration::from_secs_f64(cli.connect_timeout));
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => setup::migrate(&config).await,

@@ -219,7 +219,7 @@ impl<S: Stage> Runner<S> {
             () = committing => {}
             () = this.watch(&broken, &stall) => {}
         }
-        drop(subscription);
+        subscription.close().await;
         if shutdown.is_cancelled() {
             info!(stage = S::NAME, "stage stopped");
             Ok(())

@@ -1,0 +1,187 @@
+//! The command line as a new user meets it: a reader that closes, logs written to a file, a
+//! wrong password, an unknown host, a service that does not answer, a clean stop. Each runs the
+//! real `switchyard` binary against the real broker and database.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use crate::helpers::*;
+
+/// The binary, with the test's services and nothing of the environment's configuration.
+fn switchyard(amqp_url: &str, database_url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command
+        .env("AMQP_URL", amqp_url)
+        .env("DATABASE_URL", database_url)
+        .env("SWITCHYARD_NAMESPACE", "cli-tests")
+        .env_remove("SWITCHYARD_CONFIG")
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// A port on which nothing listens.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes).lines().map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn a_reader_that_closes_ends_a_command_quietly_with_0() {
+    let app = spawn_app().await;
+    let id = app.submit("Deploy Gitea to the homelab", true).await;
+    app.wait_settled(id).await;
+    // The reader is gone before the command writes its first line, as `| head -0` would be.
+    let mut child = switchyard(&app.config.amqp_url, &app.config.database_url)
+        .env("SWITCHYARD_NAMESPACE", app.config.namespace.as_str())
+        .args(["status", &id.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "nothing to say: {stderr}");
+}
+
+#[tokio::test]
+async fn a_refused_password_fails_at_once_in_one_line_without_the_password() {
+    let url = amqp_url().replacen("guest:guest@", "guest:not-the-password@", 1);
+    assert_ne!(url, amqp_url(), "the test's broker URL carries guest's password");
+    let output = switchyard(&url, &database_url()).args(["submit", "Deploy Gitea"]).output().await.unwrap();
+    let stderr = lines(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr:?}");
+    assert_eq!(stderr.len(), 1, "one line: {stderr:?}");
+    let line = &stderr[0];
+    assert!(line.starts_with("error: cannot connect to the broker at amqp://guest:***@"), "{line}");
+    assert_eq!(line.matches("ACCESS_REFUSED - Login was refused").count(), 1, "its cause once: {line}");
+    assert!(!line.contains("not-the-password"), "{line}");
+    assert!(!line.contains("within"), "refused at once, not retried until the timeout: {line}");
+}
+
+#[tokio::test]
+async fn an_unknown_host_fails_at_once_in_one_line() {
+    let nowhere_broker = "amqp://guest:guest@switchyard-nowhere.invalid:5672".to_owned();
+    let nowhere_database = "postgres://postgres@switchyard-nowhere.invalid:5432/test".to_owned();
+    for (amqp, database, args, what) in [
+        (nowhere_broker, database_url(), ["submit", "Deploy Gitea"], "broker at amqp://"),
+        (
+            amqp_url(),
+            nowhere_database,
+            ["status", "5d3ae7f6-08d4-4ff7-9e9c-5e1f3c0d7a11"],
+            "database at postgres://",
+        ),
+    ] {
+        let output = switchyard(&amqp, &database).args(args).output().await.unwrap();
+        let stderr = lines(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr:?}");
+        assert_eq!(stderr.len(), 1, "one line: {stderr:?}");
+        let line = &stderr[0];
+        assert!(line.starts_with(&format!("error: cannot connect to the {what}")), "{line}");
+        assert_eq!(line.matches("failed to lookup address information").count(), 1, "{line}");
+        assert!(!line.contains("within"), "not retried until the timeout: {line}");
+    }
+}
+
+#[tokio::test]
+async fn a_service_that_does_not_answer_is_given_up_after_the_connect_timeout() {
+    let broker = format!("amqp://guest:guest@127.0.0.1:{}", closed_port());
+    let output = switchyard(&broker, &database_url())
+        .args(["--connect-timeout", "1", "submit", "Deploy Gitea"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = lines(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr:?}");
+    assert_eq!(stderr.len(), 1, "one line: {stderr:?}");
+    let line = &stderr[0];
+    assert!(line.starts_with("error: cannot reach the broker at amqp://guest:***@127.0.0.1:"), "{line}");
+    assert!(line.contains(" within 1 s ("), "says how long it tried: {line}");
+    assert_eq!(line.matches("Connection refused").count(), 1, "{line}");
+
+    let database = format!("postgres://postgres@127.0.0.1:{}/test", closed_port());
+    let output = switchyard(&amqp_url(), &database)
+        .args(["--connect-timeout", "1", "status", "5d3ae7f6-08d4-4ff7-9e9c-5e1f3c0d7a11"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = lines(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr:?}");
+    assert_eq!(stderr.len(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr[0].starts_with("error: cannot reach the database at postgres://postgres@127.0.0.1:"),
+        "{stderr:?}"
+    );
+    assert!(stderr[0].contains(" within 1 s ("), "{stderr:?}");
+
+    let bad = switchyard(&amqp_url(), &database_url())
+        .args(["--connect-timeout", "0", "status", "5d3ae7f6-08d4-4ff7-9e9c-5e1f3c0d7a11"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "a timeout must be a positive number");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"0\" is not a number of seconds"), "{bad:?}");
+}
+
+#[tokio::test]
+async fn an_agent_waiting_for_its_broker_logs_one_line_per_attempt_without_colour() {
+    let broker = format!("amqp://guest:guest@127.0.0.1:{}", closed_port());
+    let mut agent = switchyard(&broker, &database_url())
+        .args(["agent", "--id", "patient-1", "--capabilities", "deployment"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = agent.stderr.take().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    agent.start_kill().unwrap();
+    agent.wait().await.unwrap();
+    let mut logged = String::new();
+    stderr.read_to_string(&mut logged).await.unwrap();
+    assert!(!logged.contains('\u{1b}'), "no colour codes in a file or a pipe: {logged:?}");
+    let attempts: Vec<&str> = logged.lines().filter(|l| l.contains("not connected to the broker")).collect();
+    assert!(!attempts.is_empty(), "{logged}");
+    assert!(attempts.iter().all(|l| l.contains("pause=") && l.contains("Connection refused")), "{logged}");
+    assert_eq!(logged.lines().count(), attempts.len(), "nothing but one line per attempt: {logged}");
+}
+
+#[tokio::test]
+async fn a_worker_and_an_agent_stopped_cleanly_log_no_error() {
+    let app = spawn_app().await;
+    app.declare_agent_queue("tidy-1").await;
+    let start = |args: &[&str]| {
+        switchyard(&app.config.amqp_url, &app.config.database_url)
+            .env("SWITCHYARD_NAMESPACE", app.config.namespace.as_str())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let worker = start(&["worker", "--stage", "all"]);
+    let agent = start(&["agent", "--id", "tidy-1", "--capabilities", "deployment,shell", "--speed", "0"]);
+    wait_registered(&app, "tidy-1").await;
+    let id = app.submit("Deploy Gitea to the homelab", true).await;
+    app.wait_for(id, |r| r.status.is_terminal()).await;
+    for child in [&worker, &agent] {
+        // SAFETY: kill(2) on a child of ours that has not been waited for.
+        assert_eq!(unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) }, 0);
+    }
+    for (name, child) in [("worker", worker), ("agent", agent)] {
+        let output = child.wait_with_output().await.unwrap();
+        let logged = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{name}: {logged}");
+        assert!(!logged.contains("ERROR") && !logged.contains("WARN"), "{name}: {logged}");
+    }
+}
