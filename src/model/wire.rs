@@ -335,7 +335,9 @@ pub fn parse_submission(
         return Err(Error::Schema("submitted_by is longer than 200 characters".into()));
     }
     let (message_id, request_id) = match submit.request_id {
-        Some(id) => (entry_message_id(Some(&format!("request:{id}")), body), id),
+        // Keyed by the text too: the same request sent again is one message, while another text
+        // under the same id is a message of its own, for the decompose stage to refuse.
+        Some(id) => (entry_message_id(Some(&format!("request:{id}:{text}")), body), id),
         None => {
             let message_id = entry_message_id(amqp_message_id, body);
             // The request id follows from the message id, so a redelivery maps to the same request.

@@ -221,6 +221,15 @@ impl Store {
         row.map(|row| parse_status(row.get(0))).transpose()
     }
 
+    /// The text a request was recorded with, if it was.
+    pub async fn request_text(&self, request_id: RequestId) -> Result<Option<String>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt_cached("SELECT text FROM requests WHERE id = $1", &[&request_id.as_uuid()])
+            .await?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
     /// Where a plan stands, if it was recorded; without its tasks.
     pub async fn plan_status(&self, plan_id: PlanId) -> Result<Option<PlanStatus>, Error> {
         let client = self.client().await?;

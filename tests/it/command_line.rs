@@ -185,3 +185,65 @@ async fn a_worker_and_an_agent_stopped_cleanly_log_no_error() {
         assert!(!logged.contains("ERROR") && !logged.contains("WARN"), "{name}: {logged}");
     }
 }
+
+#[tokio::test]
+async fn submit_refuses_an_empty_or_oversized_text_and_sends_nothing() {
+    let app = spawn_bare_app(|_| {}).await;
+    let empty = app.cli(&["submit", "  "]).await;
+    assert_eq!(empty.status.code(), Some(2), "{empty:?}");
+    assert_eq!(lines(&empty.stderr), ["error: the request is not valid: empty request text"]);
+    // Over the configured limit of what clients send (a command-line argument cannot hold the
+    // default 256 KiB).
+    let config = std::env::temp_dir().join(format!("switchyard-cli-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&config, "[worker]\nmax_payload_bytes = 4096\n").unwrap();
+    let huge = "Deploy Gitea ".repeat(400);
+    let oversized = switchyard(&app.config.amqp_url, &app.config.database_url)
+        .env("SWITCHYARD_NAMESPACE", app.config.namespace.as_str())
+        .env("SWITCHYARD_CONFIG", &config)
+        .args(["submit", &huge])
+        .output()
+        .await
+        .unwrap();
+    std::fs::remove_file(&config).unwrap();
+    assert_eq!(oversized.status.code(), Some(2));
+    let said = lines(&oversized.stderr);
+    assert!(said.len() == 1 && said[0].contains("exceeds the limit of 4096 bytes"), "{said:?}");
+    assert!(app.drain(&app.names.requests()).await.is_empty(), "nothing was sent");
+}
+
+#[tokio::test]
+async fn a_request_id_submitted_again_with_another_text_is_refused_not_merged() {
+    let app = spawn_app().await;
+    app.register_agent("homelab-1", &["deployment", "shell"], 4, &[("target", "homelab")]).await;
+    let id = switchyard::model::ids::RequestId::random().to_string();
+    let first =
+        app.cli(&["submit", "Deploy Gitea to the homelab", "--request-id", &id, "--auto-approve"]).await;
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    let request_id = id.parse().unwrap();
+    let before = app.wait_settled(request_id).await;
+    let events_before = app.store.audit_events(request_id).await.unwrap().len();
+
+    let again = app.cli(&["submit", "Monitor the NAS", "--request-id", &id]).await;
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    let said = lines(&again.stderr);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("was submitted before with another text (\"Deploy Gitea to the homelab\")"),
+        "{said:?}"
+    );
+    assert!(said[0].ends_with("nothing was sent"), "{said:?}");
+    // The same text again is the same request: idempotent.
+    let same = app.cli(&["submit", "Deploy Gitea to the homelab", "--request-id", &id]).await;
+    assert_eq!(same.status.code(), Some(0), "{same:?}");
+
+    // A client that publishes it anyway has it dead-lettered with the reason.
+    let body = serde_json::json!({ "text": "Monitor the NAS", "request_id": id });
+    app.publish_raw("requests", body.to_string().as_bytes()).await;
+    let dead = app.wait_dead_letters("decompose", 1).await;
+    assert!(dead[0].reason.contains("was submitted before with another text"), "{}", dead[0].reason);
+    let after = app.store.report(request_id).await.unwrap().unwrap();
+    assert_eq!(after.text, "Deploy Gitea to the homelab", "never merged");
+    assert_eq!(after.status, before.status, "the request goes on as it was");
+    let events = app.store.audit_events(request_id).await.unwrap();
+    assert_eq!(events.len(), events_before, "nothing recorded of the refused one: {events:#?}");
+}

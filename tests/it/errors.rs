@@ -213,7 +213,7 @@ async fn schema_violations_are_dead_lettered_and_named() {
 }
 
 #[tokio::test]
-async fn a_refused_request_keeps_its_id_and_status_and_submit_wait_show_why() {
+async fn a_refused_request_keeps_its_id_and_status_shows_why_and_submit_refuses_it_at_once() {
     let app = spawn_app().await;
     let id = RequestId::random();
     app.publish_raw("requests", &request_body("  ", Some(id), true)).await;
@@ -236,21 +236,15 @@ async fn a_refused_request_keeps_its_id_and_status_and_submit_wait_show_why() {
     assert_eq!(shown["status"], "refused");
     assert_eq!(shown["dead_letters"][0]["reason"], "empty request text", "{shown}");
 
-    // `submit --wait` of a refused request ends at once with the reason, not at its timeout.
-    let output = app.cli(&["submit", "   ", "--wait", "--timeout", "20"]).await;
-    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    assert!(
-        stdout(&output).contains("failed: refused at decompose: empty request text"),
-        "{}",
-        stdout(&output)
-    );
-
-    // The same as JSON: the reason as text.
-    let output = app.cli(&["submit", "   ", "--wait", "--json", "--timeout", "20"]).await;
-    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    let shown: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
-    assert_eq!(shown["status"], "refused");
-    assert_eq!(shown["reason"], "refused at decompose: empty request text");
+    // `submit` checks the text as the decompose stage does: it refuses at once, and sends nothing.
+    for json in [false, true] {
+        let mut args = vec!["submit", "   ", "--wait", "--timeout", "20"];
+        args.extend(json.then_some("--json"));
+        let output = app.cli(&args).await;
+        assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+        assert_eq!(stderr(&output).trim(), "error: the request is not valid: empty request text");
+    }
+    assert!(app.drain(&app.names.requests()).await.is_empty(), "nothing was sent");
 
     // Of a request nobody has seen there is nothing to show: an error, exit 2.
     let unknown = app.cli(&["status", &RequestId::random().to_string()]).await;
@@ -293,7 +287,10 @@ async fn a_request_id_submitted_again_makes_one_request_one_plan_and_one_task_me
     assert_eq!(report.text, "Deploy nginx to the homelab", "the first submission wins");
     assert_eq!(report.plan.as_ref().unwrap().tasks.len(), 3);
     assert_eq!(app.store.dispatches(id.plan_id()).await.unwrap().len(), 1);
-    assert!(dead_rows(&app).await.is_empty(), "a copy is not an error");
+    // A copy is not an error; another text under the same id is refused, never merged.
+    let dead = dead_rows(&app).await;
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert!(dead[0].reason.contains("was submitted before with another text"), "{}", dead[0].reason);
     let audit = app.cli(&["audit", &id.to_string()]).await;
     assert!(audit.status.success(), "{}", stdout(&audit));
 }

@@ -1,12 +1,13 @@
 //! `submit`: sends a request and prints its id, then with `--wait` follows it (see `follow`).
 
-use anyhow::Result;
+use anyhow::{Result, anyhow, bail};
 use clap::Args;
 use serde_json::json;
 use switchyard::config::Config;
 use switchyard::model::ids::RequestId;
-use switchyard::model::wire::SubmitRequest;
+use switchyard::model::wire::{self, SubmitRequest};
 use switchyard::ops;
+use switchyard::pipeline::stages::reused_id;
 
 use crate::{Exit, connect_broker, connect_store, follow};
 
@@ -17,7 +18,8 @@ pub struct SubmitArgs {
     /// Ask for approval without a person (if the configuration allows it).
     #[arg(long)]
     auto_approve: bool,
-    /// Follow the request until its released tasks are dispatched, it fails, or --timeout passes.
+    /// Follow the request to its end: exit 0 when it completed, 1 when it failed, was rejected or
+    /// cancelled, 3 when --timeout passed first or nothing runs its tasks.
     #[arg(long)]
     wait: bool,
     /// Print JSON instead of text.
@@ -37,7 +39,6 @@ pub struct SubmitArgs {
 }
 
 pub async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
-    let broker = connect_broker(config).await?;
     let request = SubmitRequest {
         text: args.text,
         request_id: args.request_id,
@@ -45,6 +46,19 @@ pub async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
         priority: args.priority,
         auto_approve: args.auto_approve.then_some(true),
     };
+    // The entry contract, as the decompose stage checks it: what it would refuse is not sent.
+    let body = serde_json::to_vec(&request)?;
+    let submission = wire::parse_submission(&body, config.worker.max_payload_bytes, None)
+        .map_err(|err| anyhow!("the request is not valid: {err}"))?;
+    if let Some(request_id) = args.request_id {
+        let store = connect_store(config).await?;
+        if let Some(recorded) =
+            store.request_text(request_id).await?.filter(|text| *text != submission.request.text)
+        {
+            bail!("{}; nothing was sent", reused_id(request_id, &recorded));
+        }
+    }
+    let broker = connect_broker(config).await?;
     let request_id = ops::submit(&broker, request).await?;
     if !args.wait {
         broker.close().await;

@@ -22,6 +22,10 @@ pub(super) enum Failure {
     /// The database or the broker is unavailable: try again later.
     #[error("{0}")]
     Transient(String),
+    /// Not the named request's message ([`Outcome::Refuse`](crate::pipeline::stages::Outcome)):
+    /// dead-letter it, and leave the request as it is.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<store::Error> for Failure {
@@ -55,21 +59,14 @@ impl<S: Stage> Runner<S> {
         message_id: MessageId,
         request_id: Option<RequestId>,
         reason: &str,
+        fails_request: bool,
     ) -> Handled {
         let reason = bounded_reason(reason);
         warn!(%reason, "dead-lettering message");
         let body = recorded_body(&delivery.body);
         let recorded = self
             .store
-            .record_dead_letter(
-                S::NAME,
-                &self.queue,
-                message_id,
-                request_id,
-                &reason,
-                &body,
-                self.stage.dead_letter_fails_request(),
-            )
+            .record_dead_letter(S::NAME, &self.queue, message_id, request_id, &reason, &body, fails_request)
             .await;
         if let Err(err) = recorded {
             return self.park(delivery, &format!("could not record dead letter: {err}")).await;

@@ -263,7 +263,15 @@ impl<S: Stage> Runner<S> {
                 let (sniffed_id, request_id) = sniff_ids(&delivery.body);
                 let message_id =
                     sniffed_id.unwrap_or_else(|| wire::entry_message_id(amqp.message_id, &delivery.body));
-                return self.dead_letter(delivery, message_id, request_id, &reason).await;
+                return self
+                    .dead_letter(
+                        delivery,
+                        message_id,
+                        request_id,
+                        &reason,
+                        self.stage.dead_letter_fails_request(),
+                    )
+                    .await;
             }
         };
         tracing::Span::current().record("message_id", tracing::field::display(input.message_id));
@@ -283,7 +291,12 @@ impl<S: Stage> Runner<S> {
         match result {
             Ok(()) => self.settle(delivery.ack().await),
             Err(Failure::Permanent(reason)) => {
-                self.dead_letter(delivery, input.message_id, input.request_id.into(), &reason).await
+                let fails_request = self.stage.dead_letter_fails_request();
+                self.dead_letter(delivery, input.message_id, input.request_id.into(), &reason, fails_request)
+                    .await
+            }
+            Err(Failure::Refused(reason)) => {
+                self.dead_letter(delivery, input.message_id, input.request_id.into(), &reason, false).await
             }
             Err(Failure::Transient(reason)) => self.park(delivery, &reason).await,
         }
@@ -343,6 +356,7 @@ impl<S: Stage> Runner<S> {
                         Applied::Conflict(reason) => Err(Failure::Transient(reason)),
                     };
                 }
+                Outcome::Refuse { reason } => return Err(Failure::Refused(reason)),
                 Outcome::Reject { writes, reason } => {
                     // No marker: the writes are idempotent, and a redelivery must dead-letter again
                     // if the first attempt died before it could.

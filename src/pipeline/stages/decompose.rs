@@ -27,10 +27,12 @@ pub struct Decompose {
     pub decomposer: Option<Arc<dyn Decomposer>>,
 }
 
-/// What the configured decomposer made of the request, when it is not the rules.
+/// What the configured decomposer made of the request, when it is not the rules; and the text a
+/// request of the same id was recorded with, if one was.
 #[derive(Debug, Default)]
 pub struct DecomposeContext {
     pub reading: Option<Reading>,
+    pub recorded_text: Option<String>,
 }
 
 /// A decomposer's answer: its decomposition, or why there is none.
@@ -58,6 +60,16 @@ impl Decompose {
     }
 }
 
+/// Why a request id submitted again with another text is refused.
+pub fn reused_id(request_id: RequestId, recorded: &str) -> String {
+    const SHOWN: usize = 80;
+    let shown: String = recorded.chars().take(SHOWN).collect();
+    let more = if recorded.chars().count() > SHOWN { "…" } else { "" };
+    format!(
+        "request {request_id} was submitted before with another text (\"{shown}{more}\"): submit this one under another id"
+    )
+}
+
 impl Stage for Decompose {
     type Input = RequestMeta;
     type Request = RequestId;
@@ -83,11 +95,12 @@ impl Stage for Decompose {
     /// the stage: the rules stand in, in `decide`.
     async fn load(
         &self,
-        _store: &Store,
+        store: &Store,
         input: &Inbound<RequestMeta>,
     ) -> Result<DecomposeContext, store::Error> {
+        let recorded_text = store.request_text(input.payload.request_id).await?;
         let Some(decomposer) = &self.decomposer else {
-            return Ok(DecomposeContext::default());
+            return Ok(DecomposeContext { reading: None, recorded_text });
         };
         let outcome = decomposer.decompose(&input.payload.text).await;
         if let Err(err) = &outcome {
@@ -99,11 +112,19 @@ impl Stage for Decompose {
                 "the decomposer failed; the rules read the request instead"
             );
         }
-        Ok(DecomposeContext { reading: Some(Reading { decomposer: decomposer.name(), outcome }) })
+        Ok(DecomposeContext {
+            reading: Some(Reading { decomposer: decomposer.name(), outcome }),
+            recorded_text,
+        })
     }
 
     fn decide(&self, input: &Inbound<RequestMeta>, context: DecomposeContext, now: DateTime<Utc>) -> Outcome {
         let request = &input.payload;
+        if let Some(recorded) = context.recorded_text.filter(|t| *t != request.text) {
+            // An id names one request: a second text under it is refused, never merged into the
+            // first, whose request goes on as it was.
+            return Outcome::Refuse { reason: reused_id(request.request_id, &recorded) };
+        }
         match self.decomposition(&request.text, context.reading) {
             Ok(decomposition) => {
                 let writes = vec![
@@ -165,7 +186,7 @@ mod tests {
     }
 
     fn read_by_llm(outcome: Result<Decomposition, decomposer::Error>) -> DecomposeContext {
-        DecomposeContext { reading: Some(Reading { decomposer: "llm", outcome }) }
+        DecomposeContext { reading: Some(Reading { decomposer: "llm", outcome }), ..Default::default() }
     }
 
     /// The decomposition the stage writes and publishes (they agree).

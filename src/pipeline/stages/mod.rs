@@ -17,7 +17,7 @@ use std::future::Future;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use decompose::{Decompose, DecomposeContext, Reading};
+pub use decompose::{Decompose, DecomposeContext, Reading, reused_id};
 pub use dispatch::Dispatch;
 pub use fallback::Fallback;
 pub use heartbeat::{HeartbeatContext, HeartbeatStage};
@@ -135,6 +135,9 @@ pub enum Outcome {
     /// A permanent failure: persist `writes` (the failure recorded where users look), then
     /// dead-letter the input with `reason`.
     Reject { writes: Vec<Write>, reason: String },
+    /// A message that is not this request's to send (a request id submitted again with another
+    /// text): dead-letter the input with `reason`, and leave the request it names as it is.
+    Refuse { reason: String },
     /// Nothing to do (a late or duplicate message): log `reason`, mark the input processed, ack.
     Ignore { reason: String },
 }

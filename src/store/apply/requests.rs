@@ -37,8 +37,20 @@ pub(super) async fn request(tx: &Transaction<'_>, actor: &str, meta: &RequestMet
         let detail = json!({ "submitted_by": meta.submitted_by, "priority": meta.priority,
                              "auto_approve": meta.auto_approve });
         audit(tx, actor, "request.received", Some(meta.request_id), None, None, detail).await?;
+        return Ok(Step::Ok);
     }
-    Ok(Step::Ok)
+    // Two texts under one id decided at once: the one recorded first is the request, and the
+    // other decides again, to be refused.
+    let recorded: Option<String> = tx
+        .query_opt_cached("SELECT text FROM requests WHERE id = $1", &[&meta.request_id.as_uuid()])
+        .await?
+        .map(|row| row.get(0));
+    match recorded {
+        Some(text) if text != meta.text => {
+            Ok(Step::Conflict(format!("request {} was recorded with another text", meta.request_id)))
+        }
+        _ => Ok(Step::Ok),
+    }
 }
 
 /// A request's decomposition (`Write::Decomposition`), which moves it on to decomposed.
