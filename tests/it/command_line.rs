@@ -247,3 +247,33 @@ async fn a_request_id_submitted_again_with_another_text_is_refused_not_merged() 
     let events = app.store.audit_events(request_id).await.unwrap();
     assert_eq!(events.len(), events_before, "nothing recorded of the refused one: {events:#?}");
 }
+
+#[tokio::test]
+async fn a_plan_awaiting_approval_is_decided_by_its_request_id_as_submit_wait_says() {
+    let app = spawn_app_with(|c| c.approval.auto_approve_below = None).await;
+    app.register_agent("homelab-1", &["deployment", "shell"], 4, &[("target", "homelab")]).await;
+    let waited = app.cli(&["submit", "Deploy Gitea to the homelab", "--wait", "--timeout", "3"]).await;
+    assert_eq!(waited.status.code(), Some(3), "it waits for a person: {waited:?}");
+    let shown = String::from_utf8_lossy(&waited.stdout);
+    let id = shown.lines().next().unwrap().to_owned();
+    assert!(shown.contains(&format!("to run it: switchyard approve {id}")), "{shown}");
+    assert!(shown.contains(&format!("switchyard reject {id} --reason")), "{shown}");
+
+    let approved = app.cli(&["approve", &id]).await;
+    assert_eq!(approved.status.code(), Some(0), "{approved:?}");
+    let plan_id = id.parse::<switchyard::model::ids::RequestId>().unwrap().plan_id();
+    let said = String::from_utf8_lossy(&approved.stdout);
+    assert!(said.starts_with(&format!("plan {plan_id} approved by ")), "{said}");
+    app.wait_for(id.parse().unwrap(), |r| r.status.as_str() == "in_progress").await;
+
+    let other = app.submit("Deploy Gitea to the homelab", false).await;
+    app.wait_for(other, |r| r.status.as_str() == "awaiting_approval").await;
+    let rejected = app.cli(&["reject", &other.to_string(), "--reason", "not today"]).await;
+    assert_eq!(rejected.status.code(), Some(0), "{rejected:?}");
+    assert_eq!(app.store.report(other).await.unwrap().unwrap().status.as_str(), "rejected");
+
+    let unknown = switchyard::model::ids::RequestId::random();
+    let missing = app.cli(&["approve", &unknown.to_string()]).await;
+    assert_eq!(missing.status.code(), Some(2));
+    assert_eq!(lines(&missing.stderr), [format!("error: no plan {unknown}, and no request {unknown}")]);
+}

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use switchyard::model::ids::{PlanId, RequestId};
+use switchyard::model::ids::RequestId;
 
 use crate::agent::AgentArgs;
 use crate::agents::AgentsCommand;
@@ -43,18 +43,24 @@ pub enum Command {
     },
     /// Submit a request and print its id.
     Submit(SubmitArgs),
-    /// Approve a plan that awaits approval.
+    /// Approve a plan that awaits approval: it is routed at once.
     Approve {
-        plan_id: PlanId,
+        /// The plan's id, or its request's.
+        #[arg(value_name = "PLAN_OR_REQUEST_ID")]
+        id: uuid::Uuid,
         /// Who approves (recorded in the audit log).
         #[arg(long, env = "USER", default_value = "cli")]
         by: String,
     },
-    /// Reject a plan that awaits approval.
+    /// Reject a plan that awaits approval: nothing of it runs, and its quota goes back.
     Reject {
-        plan_id: PlanId,
+        /// The plan's id, or its request's.
+        #[arg(value_name = "PLAN_OR_REQUEST_ID")]
+        id: uuid::Uuid,
+        /// Why (recorded in the audit log and shown by `status`).
         #[arg(long)]
         reason: String,
+        /// Who rejects (recorded in the audit log).
         #[arg(long, env = "USER", default_value = "cli")]
         by: String,
     },

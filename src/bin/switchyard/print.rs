@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use chrono::Utc;
 use switchyard::decisions::fallback::FallbackDecision;
-use switchyard::model::domain::Agent;
+use switchyard::model::domain::{Agent, RequestStatus};
 use switchyard::model::ids::TaskId;
 use switchyard::store::{
     DeadLetter, PlanReport, QuotaReport, RequestReport, ResultRow, StoredReservation, TaskState,
@@ -17,6 +17,13 @@ pub fn state_line(report: &RequestReport) -> String {
     if let Some(plan) = &report.plan {
         let tasks: Vec<String> = plan.tasks.iter().map(|t| format!("{}={}", t.key, t.status)).collect();
         line.push_str(&format!(" | plan {} | {}", plan.status, tasks.join(" ")));
+        if report.status == RequestStatus::AwaitingApproval {
+            // What to do next, ready to paste.
+            let id = report.request_id;
+            line.push_str(&format!(
+                "\nto run it: switchyard approve {id}    to refuse it: switchyard reject {id} --reason \"…\""
+            ));
+        }
     }
     line
 }
