@@ -311,6 +311,13 @@ pub fn entry_message_id(key: Option<&str>, body: &[u8]) -> MessageId {
     }
 }
 
+/// The id under which a submission that names its request is deduplicated. Keyed by the text too:
+/// the same request sent again is one message, while another text under the same id is a message
+/// of its own, for the decompose stage to refuse.
+pub fn request_message_id(request_id: RequestId, text: &str) -> MessageId {
+    entry_message_id(Some(&format!("request:{request_id}:{}", text.trim())), b"")
+}
+
 /// Parses a submission from `<namespace>.requests`. `amqp_message_id` is the AMQP property.
 pub fn parse_submission(
     body: &[u8],
@@ -335,9 +342,7 @@ pub fn parse_submission(
         return Err(Error::Schema("submitted_by is longer than 200 characters".into()));
     }
     let (message_id, request_id) = match submit.request_id {
-        // Keyed by the text too: the same request sent again is one message, while another text
-        // under the same id is a message of its own, for the decompose stage to refuse.
-        Some(id) => (entry_message_id(Some(&format!("request:{id}:{text}")), body), id),
+        Some(id) => (request_message_id(id, text), id),
         None => {
             let message_id = entry_message_id(amqp_message_id, body);
             // The request id follows from the message id, so a redelivery maps to the same request.

@@ -197,8 +197,7 @@ async fn a_plan_gets_exactly_one_fallback_decision_however_often_it_is_planned()
     // The same request again: the pipeline replays the same messages.
     submit_as(&app, id, COMPLEX, false).await;
     // An exact copy of the `planned` message the pipeline published for it.
-    let planned_id =
-        wire::entry_message_id(Some(&format!("request:{id}")), b"").derive("decomposed").derive("planned");
+    let planned_id = wire::request_message_id(id, COMPLEX).derive("decomposed").derive("planned");
     assert!(
         app.store.processed("fallback", planned_id).await.unwrap().is_some(),
         "the pipeline's message id"
