@@ -13,6 +13,7 @@ use crate::{Exit, connect_broker, connect_store, print};
 pub enum AgentsCommand {
     /// Every agent with its health, load and track record.
     List {
+        /// Print them as JSON.
         #[arg(long)]
         json: bool,
     },

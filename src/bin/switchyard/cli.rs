@@ -16,7 +16,7 @@ use crate::worker::stage_names;
 /// Switchyard: decomposes plain-language requests, plans them as DAGs of tasks, routes every task
 /// to the best agent and dispatches it, with every decision audited in PostgreSQL.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = ENVIRONMENT)]
 pub struct Cli {
     /// TOML configuration file (see README.md); environment variables override it.
     #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
@@ -28,6 +28,18 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// What the top-level help says of the environment.
+const ENVIRONMENT: &str = "\
+Environment (over the configuration file):
+  AMQP_URL              the broker [default: amqp://guest:guest@127.0.0.1:5672/%2f]
+  DATABASE_URL          the database [default: postgres://postgres@127.0.0.1:5432/switchyard]
+  SWITCHYARD_NAMESPACE  the prefix of every queue and exchange [default: switchyard]
+  SWITCHYARD_CONFIG     the configuration file (as --config)
+  RUST_LOG              what is logged, to standard error (as `warn`, `info,switchyard=debug`)
+  NO_COLOR              set to anything: no colour in logs, even on a terminal
+
+See README.md for the configuration file and every command.";
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -67,6 +79,7 @@ pub enum Command {
     /// Cancel a request: what it had not started never runs, and the tasks its agents run are
     /// stopped there. Safe to repeat; a request that already ended is left as it is (exit 1).
     Cancel {
+        /// The request to cancel.
         request_id: RequestId,
         /// Why (recorded in the audit log).
         #[arg(long)]
@@ -77,12 +90,17 @@ pub enum Command {
     },
     /// Show a request, its plan and every task with its state, agent and routing reason.
     Status {
+        /// The request to show.
         request_id: RequestId,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Check that a request's trail is complete and consistent; exit 0 only if it is.
-    Audit { request_id: RequestId },
+    Audit {
+        /// The request to check.
+        request_id: RequestId,
+    },
     /// Agents: list them, or register one.
     #[command(subcommand)]
     Agents(AgentsCommand),
@@ -120,5 +138,55 @@ fn connect_timeout(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(secs),
         _ => Err(format!("{text:?} is not a number of seconds between 0 and 3600")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command, option and argument a user can type says what it is for.
+    #[test]
+    fn everything_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", command.get_name());
+            if command.get_about().is_none() {
+                missing.push(path.clone());
+            }
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !matches!(id, "help" | "version")
+                    && arg.get_help().is_none()
+                    && arg.get_long_help().is_none()
+                {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
+
+    #[test]
+    fn the_top_level_help_names_the_environment_and_its_defaults() {
+        let help = Cli::command().render_long_help().to_string();
+        for shown in [
+            "AMQP_URL",
+            "DATABASE_URL",
+            "SWITCHYARD_NAMESPACE",
+            "NO_COLOR",
+            switchyard::config::DEFAULT_AMQP_URL,
+            switchyard::config::DEFAULT_DATABASE_URL,
+        ] {
+            assert!(help.contains(shown), "{shown} is not in the help:\n{help}");
+        }
+        let namespace = switchyard::config::Config::default().namespace;
+        assert!(help.contains(&format!("[default: {namespace}]")), "{help}");
     }
 }

@@ -31,6 +31,7 @@ pub struct SubmitArgs {
     /// Idempotency key; a fresh one by default.
     #[arg(long)]
     request_id: Option<RequestId>,
+    /// Who submits (recorded with the request).
     #[arg(long, env = "USER")]
     by: Option<String>,
     /// Seconds to wait with --wait.
