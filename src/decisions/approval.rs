@@ -130,7 +130,7 @@ mod tests {
         let g = gate(false, &decision(0.3, false), &approval());
         assert_eq!(
             g,
-            Gate::AutoApproved { reason: "complexity 0.30 is below 0.50 and the work stays local".into() }
+            Gate::AutoApproved { reason: "complexity 0.300 is below 0.500 and the work stays local".into() }
         );
     }
 
@@ -144,10 +144,10 @@ mod tests {
     #[test]
     fn gate_holds_complex_plans() {
         let g = gate(false, &decision(0.8, false), &approval());
-        assert_eq!(g.reason(), "complexity 0.80 is not below 0.50");
+        assert_eq!(g.reason(), "complexity 0.800 is not below 0.500");
         // Exactly at the limit is not below it.
         let g = gate(false, &decision(0.5, false), &approval());
-        assert_eq!(g.reason(), "complexity 0.50 is not below 0.50");
+        assert_eq!(g.reason(), "complexity 0.500 is not below 0.500");
         let never = ApprovalPolicy { auto_approve_below: None, ..approval() };
         let g = gate(false, &decision(0.0, false), &never);
         assert_eq!(
@@ -163,7 +163,7 @@ mod tests {
         assert_eq!(
             g.reason(),
             "the request asked for auto-approval but the policy does not allow it; \
-             uses an external AI model (bigmodel); complexity 0.90 is not below 0.50"
+             uses an external AI model (bigmodel); complexity 0.900 is not below 0.500"
         );
         assert!(!g.is_auto_approved());
         // The complexity rule still applies on its own.

@@ -318,10 +318,11 @@ fn offer(
     Some((external, cost, remaining))
 }
 
-/// Two figures to be compared in a reason, with two decimals, unless two decimals would make
-/// different figures read the same ("0.70 is below the 0.70 threshold"): then in full.
+/// Two figures to be compared in a reason, with three decimals, as complexity is shown everywhere
+/// (`status`, its terms), unless three decimals would make different figures read the same
+/// ("0.700 is below the 0.700 threshold"): then in full.
 pub(super) fn figures(a: f64, b: f64) -> (String, String) {
-    let (short_a, short_b) = (format!("{a:.2}"), format!("{b:.2}"));
+    let (short_a, short_b) = (format!("{a:.3}"), format!("{b:.3}"));
     if short_a == short_b && a != b { (a.to_string(), b.to_string()) } else { (short_a, short_b) }
 }
 
@@ -400,7 +401,7 @@ mod tests {
             d,
             FallbackDecision::Local {
                 plan_id: plan.id,
-                reason: "complexity 0.99 meets the 0.70 threshold, but the work stays local: \
+                reason: "complexity 0.990 meets the 0.700 threshold, but the work stays local: \
                          no external provider is configured"
                     .into(),
                 complexity: 0.99,
@@ -414,12 +415,12 @@ mod tests {
         let d = decide_fallback(&plan, 0.45, &[], &policy(), &quota(1_000_000));
         assert!(d.provider().is_none());
         assert_eq!(d.provider(), None);
-        assert_eq!(d.reason(), "complexity 0.45 is below the 0.70 threshold");
+        assert_eq!(d.reason(), "complexity 0.450 is below the 0.700 threshold");
         assert_eq!(d.cost_micros(), 0);
 
         // Rounding must not make the figures read the same.
         let d = decide_fallback(&plan, 0.699, &[], &policy(), &quota(1_000_000));
-        assert_eq!(d.reason(), "complexity 0.699 is below the 0.7 threshold");
+        assert_eq!(d.reason(), "complexity 0.699 is below the 0.700 threshold");
         // Exactly at the threshold goes external.
         assert!(decide_fallback(&plan, 0.7, &[], &policy(), &quota(1_000_000)).provider().is_some());
         // A NaN complexity is no reason to spend money.
@@ -435,7 +436,7 @@ mod tests {
         assert!(d.provider().is_none());
         assert_eq!(
             d.reason(),
-            "complexity 0.90 meets the 0.70 threshold, but the work stays local: \
+            "complexity 0.900 meets the 0.700 threshold, but the work stays local: \
              bigmodel takes none of the plan's work types (monitoring, notification)"
         );
         assert_eq!(d.cost_micros(), 0);
@@ -453,7 +454,7 @@ mod tests {
         assert!(matches!(d, FallbackDecision::Local { .. }));
         assert_eq!(
             d.reason(),
-            "complexity 0.90 meets the 0.70 threshold, but the work stays local: \
+            "complexity 0.900 meets the 0.700 threshold, but the work stays local: \
              quota exhausted: bigmodel has 6169 micros left, and the plan would cost 6170 micros"
         );
         assert!(matches!(d, FallbackDecision::Local { .. }));
@@ -473,7 +474,7 @@ mod tests {
                 plan_id: plan.id,
                 provider: "bigmodel".into(),
                 tasks: vec![plan.tasks()[0].id, plan.tasks()[2].id],
-                reason: "complexity 0.85 meets the 0.70 threshold; 2 of 3 tasks go to bigmodel \
+                reason: "complexity 0.850 meets the 0.700 threshold; 2 of 3 tasks go to bigmodel \
                          for an estimated 6170 micros, leaving 0 micros of quota"
                     .into(),
                 complexity: 0.85,
@@ -531,7 +532,7 @@ mod tests {
         assert_eq!(d.external_tasks(), [plan.tasks()[2].id]);
         assert_eq!(
             d.reason(),
-            "complexity 0.90 meets the 0.70 threshold; task 2.analysis needs 1 GPU, and no agent has one; \
+            "complexity 0.900 meets the 0.700 threshold; task 2.analysis needs 1 GPU, and no agent has one; \
              quota short: bigmodel has 5000 micros left, and all 3 tasks it takes would cost 9255 micros; \
              1 of 3 tasks goes to bigmodel for an estimated 3085 micros, leaving 1915 micros of quota"
         );

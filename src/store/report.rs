@@ -49,6 +49,8 @@ pub struct PlanReport {
     pub reservation: Option<super::StoredReservation>,
     pub approval: Option<ApprovalRow>,
     pub tasks: Vec<TaskState>,
+    /// Every attempt's confirmed dispatch, in the order confirmed.
+    pub dispatches: Vec<DispatchRow>,
     /// Every attempt's result, in the order received.
     pub results: Vec<ResultRow>,
 }
@@ -227,6 +229,7 @@ impl Store {
                     reservation: self.reservation(plan_id).await?,
                     approval,
                     tasks: self.task_states(plan_id).await?,
+                    dispatches: self.dispatches(plan_id).await?,
                     results: self.results(plan_id).await?,
                 })
             }

@@ -5,6 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use switchyard::agent::{AgentBuilder, Simulate};
+use switchyard::model::domain::Resources;
+use switchyard::model::ids::AgentId;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
@@ -276,4 +279,43 @@ async fn a_plan_awaiting_approval_is_decided_by_its_request_id_as_submit_wait_sa
     let missing = app.cli(&["approve", &unknown.to_string()]).await;
     assert_eq!(missing.status.code(), Some(2));
     assert_eq!(lines(&missing.stderr), [format!("error: no plan {unknown}, and no request {unknown}")]);
+}
+
+#[tokio::test]
+async fn status_says_each_reason_once_with_descriptions_and_times() {
+    let app = spawn_app_with(|c| c.worker.retry_base_delay_ms = 10).await;
+    // Registered in the store only: nobody declared its queue, so the dispatch fails.
+    let ghost = app.heartbeat("ghost-1", &["deployment", "shell"], 2, &[("target", "homelab")]);
+    app.store.register_agent("tests", ghost).await.unwrap();
+    let failed = app.submit("Deploy nginx to the homelab", true).await;
+    app.wait_for(failed, |r| r.status.as_str() == "failed").await;
+    let shown = String::from_utf8_lossy(&app.cli(&["status", &failed.to_string()]).await.stdout).into_owned();
+    assert_eq!(shown.matches("gave up after 3 attempts").count(), 1, "the reason once:\n{shown}");
+    assert!(shown.contains("(as above)"), "repeats point up:\n{shown}");
+    assert!(shown.lines().any(|l| l.starts_with("created   ") && l.ends_with(" UTC")), "{shown}");
+    assert!(shown.contains("Prepare homelab for the request"), "task descriptions:\n{shown}");
+    let complexity = shown.lines().find(|l| l.starts_with("plan ")).unwrap();
+    assert!(
+        complexity.split("complexity ").nth(1).is_some_and(|c| c
+            .trim_end_matches(')')
+            .split('.')
+            .nth(1)
+            .unwrap()
+            .len()
+            == 3),
+        "three decimals: {complexity}"
+    );
+
+    let watcher = AgentBuilder::new(AgentId::parse("watcher").unwrap())
+        .capabilities(["monitoring"])
+        .capacity(2)
+        .resources(Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 })
+        .heartbeat_every(Duration::from_millis(500));
+    let _watcher = app.start_agent(watcher, Simulate::new(0.0, 0.0).unwrap()).await;
+    wait_registered(&app, "watcher").await;
+    let done = app.submit("Monitor the NAS and notify me on Telegram when it is down", true).await;
+    app.wait_for(done, |r| r.status.as_str() == "completed").await;
+    let shown = String::from_utf8_lossy(&app.cli(&["status", &done.to_string()]).await.stdout).into_owned();
+    assert!(shown.contains("dispatched to watcher at "), "{shown}");
+    assert!(shown.contains(", finished at "), "{shown}");
 }

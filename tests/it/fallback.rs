@@ -139,7 +139,7 @@ async fn a_complex_plan_with_quota_left_goes_external_and_reserves_its_cost() {
     assert_eq!(
         fallback.reason(),
         format!(
-            "complexity 0.30 meets the 0.25 threshold; 3 of 3 tasks go to {PROVIDER} for an estimated \
+            "complexity 0.296 meets the 0.250 threshold; 3 of 3 tasks go to {PROVIDER} for an estimated \
              {PLAN_COST} micros, leaving {} micros of quota",
             100_000 - PLAN_COST
         )
@@ -175,7 +175,7 @@ async fn an_exhausted_quota_keeps_the_plan_local_and_reserves_nothing() {
     assert_eq!(
         fallback.reason(),
         format!(
-            "complexity 0.30 meets the 0.25 threshold, but the work stays local: quota exhausted: \
+            "complexity 0.296 meets the 0.250 threshold, but the work stays local: quota exhausted: \
              {PROVIDER} has {limit} micros left, and the plan would cost {PLAN_COST} micros"
         )
     );
@@ -398,11 +398,11 @@ async fn a_simple_local_plan_is_approved_by_the_policy() {
     let report = app.wait_settled(id).await;
     assert_eq!(report.status.as_str(), "in_progress", "{report:#?}");
     let plan = report.plan.unwrap();
-    assert_eq!(plan.fallback.unwrap().reason(), "complexity 0.16 is below the 0.30 threshold");
+    assert_eq!(plan.fallback.unwrap().reason(), "complexity 0.160 is below the 0.300 threshold");
     let approval = plan.approval.unwrap();
     assert!(approval.approved);
     assert_eq!(approval.decided_by, "policy");
-    assert_eq!(approval.reason, "complexity 0.16 is below 0.20 and the work stays local");
+    assert_eq!(approval.reason, "complexity 0.160 is below 0.200 and the work stays local");
     let messages = app.drain(&app.agent_queue("default-maintenance")).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].0["payload"]["task"]["key"], "1.snapshot");
@@ -441,7 +441,7 @@ async fn the_policy_can_refuse_what_a_request_asks_for_with_auto_approve() {
     let (_, _, detail) = events.iter().find(|(_, event, _)| event == "plan.awaiting_approval").unwrap();
     assert_eq!(
         detail["reason"],
-        "the request asked for auto-approval but the policy does not allow it; complexity 0.21 is not below 0.20"
+        "the request asked for auto-approval but the policy does not allow it; complexity 0.213 is not below 0.200"
     );
     assert!(app.drain(&app.agent_queue("default-code-generation")).await.is_empty());
 }

@@ -364,8 +364,9 @@ async fn switchyard_quota_shows_and_sets_limits() {
     assert_eq!(lines.len(), 3, "a header and a line per provider: {out}");
     assert!(lines[0].starts_with("PROVIDER") && lines[0].contains("REMAINING"), "{out}");
     let words = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-    assert_eq!(words(lines[1])[..6], ["alpha", "daily", "5000000", "0", "0", "5000000"]);
-    assert_eq!(words(lines[2])[..6], ["bigmodel", "monthly", "100000", "23000", "7000", "70000"]);
+    // In currency units (the micros are in --json).
+    assert_eq!(words(lines[1])[..6], ["alpha", "daily", "5.00", "0.00", "0.00", "5.00"]);
+    assert_eq!(words(lines[2])[..6], ["bigmodel", "monthly", "0.10", "0.023", "0.007", "0.07"]);
     let resets = Window::Monthly.next(Window::Monthly.start(now)).format("%Y-%m-%d 00:00 UTC").to_string();
     assert!(lines[2].ends_with(&resets), "{out}");
 
@@ -385,7 +386,7 @@ async fn switchyard_quota_shows_and_sets_limits() {
     assert_eq!(set.status.code(), Some(0), "{}", String::from_utf8_lossy(&set.stderr));
     assert!(
         stdout(&set).starts_with(
-            "quota of bigmodel set to 250000 micros per monthly window by ops; 220000 micros remain until "
+            "quota of bigmodel set to 0.25 (250000 micros) per monthly window by ops; 0.22 remain until "
         ),
         "{}",
         stdout(&set)
@@ -397,7 +398,7 @@ async fn switchyard_quota_shows_and_sets_limits() {
         (&Value::from(250_000), &Value::from(100_000))
     );
     let text = stdout(&app.cli(&["quota"]).await);
-    assert!(text.lines().nth(2).unwrap().ends_with("(configured limit 100000)"), "{text}");
+    assert!(text.lines().nth(2).unwrap().ends_with("(configured limit 0.10)"), "{text}");
     let set_json = app.cli(&["quota", "set", "alpha", "1000", "--by", "ops", "--json"]).await;
     let alpha: Value = serde_json::from_slice(&set_json.stdout).unwrap();
     assert_eq!((&alpha["provider"], &alpha["limit_micros"]), (&Value::from("alpha"), &Value::from(1000)));
@@ -409,8 +410,8 @@ async fn switchyard_quota_shows_and_sets_limits() {
     assert_eq!(
         line,
         format!(
-            "quota     30000 micros of bigmodel reserved in the monthly window from {month}; \
-             7000 spent (1200 input, 350 output tokens); 23000 still reserved"
+            "quota     0.03 of bigmodel reserved in the monthly window from {month}; \
+             0.007 spent (1200 input, 350 output tokens); 0.023 still reserved"
         )
     );
 

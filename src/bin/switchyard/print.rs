@@ -2,13 +2,11 @@
 
 use std::collections::HashMap;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use switchyard::decisions::fallback::FallbackDecision;
-use switchyard::model::domain::{Agent, RequestStatus};
+use switchyard::model::domain::{Agent, PlanStatus, RequestStatus, TaskStatus};
 use switchyard::model::ids::TaskId;
-use switchyard::store::{
-    DeadLetter, PlanReport, QuotaReport, RequestReport, ResultRow, StoredReservation, TaskState,
-};
+use switchyard::store::{DeadLetter, PlanReport, QuotaReport, RequestReport, StoredReservation, TaskState};
 use switchyard::understanding::complexity::Complexity;
 
 /// One line that changes whenever the request or one of its tasks moves.
@@ -28,13 +26,54 @@ pub fn state_line(report: &RequestReport) -> String {
     line
 }
 
+/// Reasons as said once: a reason that repeats one already said (a task cancelled because the
+/// plan failed, with the plan's reason in it) says "(as above)" where the repeat was.
+#[derive(Default)]
+struct Said(Vec<String>);
+
+impl Said {
+    fn once(&mut self, reason: &str) -> String {
+        // Long enough to be a reason, not a word that happens to recur.
+        let long = |text: &str| text.len() > 20;
+        if long(reason) && self.0.iter().any(|said| said.contains(reason)) {
+            return "(as above)".to_owned();
+        }
+        let shortened = self
+            .0
+            .iter()
+            .filter(|said| long(said))
+            .fold(reason.to_owned(), |text, said| text.replace(said.as_str(), "as above"));
+        if shortened == reason {
+            self.0.push(reason.to_owned());
+        }
+        shortened
+    }
+}
+
+/// An amount of micros in currency units: at least two decimals, up to the six that micros have
+/// (30,000 micros: "0.03"; 3,085: "0.003085"; 12,500,000: "12.50"). `--json` gives the micros.
+pub fn units(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let micros = micros.unsigned_abs();
+    let fraction = format!("{:06}", micros % 1_000_000);
+    let fraction = fraction.trim_end_matches('0');
+    format!("{sign}{}.{fraction:0<2}", micros / 1_000_000)
+}
+
+/// A time, to the second, in UTC.
+fn at(time: DateTime<Utc>) -> String {
+    time.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
 /// The report of a request; `waits` says why each waiting task waits, as things stand now.
 pub fn report(report: &RequestReport, waits: &HashMap<TaskId, String>) {
+    let mut said = Said::default();
     println!("request   {}", report.request_id);
     println!("status    {}", report.status);
     if let Some(reason) = &report.failure_reason {
-        println!("reason    {reason}");
+        println!("reason    {}", said.once(reason));
     }
+    println!("created   {}", at(report.created_at));
     println!("text      {}", report.text);
     if let Some(by) = &report.submitted_by {
         println!("by        {by}");
@@ -48,14 +87,16 @@ pub fn report(report: &RequestReport, waits: &HashMap<TaskId, String>) {
         }
     }
     if let Some(p) = &report.plan {
-        plan(p, waits);
+        plan(p, waits, &mut said);
     }
-    dead_letters(&report.dead_letters);
+    for dead in &report.dead_letters {
+        println!("dead letter at {} ({}): {}", dead.stage, dead.queue, said.once(&dead.reason));
+    }
 }
 
 /// A plan: its complexity, fallback, quota and approval, then its tasks.
-fn plan(plan: &PlanReport, waits: &HashMap<TaskId, String>) {
-    println!("plan      {} ({}, complexity {:.2})", plan.plan_id, plan.status, plan.complexity);
+fn plan(plan: &PlanReport, waits: &HashMap<TaskId, String>, said: &mut Said) {
+    println!("plan      {} ({}, complexity {:.3})", plan.plan_id, plan.status, plan.complexity);
     if !plan.complexity_terms.is_empty() {
         let complexity = Complexity { score: plan.complexity, terms: plan.complexity_terms.clone() };
         println!("          complexity {}", complexity.explain());
@@ -80,28 +121,39 @@ fn plan(plan: &PlanReport, waits: &HashMap<TaskId, String>) {
     }
     println!("tasks");
     for t in &plan.tasks {
-        task(t, &plan.results, waits);
+        task(t, plan, waits, said);
     }
 }
 
-/// A task's line, why it waits if it does, and each of its attempts' results.
-fn task(t: &TaskState, results: &[ResultRow], waits: &HashMap<TaskId, String>) {
+/// A task's line, its description, why it waits if it does, when each attempt went out, and
+/// each attempt's result.
+fn task(t: &TaskState, plan: &PlanReport, waits: &HashMap<TaskId, String>, said: &mut Said) {
+    // Tasks of a plan rejected or cancelled before its tasks were closed with it were left
+    // pending: they will never run, and say so.
+    let ended = matches!(plan.status, PlanStatus::Rejected | PlanStatus::Cancelled)
+        && matches!(t.status, TaskStatus::Pending | TaskStatus::Waiting);
+    let status = if ended { format!("{} (never run)", plan.status) } else { t.status.to_string() };
     println!(
         "  {:<24} {:<16} {:<15} attempt {} agent {}",
         t.key,
         t.work_type,
-        t.status.to_string(),
+        status,
         t.attempt,
         t.agent_id.as_deref().unwrap_or("-")
     );
+    println!("  {:<24} {}", "", t.description);
     match (t.waiting_since, waits.get(&t.id).or(t.reason.as_ref())) {
         (Some(since), Some(reason)) => {
             let waited = (Utc::now() - since).num_seconds().max(0);
-            println!("  {:<24} waiting {waited} s: {reason}", "");
+            println!("  {:<24} waiting {waited} s: {}", "", said.once(reason));
         }
-        (_, Some(reason)) => println!("  {:<24} {reason}", ""),
+        (_, Some(reason)) => println!("  {:<24} {}", "", said.once(reason)),
         (_, None) => {}
     }
+    for d in plan.dispatches.iter().filter(|d| d.task_id == t.id) {
+        println!("  {:<24} attempt {} dispatched to {} at {}", "", d.attempt, d.agent_id, at(d.confirmed_at));
+    }
+    let results = &plan.results;
     for r in results.iter().filter(|r| r.task_id == t.id) {
         let outcome = if r.success { "succeeded" } else { "failed" };
         let took = (r.finished_at - r.started_at).num_milliseconds();
@@ -111,8 +163,13 @@ fn task(t: &TaskState, results: &[ResultRow], waits: &HashMap<TaskId, String>) {
             (None, None) => String::new(),
         };
         println!(
-            "  {:<24} attempt {} on {}: {outcome} in {took} ms ({}) {detail}",
-            "", r.attempt, r.agent_id, r.source
+            "  {:<24} attempt {} on {}: {outcome} in {took} ms, finished at {} ({}) {}",
+            "",
+            r.attempt,
+            r.agent_id,
+            at(r.finished_at),
+            r.source,
+            said.once(&detail)
         );
     }
 }
@@ -148,20 +205,24 @@ pub fn agents(agents: &[Agent], ttl_secs: u64) {
 /// A plan's reservation in one line: how much, in which window, what was used, what went back.
 pub fn reservation(r: &StoredReservation) -> String {
     let mut line = format!(
-        "{} micros of {} reserved in the {} window from {}; {} spent ({} input, {} output tokens)",
-        r.amount_micros,
+        "{} of {} reserved in the {} window from {}; {} spent ({} input, {} output tokens)",
+        units(r.amount_micros),
         r.provider,
         r.window,
         r.window_start.format("%Y-%m-%d"),
-        r.spent_micros,
+        units(r.spent_micros),
         r.input_tokens,
         r.output_tokens
     );
     match (r.settled_at, r.released_micros) {
         (Some(at), Some(released)) => {
-            line.push_str(&format!("; settled {}, {released} released", at.format("%Y-%m-%d %H:%M:%S UTC")));
+            line.push_str(&format!(
+                "; settled {}, {} released",
+                at.format("%Y-%m-%d %H:%M:%S UTC"),
+                units(released)
+            ));
         }
-        _ => line.push_str(&format!("; {} still reserved", r.outstanding_micros())),
+        _ => line.push_str(&format!("; {} still reserved", units(r.outstanding_micros()))),
     }
     line
 }
@@ -175,7 +236,7 @@ pub fn quotas(quotas: &[QuotaReport]) {
         return;
     }
     println!(
-        "{:<20} {:<8} {:>14} {:>14} {:>14} {:>14}  RESETS",
+        "{:<20} {:<8} {:>14} {:>14} {:>14} {:>14}  RESETS (currency units; micros in --json)",
         "PROVIDER", "WINDOW", "LIMIT", "RESERVED", "SPENT", "REMAINING"
     );
     for q in quotas {
@@ -183,21 +244,21 @@ pub fn quotas(quotas: &[QuotaReport]) {
     }
 }
 
-/// One provider's quota: figures in micros, and when the window ends. A limit set by `quota set`
+/// One provider's quota: figures in currency units, and when the window ends. A limit set by `quota set`
 /// that differs from the configured one says so.
 pub fn quota_line(q: &QuotaReport) -> String {
     let mut line = format!(
         "{:<20} {:<8} {:>14} {:>14} {:>14} {:>14}  {}",
         q.provider,
         q.window.to_string(),
-        q.limit_micros,
-        q.reserved_micros,
-        q.spent_micros,
-        q.remaining_micros,
+        units(q.limit_micros),
+        units(q.reserved_micros),
+        units(q.spent_micros),
+        units(q.remaining_micros),
         q.window_end.format("%Y-%m-%d %H:%M UTC")
     );
     if q.limit_micros != q.configured_micros {
-        line.push_str(&format!(" (configured limit {})", q.configured_micros));
+        line.push_str(&format!(" (configured limit {})", units(q.configured_micros)));
     }
     line
 }
@@ -241,4 +302,19 @@ pub fn bench(r: &switchyard::bench::Report) {
         r.ceiling.messages, r.ceiling.hops, r.ceiling.hop_messages_per_sec
     );
     println!("ratio            {:.1}% of the ceiling", r.ratio_to_ceiling * 100.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::units;
+
+    #[test]
+    fn micros_read_as_currency_units_with_two_to_six_decimals() {
+        assert_eq!(units(0), "0.00");
+        assert_eq!(units(30_000), "0.03");
+        assert_eq!(units(3_085), "0.003085");
+        assert_eq!(units(12_500_000), "12.50");
+        assert_eq!(units(1), "0.000001");
+        assert_eq!(units(-7_000), "-0.007");
+    }
 }

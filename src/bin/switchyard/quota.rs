@@ -96,9 +96,10 @@ async fn set(config: &Config, provider: &str, limit: i64, by: &str, json: bool) 
         println!("{}", serde_json::to_string_pretty(&quota)?);
     } else {
         println!(
-            "quota of {provider} set to {limit} micros per {} window by {by}; {} micros remain until {}",
+            "quota of {provider} set to {} ({limit} micros) per {} window by {by}; {} remain until {}",
+            print::units(limit),
             quota.window,
-            quota.remaining_micros,
+            print::units(quota.remaining_micros),
             quota.window_end.format("%Y-%m-%d %H:%M UTC")
         );
     }
