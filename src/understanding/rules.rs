@@ -7,6 +7,8 @@ use crate::model::domain::{Decomposition, Intent, MAX_INTENTS};
 
 use super::catalog::Catalog;
 
+#[cfg(test)]
+mod corpus;
 mod reading;
 
 /// The name [`Catalog::decompose`] puts in [`Decomposition::decomposer`].
