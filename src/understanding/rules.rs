@@ -95,7 +95,8 @@ impl Catalog {
             let matched = reading.map(|m| m.work_type);
             let starts_with_keyword = self.keyword_at_start(&lower);
             let is_verb = |w: &Word| {
-                NOT_NAMES.contains(&w.lower.as_str()) || self.keyword_at_start(&LowerClause(w.lower.clone()))
+                NOT_NAMES.contains(&w.lower.as_str())
+                    || self.keyword_at_start(&LowerClause::of(w.lower.clone()))
             };
             let (entities, targets) = entities_and_targets(&clause, starts_with_keyword, is_verb);
             clause_count += 1;
@@ -340,24 +341,50 @@ fn tokens(text: &str) -> Vec<(usize, usize)> {
 }
 
 /// A clause lowercased and single-spaced, for keyword matching.
-struct LowerClause(String);
+struct LowerClause {
+    text: String,
+    /// The byte position where each word starts, in order.
+    starts: Vec<usize>,
+}
 
 impl LowerClause {
     fn new(words: &[Word]) -> Self {
-        Self(words.iter().map(|w| w.lower.as_str()).collect::<Vec<_>>().join(" "))
+        Self::of(words.iter().map(|w| w.lower.as_str()).collect::<Vec<_>>().join(" "))
+    }
+
+    /// `text` must be lowercase and single-spaced.
+    fn of(text: String) -> Self {
+        let starts = std::iter::once(0).chain(text.match_indices(' ').map(|(i, _)| i + 1)).collect();
+        Self { text, starts }
     }
 
     /// The index of the word at byte position `pos`.
     fn word_at(&self, pos: usize) -> usize {
-        self.0[..pos].matches(' ').count()
+        self.starts.partition_point(|&start| start <= pos).saturating_sub(1)
+    }
+
+    fn at_word_start(&self, pos: usize) -> bool {
+        self.text[..pos].chars().next_back().is_none_or(|c| !c.is_alphanumeric())
     }
 
     /// The byte position of the first match of `keyword` (normalised) at a word start.
     fn find(&self, keyword: &str) -> Option<usize> {
-        self.0
-            .match_indices(keyword)
+        self.text.match_indices(keyword).map(|(i, _)| i).find(|&i| self.at_word_start(i))
+    }
+
+    /// The first and last word of each match of `phrase` (normalised) at a word start; with
+    /// `whole`, only of those that also end a word ("Go" is not in "good", "alert" is in
+    /// "alerts").
+    fn matches<'a>(&'a self, phrase: &'a str, whole: bool) -> impl Iterator<Item = (usize, usize)> + 'a {
+        self.text
+            .match_indices(phrase)
             .map(|(i, _)| i)
-            .find(|&i| self.0[..i].chars().next_back().is_none_or(|c| !c.is_alphanumeric()))
+            .filter(move |&i| {
+                let end = i + phrase.len();
+                self.at_word_start(i)
+                    && (!whole || self.text[end..].chars().next().is_none_or(|c| !c.is_alphanumeric()))
+            })
+            .map(move |i| (self.word_at(i), self.word_at(i + phrase.len().max(1) - 1)))
     }
 }
 

@@ -370,15 +370,15 @@ impl Catalog {
         let n = words.len();
         let mut own = vec![false; n];
         for keyword in spec.keywords.iter().chain(&spec.weak_keywords) {
-            mark_all(clause, keyword, &mut own);
+            mark_all(clause, keyword, false, &mut own);
         }
         let mut known = vec![false; n];
         for entity in self.work_types().iter().flat_map(|s| &s.known_entities) {
-            mark_all(clause, &entity.to_lowercase(), &mut known);
+            mark_all(clause, &entity.to_lowercase(), true, &mut known);
         }
         let mut generic = vec![false; n];
         for weak in self.work_types().iter().flat_map(|s| &s.weak_keywords) {
-            mark_all(clause, weak, &mut generic);
+            mark_all(clause, weak, false, &mut generic);
         }
         let named: Vec<&str> = named.iter().flat_map(|e| e.split(' ')).collect();
         let explained = |i: usize| {
@@ -423,21 +423,16 @@ impl Catalog {
     fn rival_keyword(&self, clause: &LowerClause, spec: &WorkTypeSpec, own: &[bool]) -> bool {
         self.work_types().iter().filter(|s| !std::ptr::eq(*s, spec)).flat_map(|s| &s.keywords).any(|k| {
             let mut theirs = vec![false; own.len()];
-            mark_all(clause, k, &mut theirs);
+            mark_all(clause, k, false, &mut theirs);
             theirs.iter().zip(own).any(|(&t, &o)| t && !o)
         })
     }
 }
 
-/// Marks the words of every occurrence of `phrase` in the clause that starts a word, as keywords
-/// match ("alert" marks "alerts").
-fn mark_all(clause: &LowerClause, phrase: &str, marks: &mut [bool]) {
-    for (pos, _) in clause.0.match_indices(phrase) {
-        if clause.0[..pos].chars().next_back().is_some_and(|c| c.is_alphanumeric()) {
-            continue;
-        }
-        let first = clause.word_at(pos);
-        let last = clause.word_at(pos + phrase.len() - 1).min(marks.len() - 1);
+/// Marks the words of every match of `phrase` in the clause (see [`LowerClause::matches`]).
+fn mark_all(clause: &LowerClause, phrase: &str, whole: bool, marks: &mut [bool]) {
+    for (first, last) in clause.matches(phrase, whole) {
+        let last = last.min(marks.len() - 1);
         for mark in &mut marks[first..=last] {
             *mark = true;
         }
