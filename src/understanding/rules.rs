@@ -586,7 +586,7 @@ mod tests {
     }
 
     #[test]
-    fn confidence_is_the_share_of_clauses_that_matched() {
+    fn a_folded_clause_counts_half_in_the_confidence() {
         // "PostgreSQL" matches nothing and is folded into the deployment: it counts half.
         let d = decompose("Deploy Gitea and PostgreSQL");
         assert_eq!(d.confidence, 0.75);

@@ -30,6 +30,7 @@ pub(super) struct Match {
     pub work_type: usize,
     /// Index of the keyword's first word in the clause.
     pub word: usize,
+    /// Whether a weak keyword decided: no keyword of any work type is in the clause.
     pub weak: bool,
 }
 
