@@ -359,6 +359,17 @@ mod tests {
     }
 
     #[test]
+    fn weak_keywords_are_normalised_and_apart_from_keywords() {
+        let step = "[[work_type.step]]\nkey = \"a\"\ndescription = \"x\"\nduration_secs = 1\n";
+        let catalog = one_work_type("weak_keywords = [\"Set  Up\", \"thing\", \"set up\"]", step).unwrap();
+        let spec = catalog.get(&wt("thing")).unwrap();
+        assert_eq!(
+            (spec.keywords.as_slice(), spec.weak_keywords.as_slice()),
+            (["thing".to_owned()].as_slice(), ["set up".to_owned()].as_slice())
+        );
+    }
+
+    #[test]
     fn entities_no_work_type_knows_are_unknown() {
         let catalog = Catalog::default();
         let d = catalog.decompose("Deploy Gitea and Frobnicator to the homelab").unwrap();
@@ -542,6 +553,10 @@ mod tests {
                     "[[work_type]]\nname = \"thing\"\nkeywords = [\"ok\", \"  \"]\n\
                      base_complexity = 0.5\n",
                 ),
+                "work type thing has an empty keyword",
+            ),
+            (
+                one_work_type("weak_keywords = [\"set up\", \"\"]", &step("a", "")),
                 "work type thing has an empty keyword",
             ),
             (
