@@ -190,20 +190,30 @@ mod tests {
     #[test]
     fn maintenance_request() {
         let catalog = Catalog::default();
-        // "upgrade it" names nothing new: one maintenance intent, whose steps (snapshot, apply,
-        // verify) already put the backup before the upgrade.
-        let d = catalog.decompose("Back up PostgreSQL, then upgrade it on the NAS").unwrap();
+        let d = catalog.decompose("Restart Jellyfin on the homelab").unwrap();
         assert_eq!(work_types(&d), ["maintenance"]);
-        assert_eq!(d.intents[0].entities, ["PostgreSQL"]);
-        assert_eq!(d.intents[0].targets, ["NAS"]);
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
         assert_eq!(keys(&plan), ["1.snapshot", "1.apply", "1.verify"]);
         let apply = task(&plan, "1.apply");
         assert!(apply.capabilities.contains("shell") && apply.capabilities.contains("maintenance"));
-        assert!(apply.description.contains("PostgreSQL"), "{}", apply.description);
+        assert!(apply.description.contains("Jellyfin"), "{}", apply.description);
+    }
+
+    #[test]
+    fn a_backup_before_an_upgrade_finishes_before_the_upgrade_starts() {
+        let catalog = Catalog::default();
+        let d = catalog.decompose("Back up PostgreSQL, then upgrade it on the NAS").unwrap();
+        assert_eq!(work_types(&d), ["backup", "upgrade"]);
+        assert_eq!(d.intents[0].entities, ["PostgreSQL"]);
+        assert_eq!(d.intents[1].targets, ["NAS"]);
+        let plan = catalog.plan(RequestId::random(), &d).unwrap();
+        assert_eq!(keys(&plan), ["1.configure", "1.run", "1.verify", "2.snapshot", "2.upgrade", "2.verify"]);
+        assert_eq!(task(&plan, "2.snapshot").depends_on, [task(&plan, "1.verify").id]);
+        let upgrade = task(&plan, "2.upgrade");
+        assert!(upgrade.capabilities.contains("shell") && upgrade.capabilities.contains("upgrade"));
         // Two upgrades of two named things stay two intents.
         let d = catalog.decompose("Upgrade Nextcloud and upgrade Jellyfin").unwrap();
-        assert_eq!(work_types(&d), ["maintenance", "maintenance"]);
+        assert_eq!(work_types(&d), ["upgrade", "upgrade"]);
         assert_eq!(d.intents[1].entities, ["Jellyfin"]);
     }
 

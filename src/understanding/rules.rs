@@ -7,6 +7,10 @@ use crate::model::domain::{Decomposition, Intent, MAX_INTENTS};
 
 use super::catalog::Catalog;
 
+#[cfg(test)]
+mod corpus;
+mod reading;
+
 /// The name [`Catalog::decompose`] puts in [`Decomposition::decomposer`].
 pub const DECOMPOSER: &str = "rules";
 
@@ -35,8 +39,11 @@ impl Catalog {
     ///    "and", "then" and "also" (case-insensitive; the conjunction itself is dropped).
     /// 2. **Work type.** Each clause gets the work type with the earliest keyword match in it;
     ///    a keyword matches case-insensitively at the start of a word ("alert" matches
-    ///    "alerts", not "xalert") and may span words ("set up"). Ties go to catalog order. Each
-    ///    matching clause is an intent of its own, even if the previous one has the same type.
+    ///    "alerts", not "xalert") and may span words ("set up"). A weak keyword (a generic verb
+    ///    such as "set up" or "update") counts only when no keyword of any work type is in the
+    ///    clause: "Set up nightly backups" is a backup, "Set up Gitea" a deployment. Ties go to
+    ///    catalog order. A matching clause is an intent of its own, unless it has the previous
+    ///    intent's work type and names no entity ("Monitor the NAS and notify me on Telegram").
     /// 3. **Folding.** A clause that matches no keyword adds its text, entities and targets to
     ///    the previous intent ("Deploy Gitea and PostgreSQL"), or, before the first intent, to
     ///    the first intent.
@@ -48,28 +55,58 @@ impl Catalog {
     /// 5. **Entities.** Runs of capitalised words outside the target ("Uptime Kuma"), leaving
     ///    out a clause's first word when it is a keyword or a common verb or function word
     ///    ("Deploy", "Please"), and anything that is also a target of the intent.
-    /// 6. **Confidence.** The share of clauses that matched a keyword, where a clause folded into
-    ///    an intent counts half ("Deploy Gitea and PostgreSQL": 0.75), rounded to three decimals.
+    /// 6. **Confidence.** The mean of the clauses' scores, rounded to three decimals. A clause
+    ///    folded into an intent scores 0.5 ("Deploy Gitea and PostgreSQL": 0.75). A matching
+    ///    clause scores 1, less what its reading leaves unexplained, and at least 0:
+    ///    - Its *head* is its first word that is neither a lead-in ("please", "can you", "I
+    ///      want to", …) nor a function word ("the", "my", "is"). When the keyword is the head
+    ///      ("Restart Jellyfin"), what follows is the keyword's object, and costs only 0.1 if a
+    ///      keyword of another work type is in it ("Write a *backup* script": likely a
+    ///      modifier, but maybe the work). Otherwise the clause loses:
+    ///      - 0.3 if the head is unexplained ("*Migrate* the backups"). A word is explained when
+    ///        it is part of a keyword or weak keyword of the work type, a weak keyword of any
+    ///        work type, a known entity of any work type (in any case), a function word, a
+    ///        generic verb ("add", "open"), a time ("nightly") or a thing of any homelab
+    ///        ("server", "database"), an entity or target (but not the clause's first word,
+    ///        which is capitalised anyway), or has a digit, '.', ':' or '/' in it ("8080",
+    ///        "nas.lan");
+    ///      - 0.3 × the share of its words, function words aside, that are unexplained;
+    ///      - 0.15 if a keyword of another work type is in it ("check the backup dashboard");
+    ///      - 0.2 if a preposition comes between the head and the keyword: the keyword names a
+    ///        circumstance, not the work ("Jellyfin won't start *after the upgrade*").
+    ///    - 0.2 if a weak keyword decided and the clause names no entity the catalog knows
+    ///      ("Set up a Minecraft server" is less sure than "Set up Uptime Kuma").
+    ///
+    ///    So a clear request scores 1 ("Deploy Uptime Kuma to the homelab and send alerts to
+    ///    Discord": "send" is a generic verb, "Discord" a target), and a keyword met in a clause
+    ///    about something else scores less.
     pub fn decompose(&self, text: &str) -> Result<Decomposition, DecomposeError> {
         if text.trim().is_empty() {
             return Err(DecomposeError::Empty);
         }
         let mut drafts: Vec<Draft> = Vec::new();
-        let (mut clause_count, mut matched_count) = (0usize, 0usize);
+        // The sum of the clauses' scores, and their number.
+        let (mut understood, mut clause_count) = (0.0, 0usize);
         // Clauses before the first intent, waiting for it.
         let mut pending: Option<Draft> = None;
         for clause in clauses(text) {
             let lower = LowerClause::new(&clause);
-            let matched = self.classify(&lower);
+            let reading = self.classify(&lower);
+            let matched = reading.map(|m| m.work_type);
             let starts_with_keyword = self.keyword_at_start(&lower);
             let is_verb = |w: &Word| {
-                NOT_NAMES.contains(&w.lower.as_str()) || self.keyword_at_start(&LowerClause(w.lower.clone()))
+                NOT_NAMES.contains(&w.lower.as_str())
+                    || self.keyword_at_start(&LowerClause::of(w.lower.clone()))
             };
             let (entities, targets) = entities_and_targets(&clause, starts_with_keyword, is_verb);
             clause_count += 1;
-            if matched.is_some() {
-                matched_count += 1;
-            }
+            understood += match reading {
+                Some(m) => {
+                    let named: Vec<String> = entities.iter().chain(&targets).cloned().collect();
+                    self.clause_score(&lower, &clause, &named, m)
+                }
+                None => FOLDED,
+            };
             let part = Draft {
                 work_type: matched.unwrap_or(usize::MAX),
                 start: clause[0].start,
@@ -108,26 +145,15 @@ impl Catalog {
             return Err(DecomposeError::TooManyIntents(drafts.len()));
         }
         let intents: Vec<Intent> = drafts.into_iter().map(|d| self.intent(text, d)).collect();
-        let folded = clause_count - matched_count;
-        let confidence = clamp_round((matched_count as f64 + 0.5 * folded as f64) / clause_count as f64);
+        let confidence = clamp_round(understood / clause_count as f64);
         Ok(Decomposition { decomposer: DECOMPOSER.to_owned(), intents, confidence, fallback_reason: None })
     }
 
-    /// The index of the work type whose keyword comes first in the clause; ties go to catalog
-    /// order.
-    fn classify(&self, clause: &LowerClause) -> Option<usize> {
+    fn keyword_at_start(&self, clause: &LowerClause) -> bool {
         self.work_types()
             .iter()
-            .enumerate()
-            .filter_map(|(i, spec)| {
-                spec.keywords.iter().filter_map(|k| clause.find(k)).min().map(|pos| (pos, i))
-            })
-            .min()
-            .map(|(_, i)| i)
-    }
-
-    fn keyword_at_start(&self, clause: &LowerClause) -> bool {
-        self.work_types().iter().flat_map(|s| &s.keywords).any(|k| clause.find(k) == Some(0))
+            .flat_map(|s| s.keywords.iter().chain(&s.weak_keywords))
+            .any(|k| clause.find(k) == Some(0))
     }
 
     fn intent(&self, text: &str, draft: Draft) -> Intent {
@@ -140,6 +166,9 @@ impl Catalog {
         }
     }
 }
+
+/// The score of a clause that matched no keyword and was folded into an intent.
+const FOLDED: f64 = 0.5;
 
 fn clamp_round(value: f64) -> f64 {
     // Rounded so that stored and displayed values read 0.45, not 0.45000000000000007.
@@ -159,48 +188,80 @@ const NOT_NAMES: &[&str] = &[
     "a",
     "add",
     "after",
+    "allow",
     "also",
     "an",
     "and",
+    "are",
+    "automate",
     "before",
+    "build",
     "can",
+    "change",
     "check",
+    "close",
     "configure",
     "could",
     "create",
+    "do",
+    "does",
     "enable",
     "ensure",
     "finally",
     "first",
+    "fix",
     "for",
     "get",
     "help",
+    "hey",
+    "hi",
+    "how",
     "i",
+    "is",
     "it",
     "keep",
     "let",
     "let's",
     "lets",
     "make",
+    "move",
+    "my",
+    "need",
     "next",
     "now",
     "once",
+    "open",
     "our",
     "please",
+    "point",
     "put",
     "run",
+    "schedule",
     "send",
     "set",
+    "should",
+    "show",
+    "start",
+    "stop",
     "the",
     "then",
+    "there",
     "this",
+    "turn",
     "use",
+    "want",
     "we",
+    "what",
     "when",
+    "where",
+    "which",
+    "who",
+    "why",
     "will",
     "with",
     "would",
     "you",
+    "your",
 ];
 /// Stripped from the ends of words: quotes, brackets and punctuation, but not the '+' of "C++"
 /// or the leading '.' of ".NET".
@@ -280,19 +341,50 @@ fn tokens(text: &str) -> Vec<(usize, usize)> {
 }
 
 /// A clause lowercased and single-spaced, for keyword matching.
-struct LowerClause(String);
+struct LowerClause {
+    text: String,
+    /// The byte position where each word starts, in order.
+    starts: Vec<usize>,
+}
 
 impl LowerClause {
     fn new(words: &[Word]) -> Self {
-        Self(words.iter().map(|w| w.lower.as_str()).collect::<Vec<_>>().join(" "))
+        Self::of(words.iter().map(|w| w.lower.as_str()).collect::<Vec<_>>().join(" "))
+    }
+
+    /// `text` must be lowercase and single-spaced.
+    fn of(text: String) -> Self {
+        let starts = std::iter::once(0).chain(text.match_indices(' ').map(|(i, _)| i + 1)).collect();
+        Self { text, starts }
+    }
+
+    /// The index of the word at byte position `pos`.
+    fn word_at(&self, pos: usize) -> usize {
+        self.starts.partition_point(|&start| start <= pos).saturating_sub(1)
+    }
+
+    fn at_word_start(&self, pos: usize) -> bool {
+        self.text[..pos].chars().next_back().is_none_or(|c| !c.is_alphanumeric())
     }
 
     /// The byte position of the first match of `keyword` (normalised) at a word start.
     fn find(&self, keyword: &str) -> Option<usize> {
-        self.0
-            .match_indices(keyword)
+        self.text.match_indices(keyword).map(|(i, _)| i).find(|&i| self.at_word_start(i))
+    }
+
+    /// The first and last word of each match of `phrase` (normalised) at a word start; with
+    /// `whole`, only of those that also end a word ("Go" is not in "good", "alert" is in
+    /// "alerts").
+    fn matches<'a>(&'a self, phrase: &'a str, whole: bool) -> impl Iterator<Item = (usize, usize)> + 'a {
+        self.text
+            .match_indices(phrase)
             .map(|(i, _)| i)
-            .find(|&i| self.0[..i].chars().next_back().is_none_or(|c| !c.is_alphanumeric()))
+            .filter(move |&i| {
+                let end = i + phrase.len();
+                self.at_word_start(i)
+                    && (!whole || self.text[end..].chars().next().is_none_or(|c| !c.is_alphanumeric()))
+            })
+            .map(move |i| (self.word_at(i), self.word_at(i + phrase.len().max(1) - 1)))
     }
 }
 
@@ -487,18 +579,72 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "no work type in the catalog matches the request; known work types: \
-             deployment, code_generation, monitoring, maintenance, research, transcription"
+             deployment, code_generation, monitoring, maintenance, research, transcription, backup, \
+             restore, upgrade, firewall, dns, diagnosis, dashboard"
         );
         assert!(catalog.decompose(" , and ; then .").is_err());
     }
 
     #[test]
-    fn confidence_is_the_share_of_clauses_that_matched() {
+    fn a_folded_clause_counts_half_in_the_confidence() {
         // "PostgreSQL" matches nothing and is folded into the deployment: it counts half.
         let d = decompose("Deploy Gitea and PostgreSQL");
         assert_eq!(d.confidence, 0.75);
         let d = decompose("Please, for the team. Deploy Gitea to the homelab");
         assert_eq!(d.confidence, 0.667, "{d:?}");
         assert_eq!(decompose(UPTIME_KUMA).confidence, 1.0);
+    }
+
+    #[test]
+    fn confidence_says_how_much_of_each_clause_the_reading_explains() {
+        let read = |text: &str| {
+            let d = decompose(text);
+            (work_types(&d).join(" "), d.confidence)
+        };
+        // Clear requests, whose keyword is the head or whose other words are all explained.
+        assert_eq!(read("Set up nightly backups of the postgres database to S3"), ("backup".into(), 1.0));
+        assert_eq!(read("Upgrade Nextcloud to the latest version"), ("upgrade".into(), 1.0));
+        assert_eq!(read("build a Grafana dashboard"), ("dashboard".into(), 1.0));
+        assert_eq!(read("Why is my Plex server slow?"), ("diagnosis".into(), 1.0));
+        assert_eq!(read("Open port 8080 on the firewall"), ("firewall".into(), 1.0));
+        assert_eq!(read("Add a DNS record in Pi-hole"), ("dns".into(), 1.0));
+        // A weak keyword with nothing the catalog knows.
+        assert_eq!(read("Set up a Minecraft server"), ("deployment".into(), 0.8));
+        // A keyword of another work type in the object of the head.
+        assert_eq!(read("Write a backup script"), ("code_generation".into(), 0.9));
+        // The keyword names a circumstance; an unexplained head; unexplained words.
+        assert_eq!(read("The mail relay rejects everything after the upgrade"), ("upgrade".into(), 0.275));
+        assert_eq!(read("Migrate the Postgres backups to the new NAS"), ("backup".into(), 0.625));
+    }
+
+    #[test]
+    fn a_reading_by_a_generic_keyword_over_another_work_type_is_not_sure() {
+        // A catalog where "set up" is a keyword, not a weak one: the backups in the object of
+        // "set up" say that the deployment may be a misread.
+        let catalog = Catalog::from_toml_str(
+            r#"
+            [[work_type]]
+            name = "deployment"
+            keywords = ["set up"]
+            base_complexity = 0.4
+            [[work_type.step]]
+            key = "deploy"
+            description = "Deploy {entities}"
+            duration_secs = 60
+
+            [[work_type]]
+            name = "maintenance"
+            keywords = ["backup"]
+            base_complexity = 0.4
+            [[work_type.step]]
+            key = "apply"
+            description = "Maintain {entities}"
+            duration_secs = 60
+            "#,
+        )
+        .unwrap();
+        let d = catalog.decompose("Set up nightly backups of the postgres database to S3").unwrap();
+        assert_eq!(work_types(&d), ["deployment"]);
+        assert_eq!(d.confidence, 0.9);
     }
 }

@@ -19,7 +19,8 @@ const COMPLEX: &str = "Write a Python script that exports Postgres, Redis and Ne
 const COMPLEX_COMPLEXITY: f64 = 0.296;
 /// Maintenance of one known entity: complexity 0.160, below the default auto-approval limit of 0.20.
 const SIMPLE: &str = "Restart Jellyfin";
-/// Code generation without mentions: complexity 0.213, not below the auto-approval limit.
+/// Code generation without mentions, a keyword of another work type in its object (confidence
+/// 0.9): complexity 0.228, not below the auto-approval limit.
 const MEDIUM: &str = "Write a backup script";
 
 const PROVIDER: &str = "bigmodel";
@@ -441,7 +442,7 @@ async fn the_policy_can_refuse_what_a_request_asks_for_with_auto_approve() {
     let (_, _, detail) = events.iter().find(|(_, event, _)| event == "plan.awaiting_approval").unwrap();
     assert_eq!(
         detail["reason"],
-        "the request asked for auto-approval but the policy does not allow it; complexity 0.213 is not below 0.200"
+        "the request asked for auto-approval but the policy does not allow it; complexity 0.228 is not below 0.200"
     );
     assert!(app.drain(&app.agent_queue("default-code-generation")).await.is_empty());
 }

@@ -41,6 +41,8 @@ struct RawWorkType {
     description: String,
     keywords: Vec<String>,
     #[serde(default)]
+    weak_keywords: Vec<String>,
+    #[serde(default)]
     capabilities: Vec<String>,
     base_complexity: f64,
     #[serde(default)]
@@ -109,16 +111,11 @@ impl RawWorkType {
         let name = WorkType::parse(&self.name).map_err(Error::InvalidName)?;
         let work_type = || name.clone();
 
-        let mut keywords = Vec::with_capacity(self.keywords.len());
-        for keyword in &self.keywords {
-            let normalized = normalize(keyword);
-            if normalized.is_empty() {
-                return Err(Error::EmptyKeyword { work_type: work_type() });
-            }
-            if !keywords.contains(&normalized) {
-                keywords.push(normalized);
-            }
-        }
+        let keywords = normalize_keywords(&self.keywords, &[])
+            .ok_or_else(|| Error::EmptyKeyword { work_type: work_type() })?;
+        // A word is weak or not: one that is both is a keyword.
+        let weak_keywords = normalize_keywords(&self.weak_keywords, &keywords)
+            .ok_or_else(|| Error::EmptyKeyword { work_type: work_type() })?;
         let capabilities = parse_capabilities(&self.capabilities, &name)?;
         if !(0.0..=1.0).contains(&self.base_complexity) {
             return Err(Error::Complexity { work_type: work_type(), value: self.base_complexity });
@@ -199,6 +196,7 @@ impl RawWorkType {
             name: name.clone(),
             description: self.description.trim().to_owned(),
             keywords,
+            weak_keywords,
             capabilities,
             base_complexity: self.base_complexity,
             known_entities: self
@@ -259,6 +257,21 @@ fn step_in_cycle(steps: &[StepSpec]) -> Option<String> {
         steps.iter().map(|s| (s.key.as_str(), s.depends_on.as_slice())).collect();
     let mut marks: HashMap<&str, Mark> = steps.iter().map(|s| (s.key.as_str(), Mark::New)).collect();
     steps.iter().find_map(|s| visit(&s.key, &deps, &mut marks))
+}
+
+/// The keywords normalised, each once and none of `except`; `None` if one is empty.
+fn normalize_keywords(raw: &[String], except: &[String]) -> Option<Vec<String>> {
+    let mut keywords: Vec<String> = Vec::with_capacity(raw.len());
+    for keyword in raw {
+        let normalized = normalize(keyword);
+        if normalized.is_empty() {
+            return None;
+        }
+        if !keywords.contains(&normalized) && !except.contains(&normalized) {
+            keywords.push(normalized);
+        }
+    }
+    Some(keywords)
 }
 
 /// Lowercase, with runs of whitespace made single spaces.

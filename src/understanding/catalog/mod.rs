@@ -82,6 +82,10 @@ pub struct WorkTypeSpec {
     pub description: String,
     /// Lowercase and single-spaced; matched at word starts.
     pub keywords: Vec<String>,
+    /// Generic words ("set up") that decide a clause only when no keyword of any work type is in
+    /// it. Lowercase and single-spaced, none of them among `keywords`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub weak_keywords: Vec<String>,
     /// Required of an agent for every task of this type.
     pub capabilities: BTreeSet<String>,
     /// In [0, 1].
@@ -271,6 +275,23 @@ mod tests {
     use crate::model::ids::RequestId;
     use crate::understanding::fixtures::*;
 
+    /// The work types of the default catalog, in order.
+    const DEFAULT_WORK_TYPES: &[&str] = &[
+        "deployment",
+        "code_generation",
+        "monitoring",
+        "maintenance",
+        "research",
+        "transcription",
+        "backup",
+        "restore",
+        "upgrade",
+        "firewall",
+        "dns",
+        "diagnosis",
+        "dashboard",
+    ];
+
     /// A catalog with one work type, "thing", whose parts are given as TOML.
     fn one_work_type(head: &str, steps: &str) -> Result<Catalog, Error> {
         Catalog::from_toml_str(&format!(
@@ -318,9 +339,7 @@ mod tests {
     fn default_catalog_has_the_required_work_types() {
         let catalog = Catalog::default();
         let names: Vec<&str> = catalog.work_types().iter().map(|s| s.name.as_str()).collect();
-        for name in ["deployment", "code_generation", "monitoring", "maintenance", "research"] {
-            assert!(names.contains(&name), "{name} missing from {names:?}");
-        }
+        assert_eq!(names, DEFAULT_WORK_TYPES);
         for spec in catalog.work_types() {
             assert!((1..=4).contains(&spec.steps.len()), "{} has {} steps", spec.name, spec.steps.len());
             assert!(!spec.keywords.is_empty(), "{} has no keyword", spec.name);
@@ -337,6 +356,17 @@ mod tests {
         assert!(catalog.get(&wt("nope")).is_none());
         let written = toml::to_string(&catalog).unwrap();
         assert_eq!(Catalog::from_toml_str(&written).unwrap(), catalog, "{written}");
+    }
+
+    #[test]
+    fn weak_keywords_are_normalised_and_apart_from_keywords() {
+        let step = "[[work_type.step]]\nkey = \"a\"\ndescription = \"x\"\nduration_secs = 1\n";
+        let catalog = one_work_type("weak_keywords = [\"Set  Up\", \"thing\", \"set up\"]", step).unwrap();
+        let spec = catalog.get(&wt("thing")).unwrap();
+        assert_eq!(
+            (spec.keywords.as_slice(), spec.weak_keywords.as_slice()),
+            (["thing".to_owned()].as_slice(), ["set up".to_owned()].as_slice())
+        );
     }
 
     #[test]
@@ -386,23 +416,13 @@ mod tests {
         );
         let catalog = catalog.unwrap();
         let names: Vec<&str> = catalog.work_types().iter().map(|s| s.name.as_str()).collect();
-        // Replaced in place, added at the end.
-        assert_eq!(
-            names,
-            [
-                "deployment",
-                "code_generation",
-                "monitoring",
-                "maintenance",
-                "research",
-                "transcription",
-                "backup_restore"
-            ]
-        );
+        // Replaced in place, added at the end. The default `restore` keeps "restore": ties go to
+        // catalog order, so the added work type is asked for with "recover".
+        assert_eq!(names, [DEFAULT_WORK_TYPES, &["backup_restore"]].concat());
         assert_eq!(catalog.get(&wt("research")).unwrap().steps.len(), 1);
         assert!(catalog.decompose("Compare A and B").is_err(), "the old research keywords are gone");
 
-        let d = catalog.decompose("Restore Vaultwarden onto the homelab and recover Paperless").unwrap();
+        let d = catalog.decompose("Recover Vaultwarden onto the homelab and recover Paperless").unwrap();
         assert_eq!(work_types(&d), ["backup_restore", "backup_restore"]);
         assert_eq!(d.intents[0].targets, ["homelab"]);
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
@@ -422,28 +442,17 @@ mod tests {
         let catalog = Catalog::load(Some(&user)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let names: Vec<&str> = catalog.work_types().iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "deployment",
-                "code_generation",
-                "monitoring",
-                "maintenance",
-                "research",
-                "transcription",
-                "backup_restore"
-            ]
-        );
+        assert_eq!(names, [DEFAULT_WORK_TYPES, &["backup_restore"]].concat());
         assert_eq!(catalog.get(&wt("backup_restore")).unwrap().runs_after, [wt("deployment")]);
 
-        let d = catalog.decompose("Deploy Vaultwarden to the homelab, then restore Vaultwarden").unwrap();
+        let d = catalog.decompose("Deploy Vaultwarden to the homelab, then recover Vaultwarden").unwrap();
         assert_eq!(work_types(&d), ["deployment", "backup_restore"]);
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
         assert_eq!(keys(&plan), ["1.prepare", "1.deploy", "1.verify", "2.fetch", "2.restore"]);
         assert_eq!(task(&plan, "2.fetch").depends_on, [task(&plan, "1.verify").id]);
         assert_eq!(task(&plan, "2.restore").depends_on, [task(&plan, "2.fetch").id]);
         // Only earlier intents count: a restore before the deployment waits for nothing.
-        let d = catalog.decompose("Restore Vaultwarden, then deploy Gitea").unwrap();
+        let d = catalog.decompose("Recover Vaultwarden, then deploy Gitea").unwrap();
         assert_eq!(work_types(&d), ["backup_restore", "deployment"]);
         let plan = catalog.plan(RequestId::random(), &d).unwrap();
         assert_eq!(task(&plan, "1.fetch").depends_on, []);
@@ -544,6 +553,10 @@ mod tests {
                     "[[work_type]]\nname = \"thing\"\nkeywords = [\"ok\", \"  \"]\n\
                      base_complexity = 0.5\n",
                 ),
+                "work type thing has an empty keyword",
+            ),
+            (
+                one_work_type("weak_keywords = [\"set up\", \"\"]", &step("a", "")),
                 "work type thing has an empty keyword",
             ),
             (
