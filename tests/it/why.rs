@@ -200,6 +200,7 @@ async fn rescore_puts_today_s_fleet_beside_the_record_and_writes_nothing() {
     let text = why(&app, &[&id.to_string(), "1.snapshot", "--rescore"]).await;
     assert!(text.contains("attempt 1: routed to alpha, best score 0.850, the only eligible agent"), "{text}");
     assert!(text.contains("): would go to zulu, best score 0.850, ahead of alpha at 0.725"), "{text}");
+    assert!(text.contains("(now, alpha's load counts the slot that this attempt holds)"), "{text}");
     assert!(text.contains("* alpha then  0.850 = 1.00×0.50=0.500"), "{text}");
     assert!(text.contains("        now   0.725 = 0.75×0.50=0.375"), "{text}");
     assert!(text.contains("  zulu  then  not a candidate"), "{text}");

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use switchyard::config::Config;
 use switchyard::decisions::routing::{Candidate, Choice, Term, Verdict, Weights};
+use switchyard::model::domain::TaskStatus;
 use switchyard::model::ids::{RequestId, TaskId};
 use switchyard::ops::{self, AttemptWhy, Judgement, TaskWhy};
 use switchyard::store::Store;
@@ -85,13 +86,15 @@ fn print(why: &TaskWhy) {
     if why.attempts.is_empty() {
         println!("\nno attempt yet: the task has not been ready to go to an agent");
     }
-    for attempt in &why.attempts {
+    let running = matches!(why.status, TaskStatus::Routed | TaskStatus::Dispatched);
+    for (i, attempt) in why.attempts.iter().enumerate() {
         println!();
-        print_attempt(attempt, why.now);
+        print_attempt(attempt, why.now, running && i + 1 == why.attempts.len());
     }
 }
 
-fn print_attempt(a: &AttemptWhy, now: DateTime<Utc>) {
+/// One attempt; `holding` when it is the task's attempt under way, which holds a slot of its agent.
+fn print_attempt(a: &AttemptWhy, now: DateTime<Utc>, holding: bool) {
     let n = a.attempt;
     match (&a.decision, &a.waited) {
         (Some(d), _) => match &d.agent_id {
@@ -138,6 +141,11 @@ fn print_attempt(a: &AttemptWhy, now: DateTime<Utc>) {
     };
     if let Some(j) = &a.now {
         println!("  now ({}): {}", time(now), judgement(j));
+        if let Some(agent) =
+            a.decision.as_ref().filter(|d| holding && d.reserved_capacity).and_then(|d| d.agent_id.as_ref())
+        {
+            println!("  (now, {agent}'s load counts the slot that this attempt holds)");
+        }
     }
     if then.is_none() && a.now.is_none() {
         return;
