@@ -1,16 +1,21 @@
 //! What the command line does, as a library API: submit a request, approve or reject a plan,
-//! cancel a request, follow a request until it settles. The binary only parses arguments and
-//! prints.
+//! cancel a request, follow a request until it settles, say why a task went where it went. The
+//! binary only parses arguments and prints.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use uuid::Uuid;
 
 use crate::broker::{self, Broker, Outgoing};
+use crate::decisions::routing::{
+    Candidate, Choice, Placement, Router, RoutingPolicy, Terms, Verdict, choice, waiting_reason,
+};
 use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
-use crate::model::ids::{AgentId, MessageId, PlanId, RequestId};
+use crate::model::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
 use crate::model::wire::{Envelope, RouteTasks, SubmitRequest, TaskAbort, Wake};
+use crate::pipeline::stages::External;
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, ApprovalOutcome, RequestReport, Stopped, Store};
 
@@ -221,4 +226,207 @@ pub async fn waiting_reasons(
         reasons.insert(task.id, crate::decisions::routing::waiting_reason(&router.judge(&task, ask)));
     }
     Ok(reasons)
+}
+
+/// Why a task went where it went, attempt by attempt (`switchyard why`): every candidate's
+/// verdict as recorded, the terms of every score, and what was chosen and why; for the attempt
+/// the task waits for now, and with `rescore` for every attempt, the same decision against the
+/// fleet as it stands now. Reads only.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskWhy {
+    pub request_id: RequestId,
+    pub plan_id: PlanId,
+    pub task_id: TaskId,
+    pub key: String,
+    pub work_type: String,
+    pub status: TaskStatus,
+    /// As recorded on the task: its routing reason, why it waits, or why it failed.
+    pub reason: Option<String>,
+    /// When the fleet was read for the decisions made again now.
+    pub now: DateTime<Utc>,
+    pub attempts: Vec<AttemptWhy>,
+}
+
+/// One attempt of a task.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptWhy {
+    pub attempt: u32,
+    /// When it began to wait in line for this attempt, if it did, and why.
+    pub waited: Option<Waited>,
+    /// Its routing decision, once one was made.
+    pub decision: Option<DecisionWhy>,
+    pub dispatch: Option<store::DispatchRow>,
+    pub results: Vec<store::ResultRow>,
+    /// The same decision made again against today's fleet, writing nothing: for the attempt the
+    /// task waits for now, and for every attempt when asked (`rescore`).
+    pub now: Option<Judgement>,
+}
+
+/// A task that began to wait in line: why, and every candidate's verdict then.
+#[derive(Debug, Clone, Serialize)]
+pub struct Waited {
+    pub since: DateTime<Utc>,
+    pub reason: String,
+    #[serde(serialize_with = "with_terms")]
+    pub candidates: Vec<Candidate>,
+}
+
+/// A recorded routing decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionWhy {
+    pub decided_at: DateTime<Utc>,
+    /// `None` when the task gave up waiting.
+    pub agent_id: Option<AgentId>,
+    pub score: Option<f64>,
+    /// As recorded.
+    pub reason: String,
+    pub reserved_capacity: bool,
+    pub choice: Choice,
+    /// False when the decision was recorded before the weights of the scores were kept: its
+    /// scored candidates have their terms' values only.
+    pub terms_recorded: bool,
+    #[serde(serialize_with = "with_terms")]
+    pub candidates: Vec<Candidate>,
+}
+
+/// What routing makes of the attempt now.
+#[derive(Debug, Clone, Serialize)]
+pub struct Judgement {
+    /// Where it would go; `None`: it would wait.
+    pub agent_id: Option<AgentId>,
+    /// Why: the route's reason, or why it would wait, in a few words.
+    pub reason: String,
+    pub choice: Choice,
+    #[serde(serialize_with = "with_terms")]
+    pub candidates: Vec<Candidate>,
+}
+
+/// Candidates as recorded, each scored one with its terms worked out (value, weight,
+/// contribution) when its weights are known.
+fn with_terms<S: serde::Serializer>(candidates: &[Candidate], serializer: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct WithTerms<'a> {
+        #[serde(flatten)]
+        candidate: &'a Candidate,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        terms: Option<Terms>,
+    }
+    serializer.collect_seq(
+        candidates.iter().map(|candidate| WithTerms { candidate, terms: candidate.verdict.terms() }),
+    )
+}
+
+/// Why `task_id` went where it went (see [`TaskWhy`]); `None` if there is no such task. With
+/// `rescore`, every decision is made again against the agents' rows as they are `now` and
+/// `policy`; nothing is written.
+pub async fn why(
+    store: &Store,
+    task_id: TaskId,
+    policy: &RoutingPolicy,
+    now: DateTime<Utc>,
+    rescore: bool,
+) -> Result<Option<TaskWhy>, Error> {
+    let Some(trail) = store.task_trail(task_id).await? else { return Ok(None) };
+    let corrupt = |what: String| Error::Store(store::Error::Corrupt(what));
+    let waits_now = (trail.state.status == TaskStatus::Waiting).then_some(trail.state.attempt + 1);
+    let mut numbers: BTreeSet<u32> = (trail.decisions.iter().map(|d| d.attempt))
+        .chain(trail.waits.iter().map(|w| w.attempt))
+        .chain(trail.dispatches.iter().map(|d| d.attempt))
+        .chain(trail.results.iter().map(|r| r.attempt))
+        .chain(waits_now)
+        .collect();
+    if trail.state.attempt > 0 {
+        numbers.insert(trail.state.attempt);
+    }
+    let agents = if rescore || waits_now.is_some() { store.agents().await? } else { Vec::new() };
+    let external = External::of(trail.fallback.as_ref());
+    let task = external.as_ref().map_or_else(|| trail.task.clone(), |e| e.adapt(&trail.task));
+    let mut attempts = Vec::new();
+    for attempt in numbers {
+        let parse = |candidates: &serde_json::Value| {
+            serde_json::from_value::<Vec<Candidate>>(candidates.clone())
+                .map_err(|e| corrupt(format!("the candidates of task {task_id} attempt {attempt}: {e}")))
+        };
+        let waited = match trail.waits.iter().rfind(|w| w.attempt == attempt) {
+            Some(w) => {
+                Some(Waited { since: w.since, reason: w.reason.clone(), candidates: parse(&w.candidates)? })
+            }
+            None => None,
+        };
+        let decision = match trail.decisions.iter().find(|d| d.attempt == attempt) {
+            Some(d) => {
+                let agent_id =
+                    d.agent_id.as_deref().map(AgentId::parse).transpose().map_err(|e| {
+                        corrupt(format!("the agent of task {task_id} attempt {attempt}: {e}"))
+                    })?;
+                let candidates = parse(&d.candidates)?;
+                let terms_recorded =
+                    candidates.iter().all(|c| !matches!(c.verdict, Verdict::Scored { weights: None, .. }));
+                Some(DecisionWhy {
+                    decided_at: d.decided_at,
+                    choice: choice(agent_id.as_ref(), &candidates),
+                    agent_id,
+                    score: d.score,
+                    reason: d.reason.clone(),
+                    reserved_capacity: d.reserved_capacity,
+                    terms_recorded,
+                    candidates,
+                })
+            }
+            None => None,
+        };
+        let judged_now = waits_now == Some(attempt) || (rescore && (decision.is_some() || waited.is_some()));
+        let judged = judged_now.then(|| {
+            // As routing excludes them: the agents that failed the attempts before this one.
+            let failed: BTreeSet<AgentId> = (trail.results.iter())
+                .filter(|r| !r.success && r.attempt < attempt)
+                .filter_map(|r| AgentId::parse(r.agent_id.as_str()).ok())
+                .collect();
+            let ask = crate::pipeline::stages::ask(&task, attempt, external.as_ref(), Some(&failed), policy);
+            judge_now(&task, ask, &agents, now, policy)
+        });
+        attempts.push(AttemptWhy {
+            attempt,
+            waited,
+            decision,
+            dispatch: trail.dispatches.iter().find(|d| d.attempt == attempt).cloned(),
+            results: trail.results.iter().filter(|r| r.attempt == attempt).cloned().collect(),
+            now: judged,
+        });
+    }
+    Ok(Some(TaskWhy {
+        request_id: trail.request_id,
+        plan_id: trail.plan_id,
+        task_id,
+        key: trail.state.key,
+        work_type: trail.state.work_type,
+        status: trail.state.status,
+        reason: trail.state.reason,
+        now,
+        attempts,
+    }))
+}
+
+/// What routing would make of `task` now, over `agents`, writing nothing.
+fn judge_now(
+    task: &crate::model::domain::Task,
+    ask: crate::decisions::routing::Ask<'_>,
+    agents: &[crate::model::domain::Agent],
+    now: DateTime<Utc>,
+    policy: &RoutingPolicy,
+) -> Judgement {
+    match Router::new(agents, now, policy).place(task, ask) {
+        Placement::Routed(route) => Judgement {
+            choice: choice(Some(&route.agent_id), &route.candidates),
+            agent_id: Some(route.agent_id),
+            reason: route.reason,
+            candidates: route.candidates,
+        },
+        Placement::Waits(candidates) => Judgement {
+            agent_id: None,
+            reason: waiting_reason(&candidates),
+            choice: Choice::NoAgent,
+            candidates,
+        },
+    }
 }

@@ -126,7 +126,7 @@ pub(super) fn task_from_row(row: &Row) -> Result<Task, Error> {
     })
 }
 
-fn task_state_from_row(row: &Row) -> Result<TaskState, Error> {
+pub(super) fn task_state_from_row(row: &Row) -> Result<TaskState, Error> {
     let depends_on: Vec<Uuid> = row.get("depends_on");
     Ok(TaskState {
         id: TaskId::from_uuid(row.get("id")),

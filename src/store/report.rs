@@ -9,10 +9,10 @@ use serde_json::Value;
 use tokio_postgres::Row;
 
 use super::cached::Cached;
-use super::read::parse_status;
+use super::read::{TASK_COLUMNS, parse_status, task_from_row, task_state_from_row};
 use super::{Error, ResultRow, Store, StoredPlan, TaskState};
 use crate::decisions::fallback::{FallbackDecision, Infeasible};
-use crate::model::domain::{PlanStatus, RequestStatus};
+use crate::model::domain::{PlanStatus, RequestStatus, Task};
 use crate::model::ids::{MessageId, PlanId, RequestId, TaskId};
 use crate::understanding::complexity::Term;
 
@@ -124,12 +124,45 @@ impl Serialize for Refusal {
 pub struct DecisionRow {
     pub task_id: TaskId,
     pub attempt: u32,
+    pub decided_at: DateTime<Utc>,
     /// `None` when the task gave up waiting: no agent was chosen.
     pub agent_id: Option<String>,
     pub score: Option<f64>,
     pub reason: String,
     pub candidates: Value,
     pub reserved_capacity: bool,
+}
+
+/// A task that began to wait in line for an agent, as the audit log recorded it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WaitRow {
+    /// The attempt it waited for.
+    pub attempt: u32,
+    pub since: DateTime<Utc>,
+    /// Why, in a few words, as the fleet stood then.
+    pub reason: String,
+    /// Every candidate's verdict then, as a routing decision records them.
+    pub candidates: Value,
+}
+
+/// Everything recorded about one task's attempts: what `switchyard why` explains.
+#[derive(Debug, Clone)]
+pub struct TaskTrail {
+    pub request_id: RequestId,
+    pub plan_id: PlanId,
+    pub plan_status: PlanStatus,
+    /// The task as planned.
+    pub task: Task,
+    pub state: TaskState,
+    /// The plan's fallback decision: whether the task went to an external provider.
+    pub fallback: Option<FallbackDecision>,
+    /// Its routing decisions, by attempt.
+    pub decisions: Vec<DecisionRow>,
+    /// Each time it began to wait in line, oldest first.
+    pub waits: Vec<WaitRow>,
+    pub dispatches: Vec<DispatchRow>,
+    /// Its attempts' results, in the order received.
+    pub results: Vec<ResultRow>,
 }
 
 /// A confirmed dispatch as stored.
@@ -289,21 +322,15 @@ impl Store {
             });
         let decisions = client
             .query_cached(
-                "SELECT task_id, attempt, agent_id, score, reason, candidates, reserved_capacity
-                 FROM routing_decisions WHERE plan_id = $1 ORDER BY created_at, task_id",
+                &format!(
+                    "SELECT {DECISION_COLUMNS} FROM routing_decisions WHERE plan_id = $1
+                          ORDER BY created_at, task_id"
+                ),
                 &[&plan_id.as_uuid()],
             )
             .await?
             .iter()
-            .map(|row| DecisionRow {
-                task_id: TaskId::from_uuid(row.get(0)),
-                attempt: row.get::<_, i32>(1) as u32,
-                agent_id: row.get(2),
-                score: row.get(3),
-                reason: row.get(4),
-                candidates: row.get(5),
-                reserved_capacity: row.get(6),
-            })
+            .map(decision_from_row)
             .collect();
         let dispatches = self.dispatches(plan_id).await?;
         let usage = client
@@ -342,6 +369,77 @@ impl Store {
             decisions,
             dispatches,
             results: self.results(plan_id).await?,
+        }))
+    }
+
+    /// Everything recorded about one task's attempts, if the task exists.
+    pub async fn task_trail(&self, task_id: TaskId) -> Result<Option<TaskTrail>, Error> {
+        let client = self.client().await?;
+        let Some(row) = client
+            .query_opt_cached(
+                &format!(
+                    "SELECT {TASK_COLUMNS}, plan_id,
+                            (SELECT p.request_id FROM plans p WHERE p.id = tasks.plan_id) AS request_id,
+                            (SELECT p.status FROM plans p WHERE p.id = tasks.plan_id) AS plan_status
+                     FROM tasks WHERE id = $1"
+                ),
+                &[&task_id.as_uuid()],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let plan_id = PlanId::from_uuid(row.get("plan_id"));
+        let request_id = RequestId::from_uuid(row.get("request_id"));
+        let decisions: Vec<DecisionRow> = client
+            .query_cached(
+                &format!(
+                    "SELECT {DECISION_COLUMNS} FROM routing_decisions WHERE task_id = $1 ORDER BY attempt"
+                ),
+                &[&task_id.as_uuid()],
+            )
+            .await?
+            .iter()
+            .map(decision_from_row)
+            .collect();
+        let waits = client
+            .query_cached(
+                "SELECT at, detail FROM audit_log
+                 WHERE request_id = $1 AND task_id = $2 AND event = 'task.waiting' ORDER BY id",
+                &[&request_id.as_uuid(), &task_id.as_uuid()],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                let detail: Value = row.get(1);
+                let corrupt = || Error::Corrupt(format!("a task.waiting event of task {task_id}: {detail}"));
+                Ok(WaitRow {
+                    attempt: detail["attempt"]
+                        .as_u64()
+                        .and_then(|a| u32::try_from(a).ok())
+                        .ok_or_else(corrupt)?,
+                    since: row.get(0),
+                    reason: detail["reason"].as_str().ok_or_else(corrupt)?.to_owned(),
+                    candidates: detail.get("candidates").cloned().unwrap_or(Value::Array(Vec::new())),
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        drop(client);
+        let mut dispatches = self.dispatches(plan_id).await?;
+        dispatches.retain(|d| d.task_id == task_id);
+        let mut results = self.results(plan_id).await?;
+        results.retain(|r| r.task_id == task_id);
+        Ok(Some(TaskTrail {
+            request_id,
+            plan_id,
+            plan_status: parse_status(row.get("plan_status"))?,
+            task: task_from_row(&row)?,
+            state: task_state_from_row(&row)?,
+            fallback: self.fallback_decision(plan_id).await?,
+            decisions,
+            waits,
+            dispatches,
+            results,
         }))
     }
 
@@ -413,6 +511,23 @@ impl Store {
         let client = self.client().await?;
         let rows = client.query_cached("SELECT status, count(*) FROM requests GROUP BY status", &[]).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+/// The columns of a routing decision that [`decision_from_row`] reads.
+const DECISION_COLUMNS: &str =
+    "task_id, attempt, created_at, agent_id, score, reason, candidates, reserved_capacity";
+
+fn decision_from_row(row: &Row) -> DecisionRow {
+    DecisionRow {
+        task_id: TaskId::from_uuid(row.get(0)),
+        attempt: row.get::<_, i32>(1) as u32,
+        decided_at: row.get(2),
+        agent_id: row.get(3),
+        score: row.get(4),
+        reason: row.get(5),
+        candidates: row.get(6),
+        reserved_capacity: row.get(7),
     }
 }
 

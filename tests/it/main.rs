@@ -31,4 +31,5 @@ mod stall;
 mod tls;
 mod tracking;
 mod understanding;
+mod why;
 mod workflows;

@@ -12,7 +12,7 @@ use switchyard::model::wire::{Envelope, SCHEMA_VERSION, TaskResult};
 use crate::helpers::*;
 
 /// Publishes the result of the assignment `task` (an envelope read from an agent queue).
-async fn report(app: &TestApp, assignment: &Value, success: bool) {
+pub(crate) async fn report(app: &TestApp, assignment: &Value, success: bool) {
     let payload = &assignment["payload"];
     let message_id: MessageId = assignment["message_id"].as_str().unwrap().parse().unwrap();
     let envelope = Envelope {
@@ -39,7 +39,7 @@ async fn report(app: &TestApp, assignment: &Value, success: bool) {
 }
 
 /// Waits until `agent`'s queue holds at least one assignment and takes them all.
-async fn assignments(app: &TestApp, agent: &str) -> Vec<Value> {
+pub(crate) async fn assignments(app: &TestApp, agent: &str) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let taken: Vec<Value> =

@@ -11,6 +11,7 @@ use crate::agents::AgentsCommand;
 use crate::bench::BenchArgs;
 use crate::quota::QuotaArgs;
 use crate::submit::SubmitArgs;
+use crate::why::WhyArgs;
 use crate::worker::stage_names;
 
 /// Switchyard: decomposes plain-language requests, plans them as DAGs of tasks, routes every task
@@ -101,6 +102,10 @@ pub enum Command {
         /// The request to check.
         request_id: RequestId,
     },
+    /// Why a task went where it went: per attempt, every candidate agent's verdict (why it was
+    /// rejected, or its score term by term), the winner and why it won; for a waiting task, why
+    /// no agent fits now. `--rescore` adds each decision made again against today's fleet.
+    Why(WhyArgs),
     /// Agents: list them, or register one.
     #[command(subcommand)]
     Agents(AgentsCommand),

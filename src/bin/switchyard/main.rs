@@ -37,6 +37,7 @@ mod signals;
 mod status;
 mod stdout;
 mod submit;
+mod why;
 mod worker;
 
 use std::io::IsTerminal;
@@ -211,6 +212,7 @@ async fn run(cli: Cli) -> Result<Exit> {
         Command::Cancel { request_id, reason, by } => cancel::cancel(&config, request_id, &reason, &by).await,
         Command::Status { request_id, json } => status::status(&config, request_id, json).await,
         Command::Audit { request_id } => audit::audit(&config, request_id).await,
+        Command::Why(args) => why::why(&config, args).await,
         Command::Agents(command) => agents::run(&config, command).await,
         Command::Quota(args) => quota::run(&config, args).await,
         Command::Schemas { write, check } => schemas::schemas(write, check),

@@ -364,6 +364,7 @@ mod tests {
             decisions: vec![DecisionRow {
                 task_id: first,
                 attempt: 1,
+                decided_at: Utc::now(),
                 agent_id: Some("homelab-1".into()),
                 score: Some(0.9),
                 reason: "best".into(),

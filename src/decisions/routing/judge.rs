@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::{Lack, Reason, Shortfall, Verdict};
+use super::{Lack, Reason, Shortfall, Terms, Verdict, Weights};
 use crate::model::domain::{Agent, Resources, Task};
 use crate::model::ids::AgentId;
 
@@ -44,7 +44,8 @@ pub(super) struct Judge<'a> {
     /// The agents that failed this task before.
     failed: Option<&'a BTreeSet<AgentId>>,
     clock: &'a Clock,
-    weights: [f64; 3],
+    /// As applied: they sum to 1.
+    weights: Weights,
     /// Which of `capabilities` the agent at hand lacks, as a bit set (bit `i % 64` of word
     /// `i / 64` for the `i`-th). Kept across agents to reuse its allocation.
     lacking: Vec<u64>,
@@ -58,7 +59,7 @@ impl<'a> Judge<'a> {
         task: &'a Task,
         failed: Option<&'a BTreeSet<AgentId>>,
         clock: &'a Clock,
-        weights: [f64; 3],
+        weights: Weights,
     ) -> Self {
         let capabilities: Vec<&str> = task.capabilities.iter().map(String::as_str).collect();
         Self {
@@ -116,11 +117,10 @@ impl<'a> Judge<'a> {
         let load = 1.0 - f64::from(in_flight) / f64::from(agent.capacity);
         let success = agent.success_rate();
         let affinity = self.affinity(agent);
-        let [w_load, w_success, w_affinity] = self.weights;
-        // The weights sum to 1, so this is already the weighted mean; the clamp only absorbs
-        // rounding.
-        let score = (w_load * load + w_success * success + w_affinity * affinity).clamp(0.0, 1.0);
-        Verdict::Scored { score, load, success, affinity }
+        // The weights sum to 1, so the sum of the contributions is already the weighted mean.
+        // Only numbers are kept: the terms are told from them when the verdict is explained.
+        let score = Terms::weigh([load, success, affinity], self.weights).score();
+        Verdict::Scored { score, load, success, affinity, weights: Some(self.weights) }
     }
 
     /// Whether `agent` has every capability of the task; notes in `lacking` those it lacks.

@@ -20,6 +20,7 @@
 //! Here: the policy, the router and the choice among scored agents; the verdict on one agent in
 //! `judge`, its reasons in `reason`, and why a task waits in `waiting`.
 
+mod choice;
 #[cfg(test)]
 mod fixtures;
 mod judge;
@@ -32,6 +33,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use self::choice::{Choice, RunnerUp, choice};
 use self::judge::{Clock, Judge};
 pub use self::reason::{Lack, Reason, Shortfall};
 pub use self::waiting::waiting_reason;
@@ -73,8 +75,8 @@ impl Default for RoutingPolicy {
 }
 
 /// The relative weights of the score's terms. Only their ratios matter: the score is divided by
-/// their sum.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+/// their sum. A verdict records them as applied, normalised to sum to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(default)]
 pub struct Weights {
     /// Spare capacity: prefer the least loaded agent.
@@ -109,6 +111,12 @@ impl Weights {
         let total: f64 = scaled.iter().sum();
         scaled.map(|w| w / total)
     }
+
+    /// The weights as applied (see [`Weights::normalised`]), as weights.
+    fn applied(&self) -> Weights {
+        let [load, success, affinity] = self.normalised();
+        Weights { load, success, affinity }
+    }
 }
 
 /// What the router made of one agent for one task.
@@ -117,8 +125,19 @@ impl Weights {
 pub enum Verdict {
     /// The agent misses at least one hard requirement; every one it misses is listed.
     Rejected { reasons: Vec<Reason> },
-    /// The agent is eligible. `score` is the weighted mean of the three terms, each in [0, 1].
-    Scored { score: f64, load: f64, success: f64, affinity: f64 },
+    /// The agent is eligible. `score` is the weighted mean of the three terms, each in [0, 1]:
+    /// `load` (spare capacity), `success` (past success rate) and `affinity` (labels matched).
+    Scored {
+        score: f64,
+        load: f64,
+        success: f64,
+        affinity: f64,
+        /// The weights the terms were given, as applied (summing to 1): with them each term's
+        /// contribution to the score can be told. `None` in decisions recorded before the
+        /// weights were kept, which have the terms' values only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weights: Option<Weights>,
+    },
 }
 
 impl Verdict {
@@ -128,6 +147,59 @@ impl Verdict {
             Verdict::Rejected { .. } => None,
             Verdict::Scored { score, .. } => Some(*score),
         }
+    }
+
+    /// The score's terms, each with its value, weight and contribution, if the agent was eligible
+    /// and the weights were recorded.
+    pub fn terms(&self) -> Option<Terms> {
+        match *self {
+            Verdict::Scored { load, success, affinity, weights: Some(weights), .. } => {
+                Some(Terms::weigh([load, success, affinity], weights))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One term of an eligible agent's score.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Term {
+    /// In [0, 1].
+    pub value: f64,
+    /// Its weight, as applied: the three terms' weights sum to 1.
+    pub weight: f64,
+    /// What it adds to the score: `value × weight`.
+    pub contribution: f64,
+}
+
+/// The three terms of an eligible agent's score, whose contributions sum to the score.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Terms {
+    pub load: Term,
+    pub success: Term,
+    pub affinity: Term,
+}
+
+impl Terms {
+    /// The terms of `[load, success, affinity]` under `weights` (as applied).
+    pub fn weigh([load, success, affinity]: [f64; 3], weights: Weights) -> Self {
+        let term = |value: f64, weight: f64| Term { value, weight, contribution: weight * value };
+        Terms {
+            load: term(load, weights.load),
+            success: term(success, weights.success),
+            affinity: term(affinity, weights.affinity),
+        }
+    }
+
+    /// The score they make: the sum of their contributions, in [0, 1] (the clamp only absorbs
+    /// rounding). The same sum, in the same order, as the verdict's score.
+    pub fn score(&self) -> f64 {
+        (self.load.contribution + self.success.contribution + self.affinity.contribution).clamp(0.0, 1.0)
+    }
+
+    /// The terms by name, in the order of the score.
+    pub fn named(&self) -> [(&'static str, Term); 3] {
+        [("load", self.load), ("success", self.success), ("affinity", self.affinity)]
     }
 }
 
@@ -195,7 +267,7 @@ pub struct Router<'a> {
     /// plus these (kept apart so that building this reads no agent).
     reserved: Vec<u32>,
     clock: Clock,
-    weights: [f64; 3],
+    weights: Weights,
 }
 
 impl<'a> Router<'a> {
@@ -206,7 +278,7 @@ impl<'a> Router<'a> {
             reserved: vec![0; agents.len()],
             agents,
             clock: Clock::new(now, policy.heartbeat_ttl_secs),
-            weights: policy.weights.normalised(),
+            weights: policy.weights.applied(),
         }
     }
 
@@ -289,7 +361,7 @@ fn best_candidates(candidates: &[Candidate]) -> Vec<usize> {
 /// The route to the first of `best`, which must not be empty.
 fn chosen_route(task: &Task, best: &[usize], candidates: Vec<Candidate>) -> Route {
     let winner = &candidates[best[0]];
-    let Verdict::Scored { score, load, success, affinity } = winner.verdict else {
+    let Verdict::Scored { score, load, success, affinity, .. } = winner.verdict else {
         unreachable!("best_candidates only returns scored candidates");
     };
     let eligible = candidates.iter().filter(|c| c.verdict.score().is_some()).count();
@@ -377,6 +449,61 @@ mod tests {
             route.reason,
             "best of 2 eligible agents (score 0.73: load 0.75, success 0.50, affinity 1.00)"
         );
+    }
+
+    #[test]
+    fn a_scored_verdict_keeps_its_terms_whose_contributions_make_the_score() {
+        let mut t = task("t");
+        t.affinity.insert("zone".into(), "eu".into());
+        let mut local = agent("a-local");
+        local.in_flight = 1;
+        local.succeeded = 9;
+        local.failed = 1;
+        local.labels.insert("zone".into(), "eu".into());
+        let policy = RoutingPolicy {
+            weights: Weights { load: 2.0, success: 1.0, affinity: 1.0 },
+            ..RoutingPolicy::default()
+        };
+        let route = route_one(&t, &[local, agent("b-far")], &policy);
+
+        let terms = verdict_of(&route, "a-local").terms().unwrap();
+        assert_eq!(terms.load, Term { value: 0.75, weight: 0.5, contribution: 0.375 });
+        assert_eq!(
+            terms.success,
+            Term { value: 10.0 / 12.0, weight: 0.25, contribution: 0.25 * (10.0 / 12.0) }
+        );
+        assert_eq!(terms.affinity, Term { value: 1.0, weight: 0.25, contribution: 0.25 });
+        let far = verdict_of(&route, "b-far").terms().unwrap();
+        assert_eq!(far.affinity, Term { value: 0.0, weight: 0.25, contribution: 0.0 });
+        for candidate in &route.candidates {
+            let terms = candidate.verdict.terms().unwrap();
+            // Exactly: the verdict's score is this very sum.
+            assert_eq!(Some(terms.score()), candidate.verdict.score());
+            let names: Vec<&str> = terms.named().iter().map(|(name, _)| *name).collect();
+            assert_eq!(names, ["load", "success", "affinity"]);
+        }
+
+        // The audit records the weights as applied, once per scored candidate, as numbers.
+        let json = serde_json::to_value(&route.candidates).unwrap();
+        assert_eq!(json[0]["weights"], serde_json::json!({"load": 0.5, "success": 0.25, "affinity": 0.25}));
+        assert_eq!(json[0]["load"], 0.75);
+        let back: Vec<Candidate> = serde_json::from_value(json).unwrap();
+        assert_eq!(back, route.candidates);
+    }
+
+    #[test]
+    fn a_verdict_recorded_before_the_weights_were_kept_reads_with_its_values_only() {
+        let old = serde_json::json!([
+            {"agent_id": "a", "verdict": "scored", "score": 0.725, "load": 0.75, "success": 0.5, "affinity": 1.0},
+            {"agent_id": "b", "verdict": "rejected", "reasons": ["no spare capacity (4/4 in flight)"]}
+        ]);
+        let candidates: Vec<Candidate> = serde_json::from_value(old.clone()).unwrap();
+        let Verdict::Scored { score, load, weights, .. } = candidates[0].verdict else { panic!() };
+        assert_eq!((score, load, weights), (0.725, 0.75, None));
+        assert_eq!(candidates[0].verdict.terms(), None);
+        assert_eq!(candidates[1].verdict.terms(), None);
+        // Written again, it is what it was.
+        assert_eq!(serde_json::to_value(&candidates).unwrap(), old);
     }
 
     #[test]
