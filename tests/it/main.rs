@@ -17,6 +17,7 @@ mod fallback;
 mod helpers;
 mod hostile;
 mod invariants;
+mod list;
 mod llm;
 mod outage;
 mod planning;

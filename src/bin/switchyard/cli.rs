@@ -9,6 +9,7 @@ use switchyard::model::ids::{PlanId, RequestId};
 use crate::agent::AgentArgs;
 use crate::agents::AgentsCommand;
 use crate::bench::BenchArgs;
+use crate::list::ListArgs;
 use crate::quota::QuotaArgs;
 use crate::submit::SubmitArgs;
 use crate::worker::stage_names;
@@ -71,6 +72,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The requests, newest first: status, age, tasks done of all, and why in a few words.
+    List(ListArgs),
     /// Check that a request's trail is complete and consistent; exit 0 only if it is.
     Audit { request_id: RequestId },
     /// Agents: list them, or register one.

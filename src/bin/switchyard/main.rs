@@ -10,6 +10,7 @@ mod cancel;
 mod cli;
 mod demo;
 mod follow;
+mod list;
 mod print;
 mod quota;
 mod schemas;
@@ -114,6 +115,7 @@ async fn run(cli: Cli) -> Result<Exit> {
         Command::Reject { plan_id, reason, by } => approval::reject(&config, plan_id, &reason, &by).await,
         Command::Cancel { request_id, reason, by } => cancel::cancel(&config, request_id, &reason, &by).await,
         Command::Status { request_id, json } => status::status(&config, request_id, json).await,
+        Command::List(args) => list::list(&config, args).await,
         Command::Audit { request_id } => audit::audit(&config, request_id).await,
         Command::Agents(command) => agents::run(&config, command).await,
         Command::Quota(args) => quota::run(&config, args).await,

@@ -2,12 +2,13 @@
 
 use std::collections::HashMap;
 
-use chrono::Utc;
+use chrono::{DateTime, TimeDelta, Utc};
 use switchyard::decisions::fallback::FallbackDecision;
 use switchyard::model::domain::Agent;
 use switchyard::model::ids::TaskId;
 use switchyard::store::{
-    DeadLetter, PlanReport, QuotaReport, RequestReport, ResultRow, StoredReservation, TaskState,
+    DeadLetter, PlanReport, QuotaReport, RequestReport, RequestSummary, ResultRow, StoredReservation,
+    TaskState,
 };
 use switchyard::understanding::complexity::Complexity;
 
@@ -234,4 +235,47 @@ pub fn bench(r: &switchyard::bench::Report) {
         r.ceiling.messages, r.ceiling.hops, r.ceiling.hop_messages_per_sec
     );
     println!("ratio            {:.1}% of the ceiling", r.ratio_to_ceiling * 100.0);
+}
+
+/// How long ago, in its largest whole unit: "12 s", "5 min", "3 h", "2 d".
+pub fn age(elapsed: TimeDelta) -> String {
+    let secs = elapsed.num_seconds().max(0);
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3_600 => format!("{} min", secs / 60),
+        3_600..86_400 => format!("{} h", secs / 3_600),
+        _ => format!("{} d", secs / 86_400),
+    }
+}
+
+/// Cuts `text` to `width` characters, marking the cut.
+fn clip(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut clipped: String = text.chars().take(width.saturating_sub(1)).collect();
+    clipped.push('…');
+    clipped
+}
+
+/// The requests of `switchyard list`, one line each.
+pub fn requests(requests: &[RequestSummary], now: DateTime<Utc>) {
+    if requests.is_empty() {
+        println!("no requests");
+        return;
+    }
+    println!("{:<36}  {:<17} {:>6} {:>7}  REASON", "REQUEST", "STATUS", "AGE", "TASKS");
+    for r in requests {
+        let tasks =
+            if r.tasks_total == 0 { "-".to_owned() } else { format!("{}/{}", r.tasks_done, r.tasks_total) };
+        let reason = r.reason.as_deref().map(|reason| clip(reason.lines().next().unwrap_or(""), 80));
+        println!(
+            "{:<36}  {:<17} {:>6} {:>7}  {}",
+            r.request_id.to_string(),
+            r.status.as_str(),
+            age(now - r.created_at),
+            tasks,
+            reason.unwrap_or_default()
+        );
+    }
 }
