@@ -59,6 +59,19 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether what was asked about does not exist (404, NOT_FOUND): a passive declare of a
+    /// queue that was never declared, say.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            Error::Amqp(err) => matches!(
+                err.kind(),
+                lapin::ErrorKind::ProtocolError(amqp)
+                    if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND))
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// A message to publish.
@@ -484,6 +497,25 @@ impl Broker {
             self.publisher.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
         }
         Ok(())
+    }
+
+    /// Deletes `queue` if nothing consumes it and no message waits in it, and says how it was:
+    /// `None` if it did not exist, else its state, deleted only if idle. The broker checks both
+    /// conditions again as it deletes, on a channel of its own that a refusal would close.
+    pub async fn delete_queue_if_idle(&self, queue: &str) -> Result<Option<(QueueState, bool)>, Error> {
+        let state = match self.queue_state(queue).await {
+            Ok(state) => state,
+            Err(err) if err.is_not_found() => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        if state.messages > 0 || state.consumers > 0 {
+            return Ok(Some((state, false)));
+        }
+        let channel = self.connection.create_channel().await?;
+        let options = QueueDeleteOptions { if_unused: true, if_empty: true, ..Default::default() };
+        channel.queue_delete(queue.into(), options).await?;
+        let _ = channel.close(200, "deleted".into()).await;
+        Ok(Some((state, true)))
     }
 
     /// Deletes exchanges (test teardown, tools).

@@ -2,6 +2,7 @@
 //! Each test has its own namespace and database, so they run in parallel.
 
 mod agents;
+mod agents_cli;
 mod batches;
 mod bench;
 mod broker;
