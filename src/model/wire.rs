@@ -212,6 +212,10 @@ pub struct TaskResult {
     /// Settles the plan's quota reservation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<TokenUsage>,
+    /// Nothing really ran: a simulated agent (the `simulate` executor) made the result up. It
+    /// counts like any other, but no duration is learnt from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub simulated: bool,
 }
 
 /// → `<namespace>.place`: room may have opened for the tasks waiting in line (a result or an
