@@ -2,6 +2,7 @@
 //! `Write::Agent` a heartbeat would be; and removing one that is gone for good.
 
 use chrono::Utc;
+use serde::Serialize;
 use serde_json::json;
 
 use super::apply::audit;
@@ -14,6 +15,15 @@ use crate::model::effect::{Write, write};
 use crate::model::ids::AgentId;
 use crate::model::wire::Heartbeat;
 
+/// An agent as `agents list` shows it: its row, and how often it said it heartbeats.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ListedAgent {
+    #[serde(flatten)]
+    pub agent: Agent,
+    /// `None` when it did not say (registered by hand, or an agent of an older version).
+    pub heartbeat_every_secs: Option<u32>,
+}
+
 /// At most this many of the tasks in flight on an agent are named when its removal is refused.
 const TASKS_NAMED: i64 = 3;
 
@@ -22,6 +32,21 @@ impl Store {
     pub async fn register_agent(&self, actor: &str, heartbeat: Heartbeat) -> Result<(), Error> {
         let write = Write::Agent(write::Agent { heartbeat, received_at: Utc::now() });
         self.apply(actor, None, std::slice::from_ref(&write)).await.map(|_| ())
+    }
+
+    /// Every known agent, by id, with the heartbeat interval it announced.
+    pub async fn list_agents(&self) -> Result<Vec<ListedAgent>, Error> {
+        let client = self.client().await?;
+        let rows = client.query_cached("SELECT * FROM agents ORDER BY id", &[]).await?;
+        rows.iter()
+            .map(|row| {
+                let every: Option<i32> = row.get("heartbeat_every_secs");
+                Ok(ListedAgent {
+                    agent: agent_from_row(row)?,
+                    heartbeat_every_secs: every.and_then(|secs| u32::try_from(secs).ok()),
+                })
+            })
+            .collect()
     }
 
     /// Removes an agent's row, audited as `agent.removed` by `by`, and returns it as it was; `None`

@@ -30,6 +30,7 @@ mod tls;
 use deadpool_postgres::Pool;
 use tokio_postgres::error::SqlState;
 
+pub use agents::ListedAgent;
 pub use apply::{Applied, Delivery, Marker};
 pub use approvals::ApprovalOutcome;
 pub use connect::{database_name, ensure_database, with_database};

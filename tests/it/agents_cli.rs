@@ -2,8 +2,12 @@
 //! heartbeat, the track record in counts, and removing an agent that is gone for good.
 
 use std::process::Output;
+use std::time::Duration;
 
+use chrono::{TimeDelta, Utc};
 use serde_json::Value;
+use switchyard::agent::{AgentBuilder, Simulate};
+use switchyard::model::ids::AgentId;
 
 use crate::helpers::*;
 
@@ -23,6 +27,95 @@ async fn removals(app: &TestApp) -> Vec<(String, Value)> {
         .await
         .unwrap();
     rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// The cells of a line of `agents list`: columns are two spaces apart or more.
+fn cells(line: &str) -> Vec<String> {
+    line.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect()
+}
+
+/// Registers an agent whose last heartbeat is `secs_ago` old, announcing `every_secs`, with a
+/// track record.
+async fn agent_with(app: &TestApp, id: &str, secs_ago: i64, every_secs: Option<u32>, record: (i64, i64)) {
+    let mut heartbeat = app.heartbeat(id, MAINTENANCE, 2, &[]);
+    heartbeat.sent_at = Some(Utc::now() - TimeDelta::seconds(secs_ago));
+    heartbeat.every_secs = every_secs;
+    app.store.register_agent("tests", heartbeat).await.unwrap();
+    let (client, connection) =
+        tokio_postgres::connect(&app.config.database_url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .execute("UPDATE agents SET succeeded = $2, failed = $3 WHERE id = $1", &[&id, &record.0, &record.1])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn agents_list_shows_counts_rates_heartbeat_ages_and_health() {
+    let app = spawn_app().await;
+    agent_with(&app, "a-perfect", 0, Some(5), (5, 0)).await;
+    agent_with(&app, "b-new", 1, Some(5), (0, 0)).await;
+    agent_with(&app, "c-flaky", 2, Some(5), (3, 1)).await;
+    agent_with(&app, "d-quiet", 12, Some(5), (1, 0)).await;
+    agent_with(&app, "e-gone", 300, Some(5), (0, 2)).await;
+    agent_with(&app, "f-by-hand", 20, None, (0, 0)).await;
+
+    let list = app.cli(&["agents", "list"]).await;
+    assert_eq!(list.status.code(), Some(0), "{}", stderr(&list));
+    let out = stdout(&list);
+    let mut lines: Vec<Vec<String>> = out.lines().map(cells).collect();
+    let row = |cells: &[&str]| cells.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        lines[0],
+        row(&["AGENT", "HEALTH", "HEARTBEAT", "SLOTS", "SUCCEEDED", "ROUTED AS", "CAPABILITIES"])
+    );
+    // How long ago each beat, in seconds: at least what it was when registered, and a few seconds
+    // more at most however slow the machine.
+    for (line, registered) in lines[1..].iter_mut().zip([0, 1, 2, 12, 300, 20]) {
+        let heartbeat = line.remove(2);
+        if registered == 300 {
+            assert_eq!(heartbeat, "5 min ago");
+            continue;
+        }
+        let secs: i64 = heartbeat.strip_suffix(" s ago").unwrap().parse().unwrap();
+        assert!((registered..registered + 4).contains(&secs), "{out}");
+    }
+    assert_eq!(lines[1], row(&["a-perfect", "online", "0/2", "5/5, 100%", "86%", "maintenance,shell"]));
+    assert_eq!(lines[2], row(&["b-new", "online", "0/2", "-", "50%", "maintenance,shell"]));
+    assert_eq!(lines[3], row(&["c-flaky", "online", "0/2", "3/4, 75%", "67%", "maintenance,shell"]));
+    assert_eq!(lines[4], row(&["d-quiet", "silent", "0/2", "1/1, 100%", "67%", "maintenance,shell"]));
+    assert_eq!(lines[5], row(&["e-gone", "offline", "0/2", "0/2, 0%", "25%", "maintenance,shell"]));
+    assert_eq!(lines[6], row(&["f-by-hand", "online", "0/2", "-", "50%", "maintenance,shell"]));
+    assert_eq!(lines.len(), 7, "{out}");
+
+    let json = app.cli(&["agents", "list", "--json"]).await;
+    assert_eq!(json.status.code(), Some(0), "{}", stderr(&json));
+    let agents: Value = serde_json::from_slice(&json.stdout).unwrap();
+    let health: Vec<&str> =
+        agents.as_array().unwrap().iter().map(|a| a["health"].as_str().unwrap()).collect();
+    assert_eq!(health, ["online", "online", "online", "silent", "offline", "online"]);
+    assert_eq!(agents[0]["succeeded"], 5);
+    assert_eq!(agents[0]["heartbeat_every_secs"], 5);
+    assert!((12..16).contains(&agents[3]["heartbeat_age_secs"].as_i64().unwrap()), "{agents:#}");
+    assert!((agents[0]["routed_success_rate"].as_f64().unwrap() - 6.0 / 7.0).abs() < 1e-9);
+    assert_eq!(agents[5]["heartbeat_every_secs"], Value::Null);
+}
+
+#[tokio::test]
+async fn agents_list_shows_a_stopped_agent_silent_well_before_the_ttl() {
+    let app = spawn_app().await;
+    let builder = AgentBuilder::new(AgentId::parse("stops").unwrap())
+        .capabilities(["maintenance"])
+        .heartbeat_every(Duration::from_secs(2));
+    let agent = app.start_agent(builder, Simulate::new(0.0, 0.0).unwrap()).await;
+    wait_registered(&app, "stops").await;
+    let health = |out: String| cells(out.lines().nth(1).unwrap())[1].clone();
+    assert_eq!(health(stdout(&app.cli(&["agents", "list"]).await)), "online");
+
+    agent.stop().await.unwrap();
+    // Every 2 s, it said: 3 s without a beat is a missed one, long before the 30 s TTL.
+    tokio::time::sleep(Duration::from_millis(3_600)).await;
+    assert_eq!(health(stdout(&app.cli(&["agents", "list"]).await)), "silent");
 }
 
 async fn agent_ids(app: &TestApp) -> Vec<String> {
