@@ -132,9 +132,8 @@ async fn remove(config: &Config, id: &AgentId, by: &str) -> Result<Exit> {
     // its queues still hold is left to whoever looks, and a queue in use belongs to a running agent.
     for queue in [broker.names().agent_queue(id), broker.names().agent_control_queue(id)] {
         match broker.delete_queue_if_idle(&queue).await? {
-            None => {}
-            Some((_, true)) => println!("queue {queue} deleted"),
-            Some((state, false)) => {
+            (_, true) => println!("queue {queue} deleted"),
+            (state, false) => {
                 let mut why = Vec::new();
                 if state.messages > 0 {
                     let messages = if state.messages == 1 { "message waits" } else { "messages wait" };
