@@ -31,7 +31,7 @@ pub struct RequestSummary {
     /// Tasks that succeeded, of `tasks_total` (0 before the request is planned).
     pub tasks_done: u32,
     pub tasks_total: u32,
-    /// Tasks routed or dispatched to an agent and not finished.
+    /// Tasks routed or dispatched to an agent and not finished: running, or about to.
     pub tasks_running: u32,
     /// Tasks waiting in line for an agent.
     pub tasks_waiting: u32,
@@ -126,7 +126,7 @@ impl Why {
                 None => "awaits approval".into(),
             }),
             RequestStatus::InProgress => match (self.waiting, self.first_wait) {
-                (0, _) if self.running > 0 => Some(format!("{} running", self.running)),
+                (0, _) if self.running > 0 => Some(with_agents(self.running)),
                 (0, _) => None,
                 (waiting, first) => {
                     let mut line = format!("{waiting} waiting for an agent");
@@ -134,7 +134,7 @@ impl Why {
                         line.push_str(&format!(" ({first})"));
                     }
                     if self.running > 0 {
-                        line.push_str(&format!(", {} running", self.running));
+                        line.push_str(&format!(", {}", with_agents(self.running)));
                     }
                     Some(line)
                 }
@@ -150,4 +150,9 @@ impl Why {
             RequestStatus::Failed | RequestStatus::Completed => self.failure,
         }
     }
+}
+
+/// Tasks routed or dispatched to agents: Switchyard cannot tell whether they started yet.
+fn with_agents(n: u32) -> String {
+    format!("{n} with {}", if n == 1 { "an agent" } else { "agents" })
 }
