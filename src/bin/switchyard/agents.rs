@@ -28,10 +28,11 @@ pub enum AgentsCommand {
     },
     /// Register an agent (as its heartbeat would) and declare its queue.
     Register(AgentSpec),
-    /// Remove an agent that is gone for good: its row (audited as `agent.removed`), and its
-    /// queues if nothing consumes them and no message waits in them. Refused (exit 2) while it
-    /// has tasks in flight. An agent still running registers again with its next heartbeat:
-    /// stop it first.
+    /// Remove an agent that is gone for good, unless tasks are in flight on it.
+    ///
+    /// Removes its row (audited as `agent.removed`), and its queues if nothing consumes them and
+    /// no message waits in them. Refused (exit 2) while it has tasks in flight. An agent still
+    /// running registers again with its next heartbeat: stop it first.
     Remove {
         id: AgentId,
         /// Who removes it (recorded in the audit log).

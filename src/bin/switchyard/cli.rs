@@ -76,7 +76,7 @@ pub enum Command {
     List(ListArgs),
     /// Check that a request's trail is complete and consistent; exit 0 only if it is.
     Audit { request_id: RequestId },
-    /// Agents: list them, or register one.
+    /// Agents: list them, register one, or remove one that is gone for good.
     #[command(subcommand)]
     Agents(AgentsCommand),
     /// External-AI quotas: each provider's limit, reserved, spent and remaining in its current
