@@ -65,6 +65,29 @@ impl Error {
             _ => false,
         }
     }
+
+    /// Whether what was asked about does not exist (404, NOT_FOUND): a passive declare of a
+    /// queue that was never declared, say.
+    pub fn is_not_found(&self) -> bool {
+        self.is_soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+    }
+
+    /// Whether the broker refused because a condition did not hold (406, PRECONDITION_FAILED):
+    /// deleting a queue that is in use or not empty when asked to only if it is neither, say.
+    pub fn is_precondition_failed(&self) -> bool {
+        self.is_soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+    }
+
+    fn is_soft(&self, soft: lapin::protocol::AMQPSoftError) -> bool {
+        match self {
+            Error::Amqp(err) => matches!(
+                err.kind(),
+                lapin::ErrorKind::ProtocolError(amqp)
+                    if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(kind) if *kind == soft)
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// A message to publish.
@@ -491,6 +514,34 @@ impl Broker {
             self.publisher.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
         }
         Ok(())
+    }
+
+    /// Deletes the durable queue `queue` (an agent's) if nothing consumes it and no message waits
+    /// in it, and says how it was and whether it went. Declaring it first, as its agent does,
+    /// tells its state without an error when it does not exist; the broker checks both conditions
+    /// again as it deletes, and a queue that changed meanwhile is kept.
+    pub async fn delete_queue_if_idle(&self, queue: &str) -> Result<(QueueState, bool), Error> {
+        let channel = self.connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())
+            .await?;
+        let state = QueueState { messages: declared.message_count(), consumers: declared.consumer_count() };
+        if state.messages > 0 || state.consumers > 0 {
+            let _ = channel.close(200, "kept".into()).await;
+            return Ok((state, false));
+        }
+        let options = QueueDeleteOptions { if_unused: true, if_empty: true, ..Default::default() };
+        match channel.queue_delete(queue.into(), options).await {
+            Ok(_) => {
+                let _ = channel.close(200, "deleted".into()).await;
+                Ok((state, true))
+            }
+            // 406: a message or a consumer came since; the refusal closed the channel.
+            Err(err) if Error::from(err.clone()).is_precondition_failed() => {
+                Ok((self.queue_state(queue).await?, false))
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Deletes exchanges (test teardown, tools).

@@ -238,6 +238,7 @@ async fn report<H>(
         finished_at,
         lease_expired: false,
         usage: execution.usage,
+        simulated: execution.simulated,
     };
     let envelope =
         Envelope::derived(assignment.message_id, "result", assignment.request_id, finished_at, result);

@@ -21,17 +21,32 @@ pub struct Execution {
     pub error: Option<String>,
     /// The tokens an external model used, for executors that call one.
     pub usage: Option<TokenUsage>,
+    /// Nothing really ran (the `simulate` executor): the result says so, and Switchyard learns
+    /// no durations from it.
+    pub simulated: bool,
 }
 
 impl Execution {
     /// A success with its output.
     pub fn succeeded(output: impl Into<String>) -> Self {
-        Execution { success: true, output: output.into(), error: None, usage: None }
+        Execution { success: true, output: output.into(), error: None, usage: None, simulated: false }
     }
 
     /// A failure with its reason.
     pub fn failed(error: impl Into<String>) -> Self {
-        Execution { success: false, output: String::new(), error: Some(error.into()), usage: None }
+        Execution {
+            success: false,
+            output: String::new(),
+            error: Some(error.into()),
+            usage: None,
+            simulated: false,
+        }
+    }
+
+    /// The same, marked as simulated: nothing really ran.
+    pub fn simulated(mut self) -> Self {
+        self.simulated = true;
+        self
     }
 
     /// The same, with the tokens a model used.

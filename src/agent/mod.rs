@@ -402,6 +402,9 @@ fn heartbeat(settings: &AgentBuilder, in_flight: u32) -> Heartbeat {
         labels: settings.labels.clone(),
         resources: settings.resources,
         sent_at: Some(Utc::now()),
+        every_secs: Some(
+            u32::try_from(settings.heartbeat_every.as_secs_f64().ceil() as u64).unwrap_or(u32::MAX).max(1),
+        ),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The `simulate` executor: waits for the task's estimated duration times a speed factor, then
-//! succeeds or fails at random. For demos, tests and benchmarks.
+//! succeeds or fails at random. For demos, tests and benchmarks: its results say they are
+//! simulated, so that Switchyard learns no durations from them.
 
 use std::time::Duration;
 
@@ -59,9 +60,9 @@ impl Simulate {
         let output = format!("simulated {} in {} ms", task.task.key, duration.as_millis());
         // `random()` is in [0, 1): a rate of 0 never fails, a rate of 1 always does.
         if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
-            Execution::failed(SIMULATED_FAILURE).with_output(output)
+            Execution::failed(SIMULATED_FAILURE).with_output(output).simulated()
         } else {
-            Execution::succeeded(output)
+            Execution::succeeded(output).simulated()
         }
     }
 }
@@ -86,7 +87,8 @@ mod tests {
         let started = std::time::Instant::now();
         let execution = Simulate::new(0.0, 0.0).unwrap().run(&task).await;
         assert!(started.elapsed() < Duration::from_millis(100));
-        assert_eq!(execution, Execution::succeeded("simulated 1.deploy in 0 ms"));
+        // Marked as simulated, so that no duration is learnt from it.
+        assert_eq!(execution, Execution::succeeded("simulated 1.deploy in 0 ms").simulated());
     }
 
     #[tokio::test]

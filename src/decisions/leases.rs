@@ -72,6 +72,7 @@ pub fn expiry_message(lease: &ExpiredLease, now: DateTime<Utc>) -> Envelope<Task
             finished_at: now,
             lease_expired: true,
             usage: None,
+            simulated: false,
         },
     )
 }

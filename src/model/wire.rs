@@ -212,6 +212,10 @@ pub struct TaskResult {
     /// Settles the plan's quota reservation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<TokenUsage>,
+    /// Nothing really ran: a simulated agent (the `simulate` executor) made the result up. It
+    /// counts like any other, but no duration is learnt from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub simulated: bool,
 }
 
 /// → `<namespace>.place`: room may have opened for the tasks waiting in line (a result or an
@@ -272,6 +276,11 @@ pub struct Heartbeat {
     /// When the agent sent it; the receiver's clock is used when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<DateTime<Utc>>,
+    /// How often the agent heartbeats, in whole seconds (rounded up): a heartbeat much older
+    /// than this says that it went silent. Absent from a registration by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub every_secs: Option<u32>,
 }
 
 /// Checks the size, and that the body is a JSON object: serde would also read a struct from an

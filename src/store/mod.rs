@@ -3,9 +3,9 @@
 //! the queries that stages (their context), the command line and the audit need.
 //!
 //! Its files: `apply/` turns a message's writes into SQL, one function a kind of write; `read`
-//! answers the stages, `report` the command line and the audit, `line` the scheduler, `stats` a
-//! benchmark; `quota` keeps the providers' quotas; `agents`, `approvals` and `dead_letters` write
-//! what comes from outside a stage's message; `connect`, `tls` and `migrate` set the database
+//! answers the stages, `report` the command line and the audit, `listing` the list of
+//! requests, `line` the scheduler, `stats` a benchmark; `quota` keeps the providers' quotas;
+//! `agents`, `approvals` and `dead_letters` write what comes from outside a stage's message; `connect`, `tls` and `migrate` set the database
 //! up, and `admin` serves test harnesses and tooling. This file is the [`Store`] and its
 //! [`Error`].
 //!
@@ -19,6 +19,7 @@ mod cached;
 mod connect;
 mod dead_letters;
 mod line;
+mod listing;
 mod migrate;
 mod quota;
 mod read;
@@ -29,10 +30,12 @@ mod tls;
 use deadpool_postgres::Pool;
 use tokio_postgres::error::SqlState;
 
+pub use agents::ListedAgent;
 pub use apply::{Applied, Delivery, Marker};
 pub use approvals::ApprovalOutcome;
 pub use connect::{database_name, ensure_database, with_database};
 pub use line::{Cancelled, Stopped, WaitingTask};
+pub use listing::{RequestFilter, RequestSummary};
 pub use quota::{QuotaReport, StoredReservation};
 pub use read::*;
 pub use report::*;

@@ -93,7 +93,8 @@ pub struct ResultRow {
     pub success: bool,
     pub output: String,
     pub error: Option<String>,
-    /// "agent", or "lease" when the lease expired without a result.
+    /// "agent"; "simulated" when a simulated agent made it up; "lease" when the lease expired
+    /// without a result.
     pub source: String,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
@@ -410,24 +411,25 @@ impl Store {
     /// percentile): what the planner learns estimated durations from. Recent history only, so
     /// that the estimate follows the fleet as it changes and planning costs the same however
     /// much history is kept; local work only, since a model's speed says nothing of how long an
-    /// agent takes.
+    /// agent takes; and work that really ran, since a simulated agent's speed is made up.
     pub async fn duration_history(&self, work_types: &[&str]) -> Result<Vec<DurationStats>, Error> {
         let client = self.client().await?;
         let rows = client
             .query_cached(
-                "SELECT t.work_type, split_part(t.key, '.', 2) AS step, count(*)::bigint,
+                "SELECT s.work_type, split_part(s.key, '.', 2) AS step, count(*)::bigint,
                         percentile_cont(0.9) WITHIN GROUP (
-                            ORDER BY extract(epoch FROM r.finished_at - r.started_at))::float8
+                            ORDER BY extract(epoch FROM s.finished_at - s.started_at))::float8
                  FROM unnest($1::text[]) AS w (work_type)
                  CROSS JOIN LATERAL (
-                     SELECT id, plan_id, key, work_type, attempt FROM tasks
-                     WHERE status = 'succeeded' AND work_type = w.work_type
-                       AND finished_at > now() - interval '30 days'
-                     ORDER BY finished_at DESC LIMIT $2) AS t
-                 JOIN task_results r ON r.task_id = t.id AND r.attempt = t.attempt
-                 WHERE r.success AND r.source = 'agent'
-                   AND NOT EXISTS (SELECT 1 FROM fallback_decisions f
-                                   WHERE f.plan_id = t.plan_id AND t.id = ANY(f.external_tasks))
+                     SELECT t.id, t.plan_id, t.key, t.work_type, r.started_at, r.finished_at
+                     FROM tasks t
+                     JOIN task_results r ON r.task_id = t.id AND r.attempt = t.attempt
+                     WHERE t.status = 'succeeded' AND t.work_type = w.work_type
+                       AND t.finished_at > now() - interval '30 days'
+                       AND r.success AND r.source = 'agent'
+                     ORDER BY t.finished_at DESC LIMIT $2) AS s
+                 WHERE NOT EXISTS (SELECT 1 FROM fallback_decisions f
+                                   WHERE f.plan_id = s.plan_id AND s.id = ANY(f.external_tasks))
                  GROUP BY 1, 2",
                 &[&work_types, &DURATION_SAMPLES],
             )

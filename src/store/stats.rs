@@ -50,7 +50,10 @@ impl Store {
     pub async fn runs(&self) -> Result<Vec<(DateTime<Utc>, DateTime<Utc>)>, Error> {
         let client = self.client().await?;
         let rows = client
-            .query("SELECT started_at, finished_at FROM task_results WHERE source = 'agent'", &[])
+            .query(
+                "SELECT started_at, finished_at FROM task_results WHERE source IN ('agent', 'simulated')",
+                &[],
+            )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }

@@ -205,7 +205,7 @@ async fn an_agent_registers_by_heartbeat_and_runs_a_whole_plan_to_completion() {
             1,
             "homelab-1",
             true,
-            "agent"
+            "simulated"
         )),
     );
     for result in &plan.results {

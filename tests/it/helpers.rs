@@ -178,6 +178,7 @@ impl TestApp {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             resources: Resources { cpu: 4.0, memory_mb: 8192, gpu: 0 },
             sent_at: None,
+            every_secs: None,
         }
     }
 

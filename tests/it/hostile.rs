@@ -645,6 +645,7 @@ fn envelope(kind: Kind) -> Value {
             finished_at: Utc::now(),
             lease_expired: false,
             usage: None,
+            simulated: false,
         }),
     }
     .unwrap();

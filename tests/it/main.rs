@@ -2,6 +2,7 @@
 //! Each test has its own namespace and database, so they run in parallel.
 
 mod agents;
+mod agents_cli;
 mod batches;
 mod bench;
 mod broker;
@@ -18,6 +19,7 @@ mod fallback;
 mod helpers;
 mod hostile;
 mod invariants;
+mod list;
 mod llm;
 mod outage;
 mod planning;

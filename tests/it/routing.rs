@@ -290,12 +290,23 @@ async fn agents_list_shows_health_and_load() {
     let out = stdout(&list);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
-    let columns = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    let columns = |line: &str| {
+        line.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect::<Vec<_>>()
+    };
     // SLOTS: in use out of the capacity.
-    assert_eq!(columns(lines[0]), ["AGENT", "HEALTH", "SLOTS", "SUCCESS", "CAPABILITIES"]);
+    assert_eq!(
+        columns(lines[0]),
+        ["AGENT", "HEALTH", "HEARTBEAT", "SLOTS", "SUCCEEDED", "ROUTED AS", "CAPABILITIES"]
+    );
     // Sorted by id.
-    assert_eq!(columns(lines[1]), ["homelab-1", "online", "1/4", "50%", "maintenance,shell"]);
-    assert_eq!(columns(lines[2]), ["old-box", "offline", "0/2", "50%", "maintenance,shell"]);
+    let mut homelab = columns(lines[1]);
+    // How long ago it beat: seconds, however slow the machine.
+    assert!(homelab.remove(2).ends_with(" s ago"), "{out}");
+    assert_eq!(homelab, ["homelab-1", "online", "1/4", "-", "50%", "maintenance,shell"]);
+    assert_eq!(
+        columns(lines[2]),
+        ["old-box", "offline", "5 min ago", "0/2", "-", "50%", "maintenance,shell"]
+    );
 
     let json = app.cli(&["agents", "list", "--json"]).await;
     assert!(json.status.success());

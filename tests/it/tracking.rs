@@ -33,6 +33,7 @@ pub(crate) async fn report(app: &TestApp, assignment: &Value, success: bool) {
             finished_at: Utc::now(),
             lease_expired: false,
             usage: None,
+            simulated: false,
         },
     };
     app.publish_raw("results", &serde_json::to_vec(&envelope).unwrap()).await;

@@ -9,6 +9,7 @@ use switchyard::model::ids::RequestId;
 use crate::agent::AgentArgs;
 use crate::agents::AgentsCommand;
 use crate::bench::BenchArgs;
+use crate::list::ListArgs;
 use crate::quota::QuotaArgs;
 use crate::submit::SubmitArgs;
 use crate::why::WhyArgs;
@@ -97,6 +98,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The requests, newest first: status, age, tasks done of all, and why in a few words.
+    List(ListArgs),
     /// Check that a request's trail is complete and consistent; exit 0 only if it is.
     Audit {
         /// The request to check.
@@ -106,7 +109,7 @@ pub enum Command {
     /// rejected, or its score term by term), the winner and why it won; for a waiting task, why
     /// no agent fits now. `--rescore` adds each decision made again against today's fleet.
     Why(WhyArgs),
-    /// Agents: list them, or register one.
+    /// Agents: list them, register one, or remove one that is gone for good.
     #[command(subcommand)]
     Agents(AgentsCommand),
     /// External-AI quotas: each provider's limit, reserved, spent and remaining in its current

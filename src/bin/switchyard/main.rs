@@ -29,6 +29,7 @@ mod cancel;
 mod cli;
 mod demo;
 mod follow;
+mod list;
 mod print;
 mod quota;
 mod schemas;
@@ -211,6 +212,7 @@ async fn run(cli: Cli) -> Result<Exit> {
         Command::Reject { id, reason, by } => approval::reject(&config, id, &reason, &by).await,
         Command::Cancel { request_id, reason, by } => cancel::cancel(&config, request_id, &reason, &by).await,
         Command::Status { request_id, json } => status::status(&config, request_id, json).await,
+        Command::List(args) => list::list(&config, args).await,
         Command::Audit { request_id } => audit::audit(&config, request_id).await,
         Command::Why(args) => why::why(&config, args).await,
         Command::Agents(command) => agents::run(&config, command).await,

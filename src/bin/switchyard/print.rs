@@ -2,12 +2,17 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use switchyard::decisions::fallback::FallbackDecision;
 use switchyard::model::domain::{Agent, PlanStatus, RequestStatus, TaskStatus};
 use switchyard::model::ids::TaskId;
-use switchyard::store::{DeadLetter, PlanReport, QuotaReport, RequestReport, StoredReservation, TaskState};
+use switchyard::store::{
+    DeadLetter, ListedAgent, PlanReport, QuotaReport, RequestReport, RequestSummary, StoredReservation,
+    TaskState,
+};
 use switchyard::understanding::complexity::Complexity;
+
+use crate::agents::Health;
 
 /// One line that changes whenever the request or one of its tasks moves.
 pub fn state_line(report: &RequestReport) -> String {
@@ -180,26 +185,42 @@ pub fn dead_letters<'a>(dead_letters: impl IntoIterator<Item = &'a DeadLetter>) 
     }
 }
 
-pub fn agents(agents: &[Agent], ttl_secs: u64) {
+/// The agents of `agents list`, one line each (see its help for the columns).
+pub fn agents(agents: &[ListedAgent], ttl_secs: u64, now: DateTime<Utc>) {
     if agents.is_empty() {
         println!("no agents registered");
         return;
     }
-    println!("{:<24} {:<8} {:>9} {:>8} {:<40}", "AGENT", "HEALTH", "SLOTS", "SUCCESS", "CAPABILITIES");
-    let now = Utc::now();
-    for agent in agents {
-        let age = (now - agent.last_heartbeat).num_seconds();
-        let health = if age <= ttl_secs as i64 { "online" } else { "offline" };
+    println!(
+        "{:<24}  {:<7}  {:<10}  {:>7}  {:>12}  {:>9}  CAPABILITIES",
+        "AGENT", "HEALTH", "HEARTBEAT", "SLOTS", "SUCCEEDED", "ROUTED AS"
+    );
+    for listed in agents {
+        let agent = &listed.agent;
+        let since = now - agent.last_heartbeat;
+        let health = Health::of(since, listed.heartbeat_every_secs, ttl_secs);
         let caps: Vec<&str> = agent.capabilities.iter().map(String::as_str).collect();
         println!(
-            "{:<24} {:<8} {:>9} {:>7.0}% {:<40}",
+            "{:<24}  {:<7}  {:<10}  {:>7}  {:>12}  {:>8.0}%  {}",
             agent.id.as_str(),
-            health,
+            health.to_string(),
+            format!("{} ago", age(since)),
             format!("{}/{}", agent.in_flight, agent.capacity),
+            succeeded(agent),
             agent.success_rate() * 100.0,
             caps.join(",")
         );
     }
+}
+
+/// An agent's successful results of all, and their share: "5/5, 100%"; "-" before any.
+pub fn succeeded(agent: &Agent) -> String {
+    let results = agent.succeeded + agent.failed;
+    if results == 0 {
+        return "-".to_owned();
+    }
+    // Rounded down: 100% means every one.
+    format!("{}/{results}, {}%", agent.succeeded, u128::from(agent.succeeded) * 100 / u128::from(results))
 }
 
 /// A plan's reservation in one line: how much, in which window, what was used, what went back.
@@ -304,9 +325,82 @@ pub fn bench(r: &switchyard::bench::Report) {
     println!("ratio            {:.1}% of the ceiling", r.ratio_to_ceiling * 100.0);
 }
 
+/// How long ago, in its largest whole unit: "12 s", "5 min", "3 h", "2 d".
+pub fn age(elapsed: TimeDelta) -> String {
+    let secs = elapsed.num_seconds().max(0);
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3_600 => format!("{} min", secs / 60),
+        3_600..86_400 => format!("{} h", secs / 3_600),
+        _ => format!("{} d", secs / 86_400),
+    }
+}
+
+/// Cuts `text` to `width` characters, marking the cut.
+fn clip(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut clipped: String = text.chars().take(width.saturating_sub(1)).collect();
+    clipped.push('…');
+    clipped
+}
+
+/// The requests of `switchyard list`, one line each.
+pub fn requests(requests: &[RequestSummary], now: DateTime<Utc>) {
+    if requests.is_empty() {
+        println!("no requests");
+        return;
+    }
+    println!("{:<36}  {:<17} {:>6} {:>7}  REASON", "REQUEST", "STATUS", "AGE", "TASKS");
+    for r in requests {
+        let tasks =
+            if r.tasks_total == 0 { "-".to_owned() } else { format!("{}/{}", r.tasks_done, r.tasks_total) };
+        let reason = r.reason.as_deref().map(|reason| clip(reason.lines().next().unwrap_or(""), 80));
+        println!(
+            "{:<36}  {:<17} {:>6} {:>7}  {}",
+            r.request_id.to_string(),
+            r.status.as_str(),
+            age(now - r.created_at),
+            tasks,
+            reason.unwrap_or_default()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::units;
+    use super::*;
+    use switchyard::model::ids::AgentId;
+
+    #[test]
+    fn successes_are_counts_and_a_share_rounded_down_or_a_dash() {
+        let agent = |succeeded, failed| Agent {
+            id: AgentId::parse("a").unwrap(),
+            capabilities: Default::default(),
+            capacity: 1,
+            in_flight: 0,
+            labels: Default::default(),
+            resources: Default::default(),
+            last_heartbeat: Utc::now(),
+            succeeded,
+            failed,
+        };
+        assert_eq!(succeeded(&agent(0, 0)), "-");
+        assert_eq!(succeeded(&agent(5, 0)), "5/5, 100%");
+        assert_eq!(succeeded(&agent(999, 1)), "999/1000, 99%");
+        assert_eq!(succeeded(&agent(0, 3)), "0/3, 0%");
+    }
+
+    #[test]
+    fn ages_are_in_their_largest_whole_unit() {
+        assert_eq!(age(TimeDelta::milliseconds(-500)), "0 s");
+        assert_eq!(age(TimeDelta::seconds(59)), "59 s");
+        assert_eq!(age(TimeDelta::seconds(60)), "1 min");
+        assert_eq!(age(TimeDelta::seconds(3_599)), "59 min");
+        assert_eq!(age(TimeDelta::hours(5)), "5 h");
+        assert_eq!(age(TimeDelta::days(3)), "3 d");
+    }
 
     #[test]
     fn micros_read_as_currency_units_with_two_to_six_decimals() {

@@ -110,6 +110,7 @@ mod tests {
                 labels: BTreeMap::new(),
                 resources: Resources { cpu: 4.0, memory_mb: 4096, gpu: 0 },
                 sent_at: None,
+                every_secs: None,
             },
         }
     }

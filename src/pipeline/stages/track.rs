@@ -286,6 +286,7 @@ mod tests {
             finished_at: Utc::now(),
             lease_expired: false,
             usage: Some(TokenUsage { input_tokens: 1_200, output_tokens: 300 }),
+            simulated: false,
         };
         let input =
             Inbound { message_id: MessageId::random(), request_id: request, priority: 0, payload: result };

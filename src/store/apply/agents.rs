@@ -17,12 +17,14 @@ pub(super) async fn agent(tx: &Transaction<'_>, actor: &str, w: &write::Agent) -
     let capabilities: Vec<&str> = heartbeat.capabilities.iter().map(String::as_str).collect();
     let inserted: bool = tx
         .query_one_cached(
-            "INSERT INTO agents (id, capabilities, capacity, labels, cpu, memory_mb, gpu, last_heartbeat)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            "INSERT INTO agents (id, capabilities, capacity, labels, cpu, memory_mb, gpu, last_heartbeat,
+                                 heartbeat_every_secs)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (id) DO UPDATE SET capabilities = EXCLUDED.capabilities,
                  capacity = EXCLUDED.capacity, labels = EXCLUDED.labels, cpu = EXCLUDED.cpu,
                  memory_mb = EXCLUDED.memory_mb, gpu = EXCLUDED.gpu,
-                 last_heartbeat = GREATEST(agents.last_heartbeat, EXCLUDED.last_heartbeat)
+                 last_heartbeat = GREATEST(agents.last_heartbeat, EXCLUDED.last_heartbeat),
+                 heartbeat_every_secs = COALESCE(EXCLUDED.heartbeat_every_secs, agents.heartbeat_every_secs)
              RETURNING (xmax = 0)",
             &[
                 &heartbeat.agent_id.as_str(),
@@ -33,6 +35,7 @@ pub(super) async fn agent(tx: &Transaction<'_>, actor: &str, w: &write::Agent) -
                 &(heartbeat.resources.memory_mb as i64),
                 &(heartbeat.resources.gpu as i32),
                 &at,
+                &heartbeat.every_secs.map(|secs| i32::try_from(secs).unwrap_or(i32::MAX)),
             ],
         )
         .await?

@@ -284,7 +284,11 @@ pub(super) async fn task_finished(
             result.plan_id
         )));
     }
-    let source = if result.lease_expired { "lease" } else { "agent" };
+    let source = match (result.lease_expired, result.simulated) {
+        (true, _) => "lease",
+        (false, true) => "simulated",
+        (false, false) => "agent",
+    };
     let inserted = tx
         .execute_cached(
             "INSERT INTO task_results (task_id, attempt, agent_id, success, output, error, source,
