@@ -623,4 +623,57 @@ mod tests {
         assert!(err.to_string().contains("missing.toml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// The README's table of built-in work types, as the catalog says it.
+    fn readme_table(catalog: &Catalog) -> String {
+        let mut table = String::from(
+            "| work type | recognised by (some keywords) | every task needs | steps (and what a step needs besides) |\n\
+             | --- | --- | --- | --- |\n",
+        );
+        for spec in catalog.work_types() {
+            // A task needs its work type's name too (see `Catalog::plan`).
+            let mut needs: BTreeSet<&str> = spec.capabilities.iter().map(String::as_str).collect();
+            needs.insert(spec.name.as_str());
+            let needs: Vec<&str> = needs.into_iter().collect();
+            let r = spec.resources;
+            let steps: Vec<String> = spec
+                .steps
+                .iter()
+                .map(|step| {
+                    let mut extra: Vec<String> = step.capabilities.iter().cloned().collect();
+                    if step.resources != spec.resources {
+                        let s = step.resources;
+                        extra.push(format!("{} CPU, {} MiB, {} GPU", s.cpu, s.memory_mb, s.gpu));
+                    }
+                    if extra.is_empty() {
+                        step.key.clone()
+                    } else {
+                        format!("{} ({})", step.key, extra.join(", "))
+                    }
+                })
+                .collect();
+            let keywords: Vec<String> = spec.keywords.iter().take(4).map(|k| format!("\"{k}\"")).collect();
+            table.push_str(&format!(
+                "| `{}` | {} | `{}`; {} CPU, {} MiB, {} GPU | {} |\n",
+                spec.name,
+                keywords.join(", "),
+                needs.join("`, `"),
+                r.cpu,
+                r.memory_mb,
+                r.gpu,
+                steps.join(" → ")
+            ));
+        }
+        table
+    }
+
+    #[test]
+    fn the_readme_lists_the_built_in_work_types_as_they_are() {
+        let readme = include_str!("../../../README.md");
+        let table = readme_table(&Catalog::default());
+        assert!(
+            readme.contains(&table),
+            "README.md should hold this table of the built-in work types:\n{table}"
+        );
+    }
 }
