@@ -1,7 +1,7 @@
-//! RabbitMQ: the only module that imports lapin. It connects (retrying with backoff), declares
-//! the topology described by `topology`, publishes with publisher confirms (all outputs of a
-//! message awaited together), and hands out deliveries as [`Incoming`] values that the runner
-//! acknowledges once their effects are durable.
+//! RabbitMQ: the only module that imports lapin. It connects (once: callers pace their
+//! retries), declares the topology described by `topology`, publishes with publisher confirms
+//! (all outputs of a message awaited together), and hands out deliveries as [`Incoming`] values
+//! that the runner acknowledges once their effects are durable.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,6 +24,10 @@ use crate::pipeline::topology::{self, Names, Topology};
 pub enum Error {
     #[error("broker: {0}")]
     Amqp(#[from] lapin::Error),
+    /// The broker refused the login: a wrong user or password, or a user without access to the
+    /// virtual host. Refused again until someone changes the broker's users.
+    #[error("broker: {0}")]
+    Login(lapin::Error),
     #[error("the broker refused the message (publisher nack) for {0}")]
     Nacked(String),
     /// Nothing is bound to take the message: a mandatory publish came back.
@@ -43,8 +47,9 @@ impl Error {
     /// someone declares the queue, which is the caller's business (the runner waits for it, a
     /// dispatch gives up); a bad URL stays bad; the rest is the broker being unavailable.
     pub fn is_transient(&self) -> bool {
-        // A refused login or permission stays refused until someone changes the broker's users.
-        !matches!(self, Error::Unroutable { .. } | Error::Url(_)) && !self.is_access_refused()
+        // A permission refused later (a 403 on a queue) may be granted meanwhile: what it held
+        // waits, parked. A refused login is for the one who configured it to mend.
+        !matches!(self, Error::Unroutable { .. } | Error::Url(_) | Error::Login(_))
     }
 
     /// Whether the broker's host name does not resolve. It may, later (a service whose name is
@@ -57,11 +62,7 @@ impl Error {
     /// permissions do not cover the exchange or queue.
     pub fn is_access_refused(&self) -> bool {
         match self {
-            Error::Amqp(err) => matches!(
-                err.kind(),
-                lapin::ErrorKind::ProtocolError(amqp)
-                    if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED))
-            ),
+            Error::Amqp(err) | Error::Login(err) => access_refused(err),
             _ => false,
         }
     }
@@ -88,6 +89,15 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// Whether the broker said 403, ACCESS_REFUSED.
+fn access_refused(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED))
+    )
 }
 
 /// A message to publish.
@@ -294,7 +304,9 @@ impl Broker {
     /// cannot work fails with [`Error::Url`].
     pub async fn connect(url: &str, names: Names) -> Result<Self, Error> {
         let uri = parse_amqp_url(url)?;
-        let connection = Connection::connect_uri(uri, ConnectionProperties::default()).await?;
+        let connection = Connection::connect_uri(uri, ConnectionProperties::default())
+            .await
+            .map_err(|err| if access_refused(&err) { Error::Login(err) } else { Error::Amqp(err) })?;
         let publisher = connection.create_channel().await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Broker { connection, publisher, names })

@@ -380,6 +380,11 @@ pub fn parse_heartbeat(body: &[u8], limit: usize) -> Result<Heartbeat, Error> {
     let heartbeat: Heartbeat = serde_json::from_slice(body).map_err(classify)?;
     let schema = |reason: String| Err(Error::Schema(reason));
     let Resources { cpu, memory_mb, gpu } = heartbeat.resources;
+    if let Some(every) = heartbeat.every_secs
+        && !(1..=i32::MAX as u32).contains(&every)
+    {
+        return schema(format!("every_secs {every} is not a number of seconds from 1 to {}", i32::MAX));
+    }
     if heartbeat.capacity == 0 {
         return schema("capacity must be at least 1".into());
     }
@@ -524,6 +529,12 @@ mod tests {
         assert!(matches!(parse_heartbeat(zero, 1024), Err(Error::Schema(_))));
         let bad_id = br#"{"agent_id":"A 1","capabilities":[],"capacity":1}"#;
         assert!(matches!(parse_heartbeat(bad_id, 1024), Err(Error::Schema(_))));
+        // An interval the agents table cannot hold is refused with a reason, not by the database.
+        let never = br#"{"agent_id":"a1","capabilities":[],"capacity":1,"every_secs":0}"#;
+        let err = parse_heartbeat(never, 1024).unwrap_err();
+        assert!(err.to_string().contains("every_secs 0 is not a number of seconds"), "{err}");
+        let every = br#"{"agent_id":"a1","capabilities":[],"capacity":1,"every_secs":5}"#;
+        assert_eq!(parse_heartbeat(every, 1024).unwrap().every_secs, Some(5));
     }
 
     #[test]

@@ -73,6 +73,9 @@ impl Error {
     /// permanent.
     pub fn is_transient(&self) -> bool {
         match self {
+            // A connection the server refused (a wrong password, a missing database) is refused
+            // again; one that did not come (timeout, I/O) may come later.
+            Error::Pool(deadpool_postgres::PoolError::Backend(e)) => db_error_is_transient(e),
             Error::Pool(_) => true,
             Error::Db(e) => db_error_is_transient(e),
             // A migration that lost its connection (the server restarting) can run again; one

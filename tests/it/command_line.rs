@@ -74,6 +74,23 @@ async fn a_refused_password_fails_at_once_in_one_line_without_the_password() {
 }
 
 #[tokio::test]
+async fn a_database_that_refuses_the_login_fails_at_once_in_one_line() {
+    // A role the server does not know (trust authentication still names its role).
+    let database = "postgres://switchyard-nobody@127.0.0.1:5432/test".to_owned();
+    let output = switchyard(&amqp_url(), &database)
+        .args(["status", "5d3ae7f6-08d4-4ff7-9e9c-5e1f3c0d7a11"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = lines(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr:?}");
+    assert_eq!(stderr.len(), 1, "one line: {stderr:?}");
+    assert!(stderr[0].starts_with("error: cannot connect to the database at postgres://"), "{stderr:?}");
+    assert!(stderr[0].contains("switchyard-nobody"), "names whom it was refused: {stderr:?}");
+    assert!(!stderr[0].contains("within"), "refused at once, not retried: {stderr:?}");
+}
+
+#[tokio::test]
 async fn an_unknown_host_fails_at_once_in_one_line() {
     let nowhere_broker = "amqp://guest:guest@switchyard-nowhere.invalid:5672".to_owned();
     let nowhere_database = "postgres://postgres@switchyard-nowhere.invalid:5432/test".to_owned();

@@ -133,10 +133,13 @@ async fn remove(config: &Config, id: &AgentId, by: &str) -> Result<Exit> {
     );
     // The row is what routing reads: with it gone, nothing is sent to the agent any more. What
     // its queues still hold is left to whoever looks, and a queue in use belongs to a running agent.
+    // The agent is removed whatever becomes of its queues: a queue that cannot be looked at or
+    // deleted now is said, and left.
     for queue in [broker.names().agent_queue(id), broker.names().agent_control_queue(id)] {
-        match broker.delete_queue_if_idle(&queue).await? {
-            (_, true) => println!("queue {queue} deleted"),
-            (state, false) => {
+        match broker.delete_queue_if_idle(&queue).await {
+            Err(err) => println!("queue {queue} kept: {}", switchyard::error_chain(&err)),
+            Ok((_, true)) => println!("queue {queue} deleted"),
+            Ok((state, false)) => {
                 let mut why = Vec::new();
                 if state.messages > 0 {
                     let messages = if state.messages == 1 { "message waits" } else { "messages wait" };

@@ -39,7 +39,7 @@ Environment (over the configuration file):
   SWITCHYARD_NAMESPACE  the prefix of every queue and exchange [default: switchyard]
   SWITCHYARD_CONFIG     the configuration file (as --config)
   RUST_LOG              what is logged, to standard error (as `warn`, `info,switchyard=debug`)
-  NO_COLOR              set to anything: no colour in logs, even on a terminal
+  NO_COLOR              set (not empty): no colour in logs, even on a terminal
 
 See README.md for the configuration file and every command.";
 

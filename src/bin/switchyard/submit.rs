@@ -8,6 +8,7 @@ use switchyard::model::ids::RequestId;
 use switchyard::model::wire::{self, SubmitRequest};
 use switchyard::ops;
 use switchyard::pipeline::stages::reused_id;
+use switchyard::store::Store;
 
 use crate::{Exit, connect_broker, connect_store, follow};
 
@@ -51,13 +52,15 @@ pub async fn submit(config: &Config, args: SubmitArgs) -> Result<Exit> {
     let body = serde_json::to_vec(&request)?;
     let submission = wire::parse_submission(&body, config.worker.max_payload_bytes, None)
         .map_err(|err| anyhow!("the request is not valid: {err}"))?;
-    if let Some(request_id) = args.request_id {
-        let store = connect_store(config).await?;
-        if let Some(recorded) =
-            store.request_text(request_id).await?.filter(|text| *text != submission.request.text)
-        {
-            bail!("{}; nothing was sent", reused_id(request_id, &recorded));
-        }
+    // Said before sending when the database can say it; a client that may publish requests but
+    // not read the database (the least-privilege `switchyard-submit`) learns it from the dead
+    // letter, as any client would.
+    if let Some(request_id) = args.request_id
+        && let Ok(store) = Store::connect(&config.database_url, 1).await
+        && let Ok(Some(recorded)) = store.request_text(request_id).await
+        && recorded != submission.request.text
+    {
+        bail!("{}; nothing was sent", reused_id(request_id, &recorded));
     }
     let broker = connect_broker(config).await?;
     let request_id = ops::submit(&broker, request).await?;

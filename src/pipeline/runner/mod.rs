@@ -359,9 +359,12 @@ impl<S: Stage> Runner<S> {
                 Outcome::Refuse { reason } => return Err(Failure::Refused(reason)),
                 Outcome::Reject { writes, reason } => {
                     // No marker: the writes are idempotent, and a redelivery must dead-letter again
-                    // if the first attempt died before it could.
-                    self.store.apply(S::NAME, None, &writes).await?;
-                    return Err(Failure::Permanent(reason));
+                    // if the first attempt died before it could. Writes that lost a race were
+                    // decided on a state that is gone: decide again, as for any other outcome.
+                    match self.store.apply(S::NAME, None, &writes).await? {
+                        Applied::Conflict(conflict) => debug!(%conflict, "lost a race; deciding again"),
+                        Applied::Done | Applied::Duplicate(_) => return Err(Failure::Permanent(reason)),
+                    }
                 }
             }
         }

@@ -118,6 +118,13 @@ impl Stage for Decompose {
         })
     }
 
+    /// A message refused here is a request's first, which has no row to fail yet, or another
+    /// message naming a request that exists (the same id, sent again malformed): it must not fail
+    /// that one. A decomposition that fails fails its request by its own writes.
+    fn dead_letter_fails_request(&self) -> bool {
+        false
+    }
+
     fn decide(&self, input: &Inbound<RequestMeta>, context: DecomposeContext, now: DateTime<Utc>) -> Outcome {
         let request = &input.payload;
         if let Some(recorded) = context.recorded_text.filter(|t| *t != request.text) {
