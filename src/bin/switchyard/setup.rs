@@ -4,10 +4,12 @@ use anyhow::Result;
 use switchyard::config::Config;
 use switchyard::pipeline::worker;
 
-use crate::{Exit, connect_broker};
+use crate::{Exit, connect_broker, within};
 
 pub async fn migrate(config: &Config) -> Result<Exit> {
-    worker::prepare_store(config).await?;
+    let transient =
+        |e: &worker::Error| matches!(e, worker::Error::Store(e) if e.is_transient() && !e.is_unknown_host());
+    within("database", &config.database_url, transient, || worker::prepare_store(config)).await?;
     println!("database migrated");
     Ok(Exit::Success)
 }
