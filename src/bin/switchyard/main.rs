@@ -169,23 +169,22 @@ where
     let mut pauses =
         backoff::exponential(Duration::from_millis(100), Duration::from_secs(1), usize::MAX).build();
     let mut attempts = 0;
-    let last = loop {
+    let mut last = None;
+    while tokio::time::Instant::now() < deadline {
         attempts += 1;
-        let error = match tokio::time::timeout_at(deadline, attempt()).await {
+        match tokio::time::timeout_at(deadline, attempt()).await {
             Ok(Ok(connected)) => return Ok(connected),
             Ok(Err(err)) if !transient(&err) => {
                 return Err(anyhow::Error::new(err)
                     .context(format!("cannot connect to the {what} at {}", redact(url))));
             }
-            Ok(Err(err)) => Some(err),
-            Err(_) => None,
-        };
-        let pause = pauses.next().unwrap_or(Duration::from_secs(1));
-        if error.is_none() || tokio::time::Instant::now() + pause >= deadline {
-            break error;
+            Ok(Err(err)) => last = Some(err),
+            // The time ran out during this attempt; what the earlier ones met is the reason.
+            Err(_) => break,
         }
-        tokio::time::sleep(pause).await;
-    };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(1)).min(left)).await;
+    }
     let gave_up = format!(
         "cannot reach the {what} at {} within {} s ({attempts} {})",
         redact(url),
