@@ -452,61 +452,6 @@ mod tests {
     }
 
     #[test]
-    fn a_scored_verdict_keeps_its_terms_whose_contributions_make_the_score() {
-        let mut t = task("t");
-        t.affinity.insert("zone".into(), "eu".into());
-        let mut local = agent("a-local");
-        local.in_flight = 1;
-        local.succeeded = 9;
-        local.failed = 1;
-        local.labels.insert("zone".into(), "eu".into());
-        let policy = RoutingPolicy {
-            weights: Weights { load: 2.0, success: 1.0, affinity: 1.0 },
-            ..RoutingPolicy::default()
-        };
-        let route = route_one(&t, &[local, agent("b-far")], &policy);
-
-        let terms = verdict_of(&route, "a-local").terms().unwrap();
-        assert_eq!(terms.load, Term { value: 0.75, weight: 0.5, contribution: 0.375 });
-        assert_eq!(
-            terms.success,
-            Term { value: 10.0 / 12.0, weight: 0.25, contribution: 0.25 * (10.0 / 12.0) }
-        );
-        assert_eq!(terms.affinity, Term { value: 1.0, weight: 0.25, contribution: 0.25 });
-        let far = verdict_of(&route, "b-far").terms().unwrap();
-        assert_eq!(far.affinity, Term { value: 0.0, weight: 0.25, contribution: 0.0 });
-        for candidate in &route.candidates {
-            let terms = candidate.verdict.terms().unwrap();
-            // Exactly: the verdict's score is this very sum.
-            assert_eq!(Some(terms.score()), candidate.verdict.score());
-            let names: Vec<&str> = terms.named().iter().map(|(name, _)| *name).collect();
-            assert_eq!(names, ["load", "success", "affinity"]);
-        }
-
-        // The audit records the weights as applied, once per scored candidate, as numbers.
-        let json = serde_json::to_value(&route.candidates).unwrap();
-        assert_eq!(json[0]["weights"], serde_json::json!({"load": 0.5, "success": 0.25, "affinity": 0.25}));
-        assert_eq!(json[0]["load"], 0.75);
-        let back: Vec<Candidate> = serde_json::from_value(json).unwrap();
-        assert_eq!(back, route.candidates);
-    }
-
-    #[test]
-    fn a_verdict_recorded_before_the_weights_were_kept_reads_with_its_values_only() {
-        let old = serde_json::json!([
-            {"agent_id": "a", "verdict": "scored", "score": 0.725, "load": 0.75, "success": 0.5, "affinity": 1.0},
-            {"agent_id": "b", "verdict": "rejected", "reasons": ["no spare capacity (4/4 in flight)"]}
-        ]);
-        let candidates: Vec<Candidate> = serde_json::from_value(old.clone()).unwrap();
-        let Verdict::Scored { score, load, weights, .. } = candidates[0].verdict else { panic!() };
-        assert_eq!((score, load, weights), (0.725, 0.75, None));
-        assert_eq!(candidates[0].verdict.terms(), None);
-        assert_eq!(candidates[1].verdict.terms(), None);
-        // Written again, it is what it was.
-        assert_eq!(serde_json::to_value(&candidates).unwrap(), old);
-    }
-
-    #[test]
     fn prefers_the_agent_with_the_better_track_record() {
         let mut flaky = agent("a-flaky");
         flaky.succeeded = 2;
