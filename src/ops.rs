@@ -230,7 +230,7 @@ pub async fn waiting_reasons(
 
 /// Why a task went where it went, attempt by attempt (`switchyard why`): every candidate's
 /// verdict as recorded, the terms of every score, and what was chosen and why; for the attempt
-/// the task waits for now, and with `rescore` for every attempt, the same decision against the
+/// the task is waiting in at present, and with `rescore` for every attempt, the same decision against the
 /// fleet as it stands now. Reads only.
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskWhy {
@@ -258,7 +258,7 @@ pub struct AttemptWhy {
     pub dispatch: Option<store::DispatchRow>,
     pub results: Vec<store::ResultRow>,
     /// The same decision made again against today's fleet, writing nothing: for the attempt the
-    /// task waits for now, and for every attempt when asked (`rescore`).
+    /// task is waiting in at present, and for every attempt when asked (`rescore`).
     pub now: Option<Judgement>,
 }
 
