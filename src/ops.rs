@@ -230,8 +230,8 @@ pub async fn waiting_reasons(
 
 /// Why a task went where it went, attempt by attempt (`switchyard why`): every candidate's
 /// verdict as recorded, the terms of every score, and what was chosen and why; for the attempt
-/// the task is waiting in at present, and with `rescore` for every attempt, the same decision against the
-/// fleet as it stands now. Reads only.
+/// the task is waiting in at present, and with `rescore` for every attempt, the same decision
+/// against the fleet as it stands now. Reads only.
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskWhy {
     pub request_id: RequestId,
