@@ -12,10 +12,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use super::{Failure, outgoing};
-use crate::broker::{self, Broker};
+use super::Failure;
+use crate::broker::{self, Broker, Outgoing};
 use crate::model::effect::Write;
-use crate::pipeline::stages::Publish;
 use crate::store::{self, Applied, Delivery, Marker, Store};
 
 /// Committers of each kind per runner: while one waits for its commit to reach the disk, the
@@ -39,8 +38,8 @@ struct WriteJob {
 /// A message's delivery into an agent's queue, then its marker and writes, waiting for a batch.
 struct DeliveryJob {
     marker: Marker<'static>,
-    publish: Publish,
-    then: Vec<Write>,
+    message: Arc<Outgoing>,
+    then: Arc<[Write]>,
     done: oneshot::Sender<Result<Delivery<broker::Error>, Failure>>,
 }
 
@@ -101,16 +100,16 @@ impl Committer {
         applied.await.map_err(|_| stopping())?
     }
 
-    /// Has the next batch of deliveries publish `publish` once, then record `then` with
-    /// `marker`; how it went.
+    /// Has the next batch of deliveries publish `message` once, then record `then` with
+    /// `marker`; how it went. Shared, so that trying again copies nothing.
     pub(super) async fn deliver(
         &self,
         marker: Marker<'static>,
-        publish: Publish,
-        then: Vec<Write>,
+        message: Arc<Outgoing>,
+        then: Arc<[Write]>,
     ) -> Result<Delivery<broker::Error>, Failure> {
         let (done, delivered) = oneshot::channel();
-        self.deliveries.put(DeliveryJob { marker, publish, then, done }).await?;
+        self.deliveries.put(DeliveryJob { marker, message, then, done }).await?;
         delivered.await.map_err(|_| stopping())?
     }
 
@@ -144,12 +143,12 @@ impl Committer {
 
     async fn commit_deliveries(&self, batch: Vec<DeliveryJob>) {
         let jobs: Vec<(Marker<'_>, &[Write])> =
-            batch.iter().map(|job| (job.marker.clone(), job.then.as_slice())).collect();
+            batch.iter().map(|job| (job.marker.clone(), &job.then[..])).collect();
         let broker = &*self.broker;
-        let messages: Vec<_> = batch.iter().map(|job| outgoing(broker.names(), &job.publish)).collect();
         // One publish each: a failed one is tried again by the runner, after this transaction
         // let go of the inputs' locks.
-        let outcomes = self.store.deliver_batch(self.stage, &jobs, |i| broker.publish(&messages[i])).await;
+        let outcomes =
+            self.store.deliver_batch(self.stage, &jobs, |i| broker.publish(&batch[i].message)).await;
         drop(jobs);
         debug!(messages = batch.len(), "delivered and committed a batch");
         let outcomes = outcomes.map(|outcomes| outcomes.into_iter().map(Ok).collect());

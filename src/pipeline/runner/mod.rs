@@ -415,11 +415,13 @@ impl<S: Stage> Runner<S> {
         publish: Publish,
         then: Vec<Write>,
     ) -> Result<(), Failure> {
+        let message = Arc::new(outgoing(self.broker.names(), &publish));
+        let then: Arc<[Write]> = then.into();
         let mut pauses = self.settings.backoff(self.settings.dispatch_attempts).build();
         loop {
             let marker =
                 Marker { stage: S::NAME, message_id: input.message_id, outputs: Value::Array(Vec::new()) };
-            let err = match self.committer.deliver(marker, publish.clone(), then.clone()).await? {
+            let err = match self.committer.deliver(marker, message.clone(), then.clone()).await? {
                 Delivery::Done | Delivery::Already => return Ok(()),
                 Delivery::Busy => {
                     return Err(Failure::Transient("a copy of this message is being delivered".into()));
