@@ -1,5 +1,6 @@
 //! Configuration: an optional TOML file, then environment variables (`AMQP_URL`,
-//! `DATABASE_URL`, `SWITCHYARD_NAMESPACE`) over it. Every setting has a default that works with
+//! `DATABASE_URL`, `SWITCHYARD_NAMESPACE`, `SWITCHYARD_METRICS_ADDR`, `SWITCHYARD_LOG_FORMAT`) over
+//! it. Every setting has a default that works with
 //! the local services. URLs may hold passwords: `Debug` masks them, and nothing logs them whole.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use crate::decisions::routing::RoutingPolicy;
 use crate::model::ids::Namespace;
 use crate::pipeline::runner;
 use crate::pipeline::stages::TrackingPolicy;
+use crate::telemetry;
 use crate::understanding::decomposer;
 use crate::understanding::fleet::PlanningPolicy;
 
@@ -29,6 +31,8 @@ pub enum Error {
     Toml { path: PathBuf, source: Box<toml::de::Error> },
     #[error("invalid {variable}: {source}")]
     Env { variable: &'static str, source: crate::model::ids::Error },
+    #[error("invalid {variable}: {reason}")]
+    Setting { variable: &'static str, reason: String },
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +55,8 @@ pub struct Config {
     pub approval: ApprovalPolicy,
     pub tracking: TrackingPolicy,
     pub leases: LeasePolicy,
+    /// Metrics, health checks and logs.
+    pub telemetry: telemetry::Settings,
 }
 
 impl Default for Config {
@@ -69,6 +75,7 @@ impl Default for Config {
             approval: ApprovalPolicy::default(),
             tracking: TrackingPolicy::default(),
             leases: LeasePolicy::default(),
+            telemetry: telemetry::Settings::default(),
         }
     }
 }
@@ -89,6 +96,7 @@ impl std::fmt::Debug for Config {
             .field("approval", &self.approval)
             .field("tracking", &self.tracking)
             .field("leases", &self.leases)
+            .field("telemetry", &self.telemetry)
             .finish()
     }
 }
@@ -119,6 +127,17 @@ impl Config {
         if let Some(ns) = env("SWITCHYARD_NAMESPACE").filter(|v| !v.is_empty()) {
             config.namespace = Namespace::parse(ns)
                 .map_err(|source| Error::Env { variable: "SWITCHYARD_NAMESPACE", source })?;
+        }
+        if let Some(addr) = env("SWITCHYARD_METRICS_ADDR").filter(|v| !v.is_empty()) {
+            let addr = telemetry::MetricsAddr::parse(&addr)
+                .map_err(|reason| Error::Setting { variable: "SWITCHYARD_METRICS_ADDR", reason })?;
+            config.telemetry.metrics_addr = Some(addr);
+        }
+        if let Some(format) = env("SWITCHYARD_LOG_FORMAT").filter(|v| !v.is_empty()) {
+            config.telemetry.log_format = format.parse().map_err(|_| Error::Setting {
+                variable: "SWITCHYARD_LOG_FORMAT",
+                reason: format!("{format:?} is neither text nor json"),
+            })?;
         }
         Ok(config)
     }

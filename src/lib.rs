@@ -14,7 +14,8 @@
 //! - [`pipeline`]: the stages, their runner, the topology, the lease sweeper and the worker
 //!   process.
 //! - The edges, the only modules that talk to the outside: [`broker`] (AMQP), [`store`]
-//!   (PostgreSQL), [`llm`] (HTTP to models); with [`config`] and [`redact`].
+//!   (PostgreSQL), [`llm`] (HTTP to models), [`telemetry`] (metrics, health, traces and logs
+//!   for operators); with [`config`] and [`redact`].
 //! - [`agent`]: the agent process and its executors; [`ops`]: what the command line does;
 //!   [`bench`](mod@bench): the benchmark; [`backoff`]: how everything waits before trying again.
 
@@ -30,6 +31,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod redact;
 pub mod store;
+pub mod telemetry;
 pub mod understanding;
 
 /// What the system's resolver says of a host name it does not know, in the errors of both the

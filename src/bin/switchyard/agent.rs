@@ -70,6 +70,10 @@ impl AgentSpec {
 pub struct AgentArgs {
     #[command(flatten)]
     spec: AgentSpec,
+    /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at HOST:PORT (a bare port
+    /// binds to 127.0.0.1). Over the configuration file's `telemetry.metrics_addr`.
+    #[arg(long, env = "SWITCHYARD_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<switchyard::telemetry::MetricsAddr>,
     /// How tasks are run.
     #[arg(long, value_enum, default_value_t = ExecutorKind::Simulate)]
     executor: ExecutorKind,

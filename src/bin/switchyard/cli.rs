@@ -27,6 +27,10 @@ pub struct Cli {
     /// password or an unknown host fails at once. `worker` and `agent` wait for them instead.
     #[arg(long, global = true, default_value_t = 5.0, value_name = "SECONDS", value_parser = connect_timeout)]
     pub connect_timeout: f64,
+    /// How logs are written to standard error: `text` for people, `json` (one object per line)
+    /// for a log collector. Over the configuration file's `telemetry.log_format`.
+    #[arg(long, global = true, env = "SWITCHYARD_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<switchyard::telemetry::LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -38,6 +42,9 @@ Environment (over the configuration file):
   DATABASE_URL          the database [default: postgres://postgres@127.0.0.1:5432/switchyard]
   SWITCHYARD_NAMESPACE  the prefix of every queue and exchange [default: switchyard]
   SWITCHYARD_CONFIG     the configuration file (as --config)
+  SWITCHYARD_LOG_FORMAT text or json (as --log-format)
+  SWITCHYARD_METRICS_ADDR  where `worker` and `agent` serve metrics and health (as --metrics-addr)
+  OTEL_EXPORTER_OTLP_ENDPOINT  export traces over OTLP/HTTP there; none when unset
   RUST_LOG              what is logged, to standard error (as `warn`, `info,switchyard=debug`)
   NO_COLOR              set (not empty): no colour in logs, even on a terminal
 
@@ -54,6 +61,10 @@ pub enum Command {
         /// Stages to run (repeatable or comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "all", value_parser = stage_names())]
         stage: Vec<String>,
+        /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at HOST:PORT (a bare
+        /// port binds to 127.0.0.1). Over the configuration file's `telemetry.metrics_addr`.
+        #[arg(long, env = "SWITCHYARD_METRICS_ADDR", value_name = "HOST:PORT")]
+        metrics_addr: Option<switchyard::telemetry::MetricsAddr>,
     },
     /// Submit a request and print its id.
     Submit(SubmitArgs),

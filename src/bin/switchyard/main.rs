@@ -204,7 +204,11 @@ async fn run(cli: Cli) -> Result<Exit> {
     match cli.command {
         Command::Migrate => setup::migrate(&config).await,
         Command::Topology => setup::topology(&config).await,
-        Command::Worker { stage } => worker::run(config, &stage).await,
+        Command::Worker { stage, metrics_addr } => {
+            let mut config = config;
+            config.telemetry.metrics_addr = metrics_addr.or(config.telemetry.metrics_addr);
+            worker::run(config, &stage).await
+        }
         Command::Agent(args) => agent::run(config, args).await,
         Command::Submit(args) => submit::submit(&config, args).await,
         Command::Approve { id, by } => approval::approve(&config, id, &by).await,
