@@ -17,9 +17,10 @@ use tracing::{debug, error, info, warn};
 use super::{Execution, Shared, TaskHandler, truncate_utf8};
 use crate::backoff;
 use crate::broker::{Incoming, Outgoing};
-use crate::model::ids::TaskId;
+use crate::model::ids::{AgentId, TaskId};
 use crate::model::wire::{self, Envelope, MAX_RESULT_OUTPUT_BYTES, TaskAbort, TaskAssignment, TaskResult};
 use crate::pipeline::topology::StageQueue;
+use crate::telemetry::metrics::{AgentLabels, AgentOutcome, Gauge, metrics};
 
 /// An attempt of a task: what an abort names.
 pub(super) type AttemptKey = (TaskId, u32);
@@ -73,20 +74,27 @@ impl Stops {
     }
 }
 
-/// Counts a task in flight for as long as it lives.
-struct InFlight<'a>(&'a AtomicU32);
+/// Counts a task in flight for as long as it lives, in the agent's count and in its metric.
+struct InFlight<'a>(&'a AtomicU32, Gauge);
 
 impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicU32) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        InFlight(count)
+    fn enter(count: &'a AtomicU32, agent: &AgentId) -> Self {
+        let gauge =
+            metrics().agent_slots_used.get_or_create(&AgentLabels { agent: agent.to_string() }).clone();
+        gauge.set(i64::from(count.fetch_add(1, Ordering::SeqCst) + 1));
+        InFlight(count, gauge)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.1.set(i64::from(self.0.fetch_sub(1, Ordering::SeqCst) - 1));
     }
+}
+
+/// Counts an attempt that ended `outcome` (succeeded, failed, refused).
+fn count(agent: &AgentId, outcome: &'static str) {
+    metrics().agent_tasks.get_or_create(&AgentOutcome { agent: agent.to_string(), outcome }).inc();
 }
 
 /// Runs the handler; a panic is a failure.
@@ -125,7 +133,7 @@ pub(super) async fn take_control<H>(shared: &Shared<H>, delivery: Incoming) {
 pub(super) async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
     let Some(assignment) = accept(&shared, &delivery).await else { return };
     // Counted until its result is out: a slot is taken until the broker has the result.
-    let _counted = InFlight::enter(&shared.in_flight);
+    let _counted = InFlight::enter(&shared.in_flight, &shared.settings.id);
     let (execution, started_at, finished_at) = run(&shared, &assignment.payload).await;
     report(&shared, delivery, &assignment, execution, started_at, finished_at).await;
 }
@@ -143,6 +151,7 @@ async fn accept<H>(shared: &Shared<H>, delivery: &Incoming) -> Option<Envelope<T
                 error = %err,
                 "unusable task assignment: dropped, no result"
             );
+            count(agent, "refused");
             // It can never be run, and given back it would come straight back. Agent queues are
             // declared without arguments (README, the contract), so they have no dead-letter
             // exchange: the broker drops a rejected message. The log above is its only trace.
@@ -154,6 +163,7 @@ async fn accept<H>(shared: &Shared<H>, delivery: &Incoming) -> Option<Envelope<T
     };
     let task = &assignment.payload;
     if task.agent_id != *agent {
+        count(agent, "refused");
         // Its result would be reported under this agent's id, and the track stage ignores a result
         // from an agent other than the one the task was routed to: running it would be for nothing.
         // Given back, it would come straight back here.
@@ -203,6 +213,9 @@ async fn run<H: TaskHandler>(
         }
     };
     let finished_at = Utc::now();
+    count(agent, if execution.success { "succeeded" } else { "failed" });
+    let took = (finished_at - started_at).to_std().unwrap_or_default();
+    metrics().agent_task.get_or_create(&AgentLabels { agent: agent.to_string() }).observe(took.as_secs_f64());
     debug!(
         %agent,
         task = %task.task.id,

@@ -59,6 +59,8 @@ use crate::broker::{self, Broker, Incoming, Outgoing, Subscription};
 use crate::model::domain::Resources;
 use crate::model::ids::AgentId;
 use crate::model::wire::Heartbeat;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{AgentLabels, metrics};
 
 /// Why an agent cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +159,12 @@ impl AgentBuilder {
     /// The agent, running tasks with `handler`, if the settings pass [`AgentBuilder::check`].
     pub fn build<H: TaskHandler>(self, handler: H) -> Result<Agent<H>, Error> {
         self.check()?;
-        Ok(Agent { settings: Arc::new(self), handler: Arc::new(handler), stops: Arc::default() })
+        Ok(Agent {
+            settings: Arc::new(self),
+            handler: Arc::new(handler),
+            stops: Arc::default(),
+            health: Health::new(),
+        })
     }
 
     /// Whether the settings are in range: a capacity of 1 to 65535, a positive heartbeat
@@ -201,11 +208,18 @@ pub struct Agent<H> {
     /// The stops it was told, shared by its clones: run again on a new connection, it still
     /// does not run an attempt it was told to stop (the broker delivers it again).
     stops: Arc<std::sync::Mutex<Stops>>,
+    /// What it reports its connection and consumers to.
+    health: Health,
 }
 
 impl<H> Clone for Agent<H> {
     fn clone(&self) -> Self {
-        Agent { settings: self.settings.clone(), handler: self.handler.clone(), stops: self.stops.clone() }
+        Agent {
+            settings: self.settings.clone(),
+            handler: self.handler.clone(),
+            stops: self.stops.clone(),
+            health: self.health.clone(),
+        }
     }
 }
 
@@ -227,6 +241,12 @@ struct Shared<H> {
 impl<H> Agent<H> {
     pub fn id(&self) -> &AgentId {
         &self.settings.id
+    }
+
+    /// Reports to `health` while it runs: its broker connection and its consumers.
+    pub fn reporting_to(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     pub fn capacity(&self) -> u32 {
@@ -260,6 +280,9 @@ impl<H: TaskHandler> Agent<H> {
             Err(err) => return Err(err.into()),
         }
         let queue = broker.declare_agent_queue(&id).await?;
+        self.health.broker(&broker);
+        let slots = AgentLabels { agent: id.to_string() };
+        metrics().agent_slots_total.get_or_create(&slots).set(i64::from(self.settings.capacity));
         let shared = Arc::new(Shared {
             settings: self.settings.clone(),
             handler: self.handler.clone(),
@@ -277,6 +300,8 @@ impl<H: TaskHandler> Agent<H> {
             }
             Err(err) => return Err(err.into()),
         };
+        self.health.expect_consumers(if control.is_some() { 2 } else { 1 });
+        let control_receiving = control.is_some().then(|| self.health.consuming());
         let (control_subscription, control) = control.unzip();
         let mut control = futures::stream::iter(control).flatten().fuse();
         let stop_heartbeats = CancellationToken::new();
@@ -292,6 +317,7 @@ impl<H: TaskHandler> Agent<H> {
             }
         };
         let mut deliveries = deliveries.fuse();
+        let receiving = self.health.consuming();
         info!(agent = %id, %queue, capacity = self.settings.capacity, "agent running");
         let mut running = JoinSet::new();
         let outcome = loop {
@@ -311,6 +337,8 @@ impl<H: TaskHandler> Agent<H> {
                 },
             }
         };
+        // Not ready from here on: it takes no more tasks.
+        drop((receiving, control_receiving));
         match &outcome {
             Ok(()) => {
                 info!(agent = %id, running = running.len(), "shutting down: finishing the running tasks");
@@ -344,6 +372,7 @@ impl<H: TaskHandler> Agent<H> {
         if let Some(control) = control_subscription {
             control.close().await;
         }
+        self.health.no_broker();
         info!(agent = %id, "agent stopped");
         outcome
     }

@@ -22,6 +22,8 @@ use crate::pipeline::sweeper;
 use crate::pipeline::topology::StageQueue;
 use crate::pipeline::topology::{Names, Topology};
 use crate::store::{self, Store};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::metrics;
 use crate::understanding::catalog::{self, Catalog};
 use crate::understanding::decomposer::{self, Decomposer};
 
@@ -123,6 +125,8 @@ pub struct Worker {
     pub catalog: Arc<Catalog>,
     /// The configured decomposer, when it is not the rules.
     pub decomposer: Option<Arc<dyn Decomposer>>,
+    /// What it reports its connection, its database and its consumers to.
+    pub health: Health,
 }
 
 impl Worker {
@@ -135,7 +139,16 @@ impl Worker {
             .decomposer
             .build(catalog.clone(), |name| std::env::var(name))?
             .map(|llm| Arc::new(llm) as Arc<dyn Decomposer>);
-        Ok(Worker { config, store, catalog, decomposer })
+        let health = Health::new();
+        health.database(&store);
+        Ok(Worker { config, store, catalog, decomposer, health })
+    }
+
+    /// Reports to `health` (which the caller serves) instead of a health of its own.
+    pub fn reporting_to(mut self, health: Health) -> Self {
+        health.database(&self.store);
+        self.health = health;
+        self
     }
 
     fn names(&self) -> Names {
@@ -147,6 +160,8 @@ impl Worker {
     /// broker URL that cannot work ends it with an error.
     pub async fn run(&self, stages: &[StageName], shutdown: CancellationToken) -> Result<(), Error> {
         let mut pauses = Pauses::new(Duration::from_secs(30));
+        self.health.expect_consumers(stages.len());
+        let mut connections = 0u64;
         loop {
             let connected = tokio::select! {
                 connected = self.connect() => connected,
@@ -169,6 +184,11 @@ impl Worker {
                 }
             };
             pauses.reset();
+            connections += 1;
+            if connections > 1 {
+                metrics().broker_reconnects.inc();
+            }
+            self.health.broker(&broker);
             let session = shutdown.child_token();
             let mut runners = JoinSet::new();
             for stage in stages {
@@ -209,6 +229,7 @@ impl Worker {
                     session.cancel();
                 }
             }
+            self.health.no_broker();
             broker.close().await;
             if !failed || shutdown.is_cancelled() {
                 return Ok(());
@@ -253,7 +274,8 @@ impl Worker {
                 worker.store.clone(),
                 topology,
                 worker.config.worker.clone(),
-            )?;
+            )?
+            .reporting_to(worker.health.clone());
             runners.spawn(runner.run(shutdown));
             Ok(())
         }
@@ -325,9 +347,13 @@ async fn recheck(store: Store, broker: &Broker, every: Duration, shutdown: Cance
         if !sleep_unless_cancelled(every, &shutdown).await {
             return;
         }
-        match store.waiting_exists().await {
-            Ok(false) => continue,
-            Ok(true) => {}
+        match store.waiting_count().await {
+            Ok(count) => {
+                metrics().waiting_tasks.set(count);
+                if count == 0 {
+                    continue;
+                }
+            }
             Err(err) => {
                 warn!(error = %err, "cannot look at the line of waiting tasks");
                 continue;

@@ -66,12 +66,10 @@ fn waiting_from_row(row: &tokio_postgres::Row) -> Result<WaitingTask, Error> {
 }
 
 impl Store {
-    /// Whether any task waits for an agent.
-    pub async fn waiting_exists(&self) -> Result<bool, Error> {
+    /// How many tasks wait in line for an agent.
+    pub async fn waiting_count(&self) -> Result<i64, Error> {
         let client = self.client().await?;
-        let row = client
-            .query_one_cached("SELECT EXISTS (SELECT 1 FROM tasks WHERE status = 'waiting')", &[])
-            .await?;
+        let row = client.query_one_cached("SELECT count(*) FROM tasks WHERE status = 'waiting'", &[]).await?;
         Ok(row.get(0))
     }
 

@@ -114,8 +114,26 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How the connections of a [`Store`]'s pool are used, now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    pub in_use: usize,
+    pub idle: usize,
+}
+
 impl Store {
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Asks the database whether it answers (a readiness probe).
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.client().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    pub fn pool_use(&self) -> PoolUse {
+        let status = self.pool.status();
+        PoolUse { in_use: status.size.saturating_sub(status.available), idle: status.available }
     }
 }

@@ -469,3 +469,30 @@ impl Store {
         Ok(row.map(|r| r.get(0)))
     }
 }
+
+impl Store {
+    /// How the requests of `ids` that have ended ended, and how long after their receipt: for
+    /// the metrics, read once a stage has committed their end.
+    pub async fn request_ends(
+        &self,
+        ids: &[RequestId],
+    ) -> Result<Vec<(RequestStatus, std::time::Duration)>, Error> {
+        let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query_cached(
+                "SELECT status, EXTRACT(EPOCH FROM updated_at - created_at)::float8 FROM requests \
+                 WHERE id = ANY($1) AND status IN ('completed', 'failed', 'rejected', 'cancelled')",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let status: RequestStatus = row.get::<_, &str>(0).parse().ok()?;
+                let seconds: f64 = row.get(1);
+                Some((status, std::time::Duration::from_secs_f64(seconds.max(0.0))))
+            })
+            .collect())
+    }
+}

@@ -3,6 +3,9 @@
 //! (`trace`), and the format of the logs. Nothing here decides anything: the pipeline and the
 //! agents report to it.
 
+pub mod health;
+pub mod metrics;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};

@@ -21,6 +21,7 @@ mod hostile;
 mod invariants;
 mod list;
 mod llm;
+mod operations;
 mod outage;
 mod planning;
 mod privilege;

@@ -218,7 +218,8 @@ fn llm_endpoint(config: &Config, name: &str, timeout: Duration) -> Result<(llm::
 }
 
 /// Runs an agent until a signal; connects again when the connection is lost.
-pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
+pub async fn run(mut config: Config, args: AgentArgs) -> Result<Exit> {
+    config.telemetry.metrics_addr = args.metrics_addr.or(config.telemetry.metrics_addr);
     let (executor, capabilities) = executor(&args, &config)?;
     let agent = args
         .spec
@@ -228,7 +229,10 @@ pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
         .build(executor)?;
     let shutdown = CancellationToken::new();
     stop_on_signals(shutdown.clone(), "finishing the running tasks");
+    let health = crate::worker::serve_health(&config, shutdown.clone()).await?;
+    let agent = agent.reporting_to(health);
     let mut pauses = Pauses::new(Duration::from_secs(30));
+    let mut connections = 0u64;
     loop {
         let connected = tokio::select! {
             connected = connect_broker_once(&config) => connected,
@@ -236,6 +240,10 @@ pub async fn run(config: Config, args: AgentArgs) -> Result<Exit> {
         };
         let error = match connected {
             Ok(broker) => {
+                connections += 1;
+                if connections > 1 {
+                    switchyard::telemetry::metrics::metrics().broker_reconnects.inc();
+                }
                 let broker = Arc::new(broker);
                 let started = std::time::Instant::now();
                 let ran = agent.clone().run(broker.clone(), shutdown.clone()).await;

@@ -10,6 +10,7 @@ use crate::agent::AgentArgs;
 use crate::agents::AgentsCommand;
 use crate::bench::BenchArgs;
 use crate::list::ListArgs;
+use crate::probe::ProbeArgs;
 use crate::quota::QuotaArgs;
 use crate::submit::SubmitArgs;
 use crate::why::WhyArgs;
@@ -141,6 +142,9 @@ pub enum Command {
     /// duration, then the same deliveries through as many hops by plain relays. Ends with one
     /// JSON line holding every figure.
     Bench(BenchArgs),
+    /// Ask a worker or an agent served with --metrics-addr whether it is alive, or ready: exit 0
+    /// if so, 1 if not, 2 if it cannot be reached.
+    Probe(ProbeArgs),
     /// Print or check the JSON Schemas of the message types.
     Schemas {
         /// Write them into this directory.

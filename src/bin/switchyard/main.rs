@@ -31,6 +31,7 @@ mod demo;
 mod follow;
 mod list;
 mod print;
+mod probe;
 mod quota;
 mod schemas;
 mod setup;
@@ -220,6 +221,7 @@ async fn run(cli: Cli) -> Result<Exit> {
         Command::Why(args) => why::why(&config, args).await,
         Command::Agents(command) => agents::run(&config, command).await,
         Command::Quota(args) => quota::run(&config, args).await,
+        Command::Probe(args) => probe::probe(&config, args).await,
         Command::Schemas { write, check } => schemas::schemas(write, check),
         Command::Demo { text } => demo::demo(config, text).await,
         Command::Bench(args) => bench::bench(config, args).await,

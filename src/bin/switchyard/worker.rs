@@ -1,9 +1,10 @@
 //! `worker`: runs the pipeline stages until a signal.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::builder::PossibleValuesParser;
 use switchyard::config::Config;
 use switchyard::pipeline::worker::{self, StageName, Worker};
+use switchyard::telemetry::health::{self, Health};
 use tokio_util::sync::CancellationToken;
 
 use crate::Exit;
@@ -24,11 +25,25 @@ pub async fn run(config: Config, stages: &[String]) -> Result<Exit> {
     };
     let shutdown = CancellationToken::new();
     stop_on_signals(shutdown.clone(), "finishing the messages in hand");
+    // Served from the start: alive while it waits for the database, ready once it consumes.
+    let health = serve_health(&config, shutdown.clone()).await?;
     // A worker started while the database restarts waits for it, as it waits for the broker.
     let Some(store) = worker::prepare_store_patiently(&config, &shutdown).await? else {
         return Ok(Exit::Success);
     };
-    let worker = Worker::new(config, store)?;
+    let worker = Worker::new(config, store)?.reporting_to(health);
     worker.run(&stages, shutdown).await?;
     Ok(Exit::Success)
+}
+
+/// Serves metrics and health where the configuration says, if it says; the health to report to
+/// either way. An address that cannot be bound is an error at startup.
+pub async fn serve_health(config: &Config, shutdown: CancellationToken) -> Result<Health> {
+    let health = Health::new();
+    if let Some(addr) = config.telemetry.metrics_addr {
+        health::serve(addr.socket_addr(), health.clone(), shutdown)
+            .await
+            .with_context(|| format!("cannot serve metrics and health at {addr}"))?;
+    }
+    Ok(health)
 }

@@ -8,6 +8,7 @@
 //! the inputs' locks; trying again is for the runner, between batches, never under a lock.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
@@ -16,6 +17,7 @@ use super::Failure;
 use crate::broker::{self, Broker, Outgoing};
 use crate::model::effect::Write;
 use crate::store::{self, Applied, Delivery, Marker, Store};
+use crate::telemetry::metrics::{StageKind, ended_requests, metrics};
 
 /// Committers of each kind per runner: while one waits for its commit to reach the disk, the
 /// next gathers the messages decided meanwhile.
@@ -131,17 +133,24 @@ impl Committer {
     }
 
     async fn commit_writes(&self, batch: Vec<WriteJob>) {
+        let started = Instant::now();
         let jobs: Vec<(Option<&Marker<'_>>, &[Write])> =
             batch.iter().map(|job| (job.marker.as_ref(), job.writes.as_slice())).collect();
         let outcomes = self.store.apply_batch(self.stage, &jobs).await;
         drop(jobs);
         debug!(messages = batch.len(), "committed a batch of writes");
-        let outcomes =
-            outcomes.map(|outcomes| outcomes.into_iter().map(|o| o.map_err(Failure::from)).collect());
+        self.observe("writes", started, batch.len());
+        let outcomes = outcomes
+            .map(|outcomes| outcomes.into_iter().map(|o| o.map_err(Failure::from)).collect::<Vec<_>>());
+        if let Ok(outcomes) = &outcomes {
+            let done = outcomes.iter().map(|o| matches!(o, Ok(Applied::Done)));
+            self.count(batch.iter().map(|job| job.writes.as_slice()).zip(done));
+        }
         answer(batch.into_iter().map(|job| job.done), outcomes);
     }
 
     async fn commit_deliveries(&self, batch: Vec<DeliveryJob>) {
+        let started = Instant::now();
         let jobs: Vec<(Marker<'_>, &[Write])> =
             batch.iter().map(|job| (job.marker.clone(), &job.then[..])).collect();
         let broker = &*self.broker;
@@ -151,8 +160,45 @@ impl Committer {
             self.store.deliver_batch(self.stage, &jobs, |i| broker.publish(&batch[i].message)).await;
         drop(jobs);
         debug!(messages = batch.len(), "delivered and committed a batch");
+        self.observe("deliveries", started, batch.len());
+        if let Ok(outcomes) = &outcomes {
+            let done = outcomes.iter().map(|o| matches!(o, Delivery::Done));
+            self.count(batch.iter().map(|job| &job.then[..]).zip(done));
+        }
         let outcomes = outcomes.map(|outcomes| outcomes.into_iter().map(Ok).collect());
         answer(batch.into_iter().map(|job| job.done), outcomes);
+    }
+
+    fn observe(&self, kind: &'static str, started: Instant, messages: usize) {
+        let labels = StageKind { stage: self.stage, kind };
+        let metrics = metrics();
+        metrics.batch_size.get_or_create(&labels).observe(messages as f64);
+        metrics.commit.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts what the `writes` committed (those paired with `true`) decided; the requests they end are timed apart, off
+    /// the committer's way (it reads when they were received).
+    fn count<'a>(&self, writes: impl Iterator<Item = (&'a [Write], bool)>) {
+        let now = chrono::Utc::now();
+        let mut ended = Vec::new();
+        for (writes, _) in writes.filter(|(_, committed)| *committed) {
+            metrics().committed(self.stage, writes, now);
+            ended.extend(ended_requests(writes));
+        }
+        if ended.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            match store.request_ends(&ended).await {
+                Ok(ends) => {
+                    for (status, took) in ends {
+                        metrics().request_ended(status.as_str(), took);
+                    }
+                }
+                Err(err) => debug!(error = %err, "cannot read how long the requests that ended took"),
+            }
+        });
     }
 }
 

@@ -12,6 +12,7 @@ use crate::broker::{self, Incoming, Outgoing};
 use crate::model::ids::{MessageId, RequestId};
 use crate::pipeline::stages::Stage;
 use crate::store;
+use crate::telemetry::metrics::{StageLabels, StageReason, metrics};
 
 /// What went wrong with one message.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -19,6 +20,9 @@ pub(super) enum Failure {
     /// Retrying cannot help: dead-letter.
     #[error("{0}")]
     Permanent(String),
+    /// No agent's queue took a task after every attempt: dead-letter (the stage recorded it).
+    #[error("{0}")]
+    Undeliverable(String),
     /// The database or the broker is unavailable: try again later.
     #[error("{0}")]
     Transient(String),
@@ -58,7 +62,7 @@ impl<S: Stage> Runner<S> {
         delivery: &Incoming,
         message_id: MessageId,
         request_id: Option<RequestId>,
-        reason: &str,
+        (reason, class): (&str, &'static str),
         fails_request: bool,
     ) -> Handled {
         let reason = bounded_reason(reason);
@@ -82,7 +86,11 @@ impl<S: Stage> Runner<S> {
             ("x-switchyard-message-id".to_owned(), message_id.to_string()),
         ]);
         match self.broker.publish(&outgoing).await {
-            Ok(()) => self.settle(delivery.ack().await),
+            Ok(()) => {
+                metrics().dead_letters.get_or_create(&StageReason { stage: S::NAME, reason: class }).inc();
+                self.count("dead_lettered");
+                self.settle(delivery.ack().await)
+            }
             Err(err) => self.park(delivery, &format!("could not publish dead letter: {err}")).await,
         }
     }
@@ -106,10 +114,13 @@ impl<S: Stage> Runner<S> {
         };
         match parked {
             Ok(()) => {
+                metrics().parked.get_or_create(&StageLabels { stage: S::NAME }).inc();
+                self.count("parked");
                 warn!(%reason, retries, "transient failure; parked for a delayed retry");
                 self.settle(delivery.ack().await);
             }
             Err(err) => {
+                self.count("requeued");
                 error!(%reason, error = %err, "transient failure and the message cannot be parked; requeueing");
                 self.settle(delivery.requeue().await);
             }

@@ -46,6 +46,8 @@ use crate::model::wire;
 use crate::pipeline::stages::{AmqpMeta, Destination, Inbound, Outcome, Publish, Stage};
 use crate::pipeline::topology::{Names, Topology};
 use crate::store::{Applied, Delivery, Marker, Store};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{StageLabels, StageOutcome, metrics};
 
 /// How a runner behaves. Every field has a sensible default.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -127,6 +129,7 @@ pub struct Runner<S: Stage> {
     turns: Turns,
     activity: Activity,
     committer: Committer,
+    health: Health,
 }
 
 /// Turns for inputs that contend (see [`Stage::contention_key`]): a fixed set of locks, a key
@@ -172,7 +175,14 @@ impl<S: Stage> Runner<S> {
             retry_queue,
             turns: Turns::new(),
             activity: Activity::new(),
+            health: Health::new(),
         })
+    }
+
+    /// Reports to `health` while it consumes (a process is ready only while its consumers are).
+    pub fn reporting_to(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     /// Consumes until `shutdown` is cancelled (then finishes the deliveries in hand and returns
@@ -183,6 +193,7 @@ impl<S: Stage> Runner<S> {
         // the deliveries in hand were settled: their acknowledgements go on that channel.
         let (subscription, deliveries) = self.broker.subscribe(&self.queue, self.settings.prefetch).await?;
         info!(stage = S::NAME, queue = %self.queue, prefetch = self.settings.prefetch, "stage consuming");
+        let receiving = self.health.consuming();
         // Cancelled by `handle` when the broker is found broken; a child, so shutdown stops too.
         let broken = shutdown.child_token();
         // On stopping, the broker is asked for no more deliveries; those it sent before it took
@@ -219,6 +230,7 @@ impl<S: Stage> Runner<S> {
             () = committing => {}
             () = this.watch(&broken, &stall) => {}
         }
+        drop(receiving);
         subscription.close().await;
         if shutdown.is_cancelled() {
             info!(stage = S::NAME, "stage stopped");
@@ -235,9 +247,14 @@ impl<S: Stage> Runner<S> {
     async fn handle(&self, delivery: Incoming, broken: &CancellationToken) {
         let span = info_span!("message", stage = S::NAME, message_id = tracing::field::Empty);
         self.activity.received();
+        let started = std::time::Instant::now();
         async {
             let handled = self.handle_one(&delivery).await;
             self.activity.settled();
+            metrics()
+                .handling
+                .get_or_create(&StageLabels { stage: S::NAME })
+                .observe(started.elapsed().as_secs_f64());
             // A transient failure may be the publishing channel closed (a channel error is final)
             // or the connection lost: then every later publish fails too, parking included, and
             // messages would only go round. Only a new connection helps: stop, and the worker
@@ -268,7 +285,7 @@ impl<S: Stage> Runner<S> {
                         delivery,
                         message_id,
                         request_id,
-                        &reason,
+                        (&reason, "unreadable"),
                         self.stage.dead_letter_fails_request(),
                     )
                     .await;
@@ -286,20 +303,36 @@ impl<S: Stage> Runner<S> {
         let result = attempt
             .retry(self.settings.backoff(self.settings.transient_attempts))
             .when(|f| matches!(f, Failure::Transient(_)))
-            .notify(|f, wait| warn!(error = %f, ?wait, "transient failure, retrying"))
+            .notify(|f, wait| {
+                metrics().retries.get_or_create(&StageLabels { stage: S::NAME }).inc();
+                warn!(error = %f, ?wait, "transient failure, retrying")
+            })
             .await;
+        let (message_id, request_id) = (input.message_id, input.request_id.into());
+        let fails_request = self.stage.dead_letter_fails_request();
         match result {
-            Ok(()) => self.settle(delivery.ack().await),
+            Ok(finished) => {
+                self.count(finished.label());
+                self.settle(delivery.ack().await)
+            }
             Err(Failure::Permanent(reason)) => {
-                let fails_request = self.stage.dead_letter_fails_request();
-                self.dead_letter(delivery, input.message_id, input.request_id.into(), &reason, fails_request)
+                self.dead_letter(delivery, message_id, request_id, (&reason, "permanent"), fails_request)
                     .await
             }
+            Err(Failure::Undeliverable(reason)) => {
+                let reason = (&reason[..], "undeliverable");
+                self.dead_letter(delivery, message_id, request_id, reason, fails_request).await
+            }
             Err(Failure::Refused(reason)) => {
-                self.dead_letter(delivery, input.message_id, input.request_id.into(), &reason, false).await
+                self.dead_letter(delivery, message_id, request_id, (&reason, "refused"), false).await
             }
             Err(Failure::Transient(reason)) => self.park(delivery, &reason).await,
         }
+    }
+
+    /// Counts a message handled, by how its handling ended.
+    fn count(&self, outcome: &'static str) {
+        metrics().messages.get_or_create(&StageOutcome { stage: S::NAME, outcome }).inc();
     }
 
     fn settle(&self, result: Result<(), broker::Error>) -> Handled {
@@ -321,12 +354,12 @@ impl<S: Stage> Runner<S> {
         &self,
         input: &Inbound<S::Input, S::Request>,
         mut turn: Option<tokio::sync::MutexGuard<'_, ()>>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Finished, Failure> {
         if self.stage.deduplicates()
             && let Some(outputs) = self.store.processed(S::NAME, input.message_id).await?
         {
             debug!("already processed: republishing its recorded outputs");
-            return self.republish(outputs).await;
+            return self.republish(outputs).await.map(|()| Finished::Duplicate);
         }
         for _ in 0..MAX_DECISION_ROUNDS {
             let context = self.stage.load(&self.store, input).await?;
@@ -338,21 +371,23 @@ impl<S: Stage> Runner<S> {
                     match self.persist(input, outputs, writes).await? {
                         Applied::Done => {
                             drop(turn.take());
-                            return self.publish(&publish).await;
+                            return self.publish(&publish).await.map(|()| Finished::Done);
                         }
-                        Applied::Duplicate(outputs) => return self.republish(outputs).await,
+                        Applied::Duplicate(outputs) => {
+                            return self.republish(outputs).await.map(|()| Finished::Duplicate);
+                        }
                         Applied::Conflict(reason) => debug!(%reason, "lost a race; deciding again"),
                     }
                 }
                 Outcome::Deliver { publish, then } => return self.deliver(input, publish, then).await,
                 Outcome::Ignore { reason } if !self.stage.records_ignored() => {
                     debug!(%reason, "nothing to do");
-                    return Ok(());
+                    return Ok(Finished::Ignored);
                 }
                 Outcome::Ignore { reason } => {
                     info!(%reason, "ignored");
                     return match self.persist(input, Value::Array(Vec::new()), Vec::new()).await? {
-                        Applied::Done | Applied::Duplicate(_) => Ok(()),
+                        Applied::Done | Applied::Duplicate(_) => Ok(Finished::Ignored),
                         Applied::Conflict(reason) => Err(Failure::Transient(reason)),
                     };
                 }
@@ -414,7 +449,7 @@ impl<S: Stage> Runner<S> {
         input: &Inbound<S::Input, S::Request>,
         publish: Publish,
         then: Vec<Write>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Finished, Failure> {
         let message = Arc::new(outgoing(self.broker.names(), &publish));
         let then: Arc<[Write]> = then.into();
         let mut pauses = self.settings.backoff(self.settings.dispatch_attempts).build();
@@ -422,19 +457,21 @@ impl<S: Stage> Runner<S> {
             let marker =
                 Marker { stage: S::NAME, message_id: input.message_id, outputs: Value::Array(Vec::new()) };
             let err = match self.committer.deliver(marker, message.clone(), then.clone()).await? {
-                Delivery::Done | Delivery::Already => return Ok(()),
+                Delivery::Done => return Ok(Finished::Done),
+                Delivery::Already => return Ok(Finished::Duplicate),
                 Delivery::Busy => {
                     return Err(Failure::Transient("a copy of this message is being delivered".into()));
                 }
                 // Sent and recorded as sent: deciding again would send it twice.
                 Delivery::Conflict(reason) => {
                     info!(%reason, "delivered, but the state moved on: its writes were left out");
-                    return Ok(());
+                    return Ok(Finished::Done);
                 }
                 Delivery::Refused(err) => return Err(err.into()),
                 Delivery::Failed(err) => err,
             };
             if let Some(pause) = pauses.next() {
+                metrics().retries.get_or_create(&StageLabels { stage: S::NAME }).inc();
                 warn!(error = %err, ?pause, "delivery failed, retrying");
                 tokio::time::sleep(pause).await;
                 continue;
@@ -446,7 +483,7 @@ impl<S: Stage> Runner<S> {
                     let (writes, publish) = self.stage.undeliverable(input, &reason, Utc::now());
                     self.store.apply(S::NAME, None, &writes).await?;
                     self.publish(&publish).await?;
-                    Err(Failure::Permanent(reason))
+                    Err(Failure::Undeliverable(reason))
                 }
                 err => Err(err.into()),
             };
@@ -464,6 +501,27 @@ fn outgoing(names: &Names, publish: &Publish) -> Outgoing {
     let mut outgoing = Outgoing::json(queue, publish.message_id, &publish.body);
     outgoing.priority = Some(publish.priority);
     outgoing
+}
+
+/// How a message that needs no retry was handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finished {
+    /// Decided, recorded and sent on.
+    Done,
+    /// Handled before: what it sent then was sent again.
+    Duplicate,
+    /// Nothing to do.
+    Ignored,
+}
+
+impl Finished {
+    fn label(self) -> &'static str {
+        match self {
+            Finished::Done => "done",
+            Finished::Duplicate => "duplicate",
+            Finished::Ignored => "ignored",
+        }
+    }
 }
 
 /// How the handling of a delivery ended.
