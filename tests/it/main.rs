@@ -7,6 +7,7 @@ mod batches;
 mod bench;
 mod broker;
 mod ceiling;
+mod cluster;
 mod command_line;
 mod completion;
 mod contract;

@@ -11,6 +11,7 @@ use crate::agents::AgentsCommand;
 use crate::bench::BenchArgs;
 use crate::list::ListArgs;
 use crate::quota::QuotaArgs;
+use crate::setup::TopologyArgs;
 use crate::submit::SubmitArgs;
 use crate::why::WhyArgs;
 use crate::worker::stage_names;
@@ -54,8 +55,9 @@ See README.md for the configuration file and every command.";
 pub enum Command {
     /// Create the database if needed and apply the migrations.
     Migrate,
-    /// Declare the namespace's exchanges and queues on the broker.
-    Topology,
+    /// Declare the namespace's exchanges and queues on the broker, or print them as RabbitMQ
+    /// definitions.
+    Topology(TopologyArgs),
     /// Run pipeline stages until interrupted.
     Worker {
         /// Stages to run (repeatable or comma-separated).
