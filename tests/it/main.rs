@@ -12,6 +12,7 @@ mod command_line;
 mod completion;
 mod contract;
 mod decomposer;
+mod deploy;
 mod ended;
 mod errors;
 mod external;
