@@ -116,8 +116,7 @@ fn the_kubernetes_manifests_are_valid() {
         return;
     }
     let validate = |files: &[PathBuf]| {
-        let output = run(Command::new("kubernetes-validate").args(["--strict", "--quiet"]).args(files));
-        output
+        run(Command::new("kubernetes-validate").args(["--strict", "--quiet"]).args(files))
     };
     let dir = std::env::temp_dir().join(format!("switchyard-k8s-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
