@@ -167,7 +167,7 @@ impl Worker {
                         // `[topology] queue_type` or `delivery_limit`, or by hand.
                         error!(broker = %redact(&self.config.amqp_url), %error, ?pause, queue_type = %self.config.topology.queue_type,
                             "a queue exists with other arguments than this configuration declares: drain and delete it, \
-                             or use a new namespace (README: Scaling out); trying again");
+                             or use a new namespace (README: Configuration, [topology]); trying again");
                     } else {
                         error!(broker = %redact(&self.config.amqp_url), %error, ?pause, "cannot set up the broker; trying again");
                     }
