@@ -17,7 +17,7 @@ use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::model::ids::AgentId;
-use crate::pipeline::topology::{self, Names, Topology};
+use crate::pipeline::topology::{self, Argument, Names, Queue, Storage, Topology, TopologySettings};
 
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +188,19 @@ impl Incoming {
     }
 }
 
+/// The arguments of `queue` as AMQP declares them.
+fn arguments(queue: &Queue) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in queue.arguments() {
+        let value = match value {
+            Argument::Text(text) => AMQPValue::LongString(text.as_str().into()),
+            Argument::Number(n) => AMQPValue::LongUInt(n),
+        };
+        table.insert(name.into(), value);
+    }
+    table
+}
+
 fn header_text(value: &AMQPValue) -> Option<String> {
     match value {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
@@ -265,6 +278,8 @@ pub struct Broker {
     connection: Connection,
     publisher: Channel,
     names: Names,
+    /// How the queues it declares are stored (`[topology]`).
+    settings: TopologySettings,
 }
 
 impl std::fmt::Debug for Broker {
@@ -309,11 +324,23 @@ impl Broker {
             .map_err(|err| if access_refused(&err) { Error::Login(err) } else { Error::Amqp(err) })?;
         let publisher = connection.create_channel().await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Broker { connection, publisher, names })
+        Ok(Broker { connection, publisher, names, settings: TopologySettings::default() })
+    }
+
+    /// The same broker, declaring its queues as `settings` say (classic by default). Every
+    /// process of a namespace must be given the same settings: a queue declared otherwise than
+    /// it exists is refused (406 PRECONDITION_FAILED).
+    pub fn with_settings(mut self, settings: TopologySettings) -> Self {
+        self.settings = settings;
+        self
     }
 
     pub fn names(&self) -> &Names {
         &self.names
+    }
+
+    pub fn settings(&self) -> &TopologySettings {
+        &self.settings
     }
 
     /// Whether the connection and the publishing channel are both open. A channel-level error (a
@@ -323,9 +350,10 @@ impl Broker {
         self.connection.status().connected() && self.publisher.status().connected()
     }
 
-    /// Declares the standard topology, resolved for this broker's namespace.
+    /// Declares the standard topology, resolved for this broker's namespace and stored as its
+    /// settings say.
     pub async fn declare_topology(&self) -> Result<Topology, Error> {
-        let topology = Topology::standard().resolve(self.names.namespace());
+        let topology = Topology::of_namespace(self.names.namespace(), &self.settings);
         self.declare(&topology).await?;
         Ok(topology)
     }
@@ -349,20 +377,9 @@ impl Broker {
                 .await?;
         }
         for queue in &topology.queues {
-            let mut args = FieldTable::default();
-            if let Some(p) = queue.max_priority {
-                args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
-            }
-            if let Some(ttl) = queue.message_ttl_ms {
-                args.insert("x-message-ttl".into(), AMQPValue::LongUInt(ttl));
-            }
-            if let Some(dlx) = &queue.dead_letter_exchange {
-                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
-            }
-            if let Some(key) = &queue.dead_letter_routing_key {
-                args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(key.as_str().into()));
-            }
-            channel.queue_declare(queue.name.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+            channel
+                .queue_declare(queue.name.as_str().into(), QueueDeclareOptions::durable(), arguments(queue))
+                .await?;
             for exchange in &queue.bind {
                 channel
                     .queue_bind(
@@ -379,20 +396,23 @@ impl Broker {
         Ok(())
     }
 
-    /// Declares the queue of an agent as agents themselves do (README): durable, no arguments.
-    /// Any other arguments would make the two declarations conflict (406 PRECONDITION_FAILED).
-    /// It uses a channel of its own, because such an error closes the channel it happens on.
+    /// Declares the queue of an agent as agents themselves do (README): durable, with no
+    /// arguments in a classic namespace, `x-queue-type: quorum` only in a quorum one. Any other
+    /// arguments would make the two declarations conflict (406 PRECONDITION_FAILED). It uses a
+    /// channel of its own, because such an error closes the channel it happens on.
     pub async fn declare_agent_queue(&self, agent: &AgentId) -> Result<String, Error> {
         let name = self.names.agent_queue(agent);
         self.declare_queue(&name).await?;
         Ok(name)
     }
 
-    /// Declares a durable queue without arguments, named in full (no namespace is added), on a
-    /// channel of its own: a conflicting declaration (406) closes that channel only. Idempotent.
+    /// Declares a durable queue named in full (no namespace is added), as an agent's queue is
+    /// (see [`Broker::declare_agent_queue`]), on a channel of its own: a conflicting declaration
+    /// (406) closes that channel only. Idempotent.
     pub async fn declare_queue(&self, name: &str) -> Result<(), Error> {
+        let queue = self.settings.agent_queue(name);
         let channel = self.connection.create_channel().await?;
-        channel.queue_declare(name.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
+        channel.queue_declare(name.into(), QueueDeclareOptions::durable(), arguments(&queue)).await?;
         let _ = channel.close(200, "declared".into()).await;
         Ok(())
     }
@@ -532,17 +552,25 @@ impl Broker {
     /// in it, and says how it was and whether it went. Declaring it first, as its agent does,
     /// tells its state without an error when it does not exist; the broker checks both conditions
     /// again as it deletes, and a queue that changed meanwhile is kept.
+    ///
+    /// Quorum queues do not support those conditions on RabbitMQ 3.x (a delete with them is
+    /// refused as not implemented, which closes the whole connection): one found idle is deleted
+    /// without them, so a message published between the look and the delete would go with it.
+    /// Only an agent's queue is deleted so, once nothing is routed to that agent any more.
     pub async fn delete_queue_if_idle(&self, queue: &str) -> Result<(QueueState, bool), Error> {
+        let declared_as = self.settings.agent_queue(queue);
         let channel = self.connection.create_channel().await?;
         let declared = channel
-            .queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())
+            .queue_declare(queue.into(), QueueDeclareOptions::durable(), arguments(&declared_as))
             .await?;
         let state = QueueState { messages: declared.message_count(), consumers: declared.consumer_count() };
         if state.messages > 0 || state.consumers > 0 {
             let _ = channel.close(200, "kept".into()).await;
             return Ok((state, false));
         }
-        let options = QueueDeleteOptions { if_unused: true, if_empty: true, ..Default::default() };
+        let conditional = !matches!(declared_as.storage, Storage::Quorum { .. });
+        let options =
+            QueueDeleteOptions { if_unused: conditional, if_empty: conditional, ..Default::default() };
         match channel.queue_delete(queue.into(), options).await {
             Ok(_) => {
                 let _ = channel.close(200, "deleted".into()).await;

@@ -15,6 +15,7 @@ use crate::decisions::routing::RoutingPolicy;
 use crate::model::ids::Namespace;
 use crate::pipeline::runner;
 use crate::pipeline::stages::TrackingPolicy;
+use crate::pipeline::topology::TopologySettings;
 use crate::telemetry;
 use crate::understanding::decomposer;
 use crate::understanding::fleet::PlanningPolicy;
@@ -57,6 +58,8 @@ pub struct Config {
     pub leases: LeasePolicy,
     /// Metrics, health checks and logs.
     pub telemetry: telemetry::Settings,
+    /// How the namespace's queues are stored: classic (the default) or quorum (a cluster).
+    pub topology: TopologySettings,
 }
 
 impl Default for Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             tracking: TrackingPolicy::default(),
             leases: LeasePolicy::default(),
             telemetry: telemetry::Settings::default(),
+            topology: TopologySettings::default(),
         }
     }
 }
@@ -97,6 +101,7 @@ impl std::fmt::Debug for Config {
             .field("tracking", &self.tracking)
             .field("leases", &self.leases)
             .field("telemetry", &self.telemetry)
+            .field("topology", &self.topology)
             .finish()
     }
 }
@@ -139,6 +144,10 @@ impl Config {
                 reason: format!("{format:?} is neither text nor json"),
             })?;
         }
+        config
+            .topology
+            .validate()
+            .map_err(|reason| Error::Setting { variable: "topology.delivery_limit", reason })?;
         Ok(config)
     }
 }
@@ -170,6 +179,8 @@ namespace = "staging"
 prefetch = 7
 [approval]
 auto_approve_below = 0.3
+[topology]
+queue_type = "quorum"
 [routing.default_agents]
 deployment = "deployer"
 [[fallback.providers]]
@@ -195,6 +206,8 @@ work_types = ["code_generation"]
         assert_eq!(config.worker.prefetch, 7);
         assert_eq!(config.worker.dispatch_attempts, 3, "unset fields keep their defaults");
         assert_eq!(config.approval.auto_approve_below, Some(0.3));
+        assert_eq!(config.topology.queue_type, crate::pipeline::topology::QueueType::Quorum);
+        assert_eq!(config.topology.delivery_limit, 20, "unset fields keep their defaults");
         assert_eq!(config.routing.default_agents.len(), 1);
         assert_eq!(config.fallback.providers[0].name, "cloud");
         assert_eq!(config.database_url, "postgres://u:pw@db/x");

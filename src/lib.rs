@@ -11,8 +11,8 @@
 //!   complexity).
 //! - [`decisions`]: routing, providers, fallback and approval, leases, audit: pure, each with its
 //!   reasons.
-//! - [`pipeline`]: the stages, their runner, the topology, the lease sweeper and the worker
-//!   process.
+//! - [`pipeline`]: the stages, their runner, the topology (and its RabbitMQ definitions), the
+//!   lease sweeper and the worker process.
 //! - The edges, the only modules that talk to the outside: [`broker`] (AMQP), [`store`]
 //!   (PostgreSQL), [`llm`] (HTTP to models), [`telemetry`] (metrics, health, traces and logs
 //!   for operators); with [`config`] and [`redact`].

@@ -259,7 +259,7 @@ pub async fn run(base: &Config, settings: &Settings, progress: impl Fn(u64, u64)
     let store = worker::prepare_store(&scene.config).await?;
     let names = Names::new(scene.config.namespace.clone());
     let broker = match Broker::connect(&scene.config.amqp_url, names.clone()).await {
-        Ok(broker) => broker,
+        Ok(broker) => broker.with_settings(scene.config.topology.clone()),
         Err(err) => {
             scene.clean(None, settings.agents).await;
             return Err(err.into());
@@ -438,7 +438,8 @@ impl Fleet {
                 for i in 1..=settings.agents {
                     let broker = Arc::new(
                         Broker::connect(&scene.config.amqp_url, Names::new(scene.config.namespace.clone()))
-                            .await?,
+                            .await?
+                            .with_settings(scene.config.topology.clone()),
                     );
                     let agent = agent_builder(i, settings.agent_capacity)
                         .build(Simulate::new(speed(settings), 0.0)?)?;

@@ -1,8 +1,9 @@
 //! The broker topology as data: exchanges, queues and bindings, read from `queues/topology.toml`
-//! and resolved for one namespace. `broker` declares what this module describes; nothing here
-//! talks to the broker.
+//! and resolved for one namespace, and how its queues are stored (classic or quorum, the
+//! `[topology]` settings). `broker` declares what this module describes, and `definitions`
+//! exports it; nothing here talks to the broker.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,151 @@ pub struct Queue {
     pub dead_letter_exchange: Option<String>,
     #[serde(default)]
     pub dead_letter_routing_key: Option<String>,
+    /// How the broker stores it: set from the `[topology]` settings
+    /// ([`Topology::stored_as`]), never written in the data file.
+    #[serde(skip)]
+    pub storage: Storage,
+}
+
+impl Queue {
+    /// A durable queue with no wiring (an agent's), stored as the broker's default.
+    pub fn named(name: impl Into<String>) -> Self {
+        Queue {
+            name: name.into(),
+            consumer: None,
+            bind: Vec::new(),
+            max_priority: None,
+            message_ttl_ms: None,
+            dead_letter_exchange: None,
+            dead_letter_routing_key: None,
+            storage: Storage::Default,
+        }
+    }
+
+    /// The arguments it is declared with (`x-…`), by name: what `broker` declares and what the
+    /// RabbitMQ definitions hold, so that the two never differ. A declaration with other
+    /// arguments than the queue has is refused by the broker (406 PRECONDITION_FAILED).
+    pub fn arguments(&self) -> BTreeMap<&'static str, Argument> {
+        let mut args = BTreeMap::new();
+        if let Some(priority) = self.max_priority {
+            args.insert("x-max-priority", Argument::Number(u32::from(priority)));
+        }
+        if let Some(ttl) = self.message_ttl_ms {
+            args.insert("x-message-ttl", Argument::Number(ttl));
+        }
+        if let Some(dlx) = &self.dead_letter_exchange {
+            args.insert("x-dead-letter-exchange", Argument::Text(dlx.clone()));
+        }
+        if let Some(key) = &self.dead_letter_routing_key {
+            args.insert("x-dead-letter-routing-key", Argument::Text(key.clone()));
+        }
+        match self.storage {
+            Storage::Default => {}
+            Storage::ClassicV2 => {
+                args.insert("x-queue-version", Argument::Number(2));
+            }
+            Storage::Quorum { delivery_limit } => {
+                args.insert("x-queue-type", Argument::Text("quorum".into()));
+                // Only where a dead-letter exchange takes what goes over the limit: without one,
+                // the broker would drop the message. And dead-lettered at least once, so that a
+                // message on its way to the dead queue (or back from a retry queue) survives the
+                // loss of a node; that strategy needs `reject-publish` (RabbitMQ falls back to at
+                // most once without it).
+                if self.dead_letter_exchange.is_some() {
+                    args.insert("x-delivery-limit", Argument::Number(delivery_limit));
+                    args.insert("x-dead-letter-strategy", Argument::Text("at-least-once".into()));
+                    args.insert("x-overflow", Argument::Text("reject-publish".into()));
+                }
+            }
+        }
+        args
+    }
+}
+
+/// The value of a queue argument: a string or a whole number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Argument {
+    Text(String),
+    Number(u32),
+}
+
+/// How the broker stores a queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Storage {
+    /// No storage argument: the broker's default, a classic queue. Agent queues of a classic
+    /// namespace (the contract: durable, no arguments) and topologies written by hand.
+    #[default]
+    Default,
+    /// A classic queue of version 2 (`x-queue-version: 2`, RabbitMQ 3.10 and later).
+    ClassicV2,
+    /// A quorum queue (replicated over a cluster's nodes); the broker dead-letters a message
+    /// delivered more than `delivery_limit` times, where the queue has a dead-letter exchange.
+    Quorum { delivery_limit: u32 },
+}
+
+/// The type of the queues a namespace declares (`[topology] queue_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, strum::Display)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum QueueType {
+    /// Classic queues, version 2: one node holds each queue; priorities are honoured.
+    #[default]
+    Classic,
+    /// Quorum queues: replicated over the nodes of a cluster; no priorities (RabbitMQ 3.x).
+    Quorum,
+}
+
+/// The `[topology]` section of the configuration: how the namespace's queues are stored. A
+/// queue keeps the arguments it was declared with: changing these needs new queues (a new
+/// namespace, or the old queues deleted once drained), or every declaration fails (406).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopologySettings {
+    pub queue_type: QueueType,
+    /// Quorum queues: deliveries of one message (redeliveries after a crash or a requeue
+    /// included) before the broker dead-letters it into `<namespace>.dead`.
+    pub delivery_limit: u32,
+}
+
+impl Default for TopologySettings {
+    fn default() -> Self {
+        TopologySettings { queue_type: QueueType::Classic, delivery_limit: 20 }
+    }
+}
+
+impl TopologySettings {
+    /// Why these settings cannot work, if they cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.delivery_limit == 0 {
+            return Err("topology.delivery_limit must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// How the namespace's own queues are stored (work, retry and dead queues).
+    pub fn storage(&self) -> Storage {
+        match self.queue_type {
+            QueueType::Classic => Storage::ClassicV2,
+            QueueType::Quorum => Storage::Quorum { delivery_limit: self.delivery_limit },
+        }
+    }
+
+    /// How an agent's queues are stored: as the broker's default in a classic namespace, which
+    /// is what the contract tells agents of any language to declare (no arguments); quorum in a
+    /// quorum namespace (`x-queue-type: quorum` and nothing else, so no delivery limit: an
+    /// agent's queue has no dead-letter exchange).
+    pub fn agent_storage(&self) -> Storage {
+        match self.queue_type {
+            QueueType::Classic => Storage::Default,
+            QueueType::Quorum => Storage::Quorum { delivery_limit: self.delivery_limit },
+        }
+    }
+
+    /// The queue `name` of an agent, stored as [`TopologySettings::agent_storage`] says.
+    pub fn agent_queue(&self, name: impl Into<String>) -> Queue {
+        Queue { storage: self.agent_storage(), ..Queue::named(name) }
+    }
 }
 
 /// A queue of the standard topology that Switchyard publishes to, named by a variant: a typo is
@@ -169,9 +315,29 @@ impl Topology {
                     message_ttl_ms: q.message_ttl_ms,
                     dead_letter_exchange: q.dead_letter_exchange.as_deref().map(full),
                     dead_letter_routing_key: q.dead_letter_routing_key.as_deref().map(full),
+                    storage: q.storage,
                 })
                 .collect(),
         }
+    }
+
+    /// The same topology with every queue stored as `settings` say. Quorum queues have no
+    /// priorities on RabbitMQ 3.x, so their priority is left out: their messages are served in
+    /// order of arrival.
+    pub fn stored_as(mut self, settings: &TopologySettings) -> Topology {
+        let storage = settings.storage();
+        for queue in &mut self.queues {
+            queue.storage = storage;
+            if matches!(storage, Storage::Quorum { .. }) {
+                queue.max_priority = None;
+            }
+        }
+        self
+    }
+
+    /// The standard topology of `namespace`, stored as `settings` say: what a worker declares.
+    pub fn of_namespace(namespace: &Namespace, settings: &TopologySettings) -> Topology {
+        Topology::standard().resolve(namespace).stored_as(settings)
     }
 
     /// The queue that `stage` consumes.
@@ -277,6 +443,62 @@ mod tests {
         assert!(err.to_string().contains("undeclared exchange nowhere"), "{err}");
         let err = Topology::parse("[[queue]]\nname = \"a\"\nbogus = 1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn classic_queues_are_version_2_and_keep_their_priorities() {
+        let ns = Namespace::parse("t1").unwrap();
+        let topology = Topology::of_namespace(&ns, &TopologySettings::default());
+        let requests = topology.queue_of("decompose").unwrap();
+        let args = requests.arguments();
+        assert_eq!(args["x-queue-version"], Argument::Number(2));
+        assert_eq!(args["x-max-priority"], Argument::Number(9));
+        assert_eq!(args["x-dead-letter-exchange"], Argument::Text("t1.dead".into()));
+        assert!(!args.contains_key("x-queue-type") && !args.contains_key("x-delivery-limit"));
+        assert!(topology.queues.iter().all(|q| q.storage == Storage::ClassicV2));
+        // An agent's queue is declared as the contract tells agents to: no arguments.
+        let agent = TopologySettings::default().agent_queue("t1.agent.a");
+        assert!(agent.arguments().is_empty());
+    }
+
+    #[test]
+    fn quorum_queues_have_a_delivery_limit_where_a_dead_letter_exchange_takes_what_goes_over_it() {
+        let ns = Namespace::parse("t1").unwrap();
+        let settings = TopologySettings { queue_type: QueueType::Quorum, delivery_limit: 7 };
+        let topology = Topology::of_namespace(&ns, &settings);
+        for queue in &topology.queues {
+            let args = queue.arguments();
+            assert_eq!(args["x-queue-type"], Argument::Text("quorum".into()), "{}", queue.name);
+            assert!(!args.contains_key("x-max-priority") && !args.contains_key("x-queue-version"));
+            if queue.dead_letter_exchange.is_some() {
+                assert_eq!(args["x-delivery-limit"], Argument::Number(7), "{}", queue.name);
+                assert_eq!(args["x-dead-letter-strategy"], Argument::Text("at-least-once".into()));
+                assert_eq!(args["x-overflow"], Argument::Text("reject-publish".into()));
+            } else {
+                assert!(!args.contains_key("x-delivery-limit"), "{} would drop over its limit", queue.name);
+            }
+        }
+        let requests = topology.queue_of("decompose").unwrap();
+        assert_eq!(requests.arguments()["x-dead-letter-exchange"], Argument::Text("t1.dead".into()));
+        let retry = topology.retry_queue_of("t1.requests").unwrap().arguments();
+        assert_eq!(retry["x-message-ttl"], Argument::Number(5000));
+        assert_eq!(retry["x-dead-letter-routing-key"], Argument::Text("t1.requests".into()));
+        let dead = topology.queues.iter().find(|q| q.name == "t1.dead").unwrap();
+        assert_eq!(dead.bind, ["t1.dead"]);
+        let agent = settings.agent_queue("t1.agent.a").arguments();
+        assert_eq!(
+            agent.into_iter().collect::<Vec<_>>(),
+            [("x-queue-type", Argument::Text("quorum".into()))]
+        );
+    }
+
+    #[test]
+    fn topology_settings_read_from_toml_with_defaults() {
+        let settings: TopologySettings = toml::from_str("queue_type = \"quorum\"\n").unwrap();
+        assert_eq!(settings, TopologySettings { queue_type: QueueType::Quorum, delivery_limit: 20 });
+        assert!(toml::from_str::<TopologySettings>("queue_type = \"stream\"\n").is_err());
+        assert!(TopologySettings { delivery_limit: 0, ..settings }.validate().is_err());
+        assert_eq!(TopologySettings::default().queue_type, QueueType::Classic);
     }
 
     #[test]

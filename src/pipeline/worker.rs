@@ -176,7 +176,16 @@ impl Worker {
                 Err(err) => {
                     let pause = pauses.next_pause();
                     let error = crate::error_chain(&err);
-                    error!(broker = %redact(&self.config.amqp_url), %error, ?pause, "cannot set up the broker; trying again");
+                    if err.is_precondition_failed() {
+                        // A queue of the namespace exists with other arguments: declared by an
+                        // earlier Switchyard (before classic queues were version 2), with another
+                        // `[topology] queue_type` or `delivery_limit`, or by hand.
+                        error!(broker = %redact(&self.config.amqp_url), %error, ?pause, queue_type = %self.config.topology.queue_type,
+                            "a queue exists with other arguments than this configuration declares: drain and delete it, \
+                             or use a new namespace (README: Configuration, [topology]); trying again");
+                    } else {
+                        error!(broker = %redact(&self.config.amqp_url), %error, ?pause, "cannot set up the broker; trying again");
+                    }
                     if !sleep_unless_cancelled(pause, &shutdown).await {
                         return Ok(());
                     }
@@ -242,7 +251,9 @@ impl Worker {
 
     /// Connects and declares the topology.
     async fn connect(&self) -> Result<(Arc<Broker>, Topology), broker::Error> {
-        let broker = Broker::connect(&self.config.amqp_url, self.names()).await?;
+        let broker = Broker::connect(&self.config.amqp_url, self.names())
+            .await?
+            .with_settings(self.config.topology.clone());
         match broker.declare_topology().await {
             Ok(topology) => Ok((Arc::new(broker), topology)),
             Err(err) => {

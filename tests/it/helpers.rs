@@ -105,7 +105,10 @@ pub async fn spawn_bare_app(configure: impl FnOnce(&mut Config)) -> TestApp {
         store.ensure_quota(&provider.name, provider.quota_micros, provider.window).await.unwrap();
     }
     let names = Names::new(namespace);
-    let broker = Broker::connect(&config.amqp_url, names.clone()).await.expect("the broker");
+    let broker = Broker::connect(&config.amqp_url, names.clone())
+        .await
+        .expect("the broker")
+        .with_settings(config.topology.clone());
     // Declared before the worker starts, so that nothing a test publishes can go nowhere.
     broker.declare_topology().await.expect("the topology");
     TestApp {
@@ -317,7 +320,13 @@ impl TestApp {
     pub async fn start_agent<H: TaskHandler>(&self, builder: AgentBuilder, handler: H) -> RunningAgent {
         let agent = builder.build(handler).expect("a valid agent");
         self.declare_agent_queue(agent.id().as_str()).await;
-        run_agent(&self.config.amqp_url, &self.names, agent).await
+        let broker = Broker::connect(&self.config.amqp_url, self.names.clone())
+            .await
+            .expect("the broker")
+            .with_settings(self.config.topology.clone());
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(agent.run(Arc::new(broker), shutdown.clone()));
+        RunningAgent { shutdown, handle }
     }
 
     /// Every queue this app declared.

@@ -12,6 +12,7 @@ use crate::bench::BenchArgs;
 use crate::list::ListArgs;
 use crate::probe::ProbeArgs;
 use crate::quota::QuotaArgs;
+use crate::setup::TopologyArgs;
 use crate::submit::SubmitArgs;
 use crate::why::WhyArgs;
 use crate::worker::stage_names;
@@ -55,8 +56,9 @@ See README.md for the configuration file and every command.";
 pub enum Command {
     /// Create the database if needed and apply the migrations.
     Migrate,
-    /// Declare the namespace's exchanges and queues on the broker.
-    Topology,
+    /// Declare the namespace's exchanges and queues on the broker, or print them as RabbitMQ
+    /// definitions.
+    Topology(TopologyArgs),
     /// Run pipeline stages until interrupted.
     Worker {
         /// Stages to run (repeatable or comma-separated).

@@ -71,7 +71,8 @@ async fn start_afresh(config: &mut Config, agent_id: &AgentId) -> Result<(Store,
     switchyard::store::admin::drop_database(&config.database_url, &format!("{database}_demo")).await?;
     let store = worker::prepare_store(config).await?;
     let broker = Arc::new(connect_broker(config).await?);
-    let topology = switchyard::pipeline::topology::Topology::standard().resolve(&config.namespace);
+    let topology =
+        switchyard::pipeline::topology::Topology::of_namespace(&config.namespace, &config.topology);
     let mut queues: Vec<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
     queues.push(broker.names().agent_queue(agent_id));
     queues.push(broker.names().agent_control_queue(agent_id));

@@ -142,14 +142,18 @@ async fn connect_broker(config: &Config) -> Result<Broker> {
         || Broker::connect(url, names.clone()),
     )
     .await
+    .map(|broker| broker.with_settings(config.topology.clone()))
 }
 
 /// One attempt at the broker, for `agent`, which paces its own attempts and says each.
 async fn connect_broker_once(config: &Config) -> Result<Broker> {
-    Broker::connect(&config.amqp_url, Names::new(config.namespace.clone())).await.map_err(|err| {
-        anyhow::Error::new(err)
-            .context(format!("cannot connect to the broker at {}", redact(&config.amqp_url)))
-    })
+    Broker::connect(&config.amqp_url, Names::new(config.namespace.clone()))
+        .await
+        .map(|broker| broker.with_settings(config.topology.clone()))
+        .map_err(|err| {
+            anyhow::Error::new(err)
+                .context(format!("cannot connect to the broker at {}", redact(&config.amqp_url)))
+        })
 }
 
 /// Connects with `attempt`, again and again while `transient` says that may help, for at most
@@ -204,7 +208,7 @@ async fn run(cli: Cli) -> Result<Exit> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => setup::migrate(&config).await,
-        Command::Topology => setup::topology(&config).await,
+        Command::Topology(args) => setup::topology(config, args).await,
         Command::Worker { stage, metrics_addr } => {
             let mut config = config;
             config.telemetry.metrics_addr = metrics_addr.or(config.telemetry.metrics_addr);
