@@ -158,6 +158,28 @@ async fn serve_readiness(State(health): State<Health>) -> impl IntoResponse {
     }
 }
 
+/// What a health endpoint answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+/// Asks the health endpoint at `addr` whether the process is alive, or `ready`: what it
+/// answered, or why it could not be asked.
+pub async fn probe(addr: SocketAddr, ready: bool) -> Result<Answer, String> {
+    let url = format!("http://{addr}/{}", if ready { "readyz" } else { "healthz" });
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|err| format!("cannot make an HTTP client: {err}"))?;
+    let unreachable = |err: reqwest::Error| format!("cannot reach {url}: {}", crate::error_chain(&err));
+    let response = client.get(&url).send().await.map_err(unreachable)?;
+    let status = response.status().as_u16();
+    let body = response.text().await.map_err(unreachable)?;
+    Ok(Answer { status, body })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,8 @@ fn batch_sizes() -> Histogram {
 /// The metrics of a Switchyard process; workers and agents fill different ones.
 pub struct Metrics {
     registry: Registry,
+    /// What a query names each metric by (see [`exported_names`]).
+    names: Vec<String>,
     pub messages: Family<StageOutcome, Counter>,
     pub handling: Histograms<StageLabels>,
     pub batch_size: Histograms<StageKind>,
@@ -133,106 +135,148 @@ impl Metrics {
             agent_tasks: Family::default(),
             agent_task: Family::new_with_constructor(seconds),
             registry: Registry::default(),
+            names: Vec::new(),
         };
         // Counters get `_total` appended when they are written out.
         let r = &mut registry;
-        r.register(
+        let names = &mut metrics.names;
+        add(
+            r,
+            names,
             "switchyard_messages",
             "Messages a stage handled, by how its handling ended: done, duplicate (handled before), \
              ignored, dead_lettered, parked (for a delayed retry), requeued",
             metrics.messages.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_handling_seconds",
             "Time from a delivery to its settlement (acknowledged, dead-lettered or parked), per stage",
             metrics.handling.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_batch_size",
             "Messages committed in one transaction, per stage and kind of batch (writes, deliveries)",
             metrics.batch_size.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_commit_seconds",
             "Time to apply and commit one batch, per stage and kind of batch",
             metrics.commit.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_retries",
             "In-process attempts again after a transient failure (or a failed delivery), per stage",
             metrics.retries.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_parked",
             "Messages parked in their queue's retry queue after a transient failure, per stage",
             metrics.parked.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_dead_letters",
             "Messages dead-lettered, per stage and reason: unreadable, permanent, refused, undeliverable",
             metrics.dead_letters.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_routing_decisions",
             "Routing decisions recorded: assigned (to an agent), waiting (for room), failed",
             metrics.routing_decisions.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_waiting_tasks",
             "Tasks waiting in line for an agent, as the place stage last counted them",
             metrics.waiting_tasks.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_task_wait_seconds",
             "Time from a task being ready to its routing to an agent (its wait in line included)",
             metrics.task_wait.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_quota_reserved_micros",
             "External-model quota reserved by fallback decisions, in micro-units of currency, per provider",
             metrics.quota_reserved.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_quota_spent_micros",
             "External-model quota spent, as providers reported it, in micro-units of currency, per provider",
             metrics.quota_spent.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_request_seconds",
             "Time from a request's receipt to its end, by how it ended: completed, failed, rejected, cancelled",
             metrics.requests.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_broker_reconnects",
             "Connections to the broker made again after one was lost or a consumer failed",
             metrics.broker_reconnects.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_database_connections",
             "Connections of the database pool: in_use, idle",
             metrics.database_connections.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_consumers_running",
             "Consumers of this process that are receiving from their queues",
             metrics.consumers_running.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_agent_slots_used",
             "Tasks an agent is running now",
             metrics.agent_slots_used.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_agent_slots_total",
             "Tasks an agent may run at once (its capacity)",
             metrics.agent_slots_total.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_agent_tasks",
             "Task attempts an agent reported, by outcome: succeeded, failed, refused (not its own)",
             metrics.agent_tasks.clone(),
         );
-        r.register(
+        add(
+            r,
+            names,
             "switchyard_agent_task_seconds",
             "Time an agent spent on one task attempt",
             metrics.agent_task.clone(),
@@ -318,15 +362,23 @@ pub fn render() -> String {
     text
 }
 
-/// The names of the metric families this process exports, as they appear in [`render`]'s
-/// `# TYPE` lines (a counter's without its `_total`).
-pub fn family_names() -> Vec<String> {
-    render()
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
+/// The names of the metrics this process exports, as a query names them: a counter's with its
+/// `_total`, a histogram's without the `_bucket`, `_sum` and `_count` of its series.
+pub fn exported_names() -> Vec<String> {
+    METRICS.names.clone()
+}
+
+/// Registers `metric` as `name`, and keeps the name a query will use.
+fn add<M: prometheus_client::registry::Metric + prometheus_client::encoding::EncodeMetric>(
+    registry: &mut Registry,
+    names: &mut Vec<String>,
+    name: &str,
+    help: &str,
+    metric: M,
+) {
+    let counter = matches!(metric.metric_type(), prometheus_client::metrics::MetricType::Counter);
+    names.push(if counter { format!("{name}_total") } else { name.to_owned() });
+    registry.register(name, help, metric);
 }
 
 #[cfg(test)]
@@ -334,14 +386,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_family_has_help_and_the_switchyard_prefix() {
+    fn every_metric_is_named_once_with_the_switchyard_prefix_and_has_help() {
+        let names = exported_names();
+        assert_eq!(names.len(), 20, "{names:?}");
+        assert_eq!(names.iter().collect::<std::collections::BTreeSet<_>>().len(), names.len(), "{names:?}");
+        assert!(names.contains(&"switchyard_messages_total".to_owned()), "{names:?}");
+        assert!(names.contains(&"switchyard_handling_seconds".to_owned()), "{names:?}");
+        // A metric without a series yet is not written out; one that always has one is, with help.
         let text = render();
-        let names = family_names();
-        assert!(names.len() >= 20, "{names:?}");
-        for name in &names {
-            assert!(name.starts_with("switchyard_"), "{name}");
-            assert!(text.contains(&format!("# HELP {name} ")), "no help for {name}");
-        }
+        assert!(text.contains("# HELP switchyard_waiting_tasks Tasks waiting"), "{text}");
+        assert!(text.contains("# TYPE switchyard_broker_reconnects counter"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 

@@ -310,37 +310,14 @@ pub fn metric_family(name: &str) -> &str {
     ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix)).unwrap_or(name)
 }
 
-/// The metrics Switchyard exports, as the dashboard was drawn for (the exposition's names).
-const EXPORTED: &[&str] = &[
-    "switchyard_messages_total",
-    "switchyard_handling_seconds",
-    "switchyard_batch_size",
-    "switchyard_commit_seconds",
-    "switchyard_retries_total",
-    "switchyard_parked_total",
-    "switchyard_dead_letters_total",
-    "switchyard_routing_decisions_total",
-    "switchyard_waiting_tasks",
-    "switchyard_task_wait_seconds",
-    "switchyard_quota_reserved_micros_total",
-    "switchyard_quota_spent_micros_total",
-    "switchyard_request_seconds",
-    "switchyard_broker_reconnects_total",
-    "switchyard_database_connections",
-    "switchyard_consumers_running",
-    "switchyard_agent_slots_used",
-    "switchyard_agent_slots_total",
-    "switchyard_agent_tasks_total",
-    "switchyard_agent_task_seconds",
-];
-
 #[test]
 fn the_dashboard_shows_every_metric_switchyard_exports_and_no_other() {
     let dashboard: Value = serde_json::from_str(&read("deploy/grafana/switchyard.json")).unwrap();
     let used = dashboard_metric_names(&dashboard);
     let families: BTreeSet<&str> = used.iter().map(|name| metric_family(name)).collect();
-    let exported: BTreeSet<&str> = EXPORTED.iter().copied().collect();
-    assert_eq!(families, exported, "the dashboard's metrics (left) and the exported ones (right)");
+    let exported = switchyard::telemetry::metrics::exported_names();
+    let exported: BTreeSet<&str> = exported.iter().map(String::as_str).collect();
+    assert_eq!(families, exported, "the dashboard's metrics (left) and those the code exports (right)");
     assert!(used.contains("switchyard_handling_seconds_bucket"), "{used:?}");
     assert_eq!(
         metric_names("rate(switchyard_a_total[5m]) / switchyard_b"),

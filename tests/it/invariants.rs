@@ -1,5 +1,6 @@
 //! The layering ARCHITECTURE.md promises, checked on the source: only `broker` speaks AMQP
-//! (lapin), only `store` speaks to PostgreSQL, only `llm` speaks HTTP (reqwest). A file that
+//! (lapin), only `store` speaks to PostgreSQL, only `llm` and `telemetry` speak HTTP (reqwest,
+//! axum), and only `telemetry` knows how metrics are kept (prometheus-client). A file that
 //! reaches past its edge fails here, naming the file and the crate.
 //!
 //! Each file is read as Rust tokens, so a crate named in a comment or a string (a log filter,
@@ -17,7 +18,9 @@ const EDGES: &[(&str, &[&str])] = &[
     ("deadpool_postgres", &["store/"]),
     ("postgres_types", &["store/"]),
     ("refinery", &["store/"]),
-    ("reqwest", &["llm.rs"]),
+    ("reqwest", &["llm.rs", "telemetry/"]),
+    ("axum", &["telemetry/"]),
+    ("prometheus_client", &["telemetry/"]),
 ];
 
 #[test]

@@ -1,11 +1,10 @@
 //! `probe`: asks a worker's or an agent's health endpoint whether it is alive (or ready), for a
 //! container's health check where no HTTP client is at hand.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result};
 use switchyard::config::Config;
 use switchyard::telemetry::MetricsAddr;
+use switchyard::telemetry::health;
 
 use crate::Exit;
 
@@ -28,17 +27,13 @@ pub async fn probe(config: &Config, args: ProbeArgs) -> Result<Exit> {
         "no address to probe: give --addr, or telemetry.metrics_addr in the configuration file, \
          or SWITCHYARD_METRICS_ADDR",
     )?;
-    let path = if args.ready { "readyz" } else { "healthz" };
-    let url = format!("http://{addr}/{path}");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
-    let response = client.get(&url).send().await.with_context(|| format!("cannot reach {url}"))?;
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    if status.is_success() {
-        println!("{}", body.trim_end());
+    let answer = health::probe(addr.socket_addr(), args.ready).await.map_err(anyhow::Error::msg)?;
+    if answer.status == 200 {
+        println!("{}", answer.body.trim_end());
         Ok(Exit::Success)
     } else {
-        println!("{url}: {status}: {}", body.trim_end());
+        let path = if args.ready { "readyz" } else { "healthz" };
+        println!("http://{addr}/{path}: {}: {}", answer.status, answer.body.trim_end());
         Ok(Exit::No)
     }
 }
