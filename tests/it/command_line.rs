@@ -74,6 +74,28 @@ async fn a_refused_password_fails_at_once_in_one_line_without_the_password() {
 }
 
 #[tokio::test]
+async fn a_worker_refused_by_the_broker_names_the_broker_and_exits_2() {
+    let app = spawn_bare_app(|_| {}).await;
+    let url = app.config.amqp_url.replacen("guest:guest@", "guest:not-the-password@", 1);
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        switchyard(&url, &app.config.database_url)
+            .env("SWITCHYARD_NAMESPACE", app.config.namespace.as_str())
+            .args(["worker", "--stage", "route"])
+            .output(),
+    )
+    .await
+    .expect("a refused login ends the worker")
+    .unwrap();
+    let stderr = lines(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr:?}");
+    let last = stderr.last().unwrap();
+    assert!(last.starts_with("error: cannot connect to the broker at amqp://guest:***@"), "{last}");
+    assert!(last.contains("ACCESS_REFUSED"), "{last}");
+    assert!(!stderr.iter().any(|l| l.contains("not-the-password")), "{stderr:?}");
+}
+
+#[tokio::test]
 async fn a_database_that_refuses_the_login_fails_at_once_in_one_line() {
     // A role the server does not know (trust authentication still names its role).
     let database = "postgres://switchyard-nobody@127.0.0.1:5432/test".to_owned();

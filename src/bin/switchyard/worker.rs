@@ -31,8 +31,15 @@ pub async fn run(config: Config, stages: &[String]) -> Result<Exit> {
     let Some(store) = worker::prepare_store_patiently(&config, &shutdown).await? else {
         return Ok(Exit::Success);
     };
+    let broker = switchyard::broker::redact(&config.amqp_url);
     let worker = Worker::new(config, store)?.reporting_to(health);
-    worker.run(&stages, shutdown).await?;
+    worker.run(&stages, shutdown).await.map_err(|err| match err {
+        // A refused password, a host that does not resolve: say which broker.
+        worker::Error::Broker(err) => {
+            anyhow::Error::new(err).context(format!("cannot connect to the broker at {broker}"))
+        }
+        err => err.into(),
+    })?;
     Ok(Exit::Success)
 }
 
