@@ -4,7 +4,9 @@
 //! agents report to it.
 
 pub mod health;
+pub mod logs;
 pub mod metrics;
+pub mod trace;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 

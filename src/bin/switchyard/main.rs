@@ -42,7 +42,6 @@ mod submit;
 mod why;
 mod worker;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -54,6 +53,7 @@ use switchyard::broker::{self, Broker, redact};
 use switchyard::config::Config;
 use switchyard::pipeline::topology::Names;
 use switchyard::store::{self, Store};
+use switchyard::telemetry;
 
 use crate::cli::{Cli, Command};
 
@@ -90,32 +90,34 @@ fn main() -> ExitCode {
     }
     let default_level =
         if matches!(cli.command, Command::Worker { .. } | Command::Agent(_)) { "info" } else { "warn" };
-    log_to_stderr(default_level);
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    match runtime.block_on(run(cli)) {
-        Ok(exit) => exit.into(),
+    // The configuration first, so that its log format counts; what is wrong with it is said
+    // before logging is set up.
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {}", switchyard::error_chain(&err));
+            return Exit::Error.into();
+        }
+    };
+    let format = cli.log_format.unwrap_or(config.telemetry.log_format);
+    let telemetry = match telemetry::logs::init(format, default_level, runtime.handle().clone()) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return Exit::Error.into();
+        }
+    };
+    let exit = match runtime.block_on(run(cli, config)) {
+        Ok(exit) => exit,
         Err(err) => {
             eprintln!("error: {}", switchyard::error_chain(err.as_ref()));
-            Exit::Error.into()
+            Exit::Error
         }
-    }
-}
-
-/// Logs to stderr at `default_level`, unless `RUST_LOG` says otherwise; in colour only on a
-/// terminal, and not even there with `NO_COLOR` set (<https://no-color.org>).
-fn log_to_stderr(default_level: &str) {
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // lapin logs as errors of its own what Switchyard reports itself, once and with
-                // its context: a refused login, a failed connection attempt, a closed channel, a
-                // returned message (with its body). `RUST_LOG=lapin=debug` shows them.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},lapin=off"))),
-        )
-        .with_ansi(colour)
-        .with_writer(std::io::stderr)
-        .init();
+    };
+    // While the runtime runs: the exporter sends the last spans on it.
+    telemetry.shutdown();
+    exit.into()
 }
 
 /// How long a command tries to reach the broker and the database (`--connect-timeout`).
@@ -203,9 +205,8 @@ where
 }
 
 /// Runs the subcommand, in the file of its own.
-async fn run(cli: Cli) -> Result<Exit> {
+async fn run(cli: Cli, config: Config) -> Result<Exit> {
     CONNECT_TIMEOUT.get_or_init(|| Duration::from_secs_f64(cli.connect_timeout));
-    let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Migrate => setup::migrate(&config).await,
         Command::Topology(args) => setup::topology(config, args).await,
