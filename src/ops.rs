@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::broker::{self, Broker, Outgoing};
@@ -18,6 +19,7 @@ use crate::model::wire::{Envelope, RouteTasks, SubmitRequest, TaskAbort, Wake};
 use crate::pipeline::stages::External;
 use crate::pipeline::topology::StageQueue;
 use crate::store::{self, ApprovalOutcome, RequestReport, Stopped, Store};
+use crate::telemetry::trace;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,11 +45,18 @@ async fn publish(broker: &Broker, outgoing: &Outgoing, what: &'static str) -> Re
 /// Publishes a request to `<namespace>.requests`, as any client may, and returns its id. A
 /// request without an id gets a fresh one, so that the caller can follow it. Fails if the queue
 /// does not exist (a wrong namespace, say), instead of letting the broker drop the request.
+///
+/// The request starts a trace (a span `submit`), which its stages and its agents continue.
 pub async fn submit(broker: &Broker, mut request: SubmitRequest) -> Result<RequestId, Error> {
     let request_id = *request.request_id.get_or_insert_with(RequestId::random);
+    let span = tracing::info_span!("submit", request_id = %request_id, trace_id = tracing::field::Empty);
+    if let Some(trace_id) = trace::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
     let mut outgoing = Outgoing::json(broker.names().requests(), request_id, &request);
     outgoing.priority = request.priority;
-    publish(broker, &outgoing, "requests").await?;
+    trace::inject(&span, &mut outgoing.headers);
+    publish(broker, &outgoing, "requests").instrument(span).await?;
     Ok(request_id)
 }
 
@@ -108,6 +117,9 @@ pub async fn cancel(
     reason: &str,
 ) -> Result<Cancellation, Error> {
     let cancelled = store.cancel(request_id, by, reason).await?;
+    if !cancelled.already {
+        tracing::info!(request_id = %request_id, %by, %reason, "request cancelled");
+    }
     let mut unreachable = Vec::new();
     for stop in &cancelled.stopped {
         let abort = TaskAbort {

@@ -12,7 +12,7 @@ use backon::Retryable;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{Execution, Shared, TaskHandler, truncate_utf8};
 use crate::backoff;
@@ -21,6 +21,7 @@ use crate::model::ids::{AgentId, TaskId};
 use crate::model::wire::{self, Envelope, MAX_RESULT_OUTPUT_BYTES, TaskAbort, TaskAssignment, TaskResult};
 use crate::pipeline::topology::StageQueue;
 use crate::telemetry::metrics::{AgentLabels, AgentOutcome, Gauge, metrics};
+use crate::telemetry::trace;
 
 /// An attempt of a task: what an abort names.
 pub(super) type AttemptKey = (TaskId, u32);
@@ -129,13 +130,33 @@ pub(super) async fn take_control<H>(shared: &Shared<H>, delivery: Incoming) {
     }
 }
 
-/// One delivery: parse, run, report, then settle.
+/// One delivery: parse, run, report, then settle; in a span of its own (`task`), the child of
+/// the dispatch that sent it, which its result carries back.
 pub(super) async fn handle<H: TaskHandler>(shared: Arc<Shared<H>>, delivery: Incoming) {
     let Some(assignment) = accept(&shared, &delivery).await else { return };
-    // Counted until its result is out: a slot is taken until the broker has the result.
-    let _counted = InFlight::enter(&shared.in_flight, &shared.settings.id);
-    let (execution, started_at, finished_at) = run(&shared, &assignment.payload).await;
-    report(&shared, delivery, &assignment, execution, started_at, finished_at).await;
+    let task = &assignment.payload;
+    let span = info_span!(
+        "task",
+        agent = %shared.settings.id,
+        request_id = %assignment.request_id,
+        plan_id = %task.plan_id,
+        task_id = %task.task.id,
+        task_key = %task.task.key,
+        attempt = task.attempt,
+        trace_id = tracing::field::Empty,
+    );
+    trace::adopt(&span, &delivery.headers);
+    if let Some(trace_id) = trace::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
+    async {
+        // Counted until its result is out: a slot is taken until the broker has the result.
+        let _counted = InFlight::enter(&shared.in_flight, &shared.settings.id);
+        let (execution, started_at, finished_at) = run(&shared, &assignment.payload).await;
+        report(&shared, delivery, &assignment, execution, started_at, finished_at).await;
+    }
+    .instrument(span)
+    .await
 }
 
 /// The assignment a delivery carries, if this agent is to run it; one that is unusable, or
@@ -258,6 +279,7 @@ async fn report<H>(
     let mut outgoing =
         Outgoing::json(shared.broker.names().of(StageQueue::Results), envelope.message_id, &envelope);
     outgoing.priority = delivery.priority;
+    trace::inject(&tracing::Span::current(), &mut outgoing.headers);
     let published = (|| shared.broker.publish(&outgoing))
         .retry(backoff::exponential(
             Duration::from_millis(200),

@@ -34,6 +34,7 @@ mod scheduling;
 mod shutdown;
 mod stall;
 mod tls;
+mod traces;
 mod tracking;
 mod understanding;
 mod why;

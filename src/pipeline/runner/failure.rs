@@ -85,6 +85,7 @@ impl<S: Stage> Runner<S> {
             ("x-switchyard-queue".to_owned(), self.queue.clone()),
             ("x-switchyard-message-id".to_owned(), message_id.to_string()),
         ]);
+        crate::telemetry::trace::inject(&tracing::Span::current(), &mut outgoing.headers);
         match self.broker.publish(&outgoing).await {
             Ok(()) => {
                 metrics().dead_letters.get_or_create(&StageReason { stage: S::NAME, reason: class }).inc();

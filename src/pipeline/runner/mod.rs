@@ -18,11 +18,13 @@
 //!   worker connects again instead of parking and requeueing in vain.
 //!
 //! Here: the loop, from a delivery to its acknowledgement; the batches of writes in `committer`,
-//! dead letters and parking in `failure`, and the check that the consumer still receives in
-//! `watchdog`.
+//! dead letters and parking in `failure`, the span of each handling (which carries the message's
+//! trace on to what it sends) and the log lines of requests' state changes in `spans`, and the
+//! check that the consumer still receives in `watchdog`.
 
 mod committer;
 mod failure;
+mod spans;
 mod watchdog;
 
 use std::panic::AssertUnwindSafe;
@@ -34,10 +36,11 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use self::committer::Committer;
 use self::failure::{Failure, describe, sniff_ids};
+use self::spans::StateChanges;
 use self::watchdog::Activity;
 use crate::backoff;
 use crate::broker::{self, Broker, Incoming, Outgoing};
@@ -48,6 +51,7 @@ use crate::pipeline::topology::{Names, Topology};
 use crate::store::{Applied, Delivery, Marker, Store};
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::{StageLabels, StageOutcome, metrics};
+use crate::telemetry::trace;
 
 /// How a runner behaves. Every field has a sensible default.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -245,7 +249,7 @@ impl<S: Stage> Runner<S> {
     }
 
     async fn handle(&self, delivery: Incoming, broken: &CancellationToken) {
-        let span = info_span!("message", stage = S::NAME, message_id = tracing::field::Empty);
+        let span = spans::handling(S::NAME, &delivery.headers);
         self.activity.received();
         let started = std::time::Instant::now();
         async {
@@ -280,6 +284,8 @@ impl<S: Stage> Runner<S> {
                 let (sniffed_id, request_id) = sniff_ids(&delivery.body);
                 let message_id =
                     sniffed_id.unwrap_or_else(|| wire::entry_message_id(amqp.message_id, &delivery.body));
+                tracing::Span::current().record("message_id", tracing::field::display(message_id));
+                spans::describe(request_id, &delivery.body);
                 return self
                     .dead_letter(
                         delivery,
@@ -292,6 +298,7 @@ impl<S: Stage> Runner<S> {
             }
         };
         tracing::Span::current().record("message_id", tracing::field::display(input.message_id));
+        spans::describe(input.request_id.into(), &delivery.body);
         let key = self.stage.contention_key(&input);
         let attempt = || async {
             let turn = match key {
@@ -368,8 +375,10 @@ impl<S: Stage> Runner<S> {
             match outcome {
                 Outcome::Forward { writes, publish } => {
                     let outputs = serde_json::to_value(&publish).expect("outputs serialize");
+                    let changes = StateChanges::of(&writes);
                     match self.persist(input, outputs, writes).await? {
                         Applied::Done => {
+                            changes.say();
                             drop(turn.take());
                             return self.publish(&publish).await.map(|()| Finished::Done);
                         }
@@ -385,7 +394,7 @@ impl<S: Stage> Runner<S> {
                     return Ok(Finished::Ignored);
                 }
                 Outcome::Ignore { reason } => {
-                    info!(%reason, "ignored");
+                    debug!(%reason, "ignored");
                     return match self.persist(input, Value::Array(Vec::new()), Vec::new()).await? {
                         Applied::Done | Applied::Duplicate(_) => Ok(Finished::Ignored),
                         Applied::Conflict(reason) => Err(Failure::Transient(reason)),
@@ -398,7 +407,11 @@ impl<S: Stage> Runner<S> {
                     // decided on a state that is gone: decide again, as for any other outcome.
                     match self.store.apply(S::NAME, None, &writes).await? {
                         Applied::Conflict(conflict) => debug!(%conflict, "lost a race; deciding again"),
-                        Applied::Done | Applied::Duplicate(_) => return Err(Failure::Permanent(reason)),
+                        Applied::Done | Applied::Duplicate(_) => {
+                            // Idempotent writes, said again on a redelivery: rare, and a failure.
+                            StateChanges::of(&writes).say();
+                            return Err(Failure::Permanent(reason));
+                        }
                     }
                 }
             }
@@ -464,7 +477,7 @@ impl<S: Stage> Runner<S> {
                 }
                 // Sent and recorded as sent: deciding again would send it twice.
                 Delivery::Conflict(reason) => {
-                    info!(%reason, "delivered, but the state moved on: its writes were left out");
+                    debug!(%reason, "delivered, but the state moved on: its writes were left out");
                     return Ok(Finished::Done);
                 }
                 Delivery::Refused(err) => return Err(err.into()),
@@ -482,6 +495,7 @@ impl<S: Stage> Runner<S> {
                         format!("{err}; gave up after {} attempts", self.settings.dispatch_attempts.max(1));
                     let (writes, publish) = self.stage.undeliverable(input, &reason, Utc::now());
                     self.store.apply(S::NAME, None, &writes).await?;
+                    StateChanges::of(&writes).say();
                     self.publish(&publish).await?;
                     Err(Failure::Undeliverable(reason))
                 }
@@ -492,7 +506,7 @@ impl<S: Stage> Runner<S> {
 }
 
 /// The message for `publish`: mandatory (as every publish), so that a missing queue is an error
-/// instead of a confirmed and dropped message.
+/// instead of a confirmed and dropped message; carrying the trace of the handling that sends it.
 fn outgoing(names: &Names, publish: &Publish) -> Outgoing {
     let queue = match &publish.destination {
         Destination::Queue(queue) => names.of(*queue),
@@ -500,6 +514,7 @@ fn outgoing(names: &Names, publish: &Publish) -> Outgoing {
     };
     let mut outgoing = Outgoing::json(queue, publish.message_id, &publish.body);
     outgoing.priority = Some(publish.priority);
+    trace::inject(&tracing::Span::current(), &mut outgoing.headers);
     outgoing
 }
 
