@@ -2,7 +2,7 @@
 //! cancel a request, follow a request until it settles, say why a task went where it went. The
 //! binary only parses arguments and prints.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -67,7 +67,8 @@ fn approval_message_id(plan_id: PlanId) -> MessageId {
 }
 
 /// Approves a plan that awaits approval and sends it to routing. Approving an approved plan
-/// again publishes the same message again, which routing ignores: safe to retry.
+/// again publishes the same message again, which routing ignores: safe to retry. The approval
+/// is a span (`approve`) in the request's trace, which its routing continues.
 pub async fn approve(
     store: &Store,
     broker: &Broker,
@@ -79,7 +80,20 @@ pub async fn approve(
     let envelope = Envelope::new(approval_message_id(plan_id), outcome.request_id, Utc::now(), route);
     let mut outgoing = Outgoing::json(broker.names().of(StageQueue::Route), envelope.message_id, &envelope);
     outgoing.priority = Some(outcome.priority);
-    publish(broker, &outgoing, "approved plans").await?;
+    let span = tracing::info_span!(
+        "approve",
+        request_id = %outcome.request_id,
+        plan_id = %plan_id,
+        trace_id = tracing::field::Empty
+    );
+    if let Some(traceparent) = &outcome.traceparent {
+        trace::adopt(&span, &BTreeMap::from([(trace::TRACEPARENT.to_owned(), traceparent.clone())]));
+    }
+    if let Some(trace_id) = trace::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
+    trace::inject(&span, &mut outgoing.headers);
+    publish(broker, &outgoing, "approved plans").instrument(span).await?;
     Ok(outcome)
 }
 

@@ -36,7 +36,7 @@ pub struct Reservation {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
     /// A new request; nothing happens if one with its id exists.
-    Request(RequestMeta),
+    Request(write::Request),
     Decomposition(write::Decomposition),
     /// A permanent failure of the request, with its reason.
     RequestFailed(write::RequestFailed),
@@ -102,12 +102,31 @@ pub enum Write {
     Agent(write::Agent),
 }
 
+impl Write {
+    /// A new request keeps `traceparent` (see [`write::Request::traceparent`]); other writes
+    /// have none to keep.
+    pub fn keep_trace(&mut self, traceparent: &str) {
+        if let Write::Request(request) = self {
+            request.traceparent = Some(traceparent.to_owned());
+        }
+    }
+}
+
 /// The data of each kind of [`Write`], one type each, so that the store's function for a kind
 /// of write takes exactly that kind.
 pub mod write {
     use super::*;
     use crate::decisions::routing;
     use crate::model::domain;
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Request {
+        pub meta: RequestMeta,
+        /// The trace context (a W3C `traceparent`) of the handling that records the request: what
+        /// is done for it later on another message's behalf continues its trace. Not the
+        /// stage's to decide: the runner keeps its handling's here ([`Write::keep_trace`]).
+        pub traceparent: Option<String>,
+    }
 
     #[derive(Debug, Clone, PartialEq)]
     pub struct Decomposition {

@@ -15,6 +15,8 @@ pub struct ApprovalOutcome {
     pub priority: u8,
     /// The plan already had this verdict: nothing was changed.
     pub already: bool,
+    /// The trace context its request was recorded with, which the approval continues.
+    pub traceparent: Option<String>,
 }
 
 impl Store {
@@ -30,7 +32,7 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt_cached(
-                "SELECT p.request_id, p.status, r.priority, a.approved, r.status, r.failure_reason
+                "SELECT p.request_id, p.status, r.priority, a.approved, r.status, r.failure_reason, r.traceparent
                  FROM plans p JOIN requests r ON r.id = p.request_id
                  LEFT JOIN approvals a ON a.plan_id = p.id WHERE p.id = $1",
                 &[&plan_id.as_uuid()],
@@ -42,6 +44,7 @@ impl Store {
         let priority = row.get::<_, i16>(2) as u8;
         let existing: Option<bool> = row.get(3);
         let request_status: RequestStatus = parse_status(row.get(4))?;
+        let traceparent: Option<String> = row.get(6);
         if existing.is_none() && request_status == RequestStatus::Failed {
             let why: Option<String> = row.get(5);
             return Err(Error::Refused(format!(
@@ -51,7 +54,7 @@ impl Store {
         }
         match existing {
             Some(verdict) if verdict == approved => {
-                return Ok(ApprovalOutcome { request_id, priority, already: true });
+                return Ok(ApprovalOutcome { request_id, priority, already: true, traceparent });
             }
             Some(_) => {
                 return Err(Error::Refused(format!("plan {plan_id} is already {status}")));
@@ -70,7 +73,7 @@ impl Store {
             reason: reason.to_owned(),
         });
         match self.apply(by, None, std::slice::from_ref(&write)).await? {
-            Applied::Done => Ok(ApprovalOutcome { request_id, priority, already: false }),
+            Applied::Done => Ok(ApprovalOutcome { request_id, priority, already: false, traceparent }),
             // The opposite verdict was recorded between the check above and this write.
             Applied::Conflict(reason) => Err(Error::Refused(reason)),
             other => Err(Error::Corrupt(format!("approval of {plan_id} applied as {other:?}"))),

@@ -26,6 +26,8 @@ pub struct WaitingTask {
     pub failed: BTreeSet<AgentId>,
     /// The provider its plan's fallback decision sends it to, if it goes out.
     pub provider: Option<String>,
+    /// The trace context its request was recorded with, which its dispatch continues.
+    pub traceparent: Option<String>,
 }
 
 /// What a cancellation did.
@@ -62,6 +64,7 @@ fn waiting_from_row(row: &tokio_postgres::Row) -> Result<WaitingTask, Error> {
             .map(|a| AgentId::parse(a).map_err(|e| Error::Corrupt(e.to_string())))
             .collect::<Result<_, _>>()?,
         provider: row.get("provider"),
+        traceparent: row.get("traceparent"),
     })
 }
 
@@ -132,7 +135,8 @@ impl Store {
                     ARRAY(SELECT r.agent_id FROM task_results r WHERE r.task_id = t.id AND NOT r.success)
                         AS failed,
                     (SELECT f.provider FROM fallback_decisions f
-                     WHERE f.plan_id = t.plan_id AND f.use_external AND t.id = ANY(f.external_tasks)) AS provider
+                     WHERE f.plan_id = t.plan_id AND f.use_external AND t.id = ANY(f.external_tasks)) AS provider,
+                    (SELECT q.traceparent FROM requests q WHERE q.id = p.request_id) AS traceparent
              FROM tasks t JOIN plans p ON p.id = t.plan_id
              WHERE t.status = 'waiting' AND {filter}",
             columns.join(", ")

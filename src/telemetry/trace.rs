@@ -70,12 +70,10 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     headers.remove(TRACEPARENT)
 }
 
-/// Makes `span` the child of a `traceparent` kept earlier (see [`traceparent`]), and links it
+/// Links `span` to `cause`: a span continuing a trace kept earlier (see [`traceparent`]) links
 /// to the span it would otherwise have been the child of (the message that woke it), so that
 /// either trace leads to the other.
-pub fn continue_from(span: &tracing::Span, traceparent: &str, cause: &tracing::Span) {
-    let headers = BTreeMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
-    adopt(span, &headers);
+pub fn link(span: &tracing::Span, cause: &tracing::Span) {
     let cause = cause.context().span().span_context().clone();
     span.add_link(cause);
 }
@@ -251,7 +249,8 @@ mod tests {
             // A kept traceparent is continued.
             let kept = traceparent(&span).unwrap();
             let later = tracing::info_span!("placed");
-            continue_from(&later, &kept, &root);
+            adopt(&later, &headers(&[(TRACEPARENT, &kept)]));
+            link(&later, &root);
             assert_eq!(trace_id(&later).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         });
     }

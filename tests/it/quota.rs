@@ -32,7 +32,7 @@ async fn new_plan(app: &TestApp) -> (RequestId, Plan) {
         auto_approve: false,
     };
     let writes = [
-        Write::Request(meta),
+        Write::Request(write::Request { meta, traceparent: None }),
         Write::Decomposition(write::Decomposition { request_id, decomposition }),
         Write::Plan(write::Plan {
             plan: plan.clone(),

@@ -124,6 +124,20 @@ async fn one_request_is_one_trace_from_submit_through_every_stage_and_the_agent(
     let endpoint = collector.uri();
     app.declare_agent_queue("traced-1").await;
     let worker = switchyard(&app, &endpoint, &["worker", "--stage", "all"]).spawn().unwrap();
+
+    // A request whose tasks wait in line, no agent being there yet: a wake-up places them.
+    let waited = switchyard(&app, &endpoint, &["submit", "Deploy Gitea to the homelab", "--auto-approve"])
+        .stdout(Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(waited.status.code(), Some(0), "{}", String::from_utf8_lossy(&waited.stderr));
+    let waited: RequestId = String::from_utf8_lossy(&waited.stdout).trim().parse().unwrap();
+    app.wait_for(waited, |r| {
+        r.plan.as_ref().is_some_and(|p| p.tasks.iter().any(|t| t.status.as_str() == "waiting"))
+    })
+    .await;
+
     let agent = switchyard(
         &app,
         &endpoint,
@@ -132,6 +146,7 @@ async fn one_request_is_one_trace_from_submit_through_every_stage_and_the_agent(
     .spawn()
     .unwrap();
     wait_registered(&app, "traced-1").await;
+    app.wait_for(waited, |r| r.status.is_terminal()).await;
 
     // A request from `submit`, followed to its end.
     let submitted = switchyard(
@@ -207,6 +222,33 @@ async fn one_request_is_one_trace_from_submit_through_every_stage_and_the_agent(
         assert!(attribute(track, "task_id").is_some() && attribute(track, "attempt").is_some());
     }
 
+    // Tasks placed from the line by a wake-up are dispatched in their request's trace: from a
+    // span of the place stage there, the child of the request's decomposition, linked to the
+    // wake-up's handling (whose own span is in the trace of whatever woke it: a heartbeat, a
+    // periodic look, or this request's routing, which woke place as its tasks joined the line).
+    let submit = spans
+        .iter()
+        .find(|s| s.name == "submit" && attribute(s, "request_id") == Some(waited.to_string()))
+        .expect("the submit span of the request that waited");
+    let ours = chained(&spans, &hex(&submit.trace_id), None);
+    let by_id: HashMap<String, &Span> = ours.iter().map(|s| (hex(&s.span_id), *s)).collect();
+    let parent_of = |span: &Span| by_id.get(&hex(&span.parent_span_id)).map(|p| p.name.clone());
+    let placed: Vec<&&Span> = ours.iter().filter(|s| s.name == "place" && !s.links.is_empty()).collect();
+    assert!(!placed.is_empty(), "no place span in the trace of the request that waited");
+    for place in placed {
+        assert_eq!(parent_of(place).as_deref(), Some("decompose"));
+        assert_eq!(attribute(place, "request_id"), Some(waited.to_string()));
+        assert!(attribute(place, "task_id").is_some());
+        let wake = &place.links.first().expect("linked to the wake-up's handling").span_id;
+        let woken = spans.iter().find(|s| &s.span_id == wake).expect("the wake-up's span was exported");
+        assert_eq!(woken.name, "place");
+        assert!(woken.links.is_empty(), "a handling of a wake-up");
+        let dispatched = ours.iter().find(|s| s.parent_span_id == place.span_id).expect("its dispatch");
+        assert_eq!(dispatched.name, "dispatch");
+        assert_eq!(attribute(dispatched, "task_id"), attribute(place, "task_id"));
+    }
+    assert!(ours.iter().any(|s| s.name == "task") && ours.iter().any(|s| s.name == "track"));
+
     // The client's trace goes on: its request's decomposition is the child of the client's span.
     let theirs = chained(&spans, CLIENT_TRACE, Some(CLIENT_SPAN));
     let decompose = theirs.iter().find(|s| s.name == "decompose").expect("the client's trace continues");
@@ -236,7 +278,7 @@ async fn one_request_is_one_trace_from_submit_through_every_stage_and_the_agent(
             })
             .count()
     };
-    for request in [request_id, client_request] {
+    for request in [waited, request_id, client_request] {
         for change in ["request received", "request planned", "request completed"] {
             assert_eq!(said_of(change, request), 1, "{change} of {request}: {worker_log}");
         }

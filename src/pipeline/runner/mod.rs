@@ -285,7 +285,7 @@ impl<S: Stage> Runner<S> {
                 let message_id =
                     sniffed_id.unwrap_or_else(|| wire::entry_message_id(amqp.message_id, &delivery.body));
                 tracing::Span::current().record("message_id", tracing::field::display(message_id));
-                spans::describe(request_id, &delivery.body);
+                spans::describe(&tracing::Span::current(), request_id, &delivery.body);
                 return self
                     .dead_letter(
                         delivery,
@@ -298,7 +298,7 @@ impl<S: Stage> Runner<S> {
             }
         };
         tracing::Span::current().record("message_id", tracing::field::display(input.message_id));
-        spans::describe(input.request_id.into(), &delivery.body);
+        spans::describe(&tracing::Span::current(), input.request_id.into(), &delivery.body);
         let key = self.stage.contention_key(&input);
         let attempt = || async {
             let turn = match key {
@@ -373,8 +373,9 @@ impl<S: Stage> Runner<S> {
             let outcome =
                 catch_panic(|| self.stage.decide(input, context, Utc::now())).map_err(Failure::Permanent)?;
             match outcome {
-                Outcome::Forward { writes, publish } => {
+                Outcome::Forward { mut writes, publish } => {
                     let outputs = serde_json::to_value(&publish).expect("outputs serialize");
+                    spans::keep_trace(&mut writes);
                     let changes = StateChanges::of(&writes);
                     match self.persist(input, outputs, writes).await? {
                         Applied::Done => {
@@ -401,7 +402,8 @@ impl<S: Stage> Runner<S> {
                     };
                 }
                 Outcome::Refuse { reason } => return Err(Failure::Refused(reason)),
-                Outcome::Reject { writes, reason } => {
+                Outcome::Reject { mut writes, reason } => {
+                    spans::keep_trace(&mut writes);
                     // No marker: the writes are idempotent, and a redelivery must dead-letter again
                     // if the first attempt died before it could. Writes that lost a race were
                     // decided on a state that is gone: decide again, as for any other outcome.
@@ -439,7 +441,8 @@ impl<S: Stage> Runner<S> {
     /// request; it waits in the retry queue until the queue is declared again (a worker does at
     /// start).
     async fn publish(&self, publish: &[Publish]) -> Result<(), Failure> {
-        let outgoing: Vec<Outgoing> = publish.iter().map(|p| outgoing(self.broker.names(), p)).collect();
+        let outgoing: Vec<Outgoing> =
+            publish.iter().map(|p| outgoing(self.broker.names(), S::NAME, p)).collect();
         self.broker.publish_all(&outgoing).await.map_err(|err| match err {
             broker::Error::Unroutable { .. } => Failure::Transient(describe(&err)),
             err => err.into(),
@@ -463,7 +466,7 @@ impl<S: Stage> Runner<S> {
         publish: Publish,
         then: Vec<Write>,
     ) -> Result<Finished, Failure> {
-        let message = Arc::new(outgoing(self.broker.names(), &publish));
+        let message = Arc::new(outgoing(self.broker.names(), S::NAME, &publish));
         let then: Arc<[Write]> = then.into();
         let mut pauses = self.settings.backoff(self.settings.dispatch_attempts).build();
         loop {
@@ -507,14 +510,22 @@ impl<S: Stage> Runner<S> {
 
 /// The message for `publish`: mandatory (as every publish), so that a missing queue is an error
 /// instead of a confirmed and dropped message; carrying the trace of the handling that sends it.
-fn outgoing(names: &Names, publish: &Publish) -> Outgoing {
+/// A message that continues a trace of its own ([`Publish::traceparent`]) is sent from a span of
+/// `stage` in that trace, linked to the handling that sends it.
+fn outgoing(names: &Names, stage: &'static str, publish: &Publish) -> Outgoing {
     let queue = match &publish.destination {
         Destination::Queue(queue) => names.of(*queue),
         Destination::Agent(agent) => names.agent_queue(agent),
     };
     let mut outgoing = Outgoing::json(queue, publish.message_id, &publish.body);
     outgoing.priority = Some(publish.priority);
-    trace::inject(&tracing::Span::current(), &mut outgoing.headers);
+    match &publish.traceparent {
+        None => trace::inject(&tracing::Span::current(), &mut outgoing.headers),
+        Some(traceparent) => {
+            let sending = spans::on_behalf(stage, traceparent, &outgoing.body);
+            trace::inject(&sending, &mut outgoing.headers);
+        }
+    }
     outgoing
 }
 

@@ -58,10 +58,41 @@ pub(super) fn handling(stage: &'static str, headers: &std::collections::BTreeMap
     span
 }
 
-/// Records on the current span what the message is about: its request, and the plan, task and
-/// attempt its payload names (read from the body, as far as they are there).
-pub(super) fn describe(request_id: Option<RequestId>, body: &[u8]) {
-    let span = Span::current();
+/// The span of `stage` sending a message of `body` in the trace of `traceparent` rather than in
+/// the trace of the handling that sends it (the current span), to which it is linked: a task
+/// placed from the line is dispatched in its request's trace, not in the wake-up's.
+pub(super) fn on_behalf(stage: &'static str, traceparent: &str, body: &[u8]) -> Span {
+    let headers = std::collections::BTreeMap::from([(trace::TRACEPARENT.to_owned(), traceparent.to_owned())]);
+    let span = handling(stage, &headers);
+    trace::link(&span, &Span::current());
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        #[serde(default)]
+        message_id: Option<uuid::Uuid>,
+        #[serde(default)]
+        request_id: Option<RequestId>,
+    }
+    let ids = serde_json::from_slice::<Ids>(body).ok();
+    if let Some(message_id) = ids.as_ref().and_then(|ids| ids.message_id) {
+        span.record("message_id", tracing::field::display(message_id));
+    }
+    describe(&span, ids.and_then(|ids| ids.request_id), body);
+    span
+}
+
+/// Has a new request keep the trace of the handling that records it (the current span), so
+/// that what is done for it later on another message's behalf continues its trace.
+pub(super) fn keep_trace(writes: &mut [Write]) {
+    if writes.iter().any(|w| matches!(w, Write::Request(_)))
+        && let Some(traceparent) = trace::traceparent(&Span::current())
+    {
+        writes.iter_mut().for_each(|w| w.keep_trace(&traceparent));
+    }
+}
+
+/// Records on `span` what the message is about: its request, and the plan, task and attempt
+/// its payload names (read from the body, as far as they are there).
+pub(super) fn describe(span: &Span, request_id: Option<RequestId>, body: &[u8]) {
     if let Some(request_id) = request_id {
         span.record("request_id", tracing::field::display(request_id));
     }
@@ -140,7 +171,7 @@ impl StateChanges {
         let changes = writes
             .iter()
             .filter_map(|write| match write {
-                Write::Request(meta) => Some((meta.request_id, Change::Received)),
+                Write::Request(request) => Some((request.meta.request_id, Change::Received)),
                 Write::Plan(plan) => {
                     Some((plan.plan.request_id, Change::Planned { tasks: plan.plan.tasks().len() }))
                 }

@@ -135,7 +135,7 @@ impl Stage for Decompose {
         match self.decomposition(&request.text, context.reading) {
             Ok(decomposition) => {
                 let writes = vec![
-                    Write::Request(request.clone()),
+                    Write::Request(write::Request { meta: request.clone(), traceparent: None }),
                     Write::Decomposition(write::Decomposition {
                         request_id: request.request_id,
                         decomposition: decomposition.clone(),
@@ -154,7 +154,7 @@ impl Stage for Decompose {
                 let reason = format!("decomposition failed: {err}");
                 Outcome::Reject {
                     writes: vec![
-                        Write::Request(request.clone()),
+                        Write::Request(write::Request { meta: request.clone(), traceparent: None }),
                         Write::RequestFailed(write::RequestFailed {
                             request_id: request.request_id,
                             reason: reason.clone(),
@@ -217,7 +217,7 @@ mod tests {
         else {
             panic!("expected forward");
         };
-        assert!(matches!(&writes[0], Write::Request(r) if r.request_id == input.payload.request_id));
+        assert!(matches!(&writes[0], Write::Request(r) if r.meta.request_id == input.payload.request_id));
         let Write::Decomposition(write::Decomposition { decomposition, .. }) = &writes[1] else {
             panic!("{writes:?}")
         };

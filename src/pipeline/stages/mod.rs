@@ -110,6 +110,10 @@ pub struct Publish {
     pub message_id: MessageId,
     pub priority: u8,
     pub body: serde_json::Value,
+    /// The trace this message continues, when not the trace of the message that has it sent (a
+    /// wake-up's look at the line places tasks of many requests, each in its request's trace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Publish {
@@ -119,6 +123,7 @@ impl Publish {
             message_id: envelope.message_id,
             priority,
             body: serde_json::to_value(envelope).expect("envelopes serialize"),
+            traceparent: None,
         }
     }
 }

@@ -155,7 +155,7 @@ impl Stage for Place {
                 placement::ask(&task, entry.attempt, outside.as_ref(), Some(&entry.failed), &self.policy);
             match router.place(&task, ask) {
                 Placement::Routed(route) => {
-                    let (write, message) = Routed {
+                    let (write, mut message) = Routed {
                         cause: input.message_id,
                         request_id: entry.request_id,
                         plan_id: entry.plan_id,
@@ -166,6 +166,9 @@ impl Stage for Place {
                         ready_at: entry.waiting_since,
                     }
                     .into_effects(now);
+                    // Sent for its request, not for the wake-up: its dispatch continues the
+                    // request's trace.
+                    message.traceparent = entry.traceparent.clone();
                     writes.push(write);
                     publish.push(message);
                 }
@@ -267,6 +270,7 @@ mod tests {
             waiting_since: Utc::now() - TimeDelta::seconds(secs),
             failed: BTreeSet::new(),
             provider: None,
+            traceparent: None,
         }
     }
 

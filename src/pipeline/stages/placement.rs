@@ -135,5 +135,6 @@ pub(crate) fn wake(cause: MessageId, what: &str, now: DateTime<Utc>) -> Publish 
         message_id: wake.message_id,
         priority: 0,
         body: serde_json::to_value(&wake).expect("wake-ups serialize"),
+        traceparent: None,
     }
 }

@@ -448,7 +448,7 @@ async fn apply_one(
     agents: &mut AgentLedger,
 ) -> Result<Step, Error> {
     match write {
-        Write::Request(meta) => requests::request(tx, actor, meta).await,
+        Write::Request(w) => requests::request(tx, actor, w).await,
         Write::Decomposition(w) => requests::decomposition(tx, actor, w).await,
         Write::RequestFailed(w) => requests::request_failed(tx, actor, w).await,
         Write::Cancel(write::Cancel { request_id, by, reason }) => {

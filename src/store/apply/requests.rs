@@ -11,18 +11,18 @@ use super::{Step, audit};
 use crate::model::domain::{PlanStatus, RequestStatus};
 use crate::model::effect::write;
 use crate::model::ids::{PlanId, RequestId};
-use crate::model::wire::RequestMeta;
 use crate::store::Error;
 use crate::store::cached::Cached;
 use crate::store::quota;
 use crate::store::read::parse_status;
 
 /// A new request (`Write::Request`); nothing if one with its id exists.
-pub(super) async fn request(tx: &Transaction<'_>, actor: &str, meta: &RequestMeta) -> Result<Step, Error> {
+pub(super) async fn request(tx: &Transaction<'_>, actor: &str, w: &write::Request) -> Result<Step, Error> {
+    let meta = &w.meta;
     let inserted = tx
         .execute_cached(
-            "INSERT INTO requests (id, text, submitted_by, priority, auto_approve, status)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO requests (id, text, submitted_by, priority, auto_approve, status, traceparent)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
             &[
                 &meta.request_id.as_uuid(),
                 &meta.text,
@@ -30,6 +30,7 @@ pub(super) async fn request(tx: &Transaction<'_>, actor: &str, meta: &RequestMet
                 &i16::from(meta.priority),
                 &meta.auto_approve,
                 &RequestStatus::Received.as_str(),
+                &w.traceparent,
             ],
         )
         .await?;
