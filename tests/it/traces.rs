@@ -3,7 +3,8 @@
 //! One request's spans, from `submit` through every stage and the agent's task, share one trace
 //! and chain each to the one before; a client's own `traceparent` is continued; every JSON log
 //! line parses, those inside a message's handling name its request, stage and trace, and the
-//! request's state changes are said once each.
+//! request's state changes are said once each. The configuration file's log format counts, and
+//! `--log-format` wins over it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
@@ -286,4 +287,51 @@ async fn one_request_is_one_trace_from_submit_through_every_stage_and_the_agent(
     let received = lines.iter().find(|l| l["message"] == "request received").unwrap();
     assert_eq!(received["level"], "INFO");
     assert_eq!(received["span"]["name"], "decompose");
+}
+
+/// The first line a command logs: an agent whose broker does not answer says so at once, and
+/// again after each pause, until it is stopped.
+async fn first_logged_line(config: &std::path::Path, args: &[&str]) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("AMQP_URL", format!("amqp://guest:guest@127.0.0.1:{closed}"))
+        .env("SWITCHYARD_CONFIG", config)
+        .env_remove("SWITCHYARD_LOG_FORMAT")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(agent.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("a line within 30 s")
+        .unwrap()
+        .expect("a line before the end");
+    agent.start_kill().unwrap();
+    agent.wait().await.unwrap();
+    line
+}
+
+#[tokio::test]
+async fn the_configuration_file_sets_the_log_format_and_the_flag_wins_over_it() {
+    let config = std::env::temp_dir().join(format!("switchyard-logs-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&config, "[telemetry]\nlog_format = \"json\"\n").unwrap();
+    let agent = ["agent", "--id", "patient-2", "--capabilities", "deployment"];
+    let json = first_logged_line(&config, &agent).await;
+    let text = first_logged_line(&config, &[&["--log-format", "text"][..], &agent[..]].concat()).await;
+    std::fs::remove_file(&config).unwrap();
+
+    let line: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"));
+    assert_eq!(line["level"], "ERROR", "{json}");
+    assert!(line["message"].as_str().unwrap().contains("not connected to the broker"), "{json}");
+    assert!(line["timestamp"].is_string() && line["target"].is_string(), "{json}");
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "text: {text}");
+    assert!(text.contains("ERROR") && text.contains("not connected to the broker"), "{text}");
+    assert!(!text.contains('\u{1b}'), "no colour in a pipe: {text:?}");
 }
