@@ -167,10 +167,11 @@ impl HttpClient for Http {
         let request = reqwest::Request::try_from(request)?;
         let client = self.client.clone();
         let sent = self.runtime.spawn(async move {
-            let response = client.execute(request).await?;
+            // Errors are logged: without the collector's URL, which may hold a password.
+            let response = client.execute(request).await.map_err(reqwest::Error::without_url)?;
             let status = response.status();
             let headers = response.headers().clone();
-            let body = response.bytes().await?;
+            let body = response.bytes().await.map_err(reqwest::Error::without_url)?;
             let mut answer = Response::new(body);
             *answer.status_mut() = status;
             *answer.headers_mut() = headers;
