@@ -286,7 +286,7 @@ async fn one_request_is_one_trace_from_submit_through_every_stage_and_the_agent(
     }
     let received = lines.iter().find(|l| l["message"] == "request received").unwrap();
     assert_eq!(received["level"], "INFO");
-    assert_eq!(received["span"]["name"], "decompose");
+    assert_eq!(received["span"]["stage"], "decompose");
 }
 
 /// The first line a command logs: an agent whose broker does not answer says so at once, and

@@ -10,47 +10,21 @@ use crate::model::effect::Write;
 use crate::model::ids::RequestId;
 use crate::telemetry::trace;
 
-/// The span of one stage's handling of one message, with its fields empty but the stage.
-macro_rules! handling {
-    ($stage:literal) => {
-        info_span!(
-            $stage,
-            stage = $stage,
-            message_id = Empty,
-            request_id = Empty,
-            plan_id = Empty,
-            task_id = Empty,
-            attempt = Empty,
-            trace_id = Empty
-        )
-    };
-}
-
 /// The span of `stage`'s handling of a message that carries `headers`: a child of the span that
 /// sent it when they carry a trace context, a root otherwise; with its trace id recorded, so
-/// that every log line inside names its trace.
+/// that every log line inside names its trace. A trace shows it by the stage's name (`otel.name`).
 pub(super) fn handling(stage: &'static str, headers: &std::collections::BTreeMap<String, String>) -> Span {
-    // Span names are static: one arm per stage, so that a trace shows its stages by name.
-    let span = match stage {
-        "decompose" => handling!("decompose"),
-        "plan" => handling!("plan"),
-        "fallback" => handling!("fallback"),
-        "route" => handling!("route"),
-        "place" => handling!("place"),
-        "dispatch" => handling!("dispatch"),
-        "track" => handling!("track"),
-        "heartbeat" => handling!("heartbeat"),
-        _ => info_span!(
-            "message",
-            stage,
-            message_id = Empty,
-            request_id = Empty,
-            plan_id = Empty,
-            task_id = Empty,
-            attempt = Empty,
-            trace_id = Empty
-        ),
-    };
+    let span = info_span!(
+        "message",
+        otel.name = stage,
+        stage,
+        message_id = Empty,
+        request_id = Empty,
+        plan_id = Empty,
+        task_id = Empty,
+        attempt = Empty,
+        trace_id = Empty
+    );
     trace::adopt(&span, headers);
     if let Some(trace_id) = trace::trace_id(&span) {
         span.record("trace_id", trace_id);
