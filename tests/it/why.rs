@@ -177,7 +177,8 @@ async fn why_a_waiting_task_waits_says_why_no_agent_fits_now() {
     assert_eq!(attempt["now"]["candidates"][0]["reasons"][0], "missing capabilities: shell");
 
     // An agent that fits comes: `why` says where the task would go now, before it is placed.
-    app.register_agent("shell-1", MAINTENANCE, 1, &[]).await;
+    // Two slots: if the task is placed on one while `why` reads, the other still fits it.
+    app.register_agent("shell-1", MAINTENANCE, 2, &[]).await;
     let json = why_json(&app, &[&snapshot(id).to_string()]).await;
     let now = &json["attempts"][0]["now"];
     if json["status"] == "waiting" {
