@@ -104,7 +104,9 @@ pub async fn reject(
     by: &str,
     reason: &str,
 ) -> Result<ApprovalOutcome, Error> {
-    Ok(store.decide_approval(plan_id, false, by, reason).await?)
+    let outcome = store.decide_approval(plan_id, false, by, reason).await?;
+    tracing::info!(request_id = %outcome.request_id, %by, %reason, "request rejected");
+    Ok(outcome)
 }
 
 /// What a cancellation did.

@@ -82,14 +82,16 @@ impl<'a> InFlight<'a> {
     fn enter(count: &'a AtomicU32, agent: &AgentId) -> Self {
         let gauge =
             metrics().agent_slots_used.get_or_create(&AgentLabels { agent: agent.to_string() }).clone();
-        gauge.set(i64::from(count.fetch_add(1, Ordering::SeqCst) + 1));
+        count.fetch_add(1, Ordering::SeqCst);
+        gauge.inc();
         InFlight(count, gauge)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.1.set(i64::from(self.0.fetch_sub(1, Ordering::SeqCst) - 1));
+        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.1.dec();
     }
 }
 

@@ -280,6 +280,8 @@ impl<H: TaskHandler> Agent<H> {
             Err(err) => return Err(err.into()),
         }
         let queue = broker.declare_agent_queue(&id).await?;
+        // Not ready until its task queue is consumed (and its control queue, if it may).
+        self.health.expect_consumers(2);
         self.health.broker(&broker);
         let slots = AgentLabels { agent: id.to_string() };
         metrics().agent_slots_total.get_or_create(&slots).set(i64::from(self.settings.capacity));

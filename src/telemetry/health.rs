@@ -66,8 +66,8 @@ impl Health {
 
     /// A consumer receives from its queue until the guard is dropped.
     pub fn consuming(&self) -> Consuming {
-        let running = self.inner.running.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::metrics().consumers_running.set(running as i64);
+        self.inner.running.fetch_add(1, Ordering::SeqCst);
+        metrics::metrics().consumers_running.inc();
         Consuming { health: self.clone() }
     }
 
@@ -118,8 +118,8 @@ pub struct Consuming {
 
 impl Drop for Consuming {
     fn drop(&mut self) {
-        let running = self.health.inner.running.fetch_sub(1, Ordering::SeqCst) - 1;
-        metrics::metrics().consumers_running.set(running as i64);
+        self.health.inner.running.fetch_sub(1, Ordering::SeqCst);
+        metrics::metrics().consumers_running.dec();
     }
 }
 

@@ -229,7 +229,7 @@ impl Metrics {
             r,
             names,
             "switchyard_request_seconds",
-            "Time from a request's receipt to its end, by how it ended: completed, failed, rejected, cancelled",
+            "Time from a request's receipt to its end in a stage, by how it ended: completed, failed",
             metrics.requests.clone(),
         );
         add(

@@ -176,8 +176,13 @@ impl Committer {
         metrics.commit.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     }
 
-    /// Counts what the `writes` committed (those paired with `true`) decided; the requests they end are timed apart, off
-    /// the committer's way (it reads when they were received).
+    /// Counts what `writes`, committed by the runner itself (not in a batch), decided.
+    pub(super) fn committed(&self, writes: &[Write]) {
+        self.count(std::iter::once((writes, true)));
+    }
+
+    /// Counts what the `writes` committed (those paired with `true`) decided; the requests they
+    /// end are timed apart, off the committer's way (it reads when they were received).
     fn count<'a>(&self, writes: impl Iterator<Item = (&'a [Write], bool)>) {
         let now = chrono::Utc::now();
         let mut ended = Vec::new();

@@ -412,6 +412,7 @@ impl<S: Stage> Runner<S> {
                         Applied::Done | Applied::Duplicate(_) => {
                             // Idempotent writes, said again on a redelivery: rare, and a failure.
                             StateChanges::of(&writes).say();
+                            self.committer.committed(&writes);
                             return Err(Failure::Permanent(reason));
                         }
                     }
@@ -499,6 +500,7 @@ impl<S: Stage> Runner<S> {
                     let (writes, publish) = self.stage.undeliverable(input, &reason, Utc::now());
                     self.store.apply(S::NAME, None, &writes).await?;
                     StateChanges::of(&writes).say();
+                    self.committer.committed(&writes);
                     self.publish(&publish).await?;
                     Err(Failure::Undeliverable(reason))
                 }
