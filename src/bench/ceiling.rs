@@ -17,7 +17,14 @@ use crate::pipeline::topology::Names;
 /// What to push through the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CeilingSettings {
+    /// Messages per round.
     pub messages: usize,
+    /// Rounds go on until this long has been measured, or [`CeilingSettings::max_messages`]
+    /// have gone through; at least one. A short ceiling moves with whatever else the machine
+    /// does for a second or two; ten seconds of rounds, and their spread, say how steady it is.
+    pub min_duration: Duration,
+    /// The most messages of all the rounds together (once one round has run).
+    pub max_messages: usize,
     pub hops: usize,
     /// The prefetch of every relay and of the consumer counting arrivals.
     pub prefetch: u16,
@@ -31,16 +38,30 @@ fn secs<S: serde::Serializer>(elapsed: &Duration, serializer: S) -> Result<S::Ok
 /// What [`measure`] found.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Ceiling {
+    /// Messages of all the rounds.
     pub messages: usize,
     pub hops: usize,
-    /// From the first publish into the first queue to the arrival of the last message in the
-    /// last one.
+    /// In each round, from the first publish into the first queue to the arrival of the last
+    /// message in the last one; summed over the rounds.
     #[serde(rename = "elapsed_secs", serialize_with = "secs")]
     pub elapsed: Duration,
     /// Messages through all hops per second.
     pub messages_per_sec: f64,
     /// Deliveries (messages × hops) per second.
     pub hop_messages_per_sec: f64,
+    /// Each round's deliveries per second, in the order they ran: their spread says how steady
+    /// the broker was.
+    pub rounds_hop_messages_per_sec: Vec<f64>,
+}
+
+impl Ceiling {
+    /// The slowest and the fastest round, in deliveries per second.
+    pub fn spread(&self) -> (f64, f64) {
+        let rounds = &self.rounds_hop_messages_per_sec;
+        let min = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rounds.iter().copied().fold(0.0, f64::max);
+        if rounds.is_empty() { (0.0, 0.0) } else { (min, max) }
+    }
 }
 
 /// How many messages the source keeps unconfirmed at once while it fills the first queue.
@@ -65,6 +86,10 @@ const PUBLISH_WINDOW: usize = 1_000;
 /// separate stage processes would: that was as fast as one connection shared by every relay on
 /// 5 and 7 hops, and 5–20% faster on one.
 ///
+/// That is one round; rounds of `messages` follow each other on the same queues until
+/// `min_duration` has been measured or `max_messages` have gone through, and the rates are those
+/// of all the rounds together, each round's kept beside them.
+///
 /// A relay that fails fails the measure. With no messages, nothing is measured: the elapsed time
 /// and the rates are zero.
 pub async fn measure(amqp_url: &str, names: &Names, settings: &CeilingSettings) -> Result<Ceiling, Error> {
@@ -74,38 +99,44 @@ pub async fn measure(amqp_url: &str, names: &Names, settings: &CeilingSettings) 
         queues: (0..=settings.hops).map(|i| names.queue(&format!("ceiling.{i}"))).collect(),
         deleted: false,
     };
-    let elapsed = run(amqp_url, names, &queues.queues, settings).await;
+    let rounds = run(amqp_url, names, &queues.queues, settings).await;
     let deleted = queues.delete().await;
-    let elapsed = elapsed?;
+    let rounds = rounds?;
     deleted?;
-    let per_sec = |count: usize| {
+    let elapsed: Duration = rounds.iter().sum();
+    let messages = settings.messages * rounds.len();
+    let per_sec = |count: usize, elapsed: Duration| {
         let secs = elapsed.as_secs_f64();
         if secs > 0.0 { count as f64 / secs } else { 0.0 }
     };
     Ok(Ceiling {
-        messages: settings.messages,
+        messages,
         hops: settings.hops,
         elapsed,
-        messages_per_sec: per_sec(settings.messages),
-        hop_messages_per_sec: per_sec(settings.messages * settings.hops),
+        messages_per_sec: per_sec(messages, elapsed),
+        hop_messages_per_sec: per_sec(messages * settings.hops, elapsed),
+        rounds_hop_messages_per_sec: rounds
+            .iter()
+            .map(|round| per_sec(settings.messages * settings.hops, *round))
+            .collect(),
     })
 }
 
-/// Declares the queues, runs the relays, pushes the messages through, stops the relays and
-/// closes the connections; returns the time the messages took.
+/// Declares the queues, runs the relays, pushes the messages through round after round, stops
+/// the relays and closes the connections; returns the time each round took.
 async fn run(
     amqp_url: &str,
     names: &Names,
     queues: &[String],
     settings: &CeilingSettings,
-) -> Result<Duration, Error> {
+) -> Result<Vec<Duration>, Error> {
     let side = Arc::new(Broker::connect(amqp_url, names.clone()).await?);
     for queue in queues {
         side.declare_queue(queue).await?;
     }
     if settings.messages == 0 {
         side.close().await;
-        return Ok(Duration::ZERO);
+        return Ok(Vec::new());
     }
     let last = &queues[queues.len() - 1];
     let concurrency = usize::from(settings.prefetch).max(1);
@@ -124,16 +155,29 @@ async fn run(
         side.consume(last, settings.prefetch).await
     };
     let outcome = match started.await {
-        Ok(arrivals) => {
-            let started = Instant::now();
-            let body = vec![0; settings.body_bytes];
-            let pushed = futures::future::try_join(
-                fill(&side, &queues[0], body, settings.messages),
-                count(arrivals, last, settings.messages, started, ack_every),
-            );
-            tokio::select! {
-                pushed = pushed => pushed.map(|((), elapsed)| elapsed),
-                Some(ended) = relays.join_next() => Err(relay_failure(ended)),
+        Ok(mut arrivals) => {
+            let mut rounds = Vec::new();
+            loop {
+                let started = Instant::now();
+                let body = vec![0; settings.body_bytes];
+                let pushed = futures::future::try_join(
+                    fill(&side, &queues[0], body, settings.messages),
+                    count(&mut arrivals, last, settings.messages, started, ack_every),
+                );
+                let round = tokio::select! {
+                    pushed = pushed => pushed.map(|((), elapsed)| elapsed),
+                    Some(ended) = relays.join_next() => Err(relay_failure(ended)),
+                };
+                match round {
+                    Ok(elapsed) => rounds.push(elapsed),
+                    Err(err) => break Err(err),
+                }
+                let measured: Duration = rounds.iter().sum();
+                if measured >= settings.min_duration
+                    || settings.messages * rounds.len() >= settings.max_messages
+                {
+                    break Ok(rounds);
+                }
             }
         }
         Err(err) => Err(err),
@@ -148,9 +192,9 @@ async fn run(
     for connection in connections {
         connection.close().await;
     }
-    let elapsed = outcome?;
+    let rounds = outcome?;
     stopped?;
-    Ok(elapsed)
+    Ok(rounds)
 }
 
 /// One hop: every delivery of `from` published to `to`, up to `concurrency` at once, each

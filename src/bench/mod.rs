@@ -59,7 +59,13 @@ pub struct Settings {
     pub timeout: Duration,
     /// Keep the namespace's queues and the database afterwards, for a look.
     pub keep: bool,
+    /// How long the broker's ceiling is measured at least, in rounds of the pipeline's
+    /// deliveries (see [`ceiling::CeilingSettings::min_duration`]).
+    pub ceiling_duration: Duration,
 }
+
+/// The most messages the ceiling relays in all its rounds.
+pub const CEILING_MAX_MESSAGES: usize = 50_000;
 
 #[derive(Debug, Clone)]
 pub struct Processes {
@@ -321,6 +327,8 @@ async fn measure(
             hops: PIPELINE_HOPS,
             prefetch: scene.config.worker.prefetch.max(1),
             body_bytes: 600,
+            min_duration: settings.ceiling_duration,
+            max_messages: CEILING_MAX_MESSAGES,
         },
     )
     .await?;

@@ -26,14 +26,51 @@ async fn assert_no_queues(names: &Names, hops: usize) {
     broker.close().await;
 }
 
+/// Settings of one round; the test gives the rest.
+fn one_round() -> CeilingSettings {
+    CeilingSettings {
+        messages: 0,
+        min_duration: Duration::ZERO,
+        max_messages: usize::MAX,
+        hops: 1,
+        prefetch: 200,
+        body_bytes: 256,
+    }
+}
+
+#[tokio::test]
+async fn rounds_follow_each_other_until_enough_messages_went_through_and_each_is_reported() {
+    let names = fresh_names("rounds");
+    // Never long enough: the messages end it, after three rounds.
+    let settings = CeilingSettings {
+        messages: 300,
+        min_duration: Duration::from_secs(3600),
+        max_messages: 900,
+        hops: 2,
+        prefetch: 200,
+        body_bytes: 256,
+    };
+    let ceiling = ceiling::measure(&amqp_url(), &names, &settings).await.expect("a ceiling");
+    assert_eq!(ceiling.messages, 900, "{ceiling:?}");
+    assert_eq!(ceiling.rounds_hop_messages_per_sec.len(), 3, "{ceiling:?}");
+    let (slowest, fastest) = ceiling.spread();
+    assert!(0.0 < slowest && slowest <= ceiling.hop_messages_per_sec, "{ceiling:?}");
+    assert!(ceiling.hop_messages_per_sec <= fastest, "{ceiling:?}");
+    let expected = 900.0 * 2.0 / ceiling.elapsed.as_secs_f64();
+    assert!((ceiling.hop_messages_per_sec - expected).abs() < 1e-6, "{ceiling:?}");
+    assert_no_queues(&names, 2).await;
+}
+
 #[tokio::test]
 async fn every_message_goes_through_every_hop_and_no_queue_is_left() {
     let names = fresh_names("ceiling");
-    let settings = CeilingSettings { messages: 2_000, hops: 5, prefetch: 200, body_bytes: 256 };
+    let settings =
+        CeilingSettings { messages: 2_000, hops: 5, prefetch: 200, body_bytes: 256, ..one_round() };
     let ceiling = ceiling::measure(&amqp_url(), &names, &settings).await.expect("a ceiling");
 
-    let Ceiling { messages, hops, elapsed, messages_per_sec, hop_messages_per_sec } = ceiling;
+    let Ceiling { messages, hops, elapsed, messages_per_sec, hop_messages_per_sec, .. } = ceiling.clone();
     assert_eq!((messages, hops), (2_000, 5));
+    assert_eq!(ceiling.rounds_hop_messages_per_sec, [hop_messages_per_sec], "one round");
     assert!(!elapsed.is_zero());
     assert!(messages_per_sec > 0.0 && hop_messages_per_sec > 0.0, "{ceiling:?}");
     let expected = messages_per_sec * 5.0;
@@ -45,7 +82,8 @@ async fn every_message_goes_through_every_hop_and_no_queue_is_left() {
 #[tokio::test]
 async fn a_measure_dropped_midway_leaves_no_queue() {
     let names = fresh_names("dropped");
-    let settings = CeilingSettings { messages: 1_000_000, hops: 3, prefetch: 200, body_bytes: 256 };
+    let settings =
+        CeilingSettings { messages: 1_000_000, hops: 3, prefetch: 200, body_bytes: 256, ..one_round() };
     let measured =
         tokio::time::timeout(Duration::from_millis(1500), ceiling::measure(&amqp_url(), &names, &settings))
             .await;
@@ -67,7 +105,8 @@ async fn a_measure_dropped_midway_leaves_no_queue() {
 #[tokio::test]
 async fn a_relay_that_fails_fails_the_measure_and_no_queue_is_left() {
     let names = fresh_names("failing");
-    let settings = CeilingSettings { messages: 1_000_000, hops: 3, prefetch: 200, body_bytes: 256 };
+    let settings =
+        CeilingSettings { messages: 1_000_000, hops: 3, prefetch: 200, body_bytes: 256, ..one_round() };
     let url = amqp_url();
     let measuring = tokio::spawn({
         let names = names.clone();
@@ -98,7 +137,7 @@ async fn a_relay_that_fails_fails_the_measure_and_no_queue_is_left() {
 async fn ceiling_figures() {
     for (messages, hops) in [(10_000, 5), (2_000, 7), (10_000, 1)] {
         let names = fresh_names("figures");
-        let settings = CeilingSettings { messages, hops, prefetch: 200, body_bytes: 256 };
+        let settings = CeilingSettings { messages, hops, prefetch: 200, body_bytes: 256, ..one_round() };
         let c = ceiling::measure(&amqp_url(), &names, &settings).await.unwrap();
         println!(
             "{messages} messages x {hops} hops: {:.2?}, {:.0} msgs/s, {:.0} hop-msgs/s",

@@ -44,6 +44,18 @@ pub struct BenchArgs {
     /// Keep the run's queues and database afterwards.
     #[arg(long)]
     keep: bool,
+    /// Measure the broker's ceiling for at least this many seconds (or 50,000 messages), in
+    /// rounds of the pipeline's deliveries; their spread is reported. 0: one round.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", value_parser = ceiling_secs)]
+    ceiling_secs: f64,
+}
+
+/// A ceiling's duration: 0 to an hour.
+fn ceiling_secs(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if (0.0..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err(format!("{text:?} is not a number of seconds from 0 to 3600")),
+    }
 }
 
 pub async fn bench(config: Config, args: BenchArgs) -> Result<Exit> {
@@ -69,6 +81,7 @@ pub async fn bench(config: Config, args: BenchArgs) -> Result<Exit> {
         processes,
         timeout: Duration::from_secs(args.timeout),
         keep: args.keep,
+        ceiling_duration: Duration::from_secs_f64(args.ceiling_secs),
     };
     let bar = progress_bar(settings.requests as u64);
     let report = switchyard::bench::run(&config, &settings, |completed, failed| {

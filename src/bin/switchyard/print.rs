@@ -318,9 +318,17 @@ pub fn bench(r: &switchyard::bench::Report) {
         "pipeline         {} deliveries, {:.0} deliveries/s",
         r.pipeline_deliveries, r.pipeline_deliveries_per_sec
     );
+    let (slowest, fastest) = r.ceiling.spread();
     println!(
-        "ceiling          {} messages through {} hops, {:.0} deliveries/s",
-        r.ceiling.messages, r.ceiling.hops, r.ceiling.hop_messages_per_sec
+        "ceiling          {} messages through {} hops in {:.1} s, {:.0} deliveries/s \
+         ({} rounds, {:.0} to {:.0})",
+        r.ceiling.messages,
+        r.ceiling.hops,
+        r.ceiling.elapsed.as_secs_f64(),
+        r.ceiling.hop_messages_per_sec,
+        r.ceiling.rounds_hop_messages_per_sec.len(),
+        slowest,
+        fastest
     );
     println!("ratio            {:.1}% of the ceiling", r.ratio_to_ceiling * 100.0);
 }
