@@ -39,18 +39,11 @@ pub(super) fn on_behalf(stage: &'static str, traceparent: &str, body: &[u8]) -> 
     let headers = std::collections::BTreeMap::from([(trace::TRACEPARENT.to_owned(), traceparent.to_owned())]);
     let span = handling(stage, &headers);
     trace::link(&span, &Span::current());
-    #[derive(serde::Deserialize)]
-    struct Ids {
-        #[serde(default)]
-        message_id: Option<uuid::Uuid>,
-        #[serde(default)]
-        request_id: Option<RequestId>,
-    }
-    let ids = serde_json::from_slice::<Ids>(body).ok();
-    if let Some(message_id) = ids.as_ref().and_then(|ids| ids.message_id) {
+    let (message_id, request_id) = super::failure::sniff_ids(body);
+    if let Some(message_id) = message_id {
         span.record("message_id", tracing::field::display(message_id));
     }
-    describe(&span, ids.and_then(|ids| ids.request_id), body);
+    describe(&span, request_id, body);
     span
 }
 
