@@ -5,7 +5,7 @@ use chrono::Utc;
 use serde::Serialize;
 use serde_json::json;
 
-use super::apply::audit;
+use super::apply::Tx;
 use super::cached::Cached;
 use super::read::agent_from_row;
 use super::{Error, Store};
@@ -103,7 +103,9 @@ impl Store {
             "succeeded": agent.succeeded,
             "failed": agent.failed,
         });
-        audit(&tx, by, "agent.removed", None, None, None, detail).await?;
+        let audited = Tx::new(&tx);
+        audited.audit(by, "agent.removed", None, None, None, detail);
+        audited.flush().await?;
         tx.commit().await?;
         Ok(Some(agent))
     }

@@ -35,7 +35,9 @@ impl Store {
         if let (1, Some(request_id), true) = (inserted, request_id, fail_request) {
             let failure = format!("a message of this request was dead-lettered at {stage}: {reason}");
             let detail = serde_json::json!({ "reason": failure, "stage": stage, "message_id": message_id });
-            super::apply::fail_request(&tx, stage, request_id, &failure, detail).await?;
+            let audited = super::apply::Tx::new(&tx);
+            super::apply::fail_request(&audited, stage, request_id, &failure, detail).await?;
+            audited.flush().await?;
         }
         tx.commit().await?;
         Ok(())

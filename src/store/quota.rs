@@ -13,7 +13,7 @@ use deadpool_postgres::Transaction;
 use serde::Serialize;
 use serde_json::json;
 
-use super::apply::audit;
+use super::apply::Tx;
 use super::cached::Cached;
 use super::{Error, Store};
 use crate::decisions::providers::{QuotaSnapshot, Window};
@@ -157,7 +157,7 @@ pub(super) async fn reserve(
 
 /// Records an attempt's real use (see `Write::QuotaUsed`); nothing if it was recorded before.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn record_use(tx: &Transaction<'_>, actor: &str, w: &write::QuotaUsed) -> Result<(), Error> {
+pub(super) async fn record_use(tx: &Tx<'_, '_>, actor: &str, w: &write::QuotaUsed) -> Result<(), Error> {
     let write::QuotaUsed {
         attempt: Attempt { request_id, plan_id, task_id, number: attempt },
         provider,
@@ -238,17 +238,18 @@ pub(super) async fn record_use(tx: &Transaction<'_>, actor: &str, w: &write::Quo
         "cost_micros": cost, "from_reserved_micros": taken, "reserved": reservation.is_some(),
         "window": window.map(|(w, _)| w), "window_start": window.map(|(_, start)| start),
     });
-    audit(tx, actor, "quota.used", Some(request_id), Some(plan_id), Some(task_id), detail).await
+    tx.audit(actor, "quota.used", Some(request_id), Some(plan_id), Some(task_id), detail);
+    Ok(())
 }
 
 /// Settles `plan_id`'s reservation, if it has one still open: what it still holds goes back to
 /// its window. Audited as `event` (`quota.settled` at plan end, `quota.released` on rejection).
 pub(super) async fn settle(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     request_id: RequestId,
     plan_id: PlanId,
-    event: &str,
+    event: &'static str,
 ) -> Result<(), Error> {
     let Some(row) = tx
         .query_opt_cached(
@@ -282,7 +283,8 @@ pub(super) async fn settle(
         // What this event said before settlements had figures: the amount given back.
         detail["amount_micros"] = json!(released);
     }
-    audit(tx, actor, event, Some(request_id), Some(plan_id), None, detail).await
+    tx.audit(actor, event, Some(request_id), Some(plan_id), None, detail);
+    Ok(())
 }
 
 impl Store {
@@ -397,7 +399,9 @@ impl Store {
         .await?;
         let detail = json!({ "provider": provider, "from_micros": before, "to_micros": limit_micros,
                              "configured_micros": configured });
-        audit(&tx, by, "quota.limit_set", None, None, None, detail).await?;
+        let audited = Tx::new(&tx);
+        audited.audit(by, "quota.limit_set", None, None, None, detail);
+        audited.flush().await?;
         tx.commit().await?;
         Ok(true)
     }

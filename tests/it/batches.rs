@@ -198,3 +198,120 @@ async fn a_delivery_that_would_reserve_capacity_is_refused_before_it_is_sent() {
     assert!(app.store.processed("dispatch", id).await.unwrap().is_none());
     assert_eq!(app.store.agents().await.unwrap()[0].in_flight, 0);
 }
+
+/// Requests under way (awaiting approval), to fail in a batch.
+async fn requests_under_way(app: &TestApp, n: usize) -> Vec<RequestId> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = app.submit(&format!("Deploy Gitea {i} to the homelab"), false).await;
+        app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
+        ids.push(id);
+    }
+    ids
+}
+
+fn fail(request_id: RequestId, reason: &str) -> Vec<Write> {
+    vec![Write::RequestFailed(write::RequestFailed { request_id, reason: reason.into() })]
+}
+
+async fn failed_events(app: &TestApp, id: RequestId) -> usize {
+    let events = app.store.audit_events(id).await.unwrap();
+    events.iter().filter(|(_, event, _)| event == "request.failed").count()
+}
+
+#[tokio::test]
+async fn a_message_the_database_refuses_is_left_out_alone_and_the_rest_of_its_batch_commits() {
+    let app = spawn_app_with(|c| c.approval.auto_approve_below = None).await;
+    let requests = requests_under_way(&app, 3).await;
+    // PostgreSQL takes no NUL character in a text column: the second message's write is refused.
+    let writes = [fail(requests[0], "gave up"), fail(requests[1], "gave\0up"), fail(requests[2], "gave up")];
+    let ids = [MessageId::random(), MessageId::random(), MessageId::random()];
+    let markers = ids.map(|id| marker("track", id));
+    let batch: Vec<(Option<&Marker<'_>>, &[Write])> =
+        markers.iter().zip(&writes).map(|(m, w)| (Some(m), w.as_slice())).collect();
+
+    let outcomes = app.store.apply_batch("track", &batch).await.expect("the batch commits");
+
+    assert!(matches!(outcomes[0], Ok(Applied::Done)), "{outcomes:?}");
+    assert!(matches!(&outcomes[1], Err(err) if !err.is_transient()), "{outcomes:?}");
+    assert!(matches!(outcomes[2], Ok(Applied::Done)), "{outcomes:?}");
+    for (i, (id, request)) in ids.iter().zip(&requests).enumerate() {
+        let status = app.store.request_status(*request).await.unwrap().unwrap();
+        let marked = app.store.processed("track", *id).await.unwrap().is_some();
+        let audited = failed_events(&app, *request).await;
+        if i == 1 {
+            assert_eq!((status.as_str(), marked, audited), ("awaiting_approval", false, 0), "nothing of it");
+        } else {
+            assert_eq!((status.as_str(), marked, audited), ("failed", true, 1), "message {i}, once");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_marker_the_database_refuses_is_found_among_its_batch_and_fails_alone() {
+    let app = spawn_app_with(|c| c.approval.auto_approve_below = None).await;
+    let requests = requests_under_way(&app, 3).await;
+    let writes: Vec<Vec<Write>> = requests.iter().map(|r| fail(*r, "gave up")).collect();
+    let ids = [MessageId::random(), MessageId::random(), MessageId::random()];
+    let mut markers = ids.map(|id| marker("track", id));
+    // The markers of a batch go in as one statement; a NUL in one message's outputs (JSON's
+    // \u0000, which PostgreSQL refuses in jsonb) makes the server refuse all of it.
+    markers[1].outputs = serde_json::json!(["gave\u{0}up"]);
+    let batch: Vec<(Option<&Marker<'_>>, &[Write])> =
+        markers.iter().zip(&writes).map(|(m, w)| (Some(m), w.as_slice())).collect();
+
+    let outcomes = app.store.apply_batch("track", &batch).await.expect("the batch commits");
+
+    assert!(matches!(&outcomes[1], Err(err) if !err.is_transient()), "{outcomes:?}");
+    assert!(matches!(outcomes[..], [Ok(Applied::Done), _, Ok(Applied::Done)]), "{outcomes:?}");
+    for (i, (id, request)) in ids.iter().zip(&requests).enumerate() {
+        let status = app.store.request_status(*request).await.unwrap().unwrap();
+        let marked = app.store.processed("track", *id).await.unwrap().is_some();
+        let audited = failed_events(&app, *request).await;
+        let expected = if i == 1 { ("awaiting_approval", false, 0) } else { ("failed", true, 1) };
+        assert_eq!((status.as_str(), marked, audited), expected, "message {i}");
+    }
+}
+
+#[tokio::test]
+async fn copies_of_a_message_in_one_batch_are_applied_once() {
+    let app = spawn_app_with(|c| c.approval.auto_approve_below = None).await;
+    let requests = requests_under_way(&app, 2).await;
+    let writes = [fail(requests[0], "gave up"), fail(requests[0], "gave up"), fail(requests[1], "gave up")];
+    let (copied, other) = (MessageId::random(), MessageId::random());
+    let mut markers = [marker("track", copied), marker("track", copied), marker("track", other)];
+    markers[0].outputs = serde_json::json!(["the first copy's outputs"]);
+    let batch: Vec<(Option<&Marker<'_>>, &[Write])> =
+        markers.iter().zip(&writes).map(|(m, w)| (Some(m), w.as_slice())).collect();
+
+    let outcomes = app.store.apply_batch("track", &batch).await.expect("the batch commits");
+
+    assert!(matches!(outcomes[0], Ok(Applied::Done)), "{outcomes:?}");
+    assert_eq!(outcomes[1].as_ref().ok(), Some(&Applied::Duplicate(markers[0].outputs.clone())));
+    assert!(matches!(outcomes[2], Ok(Applied::Done)), "{outcomes:?}");
+    assert_eq!(failed_events(&app, requests[0]).await, 1, "one failure, audited once");
+
+    // Again, as a redelivery would: both copies are duplicates now, with what was recorded.
+    let again = app.store.apply_batch("track", &batch[..2]).await.unwrap();
+    for outcome in &again {
+        assert_eq!(outcome.as_ref().ok(), Some(&Applied::Duplicate(markers[0].outputs.clone())));
+    }
+    assert_eq!(failed_events(&app, requests[0]).await, 1);
+}
+
+#[tokio::test]
+async fn a_delivered_input_whose_marker_is_refused_leaves_the_rest_of_its_batch_recorded() {
+    let app = spawn_app().await;
+    let deliver = |_: usize| std::future::ready(Ok::<(), String>(()));
+    let (good, bad, other) = (MessageId::random(), MessageId::random(), MessageId::random());
+    let mut markers = [marker("dispatch", good), marker("dispatch", bad), marker("dispatch", other)];
+    markers[1].outputs = serde_json::json!(["a\u{0}b"]);
+    let batch: Vec<(Marker<'_>, &[Write])> = markers.iter().map(|m| (m.clone(), &[][..])).collect();
+
+    let outcomes = app.store.deliver_batch("dispatch", &batch, deliver).await.expect("the batch commits");
+
+    assert!(matches!(outcomes[..], [Delivery::Done, Delivery::Refused(_), Delivery::Done]), "{outcomes:?}");
+    for (id, recorded) in [(good, true), (bad, false), (other, true)] {
+        assert_eq!(app.store.processed("dispatch", id).await.unwrap().is_some(), recorded, "{id}");
+    }
+}

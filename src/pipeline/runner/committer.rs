@@ -1,7 +1,7 @@
 //! The committer: the writes of the messages decided meanwhile go into one transaction and one
-//! commit, each message under a savepoint of its own; deliveries into agents' queues are
-//! committed with their markers in the same way, in batches of their own. Each message hears how
-//! its own writes went.
+//! commit, each message's all or nothing (`Store::apply_batch`); deliveries into agents' queues
+//! are committed with their markers in the same way, in batches of their own. Each message hears
+//! how its own writes went.
 //!
 //! Writes and deliveries wait apart and are committed by committers of their own, so that writes
 //! never wait behind a delivery. A delivery publishes once while its batch's transaction holds

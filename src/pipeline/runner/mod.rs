@@ -11,9 +11,9 @@
 //! - outputs that no queue takes (the next stage's queue was deleted, or the namespace is wrong)
 //!   are a transient failure: the input waits for the queue, it is never acknowledged and lost;
 //! - a panic in a stage's `parse` or `decide` is a permanent failure of that message only;
-//! - writes are committed in batches: each message's writes (under a savepoint of their own)
-//!   share one transaction and one commit with the other messages decided meanwhile, and each
-//!   message is published and acknowledged only after that commit;
+//! - writes are committed in batches: each message's writes, all or nothing, share one
+//!   transaction and one commit with the other messages decided meanwhile, and each message is
+//!   published and acknowledged only after that commit;
 //! - when the broker connection or the publishing channel is gone, the runner stops, so that the
 //!   worker connects again instead of parking and requeueing in vain.
 //!

@@ -5,13 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use deadpool_postgres::Transaction;
 
-use super::{Step, audit};
+use super::{Step, Tx};
 use crate::model::effect::write;
 use crate::store::Error;
 use crate::store::cached::Cached;
 
 /// An agent's heartbeat (`Write::Agent`): registers the agent or updates it.
-pub(super) async fn agent(tx: &Transaction<'_>, actor: &str, w: &write::Agent) -> Result<Step, Error> {
+pub(super) async fn agent(tx: &Tx<'_, '_>, actor: &str, w: &write::Agent) -> Result<Step, Error> {
     let write::Agent { heartbeat, received_at } = w;
     let at = heartbeat.sent_at.map_or(*received_at, |sent| sent.min(*received_at));
     let capabilities: Vec<&str> = heartbeat.capabilities.iter().map(String::as_str).collect();
@@ -42,7 +42,7 @@ pub(super) async fn agent(tx: &Transaction<'_>, actor: &str, w: &write::Agent) -
         .get(0);
     if inserted {
         let detail = serde_json::to_value(heartbeat).expect("heartbeat serializes");
-        audit(tx, actor, "agent.registered", None, None, None, detail).await?;
+        tx.audit(actor, "agent.registered", None, None, None, detail);
     }
     Ok(Step::Ok)
 }

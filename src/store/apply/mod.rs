@@ -3,6 +3,7 @@
 //! writes (`requests`, `plans`, `tasks`, `agents`; a quota's use in `store::quota`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 use deadpool_postgres::Transaction;
 use serde_json::Value;
@@ -95,7 +96,8 @@ impl Store {
     ) -> Result<Applied, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let applied = match apply_in(&tx, actor, marker, writes).await? {
+        let scope = Tx::new(&tx);
+        let applied = match apply_in(&scope, actor, marker, writes).await? {
             (Applied::Done, agents) => match agents.apply(&tx).await? {
                 Step::Ok => Applied::Done,
                 Step::Conflict(reason) => Applied::Conflict(reason),
@@ -103,7 +105,10 @@ impl Store {
             (applied, _) => applied,
         };
         match applied {
-            Applied::Done => tx.commit().await?,
+            Applied::Done => {
+                scope.flush().await?;
+                tx.commit().await?
+            }
             // A duplicate wrote nothing; a conflict must leave nothing written.
             Applied::Duplicate(_) | Applied::Conflict(_) => tx.rollback().await?,
         }
@@ -111,18 +116,26 @@ impl Store {
     }
 
     /// Applies the writes of many messages in one transaction and one commit, each message's
-    /// writes all or nothing (a savepoint each): what one message's conflict or error undoes is
-    /// its own writes, not the others'.
+    /// writes all or nothing: what one message's conflict or error undoes is its own writes,
+    /// not the others'.
     ///
     /// A commit waits for the write-ahead log to reach the disk, and one transaction per message
-    /// spends most of its time in that wait. The agent rows are the hottest rows there are
-    /// (every routing decision reserves capacity on one, every result gives it back), so the
-    /// batch changes them last, all at once: locked in the order of their ids (two batches never
-    /// wait for each other in a cycle), only for the end of the transaction. A message whose
-    /// reservation no longer fits then is a conflict, and the batch is done again without it.
+    /// spends most of its time in that wait. The statements that every message makes go in once
+    /// for the whole batch: the idempotency markers in one statement, the audit rows in one
+    /// more. The agent rows are the hottest rows there are (every routing decision reserves
+    /// capacity on one, every result gives it back), so the batch changes them last, all at
+    /// once: locked in the order of their ids (two batches never wait for each other in a
+    /// cycle), only for the end of the transaction.
+    ///
+    /// No message has a savepoint of its own (a transaction past 64 subtransactions slows every
+    /// other one on the server). A message that conflicts (its agent turned out full, the state
+    /// moved on) or that the database refuses has the transaction rolled back, and the batch is
+    /// done again without it: rare, and cheaper than a savepoint for every message. A refusal
+    /// of a statement for the whole batch (an audit row the server will not take) is traced to
+    /// its message by doing the batch again one message at a time.
     ///
     /// The outer error is the batch's (the connection or the commit failed: nothing was
-    /// written); the inner ones are single messages', whose writes were undone.
+    /// written); the inner ones are single messages', whose writes were left out.
     pub async fn apply_batch(
         &self,
         actor: &str,
@@ -134,31 +147,38 @@ impl Store {
                 outcome => Ok(vec![outcome]),
             };
         }
-        // Messages found not to fit on their agent, with why; each round leaves out more.
         let order = lock_order(batch.iter().map(|(_, writes)| *writes));
         let mut client = self.client().await?;
-        let mut full = overbooked(&client, batch, &order).await?;
+        // Messages left out, with how they went: found before anything is written not to fit on
+        // their agent, then each round leaves out more.
+        let mut left_out: BTreeMap<usize, Result<Applied, Error>> = overbooked(&client, batch, &order)
+            .await?
+            .into_iter()
+            .map(|(index, reason)| (index, Ok(Applied::Conflict(reason))))
+            .collect();
+        let mut each = false;
         loop {
-            let mut tx = client.transaction().await?;
-            let mut outcomes: Vec<Option<Result<Applied, Error>>> = batch.iter().map(|_| None).collect();
-            let mut ledgers = Vec::with_capacity(batch.len());
-            for &index in &order {
-                let (marker, writes) = &batch[index];
-                if let Some(reason) = full.get(&index) {
-                    outcomes[index] = Some(Ok(Applied::Conflict(reason.clone())));
-                    continue;
+            let tx = client.transaction().await?;
+            let included: Vec<usize> = order.iter().copied().filter(|i| !left_out.contains_key(i)).collect();
+            match batch_round(&tx, actor, batch, &included, each).await? {
+                Round::Done(mut outcomes) => {
+                    tx.commit().await?;
+                    outcomes.extend(left_out);
+                    return Ok(outcomes.into_values().collect());
                 }
-                let (outcome, agents) = apply_saved(&mut tx, actor, *marker, writes).await?;
-                ledgers.extend(agents.map(|agents| (index, agents)));
-                outcomes[index] = Some(outcome);
+                Round::LeaveOut(left) => {
+                    tx.rollback().await?;
+                    left_out.extend(left);
+                }
+                Round::OneByOne => {
+                    tx.rollback().await?;
+                    each = true;
+                }
+                Round::Unrecorded(index, err) => {
+                    tx.rollback().await?;
+                    left_out.insert(index, Err(err));
+                }
             }
-            let rejected = AgentLedger::apply_all(&tx, &ledgers).await?;
-            if rejected.is_empty() {
-                tx.commit().await?;
-                return Ok(outcomes.into_iter().map(|o| o.expect("every message has an outcome")).collect());
-            }
-            tx.rollback().await?;
-            full.extend(rejected);
         }
     }
 
@@ -172,8 +192,10 @@ impl Store {
     /// What is delivered cannot be taken back, so nothing after a delivery can undo its marker:
     /// an input whose writes would reserve capacity (which the end of a batch may find taken) is
     /// refused before anything is sent, and an input whose writes conflict or are refused is
-    /// still recorded as delivered. Only the database failing before the commit leaves a
-    /// delivered input unrecorded; its copy is then delivered again, with the same message id.
+    /// still recorded as delivered. Since the locks must outlive such a message, the writes go
+    /// under one savepoint for the batch (not one per message), rolled back to and done again
+    /// without the message. Only the database failing before the commit leaves a delivered
+    /// input unrecorded; its copy is then delivered again, with the same message id.
     pub async fn deliver_batch<E, F: Future<Output = Result<(), E>>>(
         &self,
         actor: &str,
@@ -237,33 +259,266 @@ impl Store {
             .filter(|&i| outcomes[i].is_none())
             .collect();
         let sent = futures::future::join_all(sending.iter().map(|&i| deliver(i))).await;
-        let mut ledgers = Vec::new();
+        let mut delivered = Vec::with_capacity(sending.len());
         for (&index, result) in sending.iter().zip(sent) {
-            if let Err(err) = result {
-                outcomes[index] = Some(Delivery::Failed(err));
-                continue;
+            match result {
+                Ok(()) => delivered.push(index),
+                Err(err) => outcomes[index] = Some(Delivery::Failed(err)),
             }
-            let (marker, writes) = &batch[index];
-            let (outcome, agents) = apply_saved(&mut tx, actor, Some(marker), writes).await?;
-            ledgers.extend(agents.map(|agents| (index, agents)));
-            let delivery = match outcome {
+        }
+        // Delivered, then left out of the writes (conflicts and refusals), with whether their
+        // marker is still recorded: all but one the server refused itself.
+        let mut left_out: BTreeMap<usize, (Result<Applied, Error>, bool)> = BTreeMap::new();
+        let mut each = false;
+        let written = loop {
+            let savepoint = tx.transaction().await?;
+            let round = delivery_round(&savepoint, actor, batch, &delivered, &left_out, each).await?;
+            let recorded = match round {
+                Round::Done(written) => {
+                    savepoint.commit().await?;
+                    break written;
+                }
+                Round::LeaveOut(left) => {
+                    left.into_iter().map(|(index, outcome)| (index, (outcome, true))).collect()
+                }
+                Round::Unrecorded(index, err) => BTreeMap::from([(index, (Err(err), false))]),
+                Round::OneByOne => {
+                    each = true;
+                    BTreeMap::new()
+                }
+            };
+            savepoint.rollback().await?;
+            left_out.extend(recorded);
+        };
+        tx.commit().await?;
+        for (index, applied) in written.into_iter().chain(left_out.into_iter().map(|(i, (o, _))| (i, o))) {
+            outcomes[index] = Some(match applied {
                 Ok(Applied::Done) => Delivery::Done,
                 Ok(Applied::Duplicate(_)) => Delivery::Already,
                 // This message's writes only: the others of the batch, delivered too, stand.
                 Ok(Applied::Conflict(reason)) => Delivery::Conflict(reason),
                 Err(err) => Delivery::Refused(err),
-            };
-            if matches!(delivery, Delivery::Conflict(_) | Delivery::Refused(_)) {
-                apply_in(&tx, actor, Some(marker), &[]).await?;
-            }
-            outcomes[index] = Some(delivery);
+            });
         }
-        // Releases and counts only (reservations were refused above): nothing here can be
-        // turned down, so no delivered input goes unrecorded for want of capacity.
-        AgentLedger::apply_unchecked(&tx, &ledgers).await?;
-        tx.commit().await?;
         Ok(outcomes.into_iter().map(|outcome| outcome.expect("every input has an outcome")).collect())
     }
+}
+
+/// How one attempt at a batch went, within its transaction.
+enum Round {
+    /// Every message included went in (by position in the batch); what is left is the commit.
+    Done(BTreeMap<usize, Result<Applied, Error>>),
+    /// These messages must be left out (a conflict, a refusal), and the batch done again.
+    LeaveOut(BTreeMap<usize, Result<Applied, Error>>),
+    /// A statement made for the whole batch was refused: do it again one message at a time, to
+    /// find whose part it was.
+    OneByOne,
+    /// A delivered input whose very marker the server refused: leave out all of it.
+    Unrecorded(usize, Error),
+}
+
+/// One attempt at the messages `included` of a batch (positions, in the order to apply them).
+async fn batch_round(
+    tx: &Transaction<'_>,
+    actor: &str,
+    batch: &[(Option<&Marker<'_>>, &[Write])],
+    included: &[usize],
+    each: bool,
+) -> Result<Round, Error> {
+    let scope = Tx::new(tx);
+    let mut outcomes = BTreeMap::new();
+    let mut ledgers = Vec::with_capacity(included.len());
+    let duplicates = if each {
+        BTreeMap::new()
+    } else {
+        let markers: Vec<(usize, &Marker<'_>)> =
+            included.iter().filter_map(|&i| batch[i].0.map(|marker| (i, marker))).collect();
+        match refused(insert_markers(tx, &markers).await)? {
+            Some(duplicates) => duplicates,
+            None => return Ok(Round::OneByOne),
+        }
+    };
+    for &index in included {
+        if let Some(outputs) = duplicates.get(&index) {
+            outcomes.insert(index, Ok(Applied::Duplicate(outputs.clone())));
+            continue;
+        }
+        let (marker, writes) = batch[index];
+        let applied = if each {
+            match apply_in(&scope, actor, marker, writes).await {
+                Ok(applied) => scope.flush().await.map(|()| applied),
+                Err(err) => Err(err),
+            }
+        } else {
+            apply_in(&scope, actor, None, writes).await
+        };
+        match applied {
+            Ok((Applied::Done, agents)) => {
+                ledgers.push((index, agents));
+                outcomes.insert(index, Ok(Applied::Done));
+            }
+            Ok((Applied::Duplicate(outputs), _)) => {
+                outcomes.insert(index, Ok(Applied::Duplicate(outputs)));
+            }
+            Ok((conflict @ Applied::Conflict(_), _)) => {
+                return Ok(Round::LeaveOut(BTreeMap::from([(index, Ok(conflict))])));
+            }
+            Err(err) if err.is_transient() => return Err(err),
+            Err(err) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Err(err))]))),
+        }
+    }
+    if refused(scope.flush().await)?.is_none() {
+        return Ok(Round::OneByOne);
+    }
+    let rejected = AgentLedger::apply_all(tx, &ledgers).await?;
+    if !rejected.is_empty() {
+        return Ok(Round::LeaveOut(
+            rejected.into_iter().map(|(index, reason)| (index, Ok(Applied::Conflict(reason)))).collect(),
+        ));
+    }
+    Ok(Round::Done(outcomes))
+}
+
+/// One attempt at recording the inputs `delivered` of a batch of deliveries (positions, in the
+/// order to apply them): every one's marker, and the writes of those not `left_out`.
+async fn delivery_round(
+    tx: &Transaction<'_>,
+    actor: &str,
+    batch: &[(Marker<'_>, &[Write])],
+    delivered: &[usize],
+    left_out: &BTreeMap<usize, (Result<Applied, Error>, bool)>,
+    each: bool,
+) -> Result<Round, Error> {
+    let scope = Tx::new(tx);
+    let recorded = |index: &usize| left_out.get(index).is_none_or(|(_, marker)| *marker);
+    if !each {
+        let markers: Vec<(usize, &Marker<'_>)> =
+            delivered.iter().filter(|i| recorded(i)).map(|&i| (i, &batch[i].0)).collect();
+        if refused(insert_markers(tx, &markers).await)?.is_none() {
+            return Ok(Round::OneByOne);
+        }
+    }
+    let mut written = BTreeMap::new();
+    let mut ledgers = Vec::with_capacity(delivered.len());
+    for &index in delivered {
+        let (marker, writes) = &batch[index];
+        if each && recorded(&index) {
+            // The marker alone first: a marker the server refuses is the message's own fault.
+            match apply_in(&scope, actor, Some(marker), &[]).await {
+                Ok(_) => {}
+                Err(err) if err.is_transient() => return Err(err),
+                Err(err) => return Ok(Round::Unrecorded(index, err)),
+            }
+        }
+        if left_out.contains_key(&index) {
+            continue;
+        }
+        let applied = match apply_in(&scope, actor, None, writes).await {
+            Ok(applied) if each => scope.flush().await.map(|()| applied),
+            other => other,
+        };
+        match applied {
+            Ok((Applied::Done, agents)) => {
+                ledgers.push((index, agents));
+                written.insert(index, Ok(Applied::Done));
+            }
+            Ok((other, _)) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Ok(other))]))),
+            Err(err) if err.is_transient() => return Err(err),
+            Err(err) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Err(err))]))),
+        }
+    }
+    if refused(scope.flush().await)?.is_none() {
+        return Ok(Round::OneByOne);
+    }
+    // Releases and counts only (reservations were refused before sending): nothing here can be
+    // turned down, so no delivered input goes unrecorded for want of capacity.
+    AgentLedger::apply_unchecked(tx, &ledgers).await?;
+    Ok(Round::Done(written))
+}
+
+/// A statement made for a whole batch: its value, `None` if the server refused it for good
+/// (one message's part of it, not known which), or the batch's error.
+fn refused<T>(result: Result<T, Error>) -> Result<Option<T>, Error> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(err) if err.is_transient() => Err(err),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Inserts the markers of a batch's messages in one statement, and returns the messages found
+/// processed before (by position in the batch), with the outputs recorded then. A copy being
+/// processed by another transaction makes this wait for it, as one marker at a time would; a
+/// second copy within the batch is a duplicate of the first.
+async fn insert_markers(
+    tx: &Transaction<'_>,
+    markers: &[(usize, &Marker<'_>)],
+) -> Result<BTreeMap<usize, Value>, Error> {
+    // Each key once, in one order for everyone: two batches holding copies of the same
+    // messages wait for each other's markers in that order, never in a cycle.
+    let mut firsts: BTreeMap<(&str, Uuid), (usize, &Marker<'_>)> = BTreeMap::new();
+    let mut copies = Vec::new();
+    for &(index, marker) in markers {
+        let key = (marker.stage, marker.message_id.as_uuid());
+        match firsts.entry(key) {
+            std::collections::btree_map::Entry::Occupied(_) => copies.push((index, key)),
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert((index, marker));
+            }
+        }
+    }
+    if firsts.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let stages: Vec<&str> = firsts.keys().map(|(stage, _)| *stage).collect();
+    let ids: Vec<Uuid> = firsts.keys().map(|(_, id)| *id).collect();
+    let outputs: Vec<&Value> = firsts.values().map(|(_, marker)| &marker.outputs).collect();
+    let inserted: BTreeSet<(String, Uuid)> = tx
+        .query_cached(
+            "INSERT INTO processed_messages (stage, message_id, outputs)
+             SELECT * FROM unnest($1::text[], $2::uuid[], $3::jsonb[])
+             ON CONFLICT DO NOTHING RETURNING stage, message_id",
+            &[&stages, &ids, &outputs],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let before: Vec<(&str, Uuid)> = firsts
+        .keys()
+        .filter(|(stage, id)| !inserted.contains(&((*stage).to_owned(), *id)))
+        .copied()
+        .collect();
+    let mut recorded: BTreeMap<(String, Uuid), Value> = BTreeMap::new();
+    if !before.is_empty() {
+        let stages: Vec<&str> = before.iter().map(|(stage, _)| *stage).collect();
+        let ids: Vec<Uuid> = before.iter().map(|(_, id)| *id).collect();
+        for row in tx
+            .query_cached(
+                "SELECT m.stage, m.message_id, m.outputs
+                 FROM processed_messages m JOIN unnest($1::text[], $2::uuid[]) AS k (stage, message_id)
+                   USING (stage, message_id)",
+                &[&stages, &ids],
+            )
+            .await?
+        {
+            recorded.insert((row.get(0), row.get(1)), row.get(2));
+        }
+    }
+    let outputs_of = |key: &(&str, Uuid)| -> Value {
+        let owned = (key.0.to_owned(), key.1);
+        match recorded.get(&owned) {
+            Some(outputs) => outputs.clone(),
+            // Inserted by this batch: its first copy's outputs.
+            None => firsts[key].1.outputs.clone(),
+        }
+    };
+    let mut duplicates: BTreeMap<usize, Value> =
+        before.iter().map(|key| (firsts[key].0, outputs_of(key))).collect();
+    for (index, key) in copies {
+        duplicates.insert(index, outputs_of(&key));
+    }
+    Ok(duplicates)
 }
 
 /// The order in which to apply the writes of a batch's messages (positions in the batch): by
@@ -355,39 +610,11 @@ async fn overbooked(
     Ok(full)
 }
 
-/// One message of a batch, under a savepoint of its own: kept if applied (with what it changes
-/// of agents' rows, for the batch to apply last), undone if it is a duplicate, a conflict or
-/// refused (its own error, inside). The outer error is the transaction's: the connection or the
-/// server failed all of it, and the whole batch must be done again.
-async fn apply_saved(
-    tx: &mut Transaction<'_>,
-    actor: &str,
-    marker: Option<&Marker<'_>>,
-    writes: &[Write],
-) -> Result<(Result<Applied, Error>, Option<AgentLedger>), Error> {
-    let savepoint = tx.transaction().await?;
-    match apply_in(&savepoint, actor, marker, writes).await {
-        Ok((Applied::Done, agents)) => {
-            savepoint.commit().await?;
-            Ok((Ok(Applied::Done), Some(agents)))
-        }
-        Ok((other, _)) => {
-            savepoint.rollback().await?;
-            Ok((Ok(other), None))
-        }
-        Err(err) if err.is_transient() => Err(err),
-        Err(err) => {
-            savepoint.rollback().await?;
-            Ok((Err(err), None))
-        }
-    }
-}
-
 /// One message's writes within `tx`: its marker first (a duplicate writes nothing more), then
 /// each write with its audit row. What they change of agents' rows is returned, for the caller
 /// to apply last. On a conflict, the caller must undo what was written.
 async fn apply_in(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     marker: Option<&Marker<'_>>,
     writes: &[Write],
@@ -420,29 +647,85 @@ async fn apply_in(
     Ok((Applied::Done, agents))
 }
 
-pub(super) async fn audit(
-    tx: &Transaction<'_>,
-    actor: &str,
-    event: &str,
-    request: Option<RequestId>,
-    plan: Option<PlanId>,
-    task: Option<TaskId>,
+/// A transaction, and the audit rows its writes leave, which go in together, in one statement,
+/// when it is flushed: a row per change, each a statement of its own, was the most frequent
+/// statement of all. Reads within the transaction do not see them before then; none looks.
+pub(in crate::store) struct Tx<'s, 't> {
+    tx: &'s Transaction<'t>,
+    audit: Mutex<Vec<AuditRow>>,
+}
+
+struct AuditRow {
+    actor: String,
+    event: &'static str,
+    request: Option<Uuid>,
+    plan: Option<Uuid>,
+    task: Option<Uuid>,
     detail: Value,
-) -> Result<(), Error> {
-    tx.execute_cached(
-        "INSERT INTO audit_log (actor, event, request_id, plan_id, task_id, detail)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&actor, &event, &request.map(Uuid::from), &plan.map(Uuid::from), &task.map(Uuid::from), &detail],
-    )
-    .await?;
-    Ok(())
+}
+
+impl<'s, 't> Tx<'s, 't> {
+    pub(in crate::store) fn new(tx: &'s Transaction<'t>) -> Self {
+        Tx { tx, audit: Mutex::new(Vec::new()) }
+    }
+
+    /// An audit row, written at the next [`Tx::flush`].
+    pub(in crate::store) fn audit(
+        &self,
+        actor: &str,
+        event: &'static str,
+        request: Option<RequestId>,
+        plan: Option<PlanId>,
+        task: Option<TaskId>,
+        detail: Value,
+    ) {
+        let row = AuditRow {
+            actor: actor.to_owned(),
+            event,
+            request: request.map(Uuid::from),
+            plan: plan.map(Uuid::from),
+            task: task.map(Uuid::from),
+            detail,
+        };
+        self.audit.lock().expect("no audit push panics").push(row);
+    }
+
+    /// Writes the audit rows gathered since the last flush, in the order they came.
+    pub(in crate::store) async fn flush(&self) -> Result<(), Error> {
+        let rows = std::mem::take(&mut *self.audit.lock().expect("no audit push panics"));
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let actors: Vec<&str> = rows.iter().map(|r| r.actor.as_str()).collect();
+        let events: Vec<&str> = rows.iter().map(|r| r.event).collect();
+        let requests: Vec<Option<Uuid>> = rows.iter().map(|r| r.request).collect();
+        let plans: Vec<Option<Uuid>> = rows.iter().map(|r| r.plan).collect();
+        let tasks: Vec<Option<Uuid>> = rows.iter().map(|r| r.task).collect();
+        let details: Vec<&Value> = rows.iter().map(|r| &r.detail).collect();
+        self.tx
+            .execute_cached(
+                "INSERT INTO audit_log (actor, event, request_id, plan_id, task_id, detail)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::jsonb[])",
+                &[&actors, &events, &requests, &plans, &tasks, &details],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+impl<'t> std::ops::Deref for Tx<'_, 't> {
+    type Target = Transaction<'t>;
+
+    fn deref(&self) -> &Transaction<'t> {
+        self.tx
+    }
 }
 
 /// One write within `tx`, with its audit row. Each kind of write has a function of its own, in
 /// the file of the rows it writes; it is given the whole write and takes it apart itself, so
 /// that this match stays one line a kind.
 async fn apply_one(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     write: &Write,
     agents: &mut AgentLedger,

@@ -1,13 +1,12 @@
 //! The writes that move a plan on: its creation with its tasks, its fallback decision, its
 //! approval, and its end.
 
-use deadpool_postgres::Transaction;
 use serde_json::json;
 use uuid::Uuid;
 
 use super::requests::set_request_status;
 use super::tasks::cancel_pending;
-use super::{Step, audit};
+use super::{Step, Tx};
 use crate::decisions::fallback::FallbackDecision;
 use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
 use crate::model::effect::write;
@@ -17,7 +16,7 @@ use crate::store::cached::Cached;
 use crate::store::quota;
 
 /// A new plan and its tasks (`Write::Plan`), unless its request was cancelled meanwhile.
-pub(super) async fn plan(tx: &Transaction<'_>, actor: &str, w: &write::Plan) -> Result<Step, Error> {
+pub(super) async fn plan(tx: &Tx<'_, '_>, actor: &str, w: &write::Plan) -> Result<Step, Error> {
     let write::Plan { plan, complexity, infeasible, duration_basis } = w;
     // Shared with a cancellation, which locks the request for update: a plan is never
     // made for a request cancelled meanwhile.
@@ -83,13 +82,13 @@ pub(super) async fn plan(tx: &Transaction<'_>, actor: &str, w: &write::Plan) -> 
         let keys: Vec<&str> = plan.tasks().iter().map(|t| t.key.as_str()).collect();
         let detail = json!({ "tasks": keys, "complexity": complexity.score, "terms": terms,
                              "infeasible": infeasible, "learnt_durations": duration_basis });
-        audit(tx, actor, "plan.created", Some(plan.request_id), Some(plan.id), None, detail).await?;
+        tx.audit(actor, "plan.created", Some(plan.request_id), Some(plan.id), None, detail);
     }
     Ok(Step::Ok)
 }
 
 /// A plan's external-AI decision (`Write::Fallback`), with its quota reservation if it has one.
-pub(super) async fn fallback(tx: &Transaction<'_>, actor: &str, w: &write::Fallback) -> Result<Step, Error> {
+pub(super) async fn fallback(tx: &Tx<'_, '_>, actor: &str, w: &write::Fallback) -> Result<Step, Error> {
     let write::Fallback { request_id, decision, reserve } = w;
     let plan_id = decision.plan_id();
     if plan_cancelled(tx, plan_id).await? {
@@ -137,13 +136,13 @@ pub(super) async fn fallback(tx: &Transaction<'_>, actor: &str, w: &write::Fallb
         .await?;
     }
     let detail = serde_json::to_value(decision).expect("decision serializes");
-    audit(tx, actor, "fallback.decided", Some(*request_id), Some(plan_id), None, detail).await?;
+    tx.audit(actor, "fallback.decided", Some(*request_id), Some(plan_id), None, detail);
     Ok(Step::Ok)
 }
 
 /// A plan that waits for a verdict (`Write::AwaitingApproval`).
 pub(super) async fn awaiting_approval(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::AwaitingApproval,
 ) -> Result<Step, Error> {
@@ -158,13 +157,13 @@ pub(super) async fn awaiting_approval(
         set_request_status(tx, *request_id, RequestStatus::AwaitingApproval, &[RequestStatus::Planned])
             .await?;
         let detail = json!({ "reason": reason });
-        audit(tx, actor, "plan.awaiting_approval", Some(*request_id), Some(*plan_id), None, detail).await?;
+        tx.audit(actor, "plan.awaiting_approval", Some(*request_id), Some(*plan_id), None, detail);
     }
     Ok(Step::Ok)
 }
 
 /// A verdict on a plan (`Write::Approval`); a rejection gives the plan's quota back.
-pub(super) async fn approval(tx: &Transaction<'_>, actor: &str, w: &write::Approval) -> Result<Step, Error> {
+pub(super) async fn approval(tx: &Tx<'_, '_>, actor: &str, w: &write::Approval) -> Result<Step, Error> {
     let write::Approval { request_id, plan_id, approved, by, reason } = w;
     if plan_cancelled(tx, *plan_id).await? {
         return Ok(Step::Conflict(format!("plan {plan_id} is cancelled")));
@@ -211,7 +210,7 @@ pub(super) async fn approval(tx: &Transaction<'_>, actor: &str, w: &write::Appro
     )
     .await?;
     let detail = json!({ "by": by, "reason": reason });
-    audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
+    tx.audit(actor, event, Some(*request_id), Some(*plan_id), None, detail);
     if !approved {
         cancel_pending(tx, *plan_id, &format!("cancelled: the plan was rejected ({reason})")).await?;
         // A rejected plan will not use the external model: give its quota back.
@@ -222,7 +221,7 @@ pub(super) async fn approval(tx: &Transaction<'_>, actor: &str, w: &write::Appro
 
 /// A plan and its request that finished (`Write::PlanFinished`); settles the plan's quota.
 pub(super) async fn plan_finished(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::PlanFinished,
 ) -> Result<Step, Error> {
@@ -249,7 +248,7 @@ pub(super) async fn plan_finished(
         )
         .await?;
         let detail = json!({ "reason": failure });
-        audit(tx, actor, event, Some(*request_id), Some(*plan_id), None, detail).await?;
+        tx.audit(actor, event, Some(*request_id), Some(*plan_id), None, detail);
     }
     // Whatever the plan's reservation still holds goes back; once, even if the plan
     // was finished before.
@@ -259,7 +258,7 @@ pub(super) async fn plan_finished(
 
 /// Whether `status` is the plan's (locked until the end of the transaction): writes that move a
 /// plan on must not touch one that was cancelled meanwhile.
-async fn plan_cancelled(tx: &Transaction<'_>, plan_id: PlanId) -> Result<bool, Error> {
+async fn plan_cancelled(tx: &Tx<'_, '_>, plan_id: PlanId) -> Result<bool, Error> {
     let row = tx
         .query_opt_cached("SELECT status FROM plans WHERE id = $1 FOR UPDATE", &[&plan_id.as_uuid()])
         .await?;

@@ -1,13 +1,12 @@
 //! The writes that a request's own rows take: its arrival, its decomposition, its failure and
 //! its cancellation.
 
-use deadpool_postgres::Transaction;
 use serde_json::json;
 use uuid::Uuid;
 
 use super::agents::AgentLedger;
 use super::tasks::{NOT_STARTED, ON_AN_AGENT};
-use super::{Step, audit};
+use super::{Step, Tx};
 use crate::model::domain::{PlanStatus, RequestStatus};
 use crate::model::effect::write;
 use crate::model::ids::{PlanId, RequestId};
@@ -17,7 +16,7 @@ use crate::store::quota;
 use crate::store::read::parse_status;
 
 /// A new request (`Write::Request`); nothing if one with its id exists.
-pub(super) async fn request(tx: &Transaction<'_>, actor: &str, w: &write::Request) -> Result<Step, Error> {
+pub(super) async fn request(tx: &Tx<'_, '_>, actor: &str, w: &write::Request) -> Result<Step, Error> {
     let meta = &w.meta;
     let inserted = tx
         .execute_cached(
@@ -37,7 +36,7 @@ pub(super) async fn request(tx: &Transaction<'_>, actor: &str, w: &write::Reques
     if inserted == 1 {
         let detail = json!({ "submitted_by": meta.submitted_by, "priority": meta.priority,
                              "auto_approve": meta.auto_approve });
-        audit(tx, actor, "request.received", Some(meta.request_id), None, None, detail).await?;
+        tx.audit(actor, "request.received", Some(meta.request_id), None, None, detail);
         return Ok(Step::Ok);
     }
     // Two texts under one id decided at once: the one recorded first is the request, and the
@@ -56,7 +55,7 @@ pub(super) async fn request(tx: &Transaction<'_>, actor: &str, w: &write::Reques
 
 /// A request's decomposition (`Write::Decomposition`), which moves it on to decomposed.
 pub(super) async fn decomposition(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::Decomposition,
 ) -> Result<Step, Error> {
@@ -80,14 +79,14 @@ pub(super) async fn decomposition(
         let detail = json!({ "decomposer": decomposition.decomposer, "work_types": work_types,
                              "confidence": decomposition.confidence,
                              "fallback_reason": decomposition.fallback_reason });
-        audit(tx, actor, "request.decomposed", Some(*request_id), None, None, detail).await?;
+        tx.audit(actor, "request.decomposed", Some(*request_id), None, None, detail);
     }
     Ok(Step::Ok)
 }
 
 /// A permanent failure of a request under way (`Write::RequestFailed`).
 pub(super) async fn request_failed(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::RequestFailed,
 ) -> Result<Step, Error> {
@@ -101,7 +100,7 @@ pub(super) async fn request_failed(
 /// ended), audited with `detail`. Its plan, if it has one under way, fails with it: what had not
 /// started is cancelled, and what it reserved of a provider's quota goes back. Whether it failed.
 pub(in crate::store) async fn fail_request(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     request_id: RequestId,
     reason: &str,
@@ -118,7 +117,7 @@ pub(in crate::store) async fn fail_request(
     if failed == 0 {
         return Ok(false);
     }
-    audit(tx, actor, "request.failed", Some(request_id), None, None, detail).await?;
+    tx.audit(actor, "request.failed", Some(request_id), None, None, detail);
     let plan_under_way =
         [PlanStatus::Planned, PlanStatus::AwaitingApproval, PlanStatus::Approved].map(|s| s.as_str());
     let ended = tx
@@ -138,7 +137,7 @@ pub(in crate::store) async fn fail_request(
 
 /// A request cancelled by `by`: see [`Write::Cancel`].
 pub(super) async fn cancel(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     request_id: RequestId,
     by: &str,
@@ -221,16 +220,16 @@ pub(super) async fn cancel(
         }
         quota::settle(tx, actor, request_id, plan_id, "quota.settled").await?;
         let detail = json!({ "by": by, "reason": reason, "tasks_cancelled": rows.len(), "stopped": stopped });
-        audit(tx, actor, "request.cancelled", Some(request_id), Some(plan_id), None, detail).await?;
+        tx.audit(actor, "request.cancelled", Some(request_id), Some(plan_id), None, detail);
     } else {
         let detail = json!({ "by": by, "reason": reason, "tasks_cancelled": 0, "stopped": stopped });
-        audit(tx, actor, "request.cancelled", Some(request_id), None, None, detail).await?;
+        tx.audit(actor, "request.cancelled", Some(request_id), None, None, detail);
     }
     Ok(Step::Ok)
 }
 
 pub(super) async fn set_request_status(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     id: RequestId,
     status: RequestStatus,
     from: &[RequestStatus],

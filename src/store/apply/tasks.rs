@@ -1,12 +1,11 @@
 //! The writes that move a task through its attempts: routing, waiting in line, dispatch, its
 //! result, a retry or its failure.
 
-use deadpool_postgres::Transaction;
 use serde_json::json;
 use uuid::Uuid;
 
 use super::agents::AgentLedger;
-use super::{Step, audit};
+use super::{Step, Tx};
 use crate::model::domain::TaskStatus;
 use crate::model::effect::{Attempt, write};
 use crate::model::ids::PlanId;
@@ -15,7 +14,7 @@ use crate::store::cached::Cached;
 
 /// A routing decision (`Write::Route`): the task is routed, and capacity reserved if it says so.
 pub(super) async fn route(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::Route,
     agents: &mut AgentLedger,
@@ -72,13 +71,13 @@ pub(super) async fn route(
     }
     let detail = json!({ "attempt": attempt, "agent_id": route.agent_id, "score": route.score,
                          "reason": route.reason });
-    audit(tx, actor, "task.routed", Some(*request_id), Some(*plan_id), Some(route.task_id), detail).await?;
+    tx.audit(actor, "task.routed", Some(*request_id), Some(*plan_id), Some(route.task_id), detail);
     Ok(Step::Ok)
 }
 
 /// A ready task that waits in line for an agent (`Write::TaskWaiting`).
 pub(super) async fn task_waiting(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::TaskWaiting,
 ) -> Result<Step, Error> {
@@ -116,13 +115,13 @@ pub(super) async fn task_waiting(
         return Ok(Step::Conflict(format!("task {task_id} is no longer pending for attempt {attempt}")));
     }
     let detail = json!({ "attempt": attempt, "reason": reason, "candidates": candidates });
-    audit(tx, actor, "task.waiting", Some(*request_id), Some(*plan_id), Some(*task_id), detail).await?;
+    tx.audit(actor, "task.waiting", Some(*request_id), Some(*plan_id), Some(*task_id), detail);
     Ok(Step::Ok)
 }
 
 /// A waiting task that gave up waiting (`Write::WaitExpired`): it fails.
 pub(super) async fn wait_expired(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::WaitExpired,
 ) -> Result<Step, Error> {
@@ -164,16 +163,12 @@ pub(super) async fn wait_expired(
         return Ok(Step::Conflict(format!("task {task_id} no longer waits for attempt {attempt}")));
     }
     let detail = json!({ "attempt": attempt, "reason": reason, "gave_up_waiting": true });
-    audit(tx, actor, "task.failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail).await?;
+    tx.audit(actor, "task.failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail);
     Ok(Step::Ok)
 }
 
 /// A task confirmed into its agent's queue (`Write::Dispatched`), with its lease.
-pub(super) async fn dispatched(
-    tx: &Transaction<'_>,
-    actor: &str,
-    w: &write::Dispatched,
-) -> Result<Step, Error> {
+pub(super) async fn dispatched(tx: &Tx<'_, '_>, actor: &str, w: &write::Dispatched) -> Result<Step, Error> {
     let write::Dispatched {
         attempt: Attempt { request_id, plan_id, task_id, number: attempt },
         decision_id,
@@ -214,15 +209,14 @@ pub(super) async fn dispatched(
         .await?;
         let detail = json!({ "attempt": attempt, "agent_id": agent_id, "queue": queue,
                              "message_id": message_id, "lease_secs": lease_secs });
-        audit(tx, actor, "task.dispatched", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
-            .await?;
+        tx.audit(actor, "task.dispatched", Some(*request_id), Some(*plan_id), Some(*task_id), detail);
     }
     Ok(Step::Ok)
 }
 
 /// A task that could not be dispatched (`Write::DispatchFailed`); its capacity goes back.
 pub(super) async fn dispatch_failed(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::DispatchFailed,
     agents: &mut AgentLedger,
@@ -258,15 +252,14 @@ pub(super) async fn dispatch_failed(
             agents.release(agent_id.as_str());
         }
         let detail = json!({ "attempt": attempt, "agent_id": agent_id, "reason": reason });
-        audit(tx, actor, "task.dispatch_failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail)
-            .await?;
+        tx.audit(actor, "task.dispatch_failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail);
     }
     Ok(Step::Ok)
 }
 
 /// An attempt that ended (`Write::TaskFinished`), guarded by the plan's version.
 pub(super) async fn task_finished(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_, '_>,
     actor: &str,
     w: &write::TaskFinished,
     agents: &mut AgentLedger,
@@ -353,16 +346,12 @@ pub(super) async fn task_finished(
     let event = if result.success { "task.succeeded" } else { "task.attempt_failed" };
     let detail = json!({ "attempt": result.attempt, "agent_id": result.agent_id, "source": source,
                          "error": result.error });
-    audit(tx, actor, event, Some(*request_id), Some(result.plan_id), Some(result.task_id), detail).await?;
+    tx.audit(actor, event, Some(*request_id), Some(result.plan_id), Some(result.task_id), detail);
     Ok(Step::Ok)
 }
 
 /// A failed attempt that will be tried again (`Write::TaskRetry`): back to pending.
-pub(super) async fn task_retry(
-    tx: &Transaction<'_>,
-    actor: &str,
-    w: &write::TaskRetry,
-) -> Result<Step, Error> {
+pub(super) async fn task_retry(tx: &Tx<'_, '_>, actor: &str, w: &write::TaskRetry) -> Result<Step, Error> {
     let write::TaskRetry { attempt: Attempt { request_id, plan_id, task_id, number: attempt }, reason } = w;
     tx.execute_cached(
         "UPDATE tasks SET status = $3, status_reason = $4, finished_at = NULL, updated_at = now()
@@ -371,16 +360,12 @@ pub(super) async fn task_retry(
     )
     .await?;
     let detail = json!({ "failed_attempt": attempt, "reason": reason });
-    audit(tx, actor, "task.retry", Some(*request_id), Some(*plan_id), Some(*task_id), detail).await?;
+    tx.audit(actor, "task.retry", Some(*request_id), Some(*plan_id), Some(*task_id), detail);
     Ok(Step::Ok)
 }
 
 /// A task that failed for good (`Write::TaskFailed`), and its dependents cancelled.
-pub(super) async fn task_failed(
-    tx: &Transaction<'_>,
-    actor: &str,
-    w: &write::TaskFailed,
-) -> Result<Step, Error> {
+pub(super) async fn task_failed(tx: &Tx<'_, '_>, actor: &str, w: &write::TaskFailed) -> Result<Step, Error> {
     let write::TaskFailed { request_id, plan_id, task_id, reason, cancelled } = w;
     tx.execute_cached(
         "UPDATE tasks SET status = $2, status_reason = $3, waiting_since = NULL, wait_turn = NULL,
@@ -399,13 +384,13 @@ pub(super) async fn task_failed(
     )
     .await?;
     let detail = json!({ "reason": reason, "cancelled": cancelled });
-    audit(tx, actor, "task.failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail).await?;
+    tx.audit(actor, "task.failed", Some(*request_id), Some(*plan_id), Some(*task_id), detail);
     Ok(Step::Ok)
 }
 
 /// Cancels the tasks of `plan_id` that never started (pending, or waiting for an agent), with
 /// `reason`: nothing more of the plan will run.
-pub(super) async fn cancel_pending(tx: &Transaction<'_>, plan_id: PlanId, reason: &str) -> Result<(), Error> {
+pub(super) async fn cancel_pending(tx: &Tx<'_, '_>, plan_id: PlanId, reason: &str) -> Result<(), Error> {
     tx.execute_cached(
         "UPDATE tasks SET status = $2, status_reason = $3, waiting_since = NULL, wait_turn = NULL,
              updated_at = now()
