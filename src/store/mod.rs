@@ -92,6 +92,14 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether the statement failed only because an earlier one of its transaction had failed
+    /// (the transaction is aborted): the earlier one's error is the one that says why.
+    pub(crate) fn follows_another(&self) -> bool {
+        matches!(self, Error::Db(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
+    }
+}
+
 fn db_error_is_transient(e: &tokio_postgres::Error) -> bool {
     match e.code() {
         None => true, // connection closed, I/O: not an answer from the server

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use switchyard::decisions::routing::Route;
 use switchyard::model::effect::{Attempt, Write, write};
 use switchyard::model::ids::{AgentId, MessageId, RequestId};
+use switchyard::model::wire::RequestMeta;
 use switchyard::store::{Applied, Delivery, Marker};
 
 use crate::helpers::*;
@@ -313,5 +314,63 @@ async fn a_delivered_input_whose_marker_is_refused_leaves_the_rest_of_its_batch_
     assert!(matches!(outcomes[..], [Delivery::Done, Delivery::Refused(_), Delivery::Done]), "{outcomes:?}");
     for (id, recorded) in [(good, true), (bad, false), (other, true)] {
         assert_eq!(app.store.processed("dispatch", id).await.unwrap().is_some(), recorded, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn messages_that_conflict_together_are_left_out_together_and_the_rest_commits() {
+    let app = spawn_app().await;
+    let request = |request_id: RequestId, text: &str| {
+        vec![Write::Request(write::Request {
+            meta: RequestMeta {
+                request_id,
+                text: text.into(),
+                submitted_by: None,
+                priority: 5,
+                auto_approve: false,
+            },
+            traceparent: None,
+        })]
+    };
+    let taken = [RequestId::random(), RequestId::random()];
+    for id in taken {
+        let recorded = app.store.apply("decompose", None, &request(id, "Deploy Gitea")).await.unwrap();
+        assert_eq!(recorded, Applied::Done);
+    }
+    // Two messages reuse a recorded id with another text (each a conflict), between three new ones;
+    // their statements reach the server together.
+    let fresh = [RequestId::random(), RequestId::random(), RequestId::random()];
+    let writes = [
+        request(fresh[0], "Deploy Uptime Kuma"),
+        request(taken[0], "Deploy Jellyfin"),
+        request(fresh[1], "Deploy Vaultwarden"),
+        request(taken[1], "Deploy Nextcloud"),
+        request(fresh[2], "Deploy Immich"),
+    ];
+    let ids: Vec<MessageId> = writes.iter().map(|_| MessageId::random()).collect();
+    let markers: Vec<Marker<'_>> = ids.iter().map(|id| marker("decompose", *id)).collect();
+    let batch: Vec<(Option<&Marker<'_>>, &[Write])> =
+        markers.iter().zip(&writes).map(|(m, w)| (Some(m), w.as_slice())).collect();
+
+    let outcomes = app.store.apply_batch("decompose", &batch).await.expect("the batch commits");
+
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let conflict = i == 1 || i == 3;
+        match outcome {
+            Ok(Applied::Conflict(reason)) if conflict => assert!(reason.contains("another text"), "{reason}"),
+            Ok(Applied::Done) if !conflict => {}
+            other => panic!("message {i}: {other:?}"),
+        }
+        let marked = app.store.processed("decompose", ids[i]).await.unwrap().is_some();
+        assert_eq!(marked, !conflict, "marker of message {i}");
+    }
+    for id in fresh {
+        assert_eq!(app.store.request_status(id).await.unwrap().map(|s| s.as_str()), Some("received"));
+        let events = app.store.audit_events(id).await.unwrap();
+        assert_eq!(events.iter().filter(|(_, e, _)| e == "request.received").count(), 1, "{events:?}");
+    }
+    for id in taken {
+        let report = app.store.report(id).await.unwrap().unwrap();
+        assert_eq!(report.text, "Deploy Gitea", "the recorded text stays");
     }
 }

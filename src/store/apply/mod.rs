@@ -338,33 +338,45 @@ async fn batch_round(
             None => return Ok(Round::OneByOne),
         }
     };
-    for &index in included {
-        if let Some(outputs) = duplicates.get(&index) {
-            outcomes.insert(index, Ok(Applied::Duplicate(outputs.clone())));
-            continue;
-        }
-        let (marker, writes) = batch[index];
-        let applied = if each {
-            match apply_in(&scope, actor, marker, writes).await {
+    if each {
+        for &index in included {
+            let (marker, writes) = batch[index];
+            let applied = match apply_in(&scope, actor, marker, writes).await {
                 Ok(applied) => scope.flush().await.map(|()| applied),
                 Err(err) => Err(err),
+            };
+            match applied {
+                Ok((Applied::Done, agents)) => {
+                    ledgers.push((index, agents));
+                    outcomes.insert(index, Ok(Applied::Done));
+                }
+                Ok((Applied::Duplicate(outputs), _)) => {
+                    outcomes.insert(index, Ok(Applied::Duplicate(outputs)));
+                }
+                Ok((conflict @ Applied::Conflict(_), _)) => {
+                    return Ok(Round::LeaveOut(BTreeMap::from([(index, Ok(conflict))])));
+                }
+                Err(err) if err.is_transient() => return Err(err),
+                Err(err) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Err(err))]))),
             }
-        } else {
-            apply_in(&scope, actor, None, writes).await
-        };
-        match applied {
-            Ok((Applied::Done, agents)) => {
-                ledgers.push((index, agents));
-                outcomes.insert(index, Ok(Applied::Done));
+        }
+    } else {
+        for (index, outputs) in &duplicates {
+            outcomes.insert(*index, Ok(Applied::Duplicate(outputs.clone())));
+        }
+        let writing: Vec<(usize, &[Write])> = included
+            .iter()
+            .filter(|index| !duplicates.contains_key(index))
+            .map(|&index| (index, batch[index].1))
+            .collect();
+        match apply_together(&scope, actor, &writing).await? {
+            Ok(applied) => {
+                for (index, agents) in applied {
+                    ledgers.push((index, agents));
+                    outcomes.insert(index, Ok(Applied::Done));
+                }
             }
-            Ok((Applied::Duplicate(outputs), _)) => {
-                outcomes.insert(index, Ok(Applied::Duplicate(outputs)));
-            }
-            Ok((conflict @ Applied::Conflict(_), _)) => {
-                return Ok(Round::LeaveOut(BTreeMap::from([(index, Ok(conflict))])));
-            }
-            Err(err) if err.is_transient() => return Err(err),
-            Err(err) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Err(err))]))),
+            Err(round) => return Ok(round),
         }
     }
     if refused(scope.flush().await)?.is_none() {
@@ -400,31 +412,48 @@ async fn delivery_round(
     }
     let mut written = BTreeMap::new();
     let mut ledgers = Vec::with_capacity(delivered.len());
-    for &index in delivered {
-        let (marker, writes) = &batch[index];
-        if each && recorded(&index) {
-            // The marker alone first: a marker the server refuses is the message's own fault.
-            match apply_in(&scope, actor, Some(marker), &[]).await {
-                Ok(_) => {}
+    if each {
+        for &index in delivered {
+            let (marker, writes) = &batch[index];
+            if recorded(&index) {
+                // The marker alone first: a marker the server refuses is the message's own fault.
+                match apply_in(&scope, actor, Some(marker), &[]).await {
+                    Ok(_) => {}
+                    Err(err) if err.is_transient() => return Err(err),
+                    Err(err) => return Ok(Round::Unrecorded(index, err)),
+                }
+            }
+            if left_out.contains_key(&index) {
+                continue;
+            }
+            let applied = match apply_in(&scope, actor, None, writes).await {
+                Ok(applied) => scope.flush().await.map(|()| applied),
+                Err(err) => Err(err),
+            };
+            match applied {
+                Ok((Applied::Done, agents)) => {
+                    ledgers.push((index, agents));
+                    written.insert(index, Ok(Applied::Done));
+                }
+                Ok((other, _)) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Ok(other))]))),
                 Err(err) if err.is_transient() => return Err(err),
-                Err(err) => return Ok(Round::Unrecorded(index, err)),
+                Err(err) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Err(err))]))),
             }
         }
-        if left_out.contains_key(&index) {
-            continue;
-        }
-        let applied = match apply_in(&scope, actor, None, writes).await {
-            Ok(applied) if each => scope.flush().await.map(|()| applied),
-            other => other,
-        };
-        match applied {
-            Ok((Applied::Done, agents)) => {
-                ledgers.push((index, agents));
-                written.insert(index, Ok(Applied::Done));
+    } else {
+        let writing: Vec<(usize, &[Write])> = delivered
+            .iter()
+            .filter(|index| !left_out.contains_key(index))
+            .map(|&index| (index, batch[index].1))
+            .collect();
+        match apply_together(&scope, actor, &writing).await? {
+            Ok(applied) => {
+                for (index, agents) in applied {
+                    ledgers.push((index, agents));
+                    written.insert(index, Ok(Applied::Done));
+                }
             }
-            Ok((other, _)) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Ok(other))]))),
-            Err(err) if err.is_transient() => return Err(err),
-            Err(err) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Err(err))]))),
+            Err(round) => return Ok(round),
         }
     }
     if refused(scope.flush().await)?.is_none() {
@@ -434,6 +463,45 @@ async fn delivery_round(
     // turned down, so no delivered input goes unrecorded for want of capacity.
     AgentLedger::apply_unchecked(tx, &ledgers).await?;
     Ok(Round::Done(written))
+}
+
+/// The writes of many messages (by position in their batch) within `tx`, all at once: each
+/// message's statements follow each other, and the statements of different messages go to the
+/// server together (pipelined on the connection), instead of one round trip after another. The
+/// server still runs them one by one, in the order they arrive.
+///
+/// Each message applied, with what it changes of agents' rows; or the round to do instead: the
+/// messages that conflict, or the one whose statement the server refused (after which every
+/// other statement of the transaction fails too, for no fault of its own).
+async fn apply_together(
+    tx: &Tx<'_, '_>,
+    actor: &str,
+    writing: &[(usize, &[Write])],
+) -> Result<Result<Vec<(usize, AgentLedger)>, Round>, Error> {
+    let results =
+        futures::future::join_all(writing.iter().map(|(_, writes)| apply_in(tx, actor, None, writes))).await;
+    let mut applied = Vec::with_capacity(writing.len());
+    let mut left = BTreeMap::new();
+    let mut aborted = false;
+    for ((index, _), result) in writing.iter().zip(results) {
+        match result {
+            Ok((Applied::Done, agents)) => applied.push((*index, agents)),
+            Ok((other, _)) => {
+                left.insert(*index, Ok(other));
+            }
+            Err(err) if err.is_transient() => return Err(err),
+            Err(err) if err.follows_another() => aborted = true,
+            Err(err) => {
+                left.insert(*index, Err(err));
+            }
+        }
+    }
+    Ok(match (left.is_empty(), aborted) {
+        (true, false) => Ok(applied),
+        (false, _) => Err(Round::LeaveOut(left)),
+        // Aborted, and no statement says why: find it one message at a time.
+        (true, true) => Err(Round::OneByOne),
+    })
 }
 
 /// A statement made for a whole batch: its value, `None` if the server refused it for good
