@@ -326,69 +326,42 @@ async fn batch_round(
     each: bool,
 ) -> Result<Round, Error> {
     let scope = Tx::new(tx);
-    let mut outcomes = BTreeMap::new();
-    let mut ledgers = Vec::with_capacity(included.len());
-    let duplicates = if each {
-        BTreeMap::new()
-    } else {
-        let markers: Vec<(usize, &Marker<'_>)> =
-            included.iter().filter_map(|&i| batch[i].0.map(|marker| (i, marker))).collect();
-        match refused(insert_markers(tx, &markers).await)? {
-            Some(duplicates) => duplicates,
-            None => return Ok(Round::OneByOne),
-        }
-    };
+    let mut applying = Applying::default();
     if each {
         for &index in included {
             let (marker, writes) = batch[index];
-            let applied = match apply_in(&scope, actor, marker, writes).await {
-                Ok(applied) => scope.flush().await.map(|()| applied),
-                Err(err) => Err(err),
-            };
-            match applied {
-                Ok((Applied::Done, agents)) => {
-                    ledgers.push((index, agents));
-                    outcomes.insert(index, Ok(Applied::Done));
-                }
-                Ok((Applied::Duplicate(outputs), _)) => {
-                    outcomes.insert(index, Ok(Applied::Duplicate(outputs)));
-                }
-                Ok((conflict @ Applied::Conflict(_), _)) => {
-                    return Ok(Round::LeaveOut(BTreeMap::from([(index, Ok(conflict))])));
-                }
-                Err(err) if err.is_transient() => return Err(err),
-                Err(err) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Err(err))]))),
+            if let Some(round) = applying.take(index, apply_flushed(&scope, actor, marker, writes).await)? {
+                return Ok(round);
             }
         }
     } else {
-        for (index, outputs) in &duplicates {
-            outcomes.insert(*index, Ok(Applied::Duplicate(outputs.clone())));
-        }
+        let markers: Vec<(usize, &Marker<'_>)> =
+            included.iter().filter_map(|&i| batch[i].0.map(|marker| (i, marker))).collect();
+        let Some(duplicates) = refused(insert_markers(tx, &markers).await)? else {
+            return Ok(Round::OneByOne);
+        };
         let writing: Vec<(usize, &[Write])> = included
             .iter()
             .filter(|index| !duplicates.contains_key(index))
             .map(|&index| (index, batch[index].1))
             .collect();
-        match apply_together(&scope, actor, &writing).await? {
-            Ok(applied) => {
-                for (index, agents) in applied {
-                    ledgers.push((index, agents));
-                    outcomes.insert(index, Ok(Applied::Done));
-                }
-            }
-            Err(round) => return Ok(round),
+        for (index, outputs) in duplicates {
+            applying.outcomes.insert(index, Ok(Applied::Duplicate(outputs)));
+        }
+        if let Some(round) = applying.together(&scope, actor, &writing).await? {
+            return Ok(round);
         }
     }
     if refused(scope.flush().await)?.is_none() {
         return Ok(Round::OneByOne);
     }
-    let rejected = AgentLedger::apply_all(tx, &ledgers).await?;
+    let rejected = AgentLedger::apply_all(tx, &applying.ledgers).await?;
     if !rejected.is_empty() {
         return Ok(Round::LeaveOut(
             rejected.into_iter().map(|(index, reason)| (index, Ok(Applied::Conflict(reason)))).collect(),
         ));
     }
-    Ok(Round::Done(outcomes))
+    Ok(Round::Done(applying.outcomes))
 }
 
 /// One attempt at recording the inputs `delivered` of a batch of deliveries (positions, in the
@@ -403,15 +376,7 @@ async fn delivery_round(
 ) -> Result<Round, Error> {
     let scope = Tx::new(tx);
     let recorded = |index: &usize| left_out.get(index).is_none_or(|(_, marker)| *marker);
-    if !each {
-        let markers: Vec<(usize, &Marker<'_>)> =
-            delivered.iter().filter(|i| recorded(i)).map(|&i| (i, &batch[i].0)).collect();
-        if refused(insert_markers(tx, &markers).await)?.is_none() {
-            return Ok(Round::OneByOne);
-        }
-    }
-    let mut written = BTreeMap::new();
-    let mut ledgers = Vec::with_capacity(delivered.len());
+    let mut applying = Applying::default();
     if each {
         for &index in delivered {
             let (marker, writes) = &batch[index];
@@ -426,34 +391,23 @@ async fn delivery_round(
             if left_out.contains_key(&index) {
                 continue;
             }
-            let applied = match apply_in(&scope, actor, None, writes).await {
-                Ok(applied) => scope.flush().await.map(|()| applied),
-                Err(err) => Err(err),
-            };
-            match applied {
-                Ok((Applied::Done, agents)) => {
-                    ledgers.push((index, agents));
-                    written.insert(index, Ok(Applied::Done));
-                }
-                Ok((other, _)) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Ok(other))]))),
-                Err(err) if err.is_transient() => return Err(err),
-                Err(err) => return Ok(Round::LeaveOut(BTreeMap::from([(index, Err(err))]))),
+            if let Some(round) = applying.take(index, apply_flushed(&scope, actor, None, writes).await)? {
+                return Ok(round);
             }
         }
     } else {
+        let markers: Vec<(usize, &Marker<'_>)> =
+            delivered.iter().filter(|i| recorded(i)).map(|&i| (i, &batch[i].0)).collect();
+        if refused(insert_markers(tx, &markers).await)?.is_none() {
+            return Ok(Round::OneByOne);
+        }
         let writing: Vec<(usize, &[Write])> = delivered
             .iter()
             .filter(|index| !left_out.contains_key(index))
             .map(|&index| (index, batch[index].1))
             .collect();
-        match apply_together(&scope, actor, &writing).await? {
-            Ok(applied) => {
-                for (index, agents) in applied {
-                    ledgers.push((index, agents));
-                    written.insert(index, Ok(Applied::Done));
-                }
-            }
-            Err(round) => return Ok(round),
+        if let Some(round) = applying.together(&scope, actor, &writing).await? {
+            return Ok(round);
         }
     }
     if refused(scope.flush().await)?.is_none() {
@@ -461,47 +415,92 @@ async fn delivery_round(
     }
     // Releases and counts only (reservations were refused before sending): nothing here can be
     // turned down, so no delivered input goes unrecorded for want of capacity.
-    AgentLedger::apply_unchecked(tx, &ledgers).await?;
-    Ok(Round::Done(written))
+    AgentLedger::apply_unchecked(tx, &applying.ledgers).await?;
+    Ok(Round::Done(applying.outcomes))
 }
 
-/// The writes of many messages (by position in their batch) within `tx`, all at once: each
-/// message's statements follow each other, and the statements of different messages go to the
-/// server together (pipelined on the connection), instead of one round trip after another. The
-/// server still runs them one by one, in the order they arrive.
-///
-/// Each message applied, with what it changes of agents' rows; or the round to do instead: the
-/// messages that conflict, or the one whose statement the server refused (after which every
-/// other statement of the transaction fails too, for no fault of its own).
-async fn apply_together(
+/// One message's marker and writes, then their audit rows at once: when a batch is done one
+/// message at a time, so that a refusal is this message's.
+async fn apply_flushed(
     tx: &Tx<'_, '_>,
     actor: &str,
-    writing: &[(usize, &[Write])],
-) -> Result<Result<Vec<(usize, AgentLedger)>, Round>, Error> {
-    let results =
-        futures::future::join_all(writing.iter().map(|(_, writes)| apply_in(tx, actor, None, writes))).await;
-    let mut applied = Vec::with_capacity(writing.len());
-    let mut left = BTreeMap::new();
-    let mut aborted = false;
-    for ((index, _), result) in writing.iter().zip(results) {
+    marker: Option<&Marker<'_>>,
+    writes: &[Write],
+) -> Result<(Applied, AgentLedger), Error> {
+    let applied = apply_in(tx, actor, marker, writes).await?;
+    tx.flush().await?;
+    Ok(applied)
+}
+
+/// What a round has applied so far: each message's outcome (by position in its batch), and
+/// what the applied ones change of agents' rows, for the end of the batch.
+#[derive(Default)]
+struct Applying {
+    outcomes: BTreeMap<usize, Result<Applied, Error>>,
+    ledgers: Vec<(usize, AgentLedger)>,
+}
+
+impl Applying {
+    /// Takes how one message went: `Some` round to do instead if it cannot stay in the batch.
+    fn take(
+        &mut self,
+        index: usize,
+        result: Result<(Applied, AgentLedger), Error>,
+    ) -> Result<Option<Round>, Error> {
         match result {
-            Ok((Applied::Done, agents)) => applied.push((*index, agents)),
-            Ok((other, _)) => {
-                left.insert(*index, Ok(other));
+            Ok((Applied::Done, agents)) => {
+                self.ledgers.push((index, agents));
+                self.outcomes.insert(index, Ok(Applied::Done));
+                Ok(None)
             }
-            Err(err) if err.is_transient() => return Err(err),
-            Err(err) if err.follows_another() => aborted = true,
-            Err(err) => {
-                left.insert(*index, Err(err));
+            Ok((Applied::Duplicate(outputs), _)) => {
+                self.outcomes.insert(index, Ok(Applied::Duplicate(outputs)));
+                Ok(None)
             }
+            Ok((conflict @ Applied::Conflict(_), _)) => {
+                Ok(Some(Round::LeaveOut(BTreeMap::from([(index, Ok(conflict))]))))
+            }
+            Err(err) if err.is_transient() => Err(err),
+            Err(err) => Ok(Some(Round::LeaveOut(BTreeMap::from([(index, Err(err))])))),
         }
     }
-    Ok(match (left.is_empty(), aborted) {
-        (true, false) => Ok(applied),
-        (false, _) => Err(Round::LeaveOut(left)),
-        // Aborted, and no statement says why: find it one message at a time.
-        (true, true) => Err(Round::OneByOne),
-    })
+
+    /// The writes of many messages (by position in their batch) within `tx`, all at once: each
+    /// message's statements follow each other, and the statements of different messages go to
+    /// the server together (pipelined on the connection), instead of one round trip after
+    /// another. The server still runs them one by one, in the order they arrive.
+    ///
+    /// `Some` round to do instead: without the messages that conflict, or without the one whose
+    /// statement the server refused (after which every other statement of the transaction fails
+    /// too, for no fault of its own).
+    async fn together(
+        &mut self,
+        tx: &Tx<'_, '_>,
+        actor: &str,
+        writing: &[(usize, &[Write])],
+    ) -> Result<Option<Round>, Error> {
+        let results =
+            futures::future::join_all(writing.iter().map(|(_, writes)| apply_in(tx, actor, None, writes)))
+                .await;
+        let mut left = BTreeMap::new();
+        let mut aborted = false;
+        for ((index, _), result) in writing.iter().zip(results) {
+            match result {
+                Err(err) if err.follows_another() => aborted = true,
+                result => {
+                    if let Some(Round::LeaveOut(leave)) = self.take(*index, result)? {
+                        left.extend(leave);
+                    }
+                }
+            }
+        }
+        Ok(match (left.is_empty(), aborted) {
+            (true, false) => None,
+            (false, _) => Some(Round::LeaveOut(left)),
+            // Aborted, and no statement says why: find it one message at a time.
+            (true, true) => Some(Round::OneByOne),
+        })
+    }
 }
 
 /// A statement made for a whole batch: its value, `None` if the server refused it for good
