@@ -1,16 +1,18 @@
 //! The writes that move a plan on: its creation with its tasks, its fallback decision, its
 //! approval, and its end.
 
-use serde_json::json;
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::requests::set_request_status;
 use super::tasks::cancel_pending;
 use super::{Step, Tx};
 use crate::decisions::fallback::FallbackDecision;
-use crate::model::domain::{PlanStatus, RequestStatus, TaskStatus};
+use crate::model::domain::{Plan, PlanStatus, RequestStatus, TaskStatus};
 use crate::model::effect::write;
-use crate::model::ids::PlanId;
+use crate::model::ids::{PlanId, TaskId};
 use crate::store::Error;
 use crate::store::cached::Cached;
 use crate::store::quota;
@@ -45,39 +47,7 @@ pub(super) async fn plan(tx: &Tx<'_, '_>, actor: &str, w: &write::Plan) -> Resul
         )
         .await?;
     if inserted == 1 {
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO tasks (id, plan_id, position, key, work_type, description,
-                     estimated_duration_secs, cpu, memory_mb, gpu, capabilities, depends_on,
-                     affinity, status, duration_basis)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-            )
-            .await?;
-        for (position, task) in plan.tasks().iter().enumerate() {
-            let capabilities: Vec<&str> = task.capabilities.iter().map(String::as_str).collect();
-            let depends_on: Vec<Uuid> = task.depends_on.iter().map(|d| d.as_uuid()).collect();
-            tx.execute(
-                &insert,
-                &[
-                    &task.id.as_uuid(),
-                    &plan.id.as_uuid(),
-                    &(position as i32),
-                    &task.key,
-                    &task.work_type.as_str(),
-                    &task.description,
-                    &(task.estimated_duration_secs as i32),
-                    &task.resources.cpu,
-                    &(task.resources.memory_mb as i64),
-                    &(task.resources.gpu as i32),
-                    &capabilities,
-                    &depends_on,
-                    &serde_json::to_value(&task.affinity).expect("affinity serializes"),
-                    &TaskStatus::Pending.as_str(),
-                    &duration_basis.get(&task.id).map_or("catalog", String::as_str),
-                ],
-            )
-            .await?;
-        }
+        insert_tasks(tx, plan, duration_basis).await?;
         set_request_status(tx, plan.request_id, RequestStatus::Planned, &[RequestStatus::Decomposed]).await?;
         let keys: Vec<&str> = plan.tasks().iter().map(|t| t.key.as_str()).collect();
         let detail = json!({ "tasks": keys, "complexity": complexity.score, "terms": terms,
@@ -85,6 +55,64 @@ pub(super) async fn plan(tx: &Tx<'_, '_>, actor: &str, w: &write::Plan) -> Resul
         tx.audit(actor, "plan.created", Some(plan.request_id), Some(plan.id), None, detail);
     }
     Ok(Step::Ok)
+}
+
+/// The tasks of a new plan, all in one statement. A task's capabilities and dependencies are
+/// lists of their own, which arrays of arrays cannot carry (they must be rectangular): each goes
+/// as a JSON array and is made an array again.
+async fn insert_tasks(
+    tx: &Tx<'_, '_>,
+    plan: &Plan,
+    duration_basis: &BTreeMap<TaskId, String>,
+) -> Result<(), Error> {
+    let tasks = plan.tasks();
+    let ids: Vec<Uuid> = tasks.iter().map(|t| t.id.as_uuid()).collect();
+    let positions: Vec<i32> = (0..tasks.len() as i32).collect();
+    let keys: Vec<&str> = tasks.iter().map(|t| t.key.as_str()).collect();
+    let work_types: Vec<&str> = tasks.iter().map(|t| t.work_type.as_str()).collect();
+    let descriptions: Vec<&str> = tasks.iter().map(|t| t.description.as_str()).collect();
+    let durations: Vec<i32> = tasks.iter().map(|t| t.estimated_duration_secs as i32).collect();
+    let cpus: Vec<f64> = tasks.iter().map(|t| t.resources.cpu).collect();
+    let memory: Vec<i64> = tasks.iter().map(|t| t.resources.memory_mb as i64).collect();
+    let gpus: Vec<i32> = tasks.iter().map(|t| t.resources.gpu as i32).collect();
+    let capabilities: Vec<Value> = tasks.iter().map(|t| json!(t.capabilities)).collect();
+    let depends_on: Vec<Value> = tasks.iter().map(|t| json!(t.depends_on)).collect();
+    let affinities: Vec<Value> =
+        tasks.iter().map(|t| serde_json::to_value(&t.affinity).expect("affinity serializes")).collect();
+    let bases: Vec<&str> =
+        tasks.iter().map(|t| duration_basis.get(&t.id).map_or("catalog", String::as_str)).collect();
+    tx.execute_cached(
+        "INSERT INTO tasks (id, plan_id, position, key, work_type, description,
+             estimated_duration_secs, cpu, memory_mb, gpu, capabilities, depends_on,
+             affinity, status, duration_basis)
+         SELECT t.id, $2, t.position, t.key, t.work_type, t.description, t.duration, t.cpu, t.memory,
+                t.gpu, ARRAY(SELECT jsonb_array_elements_text(t.capabilities)),
+                ARRAY(SELECT jsonb_array_elements_text(t.depends_on)::uuid), t.affinity, $3, t.basis
+         FROM unnest($1::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[],
+                     $9::float8[], $10::bigint[], $11::int[], $12::jsonb[], $13::jsonb[],
+                     $14::jsonb[], $15::text[])
+              AS t (id, position, key, work_type, description, duration, cpu, memory, gpu,
+                    capabilities, depends_on, affinity, basis)",
+        &[
+            &ids,
+            &plan.id.as_uuid(),
+            &TaskStatus::Pending.as_str(),
+            &positions,
+            &keys,
+            &work_types,
+            &descriptions,
+            &durations,
+            &cpus,
+            &memory,
+            &gpus,
+            &capabilities,
+            &depends_on,
+            &affinities,
+            &bases,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// A plan's external-AI decision (`Write::Fallback`), with its quota reservation if it has one.

@@ -309,11 +309,15 @@ pub(super) async fn task_finished(
         )));
     }
     let status = if result.success { TaskStatus::Succeeded } else { TaskStatus::Failed };
+    // With the agent that the attempt's routing decision reserved capacity on, if it did: what
+    // to give back, and where.
     let updated = tx
-        .execute_cached(
+        .query_opt_cached(
             "UPDATE tasks SET status = $3, finished_at = $4, lease_expires_at = NULL,
                  status_reason = COALESCE($5, status_reason), updated_at = now()
-             WHERE id = $1 AND attempt = $2 AND status = ANY($6)",
+             WHERE id = $1 AND attempt = $2 AND status = ANY($6)
+             RETURNING (SELECT agent_id FROM routing_decisions
+                        WHERE task_id = $1 AND attempt = $2 AND reserved_capacity)",
             &[
                 &result.task_id.as_uuid(),
                 &(result.attempt as i32),
@@ -324,23 +328,15 @@ pub(super) async fn task_finished(
             ],
         )
         .await?;
-    if updated == 0 {
+    let Some(updated) = updated else {
         // Cancelled since the decision: its result is late, and its slot was given back.
         return Ok(Step::Conflict(format!(
             "task {} attempt {} is no longer on its agent",
             result.task_id, result.attempt
         )));
-    }
-    // Give back what the attempt's routing decision reserved, on the agent it reserved.
-    let reserved = tx
-        .query_opt_cached(
-            "SELECT agent_id FROM routing_decisions
-             WHERE task_id = $1 AND attempt = $2 AND reserved_capacity",
-            &[&result.task_id.as_uuid(), &(result.attempt as i32)],
-        )
-        .await?;
-    if let Some(row) = reserved {
-        agents.release(row.get(0));
+    };
+    if let Some(reserved_on) = updated.get::<_, Option<&str>>(0) {
+        agents.release(reserved_on);
     }
     agents.finished(result.agent_id.as_str(), result.success);
     let event = if result.success { "task.succeeded" } else { "task.attempt_failed" };
