@@ -345,7 +345,7 @@ async fn check(
         .unwrap();
     verdict.duplicated += row.get::<_, i64>(0) as usize;
     // Every attempt gave back the capacity its routing decision took, once.
-    for row in client.query("SELECT id, in_flight FROM agents WHERE in_flight <> 0", &[]).await.unwrap() {
+    for row in client.query("SELECT id, in_flight FROM agents_now WHERE in_flight <> 0", &[]).await.unwrap() {
         verdict.findings.push(format!(
             "agent {} still counts {} tasks in flight with every request ended",
             row.get::<_, String>(0),

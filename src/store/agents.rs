@@ -37,7 +37,7 @@ impl Store {
     /// Every known agent, by id, with the heartbeat interval it announced.
     pub async fn list_agents(&self) -> Result<Vec<ListedAgent>, Error> {
         let client = self.client().await?;
-        let rows = client.query_cached("SELECT * FROM agents ORDER BY id", &[]).await?;
+        let rows = client.query_cached("SELECT * FROM agents_now ORDER BY id", &[]).await?;
         rows.iter()
             .map(|row| {
                 let every: Option<i32> = row.get("heartbeat_every_secs");
@@ -57,11 +57,12 @@ impl Store {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // The lock makes routing decisions that reserve capacity on it wait, then find it gone.
-        let Some(row) =
-            tx.query_opt_cached("SELECT * FROM agents WHERE id = $1 FOR UPDATE", &[&id.as_str()]).await?
-        else {
+        let locked =
+            tx.query_opt_cached("SELECT 1 FROM agents WHERE id = $1 FOR UPDATE", &[&id.as_str()]).await?;
+        if locked.is_none() {
             return Ok(None);
-        };
+        }
+        let row = tx.query_one_cached("SELECT * FROM agents_now WHERE id = $1", &[&id.as_str()]).await?;
         let agent = agent_from_row(&row)?;
         let tasks = tx
             .query_cached(
@@ -94,6 +95,7 @@ impl Store {
             return Err(Error::Refused(reason));
         }
         tx.execute_cached("DELETE FROM agents WHERE id = $1", &[&id.as_str()]).await?;
+        tx.execute_cached("DELETE FROM agent_deltas WHERE agent_id = $1", &[&id.as_str()]).await?;
         let detail = json!({
             "agent_id": id.as_str(),
             "capabilities": agent.capabilities,

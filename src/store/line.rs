@@ -83,7 +83,8 @@ impl Store {
             .query_one_cached("SELECT EXISTS (SELECT 1 FROM tasks WHERE status = 'waiting')", &[])
             .await?
             .get(0);
-        let row = client.query_opt_cached("SELECT * FROM agents WHERE id = $1", &[&agent.as_str()]).await?;
+        let row =
+            client.query_opt_cached("SELECT * FROM agents_now WHERE id = $1", &[&agent.as_str()]).await?;
         Ok((row.as_ref().map(agent_from_row).transpose()?, line))
     }
 
@@ -104,7 +105,7 @@ impl Store {
                 (t.attempt = 0 AND t.work_type = ANY($2))
              OR EXISTS (SELECT 1 FROM fallback_decisions f
                         WHERE f.plan_id = t.plan_id AND f.use_external AND t.id = ANY(f.external_tasks))
-             OR EXISTS (SELECT 1 FROM agents a
+             OR EXISTS (SELECT 1 FROM agents_now a
                         WHERE a.in_flight < a.capacity
                           AND a.last_heartbeat >= now() - make_interval(secs => $3)
                           AND a.capabilities @> t.capabilities

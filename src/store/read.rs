@@ -402,7 +402,7 @@ impl Store {
     /// Every known agent, by id.
     pub async fn agents(&self) -> Result<Vec<Agent>, Error> {
         let client = self.client().await?;
-        let rows = client.query_cached("SELECT * FROM agents ORDER BY id", &[]).await?;
+        let rows = client.query_cached("SELECT * FROM agents_now ORDER BY id", &[]).await?;
         rows.iter().map(agent_from_row).collect()
     }
 

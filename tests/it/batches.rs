@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use switchyard::decisions::routing::Route;
 use switchyard::model::effect::{Attempt, Write, write};
-use switchyard::model::ids::{AgentId, MessageId, RequestId};
+use switchyard::model::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
 use switchyard::model::wire::RequestMeta;
 use switchyard::store::{Applied, Delivery, Marker};
 
@@ -13,6 +13,25 @@ use crate::helpers::*;
 
 fn marker(stage: &'static str, id: MessageId) -> Marker<'static> {
     Marker { stage, message_id: id, outputs: serde_json::json!([]) }
+}
+
+/// The routing decision of a task's first attempt onto `agent`, reserving a slot.
+fn route_to(agent: &str, request_id: RequestId, plan_id: PlanId, task_id: TaskId) -> Write {
+    Write::Route(write::Route {
+        request_id,
+        plan_id,
+        attempt: 1,
+        decision_id: task_id.decision_id(1),
+        ready_at: chrono::Utc::now(),
+        route: Route {
+            task_id,
+            agent_id: AgentId::parse(agent).unwrap(),
+            score: Some(0.9),
+            reason: "best".into(),
+            candidates: vec![],
+            reserves_capacity: true,
+        },
+    })
 }
 
 #[tokio::test]
@@ -23,24 +42,7 @@ async fn a_message_whose_reservation_no_longer_fits_is_undone_alone_in_its_batch
     let report = app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
     let plan = report.plan.as_ref().unwrap();
     assert!(plan.tasks.len() >= 3, "{:?}", plan.tasks);
-    let route = |position: usize| {
-        let task_id = plan.tasks[position].id;
-        vec![Write::Route(write::Route {
-            request_id: id,
-            plan_id: plan.plan_id,
-            attempt: 1,
-            decision_id: task_id.decision_id(1),
-            ready_at: chrono::Utc::now(),
-            route: Route {
-                task_id,
-                agent_id: AgentId::parse("homelab-1").unwrap(),
-                score: Some(0.9),
-                reason: "best".into(),
-                candidates: vec![],
-                reserves_capacity: true,
-            },
-        })]
-    };
+    let route = |position: usize| vec![route_to("homelab-1", id, plan.plan_id, plan.tasks[position].id)];
     let ids = [MessageId::random(), MessageId::random(), MessageId::random()];
     let markers = ids.map(|id| marker("route", id));
     let writes = [route(0), route(1), route(2)];
@@ -373,4 +375,52 @@ async fn messages_that_conflict_together_are_left_out_together_and_the_rest_comm
         let report = app.store.report(id).await.unwrap().unwrap();
         assert_eq!(report.text, "Deploy Gitea", "the recorded text stays");
     }
+}
+
+#[tokio::test]
+async fn capacity_is_given_back_without_waiting_for_a_reservation_that_holds_the_agent() {
+    let app = spawn_app_with(|c| c.approval.auto_approve_below = None).await;
+    app.register_agent("homelab-1", &["deployment", "shell", "monitoring", "notify"], 2, &[]).await;
+    let mut routed = Vec::new();
+    for text in ["Deploy Gitea to the homelab", "Deploy Jellyfin to the homelab"] {
+        let id = app.submit(text, false).await;
+        let report = app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
+        let plan = report.plan.as_ref().unwrap();
+        let write = route_to("homelab-1", id, plan.plan_id, plan.tasks[0].id);
+        assert_eq!(app.store.apply("route", None, &[write]).await.unwrap(), Applied::Done);
+        routed.push((id, plan.plan_id, plan.tasks[1].id));
+    }
+    let in_flight = |agents: Vec<switchyard::model::domain::Agent>| agents[0].in_flight;
+    assert_eq!(in_flight(app.store.agents().await.unwrap()), 2, "both slots taken");
+
+    // Another transaction holds the agent's row, as a reservation does until its commit.
+    let (mut client, connection) =
+        tokio_postgres::connect(&app.config.database_url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let holder = client.transaction().await.unwrap();
+    holder.execute("SELECT 1 FROM agents WHERE id = 'homelab-1' FOR UPDATE", &[]).await.unwrap();
+
+    // Cancelling a request gives its slot back; it must not wait for the row.
+    let cancel =
+        Write::Cancel(write::Cancel { request_id: routed[0].0, by: "tests".into(), reason: "no".into() });
+    let applied =
+        tokio::time::timeout(std::time::Duration::from_secs(30), app.store.apply("cancel", None, &[cancel]))
+            .await
+            .expect("giving capacity back waits for no reservation");
+    assert_eq!(applied.unwrap(), Applied::Done);
+    assert_eq!(in_flight(app.store.agents().await.unwrap()), 1, "readers see the slot given back");
+    holder.rollback().await.unwrap();
+
+    // The next reservation folds it in: one slot free, then none, then a conflict.
+    let (id, plan_id, task_id) = routed[1];
+    let again = app.store.apply("route", None, &[route_to("homelab-1", id, plan_id, task_id)]).await.unwrap();
+    assert_eq!(again, Applied::Done);
+    assert_eq!(in_flight(app.store.agents().await.unwrap()), 2);
+    let third = app.submit("Deploy Vaultwarden to the homelab", false).await;
+    let report = app.wait_for(third, |r| r.status.as_str() == "awaiting_approval").await;
+    let plan = report.plan.as_ref().unwrap();
+    let write = route_to("homelab-1", third, plan.plan_id, plan.tasks[0].id);
+    let full = app.store.apply("route", None, &[write]).await.unwrap();
+    assert!(matches!(full, Applied::Conflict(reason) if reason.contains("no spare capacity")));
+    assert_eq!(in_flight(app.store.agents().await.unwrap()), 2, "never more than its capacity");
 }

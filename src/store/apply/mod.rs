@@ -649,7 +649,7 @@ async fn overbooked(
         return Ok(BTreeMap::new());
     }
     let mut room: BTreeMap<String, i32> = client
-        .query_cached("SELECT id, capacity - in_flight FROM agents WHERE id = ANY($1)", &[&ids])
+        .query_cached("SELECT id, capacity - in_flight FROM agents_now WHERE id = ANY($1)", &[&ids])
         .await?
         .iter()
         .map(|row| (row.get(0), row.get(1)))
