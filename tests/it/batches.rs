@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use switchyard::decisions::routing::Route;
 use switchyard::model::effect::{Attempt, Write, write};
-use switchyard::model::ids::{AgentId, MessageId, PlanId, RequestId, TaskId};
+use switchyard::model::ids::{AgentId, MessageId, RequestId};
 use switchyard::model::wire::RequestMeta;
 use switchyard::store::{Applied, Delivery, Marker};
 
@@ -13,25 +13,6 @@ use crate::helpers::*;
 
 fn marker(stage: &'static str, id: MessageId) -> Marker<'static> {
     Marker { stage, message_id: id, outputs: serde_json::json!([]) }
-}
-
-/// The routing decision of a task's first attempt onto `agent`, reserving a slot.
-fn route_to(agent: &str, request_id: RequestId, plan_id: PlanId, task_id: TaskId) -> Write {
-    Write::Route(write::Route {
-        request_id,
-        plan_id,
-        attempt: 1,
-        decision_id: task_id.decision_id(1),
-        ready_at: chrono::Utc::now(),
-        route: Route {
-            task_id,
-            agent_id: AgentId::parse(agent).unwrap(),
-            score: Some(0.9),
-            reason: "best".into(),
-            candidates: vec![],
-            reserves_capacity: true,
-        },
-    })
 }
 
 #[tokio::test]

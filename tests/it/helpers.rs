@@ -12,8 +12,10 @@ use serde_json::Value;
 use switchyard::agent::{self, Agent, AgentBuilder, TaskHandler};
 use switchyard::broker::{Broker, Outgoing};
 use switchyard::config::Config;
+use switchyard::decisions::routing::Route;
 use switchyard::model::domain::{self, Resources};
-use switchyard::model::ids::{AgentId, Namespace, RequestId, WorkType};
+use switchyard::model::effect::{Write, write};
+use switchyard::model::ids::{AgentId, Namespace, PlanId, RequestId, TaskId, WorkType};
 use switchyard::model::wire::{Heartbeat, SubmitRequest};
 use switchyard::ops::{self, Progress};
 use switchyard::pipeline::topology::{Names, Topology};
@@ -467,4 +469,23 @@ impl Drop for TestApp {
         .join()
         .ok();
     }
+}
+
+/// The routing decision of a task's first attempt onto `agent`, reserving a slot.
+pub fn route_to(agent: &str, request_id: RequestId, plan_id: PlanId, task_id: TaskId) -> Write {
+    Write::Route(write::Route {
+        request_id,
+        plan_id,
+        attempt: 1,
+        decision_id: task_id.decision_id(1),
+        ready_at: chrono::Utc::now(),
+        route: Route {
+            task_id,
+            agent_id: AgentId::parse(agent).unwrap(),
+            score: Some(0.9),
+            reason: "best".into(),
+            candidates: vec![],
+            reserves_capacity: true,
+        },
+    })
 }

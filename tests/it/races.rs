@@ -1,8 +1,6 @@
 //! Races between copies of a message and between people: each ends with one decision.
 
-use switchyard::decisions::routing::Route;
-use switchyard::model::effect::{Write, write};
-use switchyard::model::ids::{AgentId, MessageId};
+use switchyard::model::ids::MessageId;
 use switchyard::ops;
 use switchyard::store::{self, Applied, Marker};
 
@@ -19,23 +17,7 @@ async fn a_second_routing_decision_for_the_same_attempt_is_a_conflict_not_a_succ
     let report = app.wait_for(id, |r| r.status.as_str() == "awaiting_approval").await;
     let plan_id = report.plan.as_ref().unwrap().plan_id;
     let task_id = report.plan.as_ref().unwrap().tasks[0].id;
-    let route = |agent: &str| {
-        Write::Route(write::Route {
-            request_id: id,
-            plan_id,
-            attempt: 1,
-            decision_id: task_id.decision_id(1),
-            ready_at: chrono::Utc::now(),
-            route: Route {
-                task_id,
-                agent_id: AgentId::parse(agent).unwrap(),
-                score: Some(0.9),
-                reason: "best".into(),
-                candidates: vec![],
-                reserves_capacity: true,
-            },
-        })
-    };
+    let route = |agent: &str| route_to(agent, id, plan_id, task_id);
     let marker = |id: MessageId| Marker { stage: "route", message_id: id, outputs: serde_json::json!([]) };
     let first =
         app.store.apply("route", Some(marker(MessageId::random())), &[route("homelab-1")]).await.unwrap();
