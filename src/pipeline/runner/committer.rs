@@ -29,6 +29,12 @@ const COMMITTERS: usize = 2;
 /// may take) and 59 to 62 MiB at 64, for requests per second within the noise of the runs.
 const MAX_BATCH: usize = 64;
 
+/// The most messages a batch of a runner with `prefetch` holds: at most half of what the
+/// consumer may hold, so that the next batch gathers while one commits.
+pub(super) fn max_batch(prefetch: u16) -> usize {
+    (usize::from(prefetch) / 2).clamp(1, MAX_BATCH)
+}
+
 fn stopping() -> Failure {
     Failure::Transient("the runner is stopping".into())
 }
@@ -52,25 +58,26 @@ struct DeliveryJob {
 struct Batches<T> {
     put: mpsc::Sender<T>,
     pending: tokio::sync::Mutex<mpsc::Receiver<T>>,
+    max: usize,
 }
 
 impl<T> Batches<T> {
-    fn new() -> Self {
-        let (put, pending) = mpsc::channel(MAX_BATCH);
-        Batches { put, pending: tokio::sync::Mutex::new(pending) }
+    fn new(max: usize) -> Self {
+        let (put, pending) = mpsc::channel(max);
+        Batches { put, pending: tokio::sync::Mutex::new(pending), max }
     }
 
     async fn put(&self, job: T) -> Result<(), Failure> {
         self.put.send(job).await.map_err(|_| stopping())
     }
 
-    /// What waits: at least one job (waiting for it), at most [`MAX_BATCH`]. `None` never comes
-    /// while `self` lives, since it holds a sender.
+    /// What waits: at least one job (waiting for it), at most `max`. `None` never comes while
+    /// `self` lives, since it holds a sender.
     async fn take(&self) -> Option<Vec<T>> {
         let mut pending = self.pending.lock().await;
         let first = pending.recv().await?;
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < self.max {
             match pending.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
@@ -90,8 +97,10 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    pub(super) fn new(stage: &'static str, store: Store, broker: Arc<Broker>) -> Self {
-        Committer { stage, store, broker, writes: Batches::new(), deliveries: Batches::new() }
+    /// A committer whose batches hold at most `max_batch` messages.
+    pub(super) fn new(stage: &'static str, store: Store, broker: Arc<Broker>, max_batch: usize) -> Self {
+        let (writes, deliveries) = (Batches::new(max_batch), Batches::new(max_batch));
+        Committer { stage, store, broker, writes, deliveries }
     }
 
     /// Has the next batch of writes commit `marker` and `writes`; how it went for them.
@@ -228,5 +237,19 @@ fn answer<T>(
                 let _ = done.send(Err(failure.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_holds_at_most_half_the_prefetch() {
+        assert_eq!(max_batch(128), 64);
+        assert_eq!(max_batch(500), MAX_BATCH);
+        assert_eq!(max_batch(50), 25);
+        assert_eq!(max_batch(1), 1);
+        assert_eq!(max_batch(0), 1);
     }
 }

@@ -57,8 +57,9 @@ use crate::telemetry::trace;
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default)]
 pub struct Settings {
-    /// Deliveries in flight per stage consumer (AMQP prefetch), processed concurrently. The
-    /// default, 128, lets a batch gather while the one before commits; 50 left the committers
+    /// Deliveries in flight per stage consumer (AMQP prefetch), processed concurrently. A batch
+    /// of writes holds at most half of it (and 64), so that the next batch gathers while the one
+    /// before commits. The default, 128, is that; 50 left the committers
     /// waiting for deliveries (BENCHMARKS.md: 13 % fewer requests per second), 256 doubled a
     /// worker's memory for a few percent more.
     pub prefetch: u16,
@@ -174,7 +175,12 @@ impl<S: Stage> Runner<S> {
         let retry_queue = topology.retry_queue_of(&queue).map(|q| q.name.clone());
         Ok(Runner {
             stage: Arc::new(stage),
-            committer: Committer::new(S::NAME, store.clone(), broker.clone()),
+            committer: Committer::new(
+                S::NAME,
+                store.clone(),
+                broker.clone(),
+                committer::max_batch(settings.prefetch),
+            ),
             broker,
             store,
             settings,
