@@ -1,9 +1,11 @@
 //! RabbitMQ: the only module that imports lapin. It connects (once: callers pace their
 //! retries), declares the topology described by `topology`, publishes with publisher confirms
 //! (all outputs of a message awaited together), and hands out deliveries as [`Incoming`] values
-//! that the runner acknowledges once their effects are durable.
+//! that the runner acknowledges once their effects are durable, as few frames as it can (in
+//! `settle`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -16,6 +18,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 
+mod settle;
+
+use self::settle::{How, Settler};
 use crate::model::ids::AgentId;
 use crate::pipeline::topology::{self, Argument, Names, Queue, Storage, Topology, TopologySettings};
 
@@ -40,6 +45,10 @@ pub enum Error {
     /// owner still expected messages from the queue named.
     #[error("the consumer of {0} ended")]
     ConsumerEnded(String),
+    /// The consumer's channel went before the delivery's acknowledgement could be sent: the
+    /// broker delivers the message again.
+    #[error("the delivery was not settled: its consumer is gone")]
+    NotSettled,
 }
 
 impl Error {
@@ -152,32 +161,45 @@ pub struct Incoming {
     pub priority: Option<u8>,
     pub headers: BTreeMap<String, String>,
     acker: lapin::Acker,
+    /// The channel's number for this delivery.
+    tag: u64,
+    /// The settler of a subscription's deliveries: acks that come together go in one frame.
+    settler: Option<Settler>,
 }
 
 impl Incoming {
     pub async fn ack(&self) -> Result<(), Error> {
-        self.acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        self.settle(How::Ack).await
     }
 
     /// Acknowledges this delivery and, with it, every earlier delivery of its consumer that is
     /// not settled yet (`basic.ack` with `multiple`): one frame for many messages. Only for a
     /// consumer that settles its deliveries in the order they came.
     pub async fn ack_up_to(&self) -> Result<(), Error> {
-        self.acker.ack(BasicAckOptions { multiple: true }).await?;
-        Ok(())
+        self.settle(How::AckUpTo).await
     }
 
     /// Gives the message back to its queue, to be delivered again.
     pub async fn requeue(&self) -> Result<(), Error> {
-        self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-        Ok(())
+        self.settle(How::Requeue).await
     }
 
     /// Refuses the message for good (a nack without requeue). A queue with a dead-letter exchange
     /// sends it there; a queue without one (an agent's queue) drops it.
     pub async fn reject(&self) -> Result<(), Error> {
-        self.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?;
+        self.settle(How::Reject).await
+    }
+
+    async fn settle(&self, how: How) -> Result<(), Error> {
+        if let Some(settler) = &self.settler {
+            return settler.settle(self.tag, how, &self.acker).await;
+        }
+        match how {
+            How::Ack => self.acker.ack(BasicAckOptions::default()).await?,
+            How::AckUpTo => self.acker.ack(BasicAckOptions { multiple: true }).await?,
+            How::Requeue => self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?,
+            How::Reject => self.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?,
+        };
         Ok(())
     }
 
@@ -214,7 +236,7 @@ fn header_text(value: &AMQPValue) -> Option<String> {
     }
 }
 
-fn incoming(delivery: lapin::message::Delivery) -> Incoming {
+fn incoming(delivery: lapin::message::Delivery, settler: Option<&Settler>) -> Incoming {
     let props = &delivery.properties;
     let headers = props
         .headers()
@@ -233,6 +255,8 @@ fn incoming(delivery: lapin::message::Delivery) -> Incoming {
         headers,
         body: delivery.data,
         acker: delivery.acker,
+        tag: delivery.delivery_tag,
+        settler: settler.cloned(),
     }
 }
 
@@ -273,9 +297,12 @@ pub struct QueueState {
     pub consumers: u32,
 }
 
-/// A connection with a publishing channel in confirm mode. Consumers get channels of their own.
+/// A connection with a publishing channel in confirm mode. Consumers get channels of their own;
+/// so can publishers ([`Broker::with_own_channel`]).
 pub struct Broker {
-    connection: Connection,
+    connection: Arc<Connection>,
+    /// Whether this broker connected (and closes the connection) or shares another's.
+    owns_connection: bool,
     publisher: Channel,
     names: Names,
     /// How the queues it declares are stored (`[topology]`).
@@ -324,7 +351,30 @@ impl Broker {
             .map_err(|err| if access_refused(&err) { Error::Login(err) } else { Error::Amqp(err) })?;
         let publisher = connection.create_channel().await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Broker { connection, publisher, names, settings: TopologySettings::default() })
+        Ok(Broker {
+            connection: Arc::new(connection),
+            owns_connection: true,
+            publisher,
+            names,
+            settings: TopologySettings::default(),
+        })
+    }
+
+    /// The same connection, namespace and settings with a publishing channel of its own. The
+    /// broker handles a channel's publishes and confirms one after another, in one process: a
+    /// stage that publishes on its own channel neither waits behind the other stages' publishes
+    /// nor loses its channel to their channel errors. [`Broker::close`] on it closes only its
+    /// channel; the connection closes with the broker it came from.
+    pub async fn with_own_channel(&self) -> Result<Broker, Error> {
+        let publisher = self.connection.create_channel().await?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Broker {
+            connection: self.connection.clone(),
+            owns_connection: false,
+            publisher,
+            names: self.names.clone(),
+            settings: self.settings.clone(),
+        })
     }
 
     /// The same broker, declaring its queues as `settings` say (classic by default). Every
@@ -465,6 +515,8 @@ impl Broker {
     }
 
     /// Consumes `queue` with manual acks and at most `prefetch` unacknowledged deliveries.
+    /// Acknowledgements that come together are sent as one frame where they can be (see
+    /// `settle`): a stage's batch is acked by one `basic.ack` with `multiple`.
     pub async fn consume(
         &self,
         queue: &str,
@@ -476,9 +528,10 @@ impl Broker {
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
         // The stream keeps the channel alive for as long as it is consumed.
+        let settler = Settler::start();
         Ok(consumer.map(move |delivery| {
             let _keep = &channel;
-            delivery.map(incoming).map_err(Error::from)
+            delivery.map(|d| incoming(d, Some(&settler))).map_err(Error::from)
         }))
     }
 
@@ -497,11 +550,12 @@ impl Broker {
             .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await?;
         let subscription = Subscription { channel: channel.clone(), tag: consumer.tag() };
+        let settler = Settler::start();
         Ok((
             subscription,
             consumer.map(move |delivery| {
                 let _keep = &channel;
-                delivery.map(incoming).map_err(Error::from)
+                delivery.map(|d| incoming(d, Some(&settler))).map_err(Error::from)
             }),
         ))
     }
@@ -512,7 +566,7 @@ impl Broker {
         else {
             return Ok(None);
         };
-        Ok(Some(incoming(message.delivery)))
+        Ok(Some(incoming(message.delivery, None)))
     }
 
     /// The ready messages and the consumers of `queue`, by a passive declare: an error if the
@@ -594,14 +648,17 @@ impl Broker {
         Ok(())
     }
 
-    /// Closes the connection, waiting a few seconds at most for the broker to agree: a broker
-    /// that does not answer (a stalled channel holds up the close) must not hold up a reconnect.
-    /// Whatever was not acknowledged goes back to its queues either way.
     /// Closes the publishing channel, then the connection (each at most 5 s): in that order, so
-    /// that no frame of a channel still closing meets a closed connection.
+    /// that no frame of a channel still closing meets a closed connection. A broker that does not
+    /// answer (a stalled channel holds up the close) must not hold up a reconnect; whatever was
+    /// not acknowledged goes back to its queues either way.
     pub async fn close(&self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.publisher.close(200, "bye".into())).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.connection.close(200, "bye".into())).await;
+        // A broker made by `with_own_channel` shares the connection of the one that connected.
+        if self.owns_connection {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), self.connection.close(200, "bye".into())).await;
+        }
     }
 }
 

@@ -164,10 +164,10 @@ impl Worker {
         let mut connections = 0u64;
         loop {
             let connected = tokio::select! {
-                connected = self.connect() => connected,
+                connected = self.connect(stages) => connected,
                 () = shutdown.cancelled() => return Ok(()),
             };
-            let (broker, topology) = match connected {
+            let (broker, topology, publishers) = match connected {
                 Ok(connected) => connected,
                 // Waiting will not mend a bad URL or a refused password.
                 Err(err) if !err.is_transient() => return Err(err.into()),
@@ -200,9 +200,10 @@ impl Worker {
             self.health.broker(&broker);
             let session = shutdown.child_token();
             let mut runners = JoinSet::new();
-            for stage in stages {
-                self.spawn(&mut runners, *stage, &broker, &topology, session.clone())?;
+            for (stage, publisher) in stages.iter().zip(&publishers) {
+                self.spawn(&mut runners, *stage, publisher, &topology, session.clone())?;
             }
+            drop(publishers);
             if stages.contains(&StageName::Track) {
                 // Expired leases are reported by the workers that track results.
                 let (store, broker, policy, session) =
@@ -249,13 +250,25 @@ impl Worker {
         }
     }
 
-    /// Connects and declares the topology.
-    async fn connect(&self) -> Result<(Arc<Broker>, Topology), broker::Error> {
+    /// Connects, declares the topology and opens a publishing channel for each of `stages`, so
+    /// that no stage's publishes and confirms queue behind another's on the broker.
+    async fn connect(
+        &self,
+        stages: &[StageName],
+    ) -> Result<(Arc<Broker>, Topology, Vec<Arc<Broker>>), broker::Error> {
         let broker = Broker::connect(&self.config.amqp_url, self.names())
             .await?
             .with_settings(self.config.topology.clone());
-        match broker.declare_topology().await {
-            Ok(topology) => Ok((Arc::new(broker), topology)),
+        let set_up = async {
+            let topology = broker.declare_topology().await?;
+            let mut publishers = Vec::with_capacity(stages.len());
+            for _ in stages {
+                publishers.push(Arc::new(broker.with_own_channel().await?));
+            }
+            Ok((topology, publishers))
+        };
+        match set_up.await {
+            Ok((topology, publishers)) => Ok((Arc::new(broker), topology, publishers)),
             Err(err) => {
                 broker.close().await;
                 Err(err)

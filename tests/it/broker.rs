@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use switchyard::broker::{Broker, Outgoing, QueueState};
 use switchyard::model::ids::{AgentId, MessageId, Namespace, RequestId};
 use switchyard::model::wire::{self, SubmitRequest};
@@ -380,4 +381,54 @@ consumer = "buggy"
     running.await.unwrap().unwrap();
     side.broker.delete_queues(&[queue]).await.unwrap();
     side.teardown().await;
+}
+
+/// A consumer's acks that come together go as one frame (`basic.ack` with `multiple`), which
+/// must never settle a delivery still in hand or one given back. Forty deliveries settled out of
+/// order, some requeued, some rejected, a few held to the end: each is settled once (a second
+/// ack of a tag would close the channel, and every later settle would fail), exactly the
+/// requeued ones are in the queue afterwards, and closing the channel gives nothing more back
+/// (an ack that was lost would).
+#[tokio::test]
+async fn deliveries_settled_together_and_out_of_order_are_each_settled_once_as_asked() {
+    let app = spawn_bare_app(|_| {}).await;
+    let queue = app.declare_agent_queue("settling").await;
+    for i in 0..40u32 {
+        app.broker.publish(&Outgoing::to_queue(queue.clone(), i.to_string().into_bytes())).await.unwrap();
+    }
+    let broker = Broker::connect(&app.config.amqp_url, app.names.clone()).await.unwrap();
+    let (subscription, deliveries) = broker.subscribe(&queue, 40).await.unwrap();
+    let deliveries: Vec<_> = deliveries.take(40).map(Result::unwrap).collect().await;
+    // No more deliveries: what is requeued stays in the queue to be counted.
+    subscription.cancel().await.unwrap();
+    let number =
+        |d: &switchyard::broker::Incoming| -> u32 { std::str::from_utf8(&d.body).unwrap().parse().unwrap() };
+    let (held, settled_now): (Vec<_>, Vec<_>) =
+        deliveries.iter().partition(|d| (10..14).contains(&number(d)));
+    // Settled concurrently, in an order that is not the deliveries'.
+    let settling = settled_now.iter().rev().map(|d| async move {
+        match number(d) {
+            n if n % 5 == 0 => d.requeue().await,
+            n if n % 7 == 0 => d.reject().await,
+            _ => d.ack().await,
+        }
+    });
+    for settled in futures::future::join_all(settling).await {
+        settled.expect("settled");
+    }
+    for d in held {
+        d.ack().await.expect("a held delivery is acked");
+    }
+    let requeued = (0..40u32).filter(|n| !(10..14).contains(n) && n % 5 == 0).count() as u32;
+    // The frames are sent; the broker takes them in a moment.
+    let ready = || async { app.broker.queue_state(&queue).await.unwrap().messages };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready().await != requeued && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready().await, requeued, "exactly the requeued messages are back in the queue");
+    subscription.close().await;
+    broker.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ready().await, requeued, "closing the channel gave no unsettled message back");
 }
