@@ -13,7 +13,7 @@ use proc_macro2::{TokenStream, TokenTree};
 
 /// Each edge crate, and the only places under `src/` that may name it.
 const EDGES: &[(&str, &[&str])] = &[
-    ("lapin", &["broker.rs"]),
+    ("lapin", &["broker.rs", "broker/"]),
     ("tokio_postgres", &["store/"]),
     ("deadpool_postgres", &["store/"]),
     ("postgres_types", &["store/"]),
