@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
@@ -191,16 +190,10 @@ impl Incoming {
     }
 
     async fn settle(&self, how: How) -> Result<(), Error> {
-        if let Some(settler) = &self.settler {
-            return settler.settle(self.tag, how, &self.acker).await;
+        match &self.settler {
+            Some(settler) => settler.settle(self.tag, how, &self.acker).await,
+            None => Ok(settle::send(&self.acker, how, how == How::AckUpTo).await?),
         }
-        match how {
-            How::Ack => self.acker.ack(BasicAckOptions::default()).await?,
-            How::AckUpTo => self.acker.ack(BasicAckOptions { multiple: true }).await?,
-            How::Requeue => self.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?,
-            How::Reject => self.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await?,
-        };
-        Ok(())
     }
 
     /// How many times the runner parked the message in a retry queue (the

@@ -157,20 +157,25 @@ async fn settle(mut receiver: mpsc::UnboundedReceiver<Request>) {
             requests.drain(..).map(|r| (r.tag, r)).collect();
         for (frame, settles) in ledger.plan(&asked) {
             let Some(sender) = waiting.get(&frame.tag) else { continue };
-            let sent = match frame.how {
-                How::Ack | How::AckUpTo => {
-                    sender.acker.ack(BasicAckOptions { multiple: frame.multiple }).await
-                }
-                How::Requeue => sender.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await,
-                How::Reject => sender.acker.nack(BasicNackOptions { requeue: false, multiple: false }).await,
-            };
+            let sent = send(&sender.acker, frame.how, frame.multiple).await;
             for tag in settles {
                 if let Some(request) = waiting.remove(&tag) {
-                    let _ = request.done.send(sent.as_ref().map(|_| ()).map_err(Clone::clone));
+                    let _ = request.done.send(sent.clone());
                 }
             }
         }
     }
+}
+
+/// Sends the one frame that settles the delivery of `acker` as `how` (with `multiple`, every
+/// unsettled delivery of its channel below it too).
+pub(super) async fn send(acker: &Acker, how: How, multiple: bool) -> Result<(), lapin::Error> {
+    match how {
+        How::Ack | How::AckUpTo => acker.ack(BasicAckOptions { multiple }).await?,
+        How::Requeue => acker.nack(BasicNackOptions { requeue: true, multiple }).await?,
+        How::Reject => acker.nack(BasicNackOptions { requeue: false, multiple }).await?,
+    };
+    Ok(())
 }
 
 #[cfg(test)]
